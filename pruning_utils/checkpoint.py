@@ -1,0 +1,198 @@
+"""Pruned checkpoints under `models/<name>/`: safetensors weights, tokenizer, config and the plan file.
+
+Uniform shapes are written as a stock config, so `AutoModelForCausalLM.from_pretrained` loads them with
+no project code. A head-pruned Llama whose head count no longer divides `hidden_size` is refused by
+`LlamaConfig`'s validation even with `head_dim` set; it is written as Mistral, whose layers compute exactly
+the same function when Llama has no biases (Mistral has neither attention nor MLP biases, and
+`sliding_window=None` makes its attention full). Non-uniform shapes are recorded in the config's
+`per_layer_config` mapping (transformers 5's standard field); transformers cannot yet build layers from
+it, so `load_pruned` rebuilds the shapes itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .arch import arch_of, decoder_layers, head_dim, is_uniform, layer_shapes
+from .plan import PruningPlan
+
+PLAN_FILE = "pruning_plan.json"
+FORMAT = "semantic-llm-pruning/1"
+
+
+class CheckpointError(ValueError):
+    """Raised for a checkpoint folder that is missing, half-written or written by something else."""
+
+
+def resolve_checkpoint_dir(dest: str | os.PathLike) -> Path:
+    """Return the folder a bare name stands for (under models/), or the path itself."""
+    from .loading import MODELS_DIR
+
+    p = Path(dest)
+    return MODELS_DIR / p if len(p.parts) == 1 and not p.is_absolute() else p
+
+
+def _stock_config(model, plan: PruningPlan) -> tuple[dict, bool]:
+    """Return the config dict to write and whether stock `from_pretrained` can load it."""
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    shapes = layer_shapes(model)
+    cfg["num_hidden_layers"] = len(shapes)
+    cfg["head_dim"] = head_dim(model)
+    n_heads = shapes[0].n_heads
+    llama_refuses = cfg["model_type"] == "llama" and cfg["hidden_size"] % n_heads != 0
+    llama_biased = bool(cfg.get("attention_bias") or cfg.get("mlp_bias"))
+    if is_uniform(shapes) and not (llama_refuses and llama_biased):
+        cfg["num_attention_heads"], cfg["intermediate_size"] = n_heads, shapes[0].intermediate
+        if llama_refuses:
+            cfg.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=None)
+            for key in ("attention_bias", "mlp_bias", "pretraining_tp"):
+                cfg.pop(key, None)
+        return cfg, True
+    # Per-layer shapes (or a biased Llama no stock class can compute at this head count): the global fields
+    # become the loader's template, the source model's valid sizes, which every layer fits in.
+    cfg["num_attention_heads"], cfg["intermediate_size"] = max(plan.base_heads), max(plan.base_intermediate)
+    cfg["per_layer_config"] = {
+        str(i): {"num_attention_heads": s.n_heads, "intermediate_size": s.intermediate} for i, s in enumerate(shapes)
+    }
+    return cfg, False
+
+
+def _write_weights(model, folder: Path) -> None:
+    """Write the state dict as one safetensors file, tied embeddings once (as transformers expects)."""
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+
+
+def save_pruned(model, tokenizer, dest, plan: PruningPlan | None = None, extra: dict | None = None) -> Path:
+    """Write model, tokenizer, config and plan to `dest` atomically (temp folder, then rename); returns the folder."""
+    arch_of(model)
+    final = resolve_checkpoint_dir(dest)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    plan = plan or getattr(model, "pruning_plan", None) or PruningPlan.identity(
+        layer_shapes(model), getattr(model.config, "name_or_path", ""))
+    try:
+        # not model.save_pretrained: it re-validates the config, which LlamaConfig fails for non-dividing head counts
+        tmp.mkdir()
+        _write_weights(model, tmp)
+        cfg, stock = _stock_config(model, plan)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(tmp)
+        shapes = layer_shapes(model)
+        meta = {
+            "format": FORMAT,
+            "source_model": plan.source_model or getattr(model.config, "name_or_path", ""),
+            "stock_loadable": stock,
+            "query_heads": [s.n_heads for s in shapes],
+            "kv_heads": [s.n_kv_heads for s in shapes],
+            "intermediate": [s.intermediate for s in shapes],
+            "plan": plan.to_dict(),
+            "extra": extra or {},
+        }
+        (tmp / PLAN_FILE).write_text(json.dumps(meta, indent=1, default=str))
+        old = None
+        if final.exists():
+            old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def is_pruned_checkpoint(folder) -> bool:
+    """Return True when the folder holds a plan file written by this project."""
+    return (Path(folder) / PLAN_FILE).is_file()
+
+
+def read_checkpoint_meta(folder) -> dict:
+    """Return the plan file's contents, or raise CheckpointError saying what is wrong and what to do."""
+    folder = resolve_checkpoint_dir(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"no checkpoint at {folder}: run the stage that writes it first (see run_all.sh)")
+    path = folder / PLAN_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{folder} has no {PLAN_FILE}: it was not written by semantic-llm-pruning; "
+            "load it with load_model(path) as a plain model, or re-run the pruning stage"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); delete {folder} and re-run its stage") from err
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}; re-run the stage that wrote it")
+    return meta
+
+
+def read_plan(folder) -> PruningPlan:
+    """Return the cumulative plan (relative to the source model) stored with a checkpoint."""
+    return PruningPlan.from_dict(read_checkpoint_meta(folder)["plan"])
+
+
+def load_pruned(folder, device: str | None = None, dtype=None):
+    """Return `(model, tokenizer)` from a pruned checkpoint, rebuilding per-layer shapes when they differ."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .loading import TinyTokenizer, resolve_device, resolve_dtype
+    from .surgery import prune_heads, prune_neurons
+
+    folder = resolve_checkpoint_dir(folder)
+    meta = read_checkpoint_meta(folder)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    cfg = json.loads((folder / "config.json").read_text())
+    per_layer = cfg.pop("per_layer_config", None)
+    if per_layer is None:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt)
+    else:
+        model_type = cfg.pop("model_type")
+        config = AutoConfig.for_model(model_type, **{k: v for k, v in cfg.items() if k not in ("transformers_version",)})
+        model = AutoModelForCausalLM.from_config(config, dtype=dt)
+        # reuse surgery to shape each layer (which rows are kept does not matter: the weights are overwritten)
+        hd = head_dim(model)
+        for li, layer in enumerate(decoder_layers(model)):
+            want_h, want_m = meta["query_heads"][li], meta["intermediate"][li]
+            n_heads = layer.self_attn.q_proj.out_features // hd
+            n_kv = layer.self_attn.k_proj.out_features // hd
+            per_group, group = want_h // n_kv, n_heads // n_kv
+            if want_h != n_heads:
+                prune_heads(model, {li: [g * group + j for g in range(n_kv) for j in range(per_group)]})
+            if want_m != layer.mlp.up_proj.out_features:
+                prune_neurons(model, {li: list(range(want_m))})
+        state = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            state.update(load_file(f))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise CheckpointError(f"{folder}: weights do not match the recorded shapes (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        if config.tie_word_embeddings:
+            model.tie_weights()
+    model.pruning_plan = PruningPlan.from_dict(meta["plan"])
+    model = model.to(device=dev, dtype=dt).eval()
+    if (folder / "tiny_tokenizer.json").exists():
+        tok = TinyTokenizer(**json.loads((folder / "tiny_tokenizer.json").read_text()))
+    elif not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        tok = None  # saved without a tokenizer
+    else:
+        tok = AutoTokenizer.from_pretrained(folder)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+    return model, tok

@@ -1,0 +1,250 @@
+"""Text sources split into calibration / evaluation documents, and the token tensors built from them.
+
+Sources: `embedded` (Python's own documentation, `pydoc_data.topics`, always available offline),
+`wikitext2` (Hugging Face `datasets`, needs the network) or a local `.txt` / `.csv` / `.jsonl` file.
+A split is made of whole documents, so calibration and evaluation never share a document.
+The split itself never depends on the sampling seed of `calibration_windows`: drawing other windows
+must not move documents from evaluation into calibration.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import random
+import re
+from pathlib import Path
+
+import torch
+
+SPLITS = ("calibration", "evaluation")
+EVAL_FRACTION = 0.2
+MIN_DOC_TOKENS = 16  # shorter documents carry too few terms for document-frequency statistics
+_PIECE_CHARS = 2000  # tokenize long text in pieces so no tokenizer warns about its max length
+SOURCE_FORMS = ("'embedded'", "'wikitext2'", "a local .txt file", "a local .csv file", "a local .jsonl file")
+
+
+class DataSourceError(ValueError):
+    """Raised for a text source that cannot be read or does not hold enough text."""
+
+
+# ---------------------------------------------------------------------------------------------- documents
+
+
+def load_documents(source: str = "embedded", split: str = "calibration", column: str | None = None,
+                   seed: int = 0) -> list[str]:
+    """Return the documents of one split of a source (whole documents: the two splits never share one)."""
+    if split not in SPLITS:
+        raise DataSourceError(f"unknown split '{split}'; known: {', '.join(SPLITS)}")
+    if source == "embedded":
+        return list(_embedded_split()[split])
+    if source == "wikitext2":
+        return list(_wikitext2(split))
+    path = Path(source)
+    if path.suffix.lower() in (".txt", ".csv", ".jsonl"):
+        if not path.is_file():
+            raise DataSourceError(f"text file '{source}' does not exist; give an existing path or use 'embedded'")
+        docs = _read_local(path, column)
+        return _seeded_split(docs, seed, source)[split]
+    raise DataSourceError(f"unknown text source '{source}'; valid forms: {', '.join(SOURCE_FORMS)}")
+
+
+def load_text(source: str = "embedded", split: str = "calibration", column: str | None = None,
+              seed: int = 0) -> str:
+    """Return the text of one split of a source: its documents joined by blank lines."""
+    return "\n\n".join(load_documents(source, split, column, seed))
+
+
+@functools.lru_cache(maxsize=1)
+def _embedded_split() -> dict[str, tuple[str, ...]]:
+    # Topics are visited in the order of a SHA-256 of their key (stable across runs and machines, unlike
+    # hash()), and a topic joins evaluation while it still fits in 20% of the characters: about 20% of the
+    # text is held out whatever the (very uneven) topic sizes are.
+    from pydoc_data.topics import topics
+
+    total = sum(len(v) for v in topics.values())
+    by_hash = sorted(topics, key=lambda k: hashlib.sha256(k.encode()).hexdigest())
+    evaluation, used = set(), 0
+    for key in by_hash:
+        if used + len(topics[key]) <= EVAL_FRACTION * total:
+            evaluation.add(key)
+            used += len(topics[key])
+    keys = sorted(topics)
+    return {
+        "calibration": tuple(topics[k].strip() for k in keys if k not in evaluation),
+        "evaluation": tuple(topics[k].strip() for k in keys if k in evaluation),
+    }
+
+
+@functools.lru_cache(maxsize=2)
+def _wikitext2(split: str) -> tuple[str, ...]:
+    # Rows of wikitext are lines; an article starts at a top-level heading " = Title = ".
+    try:
+        from datasets import load_dataset
+
+        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="train" if split == "calibration" else "test")["text"]
+    except Exception as err:  # network, hub and cache errors all end here
+        raise DataSourceError(
+            f"could not load wikitext-2 ({err.__class__.__name__}: {err}); it is downloaded from the Hugging Face "
+            "hub and needs the network. Offline, use source='embedded' or a local .txt/.csv/.jsonl file."
+        ) from err
+    articles, current = [], []
+    for row in rows:
+        if re.match(r"^ = [^=].* = \s*$", row) and current:
+            articles.append("".join(current).strip())
+            current = []
+        current.append(row)
+    articles.append("".join(current).strip())
+    return tuple(a for a in articles if a)
+
+
+def _read_local(path: Path, column: str | None) -> list[str]:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        text = path.read_text(encoding="utf-8")
+        return [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
+    if suffix == ".csv":
+        import pandas as pd
+
+        records = pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
+        columns = list(records[0]) if records else list(pd.read_csv(path, nrows=0).columns)
+    else:
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        columns = list(dict.fromkeys(k for r in records for k in r))
+    name = column or ("text" if "text" in columns else None)
+    if name is None or name not in columns:
+        what = f"column '{column}' is not in" if column else "no column named 'text' in"
+        raise DataSourceError(f"{what} {path.name}; available columns: {', '.join(columns) or '(none)'}. "
+                              "Pass column=<one of them>.")
+    return [str(r[name]).strip() for r in records if r.get(name) not in (None, "") and str(r[name]).strip()]
+
+
+def _seeded_split(docs: list[str], seed: int, source: str) -> dict[str, list[str]]:
+    if len(docs) < 2:
+        raise DataSourceError(f"'{source}' holds {len(docs)} document(s); a calibration/evaluation split needs at "
+                              "least 2 (separate paragraphs by blank lines, or add rows)")
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(EVAL_FRACTION * len(docs)))
+    held_out = set(order[:n_eval])
+    # Documents keep their file order inside each split, so the text reads as it was written.
+    return {"calibration": [d for i, d in enumerate(docs) if i not in held_out],
+            "evaluation": [d for i, d in enumerate(docs) if i in held_out]}
+
+
+# ---------------------------------------------------------------------------------------------- tokens
+
+
+def _pieces(text: str) -> list[str]:
+    # Cut only where a line ends and the next starts with a non-space: BPE merges never cross such a point,
+    # so the pieces tokenize (nearly) as the whole text would.
+    pieces, start = [], 0
+    for m in re.finditer(r"\n(?=\S)", text):
+        if m.end() - start >= _PIECE_CHARS:
+            pieces.append(text[start:m.end()])
+            start = m.end()
+    pieces.append(text[start:])
+    return [p for p in pieces if p]
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Return the token ids of a text without special tokens, for HF tokenizers and `TinyTokenizer` alike."""
+    pieces = _pieces(text)
+    if not pieces:
+        return []
+    if hasattr(tokenizer, "model_max_length"):  # a Hugging Face tokenizer: encode the pieces as one batch
+        batches = tokenizer(pieces, add_special_tokens=False)["input_ids"]
+    else:
+        batches = [tokenizer.encode(p) for p in pieces]
+    return [int(t) for ids in batches for t in ids]
+
+
+class _TokenizerKey:
+    """Hashable stand-in for a tokenizer: equal keys mean the same token ids for the same text."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        name = getattr(tokenizer, "name_or_path", "") or ""
+        size = len(tokenizer) if hasattr(tokenizer, "__len__") else getattr(tokenizer, "vocab_size", None)
+        # A nameless HF tokenizer could be anything: key it by identity rather than risk a false hit.
+        ident = id(tokenizer) if (not name and hasattr(tokenizer, "model_max_length")) else None
+        self.key = (type(tokenizer).__qualname__, name, size, ident)
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _TokenizerKey) and self.key == other.key
+
+
+def _source_key(source: str) -> tuple:
+    path = Path(source)
+    if path.is_file():  # an edited file must be tokenized again
+        stat = path.stat()
+        return (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    return (source,)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_tokens(tok: _TokenizerKey, source_key: tuple, split: str, column: str | None) -> torch.Tensor:
+    ids = torch.tensor(encode(tok.tokenizer, load_text(source_key[0], split, column)), dtype=torch.long)
+    ids.requires_grad_(False)
+    return ids
+
+
+def split_tokens(tokenizer, source: str = "embedded", split: str = "calibration",
+                 column: str | None = None) -> torch.Tensor:
+    """Return the 1-D token ids of a whole split (tokenized once per process; do not modify in place)."""
+    return _cached_tokens(_TokenizerKey(tokenizer), _source_key(source), split, column)
+
+
+def calibration_windows(tokenizer, source: str = "embedded", n_samples: int = 64, seq_len: int = 256,
+                        seed: int = 0, column: str | None = None) -> torch.Tensor:
+    """Return `n_samples` random windows of `seq_len` calibration tokens as a LongTensor [n_samples, seq_len]."""
+    if n_samples < 1 or seq_len < 1:
+        raise ValueError(f"n_samples and seq_len must be >= 1 (got {n_samples}, {seq_len})")
+    ids = split_tokens(tokenizer, source, "calibration", column)
+    need = n_samples * seq_len
+    if len(ids) < need:
+        raise DataSourceError(
+            f"calibration text of '{source}' has {len(ids)} tokens but {n_samples} windows x {seq_len} tokens = "
+            f"{need} were requested; ask for fewer samples (<= {len(ids) // seq_len} at this seq_len), "
+            "a shorter seq_len, or give a longer text source"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seq_len + 1, (n_samples,), generator=gen)
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+def eval_chunks(tokenizer, source: str = "embedded", seq_len: int = 512, max_tokens: int | None = 32768,
+                column: str | None = None) -> torch.Tensor:
+    """Return consecutive non-overlapping windows of evaluation tokens, at most `max_tokens` in all: [n, seq_len]."""
+    ids = split_tokens(tokenizer, source, "evaluation", column)
+    usable = len(ids) if max_tokens is None else min(len(ids), max_tokens)
+    n = usable // seq_len
+    if n == 0:
+        raise DataSourceError(
+            f"evaluation text of '{source}' gives {len(ids)} tokens (max_tokens={max_tokens}), fewer than one "
+            f"window of seq_len={seq_len}; use a shorter seq_len, a larger max_tokens, or a longer text source"
+        )
+    return ids[:n * seq_len].reshape(n, seq_len).clone()
+
+
+def calibration_documents(tokenizer, source: str = "embedded", max_docs: int = 64, max_len: int = 256,
+                          seed: int = 0, column: str | None = None) -> list[torch.Tensor]:
+    """Return up to `max_docs` calibration documents as 1-D token tensors (truncated to `max_len`, short ones skipped)."""
+    docs = load_documents(source, "calibration", column)
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    out = []
+    for i in order:
+        if len(out) >= max_docs:
+            break
+        # Tokens average ~4 characters of prose: 8 per token leaves margin without tokenizing 60k-character topics.
+        ids = encode(tokenizer, docs[i][: max_len * 8])[:max_len]
+        if len(ids) >= MIN_DOC_TOKENS:
+            out.append(torch.tensor(ids, dtype=torch.long))
+    if not out:
+        raise DataSourceError(f"no calibration document of '{source}' has {MIN_DOC_TOKENS}+ tokens; "
+                              "give a source with longer documents")
+    return out

@@ -1,0 +1,292 @@
+"""Size, cost and quality measures shared by every notebook: parameters, FLOPs, checkpoint size, perplexity,
+latency, peak memory and the environment a measure was taken in.
+
+Shapes are always read from the weights (`arch.layer_shapes`), never from the config, because pruned
+layers may differ from one another.
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .arch import decoder_layers, head_dim, layer_shapes
+from .loading import PROJECT_ROOT
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+MB = 2 ** 20  # sizes are reported in MiB, the unit of torch.cuda memory stats and of `du -m`
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+# ---------------------------------------------------------------------------------------------- size and cost
+
+
+def count_params(model) -> dict[str, int]:
+    """Return `total` parameters (tied embeddings counted once) and `non_embedding` (without embedding and lm_head)."""
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    excluded = {id(p): p for p in embed.parameters()}
+    if head is not None:
+        excluded.update({id(p): p for p in head.parameters()})
+    return {"total": total, "non_embedding": total - sum(p.numel() for p in excluded.values())}
+
+
+def flops_per_token(model, seq_len: int = 512) -> float:
+    """Return analytic forward FLOPs per token (2 x multiply-accumulates) of a causal prefill of `seq_len` tokens.
+
+    Counted: q/k/v/o projections, attention scores and weighted sum, MLP gate/up/down and lm_head.
+    Not counted: norms, rotary, softmax, activation and residual adds (element-wise, under 1%).
+    Attention cost grows with context: in a causal prefill token i sees i keys, so the mean
+    context is (seq_len + 1) / 2 keys per token.
+    """
+    hd = head_dim(model)
+    context = (seq_len + 1) / 2
+    macs = 0.0
+    for layer, shape in zip(decoder_layers(model), layer_shapes(model)):
+        hidden = layer.self_attn.q_proj.in_features
+        q_width, kv_width = shape.n_heads * hd, shape.n_kv_heads * hd
+        macs += hidden * (q_width + 2 * kv_width) + q_width * hidden  # q, k, v and o projections
+        macs += 2 * shape.n_heads * hd * context  # q.k scores and the weighted sum of values
+        macs += 3 * hidden * shape.intermediate  # gate, up, down
+    head = model.get_output_embeddings()
+    if head is not None:
+        macs += head.weight.shape[0] * head.weight.shape[1]
+    return 2.0 * macs
+
+
+def checkpoint_size_mb(folder: str | Path) -> float:
+    """Return the size in MiB of the weight files (*.safetensors, *.bin) in a checkpoint folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder '{folder}' does not exist; save the model there first")
+    files = [f for f in folder.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES)]
+    if not files:
+        raise FileNotFoundError(f"no weight file (*.safetensors, *.bin) in '{folder}'; is it a model checkpoint?")
+    return sum(f.stat().st_size for f in files) / MB
+
+
+# ---------------------------------------------------------------------------------------------- quality
+
+
+def perplexity(model, chunks: torch.Tensor, batch_size: int = 4, desc: str = "perplexity",
+               progress: bool = True) -> dict[str, float]:
+    """Return `ppl`, mean `nll` and `tokens` scored over token chunks [n, seq_len], each chunk scored on its own."""
+    from tqdm.auto import tqdm
+
+    if chunks.dim() != 2 or chunks.shape[1] < 2:
+        raise ValueError(f"chunks must be a LongTensor [n, seq_len >= 2], got shape {tuple(chunks.shape)}")
+    device = _device(model)
+    total_nll, total_tokens = 0.0, 0
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(chunks), batch_size), desc=desc, disable=not progress, leave=False):
+            ids = chunks[start:start + batch_size].to(device)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+            # Summed in float32: bf16 logits lose the small differences perplexity is meant to show.
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                                  reduction="sum")
+            total_nll += nll.item()
+            total_tokens += ids[:, 1:].numel()
+    mean = total_nll / total_tokens
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens}
+
+
+# ---------------------------------------------------------------------------------------------- speed
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued CUDA kernels, so a timer read afterwards measures finished work (no-op elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _spread(values: list[float], prefix: str) -> dict[str, float]:
+    qs = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+    return {f"{prefix}_median": statistics.median(values), f"{prefix}_min": min(values),
+            f"{prefix}_max": max(values), f"{prefix}_iqr": qs[2] - qs[0]}
+
+
+def latency(model, batch_size: int = 1, seq_len: int = 512, new_tokens: int = 32, warmup: int = 2,
+            repeats: int = 5, vocab_size: int | None = None, seed: int = 0,
+            timer: Callable[[], float] = time.perf_counter) -> dict:
+    """Return prefill milliseconds and greedy KV-cache decode tokens/s (median, min, max, IQR over `repeats`).
+
+    Prefill is the forward of a [batch_size, seq_len] random prompt building the KV cache with only the
+    last position's logits, as generation does; decode then produces `new_tokens` greedy tokens one at a time.
+    A manual decode loop is used instead of `generate`, so an EOS token cannot stop it early.
+    """
+    device = _device(model)
+    vocab = vocab_size or model.get_input_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (batch_size, seq_len), generator=gen).to(device)
+    prefill_ms, decode_tps = [], []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            _sync(device)
+            t0 = timer()
+            out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+            _sync(device)
+            t1 = timer()
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            for _ in range(new_tokens):
+                out = model(input_ids=token, past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            _sync(device)
+            t2 = timer()
+            if i >= warmup:  # warm-up runs pay for allocator growth and kernel selection; they are not timed
+                prefill_ms.append((t1 - t0) * 1000)
+                if new_tokens:
+                    decode_tps.append(batch_size * new_tokens / max(t2 - t1, 1e-9))
+    result = {"batch_size": batch_size, "seq_len": seq_len, "new_tokens": new_tokens, "repeats": repeats}
+    result.update(_spread(prefill_ms, "prefill_ms"))
+    if decode_tps:
+        result.update(_spread(decode_tps, "decode_tok_s"))
+        result["decode_ms_per_token"] = 1000 * batch_size / result["decode_tok_s_median"]
+    result.update(device=str(device), device_name=device_name(device), dtype=str(_dtype(model)).replace("torch.", ""),
+                  threads=torch.get_num_threads())
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+def _rss_bytes() -> int | None:
+    try:  # /proc/self/statm: resident pages is the second field (Linux)
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _max_rss_bytes() -> int:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+@contextmanager
+def track_peak_memory(device: torch.device | str, interval_s: float = 0.005) -> Iterator[dict]:
+    """Yield a dict filled on exit with `peak_mb` (peak during the block), `start_mb`, `delta_mb` and `kind`.
+
+    CUDA: allocated tensor memory (`max_memory_allocated`, reset on entry). CPU: resident set size of the
+    process, sampled by a background thread because the kernel's own high-water mark (`ru_maxrss`) cannot
+    be reset and would keep the peak of whatever ran earlier (e.g. loading the model); without /proc the
+    high-water mark is the fallback.
+    """
+    device = torch.device(device)
+    stats: dict = {}
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        try:
+            yield stats
+        finally:
+            _sync(device)
+            peak = torch.cuda.max_memory_allocated(device)
+            stats.update(kind="cuda_max_allocated", start_mb=start / MB, peak_mb=peak / MB, delta_mb=(peak - start) / MB)
+        return
+    start = _rss_bytes()
+    if start is None:
+        start = _max_rss_bytes()
+        try:
+            yield stats
+        finally:
+            peak = _max_rss_bytes()
+            stats.update(kind="cpu_ru_maxrss", start_mb=start / MB, peak_mb=peak / MB, delta_mb=(peak - start) / MB)
+        return
+    peak, stop = [start], threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(interval_s):
+            peak[0] = max(peak[0], _rss_bytes() or 0)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield stats
+    finally:
+        stop.set()
+        thread.join()
+        peak[0] = max(peak[0], _rss_bytes() or 0)
+        stats.update(kind="cpu_rss_sampled", start_mb=start / MB, peak_mb=peak[0] / MB, delta_mb=(peak[0] - start) / MB)
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device | str) -> dict:
+    """Return the peak-memory stats (see `track_peak_memory`) of calling `fn()`."""
+    with track_peak_memory(device) as stats:
+        fn()
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------- environment
+
+
+def device_name(device: torch.device | str) -> str:
+    """Return a readable name of a device: the GPU model, or the CPU model."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def git_commit(repo: str | Path = PROJECT_ROOT) -> str:
+    """Return the short commit hash of the project repository, or 'unknown'."""
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def environment_info(model=None) -> dict[str, str | int]:
+    """Return where a measure was taken: device, dtype, library versions, Python, git commit, threads."""
+    device = _device(model) if model is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {
+        "device": str(device),
+        "device_name": device_name(device),
+        "dtype": str(_dtype(model)).replace("torch.", "") if model is not None else "n/a",
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "peft": _version("peft"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_commit": git_commit(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count() or 0,
+    }

@@ -1,0 +1,365 @@
+"""Retraining-free weight reconstruction after structured removal (o_proj after heads, down_proj after neurons).
+
+Removing a head removes `head_dim` input channels of `o_proj`; removing a neuron removes one input channel of
+`down_proj`. With the Gram matrix G = X Xᵀ of the layer input over calibration tokens (X: channels × tokens), the
+kept columns are refit so the layer output on those tokens matches the unpruned layer (ridge least squares):
+
+    W' = W · G[:, keep] · (G[keep, keep] + λ I)⁻¹,   λ = ridge_ratio · mean(diag G[keep, keep])
+
+`ridge_ratio` defaults to 1e-2, the damping SparseGPT/GPTQ use: it keeps the solve well conditioned when kept
+channels are nearly collinear or dead, and stops the refit from over-fitting a small calibration set. Scaling λ by
+the mean diagonal makes the ratio independent of activation scale.
+
+Modes (`MODES`):
+- `none`: plain removal.
+- `bias`: FLAP-style compensation; the removed channels' mean contribution W[:, removed] · mean(x[removed]) is
+  added to the layer's output bias. Only allowed where the layer ALREADY has a bias, because adding one alone breaks
+  stock `from_pretrained`: Llama's `attention_bias=True` puts biases on q/k/v/o together and `mlp_bias=True` on
+  gate/up/down together; Qwen3's `attention_bias` likewise covers q/k/v/o; Qwen2 (q/k/v only) and Mistral have no
+  config field giving o_proj or down_proj a bias. Elsewhere `bias` raises `ReconstructionError` pointing to `lstsq`.
+- `lstsq`: the ridge refit above. Where the layer has a bias it is refit jointly, through a constant input channel
+  (the Gram augmented with the sum of x and the token count; the constant channel gets no ridge), so `lstsq`
+  subsumes `bias` compensation there and needs no new parameter anywhere.
+
+Statistics are streamed: a forward pre-hook adds xᵀx, Σx and the token count per batch in float64 (sums over
+thousands of tokens with outlier channels lose precision in fp32), so memory is [in, in] + [in] per module however
+many tokens pass. `prune_and_reconstruct` refits either one-shot (all Grams on the unpruned model) or
+sequentially, SparseGPT-style: the hidden states entering layer i come from the already pruned and refit layers
+before it, and inside a layer the down_proj Gram is taken after o_proj was refit. Each refit targets the unpruned
+layer on the same (pruned-upstream) inputs; upstream error is not chased.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Hashable, Iterable, Iterator, Mapping
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .arch import arch_of, decoder_layers, head_dim, layer_shapes
+from .hooks import hooks
+from .plan import PlanMismatchError, PruningPlan
+
+MODES = ("none", "bias", "lstsq")
+TARGETS = ("o_proj", "down_proj")
+
+
+class ReconstructionError(ValueError):
+    """Raised for an unknown mode or a mode the model's layers cannot take."""
+
+
+@dataclass
+class GramStats:
+    """Streamed input statistics of one linear layer: Σ x xᵀ, Σ x and the token count (float64)."""
+
+    gram: Tensor  # [in, in]
+    sum: Tensor  # [in]
+    count: int = 0
+
+    @classmethod
+    def empty(cls, dim: int, device: torch.device | str = "cpu") -> "GramStats":
+        """Return zeroed statistics for `dim` input channels."""
+        return cls(torch.zeros(dim, dim, dtype=torch.float64, device=device),
+                   torch.zeros(dim, dtype=torch.float64, device=device))
+
+    def add(self, x: Tensor) -> None:
+        """Accumulate a batch of inputs [..., in] (any leading shape: batch, sequence)."""
+        x = x.detach().reshape(-1, x.shape[-1]).to(device=self.gram.device, dtype=torch.float64)
+        self.gram.addmm_(x.T, x)
+        self.sum += x.sum(0)
+        self.count += x.shape[0]
+
+    @property
+    def mean(self) -> Tensor:
+        """Return the mean input per channel."""
+        return self.sum / max(self.count, 1)
+
+
+class GramCollector:
+    """Context manager streaming `GramStats` of the inputs of the given modules; hooks are removed on exit."""
+
+    def __init__(self, modules: Mapping[Hashable, nn.Linear]):
+        self.modules = dict(modules)
+        self.stats = {k: GramStats.empty(m.in_features, m.weight.device) for k, m in self.modules.items()}
+        self._stack: ExitStack | None = None
+
+    def _hook(self, key: Hashable):
+        def fn(module, args):
+            self.stats[key].add(args[0])
+        return fn
+
+    def __enter__(self) -> "GramCollector":
+        self._stack = ExitStack()
+        self._stack.enter_context(hooks(*[(m, "pre", self._hook(k)) for k, m in self.modules.items()]))
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._stack.close()
+        return False
+
+
+def target_module(layer: nn.Module, name: str) -> nn.Linear:
+    """Return `self_attn.o_proj` or `mlp.down_proj` of a decoder layer."""
+    if name == "o_proj":
+        return layer.self_attn.o_proj
+    if name == "down_proj":
+        return layer.mlp.down_proj
+    raise ReconstructionError(f"unknown reconstruction target '{name}'; known: {', '.join(TARGETS)}")
+
+
+class _StopForward(Exception):
+    """Raised by a hook to skip the rest of a forward pass once the needed statistics are in."""
+
+
+def _stop(*_):
+    raise _StopForward
+
+
+def _batches(windows: Tensor, batch_size: int, device: torch.device) -> Iterator[Tensor]:
+    if windows.dim() != 2:
+        raise ValueError(f"windows must be token ids [n, seq_len], got shape {tuple(windows.shape)}")
+    for start in range(0, windows.shape[0], batch_size):
+        yield windows[start:start + batch_size].to(device)
+
+
+def _base(model) -> nn.Module:
+    # the inner model skips lm_head: logits over a large vocabulary would cost as much as the layers
+    return getattr(model, "model", model)
+
+
+def _collect(model, windows: Tensor, modules: Mapping[tuple[int, str], nn.Linear], batch_size: int):
+    """Return `GramStats` of the given modules from full forward passes, stopping after the last layer needed."""
+    layer_list = decoder_layers(model)
+    last = layer_list[max(li for li, _ in modules)]
+    device = next(model.parameters()).device
+    with torch.no_grad(), GramCollector(modules) as col, hooks((last, "forward", _stop)):
+        for batch in _batches(windows, batch_size, device):
+            try:
+                _base(model)(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+    return col.stats
+
+
+def collect_grams(model, windows: Tensor, layers: Iterable[int] | None = None, which: Iterable[str] = TARGETS,
+                  batch_size: int = 4) -> dict[tuple[int, str], GramStats]:
+    """Return `GramStats` per (layer, module name) of the inputs of o_proj / down_proj over the calibration windows."""
+    layer_list = decoder_layers(model)
+    layers = sorted(range(len(layer_list)) if layers is None else set(layers))
+    modules = {(li, name): target_module(layer_list[li], name) for li in layers for name in which}
+    return _collect(model, windows, modules, batch_size) if modules else {}
+
+
+def _solve_ridge(a: Tensor, b: Tensor) -> Tensor:
+    """Return A⁻¹ B for a symmetric positive semi-definite A (Cholesky; pseudo-inverse if A is singular)."""
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        return torch.cholesky_solve(b, chol)
+    return torch.linalg.pinv(a, hermitian=True) @ b
+
+
+def reconstruct_linear(weight: Tensor, bias: Tensor | None, keep: Tensor, stats: GramStats | None,
+                       mode: str = "lstsq", ridge_ratio: float = 1e-2) -> tuple[Tensor, Tensor | None]:
+    """Return `(new_weight [out, len(keep)], new_bias)` for a linear layer keeping input channels `keep`."""
+    if mode not in MODES:
+        raise ReconstructionError(f"unknown reconstruction mode '{mode}'; known: {', '.join(MODES)}")
+    keep = torch.as_tensor(keep, dtype=torch.long, device=weight.device)
+    if mode == "none":
+        return weight[:, keep].clone(), None if bias is None else bias.clone()
+    if stats is None:
+        raise ReconstructionError(f"mode '{mode}' needs input statistics; pass the GramStats from `collect_grams`")
+    in_dim = weight.shape[1]
+    if stats.gram.shape != (in_dim, in_dim):
+        raise ReconstructionError(f"Gram is {tuple(stats.gram.shape)} but the weight has {in_dim} input channels")
+    dev = stats.gram.device
+    w = weight.detach().to(device=dev, dtype=torch.float64)
+    k = keep.to(dev)
+    if mode == "bias":
+        if bias is None:
+            raise ReconstructionError(
+                "mode 'bias' needs the layer to have an output bias, and this one has none; adding one would break "
+                "stock loading (see the module docstring): use mode='lstsq' instead")
+        removed = torch.ones(in_dim, dtype=torch.bool, device=dev)
+        removed[k] = False
+        new_b = bias.detach().to(dev, torch.float64) + w[:, removed] @ stats.mean[removed]
+        return weight[:, keep].clone(), new_b.to(device=bias.device, dtype=bias.dtype)
+
+    # lstsq: with a bias, append a constant input channel (Gram row = Σx, corner = token count) and refit it too
+    g, n_keep = stats.gram, k.numel()
+    if bias is not None:
+        n = torch.tensor([[float(stats.count)]], dtype=torch.float64, device=dev)
+        g = torch.cat([torch.cat([g, stats.sum[:, None]], 1), torch.cat([stats.sum[None, :], n], 1)], 0)
+        w = torch.cat([w, bias.detach().to(dev, torch.float64)[:, None]], 1)
+        k = torch.cat([k, torch.tensor([in_dim], device=dev)])
+    g_kk = g[k][:, k]
+    lam = ridge_ratio * torch.diagonal(g_kk)[:n_keep].mean()
+    ridge = torch.zeros(k.numel(), dtype=torch.float64, device=dev)
+    ridge[:n_keep] = lam  # no ridge on the constant channel: the bias should not shrink
+    # W' = W G[:, k] (G[k, k] + λI)⁻¹  ⇔  W'ᵀ = (G[k, k] + λI)⁻¹ G[k, :] Wᵀ  (G symmetric)
+    new = _solve_ridge(g_kk + torch.diag(ridge), g[k] @ w.T).T
+    new_w = new[:, :n_keep].to(device=weight.device, dtype=weight.dtype)
+    new_b = None if bias is None else new[:, n_keep].to(device=bias.device, dtype=bias.dtype)
+    return new_w, new_b
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# applying a plan with reconstruction
+
+
+def _targets(model, plan: PruningPlan) -> dict[tuple[int, str], Tensor]:
+    """Return the kept input channels of every o_proj / down_proj that loses channels in a kept layer."""
+    hd = head_dim(model)
+    kept_layers = set(plan.kept_layers())
+    out = {}
+    for li in sorted(plan.heads):
+        heads = sorted(plan.kept_heads(li))
+        if li in kept_layers and len(heads) < plan.base_heads[li]:
+            out[(li, "o_proj")] = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads])
+    for li in sorted(plan.neurons):
+        neurons = sorted(plan.kept_neurons(li))
+        if li in kept_layers and len(neurons) < plan.base_intermediate[li]:
+            out[(li, "down_proj")] = torch.tensor(neurons)
+    return out
+
+
+def _check(model, plan: PruningPlan, mode: str, targets: Mapping[tuple[int, str], Tensor]) -> None:
+    """Raise before any compute when the mode is unknown, the plan does not fit, or `bias` has no bias to use."""
+    if mode not in MODES:
+        raise ReconstructionError(f"unknown reconstruction mode '{mode}'; known: {', '.join(MODES)}")
+    plan.validate()
+    shapes = layer_shapes(model)
+    if [s.n_heads for s in shapes] != list(plan.base_heads) or [s.intermediate for s in shapes] != list(plan.base_intermediate):
+        raise PlanMismatchError("the plan was made for a model of other shapes than this one; "
+                                "recompute the plan on this model (or load the model it was made for)")
+    if mode == "bias":
+        layer_list = decoder_layers(model)
+        missing = [f"{name} of layer {li}" for li, name in targets if target_module(layer_list[li], name).bias is None]
+        if missing:
+            raise ReconstructionError(
+                f"mode 'bias' needs an existing output bias, but {', '.join(missing[:3])}"
+                f"{' ...' if len(missing) > 3 else ''} has none ({arch_of(model).model_type}); adding one alone would "
+                "break stock loading (Llama's attention_bias / mlp_bias add biases to q/k/v/o or gate/up/down "
+                "together). Use mode='lstsq', which needs no new parameter")
+
+
+@torch.no_grad()
+def _refit_in_place(module: nn.Linear, keep: Tensor, stats: GramStats | None, mode: str, ridge_ratio: float) -> None:
+    """Write the refit kept columns and zero the removed ones: the full-shape layer now computes the pruned one."""
+    new_w, new_b = reconstruct_linear(module.weight, module.bias, keep, stats, mode, ridge_ratio)
+    keep = keep.to(module.weight.device)
+    module.weight.zero_()
+    module.weight[:, keep] = new_w
+    if new_b is not None:
+        module.bias.copy_(new_b)
+
+
+def reconstruct_in_place(model, plan: PruningPlan, windows: Tensor, mode: str = "lstsq", sequential: bool = True,
+                         batch_size: int = 4, ridge_ratio: float = 1e-2):
+    """Refit o_proj / down_proj for the plan's removals and zero the removed columns, keeping shapes; returns model.
+
+    The result computes exactly what the pruned model will (zero columns = masked channels), so `surgery.apply_plan`
+    afterwards only slices; `prune_and_reconstruct` does both.
+    """
+    targets = _targets(model, plan)
+    _check(model, plan, mode, targets)
+    if mode == "none" or not targets:
+        stats = {}
+    elif sequential:
+        return _reconstruct_sequential(model, plan, windows, targets, mode, batch_size, ridge_ratio)
+    else:
+        layer_list = decoder_layers(model)
+        modules = {key: target_module(layer_list[key[0]], key[1]) for key in targets}
+        stats = _collect(model, windows, modules, batch_size)
+    layer_list = decoder_layers(model)
+    for (li, name), keep in targets.items():
+        _refit_in_place(target_module(layer_list[li], name), keep, stats.get((li, name)), mode, ridge_ratio)
+    return model
+
+
+def prune_and_reconstruct(model, plan: PruningPlan, windows: Tensor, mode: str = "lstsq", sequential: bool = True,
+                          batch_size: int = 4, ridge_ratio: float = 1e-2):
+    """Apply the plan in place with o_proj / down_proj reconstructed on the calibration windows; returns model."""
+    from .surgery import apply_plan
+
+    reconstruct_in_place(model, plan, windows, mode, sequential, batch_size, ridge_ratio)
+    return apply_plan(model, plan)
+
+
+class _Catcher(nn.Module):
+    """Stands in for a decoder layer: records what the layer would be called with and passes hidden states on."""
+
+    def __init__(self, store: list):
+        super().__init__()
+        self.store = store
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.store.append((hidden_states, args, kwargs))
+        return hidden_states
+
+
+@contextmanager
+def _catching(model) -> Iterator[list[list]]:
+    """Swap every decoder layer for a `_Catcher` (SparseGPT's trick), restoring the real layers on exit."""
+    layer_list = decoder_layers(model)
+    saved = list(layer_list)
+    stores: list[list] = [[] for _ in saved]
+    try:
+        for i, store in enumerate(stores):
+            layer_list[i] = _Catcher(store)
+        yield stores
+    finally:
+        for i, layer in enumerate(saved):
+            layer_list[i] = layer
+
+
+def _layer_inputs(model, windows: Tensor, batch_size: int) -> tuple[list[Tensor], list[list]]:
+    """Return the hidden states entering layer 0 per batch, and per layer the (args, kwargs) each batch calls it with."""
+    device = next(model.parameters()).device
+    # masks can differ per layer (sliding-window layers), so every layer's call is recorded; the catchers make
+    # this pass cost only the embeddings
+    with torch.no_grad(), _catching(model) as stores:
+        for batch in _batches(windows, batch_size, device):
+            _base(model)(input_ids=batch, use_cache=False)
+    hidden = [h for h, _, _ in stores[0]]
+    calls = [[(a, kw) for _, a, kw in store] for store in stores]
+    return hidden, calls
+
+
+def _run(layer: nn.Module, hidden: Tensor, call: tuple) -> Tensor:
+    out = layer(hidden, *call[0], **call[1])
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _layer_stats(layer: nn.Module, module: nn.Linear, hidden: list[Tensor], calls: list) -> GramStats:
+    """Return the `GramStats` of `module`'s input over the cached batches, running `layer` only up to `module`."""
+    with GramCollector({0: module}) as col, hooks((module, "pre", _stop)):
+        for h, call in zip(hidden, calls):
+            try:
+                _run(layer, h, call)
+            except _StopForward:
+                pass
+    return col.stats[0]
+
+
+@torch.no_grad()
+def _reconstruct_sequential(model, plan: PruningPlan, windows: Tensor, targets, mode: str, batch_size: int,
+                            ridge_ratio: float):
+    """Refit layer by layer on the outputs of the already refit layers, holding one layer's activations at a time."""
+    layer_list = decoder_layers(model)
+    kept_layers = set(plan.kept_layers())
+    last = max(li for li, _ in targets)
+    hidden, calls = _layer_inputs(model, windows, batch_size)
+    for li in range(last + 1):
+        layer = layer_list[li]
+        if li not in kept_layers:
+            continue  # a dropped layer passes its input on unchanged
+        for name in TARGETS:  # o_proj first: down_proj's input depends on the refit attention output
+            if (li, name) in targets:
+                module = target_module(layer, name)
+                stats = _layer_stats(layer, module, hidden, calls[li])
+                _refit_in_place(module, targets[(li, name)], stats, mode, ridge_ratio)
+        if li < last:
+            hidden = [_run(layer, h, call) for h, call in zip(hidden, calls[li])]
+    return model

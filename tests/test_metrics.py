@@ -1,0 +1,167 @@
+"""Tests of size, cost, quality, speed and memory measures on tiny random models."""
+import math
+
+import pytest
+import torch
+
+from pruning_utils import metrics
+from pruning_utils.loading import tiny_model
+
+H, V, I, L, QW, KW = 64, 128, 96, 3, 8 * 16, 2 * 16  # tiny_model: hidden, vocab, MLP, layers, q and kv widths
+
+
+def _llama_layer_params(inter=I):
+    attn = (H * QW + QW) + 2 * (H * KW + KW) + (QW * H + H)  # llama tiny model has attention biases
+    mlp = 2 * (H * inter + inter) + (inter * H + H)  # and MLP biases
+    return attn + mlp + 2 * H  # two RMSNorms
+
+
+def test_count_params_untied_matches_hand_count():
+    counts = metrics.count_params(tiny_model("llama"))
+    assert counts["non_embedding"] == L * _llama_layer_params() + H
+    assert counts["total"] == counts["non_embedding"] + 2 * V * H
+
+
+def test_count_params_tied_embedding_counted_once():
+    model = tiny_model("mistral", tie_word_embeddings=True)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    layer = H * QW + 2 * H * KW + QW * H + 3 * H * I + 2 * H  # mistral: no biases
+    counts = metrics.count_params(model)
+    assert counts == {"total": L * layer + H + V * H, "non_embedding": L * layer + H}
+
+
+def test_flops_hand_count_and_narrower_layers_cost_less():
+    model = tiny_model("mistral")
+    ctx = (512 + 1) / 2
+    per_layer = H * (QW + 2 * KW) + QW * H + 2 * QW * ctx + 3 * H * I
+    assert metrics.flops_per_token(model, 512) == pytest.approx(2 * (L * per_layer + V * H))
+    narrow = tiny_model("mistral", intermediate_size=48)
+    fewer_heads = tiny_model("mistral", num_attention_heads=4)
+    assert metrics.flops_per_token(narrow) < metrics.flops_per_token(model)
+    assert metrics.flops_per_token(fewer_heads) < metrics.flops_per_token(model)
+    assert metrics.flops_per_token(model, 1024) > metrics.flops_per_token(model, 128)  # attention grows with context
+
+
+def test_flops_read_per_layer_shapes_from_weights():
+    model = tiny_model("mistral")
+    before = metrics.flops_per_token(model)
+    mlp = model.model.layers[1].mlp
+    keep = torch.arange(48)  # narrow one layer's MLP by hand; the config still says 96
+    for name in ("gate_proj", "up_proj"):
+        old = getattr(mlp, name)
+        new = torch.nn.Linear(H, 48, bias=False)
+        new.weight.data = old.weight.data[keep]
+        setattr(mlp, name, new)
+    down = torch.nn.Linear(48, H, bias=False)
+    down.weight.data = mlp.down_proj.weight.data[:, keep]
+    mlp.down_proj = down
+    assert before - metrics.flops_per_token(model) == pytest.approx(2 * 3 * H * 48)
+
+
+def test_checkpoint_size_counts_weight_files_only(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 3 * 2 ** 20)
+    (tmp_path / "adapter.bin").write_bytes(b"\0" * 2 ** 19)
+    (tmp_path / "config.json").write_text("{}" * 1000)
+    assert metrics.checkpoint_size_mb(tmp_path) == pytest.approx(3.5)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        metrics.checkpoint_size_mb(tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no weight file"):
+        metrics.checkpoint_size_mb(empty)
+
+
+def test_perplexity_matches_the_model_loss():
+    model = tiny_model("qwen2")
+    chunks = torch.randint(3, V, (5, 12), generator=torch.Generator().manual_seed(0))
+    out = metrics.perplexity(model, chunks, batch_size=2, progress=False)
+    assert out["tokens"] == 5 * 11
+    assert math.isfinite(out["nll"]) and out["ppl"] == pytest.approx(math.exp(out["nll"]))
+    with torch.no_grad():
+        ref = model(input_ids=chunks, labels=chunks).loss.item()
+    assert out["nll"] == pytest.approx(ref, rel=1e-5)
+    with pytest.raises(ValueError, match="seq_len >= 2"):
+        metrics.perplexity(model, chunks[:, :1])
+
+
+def test_latency_on_tiny_model_gives_positive_medians():
+    out = metrics.latency(tiny_model("llama"), seq_len=16, new_tokens=3, warmup=1, repeats=3)
+    assert out["prefill_ms_median"] > 0 and out["decode_tok_s_median"] > 0
+    assert out["prefill_ms_min"] <= out["prefill_ms_median"] <= out["prefill_ms_max"]
+    assert out["device"] == "cpu" and out["dtype"] == "float32" and out["threads"] >= 1 and out["device_name"]
+
+
+def test_latency_syncs_before_every_timer_read(monkeypatch):
+    events = []
+    clock = iter(range(1000))
+
+    def timer():
+        events.append("time")
+        return float(next(clock))
+
+    monkeypatch.setattr(metrics, "_sync", lambda device: events.append(("sync", device.type)))
+    out = metrics.latency(tiny_model("llama"), batch_size=2, seq_len=8, new_tokens=4, warmup=1, repeats=2, timer=timer)
+    reads = [i for i, e in enumerate(events) if e == "time"]
+    assert len(reads) == 3 * (1 + 2)  # start, after prefill, after decode, per run
+    assert all(events[i - 1] == ("sync", "cpu") for i in reads)
+    assert out["prefill_ms_median"] == pytest.approx(1000.0)  # each timer read advances one second
+    assert out["decode_tok_s_median"] == pytest.approx(2 * 4 / 1.0)
+    assert out["prefill_ms_iqr"] == 0
+
+
+def test_sync_calls_cuda_synchronize_only_for_cuda(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    metrics._sync(torch.device("cpu"))
+    assert calls == []
+    metrics._sync(torch.device("cuda"))
+    assert calls == [torch.device("cuda")]
+
+
+def test_cpu_peak_memory_sees_a_large_allocation():
+    def work():
+        x = torch.ones(16 * 2 ** 20)  # 64 MiB held until the end of the block
+        return x.sum()
+
+    with metrics.track_peak_memory("cpu") as stats:
+        big = torch.ones(16 * 2 ** 20)
+        big += 1
+    assert stats["kind"] in ("cpu_rss_sampled", "cpu_ru_maxrss")
+    assert stats["peak_mb"] >= stats["start_mb"] and stats["delta_mb"] > 40
+    assert metrics.peak_memory(work, "cpu")["peak_mb"] > 0
+
+
+def test_cuda_peak_memory_path_with_fake_cuda(monkeypatch):
+    state = {"reset": 0}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: state.update(reset=1))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 100 * 2 ** 20)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 250 * 2 ** 20)
+    with metrics.track_peak_memory("cuda") as stats:
+        pass
+    assert state["reset"] == 1
+    assert stats == {"kind": "cuda_max_allocated", "start_mb": 100, "peak_mb": 250, "delta_mb": 150}
+
+
+def test_environment_info_names_versions_and_commit():
+    info = metrics.environment_info(tiny_model("llama"))
+    assert info["device"] == "cpu" and info["dtype"] == "float32" and info["device_name"]
+    assert info["torch"] == torch.__version__ and info["python"].count(".") == 2
+    assert info["git_commit"] and info["transformers"] != "not installed"
+    assert metrics.git_commit("/nonexistent-folder") == "unknown"
+
+
+@pytest.mark.slow
+class TestEmbeddedModel:
+    def test_smollm_counts_flops_and_perplexity(self):
+        from pruning_utils import data
+        from pruning_utils.loading import load_model
+
+        model, tok = load_model("smollm2-135m", device="cpu")
+        counts = metrics.count_params(model)
+        assert counts["total"] - counts["non_embedding"] == 49152 * 576  # tied: the embedding once
+        assert 130e6 < counts["total"] < 140e6
+        assert 2 * counts["non_embedding"] < metrics.flops_per_token(model, 512) < 2 * counts["total"] * 1.2
+        chunks = data.eval_chunks(tok, seq_len=32, max_tokens=64)  # tiny: a 135M forward is slow on shared CPUs
+        out = metrics.perplexity(model, chunks, batch_size=2, progress=False)
+        assert out["tokens"] == 2 * 31 and 1 < out["ppl"] < 200
