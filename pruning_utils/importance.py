@@ -52,7 +52,7 @@ def random(model, windows: Tensor, batch_size: int = 4, seed: int = 0, **options
 
 
 def magnitude(model, windows: Tensor, batch_size: int = 4, seed: int = 0, **options) -> Scores:
-    """Return the L1 norm of the weights each head (q rows + bias, o columns) / neuron (gate, up rows + biases, down column) owns."""
+    """Return the L1 norm of the weights a head (q rows + bias, o columns) / neuron (gate, up rows + biases, down column) owns."""
     hd = head_dim(model)
     heads, neurons = [], []
     with torch.no_grad():
@@ -84,7 +84,7 @@ def activation(model, windows: Tensor, batch_size: int = 4, seed: int = 0, **opt
 
 
 def fluctuation(model, windows: Tensor, batch_size: int = 4, seed: int = 0, **options) -> Scores:
-    """Return FLAP scores: variance of input channel j over calibration tokens x ||W[:, j]||_2^2, summed over a head's channels."""
+    """Return FLAP scores: variance of input channel j over calibration tokens x ||W[:, j]||^2, summed over a head's channels."""
     stats = _session(model, windows, batch_size, seed, options, "fluctuation").forward_stats()
 
     def channel(m: _Moments, weight: Tensor) -> Tensor:
@@ -94,7 +94,7 @@ def fluctuation(model, windows: Tensor, batch_size: int = 4, seed: int = 0, **op
 
 
 def tfidf(model, windows: Tensor, batch_size: int = 4, seed: int = 0, **options) -> Scores:
-    """Return NeuronRank TF-IDF++ scores |W_j|^alpha * TF_j^beta * IDF_j^gamma over documents (or topics with tfidf_mode='topic').
+    """Return NeuronRank TF-IDF++ scores |W_j|^alpha * TF_j^beta * IDF_j^gamma over documents (or topics: tfidf_mode='topic').
 
     A channel is *active on a token* when |x| exceeds the mean |x| over all channels of that
     layer at that token (scale-free, decided per token, so it streams). Per document d:
@@ -146,7 +146,7 @@ def tfidf_topic(model, windows: Tensor, batch_size: int = 4, seed: int = 0, **op
 
 
 def taylor(model, windows: Tensor, batch_size: int = 4, seed: int = 0, **options) -> Scores:
-    """Return first-order LLM-Pruner scores |sum w * dL/dw| over the weights a head / neuron owns, gradients summed over the windows."""
+    """Return first-order LLM-Pruner scores |sum w * dL/dw| over the weights a head / neuron owns (gradients over all windows)."""
     heads, neurons = _session(model, windows, batch_size, seed, options, "taylor").grad_stats()["taylor"]
     return Scores(heads, neurons, "taylor")
 
@@ -172,7 +172,7 @@ DEFAULT_MIX = {"activation": 0.5, "taylor": 0.5}
 
 
 def mix(model, windows: Tensor, batch_size: int = 4, seed: int = 0, **options) -> Scores:
-    """Return the weighted mean of per-layer rank-normalised scores of other criteria (`mix_weights`, default activation + taylor)."""
+    """Return the weighted mean of per-layer rank-normalised scores of criteria (`mix_weights`; default activation+taylor)."""
     weights = _mix_weights(options)
     session = _session(model, windows, batch_size, seed, options, "mix")
     parts = {name: session.score(name) for name in weights}
@@ -288,7 +288,10 @@ class _Session:
         self.model, self.windows, self.batch_size, self.seed = model, windows, max(1, int(batch_size)), seed
         self.options, self.wanted = options, wanted
         self.progress = bool(options.get("progress", True))
-        self.max_semantic_windows = int(options.get("semantic_max_windows", 16))
+        limit = options.get("semantic_max_windows", 16)
+        self.max_semantic_windows = len(windows) if limit is None else min(int(limit), len(windows))
+        if "semantic" in wanted and self.max_semantic_windows < 1:
+            raise ValueError(f"semantic_max_windows must be >= 1 (or None for all windows), got {limit}")
         self.device = next(model.parameters()).device
         self._results: dict[str, Scores] = {}
         self._forward: _ForwardStats | None = None
@@ -297,9 +300,14 @@ class _Session:
 
     def score(self, name: str) -> Scores:
         if name not in self._results:
-            opts = {k: v for k, v in self.options.items()}
-            self._results[name] = CRITERIA[name](self.model, self.windows, self.batch_size, self.seed,
-                                                 _session=self, **opts)
+            result = CRITERIA[name](self.model, self.windows, self.batch_size, self.seed, _session=self, **self.options)
+            # Provenance that plans carry along: what the scores were computed on, JSON-ready.
+            options = {k: v for k, v in self.options.items() if k not in ("documents", "progress")}
+            if "documents" in self.options:
+                options["documents"] = len(self.options["documents"])
+            result.provenance = {"windows": list(self.windows.shape), "batch_size": self.batch_size, "seed": self.seed,
+                                 **options, **result.provenance}
+            self._results[name] = result
         return self._results[name]
 
     # -- forward statistics -------------------------------------------------------------------

@@ -167,7 +167,7 @@ def reconstruct_linear(weight: Tensor, bias: Tensor | None, keep: Tensor, stats:
         raise ReconstructionError(f"unknown reconstruction mode '{mode}'; known: {', '.join(MODES)}")
     keep = torch.as_tensor(keep, dtype=torch.long, device=weight.device)
     if mode == "none":
-        return weight[:, keep].clone(), None if bias is None else bias.clone()
+        return weight.detach()[:, keep].clone(), None if bias is None else bias.detach().clone()
     if stats is None:
         raise ReconstructionError(f"mode '{mode}' needs input statistics; pass the GramStats from `collect_grams`")
     in_dim = weight.shape[1]
@@ -184,7 +184,7 @@ def reconstruct_linear(weight: Tensor, bias: Tensor | None, keep: Tensor, stats:
         removed = torch.ones(in_dim, dtype=torch.bool, device=dev)
         removed[k] = False
         new_b = bias.detach().to(dev, torch.float64) + w[:, removed] @ stats.mean[removed]
-        return weight[:, keep].clone(), new_b.to(device=bias.device, dtype=bias.dtype)
+        return weight.detach()[:, keep].clone(), new_b.to(device=bias.device, dtype=bias.dtype)
 
     # lstsq: with a bias, append a constant input channel (Gram row = Σx, corner = token count) and refit it too
     g, n_keep = stats.gram, k.numel()

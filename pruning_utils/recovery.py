@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,10 @@ def attach_lora(model, cfg: RecoveryConfig):
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
                       bias="none", task_type="CAUSAL_LM")
     # peft reads in/out features from each Linear it wraps, so pruned layers of different widths need nothing special.
-    return get_peft_model(model, lora)
+    with warnings.catch_warnings():
+        # peft 0.21 probes transformers' deprecated `is_gradient_checkpointing`; the warning is theirs, not the user's
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora)
 
 
 def merge_lora(peft_model):

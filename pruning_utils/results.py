@@ -54,9 +54,7 @@ def write_csv(df_or_rows: pd.DataFrame | Iterable[dict], path: str | Path) -> Pa
 
 
 def _jsonable(obj):
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return obj.item()
-    if hasattr(obj, "tolist"):
+    if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays (a 0-d tolist() is a plain number)
         return obj.tolist()
     if isinstance(obj, (set, frozenset)):
         return sorted(obj)

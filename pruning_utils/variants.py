@@ -1,0 +1,78 @@
+"""Build and measure model variants the same way in every stage: one tidy row per variant.
+
+Columns of a variant row (every ablation CSV uses them):
+variant, source_model, criterion, allocation, reconstruction, head_rate, mlp_rate, query_heads, kv_heads,
+intermediate, layers, params_total, params_non_embedding, reduction_pct (non-embedding, vs the source),
+flops_per_token, flops_reduction_pct, size_mb, ppl, ppl_change_pct, eval_tokens, prefill_ms, prefill_ms_iqr,
+decode_tok_s, device, dtype.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .arch import layer_shapes
+from .metrics import count_params, device_name, flops_per_token, latency, perplexity
+from .results import compact_shape
+
+VARIANT_COLUMNS = [
+    "variant", "source_model", "criterion", "allocation", "reconstruction", "head_rate", "mlp_rate",
+    "query_heads", "kv_heads", "intermediate", "layers", "params_total", "params_non_embedding", "reduction_pct",
+    "flops_per_token", "flops_reduction_pct", "size_mb", "ppl", "ppl_change_pct", "eval_tokens", "prefill_ms",
+    "prefill_ms_iqr", "decode_tok_s", "device", "dtype",
+]
+
+
+def weight_size_mb(model) -> float:
+    """Return the size of the model's weights in MiB as a checkpoint stores them (tied tensors once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+
+
+def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: str = "", reference: dict | None = None,
+                    criterion: str = "", allocation: str = "", reconstruction: str = "", head_rate: float = 0.0,
+                    mlp_rate: float = 0.0, latency_kw: dict | None = None, batch_size: int = 4,
+                    flops_seq_len: int = 512) -> dict:
+    """Return a variant row: shapes, size and cost, perplexity on `chunks`, latency unless `latency_kw` is None.
+
+    `reference` is the row of the model this variant was cut from; reductions and changes are relative to it.
+    """
+    shapes = layer_shapes(model)
+    params = count_params(model)
+    flops = flops_per_token(model, flops_seq_len)
+    ppl = perplexity(model, chunks, batch_size=batch_size, desc=f"ppl {variant}")
+    param = next(model.parameters())
+    row = dict(
+        variant=variant, source_model=source_model, criterion=criterion, allocation=allocation,
+        reconstruction=reconstruction, head_rate=head_rate, mlp_rate=mlp_rate,
+        query_heads=compact_shape([s.n_heads for s in shapes]), kv_heads=compact_shape([s.n_kv_heads for s in shapes]),
+        intermediate=compact_shape([s.intermediate for s in shapes]), layers=len(shapes),
+        params_total=params["total"], params_non_embedding=params["non_embedding"], reduction_pct=0.0,
+        flops_per_token=flops, flops_reduction_pct=0.0, size_mb=round(weight_size_mb(model), 2),
+        ppl=ppl["ppl"], ppl_change_pct=0.0, eval_tokens=ppl["tokens"], prefill_ms=float("nan"),
+        prefill_ms_iqr=float("nan"), decode_tok_s=float("nan"),
+        device=device_name(param.device), dtype=str(param.dtype).replace("torch.", ""),
+    )
+    if reference is not None:
+        row["reduction_pct"] = 100 * (1 - params["non_embedding"] / reference["params_non_embedding"])
+        row["flops_reduction_pct"] = 100 * (1 - flops / reference["flops_per_token"])
+        row["ppl_change_pct"] = 100 * (ppl["ppl"] / reference["ppl"] - 1)
+    if latency_kw is not None:
+        lat = latency(model, **latency_kw)
+        row.update(prefill_ms=lat["prefill_ms_median"], prefill_ms_iqr=lat["prefill_ms_iqr"],
+                   decode_tok_s=lat.get("decode_tok_s_median", float("nan")))
+    return row
+
+
+def pruned_copy(model, plan, windows: torch.Tensor | None = None, reconstruction: str = "none", **recon_kw):
+    """Return a pruned deep copy of `model` (the original stays intact), reconstructing weights when asked."""
+    from .surgery import apply_plan
+
+    clone = copy.deepcopy(model)
+    if reconstruction in (None, "", "none"):
+        return apply_plan(clone, plan)
+    from .reconstruction import prune_and_reconstruct
+
+    if windows is None:
+        raise ValueError(f"reconstruction '{reconstruction}' needs calibration windows; pass windows=...")
+    return prune_and_reconstruct(clone, plan, windows, mode=reconstruction, **recon_kw)

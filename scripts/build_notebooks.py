@@ -1,0 +1,389 @@
+"""Writes notebooks/*.ipynb from the cell lists below (run after editing; the notebooks are committed).
+
+Notebooks are reports: a `parameters` cell for papermill, calls into pruning_utils, tables and plots.
+"""
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+ROOT = Path(__file__).resolve().parent.parent
+SETUP = '''import json, sys, time, warnings
+from pathlib import Path
+sys.path.insert(0, str(Path.cwd().parent))  # notebooks/ -> project root, for runs opened by hand
+import pandas as pd, torch
+from IPython.display import display, Markdown
+from pruning_utils import allocation, data, importance, metrics, plots, results
+from pruning_utils.checkpoint import load_pruned, read_checkpoint_meta, save_pruned
+from pruning_utils.loading import load_model
+from pruning_utils.stages import as_list
+from pruning_utils.variants import measure_variant, pruned_copy
+warnings.filterwarnings("ignore", category=FutureWarning)
+torch.manual_seed(SEED)
+OUT = results.ablation_dir(); OUT.mkdir(parents=True, exist_ok=True)
+PLOTS = results.RESULTS_DIR / "plots"; PLOTS.mkdir(parents=True, exist_ok=True)
+PROVENANCE = ("criterion", "allocation", "reconstruction", "head_rate", "mlp_rate")
+LATENCY = dict(batch_size=LATENCY_BATCH, seq_len=LATENCY_SEQ_LEN, new_tokens=DECODE_TOKENS, repeats=LATENCY_REPEATS)'''
+
+COMMON_PARAMS = '''PROFILE = "default"
+MODEL = "smollm2-135m"          # embedded default; or a hub id such as "Qwen/Qwen2.5-0.5B", or a local folder
+TEXT_SOURCE = "embedded"        # embedded | wikitext2 | path/to/file.txt|.csv|.jsonl
+DEVICE = "auto"                 # auto | cpu | cuda
+DTYPE = "auto"                  # auto (fp16 on T4/P100, fp32 on CPU) | float32 | float16 | bfloat16
+SEED = 0
+N_CALIB = 64                    # calibration windows
+CALIB_SEQ_LEN = 256
+EVAL_SEQ_LEN = 512              # perplexity windows (non-overlapping)
+EVAL_MAX_TOKENS = 32768
+SWEEP_EVAL_MAX_TOKENS = 8192    # cheaper perplexity for the sweeps
+LATENCY_BATCH = 1
+LATENCY_SEQ_LEN = 512
+LATENCY_REPEATS = 5
+DECODE_TOKENS = 32'''
+
+
+def notebook(title: str, params: str, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
+    nb = new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    nb.cells.append(new_markdown_cell(title))
+    p = new_code_cell(params)
+    p.metadata["tags"] = ["parameters"]
+    nb.cells.append(p)
+    for kind, src in cells:
+        nb.cells.append(new_markdown_cell(src) if kind == "md" else new_code_cell(src))
+    return nb
+
+
+NB00 = notebook(
+    "# 00 · Set-up, baseline and importance\n"
+    "Loads the model, measures the baseline (quality, size, FLOPs, latency, memory), then scores every attention "
+    "head and MLP neuron under each importance criterion in shared calibration passes. Scores are saved under "
+    "`results/importance/` for the pruning notebooks.",
+    COMMON_PARAMS + '''
+CRITERIA = "random,magnitude,activation,fluctuation,taylor,tfidf,tfidf_topic,semantic,mix"
+SEMANTIC_MAX_WINDOWS = 8        # calibration windows used by the exact per-head ablations of `semantic`''',
+    [
+        ("code", SETUP + '''
+model, tok = load_model(MODEL, device=DEVICE, dtype=DTYPE)
+env = metrics.environment_info(model)
+pd.Series(env)'''),
+        ("md", "## Baseline"),
+        ("code", '''chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
+device = next(model.parameters()).device
+with metrics.track_peak_memory(device) as mem:
+    row = measure_variant(model, chunks, variant="baseline", source_model=MODEL)
+    lat = metrics.latency(model, **LATENCY)
+row.update(prefill_ms=lat["prefill_ms_median"], prefill_ms_iqr=lat["prefill_ms_iqr"],
+           decode_tok_s=lat["decode_tok_s_median"], peak_memory_mb=mem["peak_mb"])
+results.write_csv([row], OUT / "baseline.csv")
+results.write_json({"model": MODEL, "text_source": TEXT_SOURCE, "ppl": row["ppl"], "tokens": row["eval_tokens"],
+                    "seq_len": EVAL_SEQ_LEN, "env": env}, OUT / "perplexity_baseline.json")
+results.write_json({"model": MODEL, **lat, "peak_memory_mb": mem["peak_mb"], "env": env}, OUT / "latency_baseline.json")
+pd.DataFrame([row]).T.rename(columns={0: "baseline"})'''),
+        ("md", "## Importance of every head and neuron"),
+        ("code", '''windows = data.calibration_windows(tok, TEXT_SOURCE, n_samples=N_CALIB, seq_len=CALIB_SEQ_LEN, seed=SEED)
+t0 = time.time()
+scores = importance.compute_importance(model, windows, as_list(CRITERIA), seed=SEED,
+                                       semantic_max_windows=SEMANTIC_MAX_WINDOWS)
+seconds = time.time() - t0
+folder = importance.save_scores(scores, results.RESULTS_DIR / "importance")
+results.write_json({"criteria": as_list(CRITERIA), "seconds": seconds, "windows": list(windows.shape),
+                    "model": MODEL, "env": env}, results.RESULTS_DIR / "importance" / "importance_run.json")
+print(f"{len(scores)} criteria in {seconds / 60:.1f} min -> {folder}")
+pd.read_csv(results.RESULTS_DIR / "importance" / "importance_summary.csv").groupby(["criterion", "kind"])["mean"].describe()'''),
+        ("code", '''fig = plots.importance_heatmaps(scores, "heads")
+results.save_plot(fig, results.RESULTS_DIR / "importance" / "heads_heatmap.png")
+fig = plots.importance_heatmaps(scores, "neurons")
+results.save_plot(fig, results.RESULTS_DIR / "importance" / "neurons_heatmap.png")'''),
+        ("md", "Heat maps are rank-normalised within each layer; `results/importance/*.png` holds them."),
+    ],
+)
+
+SWEEP_SETUP = '''model, tok = load_model(MODEL, device=DEVICE, dtype=DTYPE)
+scores = importance.load_scores(results.RESULTS_DIR / "importance")
+baseline = pd.read_csv(OUT / "baseline.csv").iloc[0].to_dict()
+windows = data.calibration_windows(tok, TEXT_SOURCE, n_samples=N_CALIB, seq_len=CALIB_SEQ_LEN, seed=SEED)
+chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
+sweep_chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=SWEEP_EVAL_MAX_TOKENS)
+missing = [c for c in as_list(CRITERIA) if c not in scores]
+assert not missing, f"criteria {missing} were not computed in notebook 00; add them to its CRITERIA and re-run it"'''
+
+NB02 = notebook(
+    "# 02 · Attention-head pruning (Q + O only, GQA-compatible)\n"
+    "Query heads are removed from `q_proj` rows and `o_proj` columns; K/V stay, and every KV group keeps the same "
+    "number of query heads. Criteria are compared at equal rates, then the main recipe (criterion + reconstruction) "
+    "is saved to `models/head_pruned/`.",
+    COMMON_PARAMS + '''
+CRITERIA = "random,magnitude,activation,fluctuation,taylor,tfidf,tfidf_topic,semantic,mix"
+HEAD_RATE = 0.2                 # main rate: fraction of query heads, rounded per KV group
+HEAD_SWEEP = "0.2,0.5"
+ALLOCATION = "uniform"          # uniform (stock-loadable) | global
+MAIN_HEAD_CRITERION = "semantic"
+RECONSTRUCTION = "lstsq"        # none | bias | lstsq: refit o_proj on calibration activations
+RECON_OPTIONS = "none,lstsq"''',
+    [
+        ("code", SETUP + "\n" + SWEEP_SETUP),
+        ("md", "## Criteria side by side (plain removal, no reconstruction)"),
+        ("code", '''ref = measure_variant(model, sweep_chunks, variant="baseline", source_model=MODEL)
+rows = []
+for crit in as_list(CRITERIA):
+    for rate in as_list(HEAD_SWEEP, float):
+        plan = allocation.plan_heads(model, scores[crit], rate, allocation=ALLOCATION)
+        pruned = pruned_copy(model, plan)
+        rows.append(measure_variant(pruned, sweep_chunks, variant=f"heads-{crit}-{rate}", source_model=MODEL,
+                                    reference=ref, criterion=crit, allocation=ALLOCATION, reconstruction="none",
+                                    head_rate=rate))
+        del pruned
+sweep = pd.DataFrame(rows)
+sweep.pivot_table(index="criterion", columns="head_rate", values="ppl").round(2)'''),
+        ("md", "## Reconstruction options for the main criterion"),
+        ("code", '''plan = allocation.plan_heads(model, scores[MAIN_HEAD_CRITERION], HEAD_RATE, allocation=ALLOCATION)
+for recon in as_list(RECON_OPTIONS):
+    pruned = pruned_copy(model, plan, windows, reconstruction=recon)
+    rows.append(measure_variant(pruned, sweep_chunks, variant=f"heads-{MAIN_HEAD_CRITERION}-{HEAD_RATE}-{recon}",
+                                source_model=MODEL, reference=ref, criterion=MAIN_HEAD_CRITERION,
+                                allocation=ALLOCATION, reconstruction=recon, head_rate=HEAD_RATE))
+    del pruned
+pd.DataFrame(rows[-len(as_list(RECON_OPTIONS)):])[["variant", "reconstruction", "query_heads", "ppl", "ppl_change_pct"]]'''),
+        ("md", "## Main head-pruned model (full evaluation, latency) → `models/head_pruned/`"),
+        ("code", '''main = pruned_copy(model, plan, windows, reconstruction=RECONSTRUCTION)
+row = measure_variant(main, chunks, variant="head_pruned", source_model=MODEL, reference=baseline,
+                      criterion=MAIN_HEAD_CRITERION, allocation=ALLOCATION, reconstruction=RECONSTRUCTION,
+                      head_rate=HEAD_RATE, latency_kw=LATENCY)
+folder = save_pruned(main, tok, "head_pruned", extra=row)
+rows.append(row)
+table = pd.DataFrame(rows)
+results.write_csv(table, OUT / "head_pruning.csv")
+table[["variant", "criterion", "reconstruction", "head_rate", "query_heads", "reduction_pct", "ppl", "ppl_change_pct",
+       "prefill_ms", "decode_tok_s"]].round(3)'''),
+        ("code", '''fig = plots.metric_vs(sweep, "head_rate", title="perplexity vs head rate")
+results.save_plot(fig, OUT / "head_pruning_ppl_vs_rate.png")
+fig = plots.metric_vs(sweep, "params_non_embedding", title="perplexity vs non-embedding params")
+results.save_plot(fig, OUT / "head_pruning_ppl_vs_params.png")'''),
+    ],
+)
+
+NB03 = notebook(
+    "# 03 · MLP-neuron pruning, alone and on top of head pruning\n"
+    "Neurons are removed from `gate_proj`/`up_proj` rows and `down_proj` columns. Two starting points: the baseline "
+    "(MLP pruning alone → `models/mlp_pruned/`) and the head-pruned model (cumulative attention + MLP → "
+    "`models/mix_pruned/`).",
+    COMMON_PARAMS + '''
+CRITERIA = "random,magnitude,activation,fluctuation,taylor,tfidf,tfidf_topic,semantic,mix"
+MLP_RATE = 0.25                 # main rate: fraction of MLP neurons
+MLP_SWEEP = "0.125,0.25,0.5"
+ALLOCATION = "uniform"
+MAIN_MLP_CRITERION = "fluctuation"
+RECONSTRUCTION = "lstsq"
+RECON_OPTIONS = "none,lstsq"''',
+    [
+        ("code", SETUP + "\n" + SWEEP_SETUP),
+        ("md", "## Criteria side by side on the baseline (plain removal)"),
+        ("code", '''ref = measure_variant(model, sweep_chunks, variant="baseline", source_model=MODEL)
+rows = []
+for crit in as_list(CRITERIA):
+    for rate in as_list(MLP_SWEEP, float):
+        plan = allocation.plan_neurons(model, scores[crit], rate, allocation=ALLOCATION)
+        pruned = pruned_copy(model, plan)
+        rows.append(measure_variant(pruned, sweep_chunks, variant=f"mlp-{crit}-{rate}", source_model=MODEL,
+                                    reference=ref, criterion=crit, allocation=ALLOCATION, reconstruction="none",
+                                    mlp_rate=rate))
+        del pruned
+sweep = pd.DataFrame(rows)
+sweep.pivot_table(index="criterion", columns="mlp_rate", values="ppl").round(2)'''),
+        ("md", "## Reconstruction options for the main criterion"),
+        ("code", '''plan = allocation.plan_neurons(model, scores[MAIN_MLP_CRITERION], MLP_RATE, allocation=ALLOCATION)
+for recon in as_list(RECON_OPTIONS):
+    pruned = pruned_copy(model, plan, windows, reconstruction=recon)
+    rows.append(measure_variant(pruned, sweep_chunks, variant=f"mlp-{MAIN_MLP_CRITERION}-{MLP_RATE}-{recon}",
+                                source_model=MODEL, reference=ref, criterion=MAIN_MLP_CRITERION, allocation=ALLOCATION,
+                                reconstruction=recon, mlp_rate=MLP_RATE))
+    del pruned
+pd.DataFrame(rows[-len(as_list(RECON_OPTIONS)):])[["variant", "reconstruction", "intermediate", "ppl", "ppl_change_pct"]]'''),
+        ("md", "## MLP pruning alone → `models/mlp_pruned/`"),
+        ("code", '''mlp_model = pruned_copy(model, plan, windows, reconstruction=RECONSTRUCTION)
+row = measure_variant(mlp_model, chunks, variant="mlp_pruned", source_model=MODEL, reference=baseline,
+                      criterion=MAIN_MLP_CRITERION, allocation=ALLOCATION, reconstruction=RECONSTRUCTION,
+                      mlp_rate=MLP_RATE, latency_kw=LATENCY)
+save_pruned(mlp_model, tok, "mlp_pruned", extra=row)
+rows.append(row)
+del mlp_model'''),
+        ("md", "## Heads + MLP (on the head-pruned model) → `models/mix_pruned/`\n"
+               "Neuron scores of the head-pruned model are recomputed for the main criterion, since removing heads "
+               "changes what the MLPs see."),
+        ("code", '''head_model, _ = load_pruned("head_pruned", device=DEVICE, dtype=DTYPE)
+head_row = read_checkpoint_meta("head_pruned")["extra"]
+head_scores = importance.compute_importance(head_model, windows, [MAIN_MLP_CRITERION], seed=SEED)[MAIN_MLP_CRITERION]
+mix_plan = allocation.plan_neurons(head_model, head_scores, MLP_RATE, allocation=ALLOCATION)
+mix = pruned_copy(head_model, mix_plan, windows, reconstruction=RECONSTRUCTION)
+row = measure_variant(mix, chunks, variant="mix_pruned", source_model=MODEL, reference=baseline,
+                      criterion=f"{head_row['criterion']}+{MAIN_MLP_CRITERION}", allocation=ALLOCATION,
+                      reconstruction=RECONSTRUCTION, head_rate=head_row["head_rate"], mlp_rate=MLP_RATE,
+                      latency_kw=LATENCY)
+save_pruned(mix, tok, "mix_pruned", extra=row)
+rows.append(row)
+table = pd.DataFrame(rows)
+results.write_csv(table, OUT / "mlp_pruning.csv")
+table[["variant", "criterion", "reconstruction", "mlp_rate", "intermediate", "reduction_pct", "flops_reduction_pct",
+       "ppl", "ppl_change_pct", "prefill_ms", "decode_tok_s"]].round(3)'''),
+        ("code", '''fig = plots.metric_vs(sweep, "mlp_rate", title="perplexity vs MLP rate")
+results.save_plot(fig, OUT / "mlp_pruning_ppl_vs_rate.png")
+fig = plots.metric_vs(sweep, "params_non_embedding", title="perplexity vs non-embedding params")
+results.save_plot(fig, OUT / "mlp_pruning_ppl_vs_params.png")'''),
+    ],
+)
+
+NB04 = notebook(
+    "# 04 · Recovery: light LoRA (peft), at most one epoch, merged into the weights\n"
+    "Each pruned model gets LoRA adapters on its attention and MLP projections, trains on the calibration split "
+    "(never the evaluation split), optionally distilling from the unpruned model, and the adapters are merged: "
+    "the saved `models/<name>_lora/` is an ordinary pruned checkpoint with no inference overhead. With more than "
+    "one GPU visible the same entry point runs data parallel under `accelerate launch`.",
+    COMMON_PARAMS + """
+RECOVERY_MODELS = "head_pruned,mix_pruned"
+RECOVERY_STEPS = 60             # optimizer steps (capped at one epoch of the training windows)
+RECOVERY_LOSS = "distill"       # lm | distill (KL to the unpruned model) | mix
+RECOVERY_BATCH = 4
+RECOVERY_SEQ_LEN = 256
+GRAD_ACCUM = 1
+LORA_R = 8
+LORA_ALPHA = 16
+LORA_LR = 1e-3
+GRAD_CHECKPOINTING = False
+INSTRUCTION_JSONL = ""          # optional Dolly/Alpaca-style file (instruction/response) instead of plain text""",
+    [
+        ("code", SETUP + """
+import subprocess
+from pruning_utils import recovery
+from pruning_utils.checkpoint import resolve_checkpoint_dir
+baseline = pd.read_csv(OUT / "baseline.csv").iloc[0].to_dict()
+base_model, tok = load_model(MODEL, device=DEVICE, dtype=DTYPE)
+chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
+cfg = recovery.RecoveryConfig(r=LORA_R, alpha=LORA_ALPHA, lr=LORA_LR, max_steps=RECOVERY_STEPS, batch_size=RECOVERY_BATCH,
+                              grad_accum=GRAD_ACCUM, seq_len=RECOVERY_SEQ_LEN, loss=RECOVERY_LOSS,
+                              grad_checkpointing=GRAD_CHECKPOINTING, seed=SEED)
+n_windows = RECOVERY_STEPS * RECOVERY_BATCH * GRAD_ACCUM
+train = (recovery.instruction_windows(tok, INSTRUCTION_JSONL, RECOVERY_SEQ_LEN) if INSTRUCTION_JSONL else
+         data.calibration_windows(tok, TEXT_SOURCE, n_samples=n_windows, seq_len=RECOVERY_SEQ_LEN, seed=SEED + 1))
+teacher = base_model if RECOVERY_LOSS != "lm" else None
+n_gpus = torch.cuda.device_count()
+print(f"{len(train)} training windows x {RECOVERY_SEQ_LEN} tokens; loss={RECOVERY_LOSS}; GPUs visible: {n_gpus}")"""),
+        ("code", """rows, curves = [], {}
+for name in as_list(RECOVERY_MODELS):
+    model, _ = load_pruned(name, device=DEVICE, dtype=DTYPE)
+    before = measure_variant(model, chunks, variant=name, source_model=MODEL, reference=baseline)
+    log_csv = OUT / f"recovery_{name}_loss.csv"
+    if n_gpus > 1:  # data parallel: the same training entry point under accelerate, one process per GPU
+        cfg_path = OUT / f"recovery_{name}_config.json"
+        results.write_json({"model_dir": name, "out_dir": f"{name}_lora", "recovery": cfg.__dict__,
+                            "text_source": TEXT_SOURCE, "seed": SEED + 1,
+                            "teacher_dir": MODEL if teacher is not None else None}, cfg_path)
+        subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", str(n_gpus), "-m",
+                        "pruning_utils.train_lora", "--config", str(cfg_path)], check=True)
+        merged, _ = load_pruned(f"{name}_lora", device=DEVICE, dtype=DTYPE)
+        stats = json.loads((resolve_checkpoint_dir(f"{name}_lora") / "recovery_stats.json").read_text())
+    else:
+        merged, stats = recovery.recover(model, tok, train, cfg, teacher=teacher, log_csv=log_csv)
+    source = read_checkpoint_meta(name)["extra"]
+    after = measure_variant(merged, chunks, variant=f"{name}_lora", source_model=MODEL, reference=baseline,
+                            latency_kw=LATENCY, **{k: source[k] for k in PROVENANCE if k in source})
+    if n_gpus <= 1:
+        save_pruned(merged, tok, f"{name}_lora", extra=after)
+    damage = before["ppl"] - baseline["ppl"]
+    rows.append(dict(model=name, steps=stats["steps"], tokens_seen=stats["tokens_seen"], loss=RECOVERY_LOSS,
+                     loss_before=stats["loss_first"], loss_after=stats["loss_last"], ppl_baseline=baseline["ppl"],
+                     ppl_before=before["ppl"], ppl_after=after["ppl"],
+                     damage_recovered_pct=100 * (before["ppl"] - after["ppl"]) / damage if damage > 0 else float("nan"),
+                     minutes=stats["minutes"], train_tokens_per_s=stats["tokens_per_s"], device=after["device"],
+                     dtype=after["dtype"]))
+    curves[name] = pd.DataFrame(stats["history"], columns=["step", "loss", "lr"])
+    del model, merged
+table = pd.DataFrame(rows)
+results.write_csv(table, OUT / "recovery.csv")
+table.round(3)"""),
+        ("code", """for name, curve in curves.items():
+    results.save_plot(plots.loss_curve(curve, title=f"LoRA recovery of {name}"), OUT / f"recovery_{name}_loss.png")"""),
+    ],
+)
+
+NB06 = notebook(
+    "# 06 · Final evaluation: quality vs compression vs latency\n"
+    "Every variant is measured the same way in this one run: perplexity, semantic retention of greedy answers "
+    "(all-MiniLM-L6-v2 cosine to the baseline's answers, plus exact match), optional zero-shot accuracy "
+    "(lm-evaluation-harness), parameters, FLOPs/token, checkpoint size, peak memory, prefill latency and decode speed.",
+    COMMON_PARAMS + """
+VARIANTS = "baseline,head_pruned,mlp_pruned,mix_pruned,head_pruned_lora,mix_pruned_lora"
+EXTRA_VARIANTS = ""             # any other checkpoint under models/ with a plan file
+N_PROMPTS = 30
+MAX_NEW_TOKENS = 48
+ZERO_SHOT = False               # needs `pip install lm-eval` and the hub (online users)
+ZERO_SHOT_TASKS = "arc_easy,hellaswag,winogrande,piqa,boolq,lambada_openai"
+ZERO_SHOT_LIMIT = None          # examples per task (None: all)""",
+    [
+        ("code", SETUP + """
+from pruning_utils import evaluation
+from pruning_utils.checkpoint import resolve_checkpoint_dir
+names = as_list(VARIANTS) + as_list(EXTRA_VARIANTS)
+for name in names[1:]:
+    read_checkpoint_meta(name)  # a missing variant fails here, naming the stage that writes it
+if ZERO_SHOT:
+    evaluation._lm_eval()  # fails early with the install command when lm-eval is missing
+prompts = evaluation.load_instructions()[:N_PROMPTS]
+judge = evaluation.SemanticJudge()
+base_model, tok = load_model(MODEL, device=DEVICE, dtype=DTYPE)
+chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
+assert names[0] == "baseline", "VARIANTS must start with 'baseline' (the reference of every comparison)\""""),
+        ("code", """rows, answers = [], {}
+for name in names:
+    model, t = (base_model, tok) if name == "baseline" else load_pruned(name, device=DEVICE, dtype=DTYPE)
+    device = next(model.parameters()).device
+    with metrics.track_peak_memory(device) as mem:
+        row = measure_variant(model, chunks, variant=name, source_model=MODEL, reference=rows[0] if rows else None,
+                              latency_kw=LATENCY)
+    meta = {} if name == "baseline" else read_checkpoint_meta(name)["extra"]
+    row.update({k: meta[k] for k in PROVENANCE if k in meta})
+    row.update(peak_memory_mb=mem["peak_mb"],
+               size_mb=row["size_mb"] if name == "baseline" else metrics.checkpoint_size_mb(resolve_checkpoint_dir(name)))
+    answers[name] = evaluation.generate_answers(model, t, prompts, max_new_tokens=MAX_NEW_TOKENS)
+    ret = evaluation.semantic_retention(answers["baseline"], answers[name], judge)
+    row.update(semantic_cosine=ret["cosine_mean"], semantic_cosine_min=ret["cosine_min"], exact_match=ret["exact_match"])
+    if ZERO_SHOT:
+        zs = evaluation.zero_shot(model, t, as_list(ZERO_SHOT_TASKS), limit=ZERO_SHOT_LIMIT)
+        row.update({f"zs_{k}": v for k, v in zs.items()})
+    rows.append(row)
+    if name != "baseline":
+        del model
+final = pd.DataFrame(rows)
+results.write_csv(final, OUT / "final_eval.csv")
+cols = ["variant", "params_non_embedding", "reduction_pct", "flops_reduction_pct", "size_mb", "ppl", "ppl_change_pct",
+        "semantic_cosine", "exact_match", "prefill_ms", "decode_tok_s", "peak_memory_mb"]
+cols += [c for c in final.columns if c.startswith("zs_")]
+display(Markdown(final[cols].round(3).to_markdown(index=False)))"""),
+        ("md", "## What the compression bought and what it cost"),
+        ("code", """results.save_plot(plots.pareto(final, "params_non_embedding", "ppl", title="quality vs non-embedding parameters"),
+                  PLOTS / "pareto_params.png")
+results.save_plot(plots.pareto(final, "prefill_ms", "ppl", title="quality vs prefill latency"), PLOTS / "pareto_latency.png")
+results.save_plot(plots.stage_bars(final, ["ppl", "semantic_cosine", "params_non_embedding", "prefill_ms", "decode_tok_s"]),
+                  PLOTS / "stage_bars.png")"""),
+        ("md", "## A few answers side by side"),
+        ("code", """last = names[-1]
+evaluation.retention_table(prompts, answers["baseline"], answers[last], n=5)"""),
+    ],
+)
+
+NOTEBOOKS = {
+    "00-setup-01-baseline-and-importance.ipynb": NB00,
+    "02_head_pruning.ipynb": NB02,
+    "03_mlp_pruning.ipynb": NB03,
+    "04_recovery_lora.ipynb": NB04,
+    "06_final_eval.ipynb": NB06,
+}
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    for name, nb in NOTEBOOKS.items():
+        nbformat.write(nb, ROOT / "notebooks" / name)
+        print("wrote", name)

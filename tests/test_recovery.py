@@ -1,0 +1,235 @@
+"""LoRA recovery: adapters on pruned (non-uniform) layers, merge equivalence, training, distillation,
+the divergence guard, the script and a 2-process data-parallel run on CPU."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pruning_utils.checkpoint import is_pruned_checkpoint, load_pruned, save_pruned
+from pruning_utils.loading import PROJECT_ROOT, TinyTokenizer, tiny_model
+from pruning_utils.recovery import (RecoveryConfig, RecoveryDivergedError, attach_lora, distillation_loss,
+                                    instruction_windows, merge_lora, recover, train_lora)
+from pruning_utils.surgery import prune_heads, prune_neurons
+from pruning_utils.train_lora import main as train_main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matrices gain nothing from threads; on a shared 2-core machine OpenMP spin-waiting makes them ~30x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def windows(n: int = 16, seq_len: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 128, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def fast_cfg(**kw) -> RecoveryConfig:
+    return RecoveryConfig(**{**dict(seq_len=32, batch_size=4, dropout=0.0, warmup_steps=0, lr=1e-2), **kw})
+
+
+def pruned_tiny():
+    """A tiny Llama whose layers differ: layer 1 keeps 40 of 96 MLP channels, layer 2 keeps 4 of 8 heads."""
+    model = tiny_model("llama")
+    prune_neurons(model, {1: list(range(0, 80, 2))})
+    prune_heads(model, {2: [0, 1, 4, 5]})  # two heads in each of the two KV groups
+    return model
+
+
+def lm_loss(model, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        return model(input_ids=ids, labels=ids).loss.item()
+
+
+def test_config_json_round_trip_and_errors():
+    cfg = RecoveryConfig(r=4, loss="mix", target_modules=["q_proj", "down_proj"])
+    assert RecoveryConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ValueError, match="known"):
+        RecoveryConfig.from_dict({"lr": 1e-3, "learning_rate": 1e-3})
+    with pytest.raises(ValueError, match="max_epochs"):
+        RecoveryConfig(max_epochs=2.0)
+    with pytest.raises(ValueError, match="known: lm, distill, mix"):
+        RecoveryConfig(loss="kl")
+
+
+def test_lora_attaches_to_non_uniform_layers():
+    model = pruned_tiny()
+    peft_model = attach_lora(model, fast_cfg())
+    layers = peft_model.base_model.model.model.layers
+    for name in ("up_proj", "down_proj", "gate_proj"):
+        lora = getattr(layers[1].mlp, name)
+        base = lora.base_layer
+        assert lora.lora_A["default"].in_features == base.in_features
+        assert lora.lora_B["default"].out_features == base.out_features
+    assert layers[1].mlp.up_proj.base_layer.out_features == 40
+    assert layers[2].self_attn.q_proj.lora_B["default"].out_features == 4 * 16
+    assert layers[2].self_attn.o_proj.lora_A["default"].in_features == 4 * 16
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert peft_model(input_ids=windows(2)).logits.shape == (2, 32, 128)
+
+
+def test_merge_gives_adapter_logits():
+    peft_model = attach_lora(pruned_tiny(), fast_cfg())
+    # gradient accumulation and checkpointing ride along: 16 windows / (batch 4 x accum 2) = 2 steps
+    stats = train_lora(peft_model, windows(16), fast_cfg(grad_accum=2, grad_checkpointing=True), progress=False)
+    assert stats["steps"] == 2 and stats["tokens_seen"] == 16 * 32
+    lora_b = peft_model.base_model.model.model.layers[1].mlp.down_proj.lora_B["default"].weight
+    assert lora_b.abs().max() > 0  # otherwise merging would be trivially exact
+    ids = windows(2, seed=1)
+    with torch.no_grad():
+        with_adapters = peft_model(input_ids=ids).logits
+        merged = merge_lora(peft_model)
+        assert not any("lora" in n for n, _ in merged.named_modules())
+        torch.testing.assert_close(merged(input_ids=ids).logits, with_adapters, atol=1e-4, rtol=0)
+
+
+def test_a_few_steps_lower_the_loss(tmp_path):
+    ids = windows(16)
+    model = tiny_model("qwen3")
+    before = lm_loss(model, ids)
+    merged, stats = recover(model, None, ids, fast_cfg(max_steps=100, warmup_steps=2),
+                            log_csv=tmp_path / "loss.csv", progress=False)
+    assert stats["steps"] == 4  # 16 windows / batch 4: one epoch caps max_steps
+    assert stats["tokens_seen"] == 16 * 32
+    assert [h[0] for h in stats["history"]] == [1, 2, 3, 4]
+    assert lm_loss(merged, ids) < before - 0.01
+    lines = (tmp_path / "loss.csv").read_text().splitlines()
+    assert lines[0] == "step,loss,lr" and len(lines) == 5
+
+
+def test_distillation_loss_is_zero_for_identical_models():
+    logits = torch.randn(2, 5, 128)
+    assert distillation_loss(logits, logits.clone(), 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(logits, torch.randn(2, 5, 128), 2.0).item() > 0.1
+    # LoRA's B starts at zero, so the student equals its teacher at the first step
+    model = tiny_model("mistral")
+    teacher = copy.deepcopy(model)
+    peft_model = attach_lora(model, fast_cfg())
+    stats = train_lora(peft_model, windows(8), fast_cfg(loss="distill", max_steps=2), teacher=teacher, progress=False)
+    assert stats["loss_first"] == pytest.approx(0.0, abs=1e-5)
+    stats = train_lora(peft_model, windows(8), fast_cfg(loss="mix", max_steps=1), teacher=teacher, progress=False)
+    assert stats["loss_first"] > 1.0  # half of the ~4.8 LM loss
+    with pytest.raises(ValueError, match="teacher"):
+        train_lora(peft_model, windows(8), fast_cfg(loss="distill"), progress=False)
+
+
+def test_nan_guard_restores_last_good_step():
+    from peft import get_peft_model_state_dict
+
+    base = tiny_model("llama")
+    cfg = fast_cfg(schedule="constant", batch_size=2)
+    reference = attach_lora(copy.deepcopy(base), cfg)
+    train_lora(reference, windows(16), RecoveryConfig.from_dict({**cfg.to_dict(), "max_steps": 2}), progress=False)
+
+    peft_model = attach_lora(base, cfg)
+    calls = {"n": 0}
+
+    def poison_third_forward(module, inputs, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == 3 else output
+
+    handle = peft_model.base_model.model.lm_head.register_forward_hook(poison_third_forward)
+    try:
+        with pytest.raises(RecoveryDivergedError, match="lower lr") as err:
+            train_lora(peft_model, windows(16), cfg, progress=False)
+    finally:
+        handle.remove()
+    assert err.value.stats["steps"] == 2
+    got, want = get_peft_model_state_dict(peft_model), get_peft_model_state_dict(reference)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.isfinite(got[k]).all()
+        torch.testing.assert_close(got[k], want[k], atol=0, rtol=0)
+
+
+class _ChatTokenizer(TinyTokenizer):
+    def __init__(self):
+        super().__init__()
+        self.chat_template = "stub"
+
+    def apply_chat_template(self, messages, tokenize=False):
+        return "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
+
+
+def test_instruction_windows(tmp_path):
+    path = tmp_path / "dolly.jsonl"
+    rows = [{"instruction": f"Say {i}", "context": "ctx" if i % 2 else "", "response": f"Answer number {i}."}
+            for i in range(20)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    tok = TinyTokenizer()
+
+    def holds(ids: torch.Tensor, text: str) -> bool:  # TinyTokenizer.decode is not encode's inverse: compare ids
+        return str(tok.encode(text))[1:-1] in str(ids.flatten().tolist())
+
+    plain = instruction_windows(tok, path, seq_len=32)
+    assert plain.dtype == torch.long and plain.shape[1] == 32
+    assert holds(plain, "### Instruction:\nSay 1\n\nctx\n\n### Response:\nAnswer number 1.")
+    chat = instruction_windows(_ChatTokenizer(), path, seq_len=32)
+    assert holds(chat, "<user>Say 0</user><assistant>Answer number 0.</assistant>")
+    with pytest.raises(ValueError, match="response_field"):
+        instruction_windows(TinyTokenizer(), path, seq_len=32, response_field="output")
+
+
+def _script_config(tmp_path: Path, max_steps: int, batch_size: int) -> Path:
+    model = pruned_tiny()
+    save_pruned(model, TinyTokenizer(), tmp_path / "pruned")
+    torch.save(windows(16), tmp_path / "windows.pt")
+    cfg = {"model_dir": str(tmp_path / "pruned"), "out_dir": str(tmp_path / "recovered"),
+           "windows_path": str(tmp_path / "windows.pt"),
+           "recovery": {"seq_len": 32, "batch_size": batch_size, "lr": 1e-2, "warmup_steps": 0, "max_steps": max_steps}}
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_script_single_process(tmp_path):
+    config = _script_config(tmp_path, max_steps=3, batch_size=4)
+    out = train_main(["--config", str(config), "--save-state-dict", str(tmp_path / "sd.pt"), "--no-progress"])
+    assert is_pruned_checkpoint(out) and (out / "recovery_loss.csv").exists()
+    assert json.loads((out / "recovery_stats.json").read_text())["steps"] == 3
+    model, _ = load_pruned(out)
+    dumped = torch.load(tmp_path / "sd-rank0.pt", weights_only=True)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, dumped[k])
+    assert model.model.layers[1].mlp.up_proj.out_features == 40
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_data_parallel_run_agrees(tmp_path):
+    config = _script_config(tmp_path, max_steps=100, batch_size=2)
+    # `--cpu` sends accelerate to its simple launcher, which starts ONE process unless MPI is set up;
+    # `--multi_gpu` goes through torchrun, and with no visible GPU each rank runs on CPU over gloo.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "-m", "pruning_utils.train_lora", "--config", str(config), "--save-state-dict", str(tmp_path / "sd.pt"),
+           "--no-progress"]
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stats = json.loads((tmp_path / "recovered" / "recovery_stats.json").read_text())
+    assert stats["num_processes"] == 2
+    assert stats["steps"] == 4  # 16 windows / (2 ranks x batch 2)
+    rank0 = torch.load(tmp_path / "sd-rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "sd-rank1.pt", weights_only=True)
+    before = load_pruned(tmp_path / "pruned")[0].state_dict()
+    assert rank0.keys() == rank1.keys()
+    for k in rank0:
+        torch.testing.assert_close(rank0[k], rank1[k], atol=0, rtol=0)
+    assert not torch.equal(rank0["model.layers.1.mlp.down_proj.weight"], before["model.layers.1.mlp.down_proj.weight"])

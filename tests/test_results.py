@@ -1,0 +1,95 @@
+"""Tests of result writing: atomic CSV/JSON, keyed upserts, compact shapes, plots, folders."""
+import importlib
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pruning_utils import results
+
+
+def test_write_csv_from_rows_and_frame(tmp_path):
+    path = results.write_csv([{"a": 1, "b": "x"}, {"a": 2, "b": "y"}], tmp_path / "sub" / "t.csv")
+    assert pd.read_csv(path).to_dict("records") == [{"a": 1, "b": "x"}, {"a": 2, "b": "y"}]
+    results.write_csv(pd.DataFrame({"c": [3]}), path)
+    assert list(pd.read_csv(path).columns) == ["c"]
+    assert [p.name for p in path.parent.iterdir()] == ["t.csv"]  # no temporary left behind
+
+
+def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = results.write_csv([{"a": 1}], tmp_path / "t.csv")
+
+    def broken(self, target, **kw):
+        open(target, "w").write("half a ta")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", broken)
+    with pytest.raises(OSError, match="disk full"):
+        results.write_csv([{"a": 2}], path)
+    monkeypatch.undo()
+    assert pd.read_csv(path).to_dict("records") == [{"a": 1}]
+    assert [p.name for p in tmp_path.iterdir()] == ["t.csv"]
+
+
+def test_write_json_converts_numpy_and_paths(tmp_path):
+    path = results.write_json({"x": np.float32(0.5), "n": np.int64(3), "arr": np.arange(2), "p": tmp_path,
+                               "s": {2, 1}}, tmp_path / "r.json")
+    assert json.loads(path.read_text()) == {"x": 0.5, "n": 3, "arr": [0, 1], "p": str(tmp_path), "s": [1, 2]}
+    with pytest.raises(TypeError, match="cannot write object"):
+        results.write_json({"o": object()}, tmp_path / "bad.json")
+    assert not (tmp_path / "bad.json").exists()
+
+
+def test_append_rows_upserts_by_key(tmp_path):
+    path = tmp_path / "stages.csv"
+    results.append_rows(path, [{"stage": "prune", "rate": 0.25, "layer": 1, "ppl": 20.0},
+                               {"stage": "prune", "rate": 0.5, "layer": 1, "ppl": 30.0}], ["stage", "rate", "layer"])
+    results.append_rows(path, [{"stage": "heal", "rate": 0.25, "layer": 1, "ppl": 15.0}], ["stage", "rate", "layer"])
+    # re-running a stage replaces its rows; a new column is added
+    table = results.append_rows(path, [{"stage": "prune", "rate": 0.25, "layer": 1.0, "ppl": 21.0, "note": "rerun"}],
+                                ["stage", "rate", "layer"])
+    back = pd.read_csv(path)
+    assert len(back) == len(table) == 3
+    assert back.loc[(back.stage == "prune") & (back.rate == 0.25), "ppl"].tolist() == [21.0]
+    assert set(back.stage) == {"prune", "heal"} and "note" in back.columns
+
+
+def test_append_rows_key_errors(tmp_path):
+    with pytest.raises(KeyError, match="lack key column"):
+        results.append_rows(tmp_path / "t.csv", [{"a": 1}], ["a", "b"])
+    results.write_csv([{"a": 1}], tmp_path / "t.csv")
+    with pytest.raises(KeyError, match="pick key_cols among"):
+        results.append_rows(tmp_path / "t.csv", [{"a": 1, "b": 2}], ["b"])
+
+
+def test_compact_shape():
+    assert results.compact_shape([9] * 30) == "9x30"
+    assert results.compact_shape([9] * 10 + [6] * 20) == "9x10,6x20"
+    assert results.compact_shape([1, 2, 2, 1]) == "1x1,2x2,1x1"
+    assert results.compact_shape([]) == ""
+
+
+def test_save_plot_writes_png_and_closes(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = results.save_plot(fig, tmp_path / "plots" / "p.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert fig.number not in plt.get_fignums()
+
+
+def test_results_dir_env_override_and_ablation_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNING_RESULTS_DIR", str(tmp_path / "res"))
+    try:
+        reloaded = importlib.reload(results)
+        assert reloaded.RESULTS_DIR == tmp_path / "res"
+        assert reloaded.ablation_dir() == tmp_path / "res" / "ablation_studies" and reloaded.ablation_dir().is_dir()
+    finally:
+        monkeypatch.delenv("PRUNING_RESULTS_DIR")
+        importlib.reload(results)
+    assert results.RESULTS_DIR.name == "results"
