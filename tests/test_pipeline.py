@@ -1,0 +1,104 @@
+"""run_all.sh end to end on the smoke profile, from a clean copy of the checkout; a second run skips every stage."""
+import json
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pruning_utils.stages import STAGES, StageFailed, resolve_parameters, run
+from pruning_utils.variants import VARIANT_COLUMNS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _clean_copy(dest: Path) -> Path:
+    """Copy what a fresh clone holds (tracked and untracked-but-not-ignored files), nothing built or run."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    for f in files:
+        if f.startswith(("results/", "models/")) and not f.endswith((".gitkeep", "README.md")):
+            continue  # committed reference results must not satisfy the stages
+        if (ROOT / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dest / f)
+    return dest
+
+
+def _finite(df: pd.DataFrame, cols) -> None:
+    for c in cols:
+        assert df[c].map(lambda v: isinstance(v, (int, float)) and math.isfinite(v)).all(), f"non-finite {c}"
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = _clean_copy(tmp_path_factory.mktemp("clone"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PRUNE_", "PRUNING_"))}
+    env.update(SKIP_INSTALL="1", HF_HUB_OFFLINE="1")
+    first = subprocess.run(["bash", "run_all.sh", "--profile", "smoke"], cwd=root, env=env, capture_output=True,
+                           text=True, timeout=1200)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = subprocess.run(["bash", "run_all.sh", "--profile", "smoke"], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    return root, first.stdout, second.stdout
+
+
+def test_every_stage_writes_its_outputs(smoke_run):
+    root, _, _ = smoke_run
+    for stage in STAGES:
+        for out in stage.outputs:
+            assert (root / out).exists(), f"stage {stage.key} did not write {out}"
+        assert (root / "results" / "notebooks" / stage.notebook).exists()
+
+
+def test_csvs_have_documented_columns_and_finite_values(smoke_run):
+    root, _, _ = smoke_run
+    out = root / "results" / "ablation_studies"
+    numeric = ["params_total", "params_non_embedding", "reduction_pct", "flops_per_token", "size_mb", "ppl",
+               "ppl_change_pct", "eval_tokens"]
+    for name in ("baseline", "head_pruning", "mlp_pruning", "final_eval"):
+        df = pd.read_csv(out / f"{name}.csv")
+        assert set(VARIANT_COLUMNS) <= set(df.columns), f"{name}.csv lacks {set(VARIANT_COLUMNS) - set(df.columns)}"
+        _finite(df, numeric)
+    final = pd.read_csv(out / "final_eval.csv")
+    assert list(final["variant"]) == ["baseline", "head_pruned", "mlp_pruned", "mix_pruned", "head_pruned_lora",
+                                      "mix_pruned_lora"]
+    _finite(final, ["prefill_ms", "decode_tok_s", "semantic_cosine", "exact_match", "peak_memory_mb"])
+    assert final.loc[0, "semantic_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert (final["params_non_embedding"].iloc[1:] < final["params_non_embedding"].iloc[0]).all()
+    recovery = pd.read_csv(out / "recovery.csv")
+    _finite(recovery, ["steps", "tokens_seen", "loss_before", "loss_after", "ppl_before", "ppl_after", "minutes"])
+    for name in ("perplexity_baseline", "latency_baseline"):
+        assert json.loads((out / f"{name}.json").read_text())["env"]["git_commit"]
+    for png in ("pareto_params", "pareto_latency", "stage_bars"):
+        assert (root / "results" / "plots" / f"{png}.png").stat().st_size > 1000
+
+
+def test_second_run_skips_finished_stages(smoke_run):
+    _, first, second = smoke_run
+    assert all(f"[{s.key}] running" in first for s in STAGES)
+    assert all(f"[{s.key}] skipped (finished, same parameters)" in second for s in STAGES)
+
+
+def test_failed_stage_names_itself(tmp_path):
+    root = tmp_path
+    (root / "notebooks").mkdir()
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    nb = new_notebook(cells=[new_code_cell("raise RuntimeError('boom')")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, root / "notebooks" / STAGES[0].notebook)
+    with pytest.raises(StageFailed, match=r"stage 00 .*boom(.|\n)*results/notebooks"):
+        run(resolve_parameters("smoke"), root=root, only=["00"], log=lambda *_: None)
+
+
+def test_unknown_profile_and_overrides():
+    with pytest.raises(ValueError, match="known: default, smoke"):
+        resolve_parameters("huge")
+    params = resolve_parameters("smoke", {"head_rate": 0.5}, environ={"PRUNE_MODEL": "tiny-qwen3"})
+    assert params["HEAD_RATE"] == 0.5 and params["MODEL"] == "tiny-qwen3"
