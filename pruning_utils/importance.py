@@ -165,7 +165,8 @@ def semantic(model, windows: Tensor, batch_size: int = 4, seed: int = 0, **optio
     session = _session(model, windows, batch_size, seed, options, "semantic")
     heads = session.semantic_heads()
     neurons = session.grad_stats()["semantic"]
-    return Scores(heads, neurons, "semantic", {"semantic_max_windows": session.max_semantic_windows})
+    return Scores(heads, neurons, "semantic", {"semantic_max_windows": session.max_semantic_windows,
+                                                "semantic_seq_len": session.options.get("semantic_seq_len")})
 
 
 DEFAULT_MIX = {"activation": 0.5, "taylor": 0.5}
@@ -196,7 +197,7 @@ CRITERIA: dict[str, Callable[..., Scores]] = {
 }
 
 OPTIONS = ("documents", "tfidf_mode", "n_topics", "tfidf_alpha", "tfidf_beta", "tfidf_gamma", "tfidf_idf",
-           "semantic_max_windows", "mix_weights", "progress")
+           "semantic_max_windows", "semantic_seq_len", "mix_weights", "progress")
 _FORWARD = {"activation", "fluctuation", "tfidf", "tfidf_topic"}
 _GRAD = {"taylor", "semantic"}
 
@@ -478,7 +479,8 @@ class _Session:
 
         model, dev = self.model, self.device
         layers, shapes = decoder_layers(model), layer_shapes(model)
-        w = self.windows[:self.max_semantic_windows]
+        # one ablated replay per head: cost is heads x tokens, so CPU runs bound the tokens (semantic_seq_len)
+        w = self.windows[:self.max_semantic_windows, :self.options.get("semantic_seq_len") or None]
         kl = [torch.zeros(s.n_heads, dtype=torch.float64) for s in shapes]
         dloss = [torch.zeros(s.n_heads, dtype=torch.float64) for s in shapes]
         total_heads = sum(s.n_heads for s in shapes)
