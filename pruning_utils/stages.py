@@ -46,23 +46,23 @@ STAGES = (
 
 _COMMON = dict(
     TEXT_SOURCE="embedded", DEVICE="auto", DTYPE="auto", SEED=0,
-    HEAD_RATE=0.34, MLP_RATE=0.25, MAIN_HEAD_CRITERION="semantic", MAIN_MLP_CRITERION="fluctuation",
+    HEAD_RATE=0.2, MLP_RATE=0.25, RECON_SEQUENTIAL=False, MAIN_HEAD_CRITERION="semantic", MAIN_MLP_CRITERION="fluctuation",
     ALLOCATION="uniform", RECONSTRUCTION="lstsq", LATENCY_BATCH=1,
 )
 
 PROFILES: dict[str, dict] = {
     # embedded SmolLM2-135M on a 2-core CPU
     "default": dict(_COMMON, MODEL="smollm2-135m", N_CALIB=64, CALIB_SEQ_LEN=256, EVAL_SEQ_LEN=512,
-                    EVAL_MAX_TOKENS=32768, SWEEP_EVAL_MAX_TOKENS=8192,
+                    EVAL_MAX_TOKENS=32768, SWEEP_EVAL_MAX_TOKENS=4096,
                     CRITERIA="random,magnitude,activation,fluctuation,taylor,tfidf,tfidf_topic,semantic,mix",
-                    HEAD_SWEEP="0.34,0.67", MLP_SWEEP="0.125,0.25,0.5", SEMANTIC_MAX_WINDOWS=8,
-                    LATENCY_SEQ_LEN=512, LATENCY_REPEATS=5, DECODE_TOKENS=32,
-                    RECOVERY_STEPS=60, RECOVERY_MODELS="head_pruned,mix_pruned", RECOVERY_LOSS="distill",
+                    HEAD_SWEEP="0.2,0.5", MLP_SWEEP="0.25,0.5", SEMANTIC_MAX_WINDOWS=2, SEMANTIC_SEQ_LEN=128,
+                    LATENCY_SEQ_LEN=512, LATENCY_REPEATS=3, DECODE_TOKENS=32,
+                    RECOVERY_STEPS=16, RECOVERY_MODELS="head_pruned,mix_pruned", RECOVERY_LOSS="distill",
                     N_PROMPTS=30, ZERO_SHOT=False),
     # tiny random model: exercises every stage in a few minutes (used by the tests)
     "smoke": dict(_COMMON, MODEL="tiny-llama", N_CALIB=8, CALIB_SEQ_LEN=32, EVAL_SEQ_LEN=64, EVAL_MAX_TOKENS=1024,
                   SWEEP_EVAL_MAX_TOKENS=512, CRITERIA="random,magnitude,activation,fluctuation,taylor,tfidf,semantic,mix",
-                  HEAD_RATE=0.25, HEAD_SWEEP="0.25,0.5", MLP_SWEEP="0.25,0.5", SEMANTIC_MAX_WINDOWS=4,
+                  HEAD_RATE=0.25, HEAD_SWEEP="0.25,0.5", MLP_SWEEP="0.25,0.5", SEMANTIC_MAX_WINDOWS=2, SEMANTIC_SEQ_LEN=16,
                   LATENCY_SEQ_LEN=32, LATENCY_REPEATS=2, DECODE_TOKENS=4, RECOVERY_STEPS=4,
                   RECOVERY_MODELS="head_pruned,mix_pruned", RECOVERY_LOSS="distill", N_PROMPTS=4, ZERO_SHOT=False),
     # Kaggle/Colab T4 or P100 (fp16), hub models, WikiText-2

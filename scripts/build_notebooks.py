@@ -62,7 +62,8 @@ NB00 = notebook(
     "`results/importance/` for the pruning notebooks.",
     COMMON_PARAMS + '''
 CRITERIA = "random,magnitude,activation,fluctuation,taylor,tfidf,tfidf_topic,semantic,mix"
-SEMANTIC_MAX_WINDOWS = 8        # calibration windows used by the exact per-head ablations of `semantic`''',
+SEMANTIC_MAX_WINDOWS = 2        # calibration windows used by the exact per-head ablations of `semantic`
+SEMANTIC_SEQ_LEN = 128          # ... and their length: cost is (number of heads) x (tokens)''',
     [
         ("code", SETUP + '''
 model, tok = load_model(MODEL, device=DEVICE, dtype=DTYPE)
@@ -85,7 +86,7 @@ pd.DataFrame([row]).T.rename(columns={0: "baseline"})'''),
         ("code", '''windows = data.calibration_windows(tok, TEXT_SOURCE, n_samples=N_CALIB, seq_len=CALIB_SEQ_LEN, seed=SEED)
 t0 = time.time()
 scores = importance.compute_importance(model, windows, as_list(CRITERIA), seed=SEED,
-                                       semantic_max_windows=SEMANTIC_MAX_WINDOWS)
+                                       semantic_max_windows=SEMANTIC_MAX_WINDOWS, semantic_seq_len=SEMANTIC_SEQ_LEN)
 seconds = time.time() - t0
 folder = importance.save_scores(scores, results.RESULTS_DIR / "importance")
 results.write_json({"criteria": as_list(CRITERIA), "seconds": seconds, "windows": list(windows.shape),
@@ -121,7 +122,8 @@ HEAD_SWEEP = "0.2,0.5"
 ALLOCATION = "uniform"          # uniform (stock-loadable) | global
 MAIN_HEAD_CRITERION = "semantic"
 RECONSTRUCTION = "lstsq"        # none | bias | lstsq: refit o_proj on calibration activations
-RECON_OPTIONS = "none,lstsq"''',
+RECON_OPTIONS = "none,lstsq"
+RECON_SEQUENTIAL = False        # True: calibrate each layer on the already-pruned earlier layers (slower)''',
     [
         ("code", SETUP + "\n" + SWEEP_SETUP),
         ("md", "## Criteria side by side (plain removal, no reconstruction)"),
@@ -140,14 +142,14 @@ sweep.pivot_table(index="criterion", columns="head_rate", values="ppl").round(2)
         ("md", "## Reconstruction options for the main criterion"),
         ("code", '''plan = allocation.plan_heads(model, scores[MAIN_HEAD_CRITERION], HEAD_RATE, allocation=ALLOCATION)
 for recon in as_list(RECON_OPTIONS):
-    pruned = pruned_copy(model, plan, windows, reconstruction=recon)
+    pruned = pruned_copy(model, plan, windows, reconstruction=recon, sequential=RECON_SEQUENTIAL)
     rows.append(measure_variant(pruned, sweep_chunks, variant=f"heads-{MAIN_HEAD_CRITERION}-{HEAD_RATE}-{recon}",
                                 source_model=MODEL, reference=ref, criterion=MAIN_HEAD_CRITERION,
                                 allocation=ALLOCATION, reconstruction=recon, head_rate=HEAD_RATE))
     del pruned
 pd.DataFrame(rows[-len(as_list(RECON_OPTIONS)):])[["variant", "reconstruction", "query_heads", "ppl", "ppl_change_pct"]]'''),
         ("md", "## Main head-pruned model (full evaluation, latency) → `models/head_pruned/`"),
-        ("code", '''main = pruned_copy(model, plan, windows, reconstruction=RECONSTRUCTION)
+        ("code", '''main = pruned_copy(model, plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL)
 row = measure_variant(main, chunks, variant="head_pruned", source_model=MODEL, reference=baseline,
                       criterion=MAIN_HEAD_CRITERION, allocation=ALLOCATION, reconstruction=RECONSTRUCTION,
                       head_rate=HEAD_RATE, latency_kw=LATENCY)
@@ -176,7 +178,8 @@ MLP_SWEEP = "0.125,0.25,0.5"
 ALLOCATION = "uniform"
 MAIN_MLP_CRITERION = "fluctuation"
 RECONSTRUCTION = "lstsq"
-RECON_OPTIONS = "none,lstsq"''',
+RECON_OPTIONS = "none,lstsq"
+RECON_SEQUENTIAL = False        # True: calibrate each layer on the already-pruned earlier layers (slower)''',
     [
         ("code", SETUP + "\n" + SWEEP_SETUP),
         ("md", "## Criteria side by side on the baseline (plain removal)"),
@@ -195,14 +198,14 @@ sweep.pivot_table(index="criterion", columns="mlp_rate", values="ppl").round(2)'
         ("md", "## Reconstruction options for the main criterion"),
         ("code", '''plan = allocation.plan_neurons(model, scores[MAIN_MLP_CRITERION], MLP_RATE, allocation=ALLOCATION)
 for recon in as_list(RECON_OPTIONS):
-    pruned = pruned_copy(model, plan, windows, reconstruction=recon)
+    pruned = pruned_copy(model, plan, windows, reconstruction=recon, sequential=RECON_SEQUENTIAL)
     rows.append(measure_variant(pruned, sweep_chunks, variant=f"mlp-{MAIN_MLP_CRITERION}-{MLP_RATE}-{recon}",
                                 source_model=MODEL, reference=ref, criterion=MAIN_MLP_CRITERION, allocation=ALLOCATION,
                                 reconstruction=recon, mlp_rate=MLP_RATE))
     del pruned
 pd.DataFrame(rows[-len(as_list(RECON_OPTIONS)):])[["variant", "reconstruction", "intermediate", "ppl", "ppl_change_pct"]]'''),
         ("md", "## MLP pruning alone → `models/mlp_pruned/`"),
-        ("code", '''mlp_model = pruned_copy(model, plan, windows, reconstruction=RECONSTRUCTION)
+        ("code", '''mlp_model = pruned_copy(model, plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL)
 row = measure_variant(mlp_model, chunks, variant="mlp_pruned", source_model=MODEL, reference=baseline,
                       criterion=MAIN_MLP_CRITERION, allocation=ALLOCATION, reconstruction=RECONSTRUCTION,
                       mlp_rate=MLP_RATE, latency_kw=LATENCY)
@@ -216,7 +219,7 @@ del mlp_model'''),
 head_row = read_checkpoint_meta("head_pruned")["extra"]
 head_scores = importance.compute_importance(head_model, windows, [MAIN_MLP_CRITERION], seed=SEED)[MAIN_MLP_CRITERION]
 mix_plan = allocation.plan_neurons(head_model, head_scores, MLP_RATE, allocation=ALLOCATION)
-mix = pruned_copy(head_model, mix_plan, windows, reconstruction=RECONSTRUCTION)
+mix = pruned_copy(head_model, mix_plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL)
 row = measure_variant(mix, chunks, variant="mix_pruned", source_model=MODEL, reference=baseline,
                       criterion=f"{head_row['criterion']}+{MAIN_MLP_CRITERION}", allocation=ALLOCATION,
                       reconstruction=RECONSTRUCTION, head_rate=head_row["head_rate"], mlp_rate=MLP_RATE,
@@ -272,7 +275,7 @@ print(f"{len(train)} training windows x {RECOVERY_SEQ_LEN} tokens; loss={RECOVER
         ("code", """rows, curves = [], {}
 for name in as_list(RECOVERY_MODELS):
     model, _ = load_pruned(name, device=DEVICE, dtype=DTYPE)
-    before = measure_variant(model, chunks, variant=name, source_model=MODEL, reference=baseline)
+    before = read_checkpoint_meta(name)["extra"]  # measured by the stage that wrote it, on the same chunks
     log_csv = OUT / f"recovery_{name}_loss.csv"
     if n_gpus > 1:  # data parallel: the same training entry point under accelerate, one process per GPU
         cfg_path = OUT / f"recovery_{name}_config.json"
@@ -287,7 +290,7 @@ for name in as_list(RECOVERY_MODELS):
         merged, stats = recovery.recover(model, tok, train, cfg, teacher=teacher, log_csv=log_csv)
     source = read_checkpoint_meta(name)["extra"]
     after = measure_variant(merged, chunks, variant=f"{name}_lora", source_model=MODEL, reference=baseline,
-                            latency_kw=LATENCY, **{k: source[k] for k in PROVENANCE if k in source})
+                            **{k: source[k] for k in PROVENANCE if k in source})
     if n_gpus <= 1:
         save_pruned(merged, tok, f"{name}_lora", extra=after)
     damage = before["ppl"] - baseline["ppl"]
