@@ -16,7 +16,6 @@ import shutil
 import uuid
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from .arch import arch_of, decoder_layers, head_dim, is_uniform, layer_shapes

@@ -6,10 +6,10 @@ to any other model fails loudly instead of silently cutting the wrong rows.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
+
+from .serialization import JsonMixin
 
 
 class PlanMismatchError(ValueError):
@@ -17,7 +17,7 @@ class PlanMismatchError(ValueError):
 
 
 @dataclass
-class PruningPlan:
+class PruningPlan(JsonMixin):
     """Kept indices per layer plus provenance; round-trips through JSON."""
 
     base_heads: list[int]  # query heads per layer of the model the plan was made for
@@ -89,20 +89,6 @@ class PruningPlan:
         plan = cls(**d)
         plan.validate()
         return plan
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        """Return the plan as JSON text, also writing it to `path` when given."""
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
-    @classmethod
-    def from_json(cls, text_or_path: str | Path) -> "PruningPlan":
-        """Return the plan read from JSON text or from a file path."""
-        p = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
-        text = p.read_text() if p is not None else str(text_or_path)
-        return cls.from_dict(json.loads(text))
 
     def composed_with(self, earlier: "PruningPlan") -> "PruningPlan":
         """Return this plan (made on a model that `earlier` produced) expressed in the original model's indices."""

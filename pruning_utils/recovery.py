@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from .serialization import JsonMixin
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LOSSES = ("lm", "distill", "mix")
 PRECISIONS = ("auto", "fp16", "bf16", "no")
@@ -39,7 +41,7 @@ class RecoveryDivergedError(RuntimeError):
 
 
 @dataclass
-class RecoveryConfig:
+class RecoveryConfig(JsonMixin):
     """LoRA recovery settings; round-trips through JSON."""
 
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
@@ -89,21 +91,6 @@ class RecoveryConfig:
         if unknown:
             raise ValueError(f"unknown RecoveryConfig field(s) {unknown}; known: {', '.join(sorted(known))}")
         return cls(**d)
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        """Return the config as JSON text, also writing it to `path` when given."""
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
-    @classmethod
-    def from_json(cls, text_or_path: str | Path) -> "RecoveryConfig":
-        """Return the config read from JSON text or from a file path."""
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            text = Path(text_or_path).read_text()
-        return cls.from_dict(json.loads(text))
 
 
 # ------------------------------------------------------------------------------------------ adapters

@@ -32,15 +32,21 @@ def weight_size_mb(model) -> float:
 def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: str = "", reference: dict | None = None,
                     criterion: str = "", allocation: str = "", reconstruction: str = "", head_rate: float = 0.0,
                     mlp_rate: float = 0.0, latency_kw: dict | None = None, batch_size: int = 4,
-                    flops_seq_len: int = 512) -> dict:
+                    flops_seq_len: int = 512, known: dict | None = None) -> dict:
     """Return a variant row: shapes, size and cost, perplexity on `chunks`, latency unless `latency_kw` is None.
 
     `reference` is the row of the model this variant was cut from; reductions and changes are relative to it.
+    `known` is a row measured earlier on the same chunks: its perplexity is reused (it is deterministic) when its
+    token count matches `chunks`, instead of another full pass.
     """
     shapes = layer_shapes(model)
     params = count_params(model)
     flops = flops_per_token(model, flops_seq_len)
-    ppl = perplexity(model, chunks, batch_size=batch_size, desc=f"ppl {variant}")
+    predicted = chunks.shape[0] * (chunks.shape[1] - 1)
+    if known is not None and known.get("eval_tokens") == predicted and known.get("ppl") is not None:
+        ppl = {"ppl": float(known["ppl"]), "tokens": predicted}
+    else:
+        ppl = perplexity(model, chunks, batch_size=batch_size, desc=f"ppl {variant}")
     param = next(model.parameters())
     row = dict(
         variant=variant, source_model=source_model, criterion=criterion, allocation=allocation,

@@ -52,6 +52,8 @@ def notebook(title: str, params: str, cells: list[tuple[str, str]]) -> nbformat.
     nb.cells.append(p)
     for kind, src in cells:
         nb.cells.append(new_markdown_cell(src) if kind == "md" else new_code_cell(src))
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"cell-{i:02d}"  # stable ids: a rebuild without edits leaves the files (and stage stamps) unchanged
     return nb
 
 
@@ -341,11 +343,13 @@ assert names[0] == "baseline", "VARIANTS must start with 'baseline' (the referen
 for name in names:
     model, t = (base_model, tok) if name == "baseline" else load_pruned(name, device=DEVICE, dtype=DTYPE)
     device = next(model.parameters()).device
+    # perplexity is deterministic: reuse the value its stage recorded on these same chunks; cost is measured here
+    meta = (pd.read_csv(OUT / "baseline.csv").iloc[0].to_dict() if name == "baseline"
+            else read_checkpoint_meta(name)["extra"])
     with metrics.track_peak_memory(device) as mem:
         row = measure_variant(model, chunks, variant=name, source_model=MODEL, reference=rows[0] if rows else None,
-                              latency_kw=LATENCY)
-    meta = {} if name == "baseline" else read_checkpoint_meta(name)["extra"]
-    row.update({k: meta[k] for k in PROVENANCE if k in meta})
+                              latency_kw=LATENCY, known=meta)
+    row.update({k: meta[k] for k in PROVENANCE if k in meta and name != "baseline"})
     row.update(peak_memory_mb=mem["peak_mb"],
                size_mb=row["size_mb"] if name == "baseline" else metrics.checkpoint_size_mb(resolve_checkpoint_dir(name)))
     answers[name] = evaluation.generate_answers(model, t, prompts, max_new_tokens=MAX_NEW_TOKENS)

@@ -38,3 +38,12 @@ def models_dir(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loading, "MODELS_DIR", tmp_path / "models")
     return tmp_path / "models"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module on one torch thread, restored afterwards: tiny models spend more on thread hand-offs than on math."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

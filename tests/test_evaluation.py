@@ -8,20 +8,12 @@ import pytest
 from pruning_utils import evaluation as ev
 from pruning_utils.loading import TinyTokenizer, embedded_model_dir, tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 LOCAL_TASKS = Path(__file__).parent / "data" / "lm_eval_tasks"
 PROMPTS = ["What is the capital city of Japan?", "List three primary colors.",
            "What is 17 plus 25?", "Define the word 'photosynthesis' in one sentence."]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Run this module on one thread: on a shared 2-core machine, thread hand-offs made generation ~10x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,10 @@ from pruning_utils.importance import (CRITERIA, Scores, activation, compute_impo
                                       semantic)
 from pruning_utils.loading import tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 FAST = ["random", "magnitude", "activation", "fluctuation", "tfidf", "tfidf_topic", "taylor", "mix"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run ~10x faster on one thread than on two contended ones; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -90,16 +90,29 @@ def test_collect_grams_matches_stored_activations():
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])  # with and without an o_proj bias
-def test_keeping_everything_returns_the_original_weights(family):
+@pytest.mark.parametrize("ridge_ratio", [1e-2, 1e-9])
+def test_keeping_everything_returns_the_original_weights(family, ridge_ratio):
+    # the ridge pulls toward the original weights, so with nothing removed there is nothing to change
     model = tiny_model(family)
     stats = collect_grams(model, _windows(0), layers=[0], which=["o_proj"])[(0, "o_proj")]
     o_proj = decoder_layers(model)[0].self_attn.o_proj
     keep = torch.arange(o_proj.in_features)
-    w, b = reconstruct_linear(o_proj.weight, o_proj.bias, keep, stats, "lstsq", ridge_ratio=1e-9)
-    assert torch.allclose(w, o_proj.weight, atol=1e-4)
+    w, b = reconstruct_linear(o_proj.weight, o_proj.bias, keep, stats, "lstsq", ridge_ratio=ridge_ratio)
+    assert torch.allclose(w, o_proj.weight, atol=1e-6)
     assert (b is None) == (o_proj.bias is None)
     if b is not None:
-        assert torch.allclose(b, o_proj.bias, atol=1e-4)
+        assert torch.allclose(b, o_proj.bias, atol=1e-6)
+
+
+def test_ridge_interpolates_between_least_squares_and_plain_removal():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 8, generator=gen, dtype=torch.float64) @ torch.randn(8, 8, generator=gen, dtype=torch.float64)
+    stats = GramStats.empty(8)
+    stats.add(x)
+    w, keep = torch.randn(3, 8, dtype=torch.float64, generator=gen), torch.tensor([0, 1, 2, 5, 7])
+    exact = torch.linalg.lstsq(x[:, keep], x @ w.T).solution.T  # plain least squares
+    assert torch.allclose(reconstruct_linear(w, None, keep, stats, "lstsq", 0.0)[0], exact, atol=1e-8)
+    assert torch.allclose(reconstruct_linear(w, None, keep, stats, "lstsq", 1e9)[0], w[:, keep], atol=1e-6)
 
 
 def test_lstsq_with_bias_recovers_affine_redundancy_exactly():
@@ -182,6 +195,20 @@ def test_prune_and_reconstruct_beats_plain_removal_and_matches_full_shape_refit(
     assert errors["lstsq"] < 0.5 * errors["none"]
 
 
+
+def test_shared_one_shot_stats_equal_collecting_per_plan():
+    base = tiny_model("llama")
+    stats = collect_grams(base, _windows(0))  # one pass serves every plan cut from this model
+    plan = _plan(base, heads={1: HEADS_KEPT}, neurons={2: list(range(40))})
+    shared = prune_and_reconstruct(copy.deepcopy(base), plan, None, sequential=False, stats=stats)
+    own = prune_and_reconstruct(copy.deepcopy(base), plan, _windows(0), sequential=False)
+    for p, q in zip(shared.parameters(), own.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ReconstructionError, match="sequential=False"):
+        reconstruct_in_place(copy.deepcopy(base), plan, None, sequential=True, stats=stats)
+    with pytest.raises(ReconstructionError, match="collect_grams"):
+        reconstruct_in_place(copy.deepcopy(base), plan, None, sequential=False, stats={})
+
 @pytest.mark.parametrize("what", ["heads", "neurons"])
 def test_sequential_equals_one_shot_on_one_layer(what):
     # one kind at a time: with both, sequential fits down_proj after o_proj's refit (on purpose), one-shot before
@@ -192,6 +219,27 @@ def test_sequential_equals_one_shot_on_one_layer(what):
     for p, q in zip(seq.parameters(), one.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
 
+
+
+def test_chase_equals_sequential_without_upstream_error_and_needs_sequential():
+    base = tiny_model("llama")
+    plan = _plan(base, heads={0: HEADS_KEPT})  # first layer only: the pruned and unpruned paths see the same input
+    chased = reconstruct_in_place(copy.deepcopy(base), plan, _windows(0), chase=True)
+    plain = reconstruct_in_place(copy.deepcopy(base), plan, _windows(0))
+    for p, q in zip(chased.parameters(), plain.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+    with pytest.raises(ReconstructionError, match="sequential=True"):
+        reconstruct_in_place(copy.deepcopy(base), plan, _windows(0), sequential=False, chase=True)
+
+
+@pytest.mark.parametrize("mode", ["bias", "lstsq"])
+def test_chase_lowers_calibration_error_when_every_layer_is_pruned(mode):
+    base = tiny_model("llama")
+    plan = _plan(base, heads={li: HEADS_KEPT for li in range(3)}, neurons={li: list(range(0, 96, 2)) for li in range(3)})
+    ref = _logits(base, _windows(0))
+    err = {chase: ((_logits(prune_and_reconstruct(copy.deepcopy(base), plan, _windows(0), mode=mode, chase=chase),
+                            _windows(0)) - ref).norm() / ref.norm()).item() for chase in (False, True)}
+    assert err[True] <= err[False] * 1.01
 
 def test_sequential_replays_layers_with_their_own_masks():
     # only the last layer is pruned, so sequential must equal one-shot: this checks that cached inputs are
@@ -205,6 +253,18 @@ def test_sequential_replays_layers_with_their_own_masks():
         a, b = (target_module(decoder_layers(m)[2], name).weight for m in (seq, one))
         assert torch.allclose(a, b, atol=1e-5)
     assert all(type(layer).__name__ != "_Catcher" for layer in decoder_layers(seq))  # real layers restored
+
+
+def test_precomputed_one_shot_stats_match_a_fresh_pass():
+    base = tiny_model("qwen3")
+    plan = _plan(base, heads={1: HEADS_KEPT}, neurons={0: list(range(40))})
+    stats = collect_grams(base, _windows(0))
+    reused = reconstruct_in_place(copy.deepcopy(base), plan, None, sequential=False, stats=stats)
+    fresh = reconstruct_in_place(copy.deepcopy(base), plan, _windows(0), sequential=False)
+    for p, q in zip(reused.parameters(), fresh.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+    with pytest.raises(ReconstructionError, match="sequential=False"):
+        reconstruct_in_place(copy.deepcopy(base), plan, None, sequential=True, stats=stats)
 
 
 def test_sequential_skips_dropped_layers():

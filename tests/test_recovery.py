@@ -20,14 +20,7 @@ from pruning_utils.recovery import (RecoveryConfig, RecoveryDivergedError, attac
 from pruning_utils.surgery import prune_heads, prune_neurons
 from pruning_utils.train_lora import main as train_main
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matrices gain nothing from threads; on a shared 2-core machine OpenMP spin-waiting makes them ~30x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def windows(n: int = 16, seq_len: int = 32, seed: int = 0) -> torch.Tensor:

@@ -1,0 +1,307 @@
+"""Perplexity at fixed pruned shapes: every importance criterion x reconstruction, against published peers (issue 6).
+
+Shapes (uniform: every layer alike, GQA groups equal), with peer perplexities and our targets:
+- S1: MLP 1536 -> 1152 in every layer (mlp rate 0.25); FLAP 14.1, Taylor 15.0; target <= 13.5
+- S2: 9 -> 6 query heads, one per KV group (head rate 0.2 rounds to 1 per group); FLAP 26.6; target <= 20
+- S3: S1 + S2 (-25% non-embedding); FLAP 35.7, LLM-Pruner 50.1; target <= 25
+
+Two passes keep the grid affordable on a CPU: (1) every criterion x reconstruction mode is *screened* on the
+first `--screen-tokens` evaluation tokens; (2) the best `--full-top` recipes per shape and the peer-like
+recipes (magnitude/none, fluctuation/bias-or-lstsq = FLAP-like, taylor/none = LLM-Pruner-like) are scored on
+the whole evaluation text. A full score reuses the screen windows' NLL (each window is scored on its own, so
+the sum over windows is exact) and only evaluates the rest. One-shot reconstructions share ONE Gram collection
+on the unpruned model. Extras, screened then scored in full: S3 with heads and neurons from the best S2 / S1
+criteria, a ridge sweep of the best refit per shape, S3 refit sequentially (plain, and chasing the unpruned
+model's output), and S3 under `global` allocation at the same non-embedding count.
+
+Writes results/ablation_studies/quality_benchmark.csv (columns in `COLUMNS`) and quality_benchmark.json
+(environment, settings, peers, timings). Usage: python benchmarks/quality.py [--screen-tokens 4096 --full-top 2]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pruning_utils import allocation, data, importance, metrics, reconstruction, results  # noqa: E402
+from pruning_utils.arch import decoder_layers  # noqa: E402
+from pruning_utils.loading import PROJECT_ROOT, load_model  # noqa: E402
+from pruning_utils.surgery import apply_plan  # noqa: E402
+
+SHAPES = {"S1": dict(head_rate=0.0, mlp_rate=0.25), "S2": dict(head_rate=0.2, mlp_rate=0.0),
+          "S3": dict(head_rate=0.2, mlp_rate=0.25)}
+PEERS = {"S1": {"FLAP": 14.1, "Taylor": 15.0}, "S2": {"FLAP": 26.6},
+         "S3": {"FLAP": 35.7, "LLM-Pruner": 50.1}}
+TARGETS = {"S1": 13.5, "S2": 20.0, "S3": 25.0}
+CRITERIA = ["random", "magnitude", "activation", "fluctuation", "taylor", "tfidf", "tfidf_topic", "semantic", "mix"]
+COLUMNS = ["shape", "criterion", "reconstruction", "allocation", "order", "ridge_ratio", "role", "screen",
+           "eval_tokens", "ppl", "params_non_embedding", "reduction_pct", "target_ppl", "build_s", "eval_s"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one pruned variant is made. `criterion` 'a+b' scores heads by a and neurons by b."""
+
+    shape: str
+    criterion: str
+    reconstruction: str
+    allocation: str = "uniform"  # uniform | global (z-scored per layer) | global-sum (share of the layer's total)
+    order: str = "one-shot"  # one-shot: Grams of the unpruned model | sequential: after earlier refits | chase:
+    # sequential, refit toward the unpruned model's output (absorbs upstream error)
+    ridge: float = 1e-2
+    role: str = "grid"
+
+    def key(self) -> tuple:
+        """Return what makes two recipes build the same model (the role is only a label)."""
+        return (self.shape, self.criterion, self.reconstruction, self.allocation, self.order,
+                self.ridge if self.reconstruction == "lstsq" else None)
+
+
+def make_plan(model, scores: dict[str, importance.Scores], r: Recipe):
+    """Return the plan of a recipe; `global` plans remove as many heads / neurons as the uniform plan does."""
+    head_crit, _, neuron_crit = r.criterion.partition("+")
+    rates = SHAPES[r.shape]
+    uniform = allocation.plan_both(model, scores[head_crit], neuron_scores=scores[neuron_crit or head_crit], **rates)
+    if r.allocation == "uniform":
+        return uniform
+    # the uniform rate 0.2 rounds to 1 of 3 heads per group: give global the effective rates, so counts match
+    prov = uniform.provenance
+    return allocation.plan_both(
+        model, scores[head_crit], neuron_scores=scores[neuron_crit or head_crit], allocation="global",
+        head_rate=prov["heads"]["effective_rate"], mlp_rate=prov["neurons"]["effective_rate"],
+        normalize="sum" if r.allocation == "global-sum" else "zscore")
+
+
+def build(model, plan, r: Recipe, grams, windows: torch.Tensor):
+    """Return a pruned copy of `model` made by the recipe (the original stays intact)."""
+    clone = copy.deepcopy(model)
+    if r.reconstruction == "none":
+        return apply_plan(clone, plan)
+    if r.order in ("sequential", "chase"):
+        return reconstruction.prune_and_reconstruct(clone, plan, windows, r.reconstruction, sequential=True,
+                                                    ridge_ratio=r.ridge, chase=r.order == "chase")
+    return reconstruction.prune_and_reconstruct(clone, plan, None, r.reconstruction, sequential=False,
+                                                ridge_ratio=r.ridge, stats=grams)
+
+
+def supported_modes(model) -> list[str]:
+    """Return the reconstruction modes this model's layers take (`bias` only where o_proj and down_proj have one)."""
+    layer = decoder_layers(model)[0]
+    has_bias = all(reconstruction.target_module(layer, n).bias is not None for n in reconstruction.TARGETS)
+    return [m for m in reconstruction.MODES if m != "bias" or has_bias]
+
+
+class Bench:
+    """Builds, screens and fully scores recipes, keeping the rows and the screen NLL sums it can reuse."""
+
+    def __init__(self, model, scores, windows, chunks, n_screen: int, base_params: int, grams, batch_size: int):
+        self.model, self.scores, self.windows, self.grams = model, scores, windows, grams
+        self.screen_chunks, self.rest_chunks = chunks[:n_screen], chunks[n_screen:]
+        self.base_params, self.batch_size = base_params, batch_size
+        self.rows: list[dict] = []
+        self.screened: dict[tuple, dict] = {}
+        self.fully: set[tuple] = set()
+
+    def _nll(self, model, chunks) -> tuple[float, int, float]:
+        t0 = time.perf_counter()
+        out = metrics.perplexity(model, chunks, batch_size=self.batch_size, progress=False)
+        return out["nll"] * out["tokens"], out["tokens"], time.perf_counter() - t0
+
+    def _row(self, r: Recipe, model, screen: bool, nll_sum: float, tokens: int, build_s: float, eval_s: float) -> dict:
+        params = metrics.count_params(model)["non_embedding"]
+        row = dict(shape=r.shape, criterion=r.criterion, reconstruction=r.reconstruction, allocation=r.allocation,
+                   order=r.order if r.reconstruction != "none" else "", role=r.role,
+                   ridge_ratio=r.ridge if r.reconstruction == "lstsq" else float("nan"), screen=screen,
+                   eval_tokens=tokens, ppl=math.exp(nll_sum / tokens), params_non_embedding=params,
+                   reduction_pct=100 * (1 - params / self.base_params), target_ppl=TARGETS.get(r.shape, float("nan")),
+                   build_s=round(build_s, 1), eval_s=round(eval_s, 1))
+        self.rows.append(row)
+        print(f"  {'screen' if screen else 'FULL  '} {r.shape} {r.criterion:24s} {r.reconstruction:5s} "
+              f"{r.allocation:10s} {row['order']:10s} ridge={r.ridge:g}  ppl {row['ppl']:8.3f}  "
+              f"({build_s:.0f}+{eval_s:.0f} s)", flush=True)
+        return row
+
+    def _build(self, r: Recipe):
+        t0 = time.perf_counter()
+        plan = make_plan(self.model, self.scores, r)
+        return build(self.model, plan, r, self.grams, self.windows), time.perf_counter() - t0
+
+    def screen(self, r: Recipe, model=None) -> dict:
+        """Screen a recipe (once per recipe) and return its screen row."""
+        if r.key() in self.screened:
+            return self.screened[r.key()]
+        pruned, build_s = (model, 0.0) if model is not None else self._build(r)
+        nll_sum, tokens, eval_s = self._nll(pruned, self.screen_chunks)
+        row = self._row(r, pruned, True, nll_sum, tokens, build_s, eval_s)
+        self.screened[r.key()] = dict(row, nll_sum=nll_sum, recipe=r)
+        return row
+
+    def full(self, r: Recipe) -> None:
+        """Score a recipe on the whole evaluation text (once per recipe), reusing its screen NLL."""
+        if r.key() in self.fully:
+            return
+        pruned, build_s = self._build(r)
+        if r.key() not in self.screened:
+            self.screen(r, pruned)
+        nll_sum, tokens, eval_s = self._nll(pruned, self.rest_chunks) if len(self.rest_chunks) else (0.0, 0, 0.0)
+        s = self.screened[r.key()]
+        self._row(r, pruned, False, s["nll_sum"] + nll_sum, s["eval_tokens"] + tokens, build_s, s["eval_s"] + eval_s)
+        self.fully.add(r.key())
+
+    def best(self, shape: str, k: int = 1, distinct: bool = False, **match) -> list[Recipe]:
+        """Return the k best screened recipes of a shape whose fields equal `match` (or lie in a tuple given there).
+
+        `distinct`: at most one recipe per criterion x reconstruction (the best ridge / order / allocation of it).
+        """
+        found = sorted((s for s in self.screened.values() if s["shape"] == shape and all(
+            getattr(s["recipe"], f) in (v if isinstance(v, tuple) else (v,)) for f, v in match.items())),
+            key=lambda s: s["ppl"])
+        out, seen = [], set()
+        for s in found:
+            r = s["recipe"]
+            if distinct and (r.criterion, r.reconstruction) in seen:
+                continue
+            seen.add((r.criterion, r.reconstruction))
+            out.append(r)
+        return out[:k]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--scores", default=str(PROJECT_ROOT / "results" / "importance"),
+                    help="folder of saved importance scores (computed here when missing or of another model)")
+    ap.add_argument("--criteria", default=",".join(CRITERIA))
+    ap.add_argument("--shapes", default="S1,S2,S3")
+    ap.add_argument("--n-calib", type=int, default=64)
+    ap.add_argument("--calib-seq-len", type=int, default=256)
+    ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--eval-max-tokens", type=int, default=32768)
+    ap.add_argument("--screen-tokens", type=int, default=4096, help="evaluation tokens of the screening pass")
+    ap.add_argument("--full-top", type=int, default=2, help="best screened recipes per shape scored in full")
+    ap.add_argument("--ridge", type=float, default=1e-2, help="lstsq ridge_ratio of the grid")
+    ap.add_argument("--ridge-sweep", default="1e-3,3e-3",
+                    help="other ridge ratios screened for the best refit per shape ('' to skip)")
+    ap.add_argument("--orders", default="sequential,chase", help="refit orders tried for the best one-shot recipe")
+    ap.add_argument("--order-shapes", default="S3", help="shapes whose best recipe is refit in those orders")
+    ap.add_argument("--no-extras", action="store_true", help="skip combo, ridge sweep, sequential and allocation rows")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--out", default=str(results.ablation_dir() / "quality_benchmark.csv"))
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+
+    model, tok = load_model(args.model, device="cpu", dtype="float32")
+    windows = data.calibration_windows(tok, n_samples=args.n_calib, seq_len=args.calib_seq_len, seed=0)
+    chunks = data.eval_chunks(tok, seq_len=args.eval_seq_len, max_tokens=args.eval_max_tokens)
+    n_screen = max(1, min(len(chunks), args.screen_tokens // args.eval_seq_len))
+    criteria, shapes = args.criteria.split(","), args.shapes.split(",")
+    modes = supported_modes(model)
+    print(f"{args.model}: {len(chunks)} eval windows ({n_screen} screened), reconstruction modes {modes}", flush=True)
+
+    t0 = time.perf_counter()
+    try:
+        scores = importance.load_scores(args.scores)
+        allocation.plan_both(model, scores[criteria[0]], head_rate=0.2)  # raises when made for other shapes
+        missing = [c for c in criteria if c not in scores]
+        if missing:
+            raise KeyError(f"saved scores lack {missing}")
+        score_source = args.scores
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        print(f"computing importance scores ({err})", flush=True)
+        scores = importance.compute_importance(model, windows, criteria, semantic_max_windows=2,
+                                               semantic_seq_len=128, progress=False)
+        score_source = "computed"
+    scores_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    grams = reconstruction.collect_grams(model, windows) if set(modes) - {"none"} else {}
+    grams_s = time.perf_counter() - t0
+    print(f"scores {scores_s:.0f} s ({score_source}), one Gram collection {grams_s:.0f} s", flush=True)
+
+    base_params = metrics.count_params(model)["non_embedding"]
+    bench = Bench(model, scores, windows, chunks, n_screen, base_params, grams, args.batch_size)
+    base = Recipe("baseline", "-", "none", allocation="-", role="baseline")
+    t0 = time.perf_counter()  # the unpruned model needs no plan: scored directly, screen part then the rest
+    nll_s, tok_s, ev_s = bench._nll(model, bench.screen_chunks)
+    base_screen = bench._row(base, model, True, nll_s, tok_s, 0.0, ev_s)
+    nll_r, tok_r, ev_r = bench._nll(model, bench.rest_chunks) if len(bench.rest_chunks) else (0.0, 0, 0.0)
+    bench._row(base, model, False, nll_s + nll_r, tok_s + tok_r, 0.0, ev_s + ev_r)
+    print(f"baseline screen ppl {base_screen['ppl']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    # (1) screen the grid
+    t_screen = time.perf_counter()
+    for shape in shapes:
+        for crit in criteria:
+            for mode in modes:
+                bench.screen(Recipe(shape, crit, mode, ridge=args.ridge))
+    refit = "bias" if "bias" in modes else "lstsq"
+    extras: list[Recipe] = []
+    if not args.no_extras and refit in modes:
+        # S3 from the best head criterion (S2) and the best neuron criterion (S1)
+        if {"S1", "S2", "S3"} <= set(shapes):
+            h, n = bench.best("S2", reconstruction=refit)[0].criterion, bench.best("S1", reconstruction=refit)[0].criterion
+            if h != n:
+                bench.screen(Recipe("S3", f"{h}+{n}", refit, ridge=args.ridge, role="combo"))
+        for shape in shapes:  # ridge sweep of the best refit
+            top = bench.best(shape, reconstruction="lstsq", allocation="uniform")
+            for ridge in [float(x) for x in args.ridge_sweep.split(",") if x] if top else []:
+                bench.screen(replace(top[0], ridge=ridge, role="ridge"))
+        for shape in [s for s in args.order_shapes.split(",") if s in shapes]:  # refit order of the best recipe
+            best = bench.best(shape, reconstruction=refit, allocation="uniform", order="one-shot")[0]
+            for order in [o for o in args.orders.split(",") if o]:
+                extras.append(replace(best, order=order, role=order))
+                bench.screen(extras[-1])
+        if "S3" in shapes:  # the best S3 refit under global allocation at the same counts
+            best3 = bench.best("S3", reconstruction=refit, allocation="uniform", order="one-shot")[0]
+            for alloc in ("global", "global-sum"):
+                bench.screen(replace(best3, allocation=alloc, role="allocation"))
+            extras.append(replace(bench.best("S3", allocation=("global", "global-sum"))[0], role="allocation"))
+    screen_s = time.perf_counter() - t_screen
+
+    # (2) score in full: the best screened recipes and the peer-like ones
+    t_full = time.perf_counter()
+    for shape in shapes:
+        for r in bench.best(shape, args.full_top, distinct=True, allocation="uniform", order="one-shot"):
+            bench.full(replace(r, role="top"))
+        for crit, mode, role in (("magnitude", "none", "magnitude"), ("fluctuation", refit, "FLAP-like"),
+                                 ("taylor", "none", "LLM-Pruner-like")):
+            if crit in criteria and mode in modes:
+                bench.full(Recipe(shape, crit, mode, ridge=args.ridge, role=role))
+    for r in extras:
+        bench.full(r)
+    full_s = time.perf_counter() - t_full
+
+    table = pd.DataFrame(bench.rows)[COLUMNS]
+    out = results.write_csv(table, args.out)
+    total_s = time.perf_counter() - t_start
+    results.write_json({
+        "model": args.model, "calibration": {"n_samples": args.n_calib, "seq_len": args.calib_seq_len, "seed": 0},
+        "evaluation": {"seq_len": args.eval_seq_len, "max_tokens": args.eval_max_tokens, "windows": len(chunks),
+                       "screen_windows": n_screen},
+        "reconstruction_modes": modes, "scores": score_source, "shapes": SHAPES, "peers": PEERS, "targets": TARGETS,
+        "seconds": {"scores": scores_s, "grams": grams_s, "screen": screen_s, "full": full_s, "total": total_s},
+        "env": metrics.environment_info(model),
+    }, out.with_suffix(".json"))
+
+    full = table[~table["screen"]].sort_values(["shape", "ppl"])
+    print("\nFull evaluation:\n" + full.drop(columns=["screen", "target_ppl"]).to_markdown(index=False, floatfmt=".3f"))
+    print(f"\nscreened {int(table['screen'].sum())} recipes in {screen_s:.0f} s, {len(full)} full scores in "
+          f"{full_s:.0f} s, total {total_s / 60:.1f} min; wrote {out}")
+    for shape in shapes:
+        best = full[full["shape"] == shape].iloc[0]
+        peers = ", ".join(f"{k} {v}" for k, v in PEERS[shape].items())
+        print(f"{shape}: best {best['criterion']}/{best['reconstruction']} ({best['allocation']}, {best['order']}) "
+              f"ppl {best['ppl']:.2f}; target {TARGETS[shape]}, peers {peers}")
+
+
+if __name__ == "__main__":
+    main()

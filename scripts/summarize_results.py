@@ -1,0 +1,60 @@
+"""Prints the markdown tables the README quotes, straight from the committed result files."""
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "results" / "ablation_studies"
+
+
+def md(df: pd.DataFrame, digits: int = 2) -> str:
+    return df.round(digits).to_markdown(index=False)
+
+
+def sweep_table(name: str, rate_col: str) -> str:
+    df = pd.read_csv(OUT / f"{name}.csv")
+    sweep = df[df["reconstruction"].eq("none") & df["variant"].str.count("-").eq(2)]
+    pivot = sweep.pivot_table(index="criterion", columns=rate_col, values="ppl").sort_values(sweep[rate_col].min())
+    pivot.columns = [f"PPL @ {rate_col}={c}" for c in pivot.columns]
+    return pivot.round(1).reset_index().to_markdown(index=False)
+
+
+def main() -> None:
+    sections = []
+    base = pd.read_csv(OUT / "baseline.csv")
+    sections.append("### Baseline\n" + md(base[["variant", "params_total", "params_non_embedding", "flops_per_token",
+                                                 "size_mb", "ppl", "eval_tokens", "prefill_ms", "decode_tok_s",
+                                                 "peak_memory_mb"]]))
+    sections.append("### Head pruning: criteria at equal rate (screen eval)\n" + sweep_table("head_pruning", "head_rate"))
+    sections.append("### MLP pruning: criteria at equal rate (screen eval)\n" + sweep_table("mlp_pruning", "mlp_rate"))
+    cols = ["variant", "criterion", "reconstruction", "query_heads", "intermediate", "reduction_pct",
+            "flops_reduction_pct", "ppl", "ppl_change_pct", "eval_tokens", "prefill_ms", "decode_tok_s"]
+    for name in ("head_pruning", "mlp_pruning"):
+        df = pd.read_csv(OUT / f"{name}.csv")
+        sections.append(f"### {name}: reconstruction options and saved models\n"
+                        + md(df[df["variant"].str.count("-").ne(2)][cols]))
+    if (OUT / "recovery.csv").exists():
+        sections.append("### Recovery (LoRA, merged)\n" + md(pd.read_csv(OUT / "recovery.csv")))
+    if (OUT / "final_eval.csv").exists():
+        final = pd.read_csv(OUT / "final_eval.csv")
+        cols = ["variant", "params_non_embedding", "reduction_pct", "flops_reduction_pct", "size_mb", "ppl",
+                "semantic_cosine", "exact_match", "prefill_ms", "decode_tok_s", "peak_memory_mb"]
+        sections.append("### Final evaluation\n" + md(final[cols], 3))
+    if (OUT / "quality_benchmark.csv").exists():
+        q = pd.read_csv(OUT / "quality_benchmark.csv")
+        sections.append("### Quality benchmark\n" + md(q))
+    for name in ("importance_cost", "prefill_speedup"):
+        path = ROOT / "results" / "benchmarks" / f"{name}.json"
+        if path.exists():
+            d = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("env", "runs")}
+            sections.append(f"### {name}\n```json\n{json.dumps(d, indent=1)}\n```")
+    stages = ROOT / "results" / "stages" / "last_run.json"
+    if stages.exists():
+        sections.append("### Run time\n```json\n" + stages.read_text() + "\n```")
+    print("\n\n".join(sections))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
