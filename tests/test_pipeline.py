@@ -93,7 +93,7 @@ def test_failed_stage_names_itself(tmp_path):
     nb = new_notebook(cells=[new_code_cell("raise RuntimeError('boom')")])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, root / "notebooks" / STAGES[0].notebook)
-    with pytest.raises(StageFailed, match=r"stage 00 .*boom(.|\n)*results/notebooks"):
+    with pytest.raises(StageFailed, match=r"(?s)stage 00 .*boom.*results/notebooks"):
         run(resolve_parameters("smoke"), root=root, only=["00"], log=lambda *_: None)
 
 
