@@ -226,3 +226,22 @@ def test_two_process_data_parallel_run_agrees(tmp_path):
     for k in rank0:
         torch.testing.assert_close(rank0[k], rank1[k], atol=0, rtol=0)
     assert not torch.equal(rank0["model.layers.1.mlp.down_proj.weight"], before["model.layers.1.mlp.down_proj.weight"])
+
+
+def test_merged_uniform_checkpoint_loads_with_stock_from_pretrained(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("mistral")
+    prune_heads(model, {i: [0, 1, 4, 5] for i in range(3)})  # uniform: every layer 4 heads
+    prune_neurons(model, {i: list(range(64)) for i in range(3)})
+    cfg = RecoveryConfig(max_steps=3, batch_size=4, lr=1e-2, warmup_steps=0, seed=0)
+    merged, _ = recover(model, TinyTokenizer(), windows(), cfg, progress=False)
+    folder = save_pruned(merged, TinyTokenizer(), tmp_path / "merged")
+    ids = windows(2, 16, seed=3)
+    with torch.no_grad():
+        ref = merged(ids).logits
+        stock = AutoModelForCausalLM.from_pretrained(folder).eval()
+        ours, _ = load_pruned(folder)
+        assert (stock(ids).logits - ref).abs().max() <= 1e-5
+        assert (ours(ids).logits - ref).abs().max() <= 1e-5
+    assert not any("lora" in k for k in stock.state_dict())
