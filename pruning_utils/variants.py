@@ -12,6 +12,8 @@ import copy
 
 import torch
 
+from tqdm.auto import tqdm
+
 from .arch import layer_shapes
 from .metrics import count_params, device_name, flops_per_token, latency, perplexity
 from .results import compact_shape
@@ -82,3 +84,56 @@ def pruned_copy(model, plan, windows: torch.Tensor | None = None, reconstruction
     if windows is None:
         raise ValueError(f"reconstruction '{reconstruction}' needs calibration windows; pass windows=...")
     return prune_and_reconstruct(clone, plan, windows, mode=reconstruction, **recon_kw)
+
+
+# what each kind of sweep prunes: the planner, the rate column of the row and the variant-name prefix
+_SWEEP_KINDS = {"heads": ("plan_heads", "head_rate", "heads"), "neurons": ("plan_neurons", "mlp_rate", "mlp")}
+
+
+def criteria_sweep(model, scores: dict, criteria: list[str], rates: list[float], kind: str, chunks: torch.Tensor, *,
+                   allocation: str = "uniform", reference: dict | None = None, source_model: str = "",
+                   progress: bool = True) -> list[dict]:
+    """Return one variant row per criterion x rate: `kind` ('heads' | 'neurons') removed plainly, no refit.
+
+    Every variant is cut from `model` (left intact) and measured on `chunks` with `measure_variant`.
+    """
+    from . import allocation as alloc
+
+    if kind not in _SWEEP_KINDS:
+        raise ValueError(f"unknown sweep kind '{kind}'; known: {', '.join(_SWEEP_KINDS)}")
+    missing = [c for c in criteria if c not in scores]
+    if missing:
+        raise KeyError(f"no scores for {missing}; known: {', '.join(scores)}. Compute them in notebook 00 first")
+    planner, rate_col, prefix = _SWEEP_KINDS[kind]
+    rows = []
+    for crit, rate in tqdm([(c, r) for c in criteria for r in rates], desc=f"{kind} sweep", disable=not progress):
+        plan = getattr(alloc, planner)(model, scores[crit], rate, allocation=allocation)
+        pruned = pruned_copy(model, plan)
+        rows.append(measure_variant(pruned, chunks, variant=f"{prefix}-{crit}-{rate}", source_model=source_model,
+                                    reference=reference, criterion=crit, allocation=allocation,
+                                    reconstruction="none", **{rate_col: rate}))
+        del pruned
+    return rows
+
+
+def reconstruction_sweep(model, plan, windows: torch.Tensor, modes: list[str], chunks: torch.Tensor, *,
+                         criterion: str, rate: float, kind: str, allocation: str = "uniform",
+                         reference: dict | None = None, source_model: str = "", stats: dict | None = None,
+                         sequential: bool = False) -> list[dict]:
+    """Return one variant row per reconstruction mode for one plan, measured on `chunks`.
+
+    `stats` (one-shot Grams of `model` from `reconstruction.collect_grams`) lets every mode share one calibration
+    pass; sequential refits take their own statistics.
+    """
+    if kind not in _SWEEP_KINDS:
+        raise ValueError(f"unknown sweep kind '{kind}'; known: {', '.join(_SWEEP_KINDS)}")
+    _, rate_col, prefix = _SWEEP_KINDS[kind]
+    rows = []
+    for mode in modes:
+        kw = {} if mode == "none" else dict(sequential=sequential, stats=None if sequential else stats)
+        pruned = pruned_copy(model, plan, windows, reconstruction=mode, **kw)
+        rows.append(measure_variant(pruned, chunks, variant=f"{prefix}-{criterion}-{rate}-{mode}",
+                                    source_model=source_model, reference=reference, criterion=criterion,
+                                    allocation=allocation, reconstruction=mode, **{rate_col: rate}))
+        del pruned
+    return rows

@@ -13,11 +13,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path.cwd().parent))  # notebooks/ -> project root, for runs opened by hand
 import pandas as pd, torch
 from IPython.display import display, Markdown
-from pruning_utils import allocation, data, importance, metrics, plots, results
+from pruning_utils import allocation, data, importance, metrics, plots, reconstruction, results
 from pruning_utils.checkpoint import load_pruned, read_checkpoint_meta, save_pruned
 from pruning_utils.loading import load_model
 from pruning_utils.stages import as_list
-from pruning_utils.variants import measure_variant, pruned_copy
+from pruning_utils.variants import criteria_sweep, measure_variant, pruned_copy, reconstruction_sweep
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.manual_seed(SEED)
 OUT = results.ablation_dir(); OUT.mkdir(parents=True, exist_ok=True)
@@ -112,6 +112,30 @@ sweep_chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_toke
 missing = [c for c in as_list(CRITERIA) if c not in scores]
 assert not missing, f"criteria {missing} were not computed in notebook 00; add them to its CRITERIA and re-run it"'''
 
+
+def sweep_cells(kind: str, var: str, shape_col: str, title: str) -> list[tuple[str, str]]:
+    """Return the criteria-sweep and reconstruction-options cells of notebook 02 (heads) or 03 (neurons)."""
+    rate_col = "head_rate" if kind == "heads" else "mlp_rate"
+    return [
+        ("md", f"## {title}"),
+        ("code", f'''ref = measure_variant(model, sweep_chunks, variant="baseline", source_model=MODEL)
+rows = criteria_sweep(model, scores, as_list(CRITERIA), as_list({var}_SWEEP, float), "{kind}", sweep_chunks,
+                      allocation=ALLOCATION, reference=ref, source_model=MODEL)
+sweep = pd.DataFrame(rows)
+sweep.pivot_table(index="criterion", columns="{rate_col}", values="ppl").round(2)'''),
+        ("md", "## Reconstruction options for the main criterion\n"
+               "One calibration pass (the Gram matrices of every `o_proj` / `down_proj` input) serves every one-shot "
+               "refit of the unpruned model in this notebook."),
+        ("code", f'''grams = None if RECON_SEQUENTIAL else reconstruction.collect_grams(model, windows)
+plan = allocation.plan_{kind}(model, scores[MAIN_{var}_CRITERION], {var}_RATE, allocation=ALLOCATION)
+recon_rows = reconstruction_sweep(model, plan, windows, as_list(RECON_OPTIONS), sweep_chunks, kind="{kind}",
+                                  criterion=MAIN_{var}_CRITERION, rate={var}_RATE, allocation=ALLOCATION,
+                                  reference=ref, source_model=MODEL, stats=grams, sequential=RECON_SEQUENTIAL)
+rows += recon_rows
+pd.DataFrame(recon_rows)[["variant", "reconstruction", "{shape_col}", "ppl", "ppl_change_pct"]]'''),
+    ]
+
+
 NB02 = notebook(
     "# 02 · Attention-head pruning (Q + O only, GQA-compatible)\n"
     "Query heads are removed from `q_proj` rows and `o_proj` columns; K/V stay, and every KV group keeps the same "
@@ -128,30 +152,9 @@ RECON_OPTIONS = "none,lstsq"
 RECON_SEQUENTIAL = False        # True: calibrate each layer on the already-pruned earlier layers (slower)''',
     [
         ("code", SETUP + "\n" + SWEEP_SETUP),
-        ("md", "## Criteria side by side (plain removal, no reconstruction)"),
-        ("code", '''ref = measure_variant(model, sweep_chunks, variant="baseline", source_model=MODEL)
-rows = []
-for crit in as_list(CRITERIA):
-    for rate in as_list(HEAD_SWEEP, float):
-        plan = allocation.plan_heads(model, scores[crit], rate, allocation=ALLOCATION)
-        pruned = pruned_copy(model, plan)
-        rows.append(measure_variant(pruned, sweep_chunks, variant=f"heads-{crit}-{rate}", source_model=MODEL,
-                                    reference=ref, criterion=crit, allocation=ALLOCATION, reconstruction="none",
-                                    head_rate=rate))
-        del pruned
-sweep = pd.DataFrame(rows)
-sweep.pivot_table(index="criterion", columns="head_rate", values="ppl").round(2)'''),
-        ("md", "## Reconstruction options for the main criterion"),
-        ("code", '''plan = allocation.plan_heads(model, scores[MAIN_HEAD_CRITERION], HEAD_RATE, allocation=ALLOCATION)
-for recon in as_list(RECON_OPTIONS):
-    pruned = pruned_copy(model, plan, windows, reconstruction=recon, sequential=RECON_SEQUENTIAL)
-    rows.append(measure_variant(pruned, sweep_chunks, variant=f"heads-{MAIN_HEAD_CRITERION}-{HEAD_RATE}-{recon}",
-                                source_model=MODEL, reference=ref, criterion=MAIN_HEAD_CRITERION,
-                                allocation=ALLOCATION, reconstruction=recon, head_rate=HEAD_RATE))
-    del pruned
-pd.DataFrame(rows[-len(as_list(RECON_OPTIONS)):])[["variant", "reconstruction", "query_heads", "ppl", "ppl_change_pct"]]'''),
+        *sweep_cells("heads", "HEAD", "query_heads", "Criteria side by side (plain removal, no reconstruction)"),
         ("md", "## Main head-pruned model (full evaluation, latency) → `models/head_pruned/`"),
-        ("code", '''main = pruned_copy(model, plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL)
+        ("code", '''main = pruned_copy(model, plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL, stats=grams)
 row = measure_variant(main, chunks, variant="head_pruned", source_model=MODEL, reference=baseline,
                       criterion=MAIN_HEAD_CRITERION, allocation=ALLOCATION, reconstruction=RECONSTRUCTION,
                       head_rate=HEAD_RATE, latency_kw=LATENCY)
@@ -184,30 +187,9 @@ RECON_OPTIONS = "none,lstsq"
 RECON_SEQUENTIAL = False        # True: calibrate each layer on the already-pruned earlier layers (slower)''',
     [
         ("code", SETUP + "\n" + SWEEP_SETUP),
-        ("md", "## Criteria side by side on the baseline (plain removal)"),
-        ("code", '''ref = measure_variant(model, sweep_chunks, variant="baseline", source_model=MODEL)
-rows = []
-for crit in as_list(CRITERIA):
-    for rate in as_list(MLP_SWEEP, float):
-        plan = allocation.plan_neurons(model, scores[crit], rate, allocation=ALLOCATION)
-        pruned = pruned_copy(model, plan)
-        rows.append(measure_variant(pruned, sweep_chunks, variant=f"mlp-{crit}-{rate}", source_model=MODEL,
-                                    reference=ref, criterion=crit, allocation=ALLOCATION, reconstruction="none",
-                                    mlp_rate=rate))
-        del pruned
-sweep = pd.DataFrame(rows)
-sweep.pivot_table(index="criterion", columns="mlp_rate", values="ppl").round(2)'''),
-        ("md", "## Reconstruction options for the main criterion"),
-        ("code", '''plan = allocation.plan_neurons(model, scores[MAIN_MLP_CRITERION], MLP_RATE, allocation=ALLOCATION)
-for recon in as_list(RECON_OPTIONS):
-    pruned = pruned_copy(model, plan, windows, reconstruction=recon, sequential=RECON_SEQUENTIAL)
-    rows.append(measure_variant(pruned, sweep_chunks, variant=f"mlp-{MAIN_MLP_CRITERION}-{MLP_RATE}-{recon}",
-                                source_model=MODEL, reference=ref, criterion=MAIN_MLP_CRITERION, allocation=ALLOCATION,
-                                reconstruction=recon, mlp_rate=MLP_RATE))
-    del pruned
-pd.DataFrame(rows[-len(as_list(RECON_OPTIONS)):])[["variant", "reconstruction", "intermediate", "ppl", "ppl_change_pct"]]'''),
+        *sweep_cells("neurons", "MLP", "intermediate", "Criteria side by side on the baseline (plain removal)"),
         ("md", "## MLP pruning alone → `models/mlp_pruned/`"),
-        ("code", '''mlp_model = pruned_copy(model, plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL)
+        ("code", '''mlp_model = pruned_copy(model, plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL, stats=grams)
 row = measure_variant(mlp_model, chunks, variant="mlp_pruned", source_model=MODEL, reference=baseline,
                       criterion=MAIN_MLP_CRITERION, allocation=ALLOCATION, reconstruction=RECONSTRUCTION,
                       mlp_rate=MLP_RATE, latency_kw=LATENCY)

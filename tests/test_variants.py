@@ -1,0 +1,64 @@
+"""Tests of the shared sweep helpers of notebooks 02/03 on a tiny random model."""
+import math
+
+import pytest
+import torch
+
+from pruning_utils import allocation, importance
+from pruning_utils.loading import tiny_model
+from pruning_utils.reconstruction import collect_grams
+from pruning_utils.variants import criteria_sweep, measure_variant, pruned_copy, reconstruction_sweep
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model("llama", seed=0)
+    windows = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    chunks = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+    scores = importance.compute_importance(model, windows, ["random", "activation"], progress=False)
+    return model, windows, chunks, scores
+
+
+@pytest.mark.parametrize("kind,rate_col,shape", [("heads", "head_rate", "query_heads"),
+                                                  ("neurons", "mlp_rate", "intermediate")])
+def test_criteria_sweep_measures_each_plain_removal_and_leaves_the_model_intact(setup, kind, rate_col, shape):
+    model, _, chunks, scores = setup
+    before = [p.clone() for p in model.parameters()]
+    rows = criteria_sweep(model, scores, ["random", "activation"], [0.25, 0.5], kind, chunks, progress=False)
+    assert [(r["criterion"], r[rate_col]) for r in rows] == [("random", 0.25), ("random", 0.5),
+                                                             ("activation", 0.25), ("activation", 0.5)]
+    planner = allocation.plan_heads if kind == "heads" else allocation.plan_neurons
+    for row in rows:  # each row is the plain-removal variant of its own plan
+        expected = measure_variant(pruned_copy(model, planner(model, scores[row["criterion"]], row[rate_col])),
+                                   chunks, variant="x")
+        assert row["reconstruction"] == "none" and row[shape] == expected[shape]
+        assert math.isclose(row["ppl"], expected["ppl"], rel_tol=1e-6)
+    assert rows[1]["params_non_embedding"] < rows[0]["params_non_embedding"]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_sweeps_reject_unknown_kinds_and_criteria(setup):
+    model, windows, chunks, scores = setup
+    with pytest.raises(ValueError, match="unknown sweep kind 'layers'; known: heads, neurons"):
+        criteria_sweep(model, scores, ["random"], [0.25], "layers", chunks)
+    with pytest.raises(KeyError, match="no scores for \\['tfidf'\\]"):
+        criteria_sweep(model, scores, ["tfidf"], [0.25], "heads", chunks)
+    plan = allocation.plan_heads(model, scores["random"], 0.25)
+    with pytest.raises(ValueError, match="unknown sweep kind"):
+        reconstruction_sweep(model, plan, windows, ["none"], chunks, criterion="random", rate=0.25, kind="mlp")
+
+
+def test_reconstruction_sweep_shares_one_gram_pass(setup):
+    model, windows, _, scores = setup
+    plan = allocation.plan_neurons(model, scores["random"], 0.5)
+    grams = collect_grams(model, windows)
+    rows = reconstruction_sweep(model, plan, windows, ["none", "lstsq"], windows, criterion="random", rate=0.5,
+                                kind="neurons", stats=grams)
+    fresh = reconstruction_sweep(model, plan, windows, ["lstsq"], windows, criterion="random", rate=0.5,
+                                 kind="neurons")
+    assert [r["reconstruction"] for r in rows] == ["none", "lstsq"]
+    assert [r["variant"] for r in rows] == ["mlp-random-0.5-none", "mlp-random-0.5-lstsq"]
+    assert rows[1]["ppl"] != rows[0]["ppl"]  # the refit changed the model (its error is tested in test_reconstruction)
+    assert math.isclose(rows[1]["ppl"], fresh[0]["ppl"], rel_tol=1e-5)
