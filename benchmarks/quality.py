@@ -12,7 +12,9 @@ the whole evaluation text. A full score reuses the screen windows' NLL (each win
 the sum over windows is exact) and only evaluates the rest. One-shot reconstructions share ONE Gram collection
 on the unpruned model. Extras, screened then scored in full: S3 with heads and neurons from the best S2 / S1
 criteria, a ridge sweep of the best refit per shape, S3 refit sequentially (plain, and chasing the unpruned
-model's output), and S3 under `global` allocation at the same non-embedding count.
+model's output), and S3 under `global` allocation at the same non-embedding count. Torch-Pruning itself
+(`benchmarks/torch_pruning_peer.py`: its own Taylor scores and dependency-graph surgery, no refit) is scored in
+full at every shape as a side-by-side peer row.
 
 Writes results/ablation_studies/quality_benchmark.csv (columns in `COLUMNS`) and quality_benchmark.json
 (environment, settings, peers, timings). Usage: python benchmarks/quality.py [--screen-tokens 4096 --full-top 2]
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import math
 import sys
 import time
@@ -31,6 +34,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # torch_pruning_peer
 from pruning_utils import allocation, data, importance, metrics, reconstruction, results  # noqa: E402
 from pruning_utils.arch import decoder_layers  # noqa: E402
 from pruning_utils.loading import PROJECT_ROOT, load_model  # noqa: E402
@@ -41,6 +45,7 @@ SHAPES = {"S1": dict(head_rate=0.0, mlp_rate=0.25), "S2": dict(head_rate=0.2, ml
 PEERS = {"S1": {"FLAP": 14.1, "Taylor": 15.0}, "S2": {"FLAP": 26.6},
          "S3": {"FLAP": 35.7, "LLM-Pruner": 50.1}}
 TARGETS = {"S1": 13.5, "S2": 20.0, "S3": 25.0}
+TP_PREFIX = "torch-pruning:"  # criterion of the Torch-Pruning peer rows, e.g. torch-pruning:taylor
 CRITERIA = ["random", "magnitude", "activation", "fluctuation", "taylor", "tfidf", "tfidf_topic", "semantic", "mix"]
 COLUMNS = ["shape", "criterion", "reconstruction", "allocation", "order", "ridge_ratio", "role", "screen",
            "eval_tokens", "ppl", "params_non_embedding", "reduction_pct", "target_ppl", "build_s", "eval_s"]
@@ -131,6 +136,12 @@ class Bench:
 
     def _build(self, r: Recipe):
         t0 = time.perf_counter()
+        if r.criterion.startswith(TP_PREFIX):  # the peer prunes with its own scores and surgery
+            from torch_pruning_peer import prune_with_torch_pruning
+
+            pruned = prune_with_torch_pruning(copy.deepcopy(self.model), self.windows, importance=r.criterion[len(TP_PREFIX):],
+                                              **SHAPES[r.shape])
+            return pruned, time.perf_counter() - t0
         plan = make_plan(self.model, self.scores, r)
         return build(self.model, plan, r, self.grams, self.windows), time.perf_counter() - t0
 
@@ -193,6 +204,8 @@ def main() -> None:
     ap.add_argument("--orders", default="sequential,chase", help="refit orders tried for the best one-shot recipe")
     ap.add_argument("--order-shapes", default="S3", help="shapes whose best recipe is refit in those orders")
     ap.add_argument("--no-extras", action="store_true", help="skip combo, ridge sweep, sequential and allocation rows")
+    ap.add_argument("--torch-pruning", default="taylor",
+                    help="Torch-Pruning importances scored in full as peer rows (taylor,magnitude; '' to skip)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--out", default=str(results.ablation_dir() / "quality_benchmark.csv"))
     args = ap.parse_args()
@@ -278,6 +291,15 @@ def main() -> None:
                 bench.full(Recipe(shape, crit, mode, ridge=args.ridge, role=role))
     for r in extras:
         bench.full(r)
+    for imp in [x for x in args.torch_pruning.split(",") if x]:
+        if importlib.util.find_spec("torch_pruning") is None:
+            print("torch-pruning is not installed: no Torch-Pruning peer rows (pip install torch-pruning==1.6.1)")
+            break
+        for shape in shapes:
+            try:
+                bench.full(Recipe(shape, TP_PREFIX + imp, "none", role="Torch-Pruning"))
+            except NotImplementedError as err:  # e.g. a head layout it cannot cut to our shape
+                print(f"Torch-Pruning cannot make {shape}: {err}")
     full_s = time.perf_counter() - t_full
 
     table = pd.DataFrame(bench.rows)[COLUMNS]
