@@ -121,6 +121,35 @@ class PruningPlan(JsonMixin):
             provenance={"stages": [earlier.provenance, self.provenance]},
         )
 
+    def combined_with(self, other: "PruningPlan") -> "PruningPlan":
+        """Return the plan removing what either plan removes; both must be made for the same model."""
+        if (self.base_heads, self.base_intermediate) != (other.base_heads, other.base_intermediate):
+            raise PlanMismatchError("plans made for models of different shapes cannot be combined; use "
+                                    "composed_with for a plan made on the model another plan produced")
+
+        def both(mine: dict, theirs: dict, base: list[int]) -> dict[int, list[int]]:
+            out = {}
+            for layer in sorted(set(mine) | set(theirs)):
+                kept = set(mine.get(layer, range(base[layer]))) & set(theirs.get(layer, range(base[layer])))
+                out[layer] = sorted(kept)
+            return out
+
+        layers = None
+        if self.layers is not None or other.layers is not None:
+            layers = sorted(set(self.kept_layers()) & set(other.kept_layers()))
+        plan = PruningPlan(
+            base_heads=list(self.base_heads), base_intermediate=list(self.base_intermediate),
+            heads=both(self.heads, other.heads, self.base_heads),
+            neurons=both(self.neurons, other.neurons, self.base_intermediate), layers=layers,
+            source_model=self.source_model or other.source_model,
+            criterion="+".join(dict.fromkeys(c for c in (other.criterion, self.criterion) if c)),
+            allocation="+".join(dict.fromkeys(a for a in (other.allocation, self.allocation) if a)),
+            head_rate=max(self.head_rate, other.head_rate), mlp_rate=max(self.mlp_rate, other.mlp_rate),
+            provenance={"combined": [other.provenance, self.provenance]},
+        )
+        plan.validate()
+        return plan
+
     @classmethod
     def identity(cls, shapes, source_model: str = "") -> "PruningPlan":
         """Return a plan that keeps everything of a model with the given `arch.LayerShape` list."""

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path.cwd().parent))  # notebooks/ -> project root, for ru
 import pandas as pd, torch
 from IPython.display import display, Markdown
 from pruning_utils import allocation, data, importance, metrics, plots, reconstruction, results
-from pruning_utils.checkpoint import load_pruned, read_checkpoint_meta, save_pruned
+from pruning_utils.checkpoint import load_pruned, read_checkpoint_meta, read_plan, save_pruned
 from pruning_utils.loading import load_model
 from pruning_utils.stages import as_list
 from pruning_utils.variants import criteria_sweep, measure_variant, pruned_copy, reconstruction_sweep
@@ -146,7 +146,7 @@ CRITERIA = "random,magnitude,activation,fluctuation,taylor,tfidf,tfidf_topic,sem
 HEAD_RATE = 0.2                 # main rate: fraction of query heads, rounded per KV group
 HEAD_SWEEP = "0.2,0.5"
 ALLOCATION = "uniform"          # uniform (stock-loadable) | global
-MAIN_HEAD_CRITERION = "semantic"
+MAIN_HEAD_CRITERION = "fluctuation"  # best with the lstsq refit (benchmarks/quality.py); semantic is best without
 RECONSTRUCTION = "lstsq"        # none | bias | lstsq: refit o_proj on calibration activations
 RECON_OPTIONS = "none,lstsq"
 RECON_SEQUENTIAL = False        # True: calibrate each layer on the already-pruned earlier layers (slower)''',
@@ -184,7 +184,8 @@ ALLOCATION = "uniform"
 MAIN_MLP_CRITERION = "fluctuation"
 RECONSTRUCTION = "lstsq"
 RECON_OPTIONS = "none,lstsq"
-RECON_SEQUENTIAL = False        # True: calibrate each layer on the already-pruned earlier layers (slower)''',
+RECON_SEQUENTIAL = False        # True: calibrate each layer on the already-pruned earlier layers (slower)
+MIX_RESCORE = False             # True: rescore + refit neurons on the head-pruned model instead of one plan''',
     [
         ("code", SETUP + "\n" + SWEEP_SETUP),
         *sweep_cells("neurons", "MLP", "intermediate", "Criteria side by side on the baseline (plain removal)"),
@@ -196,14 +197,22 @@ row = measure_variant(mlp_model, chunks, variant="mlp_pruned", source_model=MODE
 save_pruned(mlp_model, tok, "mlp_pruned", extra=row)
 rows.append(row)
 del mlp_model'''),
-        ("md", "## Heads + MLP (on the head-pruned model) → `models/mix_pruned/`\n"
-               "Neuron scores of the head-pruned model are recomputed for the main criterion, since removing heads "
-               "changes what the MLPs see."),
-        ("code", '''head_model, _ = load_pruned("head_pruned", device=DEVICE, dtype=DTYPE)
-head_row = read_checkpoint_meta("head_pruned")["extra"]
-head_scores = importance.compute_importance(head_model, windows, [MAIN_MLP_CRITERION], seed=SEED)[MAIN_MLP_CRITERION]
-mix_plan = allocation.plan_neurons(head_model, head_scores, MLP_RATE, allocation=ALLOCATION)
-mix = pruned_copy(head_model, mix_plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL)
+        ("md", "## Heads + MLP (the head-pruned model's heads, then neurons) → `models/mix_pruned/`\n"
+               "By default one plan on the unpruned model removes the head-pruned model's heads and this notebook's "
+               "neurons, refit one-shot from the Grams above (each refit matches the unpruned layer): the attention "
+               "is then exactly the head-pruned model's. `MIX_RESCORE = True` instead rescores the neurons on the "
+               "head-pruned model and refits them there (it changes what the MLPs see). The one-shot plan is the "
+               "S3 recipe of `benchmarks/quality.py`, and it needs no second scoring or calibration pass."),
+        ("code", '''head_row = read_checkpoint_meta("head_pruned")["extra"]
+if MIX_RESCORE:
+    head_model, _ = load_pruned("head_pruned", device=DEVICE, dtype=DTYPE)
+    head_scores = importance.compute_importance(head_model, windows, [MAIN_MLP_CRITERION], seed=SEED)[MAIN_MLP_CRITERION]
+    mix_plan = allocation.plan_neurons(head_model, head_scores, MLP_RATE, allocation=ALLOCATION)
+    mix = pruned_copy(head_model, mix_plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL)
+    del head_model
+else:
+    mix = pruned_copy(model, plan.combined_with(read_plan("head_pruned")), windows, reconstruction=RECONSTRUCTION,
+                      sequential=RECON_SEQUENTIAL, stats=grams)
 row = measure_variant(mix, chunks, variant="mix_pruned", source_model=MODEL, reference=baseline,
                       criterion=f"{head_row['criterion']}+{MAIN_MLP_CRITERION}", allocation=ALLOCATION,
                       reconstruction=RECONSTRUCTION, head_rate=head_row["head_rate"], mlp_rate=MLP_RATE,

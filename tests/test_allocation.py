@@ -156,3 +156,20 @@ def test_plan_from_computed_scores_is_json_ready(model, tmp_path):
     back = PruningPlan.from_json(plan.to_json())
     assert back.provenance["scores"]["mix_weights"] == {"activation": 1, "magnitude": 1}
     assert back.criterion == "mix" and back.source_model == "tiny-llama" and back == plan
+
+
+def test_combined_plan_removes_what_either_removes(model):
+    heads = plan_heads(model, _scores(model, 0, "h"), 0.25)
+    neurons = plan_neurons(model, _scores(model, 1, "n"), 0.5)
+    both = plan_both(model, _scores(model, 0, "h"), head_rate=0.25, mlp_rate=0.5, neuron_scores=_scores(model, 1, "n"))
+    combined = neurons.combined_with(heads)
+    assert (combined.heads, combined.neurons) == (both.heads, both.neurons)
+    assert combined.criterion == "h+n" and (combined.head_rate, combined.mlp_rate) == (0.25, 0.5)
+    # overlapping removals: the kept set is the intersection, layer by layer
+    other = plan_neurons(model, _scores(model, 2, "n2"), 0.5)
+    twice = neurons.combined_with(other)
+    for layer in range(4):
+        assert twice.kept_neurons(layer) == sorted(set(neurons.kept_neurons(layer)) & set(other.kept_neurons(layer)))
+    small = plan_heads(tiny_model("llama", num_hidden_layers=2), _scores(tiny_model("llama", num_hidden_layers=2)), 0.25)
+    with pytest.raises(ValueError, match="different shapes cannot be combined"):
+        heads.combined_with(small)
