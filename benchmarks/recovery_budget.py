@@ -66,8 +66,8 @@ def main() -> None:
             print(f"{args.name}: lr {lr:g}, {stats['steps']} steps ({stats['tokens_seen']} tokens) -> ppl "
                   f"{ppl['ppl']:.3f} (before {before['ppl']:.3f}; {stats['minutes']:.1f} min training)", flush=True)
             del merged
-    table = pd.DataFrame(rows)
-    out = results.write_csv(table, args.out)
+            table = pd.DataFrame(rows)
+            out = results.write_csv(table, args.out)  # after every run: a long sweep stopped early keeps its rows
     print(table.round(3).to_markdown(index=False))
     print(f"wrote {out}; {metrics.environment_info(teacher)}")
 

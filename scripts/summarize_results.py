@@ -21,6 +21,31 @@ def sweep_table(name: str, rate_col: str) -> str:
     return pivot.round(1).reset_index().to_markdown(index=False)
 
 
+def quality_tables(q: pd.DataFrame) -> list[str]:
+    """Return the screen grid (criterion x shape x refit) and the full-evaluation table with the peers' gaps."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from quality import PEERS, TARGETS
+
+    grid = q[q["screen"] & q["role"].eq("grid")]
+    pivot = grid.pivot_table(index="criterion", columns=["shape", "reconstruction"], values="ppl")
+    pivot = pivot.sort_values(pivot.columns[-1])
+    pivot.columns = [f"{s} {r}" for s, r in pivot.columns]
+    base = q[q["role"].eq("baseline") & q["screen"]]["ppl"].iloc[0]
+    out = [f"### Quality benchmark: screen perplexity (first {int(grid['eval_tokens'].iloc[0])} eval tokens, "
+           f"baseline {base:.2f})\n" + pivot.round(1).reset_index().to_markdown(index=False)]
+    extras = q[q["screen"] & ~q["role"].isin(["grid", "baseline"])]
+    cols = ["shape", "criterion", "reconstruction", "allocation", "order", "ridge_ratio", "role", "ppl"]
+    out.append("### Quality benchmark: extra recipes (screen)\n" + md(extras[cols], 3))
+    full = q[~q["screen"]].sort_values(["shape", "ppl"]).copy()
+    full["target"] = full["shape"].map(TARGETS)
+    full["best peer"] = full["shape"].map(lambda s: ", ".join(f"{k} {v}" for k, v in PEERS.get(s, {}).items()))
+    cols = ["shape", "criterion", "reconstruction", "allocation", "order", "role", "params_non_embedding",
+            "reduction_pct", "ppl", "target", "best peer"]
+    out.append(f"### Quality benchmark: full evaluation ({int(full['eval_tokens'].iloc[0])} tokens)\n"
+               + md(full[cols], 2))
+    return out
+
+
 def main() -> None:
     sections = []
     base = pd.read_csv(OUT / "baseline.csv")
@@ -43,8 +68,9 @@ def main() -> None:
                 "semantic_cosine", "exact_match", "prefill_ms", "decode_tok_s", "peak_memory_mb"]
         sections.append("### Final evaluation\n" + md(final[cols], 3))
     if (OUT / "quality_benchmark.csv").exists():
-        q = pd.read_csv(OUT / "quality_benchmark.csv")
-        sections.append("### Quality benchmark\n" + md(q))
+        sections += quality_tables(pd.read_csv(OUT / "quality_benchmark.csv"))
+    if (OUT / "recovery_budget.csv").exists():
+        sections.append("### Recovery budget (S3)\n" + md(pd.read_csv(OUT / "recovery_budget.csv"), 3))
     for name in ("importance_cost", "prefill_speedup"):
         path = ROOT / "results" / "benchmarks" / f"{name}.json"
         if path.exists():
