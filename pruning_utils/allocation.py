@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .arch import decoder_layers, head_dim, layer_shapes
-from .importance import Scores
+from .arch import decoder_layers, head_dim, layer_shapes, unit_costs
+from .scores import Scores
 from .plan import PruningPlan
 
 ALLOCATIONS = ("uniform", "global")
@@ -272,17 +272,13 @@ def _non_embedding(model) -> int:
 
 
 def _head_cost(model) -> int:
-    """Return the parameters one query head owns: its q_proj rows (+ bias) and o_proj columns."""
-    attn = decoder_layers(model)[0].self_attn
-    hd, hidden = head_dim(model), attn.o_proj.out_features
-    return 2 * hidden * hd + (hd if attn.q_proj.bias is not None else 0)
+    """Return the parameters one query head owns (`arch.owned_sums`: q_proj rows + bias, o_proj columns)."""
+    return unit_costs(decoder_layers(model)[0], head_dim(model))[0]
 
 
 def _neuron_cost(model) -> int:
-    """Return the parameters one MLP neuron owns: gate and up rows (+ biases) and a down column."""
-    mlp = decoder_layers(model)[0].mlp
-    hidden = mlp.down_proj.out_features
-    return 3 * hidden + sum(1 for lin in (mlp.gate_proj, mlp.up_proj) if lin.bias is not None)
+    """Return the parameters one MLP neuron owns (gate and up rows + biases, a down column)."""
+    return unit_costs(decoder_layers(model)[0], head_dim(model))[1]
 
 
 def _rate_for_target(model, target: int, n_eligible: int, cost: int, kind: str) -> float:

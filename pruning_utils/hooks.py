@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.nn as nn
 
-from .arch import decoder_layers, head_dim
+from .arch import HEAD_INPUT, NEURON_INPUT, decoder_layers, head_dim, proj
 
 
 @contextmanager
@@ -57,10 +57,10 @@ def masked(model, heads: dict[int, Iterable[int]] | None = None, neurons: dict[i
     layer_list = decoder_layers(model)
     hd = head_dim(model)
     for li, removed in (heads or {}).items():
-        o_proj = layer_list[li].self_attn.o_proj
+        o_proj = proj(layer_list[li], HEAD_INPUT)
         specs.append(_zeroing_spec(o_proj, _channel_mask(o_proj.in_features // hd, removed, hd, o_proj.weight), skip_zeros))
     for li, removed in (neurons or {}).items():
-        down = layer_list[li].mlp.down_proj
+        down = proj(layer_list[li], NEURON_INPUT)
         specs.append(_zeroing_spec(down, _channel_mask(down.in_features, removed, 1, down.weight), skip_zeros))
     for li in layers or ():
         specs.append((layer_list[li], "forward_kw", _bypass))

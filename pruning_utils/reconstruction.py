@@ -9,12 +9,7 @@ kept columns are refit so the layer output on those tokens matches the unpruned 
 
 At λ = 0 this is the plain least-squares refit W · G[:, k] · G[k, k]⁻¹. The ridge pulls toward the original kept
 weights rather than toward zero, so it shrinks only the compensation: plain removal is the λ → ∞ limit and keeping
-every channel returns W unchanged. Ridge toward zero was measured worse on SmolLM2-135M (MLP 1536 → 1152, held-out
-output error of down_proj): a few outlier channels make mean(diag G) large, and shrinking every kept weight made
-the last two layers 3x worse than plain removal, while the pull toward W_k never loses to it. `ridge_ratio`
-defaults to 1e-2, the damping SparseGPT/GPTQ use: it keeps the solve well conditioned when kept channels are nearly
-collinear or dead and stops the refit from over-fitting a small calibration set; scaling by the mean diagonal
-makes it independent of activation scale.
+every channel returns W unchanged. Scaling λ by the mean diagonal makes it independent of activation scale.
 
 Modes (`MODES`):
 - `none`: plain removal.
@@ -27,155 +22,53 @@ Modes (`MODES`):
   (the Gram augmented with the sum of x and the token count; the constant channel gets no ridge), so `lstsq`
   subsumes `bias` compensation there and needs no new parameter anywhere.
 
-Statistics are streamed: a forward pre-hook adds xᵀx, Σx and the token count per batch in float64 (sums over
-thousands of tokens with outlier channels lose precision in fp32), so memory is [in, in] + [in] per module however
-many tokens pass. `prune_and_reconstruct` refits either one-shot (all Grams on the unpruned model) or
-sequentially, SparseGPT-style: the hidden states entering layer i come from the already pruned and refit layers
-before it, and inside a layer the down_proj Gram is taken after o_proj was refit. Each refit targets the unpruned
-layer on the same (pruned-upstream) inputs; upstream error is not chased. One-shot Grams depend only on the
-unpruned model, so `collect_grams` once and pass them as `stats=` to refit many plans without a new pass.
+Statistics are streamed (`stats.GramStats`) and collected one decoder layer at a time (`calibration`), so
+memory is one layer's [in, in] + [in] per refit module however many tokens pass. `prune_and_reconstruct` refits
+either one-shot (all Grams on the unpruned model) or sequentially, SparseGPT-style: the hidden states entering
+layer i come from the already pruned and refit layers before it, and inside a layer the down_proj Gram is taken
+after o_proj was refit. One-shot Grams depend only on the unpruned model, so `collect_grams` once and pass them as
+`stats=` to refit many plans without a new pass.
 """
 from __future__ import annotations
 
 import copy
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
-from typing import Hashable, Iterable, Iterator, Mapping
+from typing import Iterable, Mapping
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .arch import arch_of, decoder_layers, head_dim, layer_shapes
-from .hooks import hooks
+from . import calibration
+from .arch import HEAD_INPUT, NEURON_INPUT, arch_of, decoder_layers, head_channels, head_dim, layer_shapes, proj
 from .plan import PlanMismatchError, PruningPlan
+from .stats import GramCollector, GramStats  # noqa: F401  (re-exported: the refit's input statistics)
 
 MODES = ("none", "bias", "lstsq")
-TARGETS = ("o_proj", "down_proj")
+TARGETS = (HEAD_INPUT, NEURON_INPUT)  # the projections whose input channels heads / neurons are
 
 
 class ReconstructionError(ValueError):
     """Raised for an unknown mode or a mode the model's layers cannot take."""
 
 
-@dataclass
-class GramStats:
-    """Streamed input statistics of one linear layer: Σ x xᵀ, Σ x and the token count (float64)."""
-
-    gram: Tensor  # [in, in]
-    sum: Tensor  # [in]
-    count: int = 0
-    # error chasing (`add_paired`): Σ x x_refᵀ and Σ x_ref, x_ref = the unpruned model's input at the same token
-    cross: Tensor | None = None  # [in, in]
-    ref_sum: Tensor | None = None  # [in]
-
-    @classmethod
-    def empty(cls, dim: int, device: torch.device | str = "cpu") -> "GramStats":
-        """Return zeroed statistics for `dim` input channels."""
-        return cls(torch.zeros(dim, dim, dtype=torch.float64, device=device),
-                   torch.zeros(dim, dtype=torch.float64, device=device))
-
-    def add(self, x: Tensor) -> None:
-        """Accumulate a batch of inputs [..., in] (any leading shape: batch, sequence)."""
-        x = x.detach().reshape(-1, x.shape[-1]).to(self.gram.device)
-        # fp32/fp16 activations: the batch product in fp32 (fp64 GEMM is ~10x slower on CPUs), the running
-        # sum across batches in fp64; float64 inputs stay float64
-        x = x if x.dtype == torch.float64 else x.float()
-        self.gram += (x.T @ x).double()
-        self.sum += x.sum(0, dtype=torch.float64)
-        self.count += x.shape[0]
-
-    def add_paired(self, x: Tensor, ref: Tensor) -> None:
-        """Accumulate inputs `x` and their cross terms with `ref`, the unpruned model's inputs at the same tokens."""
-        self.add(x)
-        x = x.detach().reshape(-1, x.shape[-1]).to(self.gram.device)
-        ref = ref.detach().reshape(-1, ref.shape[-1]).to(self.gram.device)
-        if self.cross is None:
-            self.cross, self.ref_sum = torch.zeros_like(self.gram), torch.zeros_like(self.sum)
-        x = x if x.dtype == torch.float64 else x.float()
-        ref = ref if ref.dtype == torch.float64 else ref.float()
-        self.cross += (x.T @ ref).double()
-        self.ref_sum += ref.sum(0, dtype=torch.float64)
-
-    @property
-    def mean(self) -> Tensor:
-        """Return the mean input per channel."""
-        return self.sum / max(self.count, 1)
-
-
-class GramCollector:
-    """Context manager streaming `GramStats` of the inputs of the given modules; hooks are removed on exit."""
-
-    def __init__(self, modules: Mapping[Hashable, nn.Linear]):
-        self.modules = dict(modules)
-        self.stats = {k: GramStats.empty(m.in_features, m.weight.device) for k, m in self.modules.items()}
-        self._stack: ExitStack | None = None
-
-    def _hook(self, key: Hashable):
-        def fn(module, args):
-            self.stats[key].add(args[0])
-        return fn
-
-    def __enter__(self) -> "GramCollector":
-        self._stack = ExitStack()
-        self._stack.enter_context(hooks(*[(m, "pre", self._hook(k)) for k, m in self.modules.items()]))
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        self._stack.close()
-        return False
-
-
 def target_module(layer: nn.Module, name: str) -> nn.Linear:
-    """Return `self_attn.o_proj` or `mlp.down_proj` of a decoder layer."""
-    if name == "o_proj":
-        return layer.self_attn.o_proj
-    if name == "down_proj":
-        return layer.mlp.down_proj
-    raise ReconstructionError(f"unknown reconstruction target '{name}'; known: {', '.join(TARGETS)}")
-
-
-class _StopForward(Exception):
-    """Raised by a hook to skip the rest of a forward pass once the needed statistics are in."""
-
-
-def _stop(*_):
-    raise _StopForward
-
-
-def _batches(windows: Tensor, batch_size: int, device: torch.device) -> Iterator[Tensor]:
-    if windows.dim() != 2:
-        raise ValueError(f"windows must be token ids [n, seq_len], got shape {tuple(windows.shape)}")
-    for start in range(0, windows.shape[0], batch_size):
-        yield windows[start:start + batch_size].to(device)
-
-
-def _base(model) -> nn.Module:
-    # the inner model skips lm_head: logits over a large vocabulary would cost as much as the layers
-    return getattr(model, "model", model)
-
-
-def _collect(model, windows: Tensor, modules: Mapping[tuple[int, str], nn.Linear], batch_size: int):
-    """Return `GramStats` of the given modules from full forward passes, stopping after the last layer needed."""
-    layer_list = decoder_layers(model)
-    last = layer_list[max(li for li, _ in modules)]
-    device = next(model.parameters()).device
-    with torch.no_grad(), GramCollector(modules) as col, hooks((last, "forward", _stop)):
-        for batch in _batches(windows, batch_size, device):
-            try:
-                _base(model)(input_ids=batch, use_cache=False)
-            except _StopForward:
-                pass
-    return col.stats
+    """Return the refit target `name` (o_proj or down_proj) of a decoder layer."""
+    if name not in TARGETS:
+        raise ReconstructionError(f"unknown reconstruction target '{name}'; known: {', '.join(TARGETS)}")
+    return proj(layer, name)
 
 
 def collect_grams(model, windows: Tensor, layers: Iterable[int] | None = None, which: Iterable[str] = TARGETS,
-                  batch_size: int = 4) -> dict[tuple[int, str], GramStats]:
-    """Return `GramStats` per (layer, module name) of the inputs of o_proj / down_proj over the calibration windows."""
+                  batch_size: int = 4, storage: torch.device | str | None = None) -> dict[tuple[int, str], GramStats]:
+    """Return `GramStats` per (layer, module name) of the inputs of o_proj / down_proj, one layer at a time.
+
+    `storage` (e.g. "cpu") is where each finished layer's statistics go; by default they stay on the model's device.
+    """
     layer_list = decoder_layers(model)
     layers = sorted(range(len(layer_list)) if layers is None else set(layers))
-    modules = {(li, name): target_module(layer_list[li], name) for li in layers for name in which}
-    return _collect(model, windows, modules, batch_size) if modules else {}
+    which = list(which)
+    wanted = {li: {name: target_module(layer_list[li], name) for name in which} for li in layers} if which else {}
+    return calibration.layerwise_grams(model, windows, wanted, batch_size, storage)
 
 
 def _solve_ridge(a: Tensor, b: Tensor) -> Tensor:
@@ -254,11 +147,11 @@ def _targets(model, plan: PruningPlan) -> dict[tuple[int, str], Tensor]:
     for li in sorted(plan.heads):
         heads = sorted(plan.kept_heads(li))
         if li in kept_layers and len(heads) < plan.base_heads[li]:
-            out[(li, "o_proj")] = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads])
+            out[(li, HEAD_INPUT)] = head_channels(heads, hd)
     for li in sorted(plan.neurons):
         neurons = sorted(plan.kept_neurons(li))
         if li in kept_layers and len(neurons) < plan.base_intermediate[li]:
-            out[(li, "down_proj")] = torch.tensor(neurons)
+            out[(li, NEURON_INPUT)] = torch.tensor(neurons)
     return out
 
 
@@ -325,9 +218,14 @@ def reconstruct_in_place(model, plan: PruningPlan, windows: Tensor | None, mode:
     elif sequential:
         return _reconstruct_sequential(model, plan, windows, targets, mode, batch_size, ridge_ratio, chase)
     else:
+        wanted: dict[int, list[str]] = {}
+        for li, name in targets:
+            wanted.setdefault(li, []).append(name)
         layer_list = decoder_layers(model)
-        modules = {key: target_module(layer_list[key[0]], key[1]) for key in targets}
-        stats = _collect(model, windows, modules, batch_size)
+        stats = calibration.layerwise_grams(
+            model, windows, {li: {n: target_module(layer_list[li], n) for n in names} for li, names in wanted.items()},
+            batch_size)
+        stats = {(li, name): st for (li, name), st in stats.items()}
     layer_list = decoder_layers(model)
     for (li, name), keep in targets.items():
         _refit_in_place(target_module(layer_list[li], name), keep, stats.get((li, name)), mode, ridge_ratio)
@@ -344,85 +242,13 @@ def prune_and_reconstruct(model, plan: PruningPlan, windows: Tensor | None, mode
     return apply_plan(model, plan)
 
 
-class _Catcher(nn.Module):
-    """Stands in for a decoder layer: records what the layer would be called with and passes hidden states on."""
-
-    def __init__(self, store: list):
-        super().__init__()
-        self.store = store
-
-    def forward(self, hidden_states, *args, **kwargs):
-        self.store.append((hidden_states, args, kwargs))
-        return hidden_states
-
-
-@contextmanager
-def _catching(model) -> Iterator[list[list]]:
-    """Swap every decoder layer for a `_Catcher` (SparseGPT's trick), restoring the real layers on exit."""
-    layer_list = decoder_layers(model)
-    saved = list(layer_list)
-    stores: list[list] = [[] for _ in saved]
-    try:
-        for i, store in enumerate(stores):
-            layer_list[i] = _Catcher(store)
-        yield stores
-    finally:
-        for i, layer in enumerate(saved):
-            layer_list[i] = layer
-
-
-def _layer_inputs(model, windows: Tensor, batch_size: int) -> tuple[list[Tensor], list[list]]:
-    """Return the hidden states entering layer 0 per batch, and per layer the (args, kwargs) each batch calls it with."""
-    device = next(model.parameters()).device
-    # masks can differ per layer (sliding-window layers), so every layer's call is recorded; the catchers make
-    # this pass cost only the embeddings
-    with torch.no_grad(), _catching(model) as stores:
-        for batch in _batches(windows, batch_size, device):
-            _base(model)(input_ids=batch, use_cache=False)
-    hidden = [h for h, _, _ in stores[0]]
-    calls = [[(a, kw) for _, a, kw in store] for store in stores]
-    return hidden, calls
-
-
-def _run(layer: nn.Module, hidden: Tensor, call: tuple) -> Tensor:
-    out = layer(hidden, *call[0], **call[1])
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _layer_stats(layer: nn.Module, module: nn.Linear, hidden: list[Tensor], calls: list) -> GramStats:
-    """Return the `GramStats` of `module`'s input over the cached batches, running `layer` only up to `module`."""
-    with GramCollector({0: module}) as col, hooks((module, "pre", _stop)):
-        for h, call in zip(hidden, calls):
-            try:
-                _run(layer, h, call)
-            except _StopForward:
-                pass
-    return col.stats[0]
-
-
-def _input_of(layer: nn.Module, module: nn.Linear, hidden: Tensor, call: tuple) -> Tensor:
-    """Return the input `module` receives when `layer` runs on `hidden` (the layer stops there)."""
-    got = []
-
-    def grab(_, args):
-        got.append(args[0])
-        raise _StopForward
-
-    with hooks((module, "pre", grab)):
-        try:
-            _run(layer, hidden, call)
-        except _StopForward:
-            pass
-    return got[0]
-
-
 def _paired_stats(layer: nn.Module, name: str, ref_layer: nn.Module, hidden: list[Tensor], ref_hidden: list[Tensor],
                   calls: list) -> GramStats:
     """Return `GramStats` of the `name` input on the pruned path, with cross terms against the unpruned path."""
     module, ref_module = target_module(layer, name), target_module(ref_layer, name)
     stats = GramStats.empty(module.in_features, module.weight.device)
     for h, h_ref, call in zip(hidden, ref_hidden, calls):
-        stats.add_paired(_input_of(layer, module, h, call), _input_of(ref_layer, ref_module, h_ref, call))
+        stats.add_paired(calibration.input_of(layer, module, h, call), calibration.input_of(ref_layer, ref_module, h_ref, call))
     return stats
 
 
@@ -434,26 +260,20 @@ def _reconstruct_sequential(model, plan: PruningPlan, windows: Tensor, targets, 
     `chase`: also carry the unpruned model's hidden states (through a copy of each layer taken before its refit)
     and refit toward the unpruned model's output, so each refit also absorbs the error of the layers before it.
     """
-    layer_list = decoder_layers(model)
     kept_layers = set(plan.kept_layers())
     last = max(li for li, _ in targets)
-    hidden, calls = _layer_inputs(model, windows, batch_size)
-    ref_hidden = list(hidden)
-    for li in range(last + 1):
-        layer = layer_list[li]
+    dropped = set(range(last + 1)) - kept_layers
+    ref_hidden = None
+    for li, layer, hidden, calls in calibration.walk_layers(model, windows, batch_size, last, bypassed=dropped):
+        if ref_hidden is None:
+            ref_hidden = list(hidden)
         pruned_here = [name for name in TARGETS if (li, name) in targets and li in kept_layers]
         ref_layer = copy.deepcopy(layer) if chase and pruned_here else layer
-        if li not in kept_layers:  # a dropped layer passes its input on unchanged; the unpruned model runs it
-            if chase:
-                ref_hidden = [_run(layer, h, call) for h, call in zip(ref_hidden, calls[li])]
-            continue
-        for name in pruned_here:  # o_proj first: down_proj's input depends on the refit attention output
-            module = target_module(layer, name)
-            stats = (_paired_stats(layer, name, ref_layer, hidden, ref_hidden, calls[li]) if chase
-                     else _layer_stats(layer, module, hidden, calls[li]))
-            _refit_in_place(module, targets[(li, name)], stats, mode, ridge_ratio)
-        if li < last:
-            hidden = [_run(layer, h, call) for h, call in zip(hidden, calls[li])]
-            if chase:
-                ref_hidden = [_run(ref_layer, h, call) for h, call in zip(ref_hidden, calls[li])]
+        # o_proj first: down_proj's input depends on the refit attention output
+        for name in pruned_here:
+            stats = (_paired_stats(layer, name, ref_layer, hidden, ref_hidden, calls) if chase
+                     else calibration.layer_input_grams(layer, target_module(layer, name), hidden, calls))
+            _refit_in_place(target_module(layer, name), targets[(li, name)], stats, mode, ridge_ratio)
+        if chase and li < last:  # the unpruned model runs every layer, dropped ones too
+            ref_hidden = [calibration.run_layer(ref_layer, h, call) for h, call in zip(ref_hidden, calls)]
     return model

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .arch import arch_of, decoder_layers, head_dim, is_uniform, layer_shapes
+from .arch import (arch_of, decoder_layers, head_channels, head_dim, is_uniform, layer_shape, layer_shapes, proj,
+                   set_decoder_layers, set_layer_index, set_mlp_width, set_proj, set_query_heads)
 from .plan import PlanMismatchError, PruningPlan
 
 
@@ -30,10 +31,6 @@ def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: to
         new.bias.data.copy_(b)
     new.weight.requires_grad_(linear.weight.requires_grad)
     return new
-
-
-def _head_channels(heads: list[int], hd: int) -> torch.Tensor:
-    return torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads])
 
 
 def check_gqa_heads(kept: list[int], n_heads: int, n_kv: int, layer: int) -> None:
@@ -60,19 +57,16 @@ def prune_heads(model, kept: dict[int, list[int]]):
     hd = head_dim(model)
     layers = decoder_layers(model)
     for li, keep in kept.items():
-        attn = layers[li].self_attn
-        n_heads, n_kv = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
+        layer = layers[li]
+        shape = layer_shape(layer, hd)
         keep = sorted(int(h) for h in keep)
-        check_gqa_heads(keep, n_heads, n_kv, li)
-        if len(keep) == n_heads:
+        check_gqa_heads(keep, shape.n_heads, shape.n_kv_heads, li)
+        if len(keep) == shape.n_heads:
             continue
-        channels = _head_channels(keep, hd)
-        attn.q_proj = _sliced_linear(attn.q_proj, rows=channels)
-        attn.o_proj = _sliced_linear(attn.o_proj, cols=channels)
-        # sorted kept heads stay contiguous per group, so repeat_kv's head -> group mapping still holds
-        attn.num_key_value_groups = len(keep) // n_kv
-        if hasattr(attn, "num_heads"):
-            attn.num_heads = len(keep)
+        channels = head_channels(keep, hd)
+        set_proj(layer, "q_proj", _sliced_linear(proj(layer, "q_proj"), rows=channels))
+        set_proj(layer, "o_proj", _sliced_linear(proj(layer, "o_proj"), cols=channels))
+        set_query_heads(layer, len(keep), shape.n_kv_heads)
     _sync_config(model)
     return model
 
@@ -82,8 +76,8 @@ def prune_neurons(model, kept: dict[int, list[int]]):
     arch_of(model)
     layers = decoder_layers(model)
     for li, keep in kept.items():
-        mlp = layers[li].mlp
-        width = mlp.up_proj.out_features
+        layer = layers[li]
+        width = proj(layer, "up_proj").out_features
         keep = sorted(int(n) for n in keep)
         if not keep:
             raise SurgeryError(f"layer {li}: every MLP neuron would be removed; keep at least one or drop the layer")
@@ -92,11 +86,10 @@ def prune_neurons(model, kept: dict[int, list[int]]):
         if len(keep) == width:
             continue
         idx = torch.tensor(keep)
-        mlp.gate_proj = _sliced_linear(mlp.gate_proj, rows=idx)
-        mlp.up_proj = _sliced_linear(mlp.up_proj, rows=idx)
-        mlp.down_proj = _sliced_linear(mlp.down_proj, cols=idx)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = len(keep)
+        for name in ("gate_proj", "up_proj"):
+            set_proj(layer, name, _sliced_linear(proj(layer, name), rows=idx))
+        set_proj(layer, "down_proj", _sliced_linear(proj(layer, "down_proj"), cols=idx))
+        set_mlp_width(layer, len(keep))
     _sync_config(model)
     return model
 
@@ -112,11 +105,8 @@ def drop_layers(model, kept_layers: list[int]):
         raise SurgeryError(f"kept layers must be distinct indices in [0, {len(layers)})")
     new_layers = nn.ModuleList([layers[i] for i in kept_layers])
     for new_idx, layer in enumerate(new_layers):
-        # the KV cache is indexed by layer_idx: stale indices would read another layer's keys
-        layer.self_attn.layer_idx = new_idx
-        if hasattr(layer, "layer_idx"):
-            layer.layer_idx = new_idx
-    getattr(model, "model", model).layers = new_layers
+        set_layer_index(layer, new_idx)
+    set_decoder_layers(model, new_layers)
     cfg = model.config
     if getattr(cfg, "layer_types", None) is not None:
         cfg.layer_types = [cfg.layer_types[i] for i in kept_layers]

@@ -157,33 +157,6 @@ def test_streaming_matches_one_batch(model, windows):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-8), name
 
 
-def test_documents_with_padding_match_brute_force(model, windows):
-    """Documents of unequal length are cut into padded rows; padding must not enter the statistics."""
-    docs = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (32, 20, 45)]
-    got = activation(model, windows, batch_size=4, documents=docs, progress=False)
-    rows = [docs[0], docs[1], docs[2][:32], docs[2][32:]]  # 32-token rows, each run alone: no padding at all
-    down = decoder_layers(model)[1].mlp.down_proj
-    sq = torch.zeros(down.in_features)
-
-    def grab(mod, args):
-        sq.add_((args[0].float() ** 2).sum((0, 1)))
-
-    with torch.no_grad(), hooks((down, "pre", grab)):
-        for r in rows:
-            model(r[None])
-    want = sq.sqrt() * down.weight.norm(dim=0)
-    assert torch.allclose(got.neurons[1], want.detach(), rtol=1e-4)
-    tf = compute_importance(model, windows, ["tfidf", "tfidf_topic"], documents=docs, n_topics=2, progress=False)
-    for s in tf.values():
-        _assert_shapes(model, s)
-
-
-def test_windows_are_documents_by_default(model, windows):
-    a = compute_importance(model, windows, ["tfidf"], progress=False)["tfidf"]
-    b = compute_importance(model, windows, ["tfidf"], documents=list(windows), progress=False)["tfidf"]
-    assert all(torch.allclose(x, y, rtol=1e-4) for x, y in zip(a.heads + a.neurons, b.heads + b.neurons))
-
-
 def test_mix_is_weighted_rank_combination(model, windows, all_scores):
     m = compute_importance(model, windows, ["mix"], mix_weights={"magnitude": 1.0}, progress=False)["mix"]
     assert torch.equal(m.heads[2].argsort(), all_scores["magnitude"].heads[2].argsort())
