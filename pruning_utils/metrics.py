@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .arch import decoder_layers, head_dim, layer_shapes
-from .loading import PROJECT_ROOT
+from .paths import PROJECT_ROOT
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 MB = 2 ** 20  # sizes are reported in MiB, the unit of torch.cuda memory stats and of `du -m`
