@@ -110,14 +110,12 @@ def test_missing_lm_eval_says_what_to_install(monkeypatch, hf_tiny):
 
 
 def test_zero_shot_local_task_offline(hf_tiny):
-    pytest.importorskip("lm_eval")
     scores = ev.zero_shot(*hf_tiny, tasks=["tiny_mc"], include_path=LOCAL_TASKS, batch_size=16)
     assert set(scores) == {"tiny_mc"}
     assert math.isfinite(scores["tiny_mc"]) and 0.0 <= scores["tiny_mc"] <= 1.0
 
 
 def test_in_memory_model_with_per_layer_shapes_is_evaluated(hf_tiny):
-    pytest.importorskip("lm_eval")
     from pruning_utils.arch import layer_shapes
     from pruning_utils.surgery import prune_heads, prune_neurons
 

@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from pruning_utils.checkpoint import is_pruned_checkpoint, load_pruned, save_pruned
-from pruning_utils.loading import PROJECT_ROOT, TinyTokenizer, tiny_model
+from pruning_utils.paths import PROJECT_ROOT
 from pruning_utils.recovery import (RecoveryConfig, RecoveryDivergedError, attach_lora, distillation_loss,
                                     instruction_windows, merge_lora, recover, train_lora)
 from pruning_utils.surgery import prune_heads, prune_neurons
-from pruning_utils.train_lora import main as train_main
+from pruning_utils.tiny import TinyTokenizer, tiny_model
+from pruning_utils.lora_launch import main as train_main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -208,11 +209,11 @@ def test_two_process_data_parallel_run_agrees(tmp_path):
     config = _script_config(tmp_path, max_steps=100, batch_size=2)
     # `--cpu` sends accelerate to its simple launcher, which starts ONE process unless MPI is set up;
     # `--multi_gpu` goes through torchrun, and with no visible GPU each rank runs on CPU over gloo.
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    # `-m` runs from cwd=PROJECT_ROOT, so every rank imports this checkout's package (or the installed one)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "pruning_utils.train_lora", "--config", str(config), "--save-state-dict", str(tmp_path / "sd.pt"),
+           "-m", "pruning_utils.lora_launch", "--config", str(config), "--save-state-dict", str(tmp_path / "sd.pt"),
            "--no-progress"]
     proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

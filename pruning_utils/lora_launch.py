@@ -1,5 +1,5 @@
-"""LoRA recovery as a script: `python -m pruning_utils.train_lora --config cfg.json`, or data parallel with
-`accelerate launch --multi_gpu --num_processes N -m pruning_utils.train_lora --config cfg.json`.
+"""LoRA recovery as a script: `python -m pruning_utils.lora_launch --config cfg.json`, or data parallel with
+`accelerate launch --multi_gpu --num_processes N -m pruning_utils.lora_launch --config cfg.json`.
 
 On CPU use the same `--multi_gpu` command with `CUDA_VISIBLE_DEVICES=""`: it goes through torchrun and the
 ranks talk over gloo, whereas `accelerate launch --cpu --num_processes N` starts a single process unless
