@@ -104,7 +104,10 @@ def test_judge_uses_packaged_model_folder():
 
 
 def test_missing_lm_eval_says_what_to_install(monkeypatch, hf_tiny):
+    assert ev.require_lm_eval()[0].__name__ == "lm_eval"
     _block_import(monkeypatch, "lm_eval")
+    with pytest.raises(ev.EvaluationDependencyError, match="pip install lm-eval"):
+        ev.require_lm_eval()
     with pytest.raises(ev.EvaluationDependencyError, match="pip install lm-eval"):
         ev.zero_shot(*hf_tiny, tasks=["tiny_mc"], include_path=LOCAL_TASKS)
 
