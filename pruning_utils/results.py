@@ -16,7 +16,7 @@ import pandas as pd
 
 from .paths import RESULTS_DIR, ablation_dir  # re-exported: notebooks still spell results.RESULTS_DIR
 
-__all__ = ["RESULTS_DIR", "ablation_dir", "compact_shape", "save_plot", "write_csv", "write_json"]
+__all__ = ["RESULTS_DIR", "ablation_dir", "compact_shape", "expand_shape", "save_plot", "write_csv", "write_json"]
 
 
 @contextmanager
@@ -71,6 +71,14 @@ def compact_shape(values: list[int]) -> str:
         else:
             runs.append([v, 1])
     return ",".join(f"{v}x{n}" for v, n in runs)
+
+
+def expand_shape(text: str) -> list[int]:
+    """Return the per-layer sizes of a `compact_shape` text: '9x2,6x1' -> [9, 9, 6]."""
+    try:
+        return [int(v) for run in str(text).split(",") if run for v, n in [run.split("x")] for _ in range(int(n))]
+    except ValueError as err:
+        raise ValueError(f"'{text}' is not a compact shape such as '9x10,6x20' (size x layers, comma-separated)") from err
 
 
 def save_plot(fig, path: str | Path, dpi: int = 120) -> Path:
