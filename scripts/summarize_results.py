@@ -18,6 +18,8 @@ def md(df: pd.DataFrame, digits: int = 2) -> str:
 
 def sweep_table(name: str, rate_col: str) -> str:
     df = pd.read_csv(OUT / f"{name}.csv")
+    if rate_col not in df:  # tables written before the rate columns were renamed `*_requested`
+        rate_col = rate_col.removesuffix("_requested")
     sweep = df[df["reconstruction"].eq("none") & df["variant"].str.count("-").eq(2)]
     pivot = sweep.pivot_table(index="criterion", columns=rate_col, values="ppl").sort_values(sweep[rate_col].min())
     pivot.columns = [f"PPL @ {rate_col}={c}" for c in pivot.columns]
@@ -54,8 +56,8 @@ def main() -> None:
     sections.append("### Baseline\n" + md(base[["variant", "params_total", "params_non_embedding", "flops_per_token",
                                                  "size_mb", "ppl", "eval_tokens", "prefill_ms", "decode_tok_s",
                                                  "peak_memory_mb"]]))
-    sections.append("### Head pruning: criteria at equal rate (screen eval)\n" + sweep_table("head_pruning", "head_rate"))
-    sections.append("### MLP pruning: criteria at equal rate (screen eval)\n" + sweep_table("mlp_pruning", "mlp_rate"))
+    sections.append("### Head pruning: criteria at equal rate (screen eval)\n" + sweep_table("head_pruning", "head_rate_requested"))
+    sections.append("### MLP pruning: criteria at equal rate (screen eval)\n" + sweep_table("mlp_pruning", "mlp_rate_requested"))
     cols = ["variant", "criterion", "reconstruction", "query_heads", "intermediate", "reduction_pct",
             "flops_reduction_pct", "ppl", "ppl_change_pct", "eval_tokens", "prefill_ms", "decode_tok_s"]
     for name in ("head_pruning", "mlp_pruning"):

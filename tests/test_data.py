@@ -8,7 +8,7 @@ import torch
 
 from pruning_utils import data
 from pruning_utils.data import DataSourceError
-from pruning_utils.loading import TinyTokenizer
+from pruning_utils.tiny import TinyTokenizer
 
 
 @pytest.fixture(scope="module")

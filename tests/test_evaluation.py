@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from pruning_utils import evaluation as ev
-from pruning_utils.loading import TinyTokenizer, embedded_model_dir, tiny_model
+from pruning_utils.loading import embedded_model_dir
+from pruning_utils.tiny import TinyTokenizer, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
