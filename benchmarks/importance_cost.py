@@ -1,19 +1,17 @@
 """Cost of the importance criteria relative to a plain forward pass over the same calibration tokens.
 
 Targets (issue 3): all forward-only criteria in one pass <= 1.3x a plain forward; taylor <= 3.5x.
-Writes results/benchmarks/importance_cost.json.  Usage: python benchmarks/importance_cost.py [--model smollm2-135m]
+Writes results/benchmarks/importance_cost.json.  Usage: python3 -m benchmarks.importance_cost [--model smollm2-135m]
 """
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pruning_utils import data, importance, metrics  # noqa: E402
-from pruning_utils.loading import PROJECT_ROOT, load_model  # noqa: E402
+from pruning_utils import data, importance, metrics
+from pruning_utils.loading import load_model
+from pruning_utils.paths import PROJECT_ROOT
 
 
 def timed(fn, repeats: int) -> float:

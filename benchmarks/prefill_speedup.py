@@ -7,17 +7,15 @@ plan keeps the first ones. Writes results/benchmarks/prefill_speedup.json.
 """
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pruning_utils import metrics  # noqa: E402
-from pruning_utils.arch import layer_shapes  # noqa: E402
-from pruning_utils.loading import PROJECT_ROOT, load_model  # noqa: E402
-from pruning_utils.plan import PruningPlan  # noqa: E402
-from pruning_utils.variants import pruned_copy  # noqa: E402
+from pruning_utils import metrics
+from pruning_utils.arch import layer_shapes
+from pruning_utils.loading import load_model
+from pruning_utils.paths import PROJECT_ROOT
+from pruning_utils.plan import PruningPlan
+from pruning_utils.variants import pruned_copy
 
 
 def main() -> None:

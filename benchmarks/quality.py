@@ -17,7 +17,7 @@ model's output), and S3 under `global` allocation at the same non-embedding coun
 full at every shape as a side-by-side peer row.
 
 Writes results/ablation_studies/quality_benchmark.csv (columns in `COLUMNS`) and quality_benchmark.json
-(environment, settings, peers, timings). Usage: python benchmarks/quality.py [--screen-tokens 4096 --full-top 2]
+(environment, settings, peers, timings). Usage: python3 -m benchmarks.quality [--screen-tokens 4096 --full-top 2]
 """
 from __future__ import annotations
 
@@ -25,20 +25,17 @@ import argparse
 import copy
 import importlib.util
 import math
-import sys
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # torch_pruning_peer
-from pruning_utils import allocation, data, importance, metrics, reconstruction, results  # noqa: E402
-from pruning_utils.arch import decoder_layers  # noqa: E402
-from pruning_utils.loading import PROJECT_ROOT, load_model  # noqa: E402
-from pruning_utils.surgery import apply_plan  # noqa: E402
+from pruning_utils import allocation, data, importance, metrics, reconstruction, results
+from pruning_utils.arch import decoder_layers
+from pruning_utils.loading import load_model
+from pruning_utils.paths import PROJECT_ROOT
+from pruning_utils.surgery import apply_plan
 
 SHAPES = {"S1": dict(head_rate=0.0, mlp_rate=0.25), "S2": dict(head_rate=0.2, mlp_rate=0.0),
           "S3": dict(head_rate=0.2, mlp_rate=0.25)}
@@ -137,7 +134,7 @@ class Bench:
     def _build(self, r: Recipe):
         t0 = time.perf_counter()
         if r.criterion.startswith(TP_PREFIX):  # the peer prunes with its own scores and surgery
-            from torch_pruning_peer import prune_with_torch_pruning
+            from benchmarks.torch_pruning_peer import prune_with_torch_pruning
 
             pruned = prune_with_torch_pruning(copy.deepcopy(self.model), self.windows, importance=r.criterion[len(TP_PREFIX):],
                                               **SHAPES[r.shape])

@@ -6,23 +6,20 @@ the unpruned model, calibration split only, at most one epoch, merged) for each 
 fresh copy of `models/<name>/`, and scores the merged model on the whole evaluation text. The chosen default of
 notebook 04 is the cheapest setting that meets the target. Writes results/ablation_studies/recovery_budget.csv.
 
-Usage: python benchmarks/recovery_budget.py --name mix_pruned --steps 16,32 --lrs 1e-3,2e-3
+Usage: python3 -m benchmarks.recovery_budget --name mix_pruned --steps 16,32 --lrs 1e-3,2e-3
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pruning_utils import data, metrics, recovery, results  # noqa: E402
-from pruning_utils.checkpoint import load_pruned, read_checkpoint_meta  # noqa: E402
-from pruning_utils.loading import load_model  # noqa: E402
+from pruning_utils import data, metrics, recovery, results
+from pruning_utils.checkpoint import load_pruned, read_checkpoint_meta
+from pruning_utils.loading import load_model
 
 
 def main() -> None:

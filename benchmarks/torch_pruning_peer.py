@@ -15,15 +15,12 @@ pruned, so an unexpected shape raises `NotImplementedError` with the model untou
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pruning_utils.allocation import _round  # noqa: E402  (round half up: the same counts as our plans)
-from pruning_utils.arch import decoder_layers, head_dim, is_uniform, layer_shapes  # noqa: E402
+from pruning_utils.allocation import _round  # round half up: the same counts as our plans
+from pruning_utils.arch import decoder_layers, head_dim, is_uniform, layer_shapes
 
 IMPORTANCES = ("taylor", "magnitude")
 

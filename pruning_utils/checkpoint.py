@@ -19,7 +19,10 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from .arch import arch_of, decoder_layers, head_dim, is_uniform, layer_shapes
+from .devices import resolve_device, resolve_dtype
+from .paths import models_dir
 from .plan import PruningPlan
+from .tiny import TinyTokenizer
 
 PLAN_FILE = "pruning_plan.json"
 FORMAT = "semantic-llm-pruning/1"
@@ -31,10 +34,8 @@ class CheckpointError(ValueError):
 
 def resolve_checkpoint_dir(dest: str | os.PathLike) -> Path:
     """Return the folder a bare name stands for (under models/), or the path itself."""
-    from .loading import MODELS_DIR
-
     p = Path(dest)
-    return MODELS_DIR / p if len(p.parts) == 1 and not p.is_absolute() else p
+    return models_dir() / p if len(p.parts) == 1 and not p.is_absolute() else p
 
 
 def _stock_config(model, plan: PruningPlan) -> tuple[dict, bool]:
@@ -149,8 +150,7 @@ def load_pruned(folder, device: str | None = None, dtype=None):
     """Return `(model, tokenizer)` from a pruned checkpoint, rebuilding per-layer shapes when they differ."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .loading import TinyTokenizer, resolve_device, resolve_dtype
-    from .surgery import prune_heads, prune_neurons
+    from .surgery import prune_heads, prune_neurons  # lazily: surgery is only needed for per-layer shapes
 
     folder = resolve_checkpoint_dir(folder)
     meta = read_checkpoint_meta(folder)

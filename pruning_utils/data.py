@@ -19,7 +19,6 @@ import torch
 
 SPLITS = ("calibration", "evaluation")
 EVAL_FRACTION = 0.2
-MIN_DOC_TOKENS = 16  # shorter documents carry too few terms for document-frequency statistics
 _PIECE_CHARS = 2000  # tokenize long text in pieces so no tokenizer warns about its max length
 SOURCE_FORMS = ("'embedded'", "'wikitext2'", "a local .txt file", "a local .csv file", "a local .jsonl file")
 
@@ -228,23 +227,3 @@ def eval_chunks(tokenizer, source: str = "embedded", seq_len: int = 512, max_tok
             f"window of seq_len={seq_len}; use a shorter seq_len, a larger max_tokens, or a longer text source"
         )
     return ids[:n * seq_len].reshape(n, seq_len).clone()
-
-
-def calibration_documents(tokenizer, source: str = "embedded", max_docs: int = 64, max_len: int = 256,
-                          seed: int = 0, column: str | None = None) -> list[torch.Tensor]:
-    """Return up to `max_docs` calibration documents as 1-D token tensors (truncated to `max_len`, short ones skipped)."""
-    docs = load_documents(source, "calibration", column)
-    order = list(range(len(docs)))
-    random.Random(seed).shuffle(order)
-    out = []
-    for i in order:
-        if len(out) >= max_docs:
-            break
-        # Tokens average ~4 characters of prose: 8 per token leaves margin without tokenizing 60k-character topics.
-        ids = encode(tokenizer, docs[i][: max_len * 8])[:max_len]
-        if len(ids) >= MIN_DOC_TOKENS:
-            out.append(torch.tensor(ids, dtype=torch.long))
-    if not out:
-        raise DataSourceError(f"no calibration document of '{source}' has {MIN_DOC_TOKENS}+ tokens; "
-                              "give a source with longer documents")
-    return out

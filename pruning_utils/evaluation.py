@@ -159,7 +159,11 @@ def retention_table(prompts: Sequence[str | dict], reference: Sequence[str], ans
 
 # --------------------------------------------------------------------------- zero-shot (lm-evaluation-harness)
 
-def _lm_eval():
+def require_lm_eval():
+    """Return `(lm_eval, HFLM, TaskManager)`, or raise EvaluationDependencyError with the install command.
+
+    Call it before long work that ends in `zero_shot`, so a missing lm-eval fails in seconds, not after hours.
+    """
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -169,6 +173,9 @@ def _lm_eval():
             f"zero-shot evaluation needs lm-evaluation-harness: run `{LM_EVAL_PIP}` (or disable zero-shot)"
         ) from err
     return lm_eval, HFLM, TaskManager
+
+
+_lm_eval = require_lm_eval  # the old private name, until notebook 06 calls require_lm_eval
 
 
 def _task_manager(TaskManager, tasks: list[str], include_path):
@@ -182,7 +189,7 @@ def _task_manager(TaskManager, tasks: list[str], include_path):
 def zero_shot(model, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, limit: int | float | None = None,
               batch_size: int = 8, include_path: str | Path | None = None, metric: str = "acc") -> dict[str, float]:
     """Return `{task: accuracy}` from lm-eval zero-shot runs on the in-memory model (`metric`, else plain acc)."""
-    lm_eval, HFLM, TaskManager = _lm_eval()
+    lm_eval, HFLM, TaskManager = require_lm_eval()
     tasks = list(tasks)
     manager = _task_manager(TaskManager, tasks, include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]

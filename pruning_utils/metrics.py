@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .arch import decoder_layers, head_dim, layer_shapes
-from .loading import PROJECT_ROOT
+from .paths import PROJECT_ROOT
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 MB = 2 ** 20  # sizes are reported in MiB, the unit of torch.cuda memory stats and of `du -m`
@@ -125,22 +125,58 @@ def _spread(values: list[float], prefix: str) -> dict[str, float]:
             f"{prefix}_max": max(values), f"{prefix}_iqr": qs[2] - qs[0]}
 
 
+def _load_avg() -> float:
+    """Return the 1-minute load average (runnable threads, this process's included), NaN where unknown."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows
+        return math.nan
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may use (a container's share)
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _too_wide(values: list[float], max_rel_iqr: float) -> bool:
+    spread = _spread(values, "v")
+    return spread["v_iqr"] > max_rel_iqr * spread["v_median"]
+
+
+def is_noisy(prefill_ms: list[float], load_avg: float, cores: int, max_rel_iqr: float = 0.15) -> bool:
+    """Return True when timings are not to be trusted: IQR / median above `max_rel_iqr`, or load above the cores."""
+    # a load average above the core count means runnable threads queued for a core: some repeat waited
+    return _too_wide(prefill_ms, max_rel_iqr) or (math.isfinite(load_avg) and load_avg > cores)
+
+
 def latency(model, batch_size: int = 1, seq_len: int = 512, new_tokens: int = 32, warmup: int = 2,
             repeats: int = 5, vocab_size: int | None = None, seed: int = 0,
-            timer: Callable[[], float] = time.perf_counter) -> dict:
-    """Return prefill milliseconds and greedy KV-cache decode tokens/s (median, min, max, IQR over `repeats`).
+            timer: Callable[[], float] = time.perf_counter, max_repeats: int | None = None,
+            max_rel_iqr: float = 0.15) -> dict:
+    """Return prefill milliseconds and greedy KV-cache decode tokens/s (median, min, max, IQR over the repeats).
 
     Prefill is the forward of a [batch_size, seq_len] random prompt building the KV cache with only the
     last position's logits, as generation does; decode then produces `new_tokens` greedy tokens one at a time.
     A manual decode loop is used instead of `generate`, so an EOS token cannot stop it early.
+
+    While the prefill IQR exceeds `max_rel_iqr` x median, more repeats run, up to `max_repeats` (default
+    3 x `repeats`). `latency_noisy` is True when the spread is still too wide, or when the 1-minute load average
+    (`load_avg`, the highest seen before and after) exceeded the cores this process may use: other work competed
+    for the CPU, so the row should be re-measured rather than compared.
     """
     device = _device(model)
     vocab = vocab_size or model.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (batch_size, seq_len), generator=gen).to(device)
     prefill_ms, decode_tps = [], []
+    limit = max(repeats, max_repeats if max_repeats is not None else 3 * repeats)
+    load = _load_avg()
     with torch.inference_mode():
-        for i in range(warmup + repeats):
+        i = 0
+        while i < warmup + repeats or (i < warmup + limit and _too_wide(prefill_ms, max_rel_iqr)):
+            i += 1
             _sync(device)
             t0 = timer()
             out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
@@ -152,12 +188,14 @@ def latency(model, batch_size: int = 1, seq_len: int = 512, new_tokens: int = 32
                 past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
             _sync(device)
             t2 = timer()
-            if i >= warmup:  # warm-up runs pay for allocator growth and kernel selection; they are not timed
+            if i > warmup:  # warm-up runs pay for allocator growth and kernel selection; they are not timed
                 prefill_ms.append((t1 - t0) * 1000)
                 if new_tokens:
                     decode_tps.append(batch_size * new_tokens / max(t2 - t1, 1e-9))
-    result = {"batch_size": batch_size, "seq_len": seq_len, "new_tokens": new_tokens, "repeats": repeats}
+    load = max(load, _load_avg())
+    result = {"batch_size": batch_size, "seq_len": seq_len, "new_tokens": new_tokens, "repeats": len(prefill_ms)}
     result.update(_spread(prefill_ms, "prefill_ms"))
+    result.update(load_avg=load, latency_noisy=is_noisy(prefill_ms, load, _cores(), max_rel_iqr))
     if decode_tps:
         result.update(_spread(decode_tps, "decode_tok_s"))
         result["decode_ms_per_token"] = 1000 * batch_size / result["decode_tok_s_median"]
@@ -184,14 +222,36 @@ def _max_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux 4+); return whether it worked."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # 5: reset the peak resident set size (see proc(5))
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 @contextmanager
 def track_peak_memory(device: torch.device | str, interval_s: float = 0.005) -> Iterator[dict]:
     """Yield a dict filled on exit with `peak_mb` (peak during the block), `start_mb`, `delta_mb` and `kind`.
 
-    CUDA: allocated tensor memory (`max_memory_allocated`, reset on entry). CPU: resident set size of the
-    process, sampled by a background thread because the kernel's own high-water mark (`ru_maxrss`) cannot
-    be reset and would keep the peak of whatever ran earlier (e.g. loading the model); without /proc the
-    high-water mark is the fallback.
+    CUDA: allocated tensor memory (`max_memory_allocated`, reset on entry). CPU: peak resident set size of the
+    whole process: the kernel's high-water mark (VmHWM) reset on entry through /proc/self/clear_refs (Linux 4+);
+    where that is refused, RSS sampled by a background thread (`ru_maxrss` cannot be reset and would keep the
+    peak of whatever ran earlier, e.g. loading the model); without /proc, `ru_maxrss` is the fallback.
+    Everything else the process holds counts: for one model's own memory use `variant_peak_memory_mb`.
     """
     device = torch.device(device)
     stats: dict = {}
@@ -207,6 +267,13 @@ def track_peak_memory(device: torch.device | str, interval_s: float = 0.005) -> 
             stats.update(kind="cuda_max_allocated", start_mb=start / MB, peak_mb=peak / MB, delta_mb=(peak - start) / MB)
         return
     start = _rss_bytes()
+    if start is not None and _reset_peak_rss():
+        try:
+            yield stats
+        finally:
+            peak = max(_peak_rss_bytes() or 0, start)
+            stats.update(kind="cpu_vmhwm", start_mb=start / MB, peak_mb=peak / MB, delta_mb=(peak - start) / MB)
+        return
     if start is None:
         start = _max_rss_bytes()
         try:
@@ -237,6 +304,99 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str) -> dict:
     with track_peak_memory(device) as stats:
         fn()
     return stats
+
+
+def model_bytes(model) -> int:
+    """Return the bytes held by a model's parameters and buffers (a tensor shared by two names counted once)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _prefill(model, batch_size: int, seq_len: int) -> None:
+    """Run the prefill forward `latency` times (KV cache, last logits only) on a fixed random prompt."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    prompt = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model(input_ids=prompt.to(_device(model)), use_cache=True, logits_to_keep=1)
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc), so what loading freed does not look resident."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the figure may then include freed pages
+        pass
+
+
+def _memory_in_process(model, batch_size: int, seq_len: int) -> dict:
+    """Return weights + the peak extra memory of one prefill, measured in this process."""
+    device = _device(model)
+    weights = model_bytes(model)
+    if device.type != "cuda":
+        _prefill(model, 1, 1)  # first call: thread pools and kernel caches, paid once per process, not per model
+        _trim_heap()
+    with track_peak_memory(device) as mem:
+        _prefill(model, batch_size, seq_len)
+    workspace = max(mem["delta_mb"], 0.0)
+    kind = mem["kind"] if device.type == "cuda" else f"in_process_{mem['kind']}"
+    return {"peak_memory_mb": weights / MB + workspace, "weights_mb": weights / MB, "workspace_mb": workspace,
+            "memory_kind": kind}
+
+
+def _memory_child(spec: str, dtype: str, batch_size: int, seq_len: int, threads: int) -> dict:
+    """Load `spec` on CPU in this (fresh) process and return `_memory_in_process` of it."""
+    from .loading import load_model
+
+    torch.set_num_threads(threads)
+    model, _ = load_model(spec, device="cpu", dtype=dtype)
+    out = _memory_in_process(model, batch_size, seq_len)
+    out["memory_kind"] = out["memory_kind"].replace("in_process", "fresh_process")
+    return out
+
+
+def variant_peak_memory_mb(model=None, spec: str | Path | None = None, *, batch_size: int = 1, seq_len: int = 512,
+                           fresh_process: bool | None = None, timeout_s: float = 1800) -> dict:
+    """Return one model's own memory: `peak_memory_mb` = `weights_mb` + `workspace_mb`, and `memory_kind`.
+
+    `weights_mb` are the bytes of its parameters and buffers; `workspace_mb` is the peak extra memory of one
+    prefill forward ([batch_size, seq_len], KV cache, last logits, as `latency` runs it). Other models in the
+    process do not count. CUDA: `max_memory_allocated` minus what was allocated before, in this process.
+    CPU (default): a fresh spawned process loads the model, from `spec` (a `load_model` spec) or from a temporary
+    checkpoint of `model`, and measures the rise of its peak RSS during the forward, because in a long-lived
+    process the allocator reuses freed memory and the figure would depend on what ran before.
+    `fresh_process=False` measures in this process (fast, but the workspace may then read low).
+    """
+    if model is None and spec is None:
+        raise ValueError("give the model, its load_model spec, or both")
+    device = _device(model) if model is not None else torch.device("cpu")
+    if device.type == "cuda" or fresh_process is False:
+        if model is None:
+            raise ValueError("fresh_process=False or a CUDA measurement needs the model itself; pass model=")
+        return _memory_in_process(model, batch_size, seq_len)
+    import multiprocessing
+    import tempfile
+    from concurrent.futures import ProcessPoolExecutor
+
+    from .checkpoint import resolve_checkpoint_dir, save_pruned
+
+    dtype = str(_dtype(model)).replace("torch.", "") if model is not None else "float32"
+    with tempfile.TemporaryDirectory(prefix="peak-memory-") as tmp:
+        if spec is None:
+            spec = save_pruned(model, None, Path(tmp) / "model")
+        elif resolve_checkpoint_dir(spec).is_dir():
+            spec = resolve_checkpoint_dir(spec).resolve()  # the child must not depend on this process's models/ setting
+        # spawn, not fork: a forked child would start with this process's pages (the other models) resident
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(_memory_child, str(spec), dtype, batch_size, seq_len,
+                               torch.get_num_threads()).result(timeout=timeout_s)
 
 
 # ---------------------------------------------------------------------------------------------- environment

@@ -188,6 +188,31 @@ def _loss(model, teacher, ids: torch.Tensor, cfg: RecoveryConfig) -> torch.Tenso
     return kl if cfg.loss == "distill" else cfg.distill_alpha * kl + (1 - cfg.distill_alpha) * out.loss
 
 
+def heldout_loss(model, windows: torch.Tensor, cfg: RecoveryConfig, teacher=None, batch_size: int | None = None) -> float:
+    """Return the mean training loss (`cfg.loss`: lm, distill or mix) over fixed windows [n, seq_len], in eval mode.
+
+    Every window weighs the same, batches are formed in order and nothing is sampled, so the same windows give
+    the same number before and after training: the honest "did recovery help" figure, unlike one minibatch.
+    """
+    if windows.dim() != 2 or windows.dtype != torch.long or len(windows) == 0:
+        raise ValueError(f"held-out windows must be a non-empty LongTensor [n, seq_len], got {windows.dtype} "
+                         f"{tuple(windows.shape)}")
+    if cfg.loss != "lm" and teacher is None:
+        raise ValueError(f"loss '{cfg.loss}' needs a teacher model for the held-out loss too; pass teacher=")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # dropout off: LoRA dropout would otherwise make the figure random
+    total = 0.0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(windows), batch_size or cfg.batch_size):
+                ids = windows[start:start + (batch_size or cfg.batch_size)].to(device)
+                total += _loss(model, teacher, ids, cfg).float().item() * len(ids)
+    finally:
+        model.train(was_training)
+    return total / len(windows)
+
+
 def write_history_csv(history: list[tuple[int, float, float]], path: str | Path) -> Path:
     """Write the loss curve (columns step, loss, lr) to a CSV file; returns its path."""
     import pandas as pd
@@ -199,12 +224,17 @@ def write_history_csv(history: list[tuple[int, float, float]], path: str | Path)
 
 
 def train_lora(model, train_windows: torch.Tensor, cfg: RecoveryConfig, teacher=None, accelerator=None,
-               log_csv: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train the LoRA adapters of a PeftModel in place; returns dict(steps, tokens_seen, loss_first, loss_last, minutes, tokens_per_s, history).
+               log_csv: str | Path | None = None, progress: bool = True,
+               heldout_windows: torch.Tensor | None = None) -> dict[str, Any]:
+    """Train the LoRA adapters of a PeftModel in place; returns dict(steps, tokens_seen, loss_first, loss_last,
+    heldout_loss_before, heldout_loss_after, minutes, tokens_per_s, history).
 
     `train_windows` is a LongTensor [n, seq_len] of packed tokens; with several processes each rank trains on
     its shard. A given `accelerator` decides device and precision; its gradient accumulation is set from `cfg`.
-    Raises RecoveryDivergedError (model restored to the last good step) when training diverges.
+    `loss_first` / `loss_last` are single (accumulated) minibatches; `heldout_loss_before` / `_after` are the mean
+    loss over the fixed `heldout_windows` (every rank scores all of them) before the first and after the last
+    step, NaN when none are given. Raises RecoveryDivergedError (model restored to the last good step) when
+    training diverges.
     """
     from accelerate.utils import set_seed
     from peft import PeftModel, set_peft_model_state_dict
@@ -244,17 +274,22 @@ def train_lora(model, train_windows: torch.Tensor, cfg: RecoveryConfig, teacher=
             teacher.to(torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16)
 
     unwrapped = accelerator.unwrap_model(wrapped)
+    heldout = {"before": math.nan, "after": math.nan}
+    if heldout_windows is not None:
+        # under the same device and autocast as the "after" figure, so the two differ by training alone
+        heldout["before"] = heldout_loss(unwrapped, heldout_windows, cfg, teacher=teacher)
     good = _adapter_snapshot(unwrapped)
     history: list[tuple[int, float, float]] = []
     micro: list[float] = []
-    step, tokens, running = 0, 0, None
+    step, tokens, running, end = 0, 0, None, None
     bar = tqdm(total=total, desc="LoRA recovery", disable=not (progress and accelerator.is_main_process))
     start = time.perf_counter()
 
     def stats() -> dict[str, Any]:
-        seconds = time.perf_counter() - start
+        seconds = (end or time.perf_counter()) - start
         return dict(steps=step, tokens_seen=tokens, loss_first=history[0][1] if history else math.nan,
-                    loss_last=history[-1][1] if history else math.nan, minutes=seconds / 60,
+                    loss_last=history[-1][1] if history else math.nan, heldout_loss_before=heldout["before"],
+                    heldout_loss_after=heldout["after"], minutes=seconds / 60,
                     tokens_per_s=tokens / max(seconds, 1e-9), history=list(history))
 
     def diverged(what: str):
@@ -294,6 +329,9 @@ def train_lora(model, train_windows: torch.Tensor, cfg: RecoveryConfig, teacher=
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}")
             if step >= total:
                 break
+        end = time.perf_counter()  # training speed excludes the held-out evaluation
+        if heldout_windows is not None:
+            heldout["after"] = heldout_loss(unwrapped, heldout_windows, cfg, teacher=teacher)
     finally:
         bar.close()
         if hasattr(loader, "end"):
@@ -308,11 +346,13 @@ def train_lora(model, train_windows: torch.Tensor, cfg: RecoveryConfig, teacher=
 
 
 def recover(model, tokenizer, train_windows: torch.Tensor | None, cfg: RecoveryConfig, teacher=None,
-            accelerator=None, log_csv: str | Path | None = None, progress: bool = True, source: str = "embedded"):
-    """Attach LoRA, train, merge; returns `(merged_model, stats)`.
+            accelerator=None, log_csv: str | Path | None = None, progress: bool = True, source: str = "embedded",
+            heldout_windows: torch.Tensor | None = None):
+    """Attach LoRA, train, merge; returns `(merged_model, stats)` (stats as `train_lora`'s).
 
     Without `train_windows`, draws max_steps x batch_size x grad_accum calibration windows of `cfg.seq_len`
-    tokens from `source` (see `data.calibration_windows`).
+    tokens from `source` (see `data.calibration_windows`). `heldout_windows` (e.g. calibration windows drawn
+    with another seed) give `heldout_loss_before` / `heldout_loss_after`.
     """
     if train_windows is None:
         from .data import calibration_windows
@@ -322,7 +362,7 @@ def recover(model, tokenizer, train_windows: torch.Tensor | None, cfg: RecoveryC
     peft_model = attach_lora(model, cfg)
     try:
         stats = train_lora(peft_model, train_windows, cfg, teacher=teacher, accelerator=accelerator,
-                           log_csv=log_csv, progress=progress)
+                           log_csv=log_csv, progress=progress, heldout_windows=heldout_windows)
     except RecoveryDivergedError:
         merge_lora(peft_model)  # fold in the last good adapters so the caller's model is usable, then re-raise
         raise

@@ -1,4 +1,4 @@
-"""Where results go and how they are written: atomic CSV/JSON, keyed upserts, compact shapes, PNG plots.
+"""How results are written: atomic CSV/JSON, compact shapes, PNG plots (folders live in `paths`).
 
 Every write goes to a temporary file in the destination folder and is renamed into place, so an interrupted
 notebook never leaves a half-written table for the next stage to read.
@@ -6,7 +6,6 @@ notebook never leaves a half-written table for the next stage to read.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -15,16 +14,9 @@ from typing import Iterable, Iterator
 
 import pandas as pd
 
-from .loading import PROJECT_ROOT
+from .paths import RESULTS_DIR, ablation_dir  # re-exported: notebooks still spell results.RESULTS_DIR
 
-RESULTS_DIR = Path(os.environ.get("PRUNING_RESULTS_DIR", PROJECT_ROOT / "results"))
-
-
-def ablation_dir() -> Path:
-    """Return (and create) the folder of ablation-study results, `results/ablation_studies`."""
-    folder = RESULTS_DIR / "ablation_studies"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+__all__ = ["RESULTS_DIR", "ablation_dir", "compact_shape", "expand_shape", "save_plot", "write_csv", "write_json"]
 
 
 @contextmanager
@@ -70,58 +62,6 @@ def write_json(obj, path: str | Path) -> Path:
     return Path(path)
 
 
-def _key_part(value) -> str:
-    # A CSV round trip turns 3 into 3.0 (a column with gaps becomes float) and strings stay strings:
-    # compare keys as normalised text so a re-run finds the rows it wrote earlier.
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    # Two notebooks upserting the same table at once would otherwise both read the old file and one
-    # would lose the other's rows.
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; single writer assumed
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def append_rows(path: str | Path, rows: pd.DataFrame | Iterable[dict], key_cols: list[str]) -> pd.DataFrame:
-    """Upsert rows into a CSV keyed by `key_cols` (rows with an existing key replace it) and return the whole table."""
-    path = Path(path)
-    new = _frame(rows)
-    missing = [c for c in key_cols if c not in new.columns]
-    if missing:
-        raise KeyError(f"rows lack key column(s) {missing}; every row needs {list(key_cols)}")
-    with _locked(path):
-        if path.exists() and path.stat().st_size > 0:
-            old = pd.read_csv(path)
-            absent = [c for c in key_cols if c not in old.columns]
-            if absent:
-                raise KeyError(f"{path} has no column(s) {absent}; pick key_cols among {list(old.columns)} "
-                               "or write to a new file")
-            new_keys = {tuple(_key_part(v) for v in r) for r in new[key_cols].itertuples(index=False)}
-            keep = [tuple(_key_part(v) for v in r) not in new_keys for r in old[key_cols].itertuples(index=False)]
-            old = old[keep]
-            table = pd.concat([old, new], ignore_index=True) if len(old) else new.reset_index(drop=True)
-        else:
-            table = new.reset_index(drop=True)
-        write_csv(table, path)
-    return table
-
-
 def compact_shape(values: list[int]) -> str:
     """Return a run-length text of per-layer sizes: '9x30' when all 30 are 9, else e.g. '9x10,6x20'."""
     runs: list[list[int]] = []
@@ -131,6 +71,14 @@ def compact_shape(values: list[int]) -> str:
         else:
             runs.append([v, 1])
     return ",".join(f"{v}x{n}" for v, n in runs)
+
+
+def expand_shape(text: str) -> list[int]:
+    """Return the per-layer sizes of a `compact_shape` text: '9x2,6x1' -> [9, 9, 6]."""
+    try:
+        return [int(v) for run in str(text).split(",") if run for v, n in [run.split("x")] for _ in range(int(n))]
+    except ValueError as err:
+        raise ValueError(f"'{text}' is not a compact shape such as '9x10,6x20' (size x layers, comma-separated)") from err
 
 
 def save_plot(fig, path: str | Path, dpi: int = 120) -> Path:

@@ -1,10 +1,21 @@
 """Build and measure model variants the same way in every stage: one tidy row per variant.
 
 Columns of a variant row (every ablation CSV uses them):
-variant, source_model, criterion, allocation, reconstruction, head_rate, mlp_rate, query_heads, kv_heads,
-intermediate, layers, params_total, params_non_embedding, reduction_pct (non-embedding, vs the source),
-flops_per_token, flops_reduction_pct, size_mb, ppl, ppl_change_pct, eval_tokens, prefill_ms, prefill_ms_iqr,
-decode_tok_s, device, dtype.
+- variant, source_model, criterion, allocation, reconstruction: what the variant is and how it was made.
+- head_rate_requested, mlp_rate_requested: the rates asked of the planner (its input, not the result).
+- head_frac_removed, mlp_frac_removed: what the weights show: 1 - kept query heads (MLP channels) / those of
+  the source model, summed over all its layers. Rounding per KV group makes them differ from the request:
+  head rate 0.2 on 9 heads in 3 KV groups removes 3 of 9 (0.333). Plot against these.
+- query_heads, kv_heads, intermediate (compact per-layer shapes, `results.compact_shape`), layers.
+- params_total, params_non_embedding, reduction_pct (non-embedding, vs the reference), flops_per_token,
+  flops_reduction_pct, size_mb (weights as a checkpoint stores them).
+- ppl, ppl_change_pct, eval_tokens.
+- prefill_ms, prefill_ms_iqr, decode_tok_s, load_avg, latency_noisy (`metrics.latency`; NaN / empty without
+  `latency_kw`). A row with latency_noisy True was timed while the CPU was busy or the repeats disagreed.
+- peak_memory_mb (NaN without `memory_kw`): this model's own memory, weights + the peak extra memory of one
+  prefill forward, measured alone (`metrics.variant_peak_memory_mb`; on CPU in a fresh process), so a model
+  that keeps fewer weights shows less whatever else the notebook holds.
+- device, dtype.
 """
 from __future__ import annotations
 
@@ -15,15 +26,18 @@ import torch
 from tqdm.auto import tqdm
 
 from .arch import layer_shapes
-from .metrics import count_params, device_name, flops_per_token, latency, perplexity
-from .results import compact_shape
+from .metrics import count_params, device_name, flops_per_token, latency, perplexity, variant_peak_memory_mb
+from .results import compact_shape, expand_shape
 
 VARIANT_COLUMNS = [
-    "variant", "source_model", "criterion", "allocation", "reconstruction", "head_rate", "mlp_rate",
-    "query_heads", "kv_heads", "intermediate", "layers", "params_total", "params_non_embedding", "reduction_pct",
-    "flops_per_token", "flops_reduction_pct", "size_mb", "ppl", "ppl_change_pct", "eval_tokens", "prefill_ms",
-    "prefill_ms_iqr", "decode_tok_s", "device", "dtype",
+    "variant", "source_model", "criterion", "allocation", "reconstruction", "head_rate_requested",
+    "mlp_rate_requested", "head_frac_removed", "mlp_frac_removed", "query_heads", "kv_heads", "intermediate",
+    "layers", "params_total", "params_non_embedding", "reduction_pct", "flops_per_token", "flops_reduction_pct",
+    "size_mb", "ppl", "ppl_change_pct", "eval_tokens", "prefill_ms", "prefill_ms_iqr", "decode_tok_s", "load_avg",
+    "latency_noisy", "peak_memory_mb", "device", "dtype",
 ]
+# how a variant was made: what a later stage copies from the row of the model it starts from
+PROVENANCE_COLUMNS = ("criterion", "allocation", "reconstruction", "head_rate_requested", "mlp_rate_requested")
 
 
 def weight_size_mb(model) -> float:
@@ -31,15 +45,35 @@ def weight_size_mb(model) -> float:
     return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
 
+def removed_fractions(model, reference: dict | None = None) -> tuple[float, float]:
+    """Return `(head_frac_removed, mlp_frac_removed)`: 1 - kept query heads / MLP channels over the source's, all layers.
+
+    The source shapes come from the cumulative `model.pruning_plan` (its `base_heads`, `base_intermediate`),
+    else from the `reference` row's `query_heads` / `intermediate`; with neither, the model is its own source.
+    """
+    shapes = layer_shapes(model)
+    plan = getattr(model, "pruning_plan", None)
+    if plan is not None:
+        base_heads, base_mlp = sum(plan.base_heads), sum(plan.base_intermediate)
+    elif reference is not None and reference.get("query_heads") and reference.get("intermediate"):
+        base_heads, base_mlp = sum(expand_shape(reference["query_heads"])), sum(expand_shape(reference["intermediate"]))
+    else:
+        return 0.0, 0.0
+    return 1 - sum(s.n_heads for s in shapes) / base_heads, 1 - sum(s.intermediate for s in shapes) / base_mlp
+
+
 def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: str = "", reference: dict | None = None,
-                    criterion: str = "", allocation: str = "", reconstruction: str = "", head_rate: float = 0.0,
-                    mlp_rate: float = 0.0, latency_kw: dict | None = None, batch_size: int = 4,
-                    flops_seq_len: int = 512, known: dict | None = None) -> dict:
-    """Return a variant row: shapes, size and cost, perplexity on `chunks`, latency unless `latency_kw` is None.
+                    criterion: str = "", allocation: str = "", reconstruction: str = "",
+                    head_rate_requested: float = 0.0, mlp_rate_requested: float = 0.0, latency_kw: dict | None = None,
+                    memory_kw: dict | None = None, batch_size: int = 4, flops_seq_len: int = 512,
+                    known: dict | None = None) -> dict:
+    """Return a variant row (columns in the module docstring): shapes, size and cost, perplexity on `chunks`,
+    latency unless `latency_kw` is None, own peak memory unless `memory_kw` is None.
 
     `reference` is the row of the model this variant was cut from; reductions and changes are relative to it.
     `known` is a row measured earlier on the same chunks: its perplexity is reused (it is deterministic) when its
-    token count matches `chunks`, instead of another full pass.
+    token count matches `chunks`, instead of another full pass. `memory_kw` goes to
+    `metrics.variant_peak_memory_mb` (e.g. `spec=` the checkpoint name, so a CPU child loads it directly).
     """
     shapes = layer_shapes(model)
     params = count_params(model)
@@ -50,16 +84,17 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
     else:
         ppl = perplexity(model, chunks, batch_size=batch_size, desc=f"ppl {variant}")
     param = next(model.parameters())
+    head_frac, mlp_frac = removed_fractions(model, reference)
     row = dict(
         variant=variant, source_model=source_model, criterion=criterion, allocation=allocation,
-        reconstruction=reconstruction, head_rate=head_rate, mlp_rate=mlp_rate,
-        query_heads=compact_shape([s.n_heads for s in shapes]), kv_heads=compact_shape([s.n_kv_heads for s in shapes]),
+        reconstruction=reconstruction, head_rate_requested=head_rate_requested, mlp_rate_requested=mlp_rate_requested,
+        head_frac_removed=head_frac, mlp_frac_removed=mlp_frac, query_heads=compact_shape([s.n_heads for s in shapes]), kv_heads=compact_shape([s.n_kv_heads for s in shapes]),
         intermediate=compact_shape([s.intermediate for s in shapes]), layers=len(shapes),
         params_total=params["total"], params_non_embedding=params["non_embedding"], reduction_pct=0.0,
         flops_per_token=flops, flops_reduction_pct=0.0, size_mb=round(weight_size_mb(model), 2),
         ppl=ppl["ppl"], ppl_change_pct=0.0, eval_tokens=ppl["tokens"], prefill_ms=float("nan"),
-        prefill_ms_iqr=float("nan"), decode_tok_s=float("nan"),
-        device=device_name(param.device), dtype=str(param.dtype).replace("torch.", ""),
+        prefill_ms_iqr=float("nan"), decode_tok_s=float("nan"), load_avg=float("nan"), latency_noisy=None,
+        peak_memory_mb=float("nan"), device=device_name(param.device), dtype=str(param.dtype).replace("torch.", ""),
     )
     if reference is not None:
         row["reduction_pct"] = 100 * (1 - params["non_embedding"] / reference["params_non_embedding"])
@@ -68,7 +103,10 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
     if latency_kw is not None:
         lat = latency(model, **latency_kw)
         row.update(prefill_ms=lat["prefill_ms_median"], prefill_ms_iqr=lat["prefill_ms_iqr"],
-                   decode_tok_s=lat.get("decode_tok_s_median", float("nan")))
+                   decode_tok_s=lat.get("decode_tok_s_median", float("nan")), load_avg=lat["load_avg"],
+                   latency_noisy=lat["latency_noisy"])
+    if memory_kw is not None:
+        row["peak_memory_mb"] = variant_peak_memory_mb(model, **memory_kw)["peak_memory_mb"]
     return row
 
 
@@ -87,7 +125,8 @@ def pruned_copy(model, plan, windows: torch.Tensor | None = None, reconstruction
 
 
 # what each kind of sweep prunes: the planner, the rate column of the row and the variant-name prefix
-_SWEEP_KINDS = {"heads": ("plan_heads", "head_rate", "heads"), "neurons": ("plan_neurons", "mlp_rate", "mlp")}
+_SWEEP_KINDS = {"heads": ("plan_heads", "head_rate_requested", "heads"),
+                "neurons": ("plan_neurons", "mlp_rate_requested", "mlp")}
 
 
 def criteria_sweep(model, scores: dict, criteria: list[str], rates: list[float], kind: str, chunks: torch.Tensor, *,

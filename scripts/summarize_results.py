@@ -1,12 +1,15 @@
-"""Prints the markdown tables the README quotes, straight from the committed result files."""
+"""Prints the markdown tables the README quotes, straight from the committed result files.
+
+Run from the repository root: `python3 -m scripts.summarize_results`.
+"""
 import json
 import sys
-from pathlib import Path
 
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "results" / "ablation_studies"
+from pruning_utils.paths import RESULTS_DIR
+
+OUT = RESULTS_DIR / "ablation_studies"
 
 
 def md(df: pd.DataFrame, digits: int = 2) -> str:
@@ -15,6 +18,8 @@ def md(df: pd.DataFrame, digits: int = 2) -> str:
 
 def sweep_table(name: str, rate_col: str) -> str:
     df = pd.read_csv(OUT / f"{name}.csv")
+    if rate_col not in df:  # tables written before the rate columns were renamed `*_requested`
+        rate_col = rate_col.removesuffix("_requested")
     sweep = df[df["reconstruction"].eq("none") & df["variant"].str.count("-").eq(2)]
     pivot = sweep.pivot_table(index="criterion", columns=rate_col, values="ppl").sort_values(sweep[rate_col].min())
     pivot.columns = [f"PPL @ {rate_col}={c}" for c in pivot.columns]
@@ -23,8 +28,7 @@ def sweep_table(name: str, rate_col: str) -> str:
 
 def quality_tables(q: pd.DataFrame) -> list[str]:
     """Return the screen grid (criterion x shape x refit) and the full-evaluation table with the peers' gaps."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from quality import PEERS, TARGETS
+    from benchmarks.quality import PEERS, TARGETS
 
     grid = q[q["screen"] & q["role"].eq("grid")]
     pivot = grid.pivot_table(index="criterion", columns=["shape", "reconstruction"], values="ppl")
@@ -52,8 +56,8 @@ def main() -> None:
     sections.append("### Baseline\n" + md(base[["variant", "params_total", "params_non_embedding", "flops_per_token",
                                                  "size_mb", "ppl", "eval_tokens", "prefill_ms", "decode_tok_s",
                                                  "peak_memory_mb"]]))
-    sections.append("### Head pruning: criteria at equal rate (screen eval)\n" + sweep_table("head_pruning", "head_rate"))
-    sections.append("### MLP pruning: criteria at equal rate (screen eval)\n" + sweep_table("mlp_pruning", "mlp_rate"))
+    sections.append("### Head pruning: criteria at equal rate (screen eval)\n" + sweep_table("head_pruning", "head_rate_requested"))
+    sections.append("### MLP pruning: criteria at equal rate (screen eval)\n" + sweep_table("mlp_pruning", "mlp_rate_requested"))
     cols = ["variant", "criterion", "reconstruction", "query_heads", "intermediate", "reduction_pct",
             "flops_reduction_pct", "ppl", "ppl_change_pct", "eval_tokens", "prefill_ms", "decode_tok_s"]
     for name in ("head_pruning", "mlp_pruning"):
@@ -72,11 +76,11 @@ def main() -> None:
     if (OUT / "recovery_budget.csv").exists():
         sections.append("### Recovery budget (S3)\n" + md(pd.read_csv(OUT / "recovery_budget.csv"), 3))
     for name in ("importance_cost", "prefill_speedup"):
-        path = ROOT / "results" / "benchmarks" / f"{name}.json"
+        path = RESULTS_DIR / "benchmarks" / f"{name}.json"
         if path.exists():
             d = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("env", "runs")}
             sections.append(f"### {name}\n```json\n{json.dumps(d, indent=1)}\n```")
-    stages = ROOT / "results" / "stages" / "last_run.json"
+    stages = RESULTS_DIR / "stages" / "last_run.json"
     if stages.exists():
         sections.append("### Run time\n```json\n" + stages.read_text() + "\n```")
     print("\n\n".join(sections))

@@ -1,12 +1,9 @@
 """Shared fixtures: tiny random models per family, the embedded model loaded once per session."""
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -34,9 +31,9 @@ def embedded():
 @pytest.fixture
 def models_dir(tmp_path, monkeypatch):
     """Point the project's models/ folder to a temporary one, so tests never touch the real checkpoints."""
-    import pruning_utils.loading as loading
+    from pruning_utils import paths
 
-    monkeypatch.setattr(loading, "MODELS_DIR", tmp_path / "models")
+    monkeypatch.setattr(paths, "MODELS_DIR", tmp_path / "models")
     return tmp_path / "models"
 
 

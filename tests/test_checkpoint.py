@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 
 from pruning_utils.arch import layer_shapes
 from pruning_utils.checkpoint import CheckpointError, load_pruned, read_plan, save_pruned
-from pruning_utils.loading import TinyTokenizer, load_model, tiny_model
+from pruning_utils.loading import load_model
+from pruning_utils.tiny import TinyTokenizer, tiny_model
 from pruning_utils.plan import PruningPlan
 from pruning_utils.surgery import apply_plan
 

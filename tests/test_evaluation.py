@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from pruning_utils import evaluation as ev
-from pruning_utils.loading import TinyTokenizer, embedded_model_dir, tiny_model
+from pruning_utils.loading import embedded_model_dir
+from pruning_utils.tiny import TinyTokenizer, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -104,20 +105,21 @@ def test_judge_uses_packaged_model_folder():
 
 
 def test_missing_lm_eval_says_what_to_install(monkeypatch, hf_tiny):
+    assert ev.require_lm_eval()[0].__name__ == "lm_eval"
     _block_import(monkeypatch, "lm_eval")
+    with pytest.raises(ev.EvaluationDependencyError, match="pip install lm-eval"):
+        ev.require_lm_eval()
     with pytest.raises(ev.EvaluationDependencyError, match="pip install lm-eval"):
         ev.zero_shot(*hf_tiny, tasks=["tiny_mc"], include_path=LOCAL_TASKS)
 
 
 def test_zero_shot_local_task_offline(hf_tiny):
-    pytest.importorskip("lm_eval")
     scores = ev.zero_shot(*hf_tiny, tasks=["tiny_mc"], include_path=LOCAL_TASKS, batch_size=16)
     assert set(scores) == {"tiny_mc"}
     assert math.isfinite(scores["tiny_mc"]) and 0.0 <= scores["tiny_mc"] <= 1.0
 
 
 def test_in_memory_model_with_per_layer_shapes_is_evaluated(hf_tiny):
-    pytest.importorskip("lm_eval")
     from pruning_utils.arch import layer_shapes
     from pruning_utils.surgery import prune_heads, prune_neurons
 

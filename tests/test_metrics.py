@@ -1,13 +1,13 @@
 """Tests of size, cost, quality, speed and memory measures on tiny random models."""
+import copy
 import math
-
 from pathlib import Path
 
 import pytest
 import torch
 
 from pruning_utils import metrics
-from pruning_utils.loading import tiny_model
+from pruning_utils.tiny import tiny_model
 
 H, V, I, L, QW, KW = 64, 128, 96, 3, 8 * 16, 2 * 16  # tiny_model: hidden, vocab, MLP, layers, q and kv widths
 
@@ -111,6 +111,49 @@ def test_latency_syncs_before_every_timer_read(monkeypatch):
     assert out["prefill_ms_iqr"] == 0
 
 
+def _timer_from(prefill_s: list[float]):
+    """Return a fake timer whose runs take the given prefill seconds (and 1 s of decode each)."""
+    reads, now = [], [0.0]
+    steps = iter([d for p in prefill_s for d in (0.0, p, 1.0)])
+
+    def timer():
+        now[0] += next(steps)
+        reads.append(now[0])
+        return now[0]
+
+    return timer, reads
+
+
+def test_latency_repeats_until_the_spread_is_acceptable_or_flags_it(monkeypatch):
+    monkeypatch.setattr(metrics, "_load_avg", lambda: 0.0)
+    model = tiny_model("llama")
+    kw = dict(seq_len=4, new_tokens=1, warmup=1, repeats=4)
+    # steady timings: no extra repeat, not noisy
+    timer, reads = _timer_from([9.0] + [1.0] * 20)
+    out = metrics.latency(model, timer=timer, **kw)
+    assert out["repeats"] == 4 and out["latency_noisy"] is False and len(reads) == 3 * 5
+    # a disturbed start: extra repeats settle the IQR below 15% of the median, so the row is trusted
+    timer, _ = _timer_from([9.0, 1.0, 3.0, 1.0, 3.0] + [1.0] * 20)
+    out = metrics.latency(model, timer=timer, **kw)
+    assert 4 < out["repeats"] <= 12 and out["latency_noisy"] is False
+    assert out["prefill_ms_iqr"] <= 0.15 * out["prefill_ms_median"]
+    # timings that never agree: stops at max_repeats and flags the row
+    timer, _ = _timer_from([1.0, 3.0] * 20)
+    out = metrics.latency(model, timer=timer, max_repeats=6, **kw)
+    assert out["repeats"] == 6 and out["latency_noisy"] is True
+
+
+def test_high_load_flags_latency_as_noisy(monkeypatch):
+    monkeypatch.setattr(metrics, "_load_avg", lambda: 64.0)
+    monkeypatch.setattr(metrics, "_cores", lambda: 2)
+    timer, _ = _timer_from([1.0] * 10)
+    out = metrics.latency(tiny_model("llama"), seq_len=4, new_tokens=1, warmup=1, repeats=3, timer=timer)
+    assert out["load_avg"] == 64.0 and out["latency_noisy"] is True and out["prefill_ms_iqr"] == 0
+    assert metrics.is_noisy([1.0, 1.0, 1.0], load_avg=1.5, cores=2) is False
+    assert metrics.is_noisy([1.0, 1.0, 1.0], load_avg=float("nan"), cores=2) is False  # no load figure: spread only
+    assert metrics.is_noisy([1.0, 1.5, 2.0], load_avg=0.0, cores=2) is True
+
+
 def test_sync_calls_cuda_synchronize_only_for_cuda(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
@@ -138,7 +181,7 @@ print(json.dumps({**stats, "fn_peak": metrics.peak_memory(work, "cpu")["peak_mb"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(Path(__file__).resolve().parent.parent))
     stats = json.loads(out.stdout.strip().splitlines()[-1])
-    assert stats["kind"] in ("cpu_rss_sampled", "cpu_ru_maxrss")
+    assert stats["kind"] in ("cpu_vmhwm", "cpu_rss_sampled", "cpu_ru_maxrss")
     assert stats["peak_mb"] >= stats["start_mb"] and stats["delta_mb"] > 40
     assert stats["fn_peak"] > 0
 
@@ -153,6 +196,48 @@ def test_cuda_peak_memory_path_with_fake_cuda(monkeypatch):
         pass
     assert state["reset"] == 1
     assert stats == {"kind": "cuda_max_allocated", "start_mb": 100, "peak_mb": 250, "delta_mb": 150}
+
+
+def _wide_mlp_pair():
+    """A tiny Llama whose MLP weights dominate its memory, and a copy with half the MLP channels."""
+    from pruning_utils.surgery import prune_neurons
+
+    model = tiny_model("llama", hidden_size=128, intermediate_size=4096, num_attention_heads=4, head_dim=32)
+    pruned = prune_neurons(copy.deepcopy(model), {i: list(range(2048)) for i in range(3)})
+    return model, pruned
+
+
+def test_variant_memory_counts_only_the_model_in_process():
+    model, pruned = _wide_mlp_pair()
+    base = metrics.variant_peak_memory_mb(model, seq_len=16, fresh_process=False)
+    small = metrics.variant_peak_memory_mb(pruned, seq_len=16, fresh_process=False)
+    assert base["weights_mb"] == pytest.approx(metrics.model_bytes(model) / 2 ** 20)
+    assert base["peak_memory_mb"] == pytest.approx(base["weights_mb"] + base["workspace_mb"])
+    assert base["workspace_mb"] >= 0 and base["memory_kind"].startswith("in_process_cpu")
+    # the baseline is still alive while the pruned copy is measured, and does not count against it
+    assert small["peak_memory_mb"] < base["peak_memory_mb"]
+    assert base["weights_mb"] - small["weights_mb"] == pytest.approx(3 * 3 * 128 * 2048 * 4 / 2 ** 20, rel=0.01)
+
+
+def test_variant_memory_in_a_fresh_process_loads_the_checkpoint(tmp_path):
+    model, _ = _wide_mlp_pair()
+    out = metrics.variant_peak_memory_mb(model, seq_len=16)  # saved to a temporary checkpoint, loaded by the child
+    assert out["memory_kind"].startswith("fresh_process_cpu")
+    assert out["weights_mb"] == pytest.approx(metrics.model_bytes(model) / 2 ** 20, rel=1e-3)
+    assert 0 <= out["workspace_mb"] < out["weights_mb"]
+
+
+def test_variant_memory_on_cuda_subtracts_what_was_allocated_before(monkeypatch):
+    model = tiny_model("llama")
+    monkeypatch.setattr(metrics, "_device", lambda m: torch.device("cuda"))
+    monkeypatch.setattr(metrics, "_prefill", lambda m, b, s: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 900 * 2 ** 20)  # other models too
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 912 * 2 ** 20)
+    out = metrics.variant_peak_memory_mb(model)
+    assert out["memory_kind"] == "cuda_max_allocated" and out["workspace_mb"] == 12
+    assert out["peak_memory_mb"] == pytest.approx(metrics.model_bytes(model) / 2 ** 20 + 12)
 
 
 def test_environment_info_names_versions_and_commit():
@@ -176,3 +261,19 @@ class TestEmbeddedModel:
         chunks = data.eval_chunks(tok, seq_len=48, max_tokens=48)  # one chunk: a 135M forward is slow on shared CPUs
         out = metrics.perplexity(model, chunks, progress=False)
         assert out["tokens"] == 47 and 1 < out["ppl"] < 200
+
+    def test_pruned_variant_needs_less_memory_than_the_baseline(self, embedded, models_dir):
+        from pruning_utils import allocation, importance
+        from pruning_utils.checkpoint import save_pruned
+        from pruning_utils.variants import pruned_copy
+
+        model, tok = embedded
+        windows = torch.randint(0, 49152, (1, 8), generator=torch.Generator().manual_seed(0))
+        scores = importance.compute_importance(model, windows, ["magnitude"], progress=False)["magnitude"]
+        pruned = pruned_copy(model, allocation.plan_both(model, scores, head_rate=0.2, mlp_rate=0.25))
+        save_pruned(pruned, tok, "s3")
+        base = metrics.variant_peak_memory_mb(model, spec="smollm2-135m", seq_len=128)
+        small = metrics.variant_peak_memory_mb(pruned, spec="s3", seq_len=128)  # the baseline stays loaded here
+        assert small["weights_mb"] < base["weights_mb"] - 50  # -25% non-embedding of ~106M fp32 parameters
+        assert small["peak_memory_mb"] < base["peak_memory_mb"]
+        assert base["memory_kind"] == small["memory_kind"] == "fresh_process_cpu_vmhwm"

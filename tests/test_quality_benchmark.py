@@ -1,13 +1,9 @@
 """The quality benchmark (issue 6) end to end on a tiny random model: every grid cell, the full scores, the peers."""
 import math
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CRITERIA = ["random", "magnitude", "activation", "fluctuation", "taylor"]
@@ -15,7 +11,7 @@ CRITERIA = ["random", "magnitude", "activation", "fluctuation", "taylor"]
 
 @pytest.fixture(scope="module")
 def bench_table(tmp_path_factory):
-    import quality
+    from benchmarks import quality
 
     out = tmp_path_factory.mktemp("quality") / "quality_benchmark.csv"
     argv = ["quality.py", "--model", "tiny-llama", "--scores", str(out.parent / "no-scores"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import socket
 import subprocess
@@ -14,11 +15,13 @@ import pytest
 import torch
 
 from pruning_utils.checkpoint import is_pruned_checkpoint, load_pruned, save_pruned
-from pruning_utils.loading import PROJECT_ROOT, TinyTokenizer, tiny_model
+from pruning_utils.paths import PROJECT_ROOT
+from pruning_utils import lora_launch
 from pruning_utils.recovery import (RecoveryConfig, RecoveryDivergedError, attach_lora, distillation_loss,
-                                    instruction_windows, merge_lora, recover, train_lora)
+                                    heldout_loss, instruction_windows, merge_lora, recover, train_lora)
 from pruning_utils.surgery import prune_heads, prune_neurons
-from pruning_utils.train_lora import main as train_main
+from pruning_utils.tiny import TinyTokenizer, tiny_model
+from pruning_utils.lora_launch import main as train_main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -99,6 +102,25 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     assert lm_loss(merged, ids) < before - 0.01
     lines = (tmp_path / "loss.csv").read_text().splitlines()
     assert lines[0] == "step,loss,lr" and len(lines) == 5
+
+
+def test_heldout_loss_is_deterministic_and_scores_the_same_windows_before_and_after(tmp_path):
+    model = tiny_model("qwen3")
+    cfg = fast_cfg(max_steps=4, dropout=0.1)  # dropout on: the held-out figure must still be deterministic
+    held = windows(16)[:6]  # random tokens: only windows it trained on can show the loss falling
+    first, again = heldout_loss(model, held, cfg), heldout_loss(model, held, cfg, batch_size=4)
+    assert first == pytest.approx(again, rel=1e-6)  # batching does not change a per-window mean
+    assert first == pytest.approx(lm_loss(model, held), rel=1e-5)  # equal windows: the mean loss of all tokens
+    assert not model.training
+    untouched = copy.deepcopy(model)
+    merged, stats = recover(model, None, windows(16), cfg, heldout_windows=held, progress=False)
+    assert stats["heldout_loss_before"] == pytest.approx(heldout_loss(untouched, held, cfg), rel=1e-5)
+    assert stats["heldout_loss_after"] == pytest.approx(heldout_loss(merged, held, cfg), rel=1e-4)
+    assert stats["heldout_loss_after"] < stats["heldout_loss_before"]
+    _, plain = recover(tiny_model("qwen3"), None, windows(16), cfg, progress=False)
+    assert math.isnan(plain["heldout_loss_before"]) and math.isnan(plain["heldout_loss_after"])
+    with pytest.raises(ValueError, match="teacher"):
+        heldout_loss(model, held, fast_cfg(loss="distill"))
 
 
 def test_distillation_loss_is_zero_for_identical_models():
@@ -190,12 +212,48 @@ def test_script_single_process(tmp_path):
     config = _script_config(tmp_path, max_steps=3, batch_size=4)
     out = train_main(["--config", str(config), "--save-state-dict", str(tmp_path / "sd.pt"), "--no-progress"])
     assert is_pruned_checkpoint(out) and (out / "recovery_loss.csv").exists()
-    assert json.loads((out / "recovery_stats.json").read_text())["steps"] == 3
+    stats = json.loads((out / "recovery_stats.json").read_text())
+    assert stats["steps"] == 3
+    assert math.isfinite(stats["heldout_loss_before"]) and math.isfinite(stats["heldout_loss_after"])
     model, _ = load_pruned(out)
     dumped = torch.load(tmp_path / "sd-rank0.pt", weights_only=True)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, dumped[k])
     assert model.model.layers[1].mlp.up_proj.out_features == 40
+
+
+def test_recover_data_parallel_writes_the_config_launches_and_reads_back(tmp_path, models_dir, monkeypatch):
+    save_pruned(pruned_tiny(), TinyTokenizer(), "pruned")  # a bare name: under models/
+    cfg = fast_cfg(max_steps=2)
+    launched = {}
+
+    def fake_run(cmd, env=None):  # stands in for accelerate: runs the entry point in this process
+        launched["cmd"] = cmd
+        config = cmd[cmd.index("--config") + 1]
+        launched["run"] = json.loads(Path(config).read_text())
+        train_main(["--config", config, "--no-progress"])
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(lora_launch.subprocess, "run", fake_run)
+    merged, stats = lora_launch.recover_data_parallel("pruned", "pruned_lora", cfg, text_source="embedded", seed=3,
+                                                      n_gpus=2, config_path=tmp_path / "cfg.json")
+    cmd = launched["cmd"]
+    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert cmd[cmd.index("--num_processes") + 1] == "2" and "--multi_gpu" in cmd
+    assert cmd[cmd.index("-m", 3):][:2] == ["-m", "pruning_utils.lora_launch"]
+    run = launched["run"]
+    assert run["model_dir"] == str((models_dir / "pruned").resolve())  # ranks need not share this process's env
+    assert run["out_dir"] == str((models_dir / "pruned_lora").resolve()) and run["seed"] == 3
+    assert RecoveryConfig.from_dict(run["recovery"]) == cfg and run["teacher_dir"] is None
+    assert stats["steps"] == 2 and [h[0] for h in stats["history"]] == [1, 2]
+    assert math.isfinite(stats["heldout_loss_after"])
+    assert merged.model.layers[1].mlp.up_proj.out_features == 40 and not merged.training
+
+    monkeypatch.setattr(lora_launch.subprocess, "run", lambda cmd, env=None: subprocess.CompletedProcess(cmd, 1))
+    with pytest.raises(RuntimeError, match="Re-run by hand"):
+        lora_launch.recover_data_parallel("pruned", "x", cfg, n_gpus=2)
+    with pytest.raises(ValueError, match="recovery.recover"):
+        lora_launch.recover_data_parallel("pruned", "x", cfg, n_gpus=0)
 
 
 def _free_port() -> int:
@@ -208,11 +266,11 @@ def test_two_process_data_parallel_run_agrees(tmp_path):
     config = _script_config(tmp_path, max_steps=100, batch_size=2)
     # `--cpu` sends accelerate to its simple launcher, which starts ONE process unless MPI is set up;
     # `--multi_gpu` goes through torchrun, and with no visible GPU each rank runs on CPU over gloo.
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    # `-m` runs from cwd=PROJECT_ROOT, so every rank imports this checkout's package (or the installed one)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "pruning_utils.train_lora", "--config", str(config), "--save-state-dict", str(tmp_path / "sd.pt"),
+           "-m", "pruning_utils.lora_launch", "--config", str(config), "--save-state-dict", str(tmp_path / "sd.pt"),
            "--no-progress"]
     proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""Tests of result writing: atomic CSV/JSON, keyed upserts, compact shapes, plots, folders."""
+"""Tests of result writing: atomic CSV/JSON, compact shapes, plots, folders."""
 import importlib
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pruning_utils import results
+from pruning_utils import paths, results
 
 
 def test_write_csv_from_rows_and_frame(tmp_path):
@@ -41,28 +41,6 @@ def test_write_json_converts_numpy_and_paths(tmp_path):
     assert not (tmp_path / "bad.json").exists()
 
 
-def test_append_rows_upserts_by_key(tmp_path):
-    path = tmp_path / "stages.csv"
-    results.append_rows(path, [{"stage": "prune", "rate": 0.25, "layer": 1, "ppl": 20.0},
-                               {"stage": "prune", "rate": 0.5, "layer": 1, "ppl": 30.0}], ["stage", "rate", "layer"])
-    results.append_rows(path, [{"stage": "heal", "rate": 0.25, "layer": 1, "ppl": 15.0}], ["stage", "rate", "layer"])
-    # re-running a stage replaces its rows; a new column is added
-    table = results.append_rows(path, [{"stage": "prune", "rate": 0.25, "layer": 1.0, "ppl": 21.0, "note": "rerun"}],
-                                ["stage", "rate", "layer"])
-    back = pd.read_csv(path)
-    assert len(back) == len(table) == 3
-    assert back.loc[(back.stage == "prune") & (back.rate == 0.25), "ppl"].tolist() == [21.0]
-    assert set(back.stage) == {"prune", "heal"} and "note" in back.columns
-
-
-def test_append_rows_key_errors(tmp_path):
-    with pytest.raises(KeyError, match="lack key column"):
-        results.append_rows(tmp_path / "t.csv", [{"a": 1}], ["a", "b"])
-    results.write_csv([{"a": 1}], tmp_path / "t.csv")
-    with pytest.raises(KeyError, match="pick key_cols among"):
-        results.append_rows(tmp_path / "t.csv", [{"a": 1, "b": 2}], ["b"])
-
-
 def test_compact_shape():
     assert results.compact_shape([9] * 30) == "9x30"
     assert results.compact_shape([9] * 10 + [6] * 20) == "9x10,6x20"
@@ -83,13 +61,27 @@ def test_save_plot_writes_png_and_closes(tmp_path):
     assert fig.number not in plt.get_fignums()
 
 
-def test_results_dir_env_override_and_ablation_dir(tmp_path, monkeypatch):
+def test_folders_follow_the_environment_and_results_reexports_them(tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNING_RESULTS_DIR", str(tmp_path / "res"))
+    monkeypatch.setenv("PRUNING_MODELS_DIR", str(tmp_path / "ckpt"))
     try:
-        reloaded = importlib.reload(results)
-        assert reloaded.RESULTS_DIR == tmp_path / "res"
-        assert reloaded.ablation_dir() == tmp_path / "res" / "ablation_studies" and reloaded.ablation_dir().is_dir()
+        importlib.reload(paths)
+        importlib.reload(results)
+        assert paths.results_dir() == results.RESULTS_DIR == tmp_path / "res"
+        assert paths.models_dir() == tmp_path / "ckpt"
+        assert results.ablation_dir() == tmp_path / "res" / "ablation_studies" and results.ablation_dir().is_dir()
     finally:
         monkeypatch.delenv("PRUNING_RESULTS_DIR")
+        monkeypatch.delenv("PRUNING_MODELS_DIR")
+        importlib.reload(paths)
         importlib.reload(results)
+    assert paths.RESULTS_DIR == paths.PROJECT_ROOT / "results"
     assert results.RESULTS_DIR.name == "results"
+
+
+def test_models_dir_is_read_at_call_time(tmp_path, monkeypatch):
+    from pruning_utils.checkpoint import resolve_checkpoint_dir
+
+    monkeypatch.setattr(paths, "MODELS_DIR", tmp_path)
+    assert resolve_checkpoint_dir("x") == tmp_path / "x"
+    assert resolve_checkpoint_dir(tmp_path / "y" / "z") == tmp_path / "y" / "z"

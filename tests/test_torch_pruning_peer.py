@@ -1,18 +1,13 @@
 """The Torch-Pruning peer row: uniform shapes matching ours, a working model, and the ranking it claims."""
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-tp = pytest.importorskip("torch_pruning")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from torch_pruning_peer import prune_with_torch_pruning  # noqa: E402
-
-from pruning_utils.arch import layer_shapes  # noqa: E402
-from pruning_utils.hooks import masked  # noqa: E402
-from pruning_utils.loading import tiny_model  # noqa: E402
+from benchmarks.torch_pruning_peer import prune_with_torch_pruning
+from pruning_utils.arch import layer_shapes
+from pruning_utils.hooks import masked
+from pruning_utils.tiny import tiny_model
 
 SMOL_LIKE = dict(hidden_size=72, num_attention_heads=9, num_key_value_heads=3, head_dim=8)  # SmolLM2's 9 q / 3 kv
 

@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from pruning_utils import allocation, importance
-from pruning_utils.loading import tiny_model
+from pruning_utils.arch import layer_shapes
+from pruning_utils.tiny import tiny_model
 from pruning_utils.reconstruction import collect_grams
-from pruning_utils.variants import criteria_sweep, measure_variant, pruned_copy, reconstruction_sweep
+from pruning_utils.variants import (VARIANT_COLUMNS, criteria_sweep, measure_variant, pruned_copy,
+                                    reconstruction_sweep, removed_fractions)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -21,8 +23,8 @@ def setup():
     return model, windows, chunks, scores
 
 
-@pytest.mark.parametrize("kind,rate_col,shape", [("heads", "head_rate", "query_heads"),
-                                                  ("neurons", "mlp_rate", "intermediate")])
+@pytest.mark.parametrize("kind,rate_col,shape", [("heads", "head_rate_requested", "query_heads"),
+                                                  ("neurons", "mlp_rate_requested", "intermediate")])
 def test_criteria_sweep_measures_each_plain_removal_and_leaves_the_model_intact(setup, kind, rate_col, shape):
     model, _, chunks, scores = setup
     before = [p.clone() for p in model.parameters()]
@@ -62,3 +64,27 @@ def test_reconstruction_sweep_shares_one_gram_pass(setup):
     assert [r["variant"] for r in rows] == ["mlp-random-0.5-none", "mlp-random-0.5-lstsq"]
     assert rows[1]["ppl"] != rows[0]["ppl"]  # the refit changed the model (its error is tested in test_reconstruction)
     assert math.isclose(rows[1]["ppl"], fresh[0]["ppl"], rel_tol=1e-5)
+
+
+def test_rows_report_achieved_fractions_next_to_requested_rates():
+    model = tiny_model("llama", hidden_size=72, num_attention_heads=9, num_key_value_heads=3, head_dim=8)  # SmolLM2-like
+    chunks = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    scores = importance.compute_importance(model, chunks, ["magnitude"], progress=False)["magnitude"]
+    ref = measure_variant(model, chunks, variant="baseline")
+    assert (ref["head_frac_removed"], ref["mlp_frac_removed"]) == (0.0, 0.0)
+    plan = allocation.plan_both(model, scores, head_rate=0.2, mlp_rate=0.25)
+    pruned = pruned_copy(model, plan)
+    row = measure_variant(pruned, chunks, variant="s3", reference=ref, head_rate_requested=0.2, mlp_rate_requested=0.25)
+    assert row["query_heads"] == "6x3"  # one head per KV group: 0.2 asked, a third removed
+    assert (row["head_rate_requested"], row["mlp_rate_requested"]) == (0.2, 0.25)
+    assert row["head_frac_removed"] == pytest.approx(1 / 3) and row["mlp_frac_removed"] == pytest.approx(24 / 96)
+    assert list(row) == VARIANT_COLUMNS
+    del pruned.pruning_plan  # without the plan the reference row's shapes are the source
+    assert removed_fractions(pruned, ref) == pytest.approx((1 / 3, 0.25))
+    assert removed_fractions(pruned) == (0.0, 0.0)
+    # a second cut counts against the first source, not the intermediate model
+    first = pruned_copy(model, plan)
+    rescored = importance.compute_importance(first, chunks, ["magnitude"], progress=False)["magnitude"]
+    again = pruned_copy(first, allocation.plan_heads(first, rescored, 0.5))
+    kept = sum(s.n_heads for s in layer_shapes(again))
+    assert kept < 18 and removed_fractions(again)[0] == pytest.approx(1 - kept / 27)
