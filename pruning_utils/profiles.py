@@ -68,7 +68,8 @@ PARAMS: dict[str, Param] = {
     "MIX_RESCORE": Param(False, bool, "True: rescore + refit neurons on the head-pruned model instead of one plan"),
     # recovery (notebook 04)
     "RECOVERY_MODELS": Param("head_pruned,mix_pruned", str, "checkpoints under models/ to recover, comma-separated"),
-    "RECOVERY_STEPS": Param(16, int, "optimizer steps (capped at one epoch); 16 at 2e-3 bring S3 to <= 16 PPL"),
+    # 16 steps at 2e-3 bring S3 to <= 16 PPL (benchmarks/recovery_budget.py)
+    "RECOVERY_STEPS": Param(16, int, "optimizer steps (capped at one epoch of the training windows)"),
     "RECOVERY_LOSS": Param("distill", str, "lm | distill (KL to the unpruned model) | mix"),
     "RECOVERY_BATCH": Param(4, int, "windows per optimizer micro-batch"),
     "RECOVERY_SEQ_LEN": Param(256, int, "tokens per training window"),

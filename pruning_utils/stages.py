@@ -111,6 +111,16 @@ def _digest(params: dict, upstream: list[str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def stage_digests(params: dict, root: Path) -> list[str]:
+    """Return each stage's digest: its own parameters, its notebook's bytes and the digests of the stages before it."""
+    digests: list[str] = []
+    for stage in STAGES:
+        notebook_hash = hashlib.sha256((root / "notebooks" / stage.notebook).read_bytes()).hexdigest()[:16]
+        # upstream digests: a stage re-runs when anything it builds on changed, even a parameter it does not read
+        digests.append(_digest({n: params[n] for n in stage.params}, digests + [notebook_hash]))
+    return digests
+
+
 def output_dirs(root: Path) -> dict[str, Path]:
     """Return where `results/` and `models/` live for a run in `root` (PRUNING_*_DIR when already set, as on Kaggle)."""
     return {"results": Path(os.environ.get("PRUNING_RESULTS_DIR") or root / "results"),
@@ -168,12 +178,10 @@ def run(params: dict, root: Path = PROJECT_ROOT, only: list[str] | None = None, 
     dirs = output_dirs(root)
     out_dir = dirs["results"] / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
-    records, upstream = [], []
+    records = []
     with _kernel_env(kernel_environment(root)):
-        for stage in STAGES:
+        for stage, digest in zip(STAGES, stage_digests(params, root)):
             stage_params = {n: params[n] for n in stage.params}
-            notebook_hash = hashlib.sha256((root / "notebooks" / stage.notebook).read_bytes()).hexdigest()[:16]
-            digest = _digest(stage_params, upstream + [notebook_hash])  # an edited notebook re-runs too
             stamp = _stamp_path(dirs["results"], stage)
             selected = only is None or stage.key in only
             done = (stamp.exists() and json.loads(stamp.read_text()).get("digest") == digest
@@ -181,7 +189,6 @@ def run(params: dict, root: Path = PROJECT_ROOT, only: list[str] | None = None, 
             if not selected or (done and not force):
                 log(f"[{stage.key}] skipped ({'finished, same parameters' if done else 'not selected'})")
                 records.append({"stage": stage.key, "status": "skipped", "seconds": 0.0})
-                upstream.append(digest)
                 continue
             executed = out_dir / stage.notebook
             log(f"[{stage.key}] running {stage.notebook} -> {executed}")
@@ -205,7 +212,6 @@ def run(params: dict, root: Path = PROJECT_ROOT, only: list[str] | None = None, 
                                         default=str))
             log(f"[{stage.key}] done in {seconds / 60:.1f} min")
             records.append({"stage": stage.key, "status": "ran", "seconds": seconds})
-            upstream.append(digest)
     return records
 
 
