@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,14 +112,14 @@ def _digest(params: dict, upstream: list[str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def stage_digests(params: dict, root: Path) -> list[str]:
-    """Return each stage's digest: its own parameters, its notebook's bytes and the digests of the stages before it."""
+def stage_digests(params: dict, root: Path) -> Iterator[str]:
+    """Yield each stage's digest: its own parameters, its notebook's bytes and the digests of the stages before it."""
     digests: list[str] = []
-    for stage in STAGES:
+    for stage in STAGES:  # lazily: a run that stops at stage 00 never reads the later notebooks
         notebook_hash = hashlib.sha256((root / "notebooks" / stage.notebook).read_bytes()).hexdigest()[:16]
         # upstream digests: a stage re-runs when anything it builds on changed, even a parameter it does not read
         digests.append(_digest({n: params[n] for n in stage.params}, digests + [notebook_hash]))
-    return digests
+        yield digests[-1]
 
 
 def output_dirs(root: Path) -> dict[str, Path]:

@@ -13,7 +13,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 try:
     from pruning_utils.profiles import NOTEBOOK_PARAMS, PARAMS
-except ModuleNotFoundError as err:  # scripts do not edit sys.path: the package is installed editable
+except ModuleNotFoundError as err:  # scripts leave the import path alone: the package is installed editable
     raise SystemExit(f"{err}: install the project first (pip install -e . or bash scripts/install.sh)") from err
 
 ROOT = Path(__file__).resolve().parent.parent
