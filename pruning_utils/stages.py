@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .loading import PROJECT_ROOT
 from .profiles import NOTEBOOK_PARAMS, PARAMS, PROFILES, ParameterError, check_parameters, parse_value
 
 __all__ = ["PROFILES", "STAGES", "Stage", "StageFailed", "as_list", "main", "resolve_parameters", "run"]
@@ -55,6 +54,13 @@ STAGES = (
         "results/ablation_studies/final_eval.csv", "results/plots/pareto_params.png",
         "results/plots/pareto_latency.png", "results/plots/stage_bars.png")),
 )
+
+
+def project_root() -> Path:
+    """Return the checkout this package belongs to (where notebooks/ is)."""
+    from .loading import PROJECT_ROOT  # lazily: the command line is checked before the install brings torch
+
+    return PROJECT_ROOT
 
 
 class StageFailed(RuntimeError):
@@ -167,11 +173,12 @@ def check_kernel_can_import(root: Path) -> None:
                          f"SKIP_INSTALL=1)")
 
 
-def run(params: dict, root: Path = PROJECT_ROOT, only: list[str] | None = None, force: bool = False,
+def run(params: dict, root: Path | None = None, only: list[str] | None = None, force: bool = False,
         log=print) -> list[dict]:
-    """Execute the stages in order; returns one record per stage (ran / skipped, seconds)."""
+    """Execute the stages in order in `root` (default: this checkout); returns one record per stage."""
     import papermill as pm
 
+    root = Path(root or project_root())
     params = check_parameters(params)
     missing = sorted({n for s in STAGES for n in s.params} - set(params))
     if missing:
@@ -250,10 +257,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="override a parameter, e.g. -p MODEL Qwen/Qwen2.5-0.5B (repeatable; beats PRUNE_<NAME>)")
     ap.add_argument("--list-params", action="store_true", help="print every parameter and exit")
+    ap.add_argument("--check", action="store_true",
+                    help="only check the command line and PRUNE_* variables (run_all.sh does, before installing)")
     return ap
 
 
-def main(argv: list[str] | None = None, root: Path = PROJECT_ROOT) -> int:
+def main(argv: list[str] | None = None, root: Path | None = None) -> int:
     """Command line of run_all.sh; returns the process exit code (2: bad usage, 1: a stage failed)."""
     ap = _parser()
     args = ap.parse_args(argv)  # unknown options / profiles exit 2 with argparse's message
@@ -263,6 +272,9 @@ def main(argv: list[str] | None = None, root: Path = PROJECT_ROOT) -> int:
     try:  # everything the user typed is checked before any stage starts or any folder is created
         only = parse_only(args.only)
         params = resolve_parameters(args.profile, dict(args.p))
+        if args.check:
+            return 0
+        root = Path(root or project_root())
         check_kernel_can_import(root)
     except ValueError as err:
         print(f"run_all.sh: error: {err}", file=sys.stderr)

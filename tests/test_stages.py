@@ -162,3 +162,13 @@ def test_progress_is_a_few_plain_lines_in_log_mode(monkeypatch):
     monkeypatch.delenv("PRUNING_PROGRESS")
     with progress(total=2, desc="y", disable=True) as manual:
         manual.update(2)
+
+
+def test_command_line_is_checked_without_torch(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    assert main(["--check", "--profile", "smoke", "-p", "HEAD_RATE", "0.3"], root=tmp_path) == 0
+    assert not list(tmp_path.iterdir())
+    probe = "import sys, pruning_utils.stages; sys.exit('torch' in sys.modules)"  # run_all.sh checks before installing
+    assert subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parent.parent).returncode == 0
