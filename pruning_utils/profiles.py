@@ -75,7 +75,7 @@ PARAMS: dict[str, Param] = {
     "RECOVERY_SEQ_LEN": Param(256, int, "tokens per training window"),
     "GRAD_ACCUM": Param(1, int, "micro-batches per optimizer step"),
     "LORA_R": Param(8, int, "LoRA rank"),
-    "LORA_ALPHA": Param(16, int, "LoRA scaling numerator (scale = alpha / r)"),
+    "LORA_ALPHA": Param(16, int, "LoRA scaling: the update is multiplied by alpha / r"),
     "LORA_LR": Param(2e-3, float, "LoRA learning rate (benchmarks/recovery_budget.py)"),
     "GRAD_CHECKPOINTING": Param(False, bool, "trade compute for activation memory"),
     "INSTRUCTION_JSONL": Param("", str, "optional Dolly/Alpaca-style file (instruction/response) instead of plain text"),

@@ -85,3 +85,12 @@ def test_bootstrap_cell_does_nothing_when_the_package_imports(monkeypatch):
     exec(bootstrap.source, namespace)  # pruning_utils is importable here, as under run_all.sh
     assert namespace["REPO_URL"].endswith(".git")
     assert all(c.cells[2].source == bootstrap.source for c in map(_read, NOTEBOOKS))
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_papermill_reads_every_declared_parameter(name):
+    from papermill.inspection import _infer_parameters  # what papermill checks passed names against
+    from papermill.iorw import load_notebook_node
+
+    inferred = [p.name for p in _infer_parameters(load_notebook_node(str(ROOT / "notebooks" / name)))]
+    assert inferred == list(NOTEBOOK_PARAMS[name]), f"{name}: papermill cannot parse some parameter lines"
