@@ -4,11 +4,26 @@
 #   bash run_all.sh --profile smoke      # tiny random model, a few minutes
 #   bash run_all.sh --profile kaggle-qwen2.5-0.5b --only 00,02 -p HEAD_RATE 0.2
 #   PRUNE_MODEL=Qwen/Qwen2.5-0.5B bash run_all.sh --force
+#   bash run_all.sh --help               # options, stages, profiles; --list-params: every parameter and its default
+# Options:
+#   --profile NAME   parameter set: default | smoke | kaggle-qwen2.5-0.5b | kaggle-qwen2.5-3b (pruning_utils/profiles.py)
+#   --only KEYS      run only these stages, e.g. 02,03 (keys: 00 02 03 04 06)
+#   --force          re-run the selected stages even when finished with the same parameters
+#   -p NAME VALUE    override one parameter (repeatable); PRUNE_<NAME>=VALUE in the environment does the same
 # Executed notebooks land in results/notebooks/; finished stages with unchanged parameters are skipped.
+# Exit codes: 0 done, 1 a stage failed (named, with its executed notebook), 2 bad usage (nothing was run).
+# SKIP_INSTALL=1 skips scripts/install.sh (the project must then already be installed: pip install -e .).
 set -euo pipefail
 cd "$(dirname "$0")"
+export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+for arg in "$@"; do
+  case "$arg" in
+    -h|--help|--list-params) exec python3 -m pruning_utils.stages "$@" ;;  # no install needed to read the help
+  esac
+done
+# the command line is checked first (standard library only): a typo fails here, not after the install
+python3 -m pruning_utils.stages --check "$@"
 if [ "${SKIP_INSTALL:-0}" != "1" ]; then
   bash scripts/install.sh
 fi
-export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 exec python3 -m pruning_utils.stages "$@"

@@ -1,22 +1,28 @@
-"""Run the numbered notebooks in order with papermill, one parameter set for all, skipping finished stages.
+"""Run the numbered notebooks in order with papermill, one profile for all, skipping finished stages.
 
-`python -m pruning_utils.stages --profile default` is what `run_all.sh` calls. A stage is skipped when its
-stamp (a hash of the parameters and of the stamps of the stages before it) matches and all its outputs
-exist; `--force` re-runs. A failed stage stops the run with exit code 1, naming the stage and its
-executed notebook.
+`python -m pruning_utils.stages --profile default` is what `run_all.sh` calls. Every parameter is declared once in
+`pruning_utils/profiles.py`; each notebook receives only the ones it reads. A stage is skipped when its stamp (a hash
+of its parameters, its notebook and the stamps of the stages before it) matches and all its outputs exist; `--force`
+re-runs. Bad usage (unknown stage, parameter or profile; a value of the wrong type) exits with code 2 before anything
+runs; a failed stage stops the run with exit code 1, naming the stage and its executed notebook.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .loading import PROJECT_ROOT
+from .profiles import NOTEBOOK_PARAMS, PARAMS, PROFILES, ParameterError, check_parameters, parse_value
+
+__all__ = ["PROFILES", "STAGES", "Stage", "StageFailed", "as_list", "main", "resolve_parameters", "run"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,11 @@ class Stage:
     key: str
     notebook: str
     outputs: tuple[str, ...]
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """Return the names of the parameters this stage's notebook reads."""
+        return NOTEBOOK_PARAMS[self.notebook]
 
 
 STAGES = (
@@ -44,72 +55,62 @@ STAGES = (
         "results/plots/pareto_latency.png", "results/plots/stage_bars.png")),
 )
 
-_COMMON = dict(
-    TEXT_SOURCE="embedded", DEVICE="auto", DTYPE="auto", SEED=0,
-    HEAD_RATE=0.2, MLP_RATE=0.25, RECON_SEQUENTIAL=False, MIX_RESCORE=False, MAIN_HEAD_CRITERION="fluctuation",
-    MAIN_MLP_CRITERION="fluctuation",
-    ALLOCATION="uniform", RECONSTRUCTION="lstsq", LATENCY_BATCH=1,
-)
 
-PROFILES: dict[str, dict] = {
-    # embedded SmolLM2-135M on a 2-core CPU
-    "default": dict(_COMMON, MODEL="smollm2-135m", N_CALIB=64, CALIB_SEQ_LEN=256, EVAL_SEQ_LEN=512,
-                    EVAL_MAX_TOKENS=32768, SWEEP_EVAL_MAX_TOKENS=4096,
-                    CRITERIA="random,magnitude,activation,fluctuation,taylor,tfidf,tfidf_topic,semantic,mix",
-                    HEAD_SWEEP="0.2,0.5", MLP_SWEEP="0.25,0.5", SEMANTIC_MAX_WINDOWS=2, SEMANTIC_SEQ_LEN=128,
-                    LATENCY_SEQ_LEN=512, LATENCY_REPEATS=3, DECODE_TOKENS=32,
-                    # 16 steps at 2e-3 bring S3 to <= 16 PPL (benchmarks/recovery_budget.py)
-                    RECOVERY_STEPS=16, LORA_LR=2e-3, RECOVERY_MODELS="head_pruned,mix_pruned",
-                    RECOVERY_LOSS="distill", N_PROMPTS=30, ZERO_SHOT=False),
-    # tiny random model: exercises every stage in a few minutes (used by the tests)
-    "smoke": dict(_COMMON, MODEL="tiny-llama", N_CALIB=8, CALIB_SEQ_LEN=32, EVAL_SEQ_LEN=64, EVAL_MAX_TOKENS=1024,
-                  SWEEP_EVAL_MAX_TOKENS=512, CRITERIA="random,magnitude,activation,fluctuation,taylor,tfidf,semantic,mix",
-                  HEAD_RATE=0.25, HEAD_SWEEP="0.25,0.5", MLP_SWEEP="0.25,0.5", SEMANTIC_MAX_WINDOWS=2, SEMANTIC_SEQ_LEN=16,
-                  LATENCY_SEQ_LEN=32, LATENCY_REPEATS=2, DECODE_TOKENS=4, RECOVERY_STEPS=4,
-                  RECOVERY_MODELS="head_pruned,mix_pruned", RECOVERY_LOSS="distill", N_PROMPTS=4, ZERO_SHOT=False),
-    # Kaggle/Colab T4 or P100 (fp16), hub models, WikiText-2
-    "kaggle-qwen2.5-0.5b": dict(_COMMON, MODEL="Qwen/Qwen2.5-0.5B", TEXT_SOURCE="wikitext2", N_CALIB=128,
-                                CALIB_SEQ_LEN=512, EVAL_SEQ_LEN=1024, EVAL_MAX_TOKENS=None, SWEEP_EVAL_MAX_TOKENS=65536,
-                                CRITERIA="random,magnitude,activation,fluctuation,taylor,tfidf,semantic,mix",
-                                HEAD_RATE=0.2, HEAD_SWEEP="0.2,0.4", MLP_SWEEP="0.125,0.25,0.5", SEMANTIC_MAX_WINDOWS=16,
-                                LATENCY_SEQ_LEN=1024, LATENCY_REPEATS=10, DECODE_TOKENS=64, RECOVERY_STEPS=300,
-                                RECOVERY_MODELS="head_pruned,mix_pruned", RECOVERY_LOSS="distill", N_PROMPTS=30,
-                                ZERO_SHOT=True),
-    "kaggle-qwen2.5-3b": dict(_COMMON, MODEL="Qwen/Qwen2.5-3B-Instruct", TEXT_SOURCE="wikitext2", N_CALIB=64,
-                              CALIB_SEQ_LEN=512, EVAL_SEQ_LEN=1024, EVAL_MAX_TOKENS=131072, SWEEP_EVAL_MAX_TOKENS=32768,
-                              CRITERIA="random,magnitude,activation,fluctuation,taylor,semantic,mix",
-                              HEAD_RATE=0.25, HEAD_SWEEP="0.25", MLP_SWEEP="0.25", SEMANTIC_MAX_WINDOWS=8,
-                              LATENCY_SEQ_LEN=1024, LATENCY_REPEATS=5, DECODE_TOKENS=64, RECOVERY_STEPS=200,
-                              RECOVERY_MODELS="head_pruned,mix_pruned", RECOVERY_LOSS="lm", N_PROMPTS=30, ZERO_SHOT=True),
-}
+def project_root() -> Path:
+    """Return the checkout this package belongs to (where notebooks/ is)."""
+    from .loading import PROJECT_ROOT  # lazily: the command line is checked before the install brings torch
+
+    return PROJECT_ROOT
 
 
 class StageFailed(RuntimeError):
     """Raised when a notebook fails; names the stage and its executed notebook."""
 
 
-def _parse(value: str):
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        return value
+class UsageError(ValueError):
+    """Bad command-line usage (unknown stage key, parameter or profile; a mistyped value): exit code 2."""
 
 
 def resolve_parameters(profile: str, overrides: dict | None = None, environ=os.environ) -> dict:
-    """Return the profile's parameters with `PRUNE_<NAME>` environment variables and explicit overrides applied."""
+    """Return the profile's parameters with `PRUNE_<NAME>` environment variables and explicit overrides applied.
+
+    Names are case-insensitive; environment strings are parsed (JSON, else text) and every value is checked against
+    its declared type. Raises ValueError (ParameterError for names and values) naming what was wrong.
+    """
     if profile not in PROFILES:
         raise ValueError(f"unknown profile '{profile}'; known: {', '.join(PROFILES)}")
-    params = dict(PROFILES[profile], PROFILE=profile)
-    for key in list(params):
-        if f"PRUNE_{key}" in environ:
-            params[key] = _parse(environ[f"PRUNE_{key}"])
+    params = dict(PROFILES[profile])
+    for var, text in environ.items():
+        # PRUNE_PROFILE chooses the profile itself (the --profile default), it is no override
+        if var.startswith("PRUNE_") and var != "PRUNE_PROFILE":
+            name = var[len("PRUNE_"):].upper()
+            try:
+                params[name] = parse_value(name, text)
+            except ParameterError as err:
+                raise ParameterError(f"environment variable {var}: {err}") from None
     for key, value in (overrides or {}).items():
-        params[key.upper()] = value
-    return params
+        name = key.upper()
+        if name == "PROFILE":
+            raise ParameterError("PROFILE is set by --profile, not as a parameter")
+        params[name] = parse_value(name, value) if isinstance(value, str) else value
+    return check_parameters(params)
 
 
-def _stamp_path(root: Path, stage: Stage) -> Path:
-    return root / "results" / "stages" / f"{stage.key}.json"
+def parse_only(text: str | None) -> list[str] | None:
+    """Return the stage keys of `--only 02,03` (None: all); raises UsageError listing the known keys."""
+    if text is None:
+        return None
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    known = [s.key for s in STAGES]
+    unknown = [k for k in keys if k not in known]
+    if unknown or not keys:
+        raise UsageError(f"unknown stage key(s) {', '.join(repr(k) for k in unknown) or repr(text)} in --only; "
+                         f"known: {', '.join(known)}")
+    return keys
+
+
+def _stamp_path(results_dir: Path, stage: Stage) -> Path:
+    return results_dir / "stages" / f"{stage.key}.json"
 
 
 def _digest(params: dict, upstream: list[str]) -> str:
@@ -117,80 +118,181 @@ def _digest(params: dict, upstream: list[str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def run(params: dict, root: Path = PROJECT_ROOT, only: list[str] | None = None, force: bool = False,
+def stage_digests(params: dict, root: Path) -> Iterator[str]:
+    """Yield each stage's digest: its own parameters, its notebook's bytes and the digests of the stages before it."""
+    digests: list[str] = []
+    for stage in STAGES:  # lazily: a run that stops at stage 00 never reads the later notebooks
+        notebook_hash = hashlib.sha256((root / "notebooks" / stage.notebook).read_bytes()).hexdigest()[:16]
+        # upstream digests: a stage re-runs when anything it builds on changed, even a parameter it does not read
+        digests.append(_digest({n: params[n] for n in stage.params}, digests + [notebook_hash]))
+        yield digests[-1]
+
+
+def output_dirs(root: Path) -> dict[str, Path]:
+    """Return where `results/` and `models/` live for a run in `root` (PRUNING_*_DIR when already set, as on Kaggle)."""
+    return {"results": Path(os.environ.get("PRUNING_RESULTS_DIR") or root / "results"),
+            "models": Path(os.environ.get("PRUNING_MODELS_DIR") or root / "models")}
+
+
+def _resolve(output: str, dirs: dict[str, Path]) -> Path:
+    top, _, rest = output.partition("/")
+    return dirs[top] / rest
+
+
+@contextlib.contextmanager
+def _kernel_env(values: dict[str, str]):
+    """Set environment variables for the kernels started inside, restoring the caller's afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def kernel_environment(root: Path) -> dict[str, str]:
+    """Return the variables the notebook kernels get: where the project and its outputs are, log-style progress."""
+    dirs = output_dirs(root)
+    return {"PRUNING_PROJECT_ROOT": str(root), "PRUNING_RESULTS_DIR": str(dirs["results"]),
+            "PRUNING_MODELS_DIR": str(dirs["models"]),
+            # bars as a few stderr lines: widgets or 10 Hz redraws would be stored in every executed notebook
+            "PRUNING_PROGRESS": os.environ.get("PRUNING_PROGRESS", "log")}
+
+
+def check_kernel_can_import(root: Path) -> None:
+    """Raise UsageError when a Python started in `root`/notebooks (as the kernel is) cannot import pruning_utils."""
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('pruning_utils') is None)"
+    ok = subprocess.run([sys.executable, "-c", probe], cwd=root / "notebooks").returncode == 0
+    if not ok:
+        raise UsageError(f"the notebooks' kernel cannot import pruning_utils: install the project first with "
+                         f"`pip install -e {root}` (bash scripts/install.sh does it; run_all.sh runs that unless "
+                         f"SKIP_INSTALL=1)")
+
+
+def run(params: dict, root: Path | None = None, only: list[str] | None = None, force: bool = False,
         log=print) -> list[dict]:
-    """Execute the stages in order; returns one record per stage (ran / skipped, seconds)."""
+    """Execute the stages in order in `root` (default: this checkout); returns one record per stage."""
     import papermill as pm
 
-    # the kernel runs in notebooks/: make the package importable there
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH", "")]))
-    out_dir = root / "results" / "notebooks"
+    root = Path(root or project_root())
+    params = check_parameters(params)
+    missing = sorted({n for s in STAGES for n in s.params} - set(params))
+    if missing:
+        raise ParameterError(f"parameters {missing} are missing; start from resolve_parameters(profile)")
+    dirs = output_dirs(root)
+    out_dir = dirs["results"] / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
-    records, upstream = [], []
-    for stage in STAGES:
-        notebook_hash = hashlib.sha256((root / "notebooks" / stage.notebook).read_bytes()).hexdigest()[:16]
-        digest = _digest(params, upstream + [notebook_hash])  # an edited notebook re-runs too
-        stamp = _stamp_path(root, stage)
-        selected = only is None or stage.key in only
-        done = (stamp.exists() and json.loads(stamp.read_text()).get("digest") == digest
-                and all((root / o).exists() for o in stage.outputs))
-        if not selected or (done and not force):
-            log(f"[{stage.key}] skipped ({'finished, same parameters' if done else 'not selected'})")
-            records.append({"stage": stage.key, "status": "skipped", "seconds": 0.0})
-            upstream.append(digest)
-            continue
-        executed = out_dir / stage.notebook
-        log(f"[{stage.key}] running {stage.notebook} -> {executed.relative_to(root)}")
-        t0 = time.time()
-        stamp.unlink(missing_ok=True)
-        try:
-            pm.execute_notebook(str(root / "notebooks" / stage.notebook), str(executed), parameters=params,
-                                cwd=str(root / "notebooks"), kernel_name="python3", progress_bar=False,
-                                log_output=False)
-        except Exception as err:  # papermill raises PapermillExecutionError with the cell's traceback
-            raise StageFailed(
-                f"stage {stage.key} ({stage.notebook}) failed: {err.__class__.__name__}: {str(err).strip()[-600:]}\n"
-                f"see the executed notebook {executed}"
-            ) from err
-        missing = [o for o in stage.outputs if not (root / o).exists()]
-        if missing:
-            raise StageFailed(f"stage {stage.key} finished but did not write {missing}; see {executed}")
-        seconds = time.time() - t0
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(json.dumps({"digest": digest, "seconds": round(seconds, 1), "params": params}, default=str))
-        log(f"[{stage.key}] done in {seconds / 60:.1f} min")
-        records.append({"stage": stage.key, "status": "ran", "seconds": seconds})
-        upstream.append(digest)
+    records = []
+    with _kernel_env(kernel_environment(root)):
+        for stage, digest in zip(STAGES, stage_digests(params, root)):
+            stage_params = {n: params[n] for n in stage.params}
+            stamp = _stamp_path(dirs["results"], stage)
+            selected = only is None or stage.key in only
+            done = (stamp.exists() and json.loads(stamp.read_text()).get("digest") == digest
+                    and all(_resolve(o, dirs).exists() for o in stage.outputs))
+            if not selected or (done and not force):
+                log(f"[{stage.key}] skipped ({'finished, same parameters' if done else 'not selected'})")
+                records.append({"stage": stage.key, "status": "skipped", "seconds": 0.0})
+                continue
+            executed = out_dir / stage.notebook
+            log(f"[{stage.key}] running {stage.notebook} -> {executed}")
+            t0 = time.time()
+            stamp.unlink(missing_ok=True)
+            try:
+                pm.execute_notebook(str(root / "notebooks" / stage.notebook), str(executed), parameters=stage_params,
+                                    cwd=str(root / "notebooks"), kernel_name="python3", progress_bar=False,
+                                    log_output=False)
+            except Exception as err:  # papermill raises PapermillExecutionError with the cell's traceback
+                raise StageFailed(
+                    f"stage {stage.key} ({stage.notebook}) failed: {err.__class__.__name__}: "
+                    f"{str(err).strip()[-600:]}\nsee the executed notebook {executed}"
+                ) from err
+            absent = [o for o in stage.outputs if not _resolve(o, dirs).exists()]
+            if absent:
+                raise StageFailed(f"stage {stage.key} finished but did not write {absent}; see {executed}")
+            seconds = time.time() - t0
+            stamp.parent.mkdir(parents=True, exist_ok=True)
+            stamp.write_text(json.dumps({"digest": digest, "seconds": round(seconds, 1), "params": stage_params},
+                                        default=str))
+            log(f"[{stage.key}] done in {seconds / 60:.1f} min")
+            records.append({"stage": stage.key, "status": "ran", "seconds": seconds})
     return records
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line of run_all.sh; returns the process exit code."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", default=os.environ.get("PRUNE_PROFILE", "default"), choices=list(PROFILES))
-    ap.add_argument("--only", default=None, help="comma-separated stage keys to run, e.g. 02,03")
-    ap.add_argument("--force", action="store_true", help="re-run stages even when finished")
+def _parameter_table() -> str:
+    users = {n: [nb[:2] for nb, names in NOTEBOOK_PARAMS.items() if n in names] for n in PARAMS}
+    return "\n".join(f"  {n:<22} {p.type_name():<12} default {p.default!r:<14} [{','.join(users[n])}] {p.help}"
+                     for n, p in PARAMS.items())
+
+
+EPILOG = """\
+stages: {stages}
+profiles: {profiles}
+  default: embedded SmolLM2-135M on CPU; smoke: tiny random model (minutes); kaggle-*: hub Qwen models, fp16 GPU
+
+examples:
+  bash run_all.sh --profile smoke
+  bash run_all.sh --only 02,03 -p HEAD_RATE 0.3 -p CRITERIA magnitude,semantic
+  PRUNE_MODEL=Qwen/Qwen2.5-0.5B bash run_all.sh --force
+  bash run_all.sh --list-params        # every parameter: type, default, notebooks that read it
+
+-p values and PRUNE_<NAME> variables are parsed as JSON, else taken as text (0.2 -> float, null -> None,
+true -> bool, a,b -> the comma-list string), then checked against the declared type.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="run_all.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG.format(stages=", ".join(f"{s.key} ({s.notebook})" for s in STAGES), profiles=", ".join(PROFILES)))
+    ap.add_argument("--profile", default=os.environ.get("PRUNE_PROFILE", "default"), choices=list(PROFILES),
+                    help="parameter set (default: $PRUNE_PROFILE or 'default')")
+    ap.add_argument("--only", default=None, metavar="KEYS",
+                    help="comma-separated stage keys to run, e.g. 02,03 (the others are skipped, not re-checked)")
+    ap.add_argument("--force", action="store_true", help="re-run the selected stages even when finished")
     ap.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                    help="override a parameter, e.g. -p MODEL Qwen/Qwen2.5-0.5B")
-    args = ap.parse_args(argv)
-    params = resolve_parameters(args.profile, {k: _parse(v) for k, v in args.p})
+                    help="override a parameter, e.g. -p MODEL Qwen/Qwen2.5-0.5B (repeatable; beats PRUNE_<NAME>)")
+    ap.add_argument("--list-params", action="store_true", help="print every parameter and exit")
+    ap.add_argument("--check", action="store_true",
+                    help="only check the command line and PRUNE_* variables (run_all.sh does, before installing)")
+    return ap
+
+
+def main(argv: list[str] | None = None, root: Path | None = None) -> int:
+    """Command line of run_all.sh; returns the process exit code (2: bad usage, 1: a stage failed)."""
+    ap = _parser()
+    args = ap.parse_args(argv)  # unknown options / profiles exit 2 with argparse's message
+    if args.list_params:
+        print(_parameter_table())
+        return 0
+    try:  # everything the user typed is checked before any stage starts or any folder is created
+        only = parse_only(args.only)
+        params = resolve_parameters(args.profile, dict(args.p))
+        if args.check:
+            return 0
+        root = Path(root or project_root())
+        check_kernel_can_import(root)
+    except ValueError as err:
+        print(f"run_all.sh: error: {err}", file=sys.stderr)
+        return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "0")
     t0 = time.time()
     try:
-        records = run(params, only=args.only.split(",") if args.only else None, force=args.force)
+        records = run(params, root=root, only=only, force=args.force)
     except StageFailed as err:
         print(f"ERROR: {err}", file=sys.stderr)
         return 1
     total = time.time() - t0
     summary = {"profile": args.profile, "minutes": round(total / 60, 2), "stages": records}
-    (PROJECT_ROOT / "results" / "stages").mkdir(parents=True, exist_ok=True)
-    (PROJECT_ROOT / "results" / "stages" / "last_run.json").write_text(json.dumps(summary, indent=1))
+    stages_dir = output_dirs(root)["results"] / "stages"
+    stages_dir.mkdir(parents=True, exist_ok=True)
+    (stages_dir / "last_run.json").write_text(json.dumps(summary, indent=1))
     print(f"all stages finished in {total / 60:.1f} min ({args.profile} profile)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def as_list(value, cast=str) -> list:
@@ -199,3 +301,7 @@ def as_list(value, cast=str) -> list:
         return []
     items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
     return [cast(v.strip()) if isinstance(v, str) else cast(v) for v in items]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,16 +1,24 @@
 """Writes notebooks/*.ipynb from the cell lists below (run after editing; the notebooks are committed).
 
-Notebooks are reports: a `parameters` cell for papermill, calls into pruning_utils, tables and plots.
+Notebooks are reports: a `parameters` cell for papermill, calls into pruning_utils, tables and plots. The parameters
+cells are generated from `pruning_utils/profiles.py` (the default profile, and only the names each notebook reads),
+so a notebook opened by hand runs the default recipe; edit defaults there, never here.
+Usage: python3 scripts/build_notebooks.py [--out DIR]   (needs the project installed: pip install -e .)
 """
+import argparse
 from pathlib import Path
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+try:
+    from pruning_utils.profiles import NOTEBOOK_PARAMS, PARAMS
+except ModuleNotFoundError as err:  # scripts leave the import path alone: the package is installed editable
+    raise SystemExit(f"{err}: install the project first (pip install -e . or bash scripts/install.sh)") from err
+
 ROOT = Path(__file__).resolve().parent.parent
 SETUP = '''import json, sys, time, warnings
 from pathlib import Path
-sys.path.insert(0, str(Path.cwd().parent))  # notebooks/ -> project root, for runs opened by hand
 import pandas as pd, torch
 from IPython.display import display, Markdown
 from pruning_utils import allocation, data, importance, metrics, plots, reconstruction, results
@@ -25,31 +33,46 @@ PLOTS = results.RESULTS_DIR / "plots"; PLOTS.mkdir(parents=True, exist_ok=True)
 PROVENANCE = ("criterion", "allocation", "reconstruction", "head_rate", "mlp_rate")
 LATENCY = dict(batch_size=LATENCY_BATCH, seq_len=LATENCY_SEQ_LEN, new_tokens=DECODE_TOKENS, repeats=LATENCY_REPEATS)'''
 
-COMMON_PARAMS = '''PROFILE = "default"
-MODEL = "smollm2-135m"          # embedded default; or a hub id such as "Qwen/Qwen2.5-0.5B", or a local folder
-TEXT_SOURCE = "embedded"        # embedded | wikitext2 | path/to/file.txt|.csv|.jsonl
-DEVICE = "auto"                 # auto | cpu | cuda
-DTYPE = "auto"                  # auto (fp16 on T4/P100, fp32 on CPU) | float32 | float16 | bfloat16
-SEED = 0
-N_CALIB = 64                    # calibration windows
-CALIB_SEQ_LEN = 256
-EVAL_SEQ_LEN = 512              # perplexity windows (non-overlapping)
-EVAL_MAX_TOKENS = 32768
-SWEEP_EVAL_MAX_TOKENS = 8192    # cheaper perplexity for the sweeps
-LATENCY_BATCH = 1
-LATENCY_SEQ_LEN = 512
-LATENCY_REPEATS = 5
-DECODE_TOKENS = 32'''
+# Papermill injects its parameters right after the cell tagged `parameters`, wherever that cell is; the parameters
+# cell stays the first code cell (a notebook reads as recipe first) and the bootstrap, which reads no parameter, comes
+# next, so it runs after the injected values and before the set-up cell's imports.
+BOOTSTRAP = '''# Colab / Kaggle: install this project when `pruning_utils` is not importable; a no-op under run_all.sh
+import importlib, importlib.util, os, subprocess, sys
+from pathlib import Path
+REPO_URL = os.environ.get("PRUNING_REPO_URL", "https://github.com/OWNER/semantic-llm-pruning.git")
+if importlib.util.find_spec("pruning_utils") is None:
+    root = Path.cwd().parent  # opened from <project>/notebooks
+    if not (root / "pyproject.toml").exists():
+        root = Path("semantic-llm-pruning").resolve()
+        if not root.exists():
+            subprocess.run(["git", "clone", "--depth", "1", REPO_URL, str(root)], check=True)
+    # install.sh adds the missing requirements and never reinstalls a preinstalled torch
+    subprocess.run(["bash", str(root / "scripts" / "install.sh")], check=True, env=dict(os.environ, PYTHON=sys.executable))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", str(root)], check=True)
+    importlib.invalidate_caches()
+    if importlib.util.find_spec("pruning_utils") is None:
+        raise RuntimeError(f"installed {root} (editable); restart the kernel and run all cells again to import it")'''
 
 
-def notebook(title: str, params: str, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
+def parameters_source(names: tuple[str, ...]) -> str:
+    """Return a parameters cell: one `NAME = default  # meaning` line per name, from pruning_utils/profiles.py."""
+    lines = ["# generated from pruning_utils/profiles.py (default profile); run_all.sh --profile/-p inject others"]
+    for name in names:
+        assign = f"{name} = {PARAMS[name].default!r}"
+        lines.append(f"{assign:<31}  # {PARAMS[name].help}")
+    return "\n".join(lines)
+
+
+def notebook(name: str, title: str, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
+    """Return the notebook `name`: title, generated parameters cell, bootstrap cell, then `cells`."""
     nb = new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
     nb.cells.append(new_markdown_cell(title))
-    p = new_code_cell(params)
+    p = new_code_cell(parameters_source(NOTEBOOK_PARAMS[name]))
     p.metadata["tags"] = ["parameters"]
     nb.cells.append(p)
+    nb.cells.append(new_code_cell(BOOTSTRAP))
     for kind, src in cells:
         nb.cells.append(new_markdown_cell(src) if kind == "md" else new_code_cell(src))
     for i, cell in enumerate(nb.cells):
@@ -58,14 +81,11 @@ def notebook(title: str, params: str, cells: list[tuple[str, str]]) -> nbformat.
 
 
 NB00 = notebook(
+    "00-setup-01-baseline-and-importance.ipynb",
     "# 00 · Set-up, baseline and importance\n"
     "Loads the model, measures the baseline (quality, size, FLOPs, latency, memory), then scores every attention "
     "head and MLP neuron under each importance criterion in shared calibration passes. Scores are saved under "
     "`results/importance/` for the pruning notebooks.",
-    COMMON_PARAMS + '''
-CRITERIA = "random,magnitude,activation,fluctuation,taylor,tfidf,tfidf_topic,semantic,mix"
-SEMANTIC_MAX_WINDOWS = 2        # calibration windows used by the exact per-head ablations of `semantic`
-SEMANTIC_SEQ_LEN = 128          # ... and their length: cost is (number of heads) x (tokens)''',
     [
         ("code", SETUP + '''
 model, tok = load_model(MODEL, device=DEVICE, dtype=DTYPE)
@@ -137,19 +157,11 @@ pd.DataFrame(recon_rows)[["variant", "reconstruction", "{shape_col}", "ppl", "pp
 
 
 NB02 = notebook(
+    "02_head_pruning.ipynb",
     "# 02 · Attention-head pruning (Q + O only, GQA-compatible)\n"
     "Query heads are removed from `q_proj` rows and `o_proj` columns; K/V stay, and every KV group keeps the same "
     "number of query heads. Criteria are compared at equal rates, then the main recipe (criterion + reconstruction) "
     "is saved to `models/head_pruned/`.",
-    COMMON_PARAMS + '''
-CRITERIA = "random,magnitude,activation,fluctuation,taylor,tfidf,tfidf_topic,semantic,mix"
-HEAD_RATE = 0.2                 # main rate: fraction of query heads, rounded per KV group
-HEAD_SWEEP = "0.2,0.5"
-ALLOCATION = "uniform"          # uniform (stock-loadable) | global
-MAIN_HEAD_CRITERION = "fluctuation"  # best with the lstsq refit (benchmarks/quality.py); semantic is best without
-RECONSTRUCTION = "lstsq"        # none | bias | lstsq: refit o_proj on calibration activations
-RECON_OPTIONS = "none,lstsq"
-RECON_SEQUENTIAL = False        # True: calibrate each layer on the already-pruned earlier layers (slower)''',
     [
         ("code", SETUP + "\n" + SWEEP_SETUP),
         *sweep_cells("heads", "HEAD", "query_heads", "Criteria side by side (plain removal, no reconstruction)"),
@@ -172,20 +184,11 @@ results.save_plot(fig, OUT / "head_pruning_ppl_vs_params.png")'''),
 )
 
 NB03 = notebook(
+    "03_mlp_pruning.ipynb",
     "# 03 · MLP-neuron pruning, alone and on top of head pruning\n"
     "Neurons are removed from `gate_proj`/`up_proj` rows and `down_proj` columns. Two starting points: the baseline "
     "(MLP pruning alone → `models/mlp_pruned/`) and the head-pruned model (cumulative attention + MLP → "
     "`models/mix_pruned/`).",
-    COMMON_PARAMS + '''
-CRITERIA = "random,magnitude,activation,fluctuation,taylor,tfidf,tfidf_topic,semantic,mix"
-MLP_RATE = 0.25                 # main rate: fraction of MLP neurons
-MLP_SWEEP = "0.125,0.25,0.5"
-ALLOCATION = "uniform"
-MAIN_MLP_CRITERION = "fluctuation"
-RECONSTRUCTION = "lstsq"
-RECON_OPTIONS = "none,lstsq"
-RECON_SEQUENTIAL = False        # True: calibrate each layer on the already-pruned earlier layers (slower)
-MIX_RESCORE = False             # True: rescore + refit neurons on the head-pruned model instead of one plan''',
     [
         ("code", SETUP + "\n" + SWEEP_SETUP),
         *sweep_cells("neurons", "MLP", "intermediate", "Criteria side by side on the baseline (plain removal)"),
@@ -231,23 +234,12 @@ results.save_plot(fig, OUT / "mlp_pruning_ppl_vs_params.png")'''),
 )
 
 NB04 = notebook(
+    "04_recovery_lora.ipynb",
     "# 04 · Recovery: light LoRA (peft), at most one epoch, merged into the weights\n"
     "Each pruned model gets LoRA adapters on its attention and MLP projections, trains on the calibration split "
     "(never the evaluation split), optionally distilling from the unpruned model, and the adapters are merged: "
     "the saved `models/<name>_lora/` is an ordinary pruned checkpoint with no inference overhead. With more than "
     "one GPU visible the same entry point runs data parallel under `accelerate launch`.",
-    COMMON_PARAMS + """
-RECOVERY_MODELS = "head_pruned,mix_pruned"
-RECOVERY_STEPS = 60             # optimizer steps (capped at one epoch of the training windows)
-RECOVERY_LOSS = "distill"       # lm | distill (KL to the unpruned model) | mix
-RECOVERY_BATCH = 4
-RECOVERY_SEQ_LEN = 256
-GRAD_ACCUM = 1
-LORA_R = 8
-LORA_ALPHA = 16
-LORA_LR = 1e-3
-GRAD_CHECKPOINTING = False
-INSTRUCTION_JSONL = ""          # optional Dolly/Alpaca-style file (instruction/response) instead of plain text""",
     [
         ("code", SETUP + """
 import subprocess
@@ -304,18 +296,11 @@ table.round(3)"""),
 )
 
 NB06 = notebook(
+    "06_final_eval.ipynb",
     "# 06 · Final evaluation: quality vs compression vs latency\n"
     "Every variant is measured the same way in this one run: perplexity, semantic retention of greedy answers "
     "(all-MiniLM-L6-v2 cosine to the baseline's answers, plus exact match), optional zero-shot accuracy "
     "(lm-evaluation-harness), parameters, FLOPs/token, checkpoint size, peak memory, prefill latency and decode speed.",
-    COMMON_PARAMS + """
-VARIANTS = "baseline,head_pruned,mlp_pruned,mix_pruned,head_pruned_lora,mix_pruned_lora"
-EXTRA_VARIANTS = ""             # any other checkpoint under models/ with a plan file
-N_PROMPTS = 30
-MAX_NEW_TOKENS = 48
-ZERO_SHOT = False               # needs `pip install lm-eval` and the hub (online users)
-ZERO_SHOT_TASKS = "arc_easy,hellaswag,winogrande,piqa,boolq,lambada_openai"
-ZERO_SHOT_LIMIT = None          # examples per task (None: all)""",
     [
         ("code", SETUP + """
 from pruning_utils import evaluation
@@ -378,10 +363,20 @@ NOTEBOOKS = {
     "06_final_eval.ipynb": NB06,
 }
 
-if __name__ == "__main__":
-    import sys
 
-    sys.path.insert(0, str(ROOT))
+
+def write_notebooks(out_dir: Path) -> list[Path]:
+    """Write every notebook into `out_dir`; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
     for name, nb in NOTEBOOKS.items():
-        nbformat.write(nb, ROOT / "notebooks" / name)
-        print("wrote", name)
+        nbformat.write(nb, out_dir / name)
+        paths.append(out_dir / name)
+    return paths
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "notebooks", help="folder to write into (default: notebooks/)")
+    for path in write_notebooks(ap.parse_args().out):
+        print("wrote", path)

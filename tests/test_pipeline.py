@@ -37,10 +37,13 @@ def _finite(df: pd.DataFrame, cols) -> None:
 def smoke_run(tmp_path_factory):
     root = _clean_copy(tmp_path_factory.mktemp("clone"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PRUNE_", "PRUNING_"))}
-    env.update(SKIP_INSTALL="1", HF_HUB_OFFLINE="1")
+    # stands in for `pip install -e` of the copy, without touching site-packages: the kernels import this copy's
+    # package (PYTHONPATH comes before any installed one), and the runner points their outputs into the copy
+    env.update(SKIP_INSTALL="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(root))
     first = subprocess.run(["bash", "run_all.sh", "--profile", "smoke"], cwd=root, env=env, capture_output=True,
                            text=True, timeout=1200)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "Passed unknown parameter" not in first.stderr, "the runner must pass only the parameters a notebook declares"
     second = subprocess.run(["bash", "run_all.sh", "--profile", "smoke"], cwd=root, env=env, capture_output=True,
                             text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -1,0 +1,205 @@
+"""The one source of the pipeline's parameters: each declared once (default, type, meaning), the profiles that
+override some of them, and which notebook reads which.
+
+`scripts/build_notebooks.py` writes every notebook's `parameters` cell from `DEFAULTS`, so a notebook opened by hand
+runs the default recipe; `stages.py` passes each notebook only the names in `NOTEBOOK_PARAMS`. Values typed on the
+command line or in `PRUNE_<NAME>` variables go through `parse_value`, programmatic ones through `coerce`.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Param:
+    """One notebook parameter: default (the `default` profile's value), type, one-line meaning."""
+
+    default: object
+    type: type  # int | float | bool | str; comma-separated lists are str (the notebooks split them with as_list)
+    help: str
+    optional: bool = False  # None allowed
+
+    def type_name(self) -> str:
+        """Return the type as the error messages spell it, e.g. 'int or None'."""
+        name = "bool (true/false)" if self.type is bool else self.type.__name__
+        return name + (" or None" if self.optional else "")
+
+
+class ParameterError(ValueError):
+    """An unknown parameter name or a value of the wrong type; the message says which and what is expected."""
+
+
+_CRITERIA = "random,magnitude,activation,fluctuation,taylor,tfidf,tfidf_topic,semantic,mix"
+
+PARAMS: dict[str, Param] = {
+    "PROFILE": Param("default", str, "name of the profile these values come from (set by --profile, informational)"),
+    # model, data, device
+    "MODEL": Param("smollm2-135m", str, "embedded default; or a hub id such as Qwen/Qwen2.5-0.5B, or a local folder"),
+    "TEXT_SOURCE": Param("embedded", str, "embedded | wikitext2 | path/to/file.txt|.csv|.jsonl"),
+    "DEVICE": Param("auto", str, "auto | cpu | cuda"),
+    "DTYPE": Param("auto", str, "auto (fp16 on T4/P100, fp32 on CPU) | float32 | float16 | bfloat16"),
+    "SEED": Param(0, int, "seed of the calibration sampling, random scores and LoRA init"),
+    "N_CALIB": Param(64, int, "calibration windows"),
+    "CALIB_SEQ_LEN": Param(256, int, "tokens per calibration window"),
+    "EVAL_SEQ_LEN": Param(512, int, "perplexity windows (non-overlapping)"),
+    "EVAL_MAX_TOKENS": Param(32768, int, "evaluation tokens of the full measurements (None: the whole split)", True),
+    "SWEEP_EVAL_MAX_TOKENS": Param(4096, int, "cheaper perplexity for the sweeps"),
+    "LATENCY_BATCH": Param(1, int, "batch size of the latency measurement"),
+    "LATENCY_SEQ_LEN": Param(512, int, "prompt length of the prefill latency"),
+    "LATENCY_REPEATS": Param(3, int, "timed repeats (the median is reported)"),
+    "DECODE_TOKENS": Param(32, int, "generated tokens of the decode-speed measurement"),
+    # importance (notebook 00)
+    "CRITERIA": Param(_CRITERIA, str, "importance criteria, comma-separated"),
+    "SEMANTIC_MAX_WINDOWS": Param(2, int, "calibration windows used by the exact per-head ablations of `semantic`"),
+    "SEMANTIC_SEQ_LEN": Param(128, int, "... and their length: cost is (number of heads) x (tokens)"),
+    # pruning (notebooks 02, 03)
+    "HEAD_RATE": Param(0.2, float, "main rate: fraction of query heads, rounded per KV group"),
+    "HEAD_SWEEP": Param("0.2,0.5", str, "head rates of the criteria sweep, comma-separated"),
+    "MLP_RATE": Param(0.25, float, "main rate: fraction of MLP neurons"),
+    "MLP_SWEEP": Param("0.25,0.5", str, "MLP rates of the criteria sweep, comma-separated"),
+    "ALLOCATION": Param("uniform", str, "uniform (stock-loadable) | global"),
+    "MAIN_HEAD_CRITERION": Param("fluctuation", str, "best with the lstsq refit (benchmarks/quality.py)"),
+    "MAIN_MLP_CRITERION": Param("fluctuation", str, "criterion of the saved MLP-pruned models"),
+    "RECONSTRUCTION": Param("lstsq", str, "none | bias | lstsq: refit o_proj / down_proj on calibration activations"),
+    "RECON_OPTIONS": Param("none,lstsq", str, "reconstructions compared for the main criterion, comma-separated"),
+    "RECON_SEQUENTIAL": Param(False, bool, "True: calibrate each layer on the already-pruned earlier layers (slower)"),
+    "MIX_RESCORE": Param(False, bool, "True: rescore + refit neurons on the head-pruned model instead of one plan"),
+    # recovery (notebook 04)
+    "RECOVERY_MODELS": Param("head_pruned,mix_pruned", str, "checkpoints under models/ to recover, comma-separated"),
+    # 16 steps at 2e-3 bring S3 to <= 16 PPL (benchmarks/recovery_budget.py)
+    "RECOVERY_STEPS": Param(16, int, "optimizer steps (capped at one epoch of the training windows)"),
+    "RECOVERY_LOSS": Param("distill", str, "lm | distill (KL to the unpruned model) | mix"),
+    "RECOVERY_BATCH": Param(4, int, "windows per optimizer micro-batch"),
+    "RECOVERY_SEQ_LEN": Param(256, int, "tokens per training window"),
+    "GRAD_ACCUM": Param(1, int, "micro-batches per optimizer step"),
+    "LORA_R": Param(8, int, "LoRA rank"),
+    "LORA_ALPHA": Param(16, int, "LoRA scaling: the update is multiplied by alpha / r"),
+    "LORA_LR": Param(2e-3, float, "LoRA learning rate (benchmarks/recovery_budget.py)"),
+    "GRAD_CHECKPOINTING": Param(False, bool, "trade compute for activation memory"),
+    "INSTRUCTION_JSONL": Param("", str, "optional Dolly/Alpaca-style file (instruction/response) instead of plain text"),
+    # final evaluation (notebook 06)
+    "VARIANTS": Param("baseline,head_pruned,mlp_pruned,mix_pruned,head_pruned_lora,mix_pruned_lora", str,
+                      "variants compared, comma-separated, baseline first"),
+    "EXTRA_VARIANTS": Param("", str, "any other checkpoints under models/ with a plan file, comma-separated"),
+    "N_PROMPTS": Param(30, int, "instruction prompts of the semantic-retention judge"),
+    "MAX_NEW_TOKENS": Param(48, int, "greedy answer length"),
+    "ZERO_SHOT": Param(False, bool, "lm-evaluation-harness tasks (needs `pip install lm-eval` and the hub)"),
+    "ZERO_SHOT_TASKS": Param("arc_easy,hellaswag,winogrande,piqa,boolq,lambada_openai", str,
+                             "zero-shot tasks, comma-separated"),
+    "ZERO_SHOT_LIMIT": Param(None, int, "examples per task (None: all)", True),
+}
+
+DEFAULTS: dict[str, object] = {name: p.default for name, p in PARAMS.items()}
+
+_COMMON = ("PROFILE", "MODEL", "TEXT_SOURCE", "DEVICE", "DTYPE", "SEED", "N_CALIB", "CALIB_SEQ_LEN", "EVAL_SEQ_LEN",
+           "EVAL_MAX_TOKENS", "SWEEP_EVAL_MAX_TOKENS", "LATENCY_BATCH", "LATENCY_SEQ_LEN", "LATENCY_REPEATS",
+           "DECODE_TOKENS")
+_SWEEP = ("ALLOCATION", "RECONSTRUCTION", "RECON_OPTIONS", "RECON_SEQUENTIAL")
+
+# What each notebook reads (tests/test_notebooks.py checks these against the notebooks' code): the runner passes
+# only these, and a stage's digest hashes only these, so e.g. a new ZERO_SHOT_LIMIT re-runs notebook 06 alone.
+NOTEBOOK_PARAMS: dict[str, tuple[str, ...]] = {
+    "00-setup-01-baseline-and-importance.ipynb": tuple(n for n in _COMMON if n != "SWEEP_EVAL_MAX_TOKENS") + (
+        "CRITERIA", "SEMANTIC_MAX_WINDOWS", "SEMANTIC_SEQ_LEN"),
+    "02_head_pruning.ipynb": _COMMON + ("CRITERIA", "HEAD_RATE", "HEAD_SWEEP", "MAIN_HEAD_CRITERION") + _SWEEP,
+    "03_mlp_pruning.ipynb": _COMMON + ("CRITERIA", "MLP_RATE", "MLP_SWEEP", "MAIN_MLP_CRITERION") + _SWEEP + (
+        "MIX_RESCORE",),
+    "04_recovery_lora.ipynb": tuple(n for n in _COMMON if n not in ("N_CALIB", "CALIB_SEQ_LEN", "SWEEP_EVAL_MAX_TOKENS"))
+    + ("RECOVERY_MODELS", "RECOVERY_STEPS", "RECOVERY_LOSS", "RECOVERY_BATCH", "RECOVERY_SEQ_LEN", "GRAD_ACCUM",
+       "LORA_R", "LORA_ALPHA", "LORA_LR", "GRAD_CHECKPOINTING", "INSTRUCTION_JSONL"),
+    "06_final_eval.ipynb": tuple(n for n in _COMMON if n not in ("N_CALIB", "CALIB_SEQ_LEN", "SWEEP_EVAL_MAX_TOKENS"))
+    + ("VARIANTS", "EXTRA_VARIANTS", "N_PROMPTS", "MAX_NEW_TOKENS", "ZERO_SHOT", "ZERO_SHOT_TASKS", "ZERO_SHOT_LIMIT"),
+}
+
+_SMOKE_CRITERIA = "random,magnitude,activation,fluctuation,taylor,tfidf,semantic,mix"
+
+# Profiles name only what differs from DEFAULTS (the `default` profile: embedded SmolLM2-135M on a 2-core CPU).
+PROFILES: dict[str, dict] = {
+    "default": dict(DEFAULTS),
+    # tiny random model: exercises every stage in a few minutes (used by the tests)
+    "smoke": dict(DEFAULTS, MODEL="tiny-llama", N_CALIB=8, CALIB_SEQ_LEN=32, EVAL_SEQ_LEN=64, EVAL_MAX_TOKENS=1024,
+                  SWEEP_EVAL_MAX_TOKENS=512, CRITERIA=_SMOKE_CRITERIA, HEAD_RATE=0.25, HEAD_SWEEP="0.25,0.5",
+                  SEMANTIC_SEQ_LEN=16, LATENCY_SEQ_LEN=32, LATENCY_REPEATS=2, DECODE_TOKENS=4, RECOVERY_STEPS=4,
+                  N_PROMPTS=4),
+    # Kaggle/Colab T4 or P100 (fp16), hub models, WikiText-2; LORA_LR 1e-3 is the rate these profiles were run with
+    "kaggle-qwen2.5-0.5b": dict(DEFAULTS, MODEL="Qwen/Qwen2.5-0.5B", TEXT_SOURCE="wikitext2", N_CALIB=128,
+                                CALIB_SEQ_LEN=512, EVAL_SEQ_LEN=1024, EVAL_MAX_TOKENS=None, SWEEP_EVAL_MAX_TOKENS=65536,
+                                CRITERIA=_SMOKE_CRITERIA, HEAD_SWEEP="0.2,0.4", MLP_SWEEP="0.125,0.25,0.5",
+                                SEMANTIC_MAX_WINDOWS=16, LATENCY_SEQ_LEN=1024, LATENCY_REPEATS=10, DECODE_TOKENS=64,
+                                RECOVERY_STEPS=300, LORA_LR=1e-3, ZERO_SHOT=True),
+    "kaggle-qwen2.5-3b": dict(DEFAULTS, MODEL="Qwen/Qwen2.5-3B-Instruct", TEXT_SOURCE="wikitext2", CALIB_SEQ_LEN=512,
+                              EVAL_SEQ_LEN=1024, EVAL_MAX_TOKENS=131072, SWEEP_EVAL_MAX_TOKENS=32768,
+                              CRITERIA="random,magnitude,activation,fluctuation,taylor,semantic,mix", HEAD_RATE=0.25,
+                              HEAD_SWEEP="0.25", MLP_SWEEP="0.25", SEMANTIC_MAX_WINDOWS=8, LATENCY_SEQ_LEN=1024,
+                              LATENCY_REPEATS=5, DECODE_TOKENS=64, RECOVERY_STEPS=200, RECOVERY_LOSS="lm",
+                              LORA_LR=1e-3, ZERO_SHOT=True),
+}
+for _name, _values in PROFILES.items():
+    _values["PROFILE"] = _name
+
+
+def check_name(name: str) -> Param:
+    """Return the declaration of `name`; raises ParameterError listing close matches when it is unknown."""
+    if name in PARAMS:
+        return PARAMS[name]
+    close = difflib.get_close_matches(name, PARAMS, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(PARAMS)}"
+    raise ParameterError(f"unknown parameter '{name}'; {hint}")
+
+
+def coerce(name: str, value: object) -> object:
+    """Return `value` as the type declared for `name` (int -> float, lists -> 'a,b'); raises ParameterError."""
+    p = check_name(name)
+    if value is None and p.optional:
+        return None
+    wrong = ParameterError(f"parameter {name} expects {p.type_name()}, got {value!r} ({type(value).__name__})")
+    if p.type is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):  # PRUNE_ZERO_SHOT=True, Python-style
+            return value.lower() == "true"
+        if not isinstance(value, bool):  # 0 / 1 are refused: a bool switch typed as a count is a mistake
+            raise wrong
+        return value
+    if isinstance(value, bool):  # bool is an int subclass: True must not pass as HEAD_RATE=1
+        raise wrong
+    if p.type is int:
+        if isinstance(value, float) and value.is_integer():  # 1e5 parses as a float
+            return int(value)
+        if not isinstance(value, int):
+            raise wrong
+        return value
+    if p.type is float:
+        if not isinstance(value, (int, float)):
+            raise wrong
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, (int, float)):  # HEAD_SWEEP=0.25 is a one-element list
+        return str(value)
+    if not isinstance(value, str):
+        raise wrong
+    return value
+
+
+def parse_value(name: str, text: str) -> object:
+    """Return a command-line / environment string as the type declared for `name` (JSON first, then the text)."""
+    p = check_name(name)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    if p.type is str and not isinstance(value, str) and not (value is None and p.optional):
+        value = text  # MODEL=123 or HEAD_SWEEP=0.25 stay exactly as typed
+    return coerce(name, value)
+
+
+def check_parameters(params: dict) -> dict:
+    """Return `params` with every value coerced to its declared type; raises ParameterError on the first problem."""
+    return {name: coerce(name, value) for name, value in params.items()}
+
+
+for _name, _values in PROFILES.items():  # a typo in a profile fails at import, not in the middle of a run
+    check_parameters(_values)
+    if set(_values) != set(PARAMS):
+        raise ParameterError(f"profile {_name} sets {sorted(set(_values) - set(PARAMS))}, which PARAMS does not declare")
