@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 
 from pruning_utils.allocation import _round  # round half up: the same counts as our plans
-from pruning_utils.arch import decoder_layers, head_dim, is_uniform, layer_shapes
+from pruning_utils.arch import (attention, decoder_layers, final_norm, head_dim, is_uniform, layer_norms, layer_shapes, mlp,
+                                proj, set_mlp_width, set_query_heads)
 
 IMPORTANCES = ("taylor", "magnitude")
 
@@ -50,12 +51,12 @@ def _check_group(group, attn_of: dict[nn.Module, tuple[int, nn.Module]], r: int,
         module = dep.target.module
         if module not in attn_of or not idxs:
             continue
-        li, attn = attn_of[module]
+        li, layer = attn_of[module]
         touched.add(li)
-        if module in (attn.k_proj, attn.v_proj):
+        if module in (proj(layer, "k_proj"), proj(layer, "v_proj")):
             raise NotImplementedError(f"layer {li}: Torch-Pruning would prune K/V channels; S2 keeps K/V intact")
         heads = sorted({i // hd for i in idxs})
-        per_group = [sum(1 for h in heads if h // group_size == g) for g in range(attn.k_proj.out_features // hd)]
+        per_group = [sum(1 for h in heads if h // group_size == g) for g in range(proj(layer, "k_proj").out_features // hd)]
         if len(idxs) != len(heads) * hd or set(per_group) != {r}:
             raise NotImplementedError(
                 f"layer {li}: Torch-Pruning removes query channels {len(idxs)} = heads {heads} "
@@ -72,26 +73,25 @@ def prune_with_torch_pruning(model, windows: torch.Tensor, mlp_rate: float = 0.2
     layers, shapes, hd = decoder_layers(model), layer_shapes(model), head_dim(model)
     device = next(model.parameters()).device
     windows = windows.to(device)
-    base = getattr(model, "model", model)
     # Embeddings, final norm and lm_head carry the hidden size: ignoring them keeps the residual width intact.
     # RMSNorm weights are bare parameters to Torch-Pruning: declare their (hidden) dim and keep them ignored too.
     norms = [m.weight for m in model.modules() if "Norm" in type(m).__name__ and getattr(m, "weight", None) is not None]
-    ignored: list = [base.embed_tokens, base.norm, model.get_output_embeddings(), *norms]
+    ignored: list = [model.get_input_embeddings(), final_norm(model), model.get_output_embeddings(), *norms]
     ratios, num_heads, attn_of = {}, {}, {}
     r = _round(shapes[0].n_heads // shapes[0].n_kv_heads * head_rate) if head_rate > 0 else 0
     for li, (layer, s) in enumerate(zip(layers, shapes)):
-        ignored += [layer.input_layernorm, layer.post_attention_layernorm]
+        ignored += layer_norms(layer)
         kept = s.intermediate - _round(s.intermediate * mlp_rate)
         if kept == s.intermediate:
-            ignored.append(layer.mlp)
+            ignored.append(mlp(layer))
         else:
-            ratios[layer.mlp] = 1 - (kept + 0.5) / s.intermediate  # floor(width * (1 - ratio)) == kept
-        attn = layer.self_attn
+            ratios[mlp(layer)] = 1 - (kept + 0.5) / s.intermediate  # floor(width * (1 - ratio)) == kept
         if r == 0:
-            ignored.append(attn)
+            ignored.append(attention(layer))
             continue
-        num_heads.update({attn.q_proj: s.n_heads, attn.k_proj: s.n_kv_heads, attn.v_proj: s.n_kv_heads})
-        attn_of.update({m: (li, attn) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)})
+        num_heads.update({proj(layer, "q_proj"): s.n_heads, proj(layer, "k_proj"): s.n_kv_heads,
+                          proj(layer, "v_proj"): s.n_kv_heads})
+        attn_of.update({proj(layer, n): (li, layer) for n in ("q_proj", "k_proj", "v_proj", "o_proj")})
     head_ratio = (r * shapes[0].n_kv_heads - 0.5) / shapes[0].n_heads if r else 0.0
 
     impl = model.config._attn_implementation
@@ -130,11 +130,10 @@ def prune_with_torch_pruning(model, windows: torch.Tensor, mlp_rate: float = 0.2
     finally:
         model.zero_grad(set_to_none=True)
         model.set_attn_implementation(impl)
-    for layer in layers:
-        layer.mlp.intermediate_size = layer.mlp.up_proj.out_features
-        attn = layer.self_attn
-        attn.num_key_value_groups = attn.q_proj.out_features // attn.k_proj.out_features
     new = layer_shapes(model)
+    for layer, s in zip(layers, new):
+        set_mlp_width(layer, s.intermediate)
+        set_query_heads(layer, s.n_heads, s.n_kv_heads)
     if not is_uniform(new):
         raise RuntimeError(f"Torch-Pruning produced non-uniform layers: {new}")
     model.config.intermediate_size, model.config.num_attention_heads = new[0].intermediate, new[0].n_heads

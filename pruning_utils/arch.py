@@ -100,6 +100,11 @@ def mlp(layer: nn.Module) -> nn.Module:
     return getattr(layer, MLP)
 
 
+def layer_norms(layer: nn.Module) -> list[nn.Module]:
+    """Return a decoder layer's pre-attention and pre-MLP norms."""
+    return [layer.input_layernorm, layer.post_attention_layernorm]
+
+
 def proj(layer: nn.Module, name: str) -> nn.Linear:
     """Return the projection `name` (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) of a layer."""
     if name not in PATHS:

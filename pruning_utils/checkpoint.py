@@ -18,7 +18,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from .arch import arch_of, decoder_layers, head_dim, is_uniform, layer_shapes
+from .arch import arch_of, decoder_layers, head_dim, layer_shape, layer_shapes, stock_config
 from .devices import resolve_device, resolve_dtype
 from .paths import models_dir
 from .plan import PruningPlan
@@ -39,29 +39,9 @@ def resolve_checkpoint_dir(dest: str | os.PathLike) -> Path:
 
 
 def _stock_config(model, plan: PruningPlan) -> tuple[dict, bool]:
-    """Return the config dict to write and whether stock `from_pretrained` can load it."""
-    cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)
-    shapes = layer_shapes(model)
-    cfg["num_hidden_layers"] = len(shapes)
-    cfg["head_dim"] = head_dim(model)
-    n_heads = shapes[0].n_heads
-    llama_refuses = cfg["model_type"] == "llama" and cfg["hidden_size"] % n_heads != 0
-    llama_biased = bool(cfg.get("attention_bias") or cfg.get("mlp_bias"))
-    if is_uniform(shapes) and not (llama_refuses and llama_biased):
-        cfg["num_attention_heads"], cfg["intermediate_size"] = n_heads, shapes[0].intermediate
-        if llama_refuses:
-            cfg.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=None)
-            for key in ("attention_bias", "mlp_bias", "pretraining_tp"):
-                cfg.pop(key, None)
-        return cfg, True
-    # Per-layer shapes (or a biased Llama no stock class can compute at this head count): the global fields
-    # become the loader's template, the source model's valid sizes, which every layer fits in.
-    cfg["num_attention_heads"], cfg["intermediate_size"] = max(plan.base_heads), max(plan.base_intermediate)
-    cfg["per_layer_config"] = {
-        str(i): {"num_attention_heads": s.n_heads, "intermediate_size": s.intermediate} for i, s in enumerate(shapes)
-    }
-    return cfg, False
+    """Return the config dict to write and whether stock `from_pretrained` can load it (rules: `arch.stock_config`)."""
+    return stock_config(model.config.to_dict(), layer_shapes(model), head_dim(model), plan.base_heads,
+                        plan.base_intermediate)
 
 
 def _write_weights(model, folder: Path) -> None:
@@ -168,12 +148,12 @@ def load_pruned(folder, device: str | None = None, dtype=None):
         hd = head_dim(model)
         for li, layer in enumerate(decoder_layers(model)):
             want_h, want_m = meta["query_heads"][li], meta["intermediate"][li]
-            n_heads = layer.self_attn.q_proj.out_features // hd
-            n_kv = layer.self_attn.k_proj.out_features // hd
+            shape = layer_shape(layer, hd)
+            n_heads, n_kv = shape.n_heads, shape.n_kv_heads
             per_group, group = want_h // n_kv, n_heads // n_kv
             if want_h != n_heads:
                 prune_heads(model, {li: [g * group + j for g in range(n_kv) for j in range(per_group)]})
-            if want_m != layer.mlp.up_proj.out_features:
+            if want_m != shape.intermediate:
                 prune_neurons(model, {li: list(range(want_m))})
         state = {}
         for f in sorted(folder.glob("*.safetensors")):

@@ -58,7 +58,7 @@ def _format(tokenizer, prompt: str) -> str:
 def generate_answers(model, tokenizer, prompts: Sequence[str | dict], max_new_tokens: int = 48,
                      batch_size: int = 8) -> list[str]:
     """Return the greedy continuation (new text only, stripped) of each prompt, batched with left padding."""
-    from tqdm.auto import tqdm
+    from .progress import progress
 
     texts = [_format(tokenizer, p) for p in _prompt_texts(prompts)]
     templated = bool(getattr(tokenizer, "chat_template", None))
@@ -70,7 +70,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str | dict], max_new_to
         tokenizer.pad_token = tokenizer.eos_token
     answers = []
     try:
-        for start in tqdm(range(0, len(texts), batch_size), desc="generate", unit="batch"):
+        for start in progress(range(0, len(texts), batch_size), desc="generate", unit="batch"):
             # A chat template already carries its special tokens; adding BOS again would shift the prompt.
             enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
                             add_special_tokens=not templated)

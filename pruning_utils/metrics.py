@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .arch import decoder_layers, head_dim, layer_shapes
+from .arch import decoder_layers, head_dim, layer_shapes, proj
 from .paths import PROJECT_ROOT
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -63,7 +63,7 @@ def flops_per_token(model, seq_len: int = 512) -> float:
     context = (seq_len + 1) / 2
     macs = 0.0
     for layer, shape in zip(decoder_layers(model), layer_shapes(model)):
-        hidden = layer.self_attn.q_proj.in_features
+        hidden = proj(layer, "q_proj").in_features
         q_width, kv_width = shape.n_heads * hd, shape.n_kv_heads * hd
         macs += hidden * (q_width + 2 * kv_width) + q_width * hidden  # q, k, v and o projections
         macs += 2 * shape.n_heads * hd * context  # q.k scores and the weighted sum of values
@@ -91,14 +91,14 @@ def checkpoint_size_mb(folder: str | Path) -> float:
 def perplexity(model, chunks: torch.Tensor, batch_size: int = 4, desc: str = "perplexity",
                progress: bool = True) -> dict[str, float]:
     """Return `ppl`, mean `nll` and `tokens` scored over token chunks [n, seq_len], each chunk scored on its own."""
-    from tqdm.auto import tqdm
+    from .progress import progress as bar
 
     if chunks.dim() != 2 or chunks.shape[1] < 2:
         raise ValueError(f"chunks must be a LongTensor [n, seq_len >= 2], got shape {tuple(chunks.shape)}")
     device = _device(model)
     total_nll, total_tokens = 0.0, 0
     with torch.inference_mode():
-        for start in tqdm(range(0, len(chunks), batch_size), desc=desc, disable=not progress, leave=False):
+        for start in bar(range(0, len(chunks), batch_size), desc=desc, disable=not progress, leave=False):
             ids = chunks[start:start + batch_size].to(device)
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
             # Summed in float32: bf16 logits lose the small differences perplexity is meant to show.

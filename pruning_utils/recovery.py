@@ -238,7 +238,7 @@ def train_lora(model, train_windows: torch.Tensor, cfg: RecoveryConfig, teacher=
     """
     from accelerate.utils import set_seed
     from peft import PeftModel, set_peft_model_state_dict
-    from tqdm.auto import tqdm
+    from .progress import progress as make_bar
 
     if not isinstance(model, PeftModel):
         raise TypeError("train_lora needs a PeftModel: call attach_lora(model, cfg) first, or use recover(...)")
@@ -282,7 +282,7 @@ def train_lora(model, train_windows: torch.Tensor, cfg: RecoveryConfig, teacher=
     history: list[tuple[int, float, float]] = []
     micro: list[float] = []
     step, tokens, running, end = 0, 0, None, None
-    bar = tqdm(total=total, desc="LoRA recovery", disable=not (progress and accelerator.is_main_process))
+    bar = make_bar(total=total, desc="LoRA recovery", disable=not (progress and accelerator.is_main_process))
     start = time.perf_counter()
 
     def stats() -> dict[str, Any]:

@@ -58,7 +58,7 @@ STAGES = (
 
 def project_root() -> Path:
     """Return the checkout this package belongs to (where notebooks/ is)."""
-    from .loading import PROJECT_ROOT  # lazily: the command line is checked before the install brings torch
+    from .paths import PROJECT_ROOT  # lazily: the command line is checked before the install brings torch
 
     return PROJECT_ROOT
 

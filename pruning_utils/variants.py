@@ -23,7 +23,7 @@ import copy
 
 import torch
 
-from tqdm.auto import tqdm
+from .progress import progress as bar
 
 from .arch import layer_shapes
 from .metrics import count_params, device_name, flops_per_token, latency, perplexity, variant_peak_memory_mb
@@ -145,7 +145,7 @@ def criteria_sweep(model, scores: dict, criteria: list[str], rates: list[float],
         raise KeyError(f"no scores for {missing}; known: {', '.join(scores)}. Compute them in notebook 00 first")
     planner, rate_col, prefix = _SWEEP_KINDS[kind]
     rows = []
-    for crit, rate in tqdm([(c, r) for c in criteria for r in rates], desc=f"{kind} sweep", disable=not progress):
+    for crit, rate in bar([(c, r) for c in criteria for r in rates], desc=f"{kind} sweep", disable=not progress):
         plan = getattr(alloc, planner)(model, scores[crit], rate, allocation=allocation)
         pruned = pruned_copy(model, plan)
         rows.append(measure_variant(pruned, chunks, variant=f"{prefix}-{crit}-{rate}", source_model=source_model,

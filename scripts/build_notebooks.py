@@ -21,16 +21,16 @@ SETUP = '''import json, sys, time, warnings
 from pathlib import Path
 import pandas as pd, torch
 from IPython.display import display, Markdown
-from pruning_utils import allocation, data, importance, metrics, plots, reconstruction, results
+from pruning_utils import allocation, data, importance, metrics, paths, plots, reconstruction, results
 from pruning_utils.checkpoint import load_pruned, read_checkpoint_meta, read_plan, save_pruned
 from pruning_utils.loading import load_model
 from pruning_utils.stages import as_list
-from pruning_utils.variants import criteria_sweep, measure_variant, pruned_copy, reconstruction_sweep
+from pruning_utils.variants import PROVENANCE_COLUMNS as PROVENANCE, criteria_sweep, measure_variant, pruned_copy, reconstruction_sweep
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.manual_seed(SEED)
-OUT = results.ablation_dir(); OUT.mkdir(parents=True, exist_ok=True)
-PLOTS = results.RESULTS_DIR / "plots"; PLOTS.mkdir(parents=True, exist_ok=True)
-PROVENANCE = ("criterion", "allocation", "reconstruction", "head_rate", "mlp_rate")
+OUT = paths.ablation_dir()
+PLOTS = paths.results_dir() / "plots"; PLOTS.mkdir(parents=True, exist_ok=True)
+MEMORY = dict(batch_size=LATENCY_BATCH, seq_len=LATENCY_SEQ_LEN)
 LATENCY = dict(batch_size=LATENCY_BATCH, seq_len=LATENCY_SEQ_LEN, new_tokens=DECODE_TOKENS, repeats=LATENCY_REPEATS)'''
 
 # Papermill injects its parameters right after the cell tagged `parameters`, wherever that cell is; the parameters
@@ -93,16 +93,14 @@ env = metrics.environment_info(model)
 pd.Series(env)'''),
         ("md", "## Baseline"),
         ("code", '''chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
-device = next(model.parameters()).device
-with metrics.track_peak_memory(device) as mem:
-    row = measure_variant(model, chunks, variant="baseline", source_model=MODEL)
-    lat = metrics.latency(model, **LATENCY)
+row = measure_variant(model, chunks, variant="baseline", source_model=MODEL, memory_kw=dict(spec=MODEL, **MEMORY))
+lat = metrics.latency(model, **LATENCY)
 row.update(prefill_ms=lat["prefill_ms_median"], prefill_ms_iqr=lat["prefill_ms_iqr"],
-           decode_tok_s=lat["decode_tok_s_median"], peak_memory_mb=mem["peak_mb"])
+           decode_tok_s=lat["decode_tok_s_median"], load_avg=lat["load_avg"], latency_noisy=lat["latency_noisy"])
 results.write_csv([row], OUT / "baseline.csv")
 results.write_json({"model": MODEL, "text_source": TEXT_SOURCE, "ppl": row["ppl"], "tokens": row["eval_tokens"],
                     "seq_len": EVAL_SEQ_LEN, "env": env}, OUT / "perplexity_baseline.json")
-results.write_json({"model": MODEL, **lat, "peak_memory_mb": mem["peak_mb"], "env": env}, OUT / "latency_baseline.json")
+results.write_json({"model": MODEL, **lat, "peak_memory_mb": row["peak_memory_mb"], "env": env}, OUT / "latency_baseline.json")
 pd.DataFrame([row]).T.rename(columns={0: "baseline"})'''),
         ("md", "## Importance of every head and neuron"),
         ("code", '''windows = data.calibration_windows(tok, TEXT_SOURCE, n_samples=N_CALIB, seq_len=CALIB_SEQ_LEN, seed=SEED)
@@ -110,21 +108,21 @@ t0 = time.time()
 scores = importance.compute_importance(model, windows, as_list(CRITERIA), seed=SEED,
                                        semantic_max_windows=SEMANTIC_MAX_WINDOWS, semantic_seq_len=SEMANTIC_SEQ_LEN)
 seconds = time.time() - t0
-folder = importance.save_scores(scores, results.RESULTS_DIR / "importance")
+folder = importance.save_scores(scores, paths.results_dir() / "importance")
 results.write_json({"criteria": as_list(CRITERIA), "seconds": seconds, "windows": list(windows.shape),
-                    "model": MODEL, "env": env}, results.RESULTS_DIR / "importance" / "importance_run.json")
+                    "model": MODEL, "env": env}, paths.results_dir() / "importance" / "importance_run.json")
 print(f"{len(scores)} criteria in {seconds / 60:.1f} min -> {folder}")
-pd.read_csv(results.RESULTS_DIR / "importance" / "importance_summary.csv").groupby(["criterion", "kind"])["mean"].describe()'''),
+pd.read_csv(paths.results_dir() / "importance" / "importance_summary.csv").groupby(["criterion", "kind"])["mean"].describe()'''),
         ("code", '''fig = plots.importance_heatmaps(scores, "heads")
-results.save_plot(fig, results.RESULTS_DIR / "importance" / "heads_heatmap.png")
+results.save_plot(fig, paths.results_dir() / "importance" / "heads_heatmap.png")
 fig = plots.importance_heatmaps(scores, "neurons")
-results.save_plot(fig, results.RESULTS_DIR / "importance" / "neurons_heatmap.png")'''),
+results.save_plot(fig, paths.results_dir() / "importance" / "neurons_heatmap.png")'''),
         ("md", "Heat maps are rank-normalised within each layer; `results/importance/*.png` holds them."),
     ],
 )
 
 SWEEP_SETUP = '''model, tok = load_model(MODEL, device=DEVICE, dtype=DTYPE)
-scores = importance.load_scores(results.RESULTS_DIR / "importance")
+scores = importance.load_scores(paths.results_dir() / "importance")
 baseline = pd.read_csv(OUT / "baseline.csv").iloc[0].to_dict()
 windows = data.calibration_windows(tok, TEXT_SOURCE, n_samples=N_CALIB, seq_len=CALIB_SEQ_LEN, seed=SEED)
 chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
@@ -133,9 +131,9 @@ missing = [c for c in as_list(CRITERIA) if c not in scores]
 assert not missing, f"criteria {missing} were not computed in notebook 00; add them to its CRITERIA and re-run it"'''
 
 
-def sweep_cells(kind: str, var: str, shape_col: str, title: str) -> list[tuple[str, str]]:
+def sweep_cells(kind: str, var: str, shape_col: str, title: str, which: list[str]) -> list[tuple[str, str]]:
     """Return the criteria-sweep and reconstruction-options cells of notebook 02 (heads) or 03 (neurons)."""
-    rate_col = "head_rate" if kind == "heads" else "mlp_rate"
+    rate_col = "head_rate_requested" if kind == "heads" else "mlp_rate_requested"
     return [
         ("md", f"## {title}"),
         ("code", f'''ref = measure_variant(model, sweep_chunks, variant="baseline", source_model=MODEL)
@@ -144,9 +142,9 @@ rows = criteria_sweep(model, scores, as_list(CRITERIA), as_list({var}_SWEEP, flo
 sweep = pd.DataFrame(rows)
 sweep.pivot_table(index="criterion", columns="{rate_col}", values="ppl").round(2)'''),
         ("md", "## Reconstruction options for the main criterion\n"
-               "One calibration pass (the Gram matrices of every `o_proj` / `down_proj` input) serves every one-shot "
+               "One layer-wise calibration pass (the Gram matrices of the refit projections' inputs) serves every one-shot "
                "refit of the unpruned model in this notebook."),
-        ("code", f'''grams = None if RECON_SEQUENTIAL else reconstruction.collect_grams(model, windows)
+        ("code", f'''grams = None if RECON_SEQUENTIAL else reconstruction.collect_grams(model, windows, which={which})
 plan = allocation.plan_{kind}(model, scores[MAIN_{var}_CRITERION], {var}_RATE, allocation=ALLOCATION)
 recon_rows = reconstruction_sweep(model, plan, windows, as_list(RECON_OPTIONS), sweep_chunks, kind="{kind}",
                                   criterion=MAIN_{var}_CRITERION, rate={var}_RATE, allocation=ALLOCATION,
@@ -164,19 +162,20 @@ NB02 = notebook(
     "is saved to `models/head_pruned/`.",
     [
         ("code", SETUP + "\n" + SWEEP_SETUP),
-        *sweep_cells("heads", "HEAD", "query_heads", "Criteria side by side (plain removal, no reconstruction)"),
+        *sweep_cells("heads", "HEAD", "query_heads", "Criteria side by side (plain removal, no reconstruction)",
+                     ["o_proj"]),
         ("md", "## Main head-pruned model (full evaluation, latency) → `models/head_pruned/`"),
         ("code", '''main = pruned_copy(model, plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL, stats=grams)
 row = measure_variant(main, chunks, variant="head_pruned", source_model=MODEL, reference=baseline,
                       criterion=MAIN_HEAD_CRITERION, allocation=ALLOCATION, reconstruction=RECONSTRUCTION,
-                      head_rate=HEAD_RATE, latency_kw=LATENCY)
+                      head_rate_requested=HEAD_RATE, latency_kw=LATENCY)
 folder = save_pruned(main, tok, "head_pruned", extra=row)
 rows.append(row)
 table = pd.DataFrame(rows)
 results.write_csv(table, OUT / "head_pruning.csv")
-table[["variant", "criterion", "reconstruction", "head_rate", "query_heads", "reduction_pct", "ppl", "ppl_change_pct",
+table[["variant", "criterion", "reconstruction", "head_rate_requested", "head_frac_removed", "query_heads", "reduction_pct", "ppl", "ppl_change_pct",
        "prefill_ms", "decode_tok_s"]].round(3)'''),
-        ("code", '''fig = plots.metric_vs(sweep, "head_rate", title="perplexity vs head rate")
+        ("code", '''fig = plots.metric_vs(sweep, "head_frac_removed", title="perplexity vs fraction of query heads removed")
 results.save_plot(fig, OUT / "head_pruning_ppl_vs_rate.png")
 fig = plots.metric_vs(sweep, "params_non_embedding", title="perplexity vs non-embedding params")
 results.save_plot(fig, OUT / "head_pruning_ppl_vs_params.png")'''),
@@ -191,12 +190,13 @@ NB03 = notebook(
     "`models/mix_pruned/`).",
     [
         ("code", SETUP + "\n" + SWEEP_SETUP),
-        *sweep_cells("neurons", "MLP", "intermediate", "Criteria side by side on the baseline (plain removal)"),
+        *sweep_cells("neurons", "MLP", "intermediate", "Criteria side by side on the baseline (plain removal)",
+                     ["o_proj", "down_proj"]),
         ("md", "## MLP pruning alone → `models/mlp_pruned/`"),
         ("code", '''mlp_model = pruned_copy(model, plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL, stats=grams)
 row = measure_variant(mlp_model, chunks, variant="mlp_pruned", source_model=MODEL, reference=baseline,
                       criterion=MAIN_MLP_CRITERION, allocation=ALLOCATION, reconstruction=RECONSTRUCTION,
-                      mlp_rate=MLP_RATE, latency_kw=LATENCY)
+                      mlp_rate_requested=MLP_RATE, latency_kw=LATENCY)
 save_pruned(mlp_model, tok, "mlp_pruned", extra=row)
 rows.append(row)
 del mlp_model'''),
@@ -218,15 +218,16 @@ else:
                       sequential=RECON_SEQUENTIAL, stats=grams)
 row = measure_variant(mix, chunks, variant="mix_pruned", source_model=MODEL, reference=baseline,
                       criterion=f"{head_row['criterion']}+{MAIN_MLP_CRITERION}", allocation=ALLOCATION,
-                      reconstruction=RECONSTRUCTION, head_rate=head_row["head_rate"], mlp_rate=MLP_RATE,
+                      reconstruction=RECONSTRUCTION, head_rate_requested=head_row["head_rate_requested"],
+                      mlp_rate_requested=MLP_RATE,
                       latency_kw=LATENCY)
 save_pruned(mix, tok, "mix_pruned", extra=row)
 rows.append(row)
 table = pd.DataFrame(rows)
 results.write_csv(table, OUT / "mlp_pruning.csv")
-table[["variant", "criterion", "reconstruction", "mlp_rate", "intermediate", "reduction_pct", "flops_reduction_pct",
+table[["variant", "criterion", "reconstruction", "mlp_rate_requested", "mlp_frac_removed", "intermediate", "reduction_pct", "flops_reduction_pct",
        "ppl", "ppl_change_pct", "prefill_ms", "decode_tok_s"]].round(3)'''),
-        ("code", '''fig = plots.metric_vs(sweep, "mlp_rate", title="perplexity vs MLP rate")
+        ("code", '''fig = plots.metric_vs(sweep, "mlp_frac_removed", title="perplexity vs fraction of MLP channels removed")
 results.save_plot(fig, OUT / "mlp_pruning_ppl_vs_rate.png")
 fig = plots.metric_vs(sweep, "params_non_embedding", title="perplexity vs non-embedding params")
 results.save_plot(fig, OUT / "mlp_pruning_ppl_vs_params.png")'''),
@@ -242,9 +243,7 @@ NB04 = notebook(
     "one GPU visible the same entry point runs data parallel under `accelerate launch`.",
     [
         ("code", SETUP + """
-import subprocess
-from pruning_utils import recovery
-from pruning_utils.checkpoint import resolve_checkpoint_dir
+from pruning_utils import lora_launch, recovery
 baseline = pd.read_csv(OUT / "baseline.csv").iloc[0].to_dict()
 base_model, tok = load_model(MODEL, device=DEVICE, dtype=DTYPE)
 chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
@@ -254,6 +253,7 @@ cfg = recovery.RecoveryConfig(r=LORA_R, alpha=LORA_ALPHA, lr=LORA_LR, max_steps=
 n_windows = RECOVERY_STEPS * RECOVERY_BATCH * GRAD_ACCUM
 train = (recovery.instruction_windows(tok, INSTRUCTION_JSONL, RECOVERY_SEQ_LEN) if INSTRUCTION_JSONL else
          data.calibration_windows(tok, TEXT_SOURCE, n_samples=n_windows, seq_len=RECOVERY_SEQ_LEN, seed=SEED + 1))
+heldout = data.calibration_windows(tok, TEXT_SOURCE, n_samples=8, seq_len=RECOVERY_SEQ_LEN, seed=SEED + 2)
 teacher = base_model if RECOVERY_LOSS != "lm" else None
 n_gpus = torch.cuda.device_count()
 print(f"{len(train)} training windows x {RECOVERY_SEQ_LEN} tokens; loss={RECOVERY_LOSS}; GPUs visible: {n_gpus}")"""),
@@ -263,24 +263,21 @@ for name in as_list(RECOVERY_MODELS):
     before = read_checkpoint_meta(name)["extra"]  # measured by the stage that wrote it, on the same chunks
     log_csv = OUT / f"recovery_{name}_loss.csv"
     if n_gpus > 1:  # data parallel: the same training entry point under accelerate, one process per GPU
-        cfg_path = OUT / f"recovery_{name}_config.json"
-        results.write_json({"model_dir": name, "out_dir": f"{name}_lora", "recovery": cfg.__dict__,
-                            "text_source": TEXT_SOURCE, "seed": SEED + 1,
-                            "teacher_dir": MODEL if teacher is not None else None}, cfg_path)
-        subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", str(n_gpus), "-m",
-                        "pruning_utils.train_lora", "--config", str(cfg_path)], check=True)
-        merged, _ = load_pruned(f"{name}_lora", device=DEVICE, dtype=DTYPE)
-        stats = json.loads((resolve_checkpoint_dir(f"{name}_lora") / "recovery_stats.json").read_text())
+        merged, stats = lora_launch.recover_data_parallel(
+            name, f"{name}_lora", cfg, text_source=TEXT_SOURCE, seed=SEED + 1, n_windows=n_windows,
+            teacher_dir=MODEL if teacher is not None else None, n_gpus=n_gpus, instruction_jsonl=INSTRUCTION_JSONL or None,
+            config_path=OUT / f"recovery_{name}_config.json", n_heldout=len(heldout), heldout_seed=SEED + 2,
+            device=DEVICE, dtype=DTYPE)
     else:
-        merged, stats = recovery.recover(model, tok, train, cfg, teacher=teacher, log_csv=log_csv)
+        merged, stats = recovery.recover(model, tok, train, cfg, teacher=teacher, log_csv=log_csv, heldout_windows=heldout)
     source = read_checkpoint_meta(name)["extra"]
     after = measure_variant(merged, chunks, variant=f"{name}_lora", source_model=MODEL, reference=baseline,
                             **{k: source[k] for k in PROVENANCE if k in source})
-    if n_gpus <= 1:
-        save_pruned(merged, tok, f"{name}_lora", extra=after)
+    save_pruned(merged, tok, f"{name}_lora", extra=after)
     damage = before["ppl"] - baseline["ppl"]
     rows.append(dict(model=name, steps=stats["steps"], tokens_seen=stats["tokens_seen"], loss=RECOVERY_LOSS,
-                     loss_before=stats["loss_first"], loss_after=stats["loss_last"], ppl_baseline=baseline["ppl"],
+                     heldout_loss_before=stats["heldout_loss_before"], heldout_loss_after=stats["heldout_loss_after"],
+                     train_loss_first=stats["loss_first"], train_loss_last=stats["loss_last"], ppl_baseline=baseline["ppl"],
                      ppl_before=before["ppl"], ppl_after=after["ppl"],
                      damage_recovered_pct=100 * (before["ppl"] - after["ppl"]) / damage if damage > 0 else float("nan"),
                      minutes=stats["minutes"], train_tokens_per_s=stats["tokens_per_s"], device=after["device"],
@@ -309,7 +306,7 @@ names = as_list(VARIANTS) + as_list(EXTRA_VARIANTS)
 for name in names[1:]:
     read_checkpoint_meta(name)  # a missing variant fails here, naming the stage that writes it
 if ZERO_SHOT:
-    evaluation._lm_eval()  # fails early with the install command when lm-eval is missing
+    evaluation.require_lm_eval()  # fails early with the install command when lm-eval is missing
 prompts = evaluation.load_instructions()[:N_PROMPTS]
 judge = evaluation.SemanticJudge()
 base_model, tok = load_model(MODEL, device=DEVICE, dtype=DTYPE)
@@ -318,16 +315,14 @@ assert names[0] == "baseline", "VARIANTS must start with 'baseline' (the referen
         ("code", """rows, answers = [], {}
 for name in names:
     model, t = (base_model, tok) if name == "baseline" else load_pruned(name, device=DEVICE, dtype=DTYPE)
-    device = next(model.parameters()).device
     # perplexity is deterministic: reuse the value its stage recorded on these same chunks; cost is measured here
     meta = (pd.read_csv(OUT / "baseline.csv").iloc[0].to_dict() if name == "baseline"
             else read_checkpoint_meta(name)["extra"])
-    with metrics.track_peak_memory(device) as mem:
-        row = measure_variant(model, chunks, variant=name, source_model=MODEL, reference=rows[0] if rows else None,
-                              latency_kw=LATENCY, known=meta)
+    row = measure_variant(model, chunks, variant=name, source_model=MODEL, reference=rows[0] if rows else None,
+                          latency_kw=LATENCY, known=meta, memory_kw=dict(spec=MODEL if name == "baseline" else name, **MEMORY))
     row.update({k: meta[k] for k in PROVENANCE if k in meta and name != "baseline"})
-    row.update(peak_memory_mb=mem["peak_mb"],
-               size_mb=row["size_mb"] if name == "baseline" else metrics.checkpoint_size_mb(resolve_checkpoint_dir(name)))
+    if name != "baseline":
+        row["size_mb"] = metrics.checkpoint_size_mb(resolve_checkpoint_dir(name))
     answers[name] = evaluation.generate_answers(model, t, prompts, max_new_tokens=MAX_NEW_TOKENS)
     ret = evaluation.semantic_retention(answers["baseline"], answers[name], judge)
     row.update(semantic_cosine=ret["cosine_mean"], semantic_cosine_min=ret["cosine_min"], exact_match=ret["exact_match"])
@@ -339,8 +334,9 @@ for name in names:
         del model
 final = pd.DataFrame(rows)
 results.write_csv(final, OUT / "final_eval.csv")
-cols = ["variant", "params_non_embedding", "reduction_pct", "flops_reduction_pct", "size_mb", "ppl", "ppl_change_pct",
-        "semantic_cosine", "exact_match", "prefill_ms", "decode_tok_s", "peak_memory_mb"]
+cols = ["variant", "params_non_embedding", "reduction_pct", "head_frac_removed", "mlp_frac_removed", "flops_reduction_pct",
+        "size_mb", "ppl", "ppl_change_pct", "semantic_cosine", "exact_match", "prefill_ms", "decode_tok_s",
+        "latency_noisy", "peak_memory_mb"]
 cols += [c for c in final.columns if c.startswith("zs_")]
 display(Markdown(final[cols].round(3).to_markdown(index=False)))"""),
         ("md", "## What the compression bought and what it cost"),
