@@ -23,6 +23,7 @@ for arg in "$@"; do
 done
 # the command line is checked first (standard library only): a typo fails here, not after the install
 python3 -m pruning_utils.stages --check "$@"
+export PRUNING_RUN_STARTED="${PRUNING_RUN_STARTED:-$(date +%s)}"  # the run time table counts the install too
 if [ "${SKIP_INSTALL:-0}" != "1" ]; then
   bash scripts/install.sh
 fi

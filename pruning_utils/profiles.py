@@ -45,7 +45,7 @@ PARAMS: dict[str, Param] = {
     "CALIB_SEQ_LEN": Param(256, int, "tokens per calibration window"),
     "EVAL_SEQ_LEN": Param(512, int, "perplexity windows (non-overlapping)"),
     "EVAL_MAX_TOKENS": Param(32768, int, "evaluation tokens of the full measurements (None: the whole split)", True),
-    "SWEEP_EVAL_MAX_TOKENS": Param(4096, int, "cheaper perplexity for the sweeps"),
+    "SWEEP_EVAL_MAX_TOKENS": Param(2048, int, "cheaper perplexity for the criteria sweeps (a ranking screen)"),
     "LATENCY_BATCH": Param(1, int, "batch size of the latency measurement"),
     "LATENCY_SEQ_LEN": Param(512, int, "prompt length of the prefill latency"),
     "LATENCY_REPEATS": Param(3, int, "timed repeats (the median is reported)"),
@@ -67,7 +67,8 @@ PARAMS: dict[str, Param] = {
     "RECON_SEQUENTIAL": Param(False, bool, "True: calibrate each layer on the already-pruned earlier layers (slower)"),
     "MIX_RESCORE": Param(False, bool, "True: rescore + refit neurons on the head-pruned model instead of one plan"),
     # recovery (notebook 04)
-    "RECOVERY_MODELS": Param("head_pruned,mix_pruned", str, "checkpoints under models/ to recover, comma-separated"),
+    # the default run recovers the S3 model only: a second 16k-token distillation costs ~4 min on 2 CPU cores
+    "RECOVERY_MODELS": Param("mix_pruned", str, "checkpoints under models/ to recover, comma-separated"),
     # 16 steps at 2e-3 bring S3 to <= 16 PPL (benchmarks/recovery_budget.py)
     "RECOVERY_STEPS": Param(16, int, "optimizer steps (capped at one epoch of the training windows)"),
     "RECOVERY_LOSS": Param("distill", str, "lm | distill (KL to the unpruned model) | mix"),
@@ -80,7 +81,7 @@ PARAMS: dict[str, Param] = {
     "GRAD_CHECKPOINTING": Param(False, bool, "trade compute for activation memory"),
     "INSTRUCTION_JSONL": Param("", str, "optional Dolly/Alpaca-style file (instruction/response) instead of plain text"),
     # final evaluation (notebook 06)
-    "VARIANTS": Param("baseline,head_pruned,mlp_pruned,mix_pruned,head_pruned_lora,mix_pruned_lora", str,
+    "VARIANTS": Param("baseline,head_pruned,mlp_pruned,mix_pruned,mix_pruned_lora", str,
                       "variants compared, comma-separated, baseline first"),
     "EXTRA_VARIANTS": Param("", str, "any other checkpoints under models/ with a plan file, comma-separated"),
     "N_PROMPTS": Param(30, int, "instruction prompts of the semantic-retention judge"),
@@ -115,6 +116,9 @@ NOTEBOOK_PARAMS: dict[str, tuple[str, ...]] = {
 
 _SMOKE_CRITERIA = "random,magnitude,activation,fluctuation,taylor,tfidf,semantic,mix"
 
+_BOTH_RECOVERED = dict(RECOVERY_MODELS="head_pruned,mix_pruned",
+                       VARIANTS="baseline,head_pruned,mlp_pruned,mix_pruned,head_pruned_lora,mix_pruned_lora")
+
 # Profiles name only what differs from DEFAULTS (the `default` profile: embedded SmolLM2-135M on a 2-core CPU).
 PROFILES: dict[str, dict] = {
     "default": dict(DEFAULTS),
@@ -122,19 +126,19 @@ PROFILES: dict[str, dict] = {
     "smoke": dict(DEFAULTS, MODEL="tiny-llama", N_CALIB=8, CALIB_SEQ_LEN=32, EVAL_SEQ_LEN=64, EVAL_MAX_TOKENS=1024,
                   SWEEP_EVAL_MAX_TOKENS=512, CRITERIA=_SMOKE_CRITERIA, HEAD_RATE=0.25, HEAD_SWEEP="0.25,0.5",
                   SEMANTIC_SEQ_LEN=16, LATENCY_SEQ_LEN=32, LATENCY_REPEATS=2, DECODE_TOKENS=4, RECOVERY_STEPS=4,
-                  N_PROMPTS=4),
+                  N_PROMPTS=4, **_BOTH_RECOVERED),
     # Kaggle/Colab T4 or P100 (fp16), hub models, WikiText-2; LORA_LR 1e-3 is the rate these profiles were run with
     "kaggle-qwen2.5-0.5b": dict(DEFAULTS, MODEL="Qwen/Qwen2.5-0.5B", TEXT_SOURCE="wikitext2", N_CALIB=128,
                                 CALIB_SEQ_LEN=512, EVAL_SEQ_LEN=1024, EVAL_MAX_TOKENS=None, SWEEP_EVAL_MAX_TOKENS=65536,
                                 CRITERIA=_SMOKE_CRITERIA, HEAD_SWEEP="0.2,0.4", MLP_SWEEP="0.125,0.25,0.5",
                                 SEMANTIC_MAX_WINDOWS=16, LATENCY_SEQ_LEN=1024, LATENCY_REPEATS=10, DECODE_TOKENS=64,
-                                RECOVERY_STEPS=300, LORA_LR=1e-3, ZERO_SHOT=True),
+                                RECOVERY_STEPS=300, LORA_LR=1e-3, ZERO_SHOT=True, **_BOTH_RECOVERED),
     "kaggle-qwen2.5-3b": dict(DEFAULTS, MODEL="Qwen/Qwen2.5-3B-Instruct", TEXT_SOURCE="wikitext2", CALIB_SEQ_LEN=512,
                               EVAL_SEQ_LEN=1024, EVAL_MAX_TOKENS=131072, SWEEP_EVAL_MAX_TOKENS=32768,
                               CRITERIA="random,magnitude,activation,fluctuation,taylor,semantic,mix", HEAD_RATE=0.25,
                               HEAD_SWEEP="0.25", MLP_SWEEP="0.25", SEMANTIC_MAX_WINDOWS=8, LATENCY_SEQ_LEN=1024,
                               LATENCY_REPEATS=5, DECODE_TOKENS=64, RECOVERY_STEPS=200, RECOVERY_LOSS="lm",
-                              LORA_LR=1e-3, ZERO_SHOT=True),
+                              LORA_LR=1e-3, ZERO_SHOT=True, **_BOTH_RECOVERED),
 }
 for _name, _values in PROFILES.items():
     _values["PROFILE"] = _name

@@ -291,8 +291,33 @@ def main(argv: list[str] | None = None, root: Path | None = None) -> int:
     stages_dir = output_dirs(root)["results"] / "stages"
     stages_dir.mkdir(parents=True, exist_ok=True)
     (stages_dir / "last_run.json").write_text(json.dumps(summary, indent=1))
+    write_run_time(root, args.profile, t0)
     print(f"all stages finished in {total / 60:.1f} min ({args.profile} profile)")
     return 0
+
+
+RUN_TIME_FILE = "run_time.csv"
+
+
+def write_run_time(root: Path, profile: str, started: float) -> Path:
+    """Write `results/ablation_studies/run_time.csv`: the install and each stage's last measured minutes."""
+    dirs = output_dirs(root)
+    rows = []
+    shell_start = os.environ.get("PRUNING_RUN_STARTED")
+    if shell_start:  # set by run_all.sh before scripts/install.sh: what preceded the stages is the install
+        rows.append(("install", "scripts/install.sh", max(0.0, started - float(shell_start)) / 60))
+    for stage in STAGES:
+        stamp = _stamp_path(dirs["results"], stage)
+        if stamp.exists():
+            rows.append((stage.key, stage.notebook, json.loads(stamp.read_text()).get("seconds", float("nan")) / 60))
+    lines = ["stage,notebook,minutes,profile"] + [f"{k},{nb},{m:.2f},{profile}" for k, nb, m in rows]
+    lines.append(f"total,,{sum(m for _, _, m in rows):.2f},{profile}")
+    path = dirs["results"] / "ablation_studies" / RUN_TIME_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)  # atomic: a reader never sees half a table
+    return path
 
 
 def as_list(value, cast=str) -> list:

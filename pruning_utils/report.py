@@ -1,0 +1,145 @@
+"""The README's result tables, rendered from the committed CSVs: one function per table, one place that fills them in.
+
+README.md holds each table between `<!-- table:NAME -->` and `<!-- /table:NAME -->`; `render_readme` replaces what
+is between the markers with `TABLES[NAME]()`, and `tests/test_readme.py` fails when the README and the CSVs
+disagree. `python3 scripts/render_readme.py` rewrites the README after a run.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from .paths import PROJECT_ROOT, ablation_dir
+
+MARKER = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
+
+
+def _csv(name: str) -> pd.DataFrame:
+    path = ablation_dir() / f"{name}.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `bash run_all.sh` (or the benchmark that writes it) first")
+    return pd.read_csv(path)
+
+
+def _md(df: pd.DataFrame, digits: int = 2) -> str:
+    return df.round(digits).to_markdown(index=False) + "\n"
+
+
+def _sweep(name: str, rate: str, frac: str) -> str:
+    df = _csv(name)
+    sweep = df[df["variant"].str.count("-").eq(2)]  # criteria-sweep rows are named kind-criterion-rate
+    removed = sweep.groupby(rate)[frac].first()
+    pivot = sweep.pivot_table(index="criterion", columns=rate, values="ppl")
+    pivot = pivot.sort_values(pivot.columns[0])
+    pivot.columns = [f"PPL @ {rate.split('_')[0]} rate {r} (−{100 * removed[r]:.0f}%)" for r in pivot.columns]
+    return _md(pivot.reset_index(), 1)
+
+
+def baseline() -> str:
+    """Return the baseline row: size, cost, quality, speed, memory."""
+    cols = ["variant", "params_total", "params_non_embedding", "flops_per_token", "size_mb", "ppl", "eval_tokens",
+            "prefill_ms", "decode_tok_s", "peak_memory_mb"]
+    return _md(_csv("baseline")[cols])
+
+
+def head_sweep() -> str:
+    """Return screen perplexity per head criterion and rate (plain removal)."""
+    return _sweep("head_pruning", "head_rate_requested", "head_frac_removed")
+
+
+def mlp_sweep() -> str:
+    """Return screen perplexity per MLP criterion and rate (plain removal)."""
+    return _sweep("mlp_pruning", "mlp_rate_requested", "mlp_frac_removed")
+
+
+def _saved(name: str) -> str:
+    df = _csv(name)
+    cols = ["variant", "criterion", "reconstruction", "query_heads", "intermediate", "reduction_pct",
+            "flops_reduction_pct", "ppl", "ppl_change_pct", "eval_tokens"]
+    return _md(df[df["variant"].str.count("-").ne(2)][cols])
+
+
+def head_pruning() -> str:
+    """Return notebook 02's reconstruction options (screen) and its saved model (full evaluation)."""
+    return _saved("head_pruning")
+
+
+def mlp_pruning() -> str:
+    """Return notebook 03's reconstruction options (screen) and its saved models (full evaluation)."""
+    return _saved("mlp_pruning")
+
+
+def recovery() -> str:
+    """Return the LoRA recovery rows: held-out loss and perplexity before / after, cost."""
+    cols = ["model", "steps", "tokens_seen", "loss", "heldout_loss_before", "heldout_loss_after", "ppl_before",
+            "ppl_after", "damage_recovered_pct", "minutes", "train_tokens_per_s"]
+    return _md(_csv("recovery")[cols], 3)
+
+
+def final_eval() -> str:
+    """Return the final table: every variant measured the same way."""
+    cols = ["variant", "params_non_embedding", "reduction_pct", "head_frac_removed", "mlp_frac_removed",
+            "flops_reduction_pct", "size_mb", "ppl", "ppl_change_pct", "semantic_cosine", "exact_match"]
+    return _md(_csv("final_eval")[cols], 3)
+
+
+def final_cost() -> str:
+    """Return the final table's speed and memory columns (timing columns: they vary from run to run)."""
+    cols = ["variant", "prefill_ms", "prefill_ms_iqr", "decode_tok_s", "latency_noisy", "peak_memory_mb"]
+    return _md(_csv("final_eval")[cols], 1)
+
+
+def run_time() -> str:
+    """Return the measured minutes of the install and of each stage."""
+    return _md(_csv("run_time")[["stage", "notebook", "minutes"]], 1)
+
+
+def quality_benchmark() -> str:
+    """Return the full-evaluation rows of `benchmarks/quality.py` with each shape's target and best peer."""
+    from benchmarks.quality import PEERS, TARGETS
+
+    q = _csv("quality_benchmark")
+    full = q[~q["screen"]].sort_values(["shape", "ppl"]).copy()
+    full["target"] = full["shape"].map(TARGETS)
+    full["best peer"] = full["shape"].map(lambda s: ", ".join(f"{k} {v}" for k, v in PEERS.get(s, {}).items()))
+    cols = ["shape", "criterion", "reconstruction", "allocation", "order", "ridge_ratio", "role",
+            "params_non_embedding", "reduction_pct", "ppl", "target", "best peer"]
+    return _md(full[cols], 3)
+
+
+def recovery_budget() -> str:
+    """Return `benchmarks/recovery_budget.py`'s rows."""
+    return _md(_csv("recovery_budget"), 3)
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "baseline": baseline, "head_sweep": head_sweep, "mlp_sweep": mlp_sweep, "head_pruning": head_pruning,
+    "mlp_pruning": mlp_pruning, "recovery": recovery, "final_eval": final_eval, "final_cost": final_cost,
+    "run_time": run_time, "quality_benchmark": quality_benchmark, "recovery_budget": recovery_budget,
+}
+# tables whose numbers are timings: they change with every run, so the agreement test does not pin them
+TIMING_TABLES = ("final_cost", "run_time")
+
+
+def render_readme(text: str) -> str:
+    """Return the README text with every marked table re-rendered from the CSVs (unknown names raise)."""
+    def fill(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in TABLES:
+            raise KeyError(f"README marks an unknown table '{name}'; known: {', '.join(TABLES)}")
+        return m.group(1) + TABLES[name]() + m.group(4)
+
+    return MARKER.sub(fill, text)
+
+
+def marked_tables(text: str) -> dict[str, str]:
+    """Return `{name: body}` of every marked table in a README text."""
+    return {m.group("name"): m.group("body") for m in MARKER.finditer(text)}
+
+
+def readme_path() -> Path:
+    """Return the project's README.md."""
+    return PROJECT_ROOT / "README.md"

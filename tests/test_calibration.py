@@ -1,0 +1,64 @@
+"""Layer-wise calibration: walking the layers reproduces the model, layer-wise Grams equal a full-model pass."""
+import pytest
+import torch
+
+from pruning_utils import calibration
+from pruning_utils.arch import decoder_layers, proj
+from pruning_utils.reconstruction import collect_grams
+from pruning_utils.stats import GramStats
+from pruning_utils.tiny import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _windows(n: int = 6, seq: int = 16) -> torch.Tensor:
+    return torch.randint(3, 128, (n, seq), generator=torch.Generator().manual_seed(0))
+
+
+def test_walk_layers_reproduces_hidden_states(family):
+    model, w = tiny_model(family), _windows()
+    with torch.no_grad():
+        ref = model(input_ids=w[:4], output_hidden_states=True, use_cache=False).hidden_states
+    seen = {li: hidden[0] for li, _, hidden, _ in calibration.walk_layers(model, w, batch_size=4)}
+    for li, h in seen.items():
+        torch.testing.assert_close(h, ref[li], rtol=0, atol=1e-6)
+
+
+def test_replay_equals_full_logits():
+    model, w = tiny_model("qwen3"), _windows(2)
+    with torch.no_grad():
+        logits, inputs = calibration.capture_batch(model, w)
+        for start in (0, 2):
+            torch.testing.assert_close(calibration.replay(model, inputs, start), logits, rtol=0, atol=1e-5)
+
+
+def test_layerwise_grams_equal_a_full_pass(family):
+    model, w = tiny_model(family), _windows()
+    layerwise = collect_grams(model, w, batch_size=4)
+    full: dict = {}
+    modules = {(li, n): proj(layer, n) for li, layer in enumerate(decoder_layers(model)) for n in ("o_proj", "down_proj")}
+    for key, m in modules.items():
+        full[key] = GramStats.empty(m.in_features)
+    calibration.stream_inputs(model, w, modules, lambda key, x: full[key].add(x), batch_size=4)
+    assert set(layerwise) == set(full)
+    for key in full:
+        assert layerwise[key].count == full[key].count
+        torch.testing.assert_close(layerwise[key].gram, full[key].gram, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(layerwise[key].sum, full[key].sum, rtol=1e-6, atol=1e-9)
+
+
+def test_grams_of_some_layers_and_storage():
+    model, w = tiny_model("llama"), _windows()
+    stats = collect_grams(model, w, layers=[1], which=["down_proj"], storage="cpu")
+    assert list(stats) == [(1, "down_proj")] and stats[(1, "down_proj")].gram.device.type == "cpu"
+
+
+def test_forward_until_stops_early():
+    model, w = tiny_model("mistral"), _windows(2)
+    calls = []
+    last = decoder_layers(model)[0]
+    hook = decoder_layers(model)[1].register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        assert calibration.forward_until(model, w, last) is None and not calls
+    finally:
+        hook.remove()
