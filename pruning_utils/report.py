@@ -25,7 +25,8 @@ def _csv(name: str) -> pd.DataFrame:
 
 
 def _md(df: pd.DataFrame, digits: int = 2) -> str:
-    return df.round(digits).to_markdown(index=False) + "\n"
+    # empty cells stay empty instead of printing 'nan'
+    return df.round(digits).to_markdown(index=False).replace(" nan ", "     ") + "\n"
 
 
 def _sweep(name: str, rate: str, frac: str) -> str:
@@ -39,9 +40,8 @@ def _sweep(name: str, rate: str, frac: str) -> str:
 
 
 def baseline() -> str:
-    """Return the baseline row: size, cost, quality, speed, memory."""
-    cols = ["variant", "params_total", "params_non_embedding", "flops_per_token", "size_mb", "ppl", "eval_tokens",
-            "prefill_ms", "decode_tok_s", "peak_memory_mb"]
+    """Return the baseline row: size, cost and quality (its speed and memory are in `final_cost`)."""
+    cols = ["variant", "params_total", "params_non_embedding", "flops_per_token", "size_mb", "ppl", "eval_tokens"]
     return _md(_csv("baseline")[cols])
 
 
@@ -73,9 +73,9 @@ def mlp_pruning() -> str:
 
 
 def recovery() -> str:
-    """Return the LoRA recovery rows: held-out loss and perplexity before / after, cost."""
+    """Return the LoRA recovery rows: held-out loss and perplexity before / after (its timings stay in the CSV)."""
     cols = ["model", "steps", "tokens_seen", "loss", "heldout_loss_before", "heldout_loss_after", "ppl_before",
-            "ppl_after", "damage_recovered_pct", "minutes", "train_tokens_per_s"]
+            "ppl_after", "damage_recovered_pct"]
     return _md(_csv("recovery")[cols], 3)
 
 
@@ -111,8 +111,9 @@ def quality_benchmark() -> str:
 
 
 def recovery_budget() -> str:
-    """Return `benchmarks/recovery_budget.py`'s rows."""
-    return _md(_csv("recovery_budget"), 3)
+    """Return `benchmarks/recovery_budget.py`'s rows (its timings stay in the CSV)."""
+    df = _csv("recovery_budget")
+    return _md(df[[c for c in df.columns if not c.endswith(("_minutes", "_per_s"))]], 3)
 
 
 TABLES: dict[str, Callable[[], str]] = {

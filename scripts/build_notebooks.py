@@ -164,17 +164,17 @@ NB02 = notebook(
         ("code", SETUP + "\n" + SWEEP_SETUP),
         *sweep_cells("heads", "HEAD", "query_heads", "Criteria side by side (plain removal, no reconstruction)",
                      ["o_proj"]),
-        ("md", "## Main head-pruned model (full evaluation, latency) → `models/head_pruned/`"),
+        ("md", "## Main head-pruned model (full evaluation) → `models/head_pruned/`\nLatency and memory of every saved variant are measured once, the same way, in notebook 06."),
         ("code", '''main = pruned_copy(model, plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL, stats=grams)
 row = measure_variant(main, chunks, variant="head_pruned", source_model=MODEL, reference=baseline,
                       criterion=MAIN_HEAD_CRITERION, allocation=ALLOCATION, reconstruction=RECONSTRUCTION,
-                      head_rate_requested=HEAD_RATE, latency_kw=LATENCY)
+                      head_rate_requested=HEAD_RATE)
 folder = save_pruned(main, tok, "head_pruned", extra=row)
 rows.append(row)
 table = pd.DataFrame(rows)
 results.write_csv(table, OUT / "head_pruning.csv")
-table[["variant", "criterion", "reconstruction", "head_rate_requested", "head_frac_removed", "query_heads", "reduction_pct", "ppl", "ppl_change_pct",
-       "prefill_ms", "decode_tok_s"]].round(3)'''),
+table[["variant", "criterion", "reconstruction", "head_rate_requested", "head_frac_removed", "query_heads", "reduction_pct",
+       "ppl", "ppl_change_pct"]].round(3)'''),
         ("code", '''fig = plots.metric_vs(sweep, "head_frac_removed", title="perplexity vs fraction of query heads removed")
 results.save_plot(fig, OUT / "head_pruning_ppl_vs_rate.png")
 fig = plots.metric_vs(sweep, "params_non_embedding", title="perplexity vs non-embedding params")
@@ -196,7 +196,7 @@ NB03 = notebook(
         ("code", '''mlp_model = pruned_copy(model, plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL, stats=grams)
 row = measure_variant(mlp_model, chunks, variant="mlp_pruned", source_model=MODEL, reference=baseline,
                       criterion=MAIN_MLP_CRITERION, allocation=ALLOCATION, reconstruction=RECONSTRUCTION,
-                      mlp_rate_requested=MLP_RATE, latency_kw=LATENCY)
+                      mlp_rate_requested=MLP_RATE)
 save_pruned(mlp_model, tok, "mlp_pruned", extra=row)
 rows.append(row)
 del mlp_model'''),
@@ -219,14 +219,13 @@ else:
 row = measure_variant(mix, chunks, variant="mix_pruned", source_model=MODEL, reference=baseline,
                       criterion=f"{head_row['criterion']}+{MAIN_MLP_CRITERION}", allocation=ALLOCATION,
                       reconstruction=RECONSTRUCTION, head_rate_requested=head_row["head_rate_requested"],
-                      mlp_rate_requested=MLP_RATE,
-                      latency_kw=LATENCY)
+                      mlp_rate_requested=MLP_RATE)
 save_pruned(mix, tok, "mix_pruned", extra=row)
 rows.append(row)
 table = pd.DataFrame(rows)
 results.write_csv(table, OUT / "mlp_pruning.csv")
-table[["variant", "criterion", "reconstruction", "mlp_rate_requested", "mlp_frac_removed", "intermediate", "reduction_pct", "flops_reduction_pct",
-       "ppl", "ppl_change_pct", "prefill_ms", "decode_tok_s"]].round(3)'''),
+table[["variant", "criterion", "reconstruction", "mlp_rate_requested", "mlp_frac_removed", "intermediate", "reduction_pct",
+       "flops_reduction_pct", "ppl", "ppl_change_pct"]].round(3)'''),
         ("code", '''fig = plots.metric_vs(sweep, "mlp_frac_removed", title="perplexity vs fraction of MLP channels removed")
 results.save_plot(fig, OUT / "mlp_pruning_ppl_vs_rate.png")
 fig = plots.metric_vs(sweep, "params_non_embedding", title="perplexity vs non-embedding params")

@@ -1,5 +1,6 @@
-"""The package's import graph (module-level and function-level imports alike) has no cycle."""
+"""The package's import graph has no cycle, and module paths are spelled in the adapter only."""
 import ast
+import re
 from pathlib import Path
 
 import pruning_utils
@@ -70,3 +71,13 @@ def test_package_has_no_import_cycle():
     assert graph["loading"] >= {"checkpoint", "paths"}  # the graph is really read
     cycle = find_cycle(graph)
     assert cycle is None, f"import cycle {' -> '.join(cycle)}: move the shared piece into a module both can import"
+
+
+def test_module_paths_are_spelled_in_the_adapter_only():
+    # every module reaches projections through arch.proj / arch.attention / arch.mlp, so a new family is a table row
+    spelled = re.compile(r"\.self_attn\b|\.mlp\.\w+_proj|\.(input|post_attention)_layernorm\b")
+    root = Path(__file__).resolve().parent.parent
+    files = [p for d in ("pruning_utils", "benchmarks", "scripts") for p in (root / d).rglob("*.py")]
+    offenders = [f"{p.relative_to(root)}:{i}" for p in files if p.name != "arch.py"
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if spelled.search(line)]
+    assert not offenders, f"module paths outside pruning_utils/arch.py: {offenders}"
