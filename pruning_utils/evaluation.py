@@ -175,7 +175,6 @@ def require_lm_eval():
     return lm_eval, HFLM, TaskManager
 
 
-_lm_eval = require_lm_eval  # the old private name, until notebook 06 calls require_lm_eval
 
 
 def _task_manager(TaskManager, tasks: list[str], include_path):
