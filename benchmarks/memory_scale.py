@@ -156,6 +156,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--budget-s", type=float, default=840, help="skip the measurements left after this many seconds")
     ap.add_argument("--headroom-gb", type=float, default=2.0, help="skip a measurement the plan says leaves less free")
     args = ap.parse_args()
     from pruning_utils import metrics
@@ -172,6 +173,8 @@ def main() -> None:
                    "plan_peak_operation": plan.peak_operation}
             if plan.total_gb > memory.available_gb("cpu") - args.headroom_gb:  # the plan guards its own benchmark
                 row.update(skipped=f"plan {plan.total_gb:.1f} GiB > available - {args.headroom_gb} GiB")
+            elif time.time() - t_start > args.budget_s:
+                row.update(skipped=f"time budget of {args.budget_s:.0f} s spent")
             else:
                 t0 = time.time()
                 row.update(measure_fresh(config, stage, args.windows, args.seq_len, args.threads, args.timeout))

@@ -446,24 +446,25 @@ def plan_operation(config, op: str, targets: tuple[str, ...] = ("o_proj", "down_
     return _plan(config, op, (op,), targets if op in ("grams", "prune_refit") else (), copies, False, p)
 
 
-def _advice(plan: MemoryPlan, top: dict) -> list[str]:
-    kind, stage = top["kind"], plan.stage
+def _advice(plan: MemoryPlan, largest: list[dict]) -> list[str]:
+    kinds, stage = {p["kind"] for p in largest}, plan.stage
     out = []
-    if kind == "statistics":
+    if "statistics" in kinds:
         out.append("Gram statistics do not shrink with fewer tokens: keep them on the host "
                    "(`collect_grams(..., storage='cpu')`, grams='layerwise') if the host has room, or refit "
                    "sequentially (RECON_SEQUENTIAL=True, grams='sequential'), which holds one layer's Grams")
-    if kind == "activations" or stage in ("00", "04"):
+    if "activations" in kinds:
         out.append("use a smaller batch or sequence length (EVAL_SEQ_LEN, CALIB_SEQ_LEN, RECOVERY_BATCH, "
-                   "RECOVERY_SEQ_LEN, LATENCY_SEQ_LEN)" + ("; GRAD_CHECKPOINTING=True" if stage == "04" else ""))
-    if kind == "optimizer":
+                   "RECOVERY_SEQ_LEN, LATENCY_SEQ_LEN; the logits grow with batch x sequence x vocabulary)"
+                   + ("; GRAD_CHECKPOINTING=True" if stage == "04" else ""))
+    if "optimizer" in kinds:
         out.append("drop taylor/mix from CRITERIA (their gradients cover every head and neuron weight)" if stage == "00"
                    else "use a smaller LORA_R")
     if plan.dtype == "float32":
         out.append("load in fp16/bf16 (DTYPE=float16): weights and activations halve")
     if plan.settings.get("copies", 1) > 1 or stage == "04":
-        out.append("hold fewer model copies at once (delete each variant after measuring it; stage 04 with "
-                   "RECOVERY_LOSS=lm needs no teacher)")
+        out.append("hold fewer model copies at once (delete each variant after measuring it; only RECOVERY_LOSS "
+                   "distill / mix needs the teacher in stage 04)")
     out.append("run each stage in a fresh kernel: checkpoints pass between stages through PRUNING_MODELS_DIR, so a "
                "stage holds only what it needs")
     out.append("or a smaller model / a larger device: offload mode (the model on the host, one layer at a time on "
@@ -479,13 +480,12 @@ def check_plan(plan: MemoryPlan) -> MemoryPlan:
     where = "device" if over_device else "host"
     parts = [p for p in plan.parts if (p["on"] == where or plan.device == "cpu") and not p["name"].startswith("loading")]
     parts.sort(key=lambda p: -p["bytes"])
-    top = parts[0] if parts else {"name": "?", "kind": "weights", "bytes": 0}
     need, have = (plan.total_gb, plan.available_gb) if over_device else (plan.host_gb, plan.host_available_gb)
     biggest = "; ".join(f"{p['name']} {p['bytes'] / GB:.1f} GiB ({p['kind']})" for p in parts[:3])
     raise MemoryPlanError(
-        f"stage {plan.stage} needs ~{need:.1f} GiB on the {where if where == 'host' else plan.device} but "
+        f"stage {plan.stage} needs ~{need:.1f} GiB on {'the host' if where == 'host' else plan.device} but "
         f"{have:.1f} GiB are available ({plan.dtype}, peak in {plan.peak_operation}). Largest parts: {biggest}. "
-        "What to do: " + "; ".join(_advice(plan, top)) + ".")
+        "What to do: " + "; ".join(_advice(plan, parts[:3])) + ".")
 
 
 def config_of(spec) -> dict:
