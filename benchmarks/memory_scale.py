@@ -148,6 +148,38 @@ def extrapolate(line: dict, stage: str, settings: dict) -> dict:
     return out
 
 
+def fit_all(rows: list[dict], settings: dict) -> dict:
+    """Return, per stage, the line through its measured rows and the line's extrapolation to `TARGETS`."""
+    fits = {}
+    for stage in dict.fromkeys(r["stage"] for r in rows):
+        got = [r for r in rows if r["stage"] == stage and "peak_mb" in r]
+        line = fit([r["params"] for r in got], [r["peak_mb"] for r in got])
+        fits[stage] = None if line is None else {**line, "extrapolation": extrapolate(line, stage, settings)}
+    return fits
+
+
+def replan(path) -> dict:
+    """Return the results file with the plan columns, fits and extrapolations recomputed by the current formulas.
+
+    The measurements stay as they were; only what the plan says about them changes (after a formula is fixed).
+    """
+    from pruning_utils import metrics
+
+    out = json.loads(path.read_text())
+    settings = out["settings"]
+    for r in out["rows"]:
+        config = {**out["base_config"], **out["sizes"][r["size"]]}
+        plan = memory.plan_operation(config, STAGES[r["stage"]], **settings)
+        r.update(plan_mb=plan.total_gb * 1024, plan_peak_operation=plan.peak_operation)
+        if "peak_mb" in r:
+            r["measured_over_plan"] = r["peak_mb"] / r["plan_mb"]
+    out["fits"] = fit_all(out["rows"], settings)
+    out["plan_recomputed"] = {"git_commit": metrics.git_commit(),
+                              "note": "plan_mb and the extrapolations recomputed after the measured run "
+                                      f"(measured at {out['env']['git_commit']}); measured figures unchanged"}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, of {', '.join(SIZES)}")
@@ -158,9 +190,17 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--budget-s", type=float, default=840, help="skip the measurements left after this many seconds")
     ap.add_argument("--headroom-gb", type=float, default=2.0, help="skip a measurement the plan says leaves less free")
+    ap.add_argument("--replan", action="store_true", help="recompute the plan columns of the results file, measure nothing")
     args = ap.parse_args()
     from pruning_utils import metrics
     from pruning_utils.paths import PROJECT_ROOT
+
+    path = PROJECT_ROOT / "results" / "benchmarks" / "memory_scale.json"
+    if args.replan:
+        out = replan(path)
+        path.write_text(json.dumps(out, indent=1))
+        print(markdown(out["rows"], out["fits"]))
+        return
 
     settings = plan_params(args.windows, args.seq_len)
     rows, t_start = [], time.time()
@@ -181,11 +221,7 @@ def main() -> None:
                 row.update(seconds=time.time() - t0, measured_over_plan=row["peak_mb"] / row["plan_mb"])
             rows.append(row)
             print(json.dumps(row), flush=True)
-    fits = {}
-    for stage in args.stages.split(","):
-        got = [r for r in rows if r["stage"] == stage and "peak_mb" in r]
-        line = fit([r["params"] for r in got], [r["peak_mb"] for r in got])
-        fits[stage] = None if line is None else {**line, "extrapolation": extrapolate(line, stage, settings)}
+    fits = fit_all(rows, settings)
     out = {
         "what": "peak memory per operation, CPU fp32, random Llama-family models; each in a fresh spawned process",
         "measure": "peak_mb = VmHWM during the operation (reset before it) - RSS before the model was built: weights "
@@ -202,7 +238,6 @@ def main() -> None:
             "plan for the real config, fp16 on CUDA, same batch and sequence) is the figure to trust where they differ"),
         "t4_budget_gb": T4_BUDGET_GB, "seconds": time.time() - t_start, "env": metrics.environment_info(),
     }
-    path = PROJECT_ROOT / "results" / "benchmarks" / "memory_scale.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     print(markdown(rows, fits))

@@ -13,9 +13,12 @@ How the figures are made (b = bytes per element of the model dtype; B x S = batc
   attention scores, or, at the LM head, the logits chain perplexity builds (logits, a reshaped copy, fp32 up-cast,
   fp32 log-softmax). With vocabularies of 150k the logits, not the layers, are what grows with B x S.
 - Backward keeps every layer's saved activations until the gradient reaches it, so it grows with depth x B x S;
-  Taylor also keeps a gradient (model dtype) for every parameter a head or neuron owns (`arch.owned_parameters`);
-  LoRA keeps fp32 adapters + their gradient + two AdamW moments (16 bytes each; peft keeps adapters in fp32) and
-  the dropout copy of each wrapped module's input.
+  Taylor also keeps a gradient (model dtype) for every parameter a head or neuron owns (`arch.owned_parameters`),
+  accumulated over batches: from the second batch on they sit next to the saved activations, while in a single
+  batch backward frees each layer's activations as it writes that layer's gradients. LoRA keeps fp32 adapters +
+  their gradient + two AdamW moments (16 bytes each; peft keeps adapters in fp32) and the dropout copy (and mask)
+  of each wrapped module's input.
+- Loading holds, next to the weights made so far, the tensor being initialised or read (the embedding counts).
 - Gram statistics are fp64 [in, in] per refit module and do not grow with calibration tokens. Collected layer by
   layer (`calibration.layerwise_grams`), the device holds one layer's worth at a time; the Grams of every layer
   are needed to refit many plans from one pass (`reconstruction.collect_grams(..., stats=)`), and where they are
@@ -211,13 +214,14 @@ def _layer_transient(s: _Shape, B: int, S: int, b: int) -> float:
     return B * S * b * (4 * s.hidden + q + 2 * kv + 3 * i) + B * nh * S * S * b
 
 
-def _layer_saved(s: _Shape, layer: tuple[int, int, int], B: int, S: int, b: int, lora: bool) -> float:
+def _layer_saved(s: _Shape, layer: tuple[int, int, int], B: int, S: int, b: int, lora: bool, cuda: bool) -> float:
     """What autograd keeps of one layer for backward: norms' in/out, q/k/v before and after rotary, MLP products."""
     nh, nkv, i = layer
     h, q, kv = s.hidden, nh * s.head_dim, nkv * s.head_dim
     saved = B * S * b * (6 * h + 3 * q + 4 * kv + 4 * i)
-    if lora:  # peft's dropout makes a copy of each wrapped module's input (+ a one-byte mask)
-        saved += B * S * (b + 1) * (5 * h + q + i)
+    if lora:  # peft's dropout copies each wrapped module's input and keeps its mask: one byte on CUDA (the fused
+        # kernel), a tensor of the input's dtype on CPU (input * noise)
+        saved += B * S * (b + (1 if cuda else b)) * (5 * h + q + i)
     return saved
 
 
@@ -258,11 +262,12 @@ def _criteria(p: dict) -> set[str]:
     return names | ({"activation", "taylor"} if "mix" in names else set())
 
 
-def _op_parts(s: _Shape, op: str, p: dict, b: int, targets: tuple[str, ...]) -> list[Part]:
+def _op_parts(s: _Shape, op: str, p: dict, b: int, targets: tuple[str, ...], cuda: bool) -> list[Part]:
     """Working memory of one operation, beyond the weights and the held Grams (see `_held`)."""
     L, h = len(s.layers), s.hidden
-    if op == "load":
-        return []
+    if op == "load":  # a tensor is initialised (or read) next to its final copy: the largest, the embedding, counts
+        nh, _, i = _widest(s)
+        return [Part("the largest tensor in flight", "activations", max(s.vocab * h, h * i, h * nh * s.head_dim) * b)]
     if op == "perplexity":
         B, S = p["eval_batch"], p["eval_seq_len"]
         return [Part("hidden states", "activations", B * S * h * b),
@@ -283,10 +288,15 @@ def _op_parts(s: _Shape, op: str, p: dict, b: int, targets: tuple[str, ...]) -> 
         return [Part("channel moments", "statistics", moments),
                 Part("hidden states + one layer", "activations", B * S * h * b + _layer_transient(s, B, S, b))]
     if op == "taylor":
-        saved = sum(_layer_saved(s, layer, B, S, b, lora=False) for layer in s.layers)
-        return [Part("gradients of owned parameters", "optimizer", _owned_params(s) * b),
-                Part(f"saved activations ({L} layers)", "activations", saved),
-                Part("logits and loss", "activations", _logits_train(s, B, S, b))]
+        saved = sum(_layer_saved(s, layer, B, S, b, False, cuda) for layer in s.layers)
+        logits, grads = _logits_train(s, B, S, b), _owned_params(s) * b
+        if p["n_calib"] > B:  # the second batch's forward saves its activations next to the accumulated gradients
+            grad_part = Part("gradients of owned parameters", "optimizer", grads)
+        else:  # one batch: backward frees each layer's activations as it writes that layer's gradients
+            grad_part = Part("gradients of owned parameters, beyond the activations backward frees (one batch)",
+                             "optimizer", max(0.0, grads - saved - logits))
+        return [grad_part, Part(f"saved activations ({L} layers)", "activations", saved),
+                Part("logits and loss", "activations", logits)]
     if op == "semantic":
         S = p["semantic_seq_len"] or S
         return [Part(f"layer inputs ({L} layers) + clean and ablated log-probs", "activations",
@@ -306,16 +316,16 @@ def _op_parts(s: _Shape, op: str, p: dict, b: int, targets: tuple[str, ...]) -> 
         where = "host" if p["grams"] == "layerwise" else "device"
         parts = [Part("refit workspace (fp64)", "statistics", _refit_workspace(s, targets), where)]
         if p["grams"] == "sequential":  # walk_layers: the windows' hidden states, one layer's Grams
-            parts += _op_parts(s, "grams", p, b, targets)
+            parts += _op_parts(s, "grams", p, b, targets, cuda)
         return parts
     if op == "lora_step":
         B, S = p["lora_batch"], p["lora_seq_len"]
         r = p["lora_r"]
         lora = sum(r * (2 * (h + nh * s.head_dim) + 2 * (h + nkv * s.head_dim) + 3 * (h + i)) for nh, nkv, i in s.layers)
         if p["grad_checkpointing"]:  # only layer inputs kept; one layer's activations recomputed at a time
-            saved = L * B * S * h * b + max(_layer_saved(s, layer, B, S, b, lora=True) for layer in s.layers)
+            saved = L * B * S * h * b + max(_layer_saved(s, layer, B, S, b, True, cuda) for layer in s.layers)
         else:
-            saved = sum(_layer_saved(s, layer, B, S, b, lora=True) for layer in s.layers)
+            saved = sum(_layer_saved(s, layer, B, S, b, True, cuda) for layer in s.layers)
         parts = [Part("LoRA adapters fp32 + gradients + AdamW moments", "optimizer", 16 * lora),
                  Part(f"saved activations ({L} layers{', checkpointed' if p['grad_checkpointing'] else ''})",
                       "activations", saved),
@@ -394,7 +404,7 @@ def _plan(model_or_config, name: str, ops: tuple[str, ...], targets: tuple[str, 
     dtype = _dtype(p["dtype"], device)
     b = torch.empty(0, dtype=dtype).element_size()
     held = _held(s, p, b, targets, copies, teacher)
-    options = {op: _op_parts(s, op, p, b, targets) for op in ops}
+    options = {op: _op_parts(s, op, p, b, targets, device.type == "cuda") for op in ops}
     on_device = lambda parts: sum(x.bytes for x in parts if x.on == "device" or device.type == "cpu")  # noqa: E731
     peak = max(ops, key=lambda op: on_device(options[op]))
     working = [Part(f"{peak}: {x.name}", x.kind, x.bytes, x.on) for x in options[peak]]
