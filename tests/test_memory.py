@@ -1,0 +1,123 @@
+"""Memory plans: exact weight bytes per family, Grams that do not grow with depth when held off the device,
+a Qwen2.5-3B plan on a T4, refusal of the impossible, and a smoke run of the memory benchmark."""
+import json
+
+import pytest
+import torch
+
+from pruning_utils import memory
+from pruning_utils.tiny import tiny_config, tiny_model
+
+GB = 2 ** 30
+QWEN25_3B = dict(model_type="qwen2", hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                 num_attention_heads=16, num_key_value_heads=2, head_dim=128, vocab_size=151936,
+                 tie_word_embeddings=True)
+T4 = dict(device="cuda", dtype="float16", available_gb=15.0, host_available_gb=29.0)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_weights_are_the_real_parameter_bytes(family, tied):
+    model = tiny_model(family, tie_word_embeddings=tied)
+    real = sum(p.numel() * p.element_size() for p in model.parameters())
+    for source in (model.config, model.config.to_dict(), model):
+        plan = memory.plan_operation(source, "load", device="cpu", dtype="float32", available_gb=100.0)
+        assert plan.weights_gb * GB == pytest.approx(real, abs=0.5)
+    half = memory.plan_operation(model.config, "load", device="cpu", dtype="float16", available_gb=100.0)
+    assert half.weights_gb * GB == pytest.approx(real / 2, abs=0.5)
+
+
+def test_pruned_model_counts_its_own_shapes():
+    from pruning_utils.arch import layer_shapes
+    from pruning_utils.plan import PruningPlan
+    from pruning_utils.surgery import apply_plan
+
+    model = tiny_model("qwen2")
+    plan = PruningPlan.identity(layer_shapes(model), "tiny")
+    plan.heads, plan.neurons = {0: [0, 1, 4, 5]}, {1: list(range(48))}
+    apply_plan(model, plan)
+    assert memory.n_params(model) == sum(p.numel() for p in model.parameters())
+
+
+def test_layerwise_grams_do_not_grow_with_depth():
+    def plan(layers, grams):
+        return memory.plan_stage(tiny_config("llama", num_hidden_layers=layers), "03", grams=grams, **T4)
+
+    assert plan(2, "layerwise").statistics_gb == plan(8, "layerwise").statistics_gb
+    assert plan(8, "layerwise").host_gb > plan(2, "layerwise").host_gb  # every layer's Grams are on the host
+    assert plan(2, "sequential").statistics_gb == plan(8, "sequential").statistics_gb
+    assert plan(8, "all").statistics_gb > 3.9 * plan(2, "all").statistics_gb  # all on the device: grows with depth
+
+
+def test_plan_round_trips_and_renders():
+    plan = memory.plan_stage(QWEN25_3B, "02", **T4)
+    d = json.loads(json.dumps(plan.to_dict()))
+    assert d["stage"] == "02" and d["dtype"] == "float16" and d["fits"] == plan.fits
+    assert d["total_gb"] == pytest.approx(sum(d[k] for k in ("weights_gb", "statistics_gb", "activations_gb",
+                                                             "optimizer_gb", "reserve_gb")))
+    assert "| weights x 2 |" in plan.table() and "Grams of 36 layers" in plan.table()
+
+
+def test_qwen25_3b_on_a_t4(capsys):
+    assert memory.n_params(QWEN25_3B) == 3_085_938_688  # Qwen2.5-3B's published count (tied embeddings)
+    for stage in memory.STAGES:
+        print(memory.plan_stage(QWEN25_3B, stage, calib_seq_len=512, eval_seq_len=1024, **T4).table(), "\n")
+    out = capsys.readouterr().out
+    assert out.count("Memory plan of stage") == len(memory.STAGES)
+    # 36 layers' down_proj Grams are 11008² fp64 each: more than a T4, and more than Kaggle's host as well
+    all_on_device = memory.plan_stage(QWEN25_3B, "03", **T4)
+    assert all_on_device.statistics_gb > 30 and not all_on_device.fits
+    on_host = memory.plan_stage(QWEN25_3B, "03", grams="layerwise", **T4)
+    assert on_host.statistics_gb < 2 and on_host.host_gb > 30 and not on_host.fits
+    small = dict(eval_batch=1, eval_seq_len=512, latency_seq_len=512, copies=1)
+    assert memory.plan_stage(QWEN25_3B, "03", grams="sequential", **small, **T4).fits
+    with pytest.raises(memory.MemoryPlanError, match="host"):
+        memory.check_plan(on_host)
+
+
+def test_check_plan_refuses_the_impossible_and_says_offload_is_not_there():
+    llama70b = dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                    num_attention_heads=64, num_key_value_heads=8, head_dim=128, vocab_size=128256)
+    plan = memory.plan_stage(llama70b, "00", **T4)
+    assert not plan.fits and plan.weights_gb > 100
+    with pytest.raises(memory.MemoryPlanError) as err:
+        memory.check_plan(plan)
+    msg = str(err.value)
+    assert "offload" in msg and "not implemented" in msg and "weights" in msg and "PRUNING_MODELS_DIR" in msg
+    fits = memory.plan_stage(tiny_config("llama"), "00", **T4)
+    assert memory.check_plan(fits) is fits
+
+
+def test_unknown_names_are_refused():
+    with pytest.raises(ValueError, match="did you mean calib_seq_len"):
+        memory.plan_stage(QWEN25_3B, "00", calib_seq_lem=8)
+    with pytest.raises(ValueError, match="known: 00, 02"):
+        memory.plan_stage(QWEN25_3B, "05")
+    with pytest.raises(ValueError, match="known: all, layerwise"):
+        memory.plan_stage(QWEN25_3B, "03", grams="some")
+
+
+def test_describe_stage_reads_notebook_parameters():
+    from pruning_utils.profiles import PROFILES
+
+    params = {**PROFILES["kaggle-qwen2.5-3b"], "DEVICE": "cuda", "DTYPE": "float16", "os": object(), "model": None}
+    text = memory.describe_stage(QWEN25_3B, "03", params, available_gb=15.0, host_available_gb=29.0)
+    assert text.startswith("Memory plan of stage 03 (float16 on cuda") and "offload" in text
+    seq = memory.describe_stage(QWEN25_3B, "03", {**params, "RECON_SEQUENTIAL": True}, available_gb=15.0)
+    assert "one layer's Grams at a time" in seq
+    assert "Memory plan of stage 00" in memory.describe_stage("tiny-llama", "00", {"DEVICE": "cpu"})
+
+
+def test_memory_benchmark_smoke():
+    """Smoke test of the benchmark's functions: one tiny config, one stage, measured in this process."""
+    from benchmarks import memory_scale
+
+    config = {**memory_scale.BASE, "vocab_size": 4096, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+    got = memory_scale.measure(config, "perplexity", n_windows=2, seq_len=64)
+    assert got["weights_mb"] * 2 ** 20 == pytest.approx(memory.n_params(config) * 4, rel=1e-3)  # + rotary buffers
+    assert got["peak_mb"] > 0
+    plan = memory.plan_operation(config, "perplexity", **memory_scale.plan_params(2, 64))
+    assert plan.total_gb > 0 and plan.peak_operation == "perplexity"
+    line = memory_scale.fit([1e6, 2e6, 3e6], [10.0, 14.0, 18.0])
+    assert line["bytes_per_param"] == pytest.approx(4.0 * 2 ** 20 / 1e6)
+    assert set(memory_scale.extrapolate(line, "perplexity", memory_scale.plan_params(2, 64))) == set(memory_scale.TARGETS)
