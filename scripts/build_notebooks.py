@@ -53,6 +53,12 @@ if importlib.util.find_spec("pruning_utils") is None:
     if importlib.util.find_spec("pruning_utils") is None:
         raise RuntimeError(f"installed {root} (editable); restart the kernel and run all cells again to import it")'''
 
+# Before any work: what this stage will hold in memory on this device (pruning_utils/memory.py), with advice when
+# the plan does not fit. Only the model's config is read.
+MEMORY_PLAN = '''from IPython.display import Markdown, display
+from pruning_utils import memory
+display(Markdown(memory.describe_stage(MODEL, "{stage}", globals())))'''
+
 
 def parameters_source(names: tuple[str, ...]) -> str:
     """Return a parameters cell: one `NAME = default  # meaning` line per name, from pruning_utils/profiles.py."""
@@ -73,6 +79,7 @@ def notebook(name: str, title: str, cells: list[tuple[str, str]]) -> nbformat.No
     p.metadata["tags"] = ["parameters"]
     nb.cells.append(p)
     nb.cells.append(new_code_cell(BOOTSTRAP))
+    nb.cells.append(new_code_cell(MEMORY_PLAN.format(stage=name[:2])))
     for kind, src in cells:
         nb.cells.append(new_markdown_cell(src) if kind == "md" else new_code_cell(src))
     for i, cell in enumerate(nb.cells):
