@@ -116,10 +116,41 @@ def recovery_budget() -> str:
     return _md(df[[c for c in df.columns if not c.endswith(("_minutes", "_per_s"))]], 3)
 
 
+def _memory_json() -> dict:
+    import json
+
+    path = PROJECT_ROOT / "results" / "benchmarks" / "memory_scale.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `python3 -m benchmarks.memory_scale` first")
+    return json.loads(path.read_text())
+
+
+def memory_scale() -> str:
+    """Return the measured peak MiB (and measured / planned) per model size and operation, CPU fp32."""
+    rows = pd.DataFrame(_memory_json()["rows"])
+    rows["cell"] = [f"{m:.0f} ({r:.2f})" if m == m else "" for m, r in zip(rows["peak_mb"], rows["measured_over_plan"])]
+    table = rows.pivot_table(index=["size", "params"], columns="stage", values="cell", aggfunc="first", sort=False)
+    return table.reset_index().fillna("").to_markdown(index=False) + "\n"
+
+
+def memory_extrapolation() -> str:
+    """Return the fp16 extrapolation of each operation to Qwen2.5-3B and Llama-3.1-8B on a 16 GB T4 (GiB)."""
+    fits = _memory_json()["fits"]
+    out = []
+    for stage, f in fits.items():
+        row = {"operation": stage, "bytes/param (fit)": f["bytes_per_param"]}
+        for model, e in f["extrapolation"].items():
+            row[f"{model} fit"] = e["fit_fp16_gb"]
+            row[f"{model} plan"] = e["plan_fp16_gb"]
+        out.append(row)
+    return _md(pd.DataFrame(out), 1)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "baseline": baseline, "head_sweep": head_sweep, "mlp_sweep": mlp_sweep, "head_pruning": head_pruning,
     "mlp_pruning": mlp_pruning, "recovery": recovery, "final_eval": final_eval, "final_cost": final_cost,
     "run_time": run_time, "quality_benchmark": quality_benchmark, "recovery_budget": recovery_budget,
+    "memory_scale": memory_scale, "memory_extrapolation": memory_extrapolation,
 }
 # tables whose numbers are timings: they change with every run, so the agreement test does not pin them
 TIMING_TABLES = ("final_cost", "run_time")
