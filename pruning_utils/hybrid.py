@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .arch import PROJECTIONS, decoder_layers, proj, set_proj
-from .calibration import layerwise_grams
-from .lowrank import check_rank, svd_factors
+from .lowrank import check_rank, layer_grams, svd_factors
 from .stats import GramStats
 
 
@@ -99,20 +98,18 @@ def hybrid_model(model, windows: Tensor, sparsity: float | str = 0.5, rank: int 
                  ) -> dict[tuple[int, str], float]:
     """Sparsify every chosen projection in place (Wanda `sparsity` in [0, 1), or "2:4") with a rank-`rank` residual fix.
 
-    Returns the achieved sparsity of each `(layer, projection)`. Statistics are taken one-shot on the dense model.
+    Returns the achieved sparsity of each `(layer, projection)`. Statistics are taken layer by layer on the inputs
+    the already-sparsified earlier layers produce (`lowrank.layer_grams`; Wanda's paper takes them one-shot).
     """
     if isinstance(sparsity, str) and sparsity != "2:4":
         raise ValueError(f"sparsity '{sparsity}' is not a pattern; give a fraction in [0, 1) or '2:4'")
     if rank < 0:
         raise ValueError(f"rank={rank} must be >= 0 (0: no low-rank correction)")
-    layers = decoder_layers(model)
     projections = list(projections)
-    wanted = {li: {name: proj(layer, name) for name in projections} for li, layer in enumerate(layers)}
-    grams = layerwise_grams(model, windows, wanted, batch_size, storage="cpu")
     achieved = {}
-    for li, layer in enumerate(layers):
+    for li, layer, grams in layer_grams(model, windows, range(len(decoder_layers(model))), projections, batch_size):
         for name in projections:
-            lin, gram = proj(layer, name), grams[(li, name)]
+            lin, gram = proj(layer, name), grams[name]
             norms = channel_norms(gram)
             keep = nm_mask(lin.weight, norms) if sparsity == "2:4" else wanda_mask(lin.weight, norms, sparsity)
             set_proj(layer, name, sparse_lowrank(lin, keep, rank, gram, method))

@@ -7,7 +7,7 @@ A = Σ½ Vᵀ T⁻¹, B = U Σ½):
   large activations are approximated best;
 - `whiten` (SVD-LLM): T with T Tᵀ = G, the input second moment E[x xᵀ] (SVD-LLM takes its Cholesky factor), which makes the
   truncation minimise the output error E‖(W − B A) x‖² exactly.
-Statistics are streamed Grams (`stats.GramStats`, `calibration.layerwise_grams`). The rank is given, derived
+Statistics are streamed Grams (`stats.GramStats`), one layer at a time (`layer_grams`). The rank is given, derived
 from a parameter budget (`rank_for_params`), or read off the spectrum (`rmt_rank`: singular values above the
 Marchenko–Pastur bulk edge of a noise fit).
 
@@ -17,7 +17,8 @@ readers keep working); it is not loadable by a stock config: evaluate it in memo
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+import numbers
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -25,8 +26,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from .arch import PROJECTIONS, decoder_layers, proj, set_proj
-from .calibration import layerwise_grams
-from .stats import GramStats
+from .calibration import run_layer, walk_layers
+from .stats import GramCollector, GramStats
 
 
 class LowRankLinear(nn.Sequential):
@@ -51,7 +52,7 @@ class LowRankLinear(nn.Sequential):
 def check_rank(rank: int, out_features: int, in_features: int) -> int:
     """Return `rank` as an int, or raise naming the valid range for a [out, in] matrix."""
     full = min(out_features, in_features)
-    if int(rank) != rank or not 1 <= rank <= full:
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= full:
         raise ValueError(f"rank {rank} is invalid for a {out_features}x{in_features} matrix: choose an integer in "
                          f"[1, {full}] (full rank {full}; above {out_features * in_features // (out_features + in_features)}"
                          " the two factors hold more parameters than the matrix)")
@@ -80,11 +81,15 @@ def noise_sigma(singular_values: Tensor, shape: tuple[int, int]) -> float:
     return float(singular_values.median()) / math.sqrt(n * _mp_median(m / n))
 
 
+def edge_rank(singular_values: Tensor, shape: tuple[int, int]) -> int:
+    """Return how many singular values of an m x n matrix exceed the bulk edge σ(√m + √n) (clamped to [1, full])."""
+    edge = noise_sigma(singular_values, shape) * (math.sqrt(shape[0]) + math.sqrt(shape[1]))
+    return max(1, min(int((singular_values > edge).sum()), singular_values.numel()))
+
+
 def rmt_rank(weight: Tensor) -> int:
-    """Return the number of singular values above the Marchenko–Pastur bulk edge σ(√m + √n) (clamped to [1, full])."""
-    s = torch.linalg.svdvals(weight.detach().double())
-    edge = noise_sigma(s, tuple(weight.shape)) * (math.sqrt(weight.shape[0]) + math.sqrt(weight.shape[1]))
-    return max(1, min(int((s > edge).sum()), s.numel()))
+    """Return the number of singular values above the Marchenko–Pastur bulk edge of a noise fit (at least 1)."""
+    return edge_rank(torch.linalg.svdvals(weight.detach().double().cpu()), tuple(weight.shape))
 
 
 # ------------------------------------------------------------------------------------------ input scalings
@@ -126,22 +131,31 @@ SCALINGS: dict[str, Callable[[GramStats | None, int], tuple[Tensor, Tensor]]] = 
 }
 
 
-def svd_factors(weight: Tensor, rank: int, method: str = "plain", gram: GramStats | None = None
+def svd_factors(weight: Tensor, rank: int | str, method: str = "plain", gram: GramStats | None = None
                 ) -> tuple[Tensor, Tensor]:
-    """Return `(A [r, in], B [out, r])` with W ≈ B A, truncated in the metric of `method` (see `SCALINGS`)."""
+    """Return `(A [r, in], B [out, r])` with W ≈ B A, truncated in the metric of `method` (see `SCALINGS`).
+
+    `rank="rmt"` takes `edge_rank` of W's own spectrum (for `plain`, from the same SVD: one SVD per matrix).
+    """
     if method not in SCALINGS:
         raise ValueError(f"unknown low-rank method '{method}'; known: {', '.join(SCALINGS)}")
-    rank = check_rank(rank, *weight.shape)
+    if rank == "rmt" and method != "plain":
+        rank = rmt_rank(weight)  # the noise model holds for W, not for W·T
+    if rank != "rmt":
+        rank = check_rank(rank, *weight.shape)
     t, t_inv = SCALINGS[method](gram, weight.shape[1])
     u, s, vh = torch.linalg.svd(weight.detach().double().cpu() @ t, full_matrices=False)
+    if rank == "rmt":
+        rank = edge_rank(s, tuple(weight.shape))
     root = s[:rank].sqrt()
     a = (root[:, None] * vh[:rank]) @ t_inv  # undo the scaling in the first factor
     b = u[:, :rank] * root
     return a, b
 
 
-def factorize(linear: nn.Linear, rank: int, method: str = "plain", gram: GramStats | None = None) -> LowRankLinear:
-    """Return a `LowRankLinear` of the given rank approximating `linear` (bias kept on the second factor)."""
+def factorize(linear: nn.Linear, rank: int | str, method: str = "plain", gram: GramStats | None = None
+              ) -> LowRankLinear:
+    """Return a `LowRankLinear` of the given rank (or "rmt") approximating `linear` (bias kept on the second factor)."""
     a, b = svd_factors(linear.weight, rank, method, gram)
     w = linear.weight
     first = nn.Linear(a.shape[1], a.shape[0], bias=False, device=w.device, dtype=w.dtype)
@@ -154,14 +168,33 @@ def factorize(linear: nn.Linear, rank: int, method: str = "plain", gram: GramSta
     return LowRankLinear(first, second)
 
 
+def layer_grams(model, windows: Tensor, layers: Iterable[int], projections: Iterable[str], batch_size: int = 4
+                ) -> Iterator[tuple[int, nn.Module, dict[str, GramStats]]]:
+    """Yield `(index, layer, {projection: GramStats of its input})` for the chosen layers, walking the model in order.
+
+    A caller that replaces the layer's projections in the loop body feeds the changed layer's outputs on
+    (`calibration.walk_layers`), so later layers' statistics see the earlier compression (sequential, as
+    SparseGPT); statistics memory is one layer's worth.
+    """
+    chosen, projections = sorted(set(int(i) for i in layers)), list(projections)
+    if not chosen:
+        return
+    for li, layer, hidden, calls in walk_layers(model, windows, batch_size, last=chosen[-1]):
+        if li in chosen:
+            with torch.no_grad(), GramCollector({name: proj(layer, name) for name in projections}) as col:
+                for h, call in zip(hidden, calls):
+                    run_layer(layer, h, call)
+            yield li, layer, col.stats
+
+
 def lowrank_model(model, projections: Iterable[str] = PROJECTIONS, layers: Iterable[int] | None = None,
                   rank: int | str | None = None, param_ratio: float | None = None, method: str = "plain",
                   windows: Tensor | None = None, batch_size: int = 4) -> dict[tuple[int, str], int]:
     """Factorise the chosen projections in place and return the rank given to each `(layer, projection)`.
 
     Give exactly one of `rank` (an int, or "rmt" for `rmt_rank`) and `param_ratio` (the fraction of a matrix's
-    weights its factors may hold). `asvd` / `whiten` need calibration `windows`; every layer's Grams are taken
-    on the unfactorised model before any change (one-shot, like Wanda).
+    weights its factors may hold). `asvd` / `whiten` need calibration `windows`; their Grams are taken layer by
+    layer on the inputs the already-factorised earlier layers produce (`layer_grams`).
     """
     if (rank is None) == (param_ratio is None):
         raise ValueError("give exactly one of rank (an int or 'rmt') or param_ratio (fraction of weights kept)")
@@ -174,22 +207,21 @@ def lowrank_model(model, projections: Iterable[str] = PROJECTIONS, layers: Itera
     all_layers = decoder_layers(model)
     chosen = list(range(len(all_layers))) if layers is None else [int(i) for i in layers]
     projections = list(projections)
-    grams = {}
-    if method != "plain":
-        if windows is None:
-            raise ValueError(f"method '{method}' needs calibration windows [n, seq_len]")
-        wanted = {li: {name: proj(all_layers[li], name) for name in projections} for li in chosen}
-        grams = layerwise_grams(model, windows, wanted, batch_size, storage="cpu")
+    if method == "plain":
+        walk = ((li, all_layers[li], {}) for li in chosen)
+    elif windows is None:
+        raise ValueError(f"method '{method}' is activation-aware: it needs calibration windows [n, seq_len]")
+    else:
+        walk = layer_grams(model, windows, chosen, projections, batch_size)
     ranks = {}
-    for li in chosen:
+    for li, layer, grams in walk:
         for name in projections:
-            lin = proj(all_layers[li], name)
-            if rank == "rmt":
-                r = rmt_rank(lin.weight)
-            elif rank is not None:
-                r = check_rank(rank, lin.out_features, lin.in_features)
-            else:
+            lin = proj(layer, name)
+            if param_ratio is not None:
                 r = rank_for_params(lin.out_features, lin.in_features, int(param_ratio * lin.weight.numel()))
-            set_proj(all_layers[li], name, factorize(lin, r, method, grams.get((li, name))))
-            ranks[(li, name)] = r
+            else:
+                r = rank if rank == "rmt" else check_rank(rank, lin.out_features, lin.in_features)
+            low = factorize(lin, r, method, grams.get(name))
+            set_proj(layer, name, low)
+            ranks[(li, name)] = low.rank
     return ranks

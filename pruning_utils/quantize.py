@@ -1,6 +1,6 @@
 """Dynamic INT8 quantization of every `nn.Linear` (CPU only), and an INT8 checkpoint format that reloads.
 
-`torch.ao.quantization.quantize_dynamic` stores weights as qint8 (per-tensor scale) and quantizes activations
+`torch.ao.quantization.quantize_dynamic` stores weights as qint8 (per-row scales by default) and quantizes activations
 per batch at run time; its kernels (fbgemm / qnnpack) exist only on CPU, so a CUDA model is refused and the
 variant is reported as not applicable there. torch marks `torch.ao.quantization` deprecated in favour of
 torchao, but it still ships with torch and needs no extra package, which is why it is used here.
@@ -53,24 +53,32 @@ def check_int8_device(device: torch.device | str) -> None:
             "(model.cpu()) to measure it on CPU, or report the int8 row as not applicable on this device")
 
 
-def _quantize(model) -> nn.Module:
+def _quantize(model, per_channel: bool) -> nn.Module:
+    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig
+
+    qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
     with warnings.catch_warnings():
         # torch.ao announces its move to torchao on every call; the API itself is unchanged
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
-        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear: qconfig}, dtype=torch.qint8, inplace=True)
 
 
-def quantize_int8(model, inplace: bool = False):
-    """Return the model with every `nn.Linear` (projections and lm_head) replaced by a dynamic INT8 one (CPU only)."""
+def quantize_int8(model, inplace: bool = False, per_channel: bool = True):
+    """Return the model with every `nn.Linear` (projections and lm_head) replaced by a dynamic INT8 one (CPU only).
+
+    `per_channel`: one weight scale per output row (default) instead of one per matrix. Activations are always
+    quantized per tensor at run time, so models with massive activation outliers (SmolLM2's down_proj inputs,
+    for one) lose much more than weight-only INT8 would.
+    """
     check_int8_device(next(model.parameters()).device)
     plan = getattr(model, "pruning_plan", None)
     if not inplace:
         model = copy.deepcopy(model)
-    model = _quantize(model.float().eval())
+    model = _quantize(model.float().eval(), per_channel)
     if plan is not None:
         model.pruning_plan = plan
-    model.int8 = True
+    model.int8, model.int8_per_channel = True, per_channel
     return model
 
 
@@ -90,6 +98,7 @@ def save_quantized(model, tokenizer, folder, plan: PruningPlan | None = None) ->
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(folder)
     meta = {"format": FORMAT, "quantization": "dynamic int8: qint8 weights of every nn.Linear, activations per batch",
+            "per_channel": bool(getattr(model, "int8_per_channel", True)),
             "torch": torch.__version__, "fp32_stock_loadable": stock, "query_heads": [s.n_heads for s in shapes],
             "intermediate": [s.intermediate for s in shapes], "plan": plan.to_dict()}
     (folder / QUANT_FILE).write_text(json.dumps(meta, indent=1, default=str))
@@ -128,12 +137,13 @@ def load_quantized(folder):
     meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}; re-save it")
-    model = _quantize(_fp32_structure(json.loads((folder / "config.json").read_text()), meta).eval())
+    per_channel = bool(meta.get("per_channel", True))
+    model = _quantize(_fp32_structure(json.loads((folder / "config.json").read_text()), meta).eval(), per_channel)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch's own TypedStorage notice while unpacking qint8 params
         state = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
-    model.pruning_plan, model.int8 = PruningPlan.from_dict(meta["plan"]), True
+    model.pruning_plan, model.int8, model.int8_per_channel = PruningPlan.from_dict(meta["plan"]), True, per_channel
     if (folder / "tiny_tokenizer.json").exists():
         tok = TinyTokenizer(**json.loads((folder / "tiny_tokenizer.json").read_text()))
     elif any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):

@@ -150,13 +150,14 @@ def test_span_map_fits_better_than_dropping_and_reduces_to_it(windows, tokens):
 # ---------------------------------------------------------------------------------------------- INT8
 
 
-def test_int8_runs_generates_and_round_trips(tmp_path, tokens):
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_int8_runs_generates_and_round_trips(tmp_path, tokens, per_channel):
     model = tiny_model("llama")
     plan = PruningPlan.identity(layer_shapes(model), "tiny-llama")
     plan.heads = {1: [0, 1, 4, 5]}  # per-layer shapes: the loader must rebuild them
     apply_plan(model, plan)
     fp32_dir = save_pruned(model, TinyTokenizer(), tmp_path / "fp32")
-    q = quantize_int8(model)
+    q = quantize_int8(model, per_channel=per_channel)
     assert proj(decoder_layers(model)[0], "q_proj").__class__ is torch.nn.Linear  # the input model is left alone
     logits = _logits(q, tokens)
     assert logits.shape == (2, 16, 128) and torch.isfinite(logits).all()
@@ -166,6 +167,7 @@ def test_int8_runs_generates_and_round_trips(tmp_path, tokens):
     folder = save_quantized(q, TinyTokenizer(), tmp_path / "int8")
     back, tok = load_quantized(folder)
     assert isinstance(tok, TinyTokenizer) and back.pruning_plan.heads == {1: [0, 1, 4, 5]}
+    assert back.int8_per_channel is per_channel
     assert [s.n_heads for s in layer_shapes(back)] == [8, 4, 8]
     assert torch.equal(_logits(back, tokens), logits)
     assert size_mb(folder) < size_mb(fp32_dir)
@@ -221,6 +223,10 @@ def test_rmt_rank_grows_with_signal_strength():
     assert all(1 <= r <= 80 for r in ranks)
     assert ranks == sorted(ranks) and ranks[-1] > ranks[0]
     assert ranks[0] <= 2 and ranks[-1] == 6
+    lin = torch.nn.Linear(120, 80)
+    with torch.no_grad():
+        lin.weight.copy_(noise + signal)
+    assert factorize(lin, "rmt").rank == 6  # the same rule read off the factorising SVD
 
 
 def test_activation_aware_svd_beats_plain_on_uneven_channels():
@@ -241,7 +247,7 @@ def test_activation_aware_svd_beats_plain_on_uneven_channels():
 
 def test_rank_errors():
     lin = torch.nn.Linear(48, 32)
-    for bad in (0, -1, 33):
+    for bad in (0, -1, 33, 2.5, "full"):
         with pytest.raises(ValueError, match=r"rank .* is invalid for a 32x48 matrix: choose an integer in \[1, 32\]"):
             factorize(lin, bad)
     for bad in (-1, 33):  # rank 0 is valid there: no correction
