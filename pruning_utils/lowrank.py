@@ -122,7 +122,7 @@ def _whiten(gram: GramStats | None, n: int, ridge: float = 1e-6) -> tuple[Tensor
 def _need(gram: GramStats | None, method: str) -> GramStats:
     if gram is None:
         raise ValueError(f"method '{method}' is activation-aware: give the layer's input GramStats "
-                         "(calibration.layerwise_grams), or use method='plain'")
+                         "(lowrank.layer_grams), or use method='plain'")
     return gram
 
 
