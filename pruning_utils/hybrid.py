@@ -94,9 +94,9 @@ def sparse_lowrank(linear: nn.Linear, keep: Tensor, rank: int, gram: GramStats |
 
 
 def hybrid_model(model, windows: Tensor, sparsity: float | str = 0.5, rank: int = 0,
-                 projections: Iterable[str] = PROJECTIONS, method: str = "plain", batch_size: int = 4
-                 ) -> dict[tuple[int, str], float]:
-    """Sparsify every chosen projection in place (Wanda `sparsity` in [0, 1), or "2:4") with a rank-`rank` residual fix.
+                 projections: Iterable[str] = PROJECTIONS, layers: Iterable[int] | None = None,
+                 method: str = "plain", batch_size: int = 4) -> dict[tuple[int, str], float]:
+    """Sparsify the chosen projections (of every layer, or of `layers`) in place (Wanda `sparsity` in [0, 1), or "2:4") with a rank-`rank` residual fix.
 
     Returns the achieved sparsity of each `(layer, projection)`. Statistics are taken layer by layer on the inputs
     the already-sparsified earlier layers produce (`lowrank.layer_grams`; Wanda's paper takes them one-shot).
@@ -107,7 +107,8 @@ def hybrid_model(model, windows: Tensor, sparsity: float | str = 0.5, rank: int 
         raise ValueError(f"rank={rank} must be >= 0 (0: no low-rank correction)")
     projections = list(projections)
     achieved = {}
-    for li, layer, grams in layer_grams(model, windows, range(len(decoder_layers(model))), projections, batch_size):
+    chosen = range(len(decoder_layers(model))) if layers is None else layers
+    for li, layer, grams in layer_grams(model, windows, chosen, projections, batch_size):
         for name in projections:
             lin, gram = proj(layer, name), grams[name]
             norms = channel_norms(gram)
