@@ -182,8 +182,8 @@ def layerwise_grams(model, windows: Tensor, wanted: Mapping[int, Mapping[Hashabl
             # one run per layer both collects its statistics and makes the next layer's inputs
             with GramCollector(wanted.get(li) or {}) as col:
                 hidden = [run_layer(layers[li], h, call) for h, call in zip(hidden, inputs.calls[li])]
-            for key, stats in col.stats.items():
-                out[(li, key)] = stats if storage is None else stats.to(storage)
+            out.update({(li, key): st if storage is None else st.to(storage) for key, st in col.stats.items()})
+            del col  # else this layer's device copies live on while the next layer's are allocated
     return out
 
 

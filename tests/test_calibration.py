@@ -62,3 +62,37 @@ def test_forward_until_stops_early():
         assert calibration.forward_until(model, w, last) is None and not calls
     finally:
         hook.remove()
+
+
+def _peak_live_grams(n_layers: int, storage) -> int:
+    """Return the most GramStats accumulators alive at once on the model's device while collecting every layer's."""
+    import gc
+    import weakref
+
+    model, w = tiny_model("llama", num_hidden_layers=n_layers), _windows()
+    live: list = []
+    peak = 0
+    original = GramStats.empty.__func__
+
+    def tracked(cls, dim, device="cpu"):
+        nonlocal peak
+        stats = original(cls, dim, device)
+        live.append(weakref.ref(stats.gram))
+        gc.collect()
+        peak = max(peak, sum(r() is not None and r().device.type == "cpu" for r in live))
+        return stats
+
+    GramStats.empty = classmethod(tracked)
+    try:
+        collect_grams(model, w, batch_size=3, storage=storage)
+    finally:
+        GramStats.empty = classmethod(original)
+    return peak
+
+
+def test_statistics_memory_is_one_layer_whatever_the_depth():
+    # storage elsewhere than the model's device (meta stands in for the host of a GPU run): the device holds one
+    # layer's accumulators (o_proj + down_proj) at a time, for 2 layers as for 8
+    assert _peak_live_grams(2, "meta") == _peak_live_grams(8, "meta") == 2
+    # kept where the model is (the default), they add up with depth
+    assert _peak_live_grams(8, None) > _peak_live_grams(2, None)
