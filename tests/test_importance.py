@@ -4,8 +4,7 @@ import torch
 
 from pruning_utils.arch import decoder_layers, layer_shapes
 from pruning_utils.hooks import hooks, masked
-from pruning_utils.importance import (CRITERIA, Scores, activation, compute_importance, load_scores, save_scores,
-                                      semantic)
+from pruning_utils.importance import (CRITERIA, Scores, compute_importance, load_scores, save_scores, semantic)
 from pruning_utils.loading import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

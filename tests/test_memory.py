@@ -3,7 +3,6 @@ a Qwen2.5-3B plan on a T4, refusal of the impossible, and a smoke run of the mem
 import json
 
 import pytest
-import torch
 
 from pruning_utils import memory
 from pruning_utils.tiny import tiny_config, tiny_model
