@@ -1,7 +1,8 @@
 """Text sources split into calibration / evaluation documents, and the token tensors built from them.
 
 Sources: `embedded` (Python's own documentation, `pydoc_data.topics`, always available offline),
-`wikitext2` (Hugging Face `datasets`, needs the network) or a local `.txt` / `.csv` / `.jsonl` file.
+`wikitext2` (Hugging Face `datasets`, needs the network), a local `.txt` / `.csv` / `.jsonl` file, or for
+calibration `selfgen` (text sampled from the model itself) and weighted mixtures such as `embedded:0.5+selfgen:0.5`.
 A split is made of whole documents, so calibration and evaluation never share a document.
 The split itself never depends on the sampling seed of `calibration_windows`: drawing other windows
 must not move documents from evaluation into calibration.
@@ -197,11 +198,62 @@ def split_tokens(tokenizer, source: str = "embedded", split: str = "calibration"
     return _cached_tokens(_TokenizerKey(tokenizer), _source_key(source), split, column)
 
 
-def calibration_windows(tokenizer, source: str = "embedded", n_samples: int = 64, seq_len: int = 256,
-                        seed: int = 0, column: str | None = None) -> torch.Tensor:
-    """Return `n_samples` random windows of `seq_len` calibration tokens as a LongTensor [n_samples, seq_len]."""
-    if n_samples < 1 or seq_len < 1:
-        raise ValueError(f"n_samples and seq_len must be >= 1 (got {n_samples}, {seq_len})")
+SELFGEN = "selfgen"
+
+
+def parse_mixture(source: str) -> list[tuple[str, float]]:
+    """Return the `(source, weight)` parts of a text source such as 'embedded', 'embedded+selfgen' (equal
+    weights) or 'wikitext2:0.5+selfgen:0.5'; weights must be all given or all omitted, > 0, and sum to 1."""
+    parts = [p.strip() for p in str(source).split("+")]
+    if not source or any(not p for p in parts):
+        raise DataSourceError(f"text source '{source}' has an empty part; write e.g. 'embedded:0.5+selfgen:0.5'")
+    named, weights = [], []
+    for part in parts:
+        name, _, weight = part.rpartition(":")
+        try:  # 'C:/data.txt' or a bare name carries no weight
+            value = float(weight) if name else None
+        except ValueError:
+            value = None
+        named.append(name if value is not None else part)
+        weights.append(value)
+    if len(parts) == 1 and weights[0] is None:
+        return [(named[0], 1.0)]
+    if any(w is None for w in weights) and any(w is not None for w in weights):
+        raise DataSourceError(f"text source '{source}': give a weight to every part or to none "
+                              "(e.g. 'embedded:0.75+selfgen:0.25' or 'embedded+selfgen')")
+    if weights[0] is None:
+        weights = [1.0 / len(parts)] * len(parts)
+    if any(not w > 0 for w in weights) or abs(sum(weights) - 1.0) > 1e-6:
+        raise DataSourceError(f"text source '{source}': weights must be > 0 and sum to 1 (got {weights})")
+    if len(set(named)) != len(named):
+        raise DataSourceError(f"text source '{source}' names a source twice; merge its weights")
+    for name in named:
+        if name != SELFGEN:
+            _check_source(name)
+    return list(zip(named, weights))
+
+
+def _check_source(source: str) -> None:
+    if source in ("embedded", "wikitext2"):
+        return
+    path = Path(source)
+    if path.suffix.lower() not in (".txt", ".csv", ".jsonl"):
+        raise DataSourceError(f"unknown text source '{source}'; valid forms: {', '.join(SOURCE_FORMS)}, "
+                              f"'{SELFGEN}' (text sampled from the model), or a mixture 'a:0.5+b:0.5'")
+    if not path.is_file():
+        raise DataSourceError(f"text file '{source}' does not exist; give an existing path or use 'embedded'")
+
+
+def mixture_counts(parts: list[tuple[str, float]], n: int) -> list[int]:
+    """Return how many of `n` windows each part gets: its weight's share, rounded by largest remainder."""
+    exact = [w * n for _, w in parts]
+    counts = [int(x) for x in exact]
+    for i in sorted(range(len(parts)), key=lambda i: exact[i] - counts[i], reverse=True)[:n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _text_windows(tokenizer, source: str, n_samples: int, seq_len: int, seed: int, column: str | None) -> torch.Tensor:
     ids = split_tokens(tokenizer, source, "calibration", column)
     need = n_samples * seq_len
     if len(ids) < need:
@@ -215,9 +267,73 @@ def calibration_windows(tokenizer, source: str = "embedded", n_samples: int = 64
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
 
 
+def calibration_windows(tokenizer, source: str = "embedded", n_samples: int = 64, seq_len: int = 256,
+                        seed: int = 0, column: str | None = None, model=None, selfgen_kw: dict | None = None
+                        ) -> torch.Tensor:
+    """Return `n_samples` calibration windows of `seq_len` tokens as a LongTensor [n_samples, seq_len].
+
+    `source` may be a mixture ('embedded:0.5+selfgen:0.5'): each part gives its weight's share of the windows.
+    `selfgen` samples text from `model` (`selfgen.sample_windows`, cached; `selfgen_kw` sets temperature/top_p)."""
+    if n_samples < 1 or seq_len < 1:
+        raise ValueError(f"n_samples and seq_len must be >= 1 (got {n_samples}, {seq_len})")
+    parts = parse_mixture(source)
+    if any(name == SELFGEN for name, _ in parts) and model is None:
+        raise DataSourceError(f"text source '{source}' includes '{SELFGEN}', text sampled from the model being "
+                              "pruned: pass model= (the unpruned model) to calibration_windows")
+    if len(parts) == 1 and parts[0][0] != SELFGEN:
+        return _text_windows(tokenizer, parts[0][0], n_samples, seq_len, seed, column)
+    pieces = []
+    for (name, _), count in zip(parts, mixture_counts(parts, n_samples)):
+        if count == 0:
+            continue
+        if name == SELFGEN:
+            from .selfgen import sample_windows
+
+            pieces.append(sample_windows(model, tokenizer, count, seq_len, seed=seed, purpose="calibration",
+                                         **(selfgen_kw or {})))
+        else:
+            pieces.append(_text_windows(tokenizer, name, count, seq_len, seed, column))
+    windows = torch.cat(pieces)
+    # Interleave the parts: a step-capped recovery reading windows in order then sees every source.
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
+    return windows[order]
+
+
+def fidelity_chunks(model, tokenizer, n_tokens: int = 8192, seq_len: int = 512, seed: int = 0,
+                    selfgen_kw: dict | None = None) -> torch.Tensor:
+    """Return the held-out self-generated windows of the unpruned model (a seed stream calibration never uses):
+    a variant's perplexity on them is its cross-entropy against the original model's own distribution."""
+    from .selfgen import sample_windows
+
+    if n_tokens < seq_len:
+        raise ValueError(f"fidelity set of {n_tokens} tokens is shorter than one window of {seq_len}")
+    return sample_windows(model, tokenizer, n_tokens // seq_len, seq_len, seed=seed, purpose="fidelity",
+                          **(selfgen_kw or {}))
+
+
 def eval_chunks(tokenizer, source: str = "embedded", seq_len: int = 512, max_tokens: int | None = 32768,
                 column: str | None = None) -> torch.Tensor:
-    """Return consecutive non-overlapping windows of evaluation tokens, at most `max_tokens` in all: [n, seq_len]."""
+    """Return consecutive non-overlapping windows of evaluation tokens, at most `max_tokens` in all: [n, seq_len].
+
+    Of a mixture, the text parts give windows by their (renormalised) weights; a `selfgen` part has no evaluation
+    text of its own: `fidelity_chunks` holds out the model's samples instead."""
+    parts = [(n, w) for n, w in parse_mixture(source) if n != SELFGEN]
+    if not parts:
+        raise DataSourceError(f"text source '{source}' has no evaluation text: self-generated text is measured by "
+                              "the fidelity set (data.fidelity_chunks); add a text part, e.g. 'embedded:0.5+selfgen:0.5'")
+    if len(parts) == 1:
+        return _eval_windows(tokenizer, parts[0][0], seq_len, max_tokens, column)
+    total = sum(w for _, w in parts)
+    parts = [(n, w / total) for n, w in parts]
+    n_windows = None if max_tokens is None else max(1, max_tokens // seq_len)
+    pieces = []
+    for (name, weight), count in zip(parts, mixture_counts(parts, n_windows) if n_windows else [None] * len(parts)):
+        if count != 0:
+            pieces.append(_eval_windows(tokenizer, name, seq_len, None if count is None else count * seq_len, column))
+    return torch.cat(pieces)
+
+
+def _eval_windows(tokenizer, source: str, seq_len: int, max_tokens: int | None, column: str | None) -> torch.Tensor:
     ids = split_tokens(tokenizer, source, "evaluation", column)
     usable = len(ids) if max_tokens is None else min(len(ids), max_tokens)
     n = usable // seq_len

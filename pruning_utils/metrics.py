@@ -89,25 +89,32 @@ def checkpoint_size_mb(folder: str | Path) -> float:
 
 
 def perplexity(model, chunks: torch.Tensor, batch_size: int = 4, desc: str = "perplexity",
-               progress: bool = True) -> dict[str, float]:
-    """Return `ppl`, mean `nll` and `tokens` scored over token chunks [n, seq_len], each chunk scored on its own."""
+               progress: bool = True, reference=None) -> dict[str, float]:
+    """Return `ppl`, mean `nll` and `tokens` scored over token chunks [n, seq_len], each chunk scored on its own;
+    with a `reference` model also `kl`, the mean per-token KL(reference || model) on the same tokens."""
     from .progress import progress as bar
 
     if chunks.dim() != 2 or chunks.shape[1] < 2:
         raise ValueError(f"chunks must be a LongTensor [n, seq_len >= 2], got shape {tuple(chunks.shape)}")
     device = _device(model)
-    total_nll, total_tokens = 0.0, 0
+    total_nll, total_kl, total_tokens = 0.0, 0.0, 0
     with torch.inference_mode():
         for start in bar(range(0, len(chunks), batch_size), desc=desc, disable=not progress, leave=False):
             ids = chunks[start:start + batch_size].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
             # Summed in float32: bf16 logits lose the small differences perplexity is meant to show.
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
-                                  reduction="sum")
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
             total_nll += nll.item()
             total_tokens += ids[:, 1:].numel()
+            if reference is not None:
+                ref = reference(input_ids=ids.to(_device(reference)), use_cache=False).logits[:, :-1].float()
+                ref_logp = F.log_softmax(ref.to(device), -1)
+                total_kl += F.kl_div(F.log_softmax(logits, -1), ref_logp, log_target=True, reduction="sum").item()
     mean = total_nll / total_tokens
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens}
+    out = {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens}
+    if reference is not None:
+        out["kl"] = total_kl / total_tokens
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- speed

@@ -9,7 +9,10 @@ Columns of a variant row (every ablation CSV uses them):
 - query_heads, kv_heads, intermediate (compact per-layer shapes, `results.compact_shape`), layers.
 - params_total, params_non_embedding, reduction_pct (non-embedding, vs the reference), flops_per_token,
   flops_reduction_pct, size_mb (weights as a checkpoint stores them).
-- ppl, ppl_change_pct, eval_tokens.
+- ppl, ppl_change_pct, eval_tokens: perplexity on the evaluation text (the calibration domain's held-out part).
+- fidelity_ppl, fidelity_change_pct, fidelity_tokens: perplexity on held-out text sampled from the unpruned model
+  (`data.fidelity_chunks`), its cross-entropy against the original's own distribution: domain-neutral.
+- kl_to_baseline: mean per-token KL(unpruned || variant) on the evaluation windows (NaN without a reference model).
 - prefill_ms, prefill_ms_iqr, decode_tok_s, load_avg, latency_noisy (`metrics.latency`; NaN / empty without
   `latency_kw`). A row with latency_noisy True was timed while the CPU was busy or the repeats disagreed.
 - peak_memory_mb (NaN without `memory_kw`): this model's own memory, weights + the peak extra memory of one
@@ -20,6 +23,7 @@ Columns of a variant row (every ablation CSV uses them):
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
@@ -33,7 +37,8 @@ VARIANT_COLUMNS = [
     "variant", "source_model", "criterion", "allocation", "reconstruction", "head_rate_requested",
     "mlp_rate_requested", "head_frac_removed", "mlp_frac_removed", "query_heads", "kv_heads", "intermediate",
     "layers", "params_total", "params_non_embedding", "reduction_pct", "flops_per_token", "flops_reduction_pct",
-    "size_mb", "ppl", "ppl_change_pct", "eval_tokens", "prefill_ms", "prefill_ms_iqr", "decode_tok_s", "load_avg",
+    "size_mb", "ppl", "ppl_change_pct", "eval_tokens", "fidelity_ppl", "fidelity_change_pct", "fidelity_tokens",
+    "kl_to_baseline", "prefill_ms", "prefill_ms_iqr", "decode_tok_s", "load_avg",
     "latency_noisy", "peak_memory_mb", "device", "dtype",
 ]
 # how a variant was made: what a later stage copies from the row of the model it starts from
@@ -66,7 +71,8 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
                     criterion: str = "", allocation: str = "", reconstruction: str = "",
                     head_rate_requested: float = 0.0, mlp_rate_requested: float = 0.0, latency_kw: dict | None = None,
                     memory_kw: dict | None = None, batch_size: int = 4, flops_seq_len: int = 512,
-                    known: dict | None = None) -> dict:
+                    known: dict | None = None, fidelity_chunks: torch.Tensor | None = None,
+                    reference_model=None) -> dict:
     """Return a variant row (columns in the module docstring): shapes, size and cost, perplexity on `chunks`,
     latency unless `latency_kw` is None, own peak memory unless `memory_kw` is None.
 
@@ -74,15 +80,28 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
     `known` is a row measured earlier on the same chunks: its perplexity is reused (it is deterministic) when its
     token count matches `chunks`, instead of another full pass. `memory_kw` goes to
     `metrics.variant_peak_memory_mb` (e.g. `spec=` the checkpoint name, so a CPU child loads it directly).
+    `fidelity_chunks` (held-out samples of the unpruned model) give `fidelity_ppl`; `reference_model` (the
+    unpruned model) gives `kl_to_baseline` on `chunks`, in the same pass as the perplexity.
     """
     shapes = layer_shapes(model)
     params = count_params(model)
     flops = flops_per_token(model, flops_seq_len)
     predicted = chunks.shape[0] * (chunks.shape[1] - 1)
-    if known is not None and known.get("eval_tokens") == predicted and known.get("ppl") is not None:
-        ppl = {"ppl": float(known["ppl"]), "tokens": predicted}
+    same = known is not None and known.get("eval_tokens") == predicted and known.get("ppl") is not None
+    is_reference = reference_model is None or reference_model is model
+    if same and (is_reference or _finite(known.get("kl_to_baseline"))):
+        ppl = {"ppl": float(known["ppl"]), "tokens": predicted, "kl": known.get("kl_to_baseline")}
     else:
-        ppl = perplexity(model, chunks, batch_size=batch_size, desc=f"ppl {variant}")
+        ppl = perplexity(model, chunks, batch_size=batch_size, desc=f"ppl {variant}",
+                         reference=None if is_reference else reference_model)
+    kl = 0.0 if reference_model is model else ppl.get("kl", float("nan"))
+    fidelity = {"ppl": float("nan"), "tokens": 0}
+    if fidelity_chunks is not None:
+        f_tokens = fidelity_chunks.shape[0] * (fidelity_chunks.shape[1] - 1)
+        if known is not None and known.get("fidelity_tokens") == f_tokens and _finite(known.get("fidelity_ppl")):
+            fidelity = {"ppl": float(known["fidelity_ppl"]), "tokens": f_tokens}
+        else:
+            fidelity = perplexity(model, fidelity_chunks, batch_size=batch_size, desc=f"fidelity {variant}")
     param = next(model.parameters())
     head_frac, mlp_frac = removed_fractions(model, reference)
     row = dict(
@@ -92,7 +111,9 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
         intermediate=compact_shape([s.intermediate for s in shapes]), layers=len(shapes),
         params_total=params["total"], params_non_embedding=params["non_embedding"], reduction_pct=0.0,
         flops_per_token=flops, flops_reduction_pct=0.0, size_mb=round(weight_size_mb(model), 2),
-        ppl=ppl["ppl"], ppl_change_pct=0.0, eval_tokens=ppl["tokens"], prefill_ms=float("nan"),
+        ppl=ppl["ppl"], ppl_change_pct=0.0, eval_tokens=ppl["tokens"], fidelity_ppl=fidelity["ppl"],
+        fidelity_change_pct=float("nan"), fidelity_tokens=fidelity["tokens"], kl_to_baseline=float("nan") if kl is None else float(kl),
+        prefill_ms=float("nan"),
         prefill_ms_iqr=float("nan"), decode_tok_s=float("nan"), load_avg=float("nan"), latency_noisy=None,
         peak_memory_mb=float("nan"), device=device_name(param.device), dtype=str(param.dtype).replace("torch.", ""),
     )
@@ -100,6 +121,8 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
         row["reduction_pct"] = 100 * (1 - params["non_embedding"] / reference["params_non_embedding"])
         row["flops_reduction_pct"] = 100 * (1 - flops / reference["flops_per_token"])
         row["ppl_change_pct"] = 100 * (ppl["ppl"] / reference["ppl"] - 1)
+        if _finite(reference.get("fidelity_ppl")) and _finite(fidelity["ppl"]):
+            row["fidelity_change_pct"] = 100 * (fidelity["ppl"] / float(reference["fidelity_ppl"]) - 1)
     if latency_kw is not None:
         lat = latency(model, **latency_kw)
         row.update(prefill_ms=lat["prefill_ms_median"], prefill_ms_iqr=lat["prefill_ms_iqr"],
@@ -108,6 +131,13 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
     if memory_kw is not None:
         row["peak_memory_mb"] = variant_peak_memory_mb(model, **memory_kw)["peak_memory_mb"]
     return row
+
+
+def _finite(value) -> bool:
+    try:
+        return value is not None and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def pruned_copy(model, plan, windows: torch.Tensor | None = None, reconstruction: str = "none", **recon_kw):
@@ -131,7 +161,7 @@ _SWEEP_KINDS = {"heads": ("plan_heads", "head_rate_requested", "heads"),
 
 def criteria_sweep(model, scores: dict, criteria: list[str], rates: list[float], kind: str, chunks: torch.Tensor, *,
                    allocation: str = "uniform", reference: dict | None = None, source_model: str = "",
-                   progress: bool = True) -> list[dict]:
+                   progress: bool = True, fidelity_chunks: torch.Tensor | None = None) -> list[dict]:
     """Return one variant row per criterion x rate: `kind` ('heads' | 'neurons') removed plainly, no refit.
 
     Every variant is cut from `model` (left intact) and measured on `chunks` with `measure_variant`.
@@ -150,7 +180,7 @@ def criteria_sweep(model, scores: dict, criteria: list[str], rates: list[float],
         pruned = pruned_copy(model, plan)
         rows.append(measure_variant(pruned, chunks, variant=f"{prefix}-{crit}-{rate}", source_model=source_model,
                                     reference=reference, criterion=crit, allocation=allocation,
-                                    reconstruction="none", **{rate_col: rate}))
+                                    reconstruction="none", fidelity_chunks=fidelity_chunks, **{rate_col: rate}))
         del pruned
     return rows
 
@@ -158,7 +188,7 @@ def criteria_sweep(model, scores: dict, criteria: list[str], rates: list[float],
 def reconstruction_sweep(model, plan, windows: torch.Tensor, modes: list[str], chunks: torch.Tensor, *,
                          criterion: str, rate: float, kind: str, allocation: str = "uniform",
                          reference: dict | None = None, source_model: str = "", stats: dict | None = None,
-                         sequential: bool = False) -> list[dict]:
+                         sequential: bool = False, fidelity_chunks: torch.Tensor | None = None) -> list[dict]:
     """Return one variant row per reconstruction mode for one plan, measured on `chunks`.
 
     `stats` (one-shot Grams of `model` from `reconstruction.collect_grams`) lets every mode share one calibration
@@ -173,6 +203,7 @@ def reconstruction_sweep(model, plan, windows: torch.Tensor, modes: list[str], c
         pruned = pruned_copy(model, plan, windows, reconstruction=mode, **kw)
         rows.append(measure_variant(pruned, chunks, variant=f"{prefix}-{criterion}-{rate}-{mode}",
                                     source_model=source_model, reference=reference, criterion=criterion,
-                                    allocation=allocation, reconstruction=mode, **{rate_col: rate}))
+                                    allocation=allocation, reconstruction=mode, fidelity_chunks=fidelity_chunks,
+                                    **{rate_col: rate}))
         del pruned
     return rows

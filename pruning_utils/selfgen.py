@@ -1,0 +1,122 @@
+"""Text sampled from the model being pruned: calibration that carries the model's own distribution, and the
+held-out set of the fidelity measure.
+
+Why: statistics taken on one domain (e.g. Python docs) tune the pruned model to that domain; text the model
+writes itself covers what the model does in general. Samples are seeded and cached on disk, keyed by the model's
+weights and the sampling settings, so every stage of a run reuses the same windows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .paths import models_dir
+
+# Openings that pick no domain: the bare BOS plus a few generic starts (the model continues in its own voice).
+NEUTRAL_PROMPTS = ("", "The", "In", "Today", "Here is", "Question:", "Once upon a time", "1.")
+PURPOSES = ("calibration", "fidelity")  # distinct seed streams: the fidelity set never shares a sample
+
+
+def model_fingerprint(model) -> str:
+    """Return a short hash of the model's identity: name, shape and a checksum of a few weight tensors."""
+    h = hashlib.sha256()
+    h.update(str(getattr(model.config, "name_or_path", "")).encode())
+    params = list(model.parameters())
+    h.update(str(sum(p.numel() for p in params)).encode())
+    with torch.no_grad():
+        for p in (params[0], params[len(params) // 2], params[-1]):  # embedding, a middle layer, the head
+            h.update(f"{tuple(p.shape)}:{p.double().sum().item():.10e}:{p.double().abs().sum().item():.10e}".encode())
+    return h.hexdigest()[:16]
+
+
+def _settings(model, n_samples: int, seq_len: int, seed: int, temperature: float, top_p: float,
+              prompts: tuple[str, ...], purpose: str) -> dict:
+    param = next(model.parameters())
+    return dict(model=model_fingerprint(model), n_samples=n_samples, seq_len=seq_len, seed=seed,
+                temperature=temperature, top_p=top_p, prompts=list(prompts), purpose=purpose,
+                device=param.device.type, dtype=str(param.dtype))
+
+
+def cache_path(settings: dict, cache_dir: str | Path | None = None) -> Path:
+    """Return the cache file of one set of sampling settings (under models/_cache/selfgen by default)."""
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+    root = Path(cache_dir) if cache_dir is not None else models_dir() / "_cache" / "selfgen"
+    return root / f"{settings['purpose']}-{key}.safetensors"
+
+
+def _prompt_ids(tokenizer, prompts: tuple[str, ...], seq_len: int) -> list[list[int]]:
+    from .data import encode
+
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        bos = tokenizer.eos_token_id
+    out = []
+    for text in prompts:
+        ids = [int(bos)] + encode(tokenizer, text)
+        out.append(ids[:max(1, seq_len // 4)])  # the opening never takes over the window
+    return out
+
+
+@torch.no_grad()
+def _generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, temperature: float, top_p: float,
+              prompts: tuple[str, ...], purpose: str, batch_size: int) -> torch.Tensor:
+    from .progress import progress
+
+    device = next(model.parameters()).device
+    openings = _prompt_ids(tokenizer, prompts, seq_len)
+    pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else tokenizer.eos_token_id
+    # One seed per purpose: calibration and fidelity sets drawn with the same SEED still differ.
+    stream = seed * len(PURPOSES) + PURPOSES.index(purpose)
+    rows = []
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(stream)
+        for start in progress(range(0, n_samples, batch_size), desc=f"selfgen {purpose}", unit="batch"):
+            batch = [openings[i % len(openings)] for i in range(start, min(start + batch_size, n_samples))]
+            width = max(len(b) for b in batch)
+            # Left padding keeps every opening's last token at the end of its row, where sampling continues.
+            ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch], device=device)
+            mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch], device=device)
+            new = seq_len - min(len(b) for b in batch)
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
+                                 top_p=top_p, top_k=0, max_new_tokens=new, min_new_tokens=new, pad_token_id=pad,
+                                 eos_token_id=tokenizer.eos_token_id)
+            for row, b in zip(out, batch):
+                rows.append(row[width - len(b):][:seq_len].cpu())
+    return torch.stack(rows)
+
+
+def sample_windows(model, tokenizer, n_samples: int, seq_len: int, seed: int = 0, temperature: float = 1.0,
+                   top_p: float = 0.95, purpose: str = "calibration", prompts: tuple[str, ...] = NEUTRAL_PROMPTS,
+                   batch_size: int = 16, cache_dir: str | Path | None = None) -> torch.Tensor:
+    """Return `n_samples` windows of `seq_len` tokens sampled from `model` (BOS + a neutral opening, then the
+    model's own text), as a LongTensor [n_samples, seq_len]; cached on disk and deterministic for a seed."""
+    from safetensors.torch import load_file, save_file
+
+    if purpose not in PURPOSES:
+        raise ValueError(f"unknown selfgen purpose '{purpose}'; known: {', '.join(PURPOSES)}")
+    if n_samples < 1 or seq_len < 2:
+        raise ValueError(f"selfgen needs n_samples >= 1 and seq_len >= 2 (got {n_samples}, {seq_len})")
+    if not temperature > 0 or not 0 < top_p <= 1:
+        raise ValueError(f"selfgen needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
+    settings = _settings(model, n_samples, seq_len, seed, float(temperature), float(top_p), tuple(prompts), purpose)
+    path = cache_path(settings, cache_dir)
+    if path.exists():
+        return load_file(str(path))["ids"]
+    ids = _generate(model, tokenizer, n_samples, seq_len, seed, float(temperature), float(top_p), tuple(prompts),
+                    purpose, batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:  # written whole, then renamed: a crash never leaves a half cache another stage would trust
+        save_file({"ids": ids.contiguous()}, tmp, metadata={"settings": json.dumps(settings)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return ids

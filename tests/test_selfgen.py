@@ -1,0 +1,105 @@
+"""Self-generated calibration text and mixtures of text sources (tiny models, temporary cache)."""
+import pytest
+import torch
+
+from pruning_utils import data, selfgen
+from pruning_utils.data import DataSourceError
+from pruning_utils.tiny import TinyTokenizer, tiny_model
+
+
+@pytest.fixture
+def tiny():
+    return tiny_model("llama", seed=0), TinyTokenizer()
+
+
+def test_selfgen_is_deterministic_for_a_seed_and_cached(tiny, models_dir):
+    model, tok = tiny
+    a = selfgen.sample_windows(model, tok, 5, 24, seed=3, batch_size=2)
+    files = list((models_dir / "_cache" / "selfgen").glob("calibration-*.safetensors"))
+    assert a.shape == (5, 24) and a.dtype == torch.long and len(files) == 1
+    assert (a[:, 0] == tok.bos_token_id).all()  # every window starts from BOS
+    files[0].unlink()
+    b = selfgen.sample_windows(model, tok, 5, 24, seed=3, batch_size=2)  # generated again, not read
+    assert torch.equal(a, b)
+    c = selfgen.sample_windows(model, tok, 5, 24, seed=4, batch_size=2)
+    assert not torch.equal(a, c)
+    # a cache hit returns the stored windows: overwrite the cache and it is what comes back
+    from safetensors.torch import save_file
+    path = selfgen.cache_path(selfgen._settings(model, 5, 24, 3, 1.0, 0.95, selfgen.NEUTRAL_PROMPTS, "calibration"))
+    assert path.exists()
+    save_file({"ids": torch.zeros(5, 24, dtype=torch.long)}, str(path))
+    assert int(selfgen.sample_windows(model, tok, 5, 24, seed=3, batch_size=2).sum()) == 0
+
+
+def test_cache_key_follows_the_model_and_purpose(tiny, models_dir):
+    model, tok = tiny
+    base = selfgen._settings(model, 4, 16, 0, 1.0, 0.95, selfgen.NEUTRAL_PROMPTS, "calibration")
+    other = selfgen._settings(tiny_model("llama", seed=1), 4, 16, 0, 1.0, 0.95, selfgen.NEUTRAL_PROMPTS, "calibration")
+    fid = dict(base, purpose="fidelity")
+    paths = {selfgen.cache_path(s) for s in (base, other, fid)}
+    assert len(paths) == 3
+    cal = selfgen.sample_windows(model, tok, 4, 16, seed=0)
+    held = data.fidelity_chunks(model, tok, n_tokens=64, seq_len=16, seed=0)
+    assert held.shape == (4, 16) and not torch.equal(cal, held)  # same seed, distinct streams
+
+
+def test_mixture_parsing_honours_and_checks_weights():
+    assert data.parse_mixture("embedded") == [("embedded", 1.0)]
+    assert data.parse_mixture("embedded+selfgen") == [("embedded", 0.5), ("selfgen", 0.5)]
+    assert data.parse_mixture("embedded:0.75+selfgen:0.25") == [("embedded", 0.75), ("selfgen", 0.25)]
+    assert data.mixture_counts([("a", 0.75), ("b", 0.25)], 10) == [8, 2]
+    assert sum(data.mixture_counts([("a", 1 / 3), ("b", 1 / 3), ("c", 1 / 3)], 64)) == 64
+    for bad in ("embedded:0.5+selfgen:0.6", "embedded:0.5+selfgen", "embedded:-0.5+selfgen:1.5",
+                "embeded+selfgen", "embedded+", "embedded:0.5+embedded:0.5"):
+        with pytest.raises(DataSourceError):
+            data.parse_mixture(bad)
+    with pytest.raises(DataSourceError, match="unknown text source 'embeded'"):
+        data.calibration_windows(TinyTokenizer(), "embeded:0.5+selfgen:0.5", n_samples=2, seq_len=8)
+
+
+def test_mixed_calibration_windows_take_each_share(tiny, models_dir):
+    model, tok = tiny
+    with pytest.raises(DataSourceError, match="pass model="):
+        data.calibration_windows(tok, "embedded:0.5+selfgen:0.5", n_samples=4, seq_len=16)
+    mixed = data.calibration_windows(tok, "embedded:0.75+selfgen:0.25", n_samples=8, seq_len=16, seed=0, model=model)
+    gen = selfgen.sample_windows(model, tok, 2, 16, seed=0)
+    text = data.calibration_windows(tok, "embedded", n_samples=6, seq_len=16, seed=0)
+    rows = {tuple(r.tolist()) for r in mixed}
+    assert mixed.shape == (8, 16)
+    assert {tuple(r.tolist()) for r in gen} <= rows and {tuple(r.tolist()) for r in text} <= rows
+    again = data.calibration_windows(tok, "embedded:0.75+selfgen:0.25", n_samples=8, seq_len=16, seed=0, model=model)
+    assert torch.equal(mixed, again)
+
+
+def test_eval_chunks_of_a_mixture_use_its_text_parts():
+    tok = TinyTokenizer()
+    plain = data.eval_chunks(tok, "embedded", seq_len=32, max_tokens=256)
+    assert torch.equal(data.eval_chunks(tok, "embedded:0.5+selfgen:0.5", seq_len=32, max_tokens=256), plain)
+    with pytest.raises(DataSourceError, match="fidelity"):
+        data.eval_chunks(tok, "selfgen", seq_len=32, max_tokens=256)
+
+
+def test_fidelity_and_kl_separate_the_model_from_a_damaged_copy(models_dir):
+    import copy
+
+    from pruning_utils.variants import measure_variant
+
+    torch.manual_seed(0)
+    model, tok = tiny_model("llama", seed=0), TinyTokenizer()
+    with torch.no_grad():  # give the random model a distribution of its own worth sampling: a peaked head
+        model.lm_head.weight.mul_(8)
+    held = data.fidelity_chunks(model, tok, n_tokens=8 * 32, seq_len=32, seed=0)
+    chunks = data.eval_chunks(tok, "embedded", seq_len=32, max_tokens=256)
+    damaged = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in damaged.model.layers:
+            layer.mlp.down_proj.weight.add_(torch.randn_like(layer.mlp.down_proj.weight))
+    base = measure_variant(model, chunks, variant="baseline", fidelity_chunks=held, reference_model=model)
+    hurt = measure_variant(damaged, chunks, variant="damaged", fidelity_chunks=held, reference_model=model,
+                           reference=base)
+    assert base["kl_to_baseline"] == 0.0 and hurt["kl_to_baseline"] > 0.01
+    assert 1 < base["fidelity_ppl"] < hurt["fidelity_ppl"] < float("inf")
+    assert hurt["fidelity_change_pct"] > 0 and base["fidelity_tokens"] == 8 * 31
+    # a known row with the same token counts is reused, not measured again
+    again = measure_variant(damaged, chunks, variant="damaged", fidelity_chunks=held, reference_model=model, known=hurt)
+    assert again["fidelity_ppl"] == hurt["fidelity_ppl"] and again["kl_to_baseline"] == hurt["kl_to_baseline"]
