@@ -50,14 +50,12 @@ def cache_path(settings: dict, cache_dir: str | Path | None = None) -> Path:
 
 
 def _prompt_ids(tokenizer, prompts: tuple[str, ...], seq_len: int) -> list[list[int]]:
-    from .data import encode
-
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
         bos = tokenizer.eos_token_id
     out = []
     for text in prompts:
-        ids = [int(bos)] + encode(tokenizer, text)
+        ids = [int(bos)] + [int(t) for t in tokenizer.encode(text, add_special_tokens=False)] if text else [int(bos)]
         out.append(ids[:max(1, seq_len // 4)])  # the opening never takes over the window
     return out
 
