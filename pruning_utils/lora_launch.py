@@ -17,6 +17,7 @@ The config is JSON:
      "seed": 0,                           # seed of the window sampling
      "n_heldout": 8,                      # fixed calibration windows scored before and after training (0: none)
      "heldout_seed": null,                # their sampling seed (default: seed + 1, so they differ from training)
+     "heldout_path": null,                # or saved held-out windows (torch.save), used instead
      "teacher_dir": null}                 # teacher spec for loss "distill" / "mix" (e.g. the unpruned model)
 
 Every rank builds the same windows and trains on its shard (the prepared DataLoader); the main process
@@ -40,7 +41,8 @@ from .loading import load_model
 from .recovery import RecoveryConfig, attach_lora, make_accelerator, merge_lora, train_lora, write_history_csv
 
 KNOWN_KEYS = ("model_dir", "out_dir", "recovery", "text_source", "instruction_jsonl", "instruction_field",
-              "response_field", "windows_path", "n_windows", "seed", "n_heldout", "heldout_seed", "teacher_dir")
+              "response_field", "windows_path", "heldout_path", "n_windows", "seed", "n_heldout", "heldout_seed",
+              "teacher_dir")
 STATS_FILE = "recovery_stats.json"
 LOSS_FILE = "recovery_loss.csv"
 
@@ -55,7 +57,7 @@ def read_config(path: str | Path) -> tuple[dict[str, Any], RecoveryConfig]:
         if not run.get(key):
             raise ValueError(f"{path}: '{key}' is required")
     defaults = dict(text_source="embedded", instruction_jsonl=None, instruction_field="instruction",
-                    response_field="response", windows_path=None, n_windows=None, seed=0, n_heldout=8,
+                    response_field="response", windows_path=None, heldout_path=None, n_windows=None, seed=0, n_heldout=8,
                     heldout_seed=None, teacher_dir=None)
     run = {**defaults, **run}
     return run, RecoveryConfig.from_dict(run.get("recovery", {}))
@@ -83,6 +85,8 @@ def build_windows(run: dict[str, Any], cfg: RecoveryConfig, tokenizer, n_process
 
 def build_heldout(run: dict[str, Any], cfg: RecoveryConfig, tokenizer) -> torch.Tensor | None:
     """Return the fixed held-out windows of the run (calibration text, another seed), or None when `n_heldout` is 0."""
+    if run.get("heldout_path"):
+        return torch.load(run["heldout_path"], weights_only=True)
     if not run["n_heldout"]:
         return None
     from .data import calibration_windows
@@ -157,13 +161,16 @@ def recover_data_parallel(model_dir: str, out_name: str, cfg: RecoveryConfig, *,
                           config_path: str | Path | None = None, n_windows: int | None = None,
                           instruction_jsonl: str | None = None, n_heldout: int = 8, heldout_seed: int | None = None,
                           device: str | None = None, dtype=None, launch_args: list[str] | tuple[str, ...] = (),
-                          env: dict[str, str] | None = None):
+                          env: dict[str, str] | None = None, windows: torch.Tensor | None = None,
+                          heldout_windows: torch.Tensor | None = None):
     """Run LoRA recovery of `model_dir` on `n_gpus` ranks (default: every visible GPU); returns `(merged_model, stats)`.
 
     Writes the run config to `config_path` (default: a temporary file), launches this module under
     `accelerate launch --multi_gpu`, then loads the merged checkpoint `out_name` (a bare name lands under
     models/) and its statistics, with `history` read back from the loss curve, so the result reads like
-    `recovery.recover`'s. `launch_args` go to `accelerate launch` (e.g. `--main_process_port`).
+    `recovery.recover`'s. `launch_args` go to `accelerate launch` (e.g. `--main_process_port`). `windows` /
+    `heldout_windows` (e.g. self-distillation or self-generated text, which the ranks cannot rebuild from a
+    source name) are saved beside the config and read by every rank instead.
     """
     import pandas as pd
 
@@ -181,6 +188,10 @@ def recover_data_parallel(model_dir: str, out_name: str, cfg: RecoveryConfig, *,
         config_path = Path(tempfile.mkdtemp(prefix="lora-launch-")) / "config.json"
     config_path = Path(config_path)
     config_path.parent.mkdir(parents=True, exist_ok=True)
+    for key, tensor in (("windows_path", windows), ("heldout_path", heldout_windows)):
+        if tensor is not None:
+            run[key] = str((config_path.parent / f"{config_path.stem}-{key[:-5]}.pt").resolve())
+            torch.save(tensor, run[key])
     config_path.write_text(json.dumps(run, indent=1))
     cmd = launch_command(config_path, n, launch_args)
     proc = subprocess.run(cmd, env=env)

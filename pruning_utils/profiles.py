@@ -37,7 +37,11 @@ PARAMS: dict[str, Param] = {
     "PROFILE": Param("default", str, "name of the profile these values come from (set by --profile, informational)"),
     # model, data, device
     "MODEL": Param("smollm2-135m", str, "embedded default; or a hub id such as Qwen/Qwen2.5-0.5B, or a local folder"),
-    "TEXT_SOURCE": Param("embedded", str, "embedded | wikitext2 | path/to/file.txt|.csv|.jsonl"),
+    "TEXT_SOURCE": Param("embedded", str, "embedded | wikitext2 | file.txt|.csv|.jsonl, mixed with selfgen: "
+                         "'embedded:0.5+selfgen:0.5' (calibration mix; evaluation uses the text parts)"),
+    "SELFGEN_TEMPERATURE": Param(1.0, float, "sampling temperature of the self-generated text (selfgen, fidelity)"),
+    "SELFGEN_TOP_P": Param(0.95, float, "nucleus sampling of the self-generated text"),
+    "FIDELITY_TOKENS": Param(8192, int, "held-out self-generated tokens of the fidelity perplexity (256-token windows)"),
     "DEVICE": Param("auto", str, "auto | cpu | cuda"),
     "DTYPE": Param("auto", str, "auto (fp16 on T4/P100, fp32 on CPU) | float32 | float16 | bfloat16"),
     "SEED": Param(0, int, "seed of the calibration sampling, random scores and LoRA init"),
@@ -72,6 +76,8 @@ PARAMS: dict[str, Param] = {
     # 16 steps at 2e-3 bring S3 to <= 16 PPL (benchmarks/recovery_budget.py)
     "RECOVERY_STEPS": Param(16, int, "optimizer steps (capped at one epoch of the training windows)"),
     "RECOVERY_LOSS": Param("distill", str, "lm | distill (KL to the unpruned model) | mix"),
+    "RECOVERY_DATA": Param("text", str, "text (calibration windows) | selfdistill (the unpruned model's answers to "
+                           "training prompts) | selfdistill+text"),
     "RECOVERY_BATCH": Param(4, int, "windows per optimizer micro-batch"),
     "RECOVERY_SEQ_LEN": Param(256, int, "tokens per training window"),
     "GRAD_ACCUM": Param(1, int, "micro-batches per optimizer step"),
@@ -84,7 +90,7 @@ PARAMS: dict[str, Param] = {
     "VARIANTS": Param("baseline,head_pruned,mlp_pruned,mix_pruned,mix_pruned_lora", str,
                       "variants compared, comma-separated, baseline first"),
     "EXTRA_VARIANTS": Param("", str, "any other checkpoints under models/ with a plan file, comma-separated"),
-    "N_PROMPTS": Param(30, int, "instruction prompts of the semantic-retention judge"),
+    "N_PROMPTS": Param(66, int, "held-out prompts of the semantic-retention judge (66 packaged)"),
     "MAX_NEW_TOKENS": Param(48, int, "greedy answer length"),
     "ZERO_SHOT": Param(False, bool, "lm-evaluation-harness tasks (needs `pip install lm-eval` and the hub)"),
     "ZERO_SHOT_TASKS": Param("arc_easy,hellaswag,winogrande,piqa,boolq,lambada_openai", str,
@@ -94,9 +100,9 @@ PARAMS: dict[str, Param] = {
 
 DEFAULTS: dict[str, object] = {name: p.default for name, p in PARAMS.items()}
 
-_COMMON = ("PROFILE", "MODEL", "TEXT_SOURCE", "DEVICE", "DTYPE", "SEED", "N_CALIB", "CALIB_SEQ_LEN", "EVAL_SEQ_LEN",
-           "EVAL_MAX_TOKENS", "SWEEP_EVAL_MAX_TOKENS", "LATENCY_BATCH", "LATENCY_SEQ_LEN", "LATENCY_REPEATS",
-           "DECODE_TOKENS")
+_COMMON = ("PROFILE", "MODEL", "TEXT_SOURCE", "SELFGEN_TEMPERATURE", "SELFGEN_TOP_P", "FIDELITY_TOKENS", "DEVICE",
+           "DTYPE", "SEED", "N_CALIB", "CALIB_SEQ_LEN", "EVAL_SEQ_LEN", "EVAL_MAX_TOKENS", "SWEEP_EVAL_MAX_TOKENS",
+           "LATENCY_BATCH", "LATENCY_SEQ_LEN", "LATENCY_REPEATS", "DECODE_TOKENS")
 _SWEEP = ("ALLOCATION", "RECONSTRUCTION", "RECON_OPTIONS", "RECON_SEQUENTIAL")
 
 # What each notebook reads (tests/test_notebooks.py checks these against the notebooks' code): the runner passes
@@ -108,8 +114,9 @@ NOTEBOOK_PARAMS: dict[str, tuple[str, ...]] = {
     "03_mlp_pruning.ipynb": _COMMON + ("CRITERIA", "MLP_RATE", "MLP_SWEEP", "MAIN_MLP_CRITERION") + _SWEEP + (
         "MIX_RESCORE",),
     "04_recovery_lora.ipynb": tuple(n for n in _COMMON if n not in ("N_CALIB", "CALIB_SEQ_LEN", "SWEEP_EVAL_MAX_TOKENS"))
-    + ("RECOVERY_MODELS", "RECOVERY_STEPS", "RECOVERY_LOSS", "RECOVERY_BATCH", "RECOVERY_SEQ_LEN", "GRAD_ACCUM",
-       "LORA_R", "LORA_ALPHA", "LORA_LR", "GRAD_CHECKPOINTING", "INSTRUCTION_JSONL"),
+    + ("RECOVERY_MODELS", "RECOVERY_STEPS", "RECOVERY_LOSS", "RECOVERY_DATA", "RECOVERY_BATCH", "RECOVERY_SEQ_LEN",
+       "GRAD_ACCUM", "LORA_R", "LORA_ALPHA", "LORA_LR", "GRAD_CHECKPOINTING", "INSTRUCTION_JSONL", "N_PROMPTS",
+       "MAX_NEW_TOKENS"),
     "06_final_eval.ipynb": tuple(n for n in _COMMON if n not in ("N_CALIB", "CALIB_SEQ_LEN", "SWEEP_EVAL_MAX_TOKENS"))
     + ("VARIANTS", "EXTRA_VARIANTS", "N_PROMPTS", "MAX_NEW_TOKENS", "ZERO_SHOT", "ZERO_SHOT_TASKS", "ZERO_SHOT_LIMIT"),
 }
@@ -126,7 +133,7 @@ PROFILES: dict[str, dict] = {
     "smoke": dict(DEFAULTS, MODEL="tiny-llama", N_CALIB=8, CALIB_SEQ_LEN=32, EVAL_SEQ_LEN=64, EVAL_MAX_TOKENS=1024,
                   SWEEP_EVAL_MAX_TOKENS=512, CRITERIA=_SMOKE_CRITERIA, HEAD_RATE=0.25, HEAD_SWEEP="0.25,0.5",
                   SEMANTIC_SEQ_LEN=16, LATENCY_SEQ_LEN=32, LATENCY_REPEATS=2, DECODE_TOKENS=4, RECOVERY_STEPS=4,
-                  N_PROMPTS=4, **_BOTH_RECOVERED),
+                  N_PROMPTS=4, FIDELITY_TOKENS=256, **_BOTH_RECOVERED),
     # Kaggle/Colab T4 or P100 (fp16), hub models, WikiText-2; LORA_LR 1e-3 is the rate these profiles were run with
     "kaggle-qwen2.5-0.5b": dict(DEFAULTS, MODEL="Qwen/Qwen2.5-0.5B", TEXT_SOURCE="wikitext2", N_CALIB=128,
                                 CALIB_SEQ_LEN=512, EVAL_SEQ_LEN=1024, EVAL_MAX_TOKENS=None, SWEEP_EVAL_MAX_TOKENS=65536,

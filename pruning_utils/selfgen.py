@@ -23,30 +23,28 @@ PURPOSES = ("calibration", "fidelity")  # distinct seed streams: the fidelity se
 
 
 def model_fingerprint(model) -> str:
-    """Return a short hash of the model's identity: name, shape and a checksum of a few weight tensors."""
-    h = hashlib.sha256()
-    h.update(str(getattr(model.config, "name_or_path", "")).encode())
-    params = list(model.parameters())
-    h.update(str(sum(p.numel() for p in params)).encode())
+    """Return a short hash of the model's identity: its name and every parameter's name, shape and checksums
+    (a pruned, refit or LoRA-merged model never shares the fingerprint of the model it came from)."""
+    h = hashlib.sha256(str(getattr(model.config, "name_or_path", "")).encode())
     with torch.no_grad():
-        for p in (params[0], params[len(params) // 2], params[-1]):  # embedding, a middle layer, the head
-            h.update(f"{tuple(p.shape)}:{p.double().sum().item():.10e}:{p.double().abs().sum().item():.10e}".encode())
+        for name, p in model.named_parameters():
+            h.update(f"{name}{tuple(p.shape)}:{p.double().sum().item():.10e}:{p.double().abs().sum().item():.10e}".encode())
     return h.hexdigest()[:16]
 
 
-def _settings(model, n_samples: int, seq_len: int, seed: int, temperature: float, top_p: float,
-              prompts: tuple[str, ...], purpose: str) -> dict:
+def _settings(model, seq_len: int, seed: int, temperature: float, top_p: float, prompts: tuple[str, ...],
+              purpose: str, batch_size: int) -> dict:
     param = next(model.parameters())
-    return dict(model=model_fingerprint(model), n_samples=n_samples, seq_len=seq_len, seed=seed,
-                temperature=temperature, top_p=top_p, prompts=list(prompts), purpose=purpose,
-                device=param.device.type, dtype=str(param.dtype))
+    return dict(model=model_fingerprint(model), seq_len=seq_len, seed=seed, temperature=temperature, top_p=top_p,
+                prompts=list(prompts), purpose=purpose, batch_size=batch_size, device=param.device.type,
+                dtype=str(param.dtype))
 
 
-def cache_path(settings: dict, cache_dir: str | Path | None = None) -> Path:
-    """Return the cache file of one set of sampling settings (under models/_cache/selfgen by default)."""
+def cache_path(settings: dict, batch: int, cache_dir: str | Path | None = None) -> Path:
+    """Return the cache file of one batch of samples (under models/_cache/selfgen by default)."""
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
     root = Path(cache_dir) if cache_dir is not None else models_dir() / "_cache" / "selfgen"
-    return root / f"{settings['purpose']}-{key}.safetensors"
+    return root / f"{settings['purpose']}-{key}-b{batch:04d}.safetensors"
 
 
 def _prompt_ids(tokenizer, prompts: tuple[str, ...], seq_len: int) -> list[list[int]]:
@@ -55,59 +53,37 @@ def _prompt_ids(tokenizer, prompts: tuple[str, ...], seq_len: int) -> list[list[
         bos = tokenizer.eos_token_id
     out = []
     for text in prompts:
-        ids = [int(bos)] + [int(t) for t in tokenizer.encode(text, add_special_tokens=False)] if text else [int(bos)]
+        ids = [int(bos)] + ([int(t) for t in tokenizer.encode(text, add_special_tokens=False)] if text else [])
         out.append(ids[:max(1, seq_len // 4)])  # the opening never takes over the window
     return out
 
 
 @torch.no_grad()
-def _generate(model, tokenizer, n_samples: int, seq_len: int, seed: int, temperature: float, top_p: float,
-              prompts: tuple[str, ...], purpose: str, batch_size: int) -> torch.Tensor:
-    from .progress import progress
-
+def _generate_batch(model, tokenizer, batch: int, settings: dict) -> torch.Tensor:
+    seq_len, size = settings["seq_len"], settings["batch_size"]
     device = next(model.parameters()).device
-    openings = _prompt_ids(tokenizer, prompts, seq_len)
+    openings = _prompt_ids(tokenizer, tuple(settings["prompts"]), seq_len)
     pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else tokenizer.eos_token_id
-    # One seed per purpose: calibration and fidelity sets drawn with the same SEED still differ.
-    stream = seed * len(PURPOSES) + PURPOSES.index(purpose)
-    rows = []
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    rows = [openings[i % len(openings)] for i in range(batch * size, (batch + 1) * size)]
+    width = max(len(r) for r in rows)
+    # Left padding keeps every opening's last token at the end of its row, where sampling continues.
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    new = seq_len - min(len(r) for r in rows)
+    # One seed per (seed, purpose, batch): a batch is the same whatever n_samples asked for it, and the
+    # calibration and fidelity sets drawn with the same SEED never share a sample.
+    stream = (settings["seed"] * len(PURPOSES) + PURPOSES.index(settings["purpose"])) * 100_003 + batch
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(stream)
-        for start in progress(range(0, n_samples, batch_size), desc=f"selfgen {purpose}", unit="batch"):
-            batch = [openings[i % len(openings)] for i in range(start, min(start + batch_size, n_samples))]
-            width = max(len(b) for b in batch)
-            # Left padding keeps every opening's last token at the end of its row, where sampling continues.
-            ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch], device=device)
-            mask = torch.tensor([[0] * (width - len(b)) + [1] * len(b) for b in batch], device=device)
-            new = seq_len - min(len(b) for b in batch)
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
-                                 top_p=top_p, top_k=0, max_new_tokens=new, min_new_tokens=new, pad_token_id=pad,
-                                 eos_token_id=tokenizer.eos_token_id)
-            for row, b in zip(out, batch):
-                rows.append(row[width - len(b):][:seq_len].cpu())
-    return torch.stack(rows)
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=settings["temperature"],
+                             top_p=settings["top_p"], top_k=0, max_new_tokens=new, min_new_tokens=new,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    return torch.stack([row[width - len(r):][:seq_len].cpu() for row, r in zip(out, rows)])
 
 
-def sample_windows(model, tokenizer, n_samples: int, seq_len: int, seed: int = 0, temperature: float = 1.0,
-                   top_p: float = 0.95, purpose: str = "calibration", prompts: tuple[str, ...] = NEUTRAL_PROMPTS,
-                   batch_size: int = 16, cache_dir: str | Path | None = None) -> torch.Tensor:
-    """Return `n_samples` windows of `seq_len` tokens sampled from `model` (BOS + a neutral opening, then the
-    model's own text), as a LongTensor [n_samples, seq_len]; cached on disk and deterministic for a seed."""
-    from safetensors.torch import load_file, save_file
+def _save(ids: torch.Tensor, path: Path, settings: dict) -> None:
+    from safetensors.torch import save_file
 
-    if purpose not in PURPOSES:
-        raise ValueError(f"unknown selfgen purpose '{purpose}'; known: {', '.join(PURPOSES)}")
-    if n_samples < 1 or seq_len < 2:
-        raise ValueError(f"selfgen needs n_samples >= 1 and seq_len >= 2 (got {n_samples}, {seq_len})")
-    if not temperature > 0 or not 0 < top_p <= 1:
-        raise ValueError(f"selfgen needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
-    settings = _settings(model, n_samples, seq_len, seed, float(temperature), float(top_p), tuple(prompts), purpose)
-    path = cache_path(settings, cache_dir)
-    if path.exists():
-        return load_file(str(path))["ids"]
-    ids = _generate(model, tokenizer, n_samples, seq_len, seed, float(temperature), float(top_p), tuple(prompts),
-                    purpose, batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
     os.close(fd)
@@ -117,4 +93,32 @@ def sample_windows(model, tokenizer, n_samples: int, seq_len: int, seed: int = 0
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return ids
+
+
+def sample_windows(model, tokenizer, n_samples: int, seq_len: int, seed: int = 0, temperature: float = 1.0,
+                   top_p: float = 0.95, purpose: str = "calibration", prompts: tuple[str, ...] = NEUTRAL_PROMPTS,
+                   batch_size: int = 32, cache_dir: str | Path | None = None) -> torch.Tensor:
+    """Return `n_samples` windows of `seq_len` tokens sampled from `model` (BOS + a neutral opening, then the
+    model's own text), as a LongTensor [n_samples, seq_len]; deterministic for a seed, cached per batch on disk
+    (asking for fewer samples returns a prefix of the longer set)."""
+    from safetensors.torch import load_file
+
+    from .progress import progress
+
+    if purpose not in PURPOSES:
+        raise ValueError(f"unknown selfgen purpose '{purpose}'; known: {', '.join(PURPOSES)}")
+    if n_samples < 1 or seq_len < 2 or batch_size < 1:
+        raise ValueError(f"selfgen needs n_samples >= 1, seq_len >= 2, batch_size >= 1 "
+                         f"(got {n_samples}, {seq_len}, {batch_size})")
+    if not temperature > 0 or not 0 < top_p <= 1:
+        raise ValueError(f"selfgen needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
+    settings = _settings(model, seq_len, seed, float(temperature), float(top_p), tuple(prompts), purpose, batch_size)
+    batches = []
+    for b in progress(range(-(-n_samples // batch_size)), desc=f"selfgen {purpose}", unit="batch"):
+        path = cache_path(settings, b, cache_dir)
+        if path.exists():
+            batches.append(load_file(str(path))["ids"])
+            continue
+        batches.append(_generate_batch(model, tokenizer, b, settings))
+        _save(batches[-1], path, settings)
+    return torch.cat(batches)[:n_samples]

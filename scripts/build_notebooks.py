@@ -31,7 +31,8 @@ torch.manual_seed(SEED)
 OUT = paths.ablation_dir()
 PLOTS = paths.results_dir() / "plots"; PLOTS.mkdir(parents=True, exist_ok=True)
 MEMORY = dict(batch_size=LATENCY_BATCH, seq_len=LATENCY_SEQ_LEN)
-LATENCY = dict(batch_size=LATENCY_BATCH, seq_len=LATENCY_SEQ_LEN, new_tokens=DECODE_TOKENS, repeats=LATENCY_REPEATS)'''
+LATENCY = dict(batch_size=LATENCY_BATCH, seq_len=LATENCY_SEQ_LEN, new_tokens=DECODE_TOKENS, repeats=LATENCY_REPEATS)
+SELFGEN = dict(temperature=SELFGEN_TEMPERATURE, top_p=SELFGEN_TOP_P)  # sampling of the model's own text'''
 
 # Papermill injects its parameters right after the cell tagged `parameters`, wherever that cell is; the parameters
 # cell stays the first code cell (a notebook reads as recipe first) and the bootstrap, which reads no parameter, comes
@@ -100,17 +101,24 @@ env = metrics.environment_info(model)
 pd.Series(env)'''),
         ("md", "## Baseline"),
         ("code", '''chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
-row = measure_variant(model, chunks, variant="baseline", source_model=MODEL, memory_kw=dict(spec=MODEL, **MEMORY))
+# held-out text sampled from this model (cached for later stages): the domain-neutral fidelity measure
+fidelity = data.fidelity_chunks(model, tok, n_tokens=FIDELITY_TOKENS, seed=SEED, selfgen_kw=SELFGEN)
+row = measure_variant(model, chunks, variant="baseline", source_model=MODEL, memory_kw=dict(spec=MODEL, **MEMORY),
+                      fidelity_chunks=fidelity, reference_model=model)
 lat = metrics.latency(model, **LATENCY)
 row.update(prefill_ms=lat["prefill_ms_median"], prefill_ms_iqr=lat["prefill_ms_iqr"],
            decode_tok_s=lat["decode_tok_s_median"], load_avg=lat["load_avg"], latency_noisy=lat["latency_noisy"])
 results.write_csv([row], OUT / "baseline.csv")
 results.write_json({"model": MODEL, "text_source": TEXT_SOURCE, "ppl": row["ppl"], "tokens": row["eval_tokens"],
+                    "fidelity_ppl": row["fidelity_ppl"], "fidelity_tokens": row["fidelity_tokens"],
                     "seq_len": EVAL_SEQ_LEN, "env": env}, OUT / "perplexity_baseline.json")
 results.write_json({"model": MODEL, **lat, "peak_memory_mb": row["peak_memory_mb"], "env": env}, OUT / "latency_baseline.json")
 pd.DataFrame([row]).T.rename(columns={0: "baseline"})'''),
         ("md", "## Importance of every head and neuron"),
-        ("code", '''windows = data.calibration_windows(tok, TEXT_SOURCE, n_samples=N_CALIB, seq_len=CALIB_SEQ_LEN, seed=SEED)
+        ("code", '''t0 = time.time()
+windows = data.calibration_windows(tok, TEXT_SOURCE, n_samples=N_CALIB, seq_len=CALIB_SEQ_LEN, seed=SEED, model=model,
+                                   selfgen_kw=SELFGEN)
+print(f"calibration windows ({TEXT_SOURCE}) in {time.time() - t0:.0f} s")
 t0 = time.time()
 scores = importance.compute_importance(model, windows, as_list(CRITERIA), seed=SEED,
                                        semantic_max_windows=SEMANTIC_MAX_WINDOWS, semantic_seq_len=SEMANTIC_SEQ_LEN)
@@ -131,9 +139,13 @@ results.save_plot(fig, paths.results_dir() / "importance" / "neurons_heatmap.png
 SWEEP_SETUP = '''model, tok = load_model(MODEL, device=DEVICE, dtype=DTYPE)
 scores = importance.load_scores(paths.results_dir() / "importance")
 baseline = pd.read_csv(OUT / "baseline.csv").iloc[0].to_dict()
-windows = data.calibration_windows(tok, TEXT_SOURCE, n_samples=N_CALIB, seq_len=CALIB_SEQ_LEN, seed=SEED)
+windows = data.calibration_windows(tok, TEXT_SOURCE, n_samples=N_CALIB, seq_len=CALIB_SEQ_LEN, seed=SEED, model=model,
+                                   selfgen_kw=SELFGEN)  # self-generated parts: cached by notebook 00
 chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
 sweep_chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=SWEEP_EVAL_MAX_TOKENS)
+fidelity = data.fidelity_chunks(model, tok, n_tokens=FIDELITY_TOKENS, seed=SEED, selfgen_kw=SELFGEN)
+sweep_fidelity = fidelity[:max(1, SWEEP_EVAL_MAX_TOKENS // fidelity.shape[1])]
+SAVED = dict(fidelity_chunks=fidelity, reference_model=model)  # saved variants: full fidelity set + KL to the baseline
 missing = [c for c in as_list(CRITERIA) if c not in scores]
 assert not missing, f"criteria {missing} were not computed in notebook 00; add them to its CRITERIA and re-run it"'''
 
@@ -143,9 +155,9 @@ def sweep_cells(kind: str, var: str, shape_col: str, title: str, which: list[str
     rate_col = "head_rate_requested" if kind == "heads" else "mlp_rate_requested"
     return [
         ("md", f"## {title}"),
-        ("code", f'''ref = measure_variant(model, sweep_chunks, variant="baseline", source_model=MODEL)
+        ("code", f'''ref = measure_variant(model, sweep_chunks, variant="baseline", source_model=MODEL, fidelity_chunks=sweep_fidelity)
 rows = criteria_sweep(model, scores, as_list(CRITERIA), as_list({var}_SWEEP, float), "{kind}", sweep_chunks,
-                      allocation=ALLOCATION, reference=ref, source_model=MODEL)
+                      allocation=ALLOCATION, reference=ref, source_model=MODEL, fidelity_chunks=sweep_fidelity)
 sweep = pd.DataFrame(rows)
 sweep.pivot_table(index="criterion", columns="{rate_col}", values="ppl").round(2)'''),
         ("md", "## Reconstruction options for the main criterion\n"
@@ -155,9 +167,10 @@ sweep.pivot_table(index="criterion", columns="{rate_col}", values="ppl").round(2
 plan = allocation.plan_{kind}(model, scores[MAIN_{var}_CRITERION], {var}_RATE, allocation=ALLOCATION)
 recon_rows = reconstruction_sweep(model, plan, windows, as_list(RECON_OPTIONS), sweep_chunks, kind="{kind}",
                                   criterion=MAIN_{var}_CRITERION, rate={var}_RATE, allocation=ALLOCATION,
-                                  reference=ref, source_model=MODEL, stats=grams, sequential=RECON_SEQUENTIAL)
+                                  reference=ref, source_model=MODEL, stats=grams, sequential=RECON_SEQUENTIAL,
+                                  fidelity_chunks=sweep_fidelity)
 rows += recon_rows
-pd.DataFrame(recon_rows)[["variant", "reconstruction", "{shape_col}", "ppl", "ppl_change_pct"]]'''),
+pd.DataFrame(recon_rows)[["variant", "reconstruction", "{shape_col}", "ppl", "ppl_change_pct", "fidelity_ppl"]]'''),
     ]
 
 
@@ -175,13 +188,13 @@ NB02 = notebook(
         ("code", '''main = pruned_copy(model, plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL, stats=grams)
 row = measure_variant(main, chunks, variant="head_pruned", source_model=MODEL, reference=baseline,
                       criterion=MAIN_HEAD_CRITERION, allocation=ALLOCATION, reconstruction=RECONSTRUCTION,
-                      head_rate_requested=HEAD_RATE)
+                      head_rate_requested=HEAD_RATE, **SAVED)
 folder = save_pruned(main, tok, "head_pruned", extra=row)
 rows.append(row)
 table = pd.DataFrame(rows)
 results.write_csv(table, OUT / "head_pruning.csv")
 table[["variant", "criterion", "reconstruction", "head_rate_requested", "head_frac_removed", "query_heads", "reduction_pct",
-       "ppl", "ppl_change_pct"]].round(3)'''),
+       "ppl", "ppl_change_pct", "fidelity_ppl", "kl_to_baseline"]].round(3)'''),
         ("code", '''fig = plots.metric_vs(sweep, "head_frac_removed", title="perplexity vs fraction of query heads removed")
 results.save_plot(fig, OUT / "head_pruning_ppl_vs_rate.png")
 fig = plots.metric_vs(sweep, "params_non_embedding", title="perplexity vs non-embedding params")
@@ -203,7 +216,7 @@ NB03 = notebook(
         ("code", '''mlp_model = pruned_copy(model, plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL, stats=grams)
 row = measure_variant(mlp_model, chunks, variant="mlp_pruned", source_model=MODEL, reference=baseline,
                       criterion=MAIN_MLP_CRITERION, allocation=ALLOCATION, reconstruction=RECONSTRUCTION,
-                      mlp_rate_requested=MLP_RATE)
+                      mlp_rate_requested=MLP_RATE, **SAVED)
 save_pruned(mlp_model, tok, "mlp_pruned", extra=row)
 rows.append(row)
 del mlp_model'''),
@@ -226,13 +239,13 @@ else:
 row = measure_variant(mix, chunks, variant="mix_pruned", source_model=MODEL, reference=baseline,
                       criterion=f"{head_row['criterion']}+{MAIN_MLP_CRITERION}", allocation=ALLOCATION,
                       reconstruction=RECONSTRUCTION, head_rate_requested=head_row["head_rate_requested"],
-                      mlp_rate_requested=MLP_RATE)
+                      mlp_rate_requested=MLP_RATE, **SAVED)
 save_pruned(mix, tok, "mix_pruned", extra=row)
 rows.append(row)
 table = pd.DataFrame(rows)
 results.write_csv(table, OUT / "mlp_pruning.csv")
 table[["variant", "criterion", "reconstruction", "mlp_rate_requested", "mlp_frac_removed", "intermediate", "reduction_pct",
-       "flops_reduction_pct", "ppl", "ppl_change_pct"]].round(3)'''),
+       "flops_reduction_pct", "ppl", "ppl_change_pct", "fidelity_ppl", "kl_to_baseline"]].round(3)'''),
         ("code", '''fig = plots.metric_vs(sweep, "mlp_frac_removed", title="perplexity vs fraction of MLP channels removed")
 results.save_plot(fig, OUT / "mlp_pruning_ppl_vs_rate.png")
 fig = plots.metric_vs(sweep, "params_non_embedding", title="perplexity vs non-embedding params")
@@ -249,7 +262,7 @@ NB04 = notebook(
     "one GPU visible the same entry point runs data parallel under `accelerate launch`.",
     [
         ("code", SETUP + """
-from pruning_utils import lora_launch, recovery
+from pruning_utils import evaluation, lora_launch, recovery
 baseline = pd.read_csv(OUT / "baseline.csv").iloc[0].to_dict()
 base_model, tok = load_model(MODEL, device=DEVICE, dtype=DTYPE)
 chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
@@ -257,31 +270,51 @@ cfg = recovery.RecoveryConfig(r=LORA_R, alpha=LORA_ALPHA, lr=LORA_LR, max_steps=
                               grad_accum=GRAD_ACCUM, seq_len=RECOVERY_SEQ_LEN, loss=RECOVERY_LOSS,
                               grad_checkpointing=GRAD_CHECKPOINTING, seed=SEED)
 n_windows = RECOVERY_STEPS * RECOVERY_BATCH * GRAD_ACCUM
+# other windows of the calibration split (seed + 1); self-generated parts reuse notebook 00's cached samples
+text_windows = lambda n: data.calibration_windows(tok, TEXT_SOURCE, n_samples=n, seq_len=RECOVERY_SEQ_LEN, seed=SEED + 1,
+                                                  model=base_model, selfgen_kw=SELFGEN, selfgen_seed=SEED)
 train = (recovery.instruction_windows(tok, INSTRUCTION_JSONL, RECOVERY_SEQ_LEN) if INSTRUCTION_JSONL else
-         data.calibration_windows(tok, TEXT_SOURCE, n_samples=n_windows, seq_len=RECOVERY_SEQ_LEN, seed=SEED + 1))
-heldout = data.calibration_windows(tok, TEXT_SOURCE, n_samples=8, seq_len=RECOVERY_SEQ_LEN, seed=SEED + 2)
+         recovery.recovery_windows(RECOVERY_DATA, tok, n_windows, RECOVERY_SEQ_LEN, base_model, text_windows, seed=SEED))
+# held out: text windows no training batch holds (seed + 2), never the model's samples
+heldout = data.calibration_windows(tok, data.text_parts(TEXT_SOURCE), n_samples=8, seq_len=RECOVERY_SEQ_LEN, seed=SEED + 2)
+fidelity = data.fidelity_chunks(base_model, tok, n_tokens=FIDELITY_TOKENS, seed=SEED, selfgen_kw=SELFGEN)
 teacher = base_model if RECOVERY_LOSS != "lm" else None
 n_gpus = torch.cuda.device_count()
-print(f"{len(train)} training windows x {RECOVERY_SEQ_LEN} tokens; loss={RECOVERY_LOSS}; GPUs visible: {n_gpus}")"""),
+prompts = evaluation.load_instructions()[:N_PROMPTS]
+judge = evaluation.SemanticJudge()
+reference_answers = evaluation.generate_answers(base_model, tok, prompts, max_new_tokens=MAX_NEW_TOKENS, cache=True)
+retention = lambda m: evaluation.semantic_retention(  # noqa: E731  answers are cached for notebook 06
+    reference_answers, evaluation.generate_answers(m, tok, prompts, max_new_tokens=MAX_NEW_TOKENS, cache=True), judge)
+print(f"{len(train)} training windows x {RECOVERY_SEQ_LEN} tokens ({RECOVERY_DATA}); loss={RECOVERY_LOSS}; "
+      f"GPUs visible: {n_gpus}")"""),
         ("code", """rows, curves = [], {}
 for name in as_list(RECOVERY_MODELS):
     model, _ = load_pruned(name, device=DEVICE, dtype=DTYPE)
     before = read_checkpoint_meta(name)["extra"]  # measured by the stage that wrote it, on the same chunks
+    kept_before = retention(model)
     log_csv = OUT / f"recovery_{name}_loss.csv"
     if n_gpus > 1:  # data parallel: the same training entry point under accelerate, one process per GPU
         merged, stats = lora_launch.recover_data_parallel(
             name, f"{name}_lora", cfg, text_source=TEXT_SOURCE, seed=SEED + 1, n_windows=n_windows,
             teacher_dir=MODEL if teacher is not None else None, n_gpus=n_gpus, instruction_jsonl=INSTRUCTION_JSONL or None,
             config_path=OUT / f"recovery_{name}_config.json", n_heldout=len(heldout), heldout_seed=SEED + 2,
-            device=DEVICE, dtype=DTYPE)
+            device=DEVICE, dtype=DTYPE, windows=None if INSTRUCTION_JSONL else train, heldout_windows=heldout)
     else:
         merged, stats = recovery.recover(model, tok, train, cfg, teacher=teacher, log_csv=log_csv, heldout_windows=heldout)
     source = read_checkpoint_meta(name)["extra"]
     after = measure_variant(merged, chunks, variant=f"{name}_lora", source_model=MODEL, reference=baseline,
+                            fidelity_chunks=fidelity, reference_model=base_model,
                             **{k: source[k] for k in PROVENANCE if k in source})
+    kept_after = retention(merged)
+    if kept_after["cosine_mean"] < kept_before["cosine_mean"]:
+        print(f"WARNING: recovery of {name} LOWERED semantic retention {kept_before['cosine_mean']:.3f} -> "
+              f"{kept_after['cosine_mean']:.3f} (RECOVERY_DATA={RECOVERY_DATA}, RECOVERY_LOSS={RECOVERY_LOSS})")
     save_pruned(merged, tok, f"{name}_lora", extra=after)
     damage = before["ppl"] - baseline["ppl"]
     rows.append(dict(model=name, steps=stats["steps"], tokens_seen=stats["tokens_seen"], loss=RECOVERY_LOSS,
+                     data=RECOVERY_DATA, fidelity_before=before.get("fidelity_ppl"), fidelity_after=after["fidelity_ppl"],
+                     kl_before=before.get("kl_to_baseline"), kl_after=after["kl_to_baseline"],
+                     semantic_before=kept_before["cosine_mean"], semantic_after=kept_after["cosine_mean"],
                      heldout_loss_before=stats["heldout_loss_before"], heldout_loss_after=stats["heldout_loss_after"],
                      train_loss_first=stats["loss_first"], train_loss_last=stats["loss_last"], ppl_baseline=baseline["ppl"],
                      ppl_before=before["ppl"], ppl_after=after["ppl"],
@@ -317,6 +350,7 @@ prompts = evaluation.load_instructions()[:N_PROMPTS]
 judge = evaluation.SemanticJudge()
 base_model, tok = load_model(MODEL, device=DEVICE, dtype=DTYPE)
 chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
+fidelity = data.fidelity_chunks(base_model, tok, n_tokens=FIDELITY_TOKENS, seed=SEED, selfgen_kw=SELFGEN)
 assert names[0] == "baseline", "VARIANTS must start with 'baseline' (the reference of every comparison)\""""),
         ("code", """rows, answers = [], {}
 for name in names:
@@ -325,13 +359,16 @@ for name in names:
     meta = (pd.read_csv(OUT / "baseline.csv").iloc[0].to_dict() if name == "baseline"
             else read_checkpoint_meta(name)["extra"])
     row = measure_variant(model, chunks, variant=name, source_model=MODEL, reference=rows[0] if rows else None,
-                          latency_kw=LATENCY, known=meta, memory_kw=dict(spec=MODEL if name == "baseline" else name, **MEMORY))
+                          latency_kw=LATENCY, known=meta, memory_kw=dict(spec=MODEL if name == "baseline" else name, **MEMORY),
+                          fidelity_chunks=fidelity, reference_model=base_model)
     row.update({k: meta[k] for k in PROVENANCE if k in meta and name != "baseline"})
     if name != "baseline":
         row["size_mb"] = metrics.checkpoint_size_mb(resolve_checkpoint_dir(name))
-    answers[name] = evaluation.generate_answers(model, t, prompts, max_new_tokens=MAX_NEW_TOKENS)
+    answers[name] = evaluation.generate_answers(model, t, prompts, max_new_tokens=MAX_NEW_TOKENS, cache=True)
     ret = evaluation.semantic_retention(answers["baseline"], answers[name], judge)
-    row.update(semantic_cosine=ret["cosine_mean"], semantic_cosine_min=ret["cosine_min"], exact_match=ret["exact_match"])
+    row.update(semantic_cosine=ret["cosine_mean"], semantic_ci_low=ret["cosine_ci_low"],
+               semantic_ci_high=ret["cosine_ci_high"], semantic_cosine_min=ret["cosine_min"],
+               exact_match=ret["exact_match"], first_sentence_match=ret["first_sentence_match"], n_prompts=len(prompts))
     if ZERO_SHOT:
         zs = evaluation.zero_shot(model, t, as_list(ZERO_SHOT_TASKS), limit=ZERO_SHOT_LIMIT)
         row.update({f"zs_{k}": v for k, v in zs.items()})
@@ -341,15 +378,20 @@ for name in names:
 final = pd.DataFrame(rows)
 results.write_csv(final, OUT / "final_eval.csv")
 cols = ["variant", "params_non_embedding", "reduction_pct", "head_frac_removed", "mlp_frac_removed", "flops_reduction_pct",
-        "size_mb", "ppl", "ppl_change_pct", "semantic_cosine", "exact_match", "prefill_ms", "decode_tok_s",
+        "size_mb", "ppl", "ppl_change_pct", "fidelity_ppl", "kl_to_baseline", "semantic_cosine", "semantic_ci_low",
+        "semantic_ci_high", "first_sentence_match", "prefill_ms", "decode_tok_s",
         "latency_noisy", "peak_memory_mb"]
 cols += [c for c in final.columns if c.startswith("zs_")]
 display(Markdown(final[cols].round(3).to_markdown(index=False)))"""),
         ("md", "## What the compression bought and what it cost"),
         ("code", """results.save_plot(plots.pareto(final, "params_non_embedding", "ppl", title="quality vs non-embedding parameters"),
                   PLOTS / "pareto_params.png")
+results.save_plot(plots.pareto(final, "params_non_embedding", "fidelity_ppl",
+                               title="fidelity (perplexity on the unpruned model's own samples) vs parameters"),
+                  PLOTS / "pareto_fidelity.png")
 results.save_plot(plots.pareto(final, "prefill_ms", "ppl", title="quality vs prefill latency"), PLOTS / "pareto_latency.png")
-results.save_plot(plots.stage_bars(final, ["ppl", "semantic_cosine", "params_non_embedding", "prefill_ms", "decode_tok_s"]),
+results.save_plot(plots.stage_bars(final, ["ppl", "fidelity_ppl", "semantic_cosine", "params_non_embedding", "prefill_ms",
+                                          "decode_tok_s"]),
                   PLOTS / "stage_bars.png")"""),
         ("md", "## A few answers side by side"),
         ("code", """last = names[-1]

@@ -1,9 +1,11 @@
 """Tests for pruning_utils.evaluation: instructions, generation, semantic retention, lm-eval zero-shot (offline)."""
 import builtins
+import json
 import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from pruning_utils import evaluation as ev
 from pruning_utils.loading import embedded_model_dir
@@ -46,10 +48,26 @@ def _block_import(monkeypatch, prefix):
 
 def test_packaged_instructions_are_varied_and_well_formed():
     items = ev.load_instructions()
-    assert len(items) >= 30
+    assert len(items) >= 60
     assert len({it["id"] for it in items}) == len(items)
     assert len({it["category"] for it in items}) >= 6
+    assert {"knowledge", "reasoning", "code"} <= {it["category"] for it in items}
     assert all(it["prompt"].strip() for it in items)
+    # the prompts self-data distillation trains on never include a judge prompt
+    train = ev.load_instructions(ev.TRAIN_PROMPTS_FILE)
+    assert len(train) >= 64 and not {it["prompt"] for it in train} & {it["prompt"] for it in items}
+
+
+def test_bootstrap_interval_and_first_sentence():
+    low, high = ev.bootstrap_ci([0.5] * 10)
+    assert low == high == 0.5
+    vals = [0.1, 0.9, 0.4, 0.7, 0.3, 0.8, 0.2, 0.6]
+    low, high = ev.bootstrap_ci(vals, seed=1)
+    assert low < sum(vals) / len(vals) < high and (low, high) == ev.bootstrap_ci(vals, seed=1)
+    wide = ev.bootstrap_ci(vals[:3], seed=1)
+    assert wide[1] - wide[0] > 0  # three points: still an interval
+    assert ev.first_sentence("Paris is the capital.  It is big.") == "Paris is the capital."
+    assert ev.first_sentence("Line one\nline two") == "Line one"
 
 
 def test_missing_instruction_file_names_path_and_fix(tmp_path):
@@ -85,6 +103,8 @@ def test_semantic_retention_on_hand_made_strings(judge):
     cos = [it["cosine"] for it in para["per_item"]]
     assert cos[0] > 0.8 and cos[1] > 0.6 and cos[2] < 0.4
     assert para["cosine_min"] == pytest.approx(min(cos)) and para["cosine_mean"] < same["cosine_mean"]
+    assert para["cosine_ci_low"] <= para["cosine_mean"] <= para["cosine_ci_high"]
+    assert same["first_sentence_match"] == 1.0 and para["first_sentence_match"] == 0.0
     df = ev.retention_table(ref, ref, ["a", "b", "c"], n=2, retention=para)
     assert list(df.columns) == ["prompt", "reference", "answer", "cosine"] and len(df) == 2
 
@@ -164,3 +184,15 @@ class TestEmbeddedModelRetention:
         res = ev.semantic_retention(ref, damaged, judge)
         assert res["exact_match"] < 1.0
         assert res["cosine_mean"] < 0.9
+
+
+def test_cached_answers_are_reused_and_follow_the_weights(models_dir):
+    model, tok = tiny_model("llama"), TinyTokenizer()
+    first = ev.generate_answers(model, tok, ["abc", "de"], max_new_tokens=4, cache=True)
+    files = list((models_dir / "_cache" / "answers").glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text()) == first
+    files[0].write_text(json.dumps(["x", "y"]))  # a hit returns what is stored
+    assert ev.generate_answers(model, tok, ["abc", "de"], max_new_tokens=4, cache=True) == ["x", "y"]
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    assert ev.generate_answers(model, tok, ["abc", "de"], max_new_tokens=4, cache=True) != ["x", "y"]

@@ -303,3 +303,25 @@ def test_merged_uniform_checkpoint_loads_with_stock_from_pretrained(tmp_path):
         assert (stock(ids).logits - ref).abs().max() <= 1e-5
         assert (ours(ids).logits - ref).abs().max() <= 1e-5
     assert not any("lora" in k for k in stock.state_dict())
+
+
+def test_self_data_distillation_trains_on_the_teachers_answers_and_lowers_the_loss(models_dir):
+    from pruning_utils.recovery import recovery_windows, selfdistill_windows
+
+    teacher, tok = tiny_model("llama"), TinyTokenizer()
+    prompts = [f"question {i}: tell me about item {i}" for i in range(12)]
+    own = selfdistill_windows(teacher, tok, seq_len=32, prompts=prompts, max_new_tokens=16, batch_size=4)
+    cache = list((models_dir / "_cache" / "selfdistill").glob("answers-*.jsonl"))
+    assert len(cache) == 1 and len(cache[0].read_text().splitlines()) == len(prompts)
+    assert own.shape[1] == 32 and len(own) >= 6
+    assert torch.equal(own, selfdistill_windows(teacher, tok, seq_len=32, prompts=prompts, max_new_tokens=16))
+    text = lambda n: windows(n, 32, seed=5)  # noqa: E731
+    mixed = recovery_windows("selfdistill+text", tok, 8, 32, teacher, text, prompts=prompts, max_new_tokens=16)
+    assert len(mixed) == 8 and {tuple(r.tolist()) for r in own[:4]} <= {tuple(r.tolist()) for r in mixed}
+    with pytest.raises(ValueError, match="known: text, selfdistill"):
+        recovery_windows("self", tok, 8, 32, teacher, text)
+    student = pruned_tiny()
+    cfg = fast_cfg(loss="distill", max_steps=100)
+    train = recovery_windows("selfdistill", tok, 16, 32, teacher, text, prompts=prompts, max_new_tokens=16)
+    _, stats = recover(student, tok, train, cfg, teacher=teacher, heldout_windows=train[:4], progress=False)
+    assert stats["heldout_loss_after"] < stats["heldout_loss_before"]

@@ -15,28 +15,32 @@ def tiny():
 def test_selfgen_is_deterministic_for_a_seed_and_cached(tiny, models_dir):
     model, tok = tiny
     a = selfgen.sample_windows(model, tok, 5, 24, seed=3, batch_size=2)
-    files = list((models_dir / "_cache" / "selfgen").glob("calibration-*.safetensors"))
-    assert a.shape == (5, 24) and a.dtype == torch.long and len(files) == 1
+    files = sorted((models_dir / "_cache" / "selfgen").glob("calibration-*.safetensors"))
+    assert a.shape == (5, 24) and a.dtype == torch.long and len(files) == 3  # one file per batch of 2
     assert (a[:, 0] == tok.bos_token_id).all()  # every window starts from BOS
-    files[0].unlink()
+    for f in files:
+        f.unlink()
     b = selfgen.sample_windows(model, tok, 5, 24, seed=3, batch_size=2)  # generated again, not read
     assert torch.equal(a, b)
     c = selfgen.sample_windows(model, tok, 5, 24, seed=4, batch_size=2)
     assert not torch.equal(a, c)
     # a cache hit returns the stored windows: overwrite the cache and it is what comes back
     from safetensors.torch import save_file
-    path = selfgen.cache_path(selfgen._settings(model, 5, 24, 3, 1.0, 0.95, selfgen.NEUTRAL_PROMPTS, "calibration"))
+    settings = selfgen._settings(model, 24, 3, 1.0, 0.95, selfgen.NEUTRAL_PROMPTS, "calibration", 2)
+    path = selfgen.cache_path(settings, 0)
     assert path.exists()
-    save_file({"ids": torch.zeros(5, 24, dtype=torch.long)}, str(path))
-    assert int(selfgen.sample_windows(model, tok, 5, 24, seed=3, batch_size=2).sum()) == 0
+    save_file({"ids": torch.zeros(2, 24, dtype=torch.long)}, str(path))
+    assert int(selfgen.sample_windows(model, tok, 2, 24, seed=3, batch_size=2).sum()) == 0
+    # fewer samples are a prefix of more: batches do not depend on how many were asked for
+    assert torch.equal(selfgen.sample_windows(model, tok, 3, 24, seed=4, batch_size=2), c[:3])
 
 
 def test_cache_key_follows_the_model_and_purpose(tiny, models_dir):
     model, tok = tiny
-    base = selfgen._settings(model, 4, 16, 0, 1.0, 0.95, selfgen.NEUTRAL_PROMPTS, "calibration")
-    other = selfgen._settings(tiny_model("llama", seed=1), 4, 16, 0, 1.0, 0.95, selfgen.NEUTRAL_PROMPTS, "calibration")
+    base = selfgen._settings(model, 16, 0, 1.0, 0.95, selfgen.NEUTRAL_PROMPTS, "calibration", 16)
+    other = selfgen._settings(tiny_model("llama", seed=1), 16, 0, 1.0, 0.95, selfgen.NEUTRAL_PROMPTS, "calibration", 16)
     fid = dict(base, purpose="fidelity")
-    paths = {selfgen.cache_path(s) for s in (base, other, fid)}
+    paths = {selfgen.cache_path(s, 0) for s in (base, other, fid)}
     assert len(paths) == 3
     cal = selfgen.sample_windows(model, tok, 4, 16, seed=0)
     held = data.fidelity_chunks(model, tok, n_tokens=64, seq_len=16, seed=0)
