@@ -25,7 +25,7 @@ from pruning_utils.variants import measure_variant, pruned_copy
 
 SHAPES = {"S1": dict(head_rate=0.0, mlp_rate=0.25), "S2": dict(head_rate=0.2, mlp_rate=0.0),
           "S3": dict(head_rate=0.2, mlp_rate=0.25)}
-SOURCES = "embedded;selfgen;embedded:0.75+selfgen:0.25;embedded:0.5+selfgen:0.5;embedded:0.25+selfgen:0.75"
+SOURCES = "embedded:0.5+selfgen:0.5;embedded;embedded:0.75+selfgen:0.25;selfgen"
 
 
 def shape_plan(model, scores, shape: str):
@@ -74,7 +74,7 @@ def main() -> None:
         for shape in args.shapes.split(","):
             t1 = time.perf_counter()
             pruned = pruned_copy(model, shape_plan(model, scores, shape), windows, reconstruction=args.reconstruction,
-                                 stats=grams)
+                                 stats=grams, sequential=False)
             build_s = calib_s + time.perf_counter() - t1
             row = measure_variant(pruned, chunks, variant=f"{shape}-{source}", source_model=args.model, reference=base,
                                   criterion=args.criterion, reconstruction=args.reconstruction,
@@ -82,6 +82,7 @@ def main() -> None:
                                   mlp_rate_requested=SHAPES[shape]["mlp_rate"], fidelity_chunks=held,
                                   reference_model=model)
             rows.append(dict(row, calibration_source=source, shape=shape, build_s=round(build_s, 1)))
+            results.write_csv(pd.DataFrame(rows), args.out)  # after every row: a stopped run keeps what it measured
             print(f"{shape} {source:32s} ppl {row['ppl']:7.2f}  fidelity {row['fidelity_ppl']:7.2f}  "
                   f"kl {row['kl_to_baseline']:.4f}", flush=True)
             del pruned

@@ -41,7 +41,8 @@ def _sweep(name: str, rate: str, frac: str) -> str:
 
 def baseline() -> str:
     """Return the baseline row: size, cost and quality (its speed and memory are in `final_cost`)."""
-    cols = ["variant", "params_total", "params_non_embedding", "flops_per_token", "size_mb", "ppl", "eval_tokens"]
+    cols = ["variant", "params_total", "params_non_embedding", "flops_per_token", "size_mb", "ppl", "eval_tokens",
+            "fidelity_ppl", "fidelity_tokens"]
     return _md(_csv("baseline")[cols])
 
 
@@ -58,8 +59,8 @@ def mlp_sweep() -> str:
 def _saved(name: str) -> str:
     df = _csv(name)
     cols = ["variant", "criterion", "reconstruction", "query_heads", "intermediate", "reduction_pct",
-            "flops_reduction_pct", "ppl", "ppl_change_pct", "eval_tokens"]
-    return _md(df[df["variant"].str.count("-").ne(2)][cols])
+            "flops_reduction_pct", "ppl", "ppl_change_pct", "eval_tokens", "fidelity_ppl", "kl_to_baseline"]
+    return _md(df[df["variant"].str.count("-").ne(2)][cols], 3)
 
 
 def head_pruning() -> str:
@@ -74,15 +75,17 @@ def mlp_pruning() -> str:
 
 def recovery() -> str:
     """Return the LoRA recovery rows: held-out loss and perplexity before / after (its timings stay in the CSV)."""
-    cols = ["model", "steps", "tokens_seen", "loss", "heldout_loss_before", "heldout_loss_after", "ppl_before",
-            "ppl_after", "damage_recovered_pct"]
+    cols = ["model", "steps", "tokens_seen", "loss", "data", "heldout_loss_before", "heldout_loss_after", "ppl_before",
+            "ppl_after", "damage_recovered_pct", "fidelity_before", "fidelity_after", "semantic_before",
+            "semantic_after"]
     return _md(_csv("recovery")[cols], 3)
 
 
 def final_eval() -> str:
     """Return the final table: every variant measured the same way."""
     cols = ["variant", "params_non_embedding", "reduction_pct", "head_frac_removed", "mlp_frac_removed",
-            "flops_reduction_pct", "size_mb", "ppl", "ppl_change_pct", "semantic_cosine", "exact_match"]
+            "flops_reduction_pct", "size_mb", "ppl", "ppl_change_pct", "fidelity_ppl", "kl_to_baseline",
+            "semantic_cosine", "semantic_ci_low", "semantic_ci_high", "first_sentence_match"]
     return _md(_csv("final_eval")[cols], 3)
 
 
@@ -90,6 +93,24 @@ def final_cost() -> str:
     """Return the final table's speed and memory columns (timing columns: they vary from run to run)."""
     cols = ["variant", "prefill_ms", "prefill_ms_iqr", "decode_tok_s", "latency_noisy", "peak_memory_mb"]
     return _md(_csv("final_eval")[cols], 1)
+
+
+def calibration_sources() -> str:
+    """Return `benchmarks/calibration_sources.py`: per calibration source and shape, in-domain / fidelity PPL, KL."""
+    df = _csv("calibration_sources")
+    df["calibration_source"] = df["calibration_source"].fillna("").replace("", "(unpruned)")
+    table = df.pivot_table(index="calibration_source", columns="shape", values=["ppl", "fidelity_ppl", "kl_to_baseline"],
+                           sort=False)
+    table.columns = [f"{shape} {metric}" for metric, shape in table.columns]
+    order = [f"{s} {m}" for s in ("baseline", "S1", "S2", "S3") for m in ("ppl", "fidelity_ppl", "kl_to_baseline")]
+    return _md(table[[c for c in order if c in table.columns]].reset_index(), 3)
+
+
+def recovery_sources() -> str:
+    """Return `benchmarks/recovery_sources.py`: each recovery (loss on data) by perplexity, fidelity and retention."""
+    cols = ["model", "loss", "data", "ppl", "fidelity_ppl", "kl_to_baseline", "semantic_cosine", "semantic_ci_low",
+            "semantic_ci_high", "first_sentence_match", "tokens_seen"]
+    return _md(_csv("recovery_sources")[cols], 3)
 
 
 def run_time() -> str:
@@ -151,6 +172,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "mlp_pruning": mlp_pruning, "recovery": recovery, "final_eval": final_eval, "final_cost": final_cost,
     "run_time": run_time, "quality_benchmark": quality_benchmark, "recovery_budget": recovery_budget,
     "memory_scale": memory_scale, "memory_extrapolation": memory_extrapolation,
+    "calibration_sources": calibration_sources, "recovery_sources": recovery_sources,
 }
 # tables whose numbers are timings: they change with every run, so the agreement test does not pin them
 TIMING_TABLES = ("final_cost", "run_time")
