@@ -110,18 +110,68 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
     return row
 
 
-def pruned_copy(model, plan, windows: torch.Tensor | None = None, reconstruction: str = "none", **recon_kw):
-    """Return a pruned deep copy of `model` (the original stays intact), reconstructing weights when asked."""
+def prune_in_place(model, plan, windows: torch.Tensor | None = None, reconstruction: str = "none", **recon_kw):
+    """Return `model` pruned in place by `plan`, reconstructing weights when asked (see `reconstruction`)."""
     from .surgery import apply_plan
 
-    clone = copy.deepcopy(model)
     if reconstruction in (None, "", "none"):
-        return apply_plan(clone, plan)
+        return apply_plan(model, plan)
     from .reconstruction import prune_and_reconstruct
 
     if windows is None:
         raise ValueError(f"reconstruction '{reconstruction}' needs calibration windows; pass windows=...")
-    return prune_and_reconstruct(clone, plan, windows, mode=reconstruction, **recon_kw)
+    return prune_and_reconstruct(model, plan, windows, mode=reconstruction, **recon_kw)
+
+
+def pruned_copy(model, plan, windows: torch.Tensor | None = None, reconstruction: str = "none", **recon_kw):
+    """Return a pruned deep copy of `model` (the original stays intact), reconstructing weights when asked."""
+    if isinstance(model, Unpruned):
+        return model.variant(plan, windows, reconstruction, **recon_kw)
+    return prune_in_place(copy.deepcopy(model), plan, windows, reconstruction, **recon_kw)
+
+
+BUILDS = ("copy", "reload")
+
+
+class Unpruned:
+    """The unpruned model a stage cuts its variants from, and how: 'copy' deep-copies it beside the original;
+    'reload' prunes the model itself in place and reloads it from its checkpoint when it is next needed, so one
+    model is in memory at a time (a reload per variant instead of a second copy).
+
+    `model` is the unpruned model, loaded on first use; `variant(plan, ...)` returns a pruned model.
+    """
+
+    def __init__(self, spec: str | None = None, device: str | None = None, dtype=None, build: str = "copy",
+                 model=None, tokenizer=None):
+        if build not in BUILDS:
+            raise ValueError(f"unknown variant build '{build}'; known: {', '.join(BUILDS)}")
+        if build == "reload" and spec is None:
+            raise ValueError("build='reload' needs the spec the unpruned model is reloaded from (spec=MODEL)")
+        self.spec, self.device, self.dtype, self.build = spec, device, dtype, build
+        self._model, self.tokenizer = model, tokenizer
+        self.reloads = 0
+
+    @property
+    def model(self):
+        """Return the unpruned model, reloading it when the last variant was pruned from it in place."""
+        if self._model is None:
+            from .loading import load_model
+
+            self._model, tok = load_model(self.spec, device=self.device, dtype=self.dtype)
+            self.tokenizer = self.tokenizer or tok
+            self.reloads += 1
+        return self._model
+
+    def variant(self, plan, windows: torch.Tensor | None = None, reconstruction: str = "none", **recon_kw):
+        """Return the unpruned model pruned by `plan`: a deep copy ('copy') or the model itself ('reload')."""
+        if self.build == "copy":
+            return prune_in_place(copy.deepcopy(self.model), plan, windows, reconstruction, **recon_kw)
+        model, self._model = self.model, None  # handed over: the next use reloads the checkpoint
+        return prune_in_place(model, plan, windows, reconstruction, **recon_kw)
+
+
+def _source(model) -> "Unpruned":
+    return model if isinstance(model, Unpruned) else Unpruned(model=model)
 
 
 # what each kind of sweep prunes: the planner, the rate column of the row and the variant-name prefix
@@ -134,7 +184,8 @@ def criteria_sweep(model, scores: dict, criteria: list[str], rates: list[float],
                    progress: bool = True) -> list[dict]:
     """Return one variant row per criterion x rate: `kind` ('heads' | 'neurons') removed plainly, no refit.
 
-    Every variant is cut from `model` (left intact) and measured on `chunks` with `measure_variant`.
+    Every variant is cut from `model` (a model, left intact, or an `Unpruned` source) and measured on `chunks`
+    with `measure_variant`.
     """
     from . import allocation as alloc
 
@@ -144,10 +195,11 @@ def criteria_sweep(model, scores: dict, criteria: list[str], rates: list[float],
     if missing:
         raise KeyError(f"no scores for {missing}; known: {', '.join(scores)}. Compute them in notebook 00 first")
     planner, rate_col, prefix = _SWEEP_KINDS[kind]
+    source = _source(model)
     rows = []
     for crit, rate in bar([(c, r) for c in criteria for r in rates], desc=f"{kind} sweep", disable=not progress):
-        plan = getattr(alloc, planner)(model, scores[crit], rate, allocation=allocation)
-        pruned = pruned_copy(model, plan)
+        plan = getattr(alloc, planner)(source.model, scores[crit], rate, allocation=allocation)
+        pruned = source.variant(plan)
         rows.append(measure_variant(pruned, chunks, variant=f"{prefix}-{crit}-{rate}", source_model=source_model,
                                     reference=reference, criterion=crit, allocation=allocation,
                                     reconstruction="none", **{rate_col: rate}))
@@ -158,19 +210,22 @@ def criteria_sweep(model, scores: dict, criteria: list[str], rates: list[float],
 def reconstruction_sweep(model, plan, windows: torch.Tensor, modes: list[str], chunks: torch.Tensor, *,
                          criterion: str, rate: float, kind: str, allocation: str = "uniform",
                          reference: dict | None = None, source_model: str = "", stats: dict | None = None,
-                         sequential: bool = False) -> list[dict]:
+                         sequential: bool = False, **recon_kw) -> list[dict]:
     """Return one variant row per reconstruction mode for one plan, measured on `chunks`.
 
-    `stats` (one-shot Grams of `model` from `reconstruction.collect_grams`) lets every mode share one calibration
-    pass; sequential refits take their own statistics.
+    `model` is a model or an `Unpruned` source. `stats` (one-shot Grams of `model` from
+    `reconstruction.collect_grams`) lets every mode share one calibration pass; without them a one-shot refit
+    streams its own, one layer at a time; sequential refits take their own statistics. `recon_kw` go to
+    `reconstruction.prune_and_reconstruct` (e.g. `device=` in offload mode).
     """
     if kind not in _SWEEP_KINDS:
         raise ValueError(f"unknown sweep kind '{kind}'; known: {', '.join(_SWEEP_KINDS)}")
     _, rate_col, prefix = _SWEEP_KINDS[kind]
+    source = _source(model)
     rows = []
     for mode in modes:
-        kw = {} if mode == "none" else dict(sequential=sequential, stats=None if sequential else stats)
-        pruned = pruned_copy(model, plan, windows, reconstruction=mode, **kw)
+        kw = {} if mode == "none" else dict(sequential=sequential, stats=None if sequential else stats, **recon_kw)
+        pruned = source.variant(plan, windows, reconstruction=mode, **kw)
         rows.append(measure_variant(pruned, chunks, variant=f"{prefix}-{criterion}-{rate}-{mode}",
                                     source_model=source_model, reference=reference, criterion=criterion,
                                     allocation=allocation, reconstruction=mode, **{rate_col: rate}))
