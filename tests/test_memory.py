@@ -158,7 +158,12 @@ def test_describe_stage_reads_notebook_parameters():
 
     params = {**PROFILES["kaggle-qwen2.5-3b"], "DEVICE": "cuda", "DTYPE": "float16", "os": object(), "model": None}
     text = memory.describe_stage(QWEN25_3B, "03", params, available_gb=15.0, host_available_gb=29.0)
-    assert text.startswith("Memory plan of stage 03 (float16 on cuda") and "offload" in text
+    # the 3B profile fits a T4 by the automatic switches: no Grams held, one model in memory
+    assert text.startswith("Memory plan of stage 03 (float16 on cuda") and ": fits." in text
+    assert "Switched to fit" in text and "GRAMS='auto'" in text and "VARIANT_BUILD='auto'" in text
+    fixed = memory.describe_stage(QWEN25_3B, "03", {**params, "GRAMS": "device", "VARIANT_BUILD": "copy", "OFFLOAD": "off"},
+                                  available_gb=15.0, host_available_gb=29.0)
+    assert "DOES NOT FIT" in fixed and "OFFLOAD='on'" in fixed
     seq = memory.describe_stage(QWEN25_3B, "03", {**params, "RECON_SEQUENTIAL": True}, available_gb=15.0)
     assert "one layer's Grams at a time" in seq
     assert "Memory plan of stage 00" in memory.describe_stage("tiny-llama", "00", {"DEVICE": "cpu"})
