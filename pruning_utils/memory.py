@@ -586,6 +586,11 @@ class StageSettings:
     switched: list[str] = field(default_factory=list)
 
     @property
+    def dtype(self) -> str:
+        """Return the dtype to load in: the compute device's (fp16 on a T4 even while the weights sit on the host)."""
+        return self.plan.dtype
+
+    @property
     def hold_grams(self) -> bool:
         """Return whether one Gram pass is kept for every one-shot refit of the stage (else each refit streams its own)."""
         return self.grams in ("all", "layerwise")

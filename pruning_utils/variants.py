@@ -148,8 +148,15 @@ class Unpruned:
         if build == "reload" and spec is None:
             raise ValueError("build='reload' needs the spec the unpruned model is reloaded from (spec=MODEL)")
         self.spec, self.device, self.dtype, self.build = spec, device, dtype, build
-        self._model, self.tokenizer = model, tokenizer
+        self._model, self._tokenizer = model, tokenizer
         self.reloads = 0
+
+    @property
+    def tokenizer(self):
+        """Return the tokenizer loaded with the model (loading the model when it has not been yet)."""
+        if self._tokenizer is None and self.spec is not None:
+            self.model  # noqa: B018  (loads both)
+        return self._tokenizer
 
     @property
     def model(self):
@@ -158,7 +165,7 @@ class Unpruned:
             from .loading import load_model
 
             self._model, tok = load_model(self.spec, device=self.device, dtype=self.dtype)
-            self.tokenizer = self.tokenizer or tok
+            self._tokenizer = self._tokenizer or tok
             self.reloads += 1
         return self._model
 
