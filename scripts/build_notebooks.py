@@ -37,7 +37,9 @@ LATENCY = dict(batch_size=LATENCY_BATCH, seq_len=LATENCY_SEQ_LEN, new_tokens=DEC
 # Papermill injects its parameters right after the cell tagged `parameters`, wherever that cell is; the parameters
 # cell stays the first code cell (a notebook reads as recipe first) and the bootstrap, which reads no parameter, comes
 # next, so it runs after the injected values and before the set-up cell's imports.
-BOOTSTRAP = '''# Colab / Kaggle: install this project when `pruning_utils` is not importable; a no-op under run_all.sh
+BOOTSTRAP = '''# Colab / Kaggle: install this project when `pruning_utils` is not importable; a no-op under run_all.sh.
+# Checkpoints go to $PRUNING_MODELS_DIR (default <project>/models): on Kaggle, whose working folder holds ~20 GB, set
+# os.environ["PRUNING_MODELS_DIR"] = "/kaggle/tmp/models" here, before pruning_utils is imported (run_all.sh passes it on)
 import importlib, importlib.util, os, subprocess, sys
 from pathlib import Path
 REPO_URL = os.environ.get("PRUNING_REPO_URL", "https://github.com/OWNER/semantic-llm-pruning.git")
