@@ -159,3 +159,26 @@ def test_offloaded_sequential_refit_equals_the_normal_one(moves):
     assert len(moves) == 2 * len(decoder_layers(model))
     for a, b in zip(normal.parameters(), offloaded.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+class TestEmbedded:
+    """On SmolLM2-135M: the memory-short paths of notebooks 02/03 give the same quality figures."""
+
+    def test_streamed_grams_and_reload_give_the_same_perplexity(self, embedded):
+        import copy
+
+        from pruning_utils import allocation
+        from pruning_utils.metrics import perplexity
+        from pruning_utils.variants import Unpruned
+
+        model, _ = embedded
+        w = torch.randint(3, 40000, (4, 64), generator=torch.Generator().manual_seed(0))
+        chunks = torch.randint(3, 40000, (2, 64), generator=torch.Generator().manual_seed(1))
+        scores = importance.compute_importance(model, w, ["magnitude"], progress=False)["magnitude"]
+        plan = allocation.plan_both(model, scores, head_rate=0.2, mlp_rate=0.25)
+        held = Unpruned(model=model).variant(plan, w, "lstsq", sequential=False, stats=collect_grams(model, w))
+        streamed = Unpruned(model=copy.deepcopy(model), build="reload", spec="smollm2-135m", device="cpu",
+                            dtype="float32").variant(plan, w, "lstsq", sequential=False)
+        a, b = perplexity(held, chunks, progress=False)["ppl"], perplexity(streamed, chunks, progress=False)["ppl"]
+        assert b == pytest.approx(a, rel=1e-6)
