@@ -28,9 +28,10 @@ How the figures are made (b = bytes per element of the model dtype; B x S = batc
   (RECON_SEQUENTIAL: one layer's Grams alive, none held). At 11008 MLP channels a layer's down_proj Gram is
   ~0.9 GiB, so holding every layer's is the one figure that grows with depth x width² rather than params.
 - Offload mode (`offload=True`): the weights stay on the host; the device holds one decoder layer's weights, the
-  calibration windows' hidden states and one layer's working set (`calibration.on_device`). Inference-only
-  operations (perplexity, latency, generation) then run on the host; the gradient passes (taylor, semantic) and
-  LoRA need every layer at once and are refused (`MemoryPlan.blocked`).
+  calibration windows' hidden states and one layer's working set (`calibration.on_device`); perplexity walks
+  the layers the same way over `metrics.OFFLOAD_WINDOWS` windows at a time. Latency and generation run on the
+  host; the gradient passes (taylor, semantic) and LoRA need every layer at once and are refused
+  (`MemoryPlan.blocked`).
 - `choose` turns a notebook's parameters into `StageSettings`: it tries the configured settings, then (where the
   parameters say 'auto') Grams on the host, streamed Grams, variants built in place from a reloaded checkpoint
   and offload mode, in that order, and keeps the first plan that fits, saying what it switched and why.
@@ -284,6 +285,14 @@ def _op_parts(s: _Shape, op: str, p: dict, b: int, targets: tuple[str, ...], cud
         return [Part("the largest tensor in flight", "activations", max(s.vocab * h, h * i, h * nh * s.head_dim) * b)]
     if op == "perplexity":
         B, S = p["eval_batch"], p["eval_seq_len"]
+        if p["offload"]:  # metrics.perplexity(device=): a layer walk over OFFLOAD_WINDOWS windows, then the LM head
+            from .metrics import OFFLOAD_WINDOWS
+
+            return [Part(f"hidden states of {OFFLOAD_WINDOWS} windows (in + out)", "activations",
+                         2 * OFFLOAD_WINDOWS * S * h * b),
+                    Part("final norm + LM head weights (offload mode)", "weights", (s.vocab + 1) * h * b),
+                    Part("logits chain (or one layer, if larger)", "activations",
+                         max(_logits_eval(s, B, S, b), _layer_transient(s, B, S, b)))]
         return [Part("hidden states", "activations", B * S * h * b),
                 Part("logits chain (or one layer, if larger)", "activations",
                      max(_logits_eval(s, B, S, b), _layer_transient(s, B, S, b)))]
@@ -415,7 +424,7 @@ def _params(given: dict) -> dict:
 
 # operations offload mode runs on the host (the model is there) and those it cannot run (every layer at once)
 _OFFLOAD_STAGES = ("00", "02", "03")  # the stages whose notebooks read OFFLOAD
-_HOST_OPS = ("load", "perplexity", "prefill", "generate")
+_HOST_OPS = ("load", "prefill", "generate")
 _WHOLE_MODEL_OPS = {"taylor": "taylor (CRITERIA: taylor, mix)", "semantic": "semantic (CRITERIA: semantic, mix)",
                     "lora_step": "LoRA recovery (stage 04)"}
 

@@ -66,7 +66,7 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
                     criterion: str = "", allocation: str = "", reconstruction: str = "",
                     head_rate_requested: float = 0.0, mlp_rate_requested: float = 0.0, latency_kw: dict | None = None,
                     memory_kw: dict | None = None, batch_size: int = 4, flops_seq_len: int = 512,
-                    known: dict | None = None) -> dict:
+                    known: dict | None = None, compute_device: str | None = None) -> dict:
     """Return a variant row (columns in the module docstring): shapes, size and cost, perplexity on `chunks`,
     latency unless `latency_kw` is None, own peak memory unless `memory_kw` is None.
 
@@ -74,6 +74,7 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
     `known` is a row measured earlier on the same chunks: its perplexity is reused (it is deterministic) when its
     token count matches `chunks`, instead of another full pass. `memory_kw` goes to
     `metrics.variant_peak_memory_mb` (e.g. `spec=` the checkpoint name, so a CPU child loads it directly).
+    `compute_device` (offload mode): perplexity runs one decoder layer at a time there.
     """
     shapes = layer_shapes(model)
     params = count_params(model)
@@ -82,7 +83,7 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
     if known is not None and known.get("eval_tokens") == predicted and known.get("ppl") is not None:
         ppl = {"ppl": float(known["ppl"]), "tokens": predicted}
     else:
-        ppl = perplexity(model, chunks, batch_size=batch_size, desc=f"ppl {variant}")
+        ppl = perplexity(model, chunks, batch_size=batch_size, desc=f"ppl {variant}", device=compute_device)
     param = next(model.parameters())
     head_frac, mlp_frac = removed_fractions(model, reference)
     row = dict(
@@ -188,11 +189,11 @@ _SWEEP_KINDS = {"heads": ("plan_heads", "head_rate_requested", "heads"),
 
 def criteria_sweep(model, scores: dict, criteria: list[str], rates: list[float], kind: str, chunks: torch.Tensor, *,
                    allocation: str = "uniform", reference: dict | None = None, source_model: str = "",
-                   progress: bool = True) -> list[dict]:
+                   progress: bool = True, compute_device: str | None = None) -> list[dict]:
     """Return one variant row per criterion x rate: `kind` ('heads' | 'neurons') removed plainly, no refit.
 
     Every variant is cut from `model` (a model, left intact, or an `Unpruned` source) and measured on `chunks`
-    with `measure_variant`.
+    with `measure_variant` (offload mode: `compute_device`).
     """
     from . import allocation as alloc
 
@@ -209,7 +210,7 @@ def criteria_sweep(model, scores: dict, criteria: list[str], rates: list[float],
         pruned = source.variant(plan)
         rows.append(measure_variant(pruned, chunks, variant=f"{prefix}-{crit}-{rate}", source_model=source_model,
                                     reference=reference, criterion=crit, allocation=allocation,
-                                    reconstruction="none", **{rate_col: rate}))
+                                    reconstruction="none", compute_device=compute_device, **{rate_col: rate}))
         del pruned
     return rows
 
@@ -217,13 +218,14 @@ def criteria_sweep(model, scores: dict, criteria: list[str], rates: list[float],
 def reconstruction_sweep(model, plan, windows: torch.Tensor, modes: list[str], chunks: torch.Tensor, *,
                          criterion: str, rate: float, kind: str, allocation: str = "uniform",
                          reference: dict | None = None, source_model: str = "", stats: dict | None = None,
-                         sequential: bool = False, **recon_kw) -> list[dict]:
+                         sequential: bool = False, compute_device: str | None = None, **recon_kw) -> list[dict]:
     """Return one variant row per reconstruction mode for one plan, measured on `chunks`.
 
     `model` is a model or an `Unpruned` source. `stats` (one-shot Grams of `model` from
     `reconstruction.collect_grams`) lets every mode share one calibration pass; without them a one-shot refit
-    streams its own, one layer at a time; sequential refits take their own statistics. `recon_kw` go to
-    `reconstruction.prune_and_reconstruct` (e.g. `device=` in offload mode).
+    streams its own, one layer at a time; sequential refits take their own statistics. `compute_device`
+    (offload mode) is where each layer runs in the refits and the perplexity; `recon_kw` go to
+    `reconstruction.prune_and_reconstruct`.
     """
     if kind not in _SWEEP_KINDS:
         raise ValueError(f"unknown sweep kind '{kind}'; known: {', '.join(_SWEEP_KINDS)}")
@@ -231,10 +233,12 @@ def reconstruction_sweep(model, plan, windows: torch.Tensor, modes: list[str], c
     source = _source(model)
     rows = []
     for mode in modes:
-        kw = {} if mode == "none" else dict(sequential=sequential, stats=None if sequential else stats, **recon_kw)
+        kw = {} if mode == "none" else dict(sequential=sequential, stats=None if sequential else stats,
+                                            device=compute_device, **recon_kw)
         pruned = source.variant(plan, windows, reconstruction=mode, **kw)
         rows.append(measure_variant(pruned, chunks, variant=f"{prefix}-{criterion}-{rate}-{mode}",
                                     source_model=source_model, reference=reference, criterion=criterion,
-                                    allocation=allocation, reconstruction=mode, **{rate_col: rate}))
+                                    allocation=allocation, reconstruction=mode, compute_device=compute_device,
+                                    **{rate_col: rate}))
         del pruned
     return rows

@@ -109,7 +109,8 @@ env = metrics.environment_info(model)
 pd.Series(env)'''),
         ("md", "## Baseline"),
         ("code", '''chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
-row = measure_variant(model, chunks, variant="baseline", source_model=MODEL, memory_kw=dict(spec=MODEL, **MEMORY))
+row = measure_variant(model, chunks, variant="baseline", source_model=MODEL, memory_kw=dict(spec=MODEL, **MEMORY),
+                      compute_device=RUN.compute_device)
 lat = metrics.latency(model, **LATENCY)
 row.update(prefill_ms=lat["prefill_ms_median"], prefill_ms_iqr=lat["prefill_ms_iqr"],
            decode_tok_s=lat["decode_tok_s_median"], load_avg=lat["load_avg"], latency_noisy=lat["latency_noisy"])
@@ -155,9 +156,10 @@ def sweep_cells(kind: str, var: str, shape_col: str, title: str, which: list[str
     rate_col = "head_rate_requested" if kind == "heads" else "mlp_rate_requested"
     return [
         ("md", f"## {title}"),
-        ("code", f'''ref = measure_variant(source.model, sweep_chunks, variant="baseline", source_model=MODEL)
+        ("code", f'''ref = measure_variant(source.model, sweep_chunks, variant="baseline", source_model=MODEL,
+                      compute_device=RUN.compute_device)
 rows = criteria_sweep(source, scores, as_list(CRITERIA), as_list({var}_SWEEP, float), "{kind}", sweep_chunks,
-                      allocation=ALLOCATION, reference=ref, source_model=MODEL)
+                      allocation=ALLOCATION, reference=ref, source_model=MODEL, compute_device=RUN.compute_device)
 sweep = pd.DataFrame(rows)
 sweep.pivot_table(index="criterion", columns="{rate_col}", values="ppl").round(2)'''),
         ("md", "## Reconstruction options for the main criterion\n"
@@ -171,7 +173,7 @@ plan = allocation.plan_{kind}(source.model, scores[MAIN_{var}_CRITERION], {var}_
 recon_rows = reconstruction_sweep(source, plan, windows, as_list(RECON_OPTIONS), sweep_chunks, kind="{kind}",
                                   criterion=MAIN_{var}_CRITERION, rate={var}_RATE, allocation=ALLOCATION,
                                   reference=ref, source_model=MODEL, stats=grams, sequential=RECON_SEQUENTIAL,
-                                  device=RUN.compute_device)
+                                  compute_device=RUN.compute_device)
 rows += recon_rows
 pd.DataFrame(recon_rows)[["variant", "reconstruction", "{shape_col}", "ppl", "ppl_change_pct"]]'''),
     ]
@@ -192,7 +194,7 @@ NB02 = notebook(
                   device=RUN.compute_device)
 row = measure_variant(main, chunks, variant="head_pruned", source_model=MODEL, reference=baseline,
                       criterion=MAIN_HEAD_CRITERION, allocation=ALLOCATION, reconstruction=RECONSTRUCTION,
-                      head_rate_requested=HEAD_RATE)
+                      head_rate_requested=HEAD_RATE, compute_device=RUN.compute_device)
 folder = save_pruned(main, tok, "head_pruned", extra=row)
 rows.append(row)
 table = pd.DataFrame(rows)
@@ -221,7 +223,7 @@ NB03 = notebook(
                        device=RUN.compute_device)
 row = measure_variant(mlp_model, chunks, variant="mlp_pruned", source_model=MODEL, reference=baseline,
                       criterion=MAIN_MLP_CRITERION, allocation=ALLOCATION, reconstruction=RECONSTRUCTION,
-                      mlp_rate_requested=MLP_RATE)
+                      mlp_rate_requested=MLP_RATE, compute_device=RUN.compute_device)
 save_pruned(mlp_model, tok, "mlp_pruned", extra=row)
 rows.append(row)
 del mlp_model'''),
@@ -246,7 +248,7 @@ else:
 row = measure_variant(mix, chunks, variant="mix_pruned", source_model=MODEL, reference=baseline,
                       criterion=f"{head_row['criterion']}+{MAIN_MLP_CRITERION}", allocation=ALLOCATION,
                       reconstruction=RECONSTRUCTION, head_rate_requested=head_row["head_rate_requested"],
-                      mlp_rate_requested=MLP_RATE)
+                      mlp_rate_requested=MLP_RATE, compute_device=RUN.compute_device)
 save_pruned(mix, tok, "mix_pruned", extra=row)
 rows.append(row)
 table = pd.DataFrame(rows)

@@ -99,7 +99,7 @@ def test_check_plan_refuses_the_impossible_and_names_offload_mode():
 def test_offload_plan_holds_one_layer_on_the_device_and_refuses_backward_passes():
     on, off = (memory.plan_stage(LLAMA8B, "02", offload=flag, grams="streamed", copies=1, **T4) for flag in (True, False))
     layer = [p for p in on.parts if p["name"].startswith("one decoder layer")][0]["bytes"]
-    assert on.weights_gb * GB == pytest.approx(layer) and off.weights_gb > 14  # 8B fp16 weights stay on the host
+    assert layer < 0.5 * GB and on.weights_gb < 1.5 and off.weights_gb > 14  # 8B fp16 weights stay on the host
     assert on.host_gb > 14 and on.fits and not off.fits
     assert "offload mode" in on.table()
     taylor = memory.plan_stage(LLAMA8B, "00", offload=True, criteria="taylor", **T4)

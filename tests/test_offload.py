@@ -182,3 +182,15 @@ class TestEmbedded:
                             dtype="float32").variant(plan, w, "lstsq", sequential=False)
         a, b = perplexity(held, chunks, progress=False)["ppl"], perplexity(streamed, chunks, progress=False)["ppl"]
         assert b == pytest.approx(a, rel=1e-6)
+
+
+def test_offloaded_perplexity_equals_the_plain_forward(monkeypatch, moves):
+    from pruning_utils import metrics
+
+    monkeypatch.setattr(metrics, "OFFLOAD_WINDOWS", 3)  # two layer walks over 5 chunks
+    model = tiny_model("qwen2", tie_word_embeddings=True)
+    chunks = _windows(5, 12)
+    plain = metrics.perplexity(model, chunks, batch_size=2, progress=False)
+    offloaded = metrics.perplexity(model, chunks, batch_size=2, progress=False, device="cpu")
+    assert offloaded["tokens"] == plain["tokens"] and offloaded["nll"] == pytest.approx(plain["nll"], rel=1e-6)
+    assert len(moves) == 2 * 2 * len(decoder_layers(model))
