@@ -286,12 +286,13 @@ def run(params: dict, root: Path | None = None, only: list[str] | None = None, f
         for stage, digest in zip(STAGES, digests):
             stage_params = {n: params[n] for n in stage.params}
             stamp = _stamp_path(dirs["results"], stage)
-            selected = only is None or stage.key in only
             if stage.key not in to_run:
                 log(f"[{stage.key}] skipped ({'finished, same parameters' if done[stage.key] else 'not selected'})")
                 records.append({"stage": stage.key, "status": "skipped", "seconds": 0.0})
                 continue
             executed = out_dir / stage.notebook
+            if done[stage.key] and not force:
+                log(f"[{stage.key}] re-running: a later stage reads checkpoints it wrote that KEEP_CHECKPOINTS removed")
             log(f"[{stage.key}] running {stage.notebook} -> {executed}")
             t0 = time.time()
             stamp.unlink(missing_ok=True)
