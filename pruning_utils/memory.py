@@ -2,7 +2,8 @@
 
 `plan_stage(config, "03", device="cuda", dtype="float16")` returns a `MemoryPlan` (weights, statistics,
 activations, gradients/optimizer states, on the device and on the host); `check_plan` raises `MemoryPlanError`
-naming what dominates and what to change; `describe_stage(MODEL, "03", globals())` is the notebooks' first cell.
+naming what dominates and what to change; `choose(MODEL, "03", globals())` is the notebooks' first cell (the
+settings the stage runs with, `RUN`; `RUN.describe()` the printed plan).
 Sizes are GiB (2**30 bytes, the unit of `torch.cuda.mem_get_info` and nvidia-smi).
 
 How the figures are made (b = bytes per element of the model dtype; B x S = batch x sequence of the operation):
@@ -83,7 +84,7 @@ _STAGE_OPS = {"00": ("perplexity", "prefill", "importance_forward"), "02": ("per
               "03": ("perplexity", "prefill", "grams", "prune_refit"), "04": ("lora_step", "perplexity", "prefill"),
               "06": ("perplexity", "prefill", "generate")}
 _STAGE_TARGETS = {"02": ("o_proj",), "03": ("o_proj", "down_proj")}
-# notebook parameter (profiles.PARAMS) -> plan parameter; describe_stage reads only these
+# notebook parameter (profiles.PARAMS) -> plan parameter; choose / describe_stage read only these
 _NOTEBOOK_NAMES = {"DEVICE": "device", "DTYPE": "dtype", "N_CALIB": "n_calib", "CALIB_SEQ_LEN": "calib_seq_len",
                    "EVAL_SEQ_LEN": "eval_seq_len", "LATENCY_BATCH": "latency_batch",
                    "LATENCY_SEQ_LEN": "latency_seq_len", "DECODE_TOKENS": "decode_tokens", "CRITERIA": "criteria",
