@@ -269,29 +269,38 @@ def run(params: dict, root: Path | None = None, only: list[str] | None = None, f
         top, _, rest = output.partition("/")
         return _resolve(output, dirs).exists() or (top == "models" and rest.split("/")[0] in removed)
 
-    digests = list(stage_digests(params, root))
-    done = {}
-    for stage, digest in zip(STAGES, digests):
+    def finished(stage: Stage, digest: str) -> bool:
         stamp = _stamp_path(dirs["results"], stage)
-        done[stage.key] = (stamp.exists() and json.loads(stamp.read_text()).get("digest") == digest
-                           and all(present(o) for o in stage.outputs))
-    to_run = {s.key for s in STAGES if (only is None or s.key in only) and (force or not done[s.key])}
-    grew = True
-    while grew:  # a stage that runs and reads a removed checkpoint needs its writer to run first
-        needed = {_producer(c, params) for k in to_run for c in checkpoints_read(k, params) if c in removed}
-        grew = bool(needed - to_run - {None})
-        to_run |= needed - {None}
+        return (stamp.exists() and json.loads(stamp.read_text()).get("digest") == digest
+                and all(present(o) for o in stage.outputs))
+
+    def wanted(stage: Stage, done: bool) -> bool:
+        return (only is None or stage.key in only) and (force or not done)
+
+    # digests stay lazy (a run that stops at stage 00 never reads the later notebooks) unless checkpoints were
+    # removed: then a stage that runs and reads one needs its writer to run first, decided before anything runs
+    digests = stage_digests(params, root)
+    pulled: set[str] = set()
+    if removed:
+        digests = list(digests)
+        pulled = {s.key for s, d in zip(STAGES, digests) if wanted(s, finished(s, d))}
+        grew = True
+        while grew:
+            needed = {_producer(c, params) for k in pulled for c in checkpoints_read(k, params) if c in removed}
+            grew = bool(needed - pulled - {None})
+            pulled |= needed - {None}
     records = []
     with _kernel_env(kernel_environment(root)):
         for stage, digest in zip(STAGES, digests):
             stage_params = {n: params[n] for n in stage.params}
             stamp = _stamp_path(dirs["results"], stage)
-            if stage.key not in to_run:
-                log(f"[{stage.key}] skipped ({'finished, same parameters' if done[stage.key] else 'not selected'})")
+            done = finished(stage, digest)
+            if not (wanted(stage, done) or stage.key in pulled):
+                log(f"[{stage.key}] skipped ({'finished, same parameters' if done else 'not selected'})")
                 records.append({"stage": stage.key, "status": "skipped", "seconds": 0.0})
                 continue
             executed = out_dir / stage.notebook
-            if done[stage.key] and not force:
+            if not wanted(stage, done):
                 log(f"[{stage.key}] re-running: a later stage reads checkpoints it wrote that KEEP_CHECKPOINTS removed")
             log(f"[{stage.key}] running {stage.notebook} -> {executed}")
             t0 = time.time()
@@ -331,7 +340,7 @@ def run(params: dict, root: Path | None = None, only: list[str] | None = None, f
 
 def _parameter_table() -> str:
     users = {n: [nb[:2] for nb, names in NOTEBOOK_PARAMS.items() if n in names] for n in PARAMS}
-    return "\n".join(f"  {n:<22} {p.type_name():<12} default {p.default!r:<14} [{','.join(users[n])}] {p.help}"
+    return "\n".join(f"  {n:<22} {p.type_name():<12} default {p.default!r:<14} [{','.join(users[n]) or 'runner'}] {p.help}"
                      for n, p in PARAMS.items())
 
 
