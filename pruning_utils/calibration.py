@@ -4,6 +4,10 @@ running one layer on captured inputs, replaying the rest of the model, and stopp
 Importance (head ablations) and reconstruction (one-shot and sequential refits) both build on these. Walking the
 model layer by layer (`walk_layers`) keeps one layer's statistics alive at a time, whatever the depth: a caller
 collects what it needs inside a layer, moves it off the device, and the walk feeds the layer's outputs on.
+
+Offload mode: the walks take a compute `device`. The model then stays where it was loaded (the host), the
+embeddings run there, and each decoder layer is moved to `device` for its turn only (`on_device`) and back to
+its home afterwards, so the device holds one layer's weights plus the calibration windows' hidden states.
 """
 from __future__ import annotations
 
@@ -31,6 +35,46 @@ def _stop(*_):
 def model_device(model) -> torch.device:
     """Return the device of the model's first parameter."""
     return next(model.parameters()).device
+
+
+def to_device(obj, device: torch.device | str | None):
+    """Return `obj` with every tensor in it (nested tuples, lists, dicts) moved to `device` (None: unchanged)."""
+    if device is None:
+        return obj
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+@contextmanager
+def on_device(module: nn.Module, device: torch.device | str | None) -> Iterator[nn.Module]:
+    """Move `module` to `device` for the block, then every parameter and buffer back to its home device, even on error.
+
+    Changes made inside the block (a refit) travel back with the weights; `device=None` leaves the module alone.
+    """
+    if device is None:
+        yield module
+        return
+    tensors = [*module.parameters(), *module.buffers()]
+    homes = [t.device for t in tensors]
+    target = torch.device(device)
+    if all(h == target for h in homes):
+        yield module
+        return
+    # moved outside inference mode: weights created inside it could never again take part in autograd (LoRA)
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            module.to(target)
+        yield module
+    finally:
+        with torch.inference_mode(False), torch.no_grad():
+            for t, home in zip(tensors, homes):
+                if t.device != home:
+                    t.data = t.data.to(home)
 
 
 def batches(windows: Tensor, batch_size: int, device: torch.device | None = None) -> Iterator[Tensor]:
@@ -134,56 +178,85 @@ class LayerInputs:
     calls: list[list[tuple]]
 
 
-def capture_layer_inputs(model, windows: Tensor, batch_size: int = 4) -> LayerInputs:
-    """Return the hidden states entering layer 0 and every layer's call arguments, per batch of windows."""
-    device = model_device(model)
+def capture_layer_inputs(model, windows: Tensor, batch_size: int = 4, device: torch.device | str | None = None
+                         ) -> LayerInputs:
+    """Return the hidden states entering layer 0 and every layer's call arguments, per batch, on `device`.
+
+    The embeddings run where the model is; `device` (offload mode's compute device) is where the captured
+    tensors go, the model's device by default.
+    """
+    home = model_device(model)
     # masks can differ per layer (sliding-window layers), so every layer's call is recorded; the catchers make
     # this pass cost only the embeddings
     with torch.no_grad(), _catching(model) as stores:
-        for ids in batches(windows, batch_size, device):
+        for ids in batches(windows, batch_size, home):
             base_model(model)(input_ids=ids, use_cache=False)
-    return LayerInputs([h for h, _, _ in stores[0]], [[(a, kw) for _, a, kw in store] for store in stores])
+    return LayerInputs([to_device(h, device) for h, _, _ in stores[0]],
+                       [[to_device((a, kw), device) for _, a, kw in store] for store in stores])
 
 
-def walk_layers(model, windows: Tensor, batch_size: int = 4, last: int | None = None, bypassed: set[int] = frozenset()
-                ) -> Iterator[tuple[int, nn.Module, list[Tensor], list[tuple]]]:
+def walk_layers(model, windows: Tensor, batch_size: int = 4, last: int | None = None, bypassed: set[int] = frozenset(),
+                device: torch.device | str | None = None) -> Iterator[tuple[int, nn.Module, list[Tensor], list[tuple]]]:
     """Yield `(index, layer, hidden, calls)` for layers 0..last, feeding each layer's outputs to the next.
 
     The outputs are computed after the caller's loop body has run, so a caller that changes layer i (a refit)
     feeds its changed outputs on: the sequential refit. A `bypassed` layer passes its input on unchanged (a
-    dropped layer). One layer's inputs are alive at a time.
+    dropped layer). One layer's inputs are alive at a time. With `device` (offload mode) the yielded layer and
+    tensors are on `device` and the layer returns to its home when the walk moves on.
     """
-    inputs = capture_layer_inputs(model, windows, batch_size)
+    inputs = capture_layer_inputs(model, windows, batch_size, device)
     layers = decoder_layers(model)
     last = len(layers) - 1 if last is None else last
     hidden = inputs.hidden
     for li in range(last + 1):
-        yield li, layers[li], hidden, inputs.calls[li]
-        if li < last and li not in bypassed:
-            with torch.no_grad():
+        with on_device(layers[li], device):
+            yield li, layers[li], hidden, inputs.calls[li]
+            if li < last and li not in bypassed:
+                with torch.no_grad():
+                    hidden = [run_layer(layers[li], h, call) for h, call in zip(hidden, inputs.calls[li])]
+
+
+def iter_layer_grams(model, windows: Tensor, wanted: Mapping[int, Mapping[Hashable, nn.Linear]], batch_size: int = 4,
+                     device: torch.device | str | None = None) -> Iterator[tuple[int, nn.Module, dict[Hashable, GramStats]]]:
+    """Yield `(index, layer, {key: GramStats})` for layers 0..max(wanted), each right after the layer ran.
+
+    The next layer's inputs are already computed when a layer is yielded, so a caller may refit that layer in
+    place (a one-shot refit: every Gram still comes from the unpruned layers) and drop its statistics before
+    the next layer's are made: one layer's Grams alive, whatever the depth. With `device` (offload mode) the
+    layer is on `device` while yielded.
+    """
+    if not wanted:
+        return
+    inputs = capture_layer_inputs(model, windows, batch_size, device)
+    layers, hidden = decoder_layers(model), inputs.hidden
+    for li in range(max(wanted) + 1):
+        with on_device(layers[li], device):
+            # one run per layer both collects its statistics and makes the next layer's inputs
+            # (the collector is built inside on_device: its accumulators go where the layer's weights are)
+            with torch.no_grad(), GramCollector(wanted.get(li) or {}) as col:
                 hidden = [run_layer(layers[li], h, call) for h, call in zip(hidden, inputs.calls[li])]
+            stats = col.stats
+            del col  # else this layer's device copies live on while the next layer's are allocated
+            yield li, layers[li], stats
+            del stats
 
 
 def layerwise_grams(model, windows: Tensor, wanted: Mapping[int, Mapping[Hashable, nn.Linear]], batch_size: int = 4,
-                    storage: torch.device | str | None = None) -> dict[tuple[int, Hashable], GramStats]:
+                    storage: torch.device | str | None = None, device: torch.device | str | None = None
+                    ) -> dict[tuple[int, Hashable], GramStats]:
     """Return `GramStats` of the inputs of `wanted[layer][key]` modules, one decoder layer at a time.
 
     Each layer runs once over the captured batches with every wanted module hooked, so statistics memory is
     one layer's worth on the device; `storage` (e.g. "cpu") is where finished layers' statistics are kept.
-    The result equals a full-model pass (the same layer calls on the same inputs).
+    The result equals a full-model pass (the same layer calls on the same inputs). `device`: offload mode's
+    compute device (the statistics then go to `storage`, or to the model's home device when it is None).
     """
+    if device is not None and storage is None:
+        storage = model_device(model)
     out: dict[tuple[int, Hashable], GramStats] = {}
-    if not wanted:
-        return out
-    inputs = capture_layer_inputs(model, windows, batch_size)
-    layers, hidden = decoder_layers(model), inputs.hidden
-    with torch.no_grad():
-        for li in range(max(wanted) + 1):
-            # one run per layer both collects its statistics and makes the next layer's inputs
-            with GramCollector(wanted.get(li) or {}) as col:
-                hidden = [run_layer(layers[li], h, call) for h, call in zip(hidden, inputs.calls[li])]
-            out.update({(li, key): st if storage is None else st.to(storage) for key, st in col.stats.items()})
-            del col  # else this layer's device copies live on while the next layer's are allocated
+    for li, _, stats in iter_layer_grams(model, windows, wanted, batch_size, device):
+        out.update({(li, key): st if storage is None else st.to(storage) for key, st in stats.items()})
+        del stats
     return out
 
 

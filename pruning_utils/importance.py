@@ -181,7 +181,7 @@ CRITERIA: dict[str, Callable[..., Scores]] = {
 }
 
 OPTIONS = ("tfidf_mode", "n_topics", "tfidf_alpha", "tfidf_beta", "tfidf_gamma", "tfidf_idf",
-           "semantic_max_windows", "semantic_seq_len", "mix_weights", "progress")
+           "semantic_max_windows", "semantic_seq_len", "mix_weights", "progress", "compute_device")
 
 
 def compute_importance(model, windows: Tensor, criteria: list[str] | str, batch_size: int = 4, seed: int = 0,
@@ -209,7 +209,8 @@ def make_passes(model, windows: Tensor, batch_size: int, seed: int, options: dic
                   hidden="tfidf_topic" in criteria or options.get("tfidf_mode") == "topic",
                   taylor="taylor" in criteria, neuron_grads="semantic" in criteria,
                   semantic_max_windows=options.get("semantic_max_windows", 16),
-                  semantic_seq_len=options.get("semantic_seq_len"), show_progress=bool(options.get("progress", True)))
+                  semantic_seq_len=options.get("semantic_seq_len"), show_progress=bool(options.get("progress", True)),
+                  compute_device=options.get("compute_device"))
 
 
 def score(name: str, passes: Passes, options: dict) -> Scores:
@@ -217,7 +218,7 @@ def score(name: str, passes: Passes, options: dict) -> Scores:
     if name not in passes.cache:
         result = CRITERIA[name](passes.model, passes.windows, passes.batch_size, passes.seed, passes, **options)
         # Provenance that plans carry along: what the scores were computed on, JSON-ready.
-        kept = {k: v for k, v in options.items() if k != "progress"}
+        kept = {k: v for k, v in options.items() if k not in ("progress", "compute_device")}  # no effect on scores
         result.provenance = {"windows": list(passes.windows.shape), "batch_size": passes.batch_size,
                              "seed": passes.seed, **kept, **result.provenance}
         passes.cache[name] = result

@@ -2,7 +2,8 @@
 
 `plan_stage(config, "03", device="cuda", dtype="float16")` returns a `MemoryPlan` (weights, statistics,
 activations, gradients/optimizer states, on the device and on the host); `check_plan` raises `MemoryPlanError`
-naming what dominates and what to change; `describe_stage(MODEL, "03", globals())` is the notebooks' first cell.
+naming what dominates and what to change; `choose(MODEL, "03", globals())` is the notebooks' first cell (the
+settings the stage runs with, `RUN`; `RUN.describe()` the printed plan).
 Sizes are GiB (2**30 bytes, the unit of `torch.cuda.mem_get_info` and nvidia-smi).
 
 How the figures are made (b = bytes per element of the model dtype; B x S = batch x sequence of the operation):
@@ -22,10 +23,19 @@ How the figures are made (b = bytes per element of the model dtype; B x S = batc
 - Gram statistics are fp64 [in, in] per refit module and do not grow with calibration tokens. Collected layer by
   layer (`calibration.layerwise_grams`), the device holds one layer's worth at a time; the Grams of every layer
   are needed to refit many plans from one pass (`reconstruction.collect_grams(..., stats=)`), and where they are
-  kept is the `grams` parameter: "all" (storage=None: every layer's on the device, what the notebooks do by
-  default), "layerwise" (storage="cpu": on the host, counted in `host_gb`; the refit then runs there too) or
-  "sequential" (RECON_SEQUENTIAL: one layer's Grams alive, none held). At 11008 MLP channels a layer's down_proj
-  Gram is ~0.9 GiB, so holding every layer's is the one figure that grows with depth x width² rather than params.
+  kept is the `grams` parameter: "all" (storage=None: every layer's on the device), "layerwise" (storage="cpu":
+  on the host, counted in `host_gb`; the refit then runs there too), "streamed" (none held: each refit collects
+  its layer's Grams, uses and drops them, one calibration pass per refit variant) or "sequential"
+  (RECON_SEQUENTIAL: one layer's Grams alive, none held). At 11008 MLP channels a layer's down_proj Gram is
+  ~0.9 GiB, so holding every layer's is the one figure that grows with depth x width² rather than params.
+- Offload mode (`offload=True`): the weights stay on the host; the device holds one decoder layer's weights, the
+  calibration windows' hidden states and one layer's working set (`calibration.on_device`); perplexity walks
+  the layers the same way over `metrics.OFFLOAD_WINDOWS` windows at a time. Latency and generation run on the
+  host; the gradient passes (taylor, semantic) and LoRA need every layer at once and are refused
+  (`MemoryPlan.blocked`).
+- `choose` turns a notebook's parameters into `StageSettings`: it tries the configured settings, then (where the
+  parameters say 'auto') Grams on the host, streamed Grams, variants built in place from a reloaded checkpoint
+  and offload mode, in that order, and keeps the first plan that fits, saying what it switched and why.
 - A `reserve` fraction is added for allocator fragmentation and kernel workspaces the formulas do not see.
 What is not modelled: the CUDA context (outside `mem_get_info`'s free figure already), the sentence-embedding judge
 (on the CPU), lm-evaluation-harness internals. `benchmarks/memory_scale.py` measures these formulas against
@@ -43,7 +53,10 @@ GB = 2 ** 30
 STAGES = ("00", "02", "03", "04", "06")
 OPERATIONS = ("load", "perplexity", "prefill", "generate", "importance_forward", "taylor", "semantic", "grams",
               "prune_refit", "lora_step")
-GRAM_MODES = ("all", "layerwise", "sequential")
+GRAM_MODES = ("all", "layerwise", "streamed", "sequential")
+OFFLOAD_MODES = ("auto", "off", "on")  # profiles.PARAMS["OFFLOAD"]
+GRAMS_CHOICES = {"auto": None, "device": "all", "host": "layerwise", "streamed": "streamed"}  # ... ["GRAMS"]
+BUILD_CHOICES = ("auto", "copy", "reload")  # ... ["VARIANT_BUILD"]; see variants.Unpruned
 KINDS = ("weights", "statistics", "activations", "optimizer")
 
 # what every operation reads (the names plan_stage / plan_operation accept); defaults follow profiles.DEFAULTS
@@ -60,6 +73,7 @@ PARAMS: dict[str, object] = {
     "teacher": True,  # stage 04: the unpruned model is loaded next to the student (notebook 04 always loads it)
     "distill": False,  # stage 04: the loss needs the teacher's logits (RECOVERY_LOSS distill | mix)
     "copies": None,  # model copies held at once (None: the stage's own count, see _COPIES)
+    "offload": False,  # the model on the host, one decoder layer at a time on the device
     "available_gb": None, "host_available_gb": None,  # None: measured on this machine
     "reserve": 0.1,
 }
@@ -70,7 +84,7 @@ _STAGE_OPS = {"00": ("perplexity", "prefill", "importance_forward"), "02": ("per
               "03": ("perplexity", "prefill", "grams", "prune_refit"), "04": ("lora_step", "perplexity", "prefill"),
               "06": ("perplexity", "prefill", "generate")}
 _STAGE_TARGETS = {"02": ("o_proj",), "03": ("o_proj", "down_proj")}
-# notebook parameter (profiles.PARAMS) -> plan parameter; describe_stage reads only these
+# notebook parameter (profiles.PARAMS) -> plan parameter; choose / describe_stage read only these
 _NOTEBOOK_NAMES = {"DEVICE": "device", "DTYPE": "dtype", "N_CALIB": "n_calib", "CALIB_SEQ_LEN": "calib_seq_len",
                    "EVAL_SEQ_LEN": "eval_seq_len", "LATENCY_BATCH": "latency_batch",
                    "LATENCY_SEQ_LEN": "latency_seq_len", "DECODE_TOKENS": "decode_tokens", "CRITERIA": "criteria",
@@ -114,6 +128,7 @@ class MemoryPlan:
     peak_operation: str = ""
     parts: list[dict] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    blocked: str = ""  # an operation the settings cannot run at all (offload mode and a backward pass)
 
     def to_dict(self) -> dict:
         """Return a JSON-ready dict."""
@@ -127,8 +142,9 @@ class MemoryPlan:
         rows.append(f"| **total on {self.device}** | | | **{self.total_gb:.2f}** of {self.available_gb:.2f} available |")
         if self.device != "cpu":
             rows.append(f"| **total on the host** | | | **{self.host_gb:.2f}** of {self.host_available_gb:.2f} available |")
-        head = (f"Memory plan of stage {self.stage} ({self.dtype} on {self.device}, peak in `{self.peak_operation}`): "
-                f"{'fits' if self.fits else 'DOES NOT FIT'}. Statistics: {self.statistics_on}.")
+        mode = ", offload mode: the model on the host, one layer at a time on the device" if self.settings.get("offload") else ""
+        head = (f"Memory plan of stage {self.stage} ({self.dtype} on {self.device}{mode}, peak in "
+                f"`{self.peak_operation}`): {'fits' if self.fits else 'DOES NOT FIT'}. Statistics: {self.statistics_on}.")
         return head + "\n\n" + "\n".join(rows)
 
 
@@ -270,6 +286,14 @@ def _op_parts(s: _Shape, op: str, p: dict, b: int, targets: tuple[str, ...], cud
         return [Part("the largest tensor in flight", "activations", max(s.vocab * h, h * i, h * nh * s.head_dim) * b)]
     if op == "perplexity":
         B, S = p["eval_batch"], p["eval_seq_len"]
+        if p["offload"]:  # metrics.perplexity(device=): a layer walk over OFFLOAD_WINDOWS windows, then the LM head
+            from .metrics import OFFLOAD_WINDOWS
+
+            return [Part(f"hidden states of {OFFLOAD_WINDOWS} windows (in + out)", "activations",
+                         2 * OFFLOAD_WINDOWS * S * h * b),
+                    Part("final norm + LM head weights (offload mode)", "weights", (s.vocab + 1) * h * b),
+                    Part("logits chain (or one layer, if larger)", "activations",
+                         max(_logits_eval(s, B, S, b), _layer_transient(s, B, S, b)))]
         return [Part("hidden states", "activations", B * S * h * b),
                 Part("logits chain (or one layer, if larger)", "activations",
                      max(_logits_eval(s, B, S, b), _layer_transient(s, B, S, b)))]
@@ -309,13 +333,13 @@ def _op_parts(s: _Shape, op: str, p: dict, b: int, targets: tuple[str, ...], cud
                       2 * p["n_calib"] * S * h * b),
                  Part("one layer + Gram update (fp32 product, fp64 sum)", "activations",
                       _layer_transient(s, B, S, b) + 12 * width ** 2)]
-        if p["grams"] != "all":  # else the layer's Grams are already among the held ones
+        if p["grams"] != "all" or p["offload"]:  # else the layer's Grams are already among the held ones
             parts.insert(0, Part("Grams of the layer being collected", "statistics", per_layer))
         return parts
     if op == "prune_refit":
         where = "host" if p["grams"] == "layerwise" else "device"
         parts = [Part("refit workspace (fp64)", "statistics", _refit_workspace(s, targets), where)]
-        if p["grams"] == "sequential":  # walk_layers: the windows' hidden states, one layer's Grams
+        if p["grams"] in ("sequential", "streamed"):  # walk_layers: the windows' hidden states, one layer's Grams
             parts += _op_parts(s, "grams", p, b, targets, cuda)
         return parts
     if op == "lora_step":
@@ -338,12 +362,16 @@ def _op_parts(s: _Shape, op: str, p: dict, b: int, targets: tuple[str, ...], cud
 
 def _held(s: _Shape, p: dict, b: int, targets: tuple[str, ...], copies: int, teacher: bool) -> list[Part]:
     weights = _n_params(s) * b
-    parts = [Part(f"weights x {copies}" if copies > 1 else "weights", "weights", copies * weights)]
+    home = "host" if p["offload"] else "device"
+    parts = [Part(f"weights x {copies}" if copies > 1 else "weights", "weights", copies * weights, home)]
+    if p["offload"]:
+        parts.append(Part("one decoder layer's weights (offload mode)", "weights",
+                          max(_layer_params(s, *layer) for layer in s.layers) * b))
     if teacher:
-        parts.append(Part("teacher weights (the unpruned model)", "weights", weights))
-    if targets and p["grams"] != "sequential":
+        parts.append(Part("teacher weights (the unpruned model)", "weights", weights, home))
+    if targets and p["grams"] in ("all", "layerwise"):
         total = sum(_gram_bytes(s, targets, layer) for layer in s.layers)
-        where = "device" if p["grams"] == "all" else "host"
+        where = "device" if p["grams"] == "all" and not p["offload"] else "host"
         parts.append(Part(f"Grams of {len(s.layers)} layers ({', '.join(targets)}, fp64)", "statistics", total, where))
     return parts
 
@@ -395,16 +423,35 @@ def _params(given: dict) -> dict:
     return p
 
 
+# operations offload mode runs on the host (the model is there) and those it cannot run (every layer at once)
+_OFFLOAD_STAGES = ("00", "02", "03")  # the stages whose notebooks read OFFLOAD
+_HOST_OPS = ("load", "prefill", "generate")
+_WHOLE_MODEL_OPS = {"taylor": "taylor (CRITERIA: taylor, mix)", "semantic": "semantic (CRITERIA: semantic, mix)",
+                    "lora_step": "LoRA recovery (stage 04)"}
+
+
 def _plan(model_or_config, name: str, ops: tuple[str, ...], targets: tuple[str, ...], copies: int, teacher: bool,
           p: dict) -> MemoryPlan:
     from .devices import resolve_device
 
     s = _shape(model_or_config)
     device = resolve_device(p["device"])
+    if p["offload"] and device.type == "cpu":
+        raise ValueError("offload mode keeps the model on the host and moves one layer at a time to a GPU: it needs "
+                         "DEVICE=cuda (or 'auto' on a machine with a GPU); on a CPU use OFFLOAD='off'")
     dtype = _dtype(p["dtype"], device)
     b = torch.empty(0, dtype=dtype).element_size()
     held = _held(s, p, b, targets, copies, teacher)
     options = {op: _op_parts(s, op, p, b, targets, device.type == "cuda") for op in ops}
+    blocked = ""
+    if p["offload"]:
+        for op in _HOST_OPS:
+            if op in options:
+                options[op] = [Part(x.name + " (on the host: offload mode)", x.kind, x.bytes, "host") for x in options[op]]
+        whole = [_WHOLE_MODEL_OPS[op] for op in ops if op in _WHOLE_MODEL_OPS]
+        if whole:
+            blocked = (f"offload mode cannot run {' or '.join(whole)}: they need every layer on the device at once. "
+                       "Drop taylor, semantic and mix from CRITERIA, or use OFFLOAD='off' on a device that holds the model")
     on_device = lambda parts: sum(x.bytes for x in parts if x.on == "device" or device.type == "cpu")  # noqa: E731
     peak = max(ops, key=lambda op: on_device(options[op]))
     working = [Part(f"{peak}: {x.name}", x.kind, x.bytes, x.on) for x in options[peak]]
@@ -415,23 +462,29 @@ def _plan(model_or_config, name: str, ops: tuple[str, ...], targets: tuple[str, 
     sums = {k: sum(x.bytes for x in dev if x.kind == k) / GB for k in KINDS}
     reserve = p["reserve"] * sum(sums.values())
     total = sum(sums.values()) + reserve
-    host_parts = [x for x in parts if x.on == "host" and device.type != "cpu"]
-    host = sum(x.bytes for x in host_parts if not x.name.startswith("loading"))
-    host = max(host, max((x.bytes for x in host_parts), default=0.0)) / GB  # loading happens before the Grams
+    host_parts = [x for x in held if x.on == "host" and device.type != "cpu"]
+    host = sum(x.bytes for x in host_parts)
+    if device.type != "cpu":  # the operation that needs the most on the host, which need not be the device's peak
+        host += max(sum(x.bytes for x in options[op] if x.on == "host") for op in ops)
+    loading = [x.bytes for x in parts if x.name.startswith("loading")]
+    host = max([host] + loading) / GB  # loading happens before the Grams
     avail = p["available_gb"] if p["available_gb"] is not None else available_gb(device)
     host_avail = (math.nan if device.type == "cpu" else
                   p["host_available_gb"] if p["host_available_gb"] is not None else _host_available())
-    fits = total <= avail and (device.type == "cpu" or not host > host_avail)
+    fits = total <= avail and (device.type == "cpu" or not host > host_avail) and not blocked
+    grams = "layerwise" if p["grams"] == "all" and p["offload"] else p["grams"]
     where = {"all": f"every layer's Grams on the {device.type} (collect_grams storage=None)",
              "layerwise": "one layer's Grams on the device while collecting, every layer's on the host "
                           "(collect_grams storage='cpu'); the refit runs on the host",
-             "sequential": "one layer's Grams at a time (sequential refit), none held"}[p["grams"]] if targets else \
+             "streamed": "one layer's Grams at a time: each one-shot refit collects, uses and drops them "
+                         "(one calibration pass per refit variant), none held",
+             "sequential": "one layer's Grams at a time (sequential refit), none held"}[grams] if targets else \
         "streamed per-channel moments only"
     settings = {k: v for k, v in p.items() if k not in ("available_gb", "host_available_gb")}
     settings.update(copies=copies, params=_n_params(s), model_type=s.model_type)
     return MemoryPlan(name, str(device), str(dtype).replace("torch.", ""), sums["weights"], sums["statistics"],
                       sums["activations"], sums["optimizer"], reserve, total, avail, bool(fits), host, host_avail,
-                      where, peak, [asdict(x) for x in parts], settings)
+                      where, peak, [asdict(x) for x in parts], settings, blocked)
 
 
 def plan_stage(config, stage: str, **params) -> MemoryPlan:
@@ -460,9 +513,9 @@ def _advice(plan: MemoryPlan, largest: list[dict]) -> list[str]:
     kinds, stage = {p["kind"] for p in largest}, plan.stage
     out = []
     if "statistics" in kinds:
-        out.append("Gram statistics do not shrink with fewer tokens: keep them on the host "
-                   "(`collect_grams(..., storage='cpu')`, grams='layerwise') if the host has room, or refit "
-                   "sequentially (RECON_SEQUENTIAL=True, grams='sequential'), which holds one layer's Grams")
+        out.append("Gram statistics do not shrink with fewer tokens: keep them on the host (GRAMS='host', "
+                   "`collect_grams(..., storage='cpu')`) if the host has room, or hold one layer's at a time "
+                   "(GRAMS='streamed', or the sequential refit RECON_SEQUENTIAL=True)")
     if "activations" in kinds:
         out.append("use a smaller batch or sequence length (EVAL_SEQ_LEN, CALIB_SEQ_LEN, RECOVERY_BATCH, "
                    "RECOVERY_SEQ_LEN, LATENCY_SEQ_LEN; the logits grow with batch x sequence x vocabulary)"
@@ -477,8 +530,14 @@ def _advice(plan: MemoryPlan, largest: list[dict]) -> list[str]:
                    "distill / mix needs the teacher in stage 04)")
     out.append("run each stage in a fresh kernel: checkpoints pass between stages through PRUNING_MODELS_DIR, so a "
                "stage holds only what it needs")
-    out.append("or a smaller model / a larger device: offload mode (the model on the host, one layer at a time on "
-               "the device) is not implemented yet")
+    if plan.settings.get("offload"):
+        out.append("or a smaller model / a larger device: this plan is already in offload mode (the model on the "
+                   "host, one layer at a time on the device)")
+    elif plan.device != "cpu":
+        out.append("or offload mode (OFFLOAD='on', or 'auto' to switch when needed): the model stays on the host and "
+                   "one decoder layer at a time goes to the device, for stages 00-03 without taylor / semantic")
+    else:
+        out.append("or a smaller model / a machine with more memory (offload mode needs a GPU)")
     return out
 
 
@@ -486,6 +545,8 @@ def check_plan(plan: MemoryPlan) -> MemoryPlan:
     """Return the plan when it fits; raise `MemoryPlanError` naming the dominant parts and what to change when not."""
     if plan.fits:
         return plan
+    if plan.blocked:
+        raise MemoryPlanError(f"stage {plan.stage}: {plan.blocked}.")
     over_device = not plan.total_gb <= plan.available_gb
     where = "device" if over_device else "host"
     parts = [p for p in plan.parts if (p["on"] == where or plan.device == "cpu") and not p["name"].startswith("loading")]
@@ -520,21 +581,134 @@ def config_of(spec) -> dict:
     return AutoConfig.from_pretrained(spec).to_dict()  # a hub id: config.json only
 
 
+@dataclass
+class StageSettings:
+    """How a stage runs, chosen from its memory plan (`choose`): where the model lives and computes, where the Gram
+    statistics are kept, how variants are built, the plan itself and what was switched from the configured settings."""
+
+    stage: str
+    offload: bool
+    load_device: str  # where load_model puts the model (the host in offload mode)
+    compute_device: str | None  # offload mode: where each decoder layer runs in turn; None otherwise
+    grams: str  # GRAM_MODES
+    build: str  # "copy" | "reload" (variants.Unpruned)
+    plan: MemoryPlan
+    switched: list[str] = field(default_factory=list)
+
+    @property
+    def dtype(self) -> str:
+        """Return the dtype to load in: the compute device's (fp16 on a T4 even while the weights sit on the host)."""
+        return self.plan.dtype
+
+    @property
+    def hold_grams(self) -> bool:
+        """Return whether one Gram pass is kept for every one-shot refit of the stage (else each refit streams its own)."""
+        return self.grams in ("all", "layerwise")
+
+    @property
+    def grams_storage(self) -> str | None:
+        """Return `collect_grams`' storage: 'cpu' when the Grams are kept on the host, else None (where computed)."""
+        return "cpu" if self.grams == "layerwise" or (self.offload and self.grams == "all") else None
+
+    def describe(self) -> str:
+        """Return the plan's markdown table, what was switched and why, and check_plan's advice when it does not fit."""
+        text = self.plan.table()
+        if self.switched:
+            text += "\n\n**Switched to fit:** " + "; ".join(self.switched) + "."
+        try:
+            check_plan(self.plan)
+        except MemoryPlanError as err:
+            text += "\n\n**Warning:** " + str(err)
+        return text
+
+
+def _choice(params: dict, name: str, known) -> str:
+    from .profiles import DEFAULTS
+
+    value = params.get(name, DEFAULTS.get(name, "auto"))
+    if value not in known:
+        raise ValueError(f"unknown {name} '{value}'; known: {', '.join(known)}")
+    return value
+
+
+def _notebook_plan_params(params: dict) -> dict:
+    p = {plan_name: params[nb] for nb, plan_name in _NOTEBOOK_NAMES.items() if nb in params}
+    if "RECOVERY_LOSS" in params:
+        p["distill"] = params["RECOVERY_LOSS"] != "lm"
+    return p
+
+
+def choose(model_or_config, stage: str, params: dict, **names) -> StageSettings:
+    """Return the `StageSettings` of a stage for a model (spec, config or model) and the notebook's parameters.
+
+    `params` (`globals()` will do) and `names` are notebook parameters (`profiles.PARAMS`); `overrides` of plan
+    parameters go in as `_plan=dict(...)`. OFFLOAD / GRAMS / VARIANT_BUILD fix a setting; 'auto' lets it change,
+    cheapest change first (Grams on the host, streamed Grams, in-place variants, offload), until the plan fits.
+    None of these changes alters a result: the same statistics, refits and weights (tested).
+    """
+    from .devices import resolve_device
+
+    params = {**params, **names}
+    overrides = params.pop("_plan", None) or {}
+    base = {**_notebook_plan_params(params), **overrides}
+    config = config_of(model_or_config) if isinstance(model_or_config, str) else model_or_config
+    offload = _choice(params, "OFFLOAD", OFFLOAD_MODES)
+    grams_choice = GRAMS_CHOICES[_choice(params, "GRAMS", tuple(GRAMS_CHOICES))]
+    build_choice = _choice(params, "VARIANT_BUILD", BUILD_CHOICES)
+    device = resolve_device(base.get("device", "auto"))
+    if offload == "on" and device.type == "cpu":
+        raise ValueError("OFFLOAD='on' keeps the model on the host and moves one layer at a time to a GPU, but the "
+                         "device is the CPU: set DEVICE=cuda on a machine with a GPU, or OFFLOAD='off'")
+    offloads = {"off": [False], "on": [True], "auto": [False] + [True] * (device.type == "cuda")}[offload]
+    if stage not in _OFFLOAD_STAGES:
+        offloads = [False]
+    if stage not in _STAGE_TARGETS:
+        grams_options = ["all"]
+    elif params.get("RECON_SEQUENTIAL"):
+        grams_options = ["sequential"]
+    else:
+        grams_options = [grams_choice] if grams_choice else ["all", "layerwise", "streamed"]
+    builds = ([build_choice] if build_choice != "auto" else ["copy", "reload"]) if stage in ("02", "03") else [None]
+    tried: list[tuple[bool, str, str | None, MemoryPlan]] = []
+    for off in offloads:
+        for build in builds:
+            for grams in grams_options:
+                if off and grams == "all" and "layerwise" in grams_options:
+                    continue  # offloaded Grams go to the host: 'all' is 'layerwise' there
+                kw = dict(base, grams=grams, offload=off, **({"copies": 1} if build == "reload" else {}))
+                tried.append((off, grams, build, plan_stage(config, stage, **kw)))
+                if tried[-1][3].fits:
+                    break
+            if tried[-1][3].fits:
+                break
+        if tried[-1][3].fits:
+            break
+    if not tried[-1][3].fits and tried[-1][3].blocked:  # nothing fits: show the last plan that could at least run
+        tried = [t for t in tried if not t[3].blocked] or tried
+    off, grams, build, plan = tried[-1]
+    first = tried[0][3]
+    switched = []
+    if len(tried) > 1:
+        need = f"the configured settings need ~{first.total_gb:.1f} GiB on {first.device} ({first.available_gb:.1f} free)"
+        if first.total_gb <= first.available_gb and first.device != "cpu":
+            need = f"the configured settings need ~{first.host_gb:.1f} GiB on the host ({first.host_available_gb:.1f} free)"
+        if grams != tried[0][1]:
+            switched.append(f"Grams {dict(all='held on the device', layerwise='held on the host', streamed='streamed one layer at a time per refit', sequential='sequential')[grams]} (GRAMS='auto')")
+        if build != tried[0][2]:
+            switched.append("variants built in place from a reloaded checkpoint, one model in memory (VARIANT_BUILD='auto')")
+        if off and not tried[0][0]:
+            switched.append(f"offload mode: the model on the host, one decoder layer at a time on {device.type} "
+                            "(OFFLOAD='auto')")
+        switched = [f"{need}; so " + switched[0]] + switched[1:] if switched else []
+    return StageSettings(stage, off, "cpu" if off else str(device), str(device) if off else None,
+                         grams, build or "copy", plan, switched)
+
+
 def describe_stage(model_or_config, stage: str, params: dict, **overrides) -> str:
     """Return the markdown plan of a stage for a model, config or spec and the notebook's parameters (`globals()` will do).
 
     Only notebook parameter names (`profiles.PARAMS`) are read from `params`; `overrides` are plan parameters.
-    A plan that does not fit ends with `check_plan`'s advice instead of raising, so the notebook goes on to try.
+    The settings are `choose`'s; a plan that does not fit ends with `check_plan`'s advice instead of raising, so
+    the notebook goes on to try.
     """
-    p = {plan_name: params[nb] for nb, plan_name in _NOTEBOOK_NAMES.items() if nb in params}
-    if "RECON_SEQUENTIAL" in params and params["RECON_SEQUENTIAL"]:
-        p["grams"] = "sequential"
-    if "RECOVERY_LOSS" in params:
-        p["distill"] = params["RECOVERY_LOSS"] != "lm"
-    plan = plan_stage(config_of(model_or_config) if isinstance(model_or_config, str) else model_or_config, stage,
-                      **{**p, **overrides})
-    try:
-        check_plan(plan)
-        return plan.table()
-    except MemoryPlanError as err:
-        return plan.table() + "\n\n**Warning:** " + str(err)
+    return choose(model_or_config, stage, dict(params, _plan=overrides)).describe()

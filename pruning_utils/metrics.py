@@ -88,14 +88,23 @@ def checkpoint_size_mb(folder: str | Path) -> float:
 # ---------------------------------------------------------------------------------------------- quality
 
 
+OFFLOAD_WINDOWS = 32  # windows per layer walk of an offloaded perplexity: bounds the hidden states on the device
+
+
 def perplexity(model, chunks: torch.Tensor, batch_size: int = 4, desc: str = "perplexity",
-               progress: bool = True, reference=None) -> dict[str, float]:
+               progress: bool = True, device: torch.device | str | None = None, reference=None) -> dict[str, float]:
     """Return `ppl`, mean `nll` and `tokens` scored over token chunks [n, seq_len], each chunk scored on its own;
-    with a `reference` model also `kl`, the mean per-token KL(reference || model) on the same tokens."""
+    with a `reference` model also `kl`, the mean per-token KL(reference || model) on the same tokens.
+
+    `device` (offload mode): the model stays where it is and each decoder layer runs on `device` in turn, over
+    `OFFLOAD_WINDOWS` chunks at a time; the same figures as a plain forward (no `reference` then).
+    """
     from .progress import progress as bar
 
     if chunks.dim() != 2 or chunks.shape[1] < 2:
         raise ValueError(f"chunks must be a LongTensor [n, seq_len >= 2], got shape {tuple(chunks.shape)}")
+    if device is not None:
+        return _perplexity_offloaded(model, chunks, batch_size, device, desc, progress)
     device = _device(model)
     total_nll, total_kl, total_tokens = 0.0, 0.0, 0
     with torch.inference_mode():
@@ -115,6 +124,32 @@ def perplexity(model, chunks: torch.Tensor, batch_size: int = 4, desc: str = "pe
     if reference is not None:
         out["kl"] = total_kl / total_tokens
     return out
+
+
+def _perplexity_offloaded(model, chunks: torch.Tensor, batch_size: int, device, desc: str, progress: bool) -> dict:
+    from .arch import final_norm, lm_head
+    from .calibration import on_device, run_layer, walk_layers
+    from .progress import progress as bar
+
+    total_nll, total_tokens = 0.0, 0
+    last = len(decoder_layers(model)) - 1
+    groups = range(0, len(chunks), OFFLOAD_WINDOWS)
+    with torch.inference_mode():
+        for start in bar(groups, desc=f"{desc} (offload)", disable=not progress, leave=False):
+            group = chunks[start:start + OFFLOAD_WINDOWS]
+            for li, layer, hidden, calls in walk_layers(model, group, batch_size, device=device):
+                if li == last:
+                    hidden = [run_layer(layer, h, call) for h, call in zip(hidden, calls)]
+            with on_device(final_norm(model), device) as norm, on_device(lm_head(model), device) as head:
+                for b, h in zip(range(0, len(group), batch_size), hidden):
+                    ids = group[b:b + batch_size].to(device)
+                    logits = head(norm(h))[:, :-1]
+                    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                                          reduction="sum")
+                    total_nll += nll.item()
+                    total_tokens += ids[:, 1:].numel()
+    mean = total_nll / total_tokens
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens}
 
 
 # ---------------------------------------------------------------------------------------------- speed

@@ -7,6 +7,10 @@
 - `semantic_heads()`: exact per-head ablations, replaying only the layers after the ablated one.
 
 A criterion receives the `Passes` object explicitly (`importance.compute_importance` builds one).
+
+Offload mode (`compute_device`, the model kept on the host): `forward_stats()` walks the model one decoder layer
+at a time on the compute device (`calibration.walk_layers`), giving the same moments as the one-pass forward. The
+gradient pass and the head ablations need every layer at once and refuse offload mode with what to do instead.
 """
 from __future__ import annotations
 
@@ -18,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import calibration
-from .arch import (HEAD_INPUT, NEURON_INPUT, base_model, decoder_layers, head_dim, layer_shapes, owned_parameters,
-                   owned_sums, proj)
+from .arch import (HEAD_INPUT, NEURON_INPUT, base_model, decoder_layers, final_norm, head_dim, layer_shapes,
+                   owned_parameters, owned_sums, proj)
 from .hooks import hooks, masked
 from .progress import progress
 from .stats import Moments
@@ -54,6 +58,7 @@ class Passes:
     semantic_max_windows: int | None = 16
     semantic_seq_len: int | None = None
     show_progress: bool = True
+    compute_device: torch.device | str | None = None  # offload mode: where each layer runs (the model stays put)
     cache: dict = field(default_factory=dict)  # criterion name -> Scores, filled by importance
     _forward: ForwardStats | None = None
     _grad: dict | None = None
@@ -68,6 +73,13 @@ class Passes:
             raise ValueError(f"semantic_max_windows must be >= 1 (or None for all windows), got {limit}")
         self.device = calibration.model_device(self.model)
 
+    def _no_offload(self, what: str, criteria: str) -> None:
+        if self.compute_device is not None:
+            raise RuntimeError(
+                f"{what} ({criteria}) needs the whole model on one device, which offload mode (the model on the "
+                f"host, one layer at a time on {self.compute_device}) does not provide: drop {criteria} from "
+                "CRITERIA, or run with OFFLOAD='off' on a device that holds the model")
+
     @property
     def n_semantic_windows(self) -> int:
         """Return how many windows the head ablations use."""
@@ -80,6 +92,9 @@ class Passes:
     def forward_stats(self) -> ForwardStats:
         """Return the moments of every o_proj / down_proj input from one forward pass (LM head skipped)."""
         if self._forward is not None:
+            return self._forward
+        if self.compute_device is not None:
+            self._forward = self._forward_stats_offloaded()
             return self._forward
         model, dev = self.model, self.device
         shapes, hd = layer_shapes(model), head_dim(model)
@@ -112,12 +127,52 @@ class Passes:
         self._forward = ForwardStats(attn, mlp, doc_tokens, doc_hidden)
         return self._forward
 
+    @torch.inference_mode()
+    def _forward_stats_offloaded(self) -> ForwardStats:
+        """Return `forward_stats()` computed one layer at a time on `compute_device`, the results on the host."""
+        model, home, dev = self.model, self.device, self.compute_device
+        shapes, hd = layer_shapes(model), head_dim(model)
+        n_docs = len(self.windows)
+        nd = n_docs if self.docs else 0
+        starts = list(range(0, n_docs, self.batch_size))
+        attn, mlp = [], []
+        doc_tokens = torch.zeros(n_docs, device=home)
+        for start in starts:
+            doc_tokens[start:start + self.batch_size] += self.windows.shape[1]
+        doc_hidden = None
+        last = len(shapes) - 1
+        walk = calibration.walk_layers(model, self.windows, self.batch_size, device=dev)
+        for li, layer, hidden, calls in progress(walk, total=len(shapes), desc="importance: forward statistics (offload)",
+                                                  disable=not self.show_progress):
+            a, m = Moments(shapes[li].n_heads * hd, dev, nd), Moments(shapes[li].intermediate, dev, nd)
+            current: dict[str, Tensor] = {}
+            specs = [(proj(layer, HEAD_INPUT), "pre", lambda mod, args: a.add(args[0], current["doc"])),
+                     (proj(layer, NEURON_INPUT), "pre", lambda mod, args: m.add(args[0], current["doc"]))]
+            outs = []
+            with hooks(*specs):
+                for start, h, call in zip(starts, hidden, calls):
+                    current["doc"] = torch.arange(start, start + len(h), device=dev)
+                    out = calibration.run_layer(layer, h, call)
+                    if self.hidden and li == last:
+                        outs.append((start, out))
+            attn.append(a.to(home))
+            mlp.append(m.to(home))
+            if outs:  # last_hidden_state of the one-pass forward: the final norm of the last layer's outputs
+                with calibration.on_device(final_norm(model), dev) as norm:
+                    for start, out in outs:
+                        h = norm(out).float().sum(1).to(home)
+                        if doc_hidden is None:
+                            doc_hidden = torch.zeros(n_docs, h.shape[-1], device=home)
+                        doc_hidden[start:start + len(h)] += h
+        return ForwardStats(attn, mlp, doc_tokens, doc_hidden)
+
     # -- gradient pass ------------------------------------------------------------------------
 
     def grad_stats(self) -> dict:
         """Return {'taylor': (heads, neurons)} and/or {'semantic': neurons} from one backward pass over the windows."""
         if self._grad is not None:
             return self._grad
+        self._no_offload("the gradient pass", "taylor, semantic and mix")
         model, dev = self.model, self.device
         layers, shapes, hd = decoder_layers(model), layer_shapes(model), head_dim(model)
         owned = [p for layer in layers for p in owned_parameters(layer)]
@@ -176,6 +231,7 @@ class Passes:
         """Return per-head KL + max(dloss, 0) (nats per predicted token) from one ablated pass per head."""
         if self._semantic_heads is not None:
             return self._semantic_heads
+        self._no_offload("the exact head ablations", "semantic and mix")
         model, dev = self.model, self.device
         shapes = layer_shapes(model)
         # one ablated replay per head: cost is heads x tokens, so CPU runs bound the tokens (semantic_seq_len)

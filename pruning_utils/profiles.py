@@ -47,6 +47,11 @@ PARAMS: dict[str, Param] = {
     "DEVICE": Param("auto", str, "auto | cpu | cuda"),
     "DTYPE": Param("auto", str, "auto (fp16 on T4/P100, fp32 on CPU) | float32 | float16 | bfloat16"),
     "SEED": Param(0, int, "seed of the calibration sampling, random scores and LoRA init"),
+    # memory (pruning_utils/memory.py chooses 'auto' settings from the stage's memory plan; results do not change)
+    "OFFLOAD": Param("auto", str, "auto | off | on: model on the host, one layer at a time on the GPU (00-03)"),
+    "GRAMS": Param("auto", str, "auto | device | host | streamed: where the refits' Gram statistics are kept"),
+    "VARIANT_BUILD": Param("auto", str, "auto | copy | reload: variants as deep copies or in place from a reload"),
+    "KEEP_CHECKPOINTS": Param("all", str, "all | needed: delete each checkpoint after the last stage that reads it"),
     "N_CALIB": Param(64, int, "calibration windows"),
     "CALIB_SEQ_LEN": Param(256, int, "tokens per calibration window"),
     "EVAL_SEQ_LEN": Param(512, int, "perplexity windows (non-overlapping)"),
@@ -101,17 +106,20 @@ PARAMS: dict[str, Param] = {
 }
 
 DEFAULTS: dict[str, object] = {name: p.default for name, p in PARAMS.items()}
+# parameters that take one of a few words (checked with the types, so a typo stops the run before it starts)
+CHOICES: dict[str, tuple[str, ...]] = {"OFFLOAD": ("auto", "off", "on"), "GRAMS": ("auto", "device", "host", "streamed"),
+                                       "VARIANT_BUILD": ("auto", "copy", "reload"), "KEEP_CHECKPOINTS": ("all", "needed")}
 
 _COMMON = ("PROFILE", "MODEL", "TEXT_SOURCE", "SELFGEN_TEMPERATURE", "SELFGEN_TOP_P", "FIDELITY_TOKENS", "DEVICE",
            "DTYPE", "SEED", "N_CALIB", "CALIB_SEQ_LEN", "EVAL_SEQ_LEN", "EVAL_MAX_TOKENS", "SWEEP_EVAL_MAX_TOKENS",
            "LATENCY_BATCH", "LATENCY_SEQ_LEN", "LATENCY_REPEATS", "DECODE_TOKENS")
-_SWEEP = ("ALLOCATION", "RECONSTRUCTION", "RECON_OPTIONS", "RECON_SEQUENTIAL")
+_SWEEP = ("ALLOCATION", "RECONSTRUCTION", "RECON_OPTIONS", "RECON_SEQUENTIAL", "OFFLOAD", "GRAMS", "VARIANT_BUILD")
 
 # What each notebook reads (tests/test_notebooks.py checks these against the notebooks' code): the runner passes
 # only these, and a stage's digest hashes only these, so e.g. a new ZERO_SHOT_LIMIT re-runs notebook 06 alone.
 NOTEBOOK_PARAMS: dict[str, tuple[str, ...]] = {
     "00-setup-01-baseline-and-importance.ipynb": tuple(n for n in _COMMON if n != "SWEEP_EVAL_MAX_TOKENS") + (
-        "CRITERIA", "SEMANTIC_MAX_WINDOWS", "SEMANTIC_SEQ_LEN"),
+        "CRITERIA", "SEMANTIC_MAX_WINDOWS", "SEMANTIC_SEQ_LEN", "OFFLOAD"),
     "02_head_pruning.ipynb": _COMMON + ("CRITERIA", "HEAD_RATE", "HEAD_SWEEP", "MAIN_HEAD_CRITERION") + _SWEEP,
     "03_mlp_pruning.ipynb": _COMMON + ("CRITERIA", "MLP_RATE", "MLP_SWEEP", "MAIN_MLP_CRITERION") + _SWEEP + (
         "MIX_RESCORE",),
@@ -192,6 +200,8 @@ def coerce(name: str, value: object) -> object:
         return str(value)
     if not isinstance(value, str):
         raise wrong
+    if name in CHOICES and value not in CHOICES[name]:
+        raise ParameterError(f"parameter {name} expects one of {', '.join(CHOICES[name])}, got {value!r}")
     return value
 
 

@@ -59,16 +59,18 @@ def target_module(layer: nn.Module, name: str) -> nn.Linear:
 
 
 def collect_grams(model, windows: Tensor, layers: Iterable[int] | None = None, which: Iterable[str] = TARGETS,
-                  batch_size: int = 4, storage: torch.device | str | None = None) -> dict[tuple[int, str], GramStats]:
+                  batch_size: int = 4, storage: torch.device | str | None = None,
+                  device: torch.device | str | None = None) -> dict[tuple[int, str], GramStats]:
     """Return `GramStats` per (layer, module name) of the inputs of o_proj / down_proj, one layer at a time.
 
     `storage` (e.g. "cpu") is where each finished layer's statistics go; by default they stay on the model's device.
+    `device`: offload mode's compute device (each layer visits it in turn; the model stays where it is).
     """
     layer_list = decoder_layers(model)
     layers = sorted(range(len(layer_list)) if layers is None else set(layers))
     which = list(which)
     wanted = {li: {name: target_module(layer_list[li], name) for name in which} for li in layers} if which else {}
-    return calibration.layerwise_grams(model, windows, wanted, batch_size, storage)
+    return calibration.layerwise_grams(model, windows, wanted, batch_size, storage, device)
 
 
 def _solve_ridge(a: Tensor, b: Tensor) -> Tensor:
@@ -188,14 +190,17 @@ def _refit_in_place(module: nn.Linear, keep: Tensor, stats: GramStats | None, mo
 
 def reconstruct_in_place(model, plan: PruningPlan, windows: Tensor | None, mode: str = "lstsq",
                          sequential: bool = True, batch_size: int = 4, ridge_ratio: float = 1e-2,
-                         stats: Mapping[tuple[int, str], GramStats] | None = None, chase: bool = False):
+                         stats: Mapping[tuple[int, str], GramStats] | None = None, chase: bool = False,
+                         device: torch.device | str | None = None):
     """Refit o_proj / down_proj for the plan's removals and zero the removed columns, keeping shapes; returns model.
 
     The result computes exactly what the pruned model will (zero columns = masked channels), so `surgery.apply_plan`
     afterwards only slices; `prune_and_reconstruct` does both. `stats` (from `collect_grams` on this unpruned
     model) replaces the one-shot calibration pass, so one pass serves every plan cut from the same model.
     `chase` (sequential only) refits toward the unpruned model's outputs instead of the unpruned layer's outputs
-    on pruned-upstream inputs, so upstream error is compensated too.
+    on pruned-upstream inputs, so upstream error is compensated too. Without `stats`, a one-shot refit streams:
+    each layer's Grams are collected, used and dropped before the next layer's (one layer's Grams alive, the
+    same refit as from `collect_grams`). `device`: offload mode's compute device for the calibration walks.
     """
     targets = _targets(model, plan)
     _check(model, plan, mode, targets)
@@ -216,16 +221,9 @@ def reconstruct_in_place(model, plan: PruningPlan, windows: Tensor | None, mode:
     elif windows is None:
         raise ReconstructionError(f"mode '{mode}' needs calibration windows (or one-shot stats from collect_grams)")
     elif sequential:
-        return _reconstruct_sequential(model, plan, windows, targets, mode, batch_size, ridge_ratio, chase)
+        return _reconstruct_sequential(model, plan, windows, targets, mode, batch_size, ridge_ratio, chase, device)
     else:
-        wanted: dict[int, list[str]] = {}
-        for li, name in targets:
-            wanted.setdefault(li, []).append(name)
-        layer_list = decoder_layers(model)
-        stats = calibration.layerwise_grams(
-            model, windows, {li: {n: target_module(layer_list[li], n) for n in names} for li, names in wanted.items()},
-            batch_size)
-        stats = {(li, name): st for (li, name), st in stats.items()}
+        return _reconstruct_streamed(model, windows, targets, mode, batch_size, ridge_ratio, device)
     layer_list = decoder_layers(model)
     for (li, name), keep in targets.items():
         _refit_in_place(target_module(layer_list[li], name), keep, stats.get((li, name)), mode, ridge_ratio)
@@ -234,11 +232,12 @@ def reconstruct_in_place(model, plan: PruningPlan, windows: Tensor | None, mode:
 
 def prune_and_reconstruct(model, plan: PruningPlan, windows: Tensor | None, mode: str = "lstsq",
                           sequential: bool = True, batch_size: int = 4, ridge_ratio: float = 1e-2,
-                          stats: Mapping[tuple[int, str], GramStats] | None = None, chase: bool = False):
+                          stats: Mapping[tuple[int, str], GramStats] | None = None, chase: bool = False,
+                          device: torch.device | str | None = None):
     """Apply the plan in place with o_proj / down_proj reconstructed on the calibration windows; returns model."""
     from .surgery import apply_plan
 
-    reconstruct_in_place(model, plan, windows, mode, sequential, batch_size, ridge_ratio, stats, chase)
+    reconstruct_in_place(model, plan, windows, mode, sequential, batch_size, ridge_ratio, stats, chase, device)
     return apply_plan(model, plan)
 
 
@@ -253,8 +252,25 @@ def _paired_stats(layer: nn.Module, name: str, ref_layer: nn.Module, hidden: lis
 
 
 @torch.no_grad()
+def _reconstruct_streamed(model, windows: Tensor, targets, mode: str, batch_size: int, ridge_ratio: float,
+                          device: torch.device | str | None = None):
+    """One-shot refit, one layer at a time: collect a layer's Grams on the unpruned model, refit it, drop them."""
+    wanted: dict[int, dict[str, nn.Linear]] = {}
+    layer_list = decoder_layers(model)
+    for li, name in targets:
+        wanted.setdefault(li, {})[name] = target_module(layer_list[li], name)
+    # iter_layer_grams yields a layer after the next layer's inputs were made from it: refitting it then leaves
+    # every later Gram as the unpruned model's
+    for li, layer, stats in calibration.iter_layer_grams(model, windows, wanted, batch_size, device):
+        for name in wanted.get(li, {}):
+            _refit_in_place(target_module(layer, name), targets[(li, name)], stats[name], mode, ridge_ratio)
+        del stats
+    return model
+
+
+@torch.no_grad()
 def _reconstruct_sequential(model, plan: PruningPlan, windows: Tensor, targets, mode: str, batch_size: int,
-                            ridge_ratio: float, chase: bool = False):
+                            ridge_ratio: float, chase: bool = False, device: torch.device | str | None = None):
     """Refit layer by layer on the outputs of the already refit layers, holding one layer's activations at a time.
 
     `chase`: also carry the unpruned model's hidden states (through a copy of each layer taken before its refit)
@@ -264,7 +280,8 @@ def _reconstruct_sequential(model, plan: PruningPlan, windows: Tensor, targets, 
     last = max(li for li, _ in targets)
     dropped = set(range(last + 1)) - kept_layers
     ref_hidden = None
-    for li, layer, hidden, calls in calibration.walk_layers(model, windows, batch_size, last, bypassed=dropped):
+    for li, layer, hidden, calls in calibration.walk_layers(model, windows, batch_size, last, bypassed=dropped,
+                                                            device=device):
         if ref_hidden is None:
             ref_hidden = list(hidden)
         pruned_here = [name for name in TARGETS if (li, name) in targets and li in kept_layers]

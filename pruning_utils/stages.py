@@ -4,7 +4,14 @@
 `pruning_utils/profiles.py`; each notebook receives only the ones it reads. A stage is skipped when its stamp (a hash
 of its parameters, its notebook and the stamps of the stages before it) matches and all its outputs exist; `--force`
 re-runs. Bad usage (unknown stage, parameter or profile; a value of the wrong type) exits with code 2 before anything
-runs; a failed stage stops the run with exit code 1, naming the stage and its executed notebook.
+runs; a failed stage stops the run with exit code 1, naming the stage and its executed notebook, and the half-written
+checkpoint folders it left (`models/.tmp-*`) are removed.
+
+Checkpoint disk budget (`KEEP_CHECKPOINTS='needed'`): the stage graph (`checkpoints_read` / `checkpoints_written`)
+says which checkpoints under models/ each stage reads and writes; once a stage has finished, every checkpoint the
+pipeline wrote that no later stage reads is deleted (atomically: renamed away, then removed) and recorded in
+`results/stages/removed_checkpoints.json`. A removed checkpoint counts as present for skipping; a stage that must
+re-run and reads one re-runs the stage that writes it first.
 """
 from __future__ import annotations
 
@@ -13,7 +20,9 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import subprocess
+import uuid
 import sys
 import time
 from collections.abc import Iterator
@@ -54,6 +63,73 @@ STAGES = (
         "results/ablation_studies/final_eval.csv", "results/plots/pareto_params.png",
         "results/plots/pareto_latency.png", "results/plots/stage_bars.png")),
 )
+
+
+def checkpoints_read(key: str, params: dict) -> set[str]:
+    """Return the checkpoints under models/ that stage `key` reads, given the run's parameters."""
+    if key == "03":
+        return {"head_pruned"}  # its plan and row (and the model itself with MIX_RESCORE)
+    if key == "04":
+        return set(as_list(params["RECOVERY_MODELS"]))
+    if key == "06":
+        return set(as_list(params["VARIANTS"]) + as_list(params["EXTRA_VARIANTS"])) - {"baseline"}
+    return set()
+
+
+def checkpoints_written(key: str, params: dict) -> set[str]:
+    """Return the checkpoints under models/ that stage `key` writes, given the run's parameters."""
+    return {"02": {"head_pruned"}, "03": {"mlp_pruned", "mix_pruned"},
+            "04": {f"{name}_lora" for name in as_list(params["RECOVERY_MODELS"])}}.get(key, set())
+
+
+def not_needed_after(key: str, params: dict) -> set[str]:
+    """Return the checkpoints written by stage `key` or before it that no later stage reads."""
+    keys = [s.key for s in STAGES]
+    done, later = keys[:keys.index(key) + 1], keys[keys.index(key) + 1:]
+    written = set().union(*(checkpoints_written(k, params) for k in done))
+    return written - set().union(*(checkpoints_read(k, params) for k in later))
+
+
+def _removed_path(results_dir: Path) -> Path:
+    return results_dir / "stages" / "removed_checkpoints.json"
+
+
+def _read_removed(results_dir: Path) -> dict[str, str]:
+    path = _removed_path(results_dir)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _write_removed(results_dir: Path, removed: dict[str, str]) -> None:
+    path = _removed_path(results_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(removed, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def remove_checkpoint(models: Path, name: str) -> bool:
+    """Delete checkpoint folder `models/name` atomically (renamed away first); returns whether it existed."""
+    folder = models / name
+    if not folder.exists():
+        return False
+    trash = models / f".removed-{name}-{uuid.uuid4().hex[:8]}"
+    os.replace(folder, trash)  # from here on no reader sees half a checkpoint
+    shutil.rmtree(trash, ignore_errors=True)
+    return True
+
+
+def remove_half_written(models: Path) -> list[str]:
+    """Delete the temporary folders an interrupted checkpoint write or removal leaves under models/; returns their names."""
+    if not models.is_dir():
+        return []
+    left = [p for p in models.iterdir() if p.is_dir() and p.name.startswith((".tmp-", ".old-", ".removed-"))]
+    for p in left:
+        shutil.rmtree(p, ignore_errors=True)
+    return sorted(p.name for p in left)
+
+
+def _producer(name: str, params: dict) -> str | None:
+    return next((s.key for s in STAGES if name in checkpoints_written(s.key, params)), None)
 
 
 def project_root() -> Path:
@@ -186,19 +262,46 @@ def run(params: dict, root: Path | None = None, only: list[str] | None = None, f
     dirs = output_dirs(root)
     out_dir = dirs["results"] / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
+    keep = params.get("KEEP_CHECKPOINTS", "all")
+    removed = _read_removed(dirs["results"])
+
+    def present(output: str) -> bool:  # a checkpoint removed by KEEP_CHECKPOINTS='needed' counts as written
+        top, _, rest = output.partition("/")
+        return _resolve(output, dirs).exists() or (top == "models" and rest.split("/")[0] in removed)
+
+    def finished(stage: Stage, digest: str) -> bool:
+        stamp = _stamp_path(dirs["results"], stage)
+        return (stamp.exists() and json.loads(stamp.read_text()).get("digest") == digest
+                and all(present(o) for o in stage.outputs))
+
+    def wanted(stage: Stage, done: bool) -> bool:
+        return (only is None or stage.key in only) and (force or not done)
+
+    # digests stay lazy (a run that stops at stage 00 never reads the later notebooks) unless checkpoints were
+    # removed: then a stage that runs and reads one needs its writer to run first, decided before anything runs
+    digests = stage_digests(params, root)
+    pulled: set[str] = set()
+    if removed:
+        digests = list(digests)
+        pulled = {s.key for s, d in zip(STAGES, digests) if wanted(s, finished(s, d))}
+        grew = True
+        while grew:
+            needed = {_producer(c, params) for k in pulled for c in checkpoints_read(k, params) if c in removed}
+            grew = bool(needed - pulled - {None})
+            pulled |= needed - {None}
     records = []
     with _kernel_env(kernel_environment(root)):
-        for stage, digest in zip(STAGES, stage_digests(params, root)):
+        for stage, digest in zip(STAGES, digests):
             stage_params = {n: params[n] for n in stage.params}
             stamp = _stamp_path(dirs["results"], stage)
-            selected = only is None or stage.key in only
-            done = (stamp.exists() and json.loads(stamp.read_text()).get("digest") == digest
-                    and all(_resolve(o, dirs).exists() for o in stage.outputs))
-            if not selected or (done and not force):
+            done = finished(stage, digest)
+            if not (wanted(stage, done) or stage.key in pulled):
                 log(f"[{stage.key}] skipped ({'finished, same parameters' if done else 'not selected'})")
                 records.append({"stage": stage.key, "status": "skipped", "seconds": 0.0})
                 continue
             executed = out_dir / stage.notebook
+            if not wanted(stage, done):
+                log(f"[{stage.key}] re-running: a later stage reads checkpoints it wrote that KEEP_CHECKPOINTS removed")
             log(f"[{stage.key}] running {stage.notebook} -> {executed}")
             t0 = time.time()
             stamp.unlink(missing_ok=True)
@@ -207,10 +310,16 @@ def run(params: dict, root: Path | None = None, only: list[str] | None = None, f
                                     cwd=str(root / "notebooks"), kernel_name="python3", progress_bar=False,
                                     log_output=False)
             except Exception as err:  # papermill raises PapermillExecutionError with the cell's traceback
+                left = remove_half_written(dirs["models"])  # the kernel is gone: nothing else is writing these
                 raise StageFailed(
                     f"stage {stage.key} ({stage.notebook}) failed: {err.__class__.__name__}: "
                     f"{str(err).strip()[-600:]}\nsee the executed notebook {executed}"
+                    + (f"\nremoved half-written checkpoint folders: {', '.join(left)}" if left else "")
                 ) from err
+            if checkpoints_written(stage.key, params) & set(removed):
+                for name in checkpoints_written(stage.key, params):
+                    removed.pop(name, None)  # written again
+                _write_removed(dirs["results"], removed)
             absent = [o for o in stage.outputs if not _resolve(o, dirs).exists()]
             if absent:
                 raise StageFailed(f"stage {stage.key} finished but did not write {absent}; see {executed}")
@@ -220,12 +329,18 @@ def run(params: dict, root: Path | None = None, only: list[str] | None = None, f
                                         default=str))
             log(f"[{stage.key}] done in {seconds / 60:.1f} min")
             records.append({"stage": stage.key, "status": "ran", "seconds": seconds})
+            if keep == "needed":
+                gone = sorted(n for n in not_needed_after(stage.key, params) if remove_checkpoint(dirs["models"], n))
+                removed.update({n: _producer(n, params) for n in gone})
+                _write_removed(dirs["results"], removed)
+                if gone:
+                    log(f"[{stage.key}] KEEP_CHECKPOINTS=needed: removed {', '.join(gone)} (no later stage reads them)")
     return records
 
 
 def _parameter_table() -> str:
     users = {n: [nb[:2] for nb, names in NOTEBOOK_PARAMS.items() if n in names] for n in PARAMS}
-    return "\n".join(f"  {n:<22} {p.type_name():<12} default {p.default!r:<14} [{','.join(users[n])}] {p.help}"
+    return "\n".join(f"  {n:<22} {p.type_name():<12} default {p.default!r:<14} [{','.join(users[n]) or 'runner'}] {p.help}"
                      for n, p in PARAMS.items())
 
 

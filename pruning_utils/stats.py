@@ -45,6 +45,15 @@ class Moments:
             self.doc_abs.index_add_(0, row_doc, a.sum(1))
             self.doc_active.index_add_(0, row_doc, active.sum(1))
 
+    def to(self, device: torch.device | str) -> "Moments":
+        """Return these moments on another device (offload mode brings each layer's back to the host)."""
+        out = Moments.__new__(Moments)
+        out.n = self.n
+        out.mean, out.m2 = self.mean.to(device), self.m2.to(device)
+        out.doc_abs = None if self.doc_abs is None else self.doc_abs.to(device)
+        out.doc_active = None if self.doc_active is None else self.doc_active.to(device)
+        return out
+
     def sq_norm(self) -> Tensor:
         """Return sum over tokens of x_j^2."""
         return (self.m2 + self.n * self.mean ** 2).cpu()

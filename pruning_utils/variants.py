@@ -22,8 +22,9 @@ Columns of a variant row (every ablation CSV uses them):
 """
 from __future__ import annotations
 
-import copy
 import math
+
+import copy
 
 import torch
 
@@ -71,8 +72,8 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
                     criterion: str = "", allocation: str = "", reconstruction: str = "",
                     head_rate_requested: float = 0.0, mlp_rate_requested: float = 0.0, latency_kw: dict | None = None,
                     memory_kw: dict | None = None, batch_size: int = 4, flops_seq_len: int = 512,
-                    known: dict | None = None, fidelity_chunks: torch.Tensor | None = None,
-                    reference_model=None) -> dict:
+                    known: dict | None = None, compute_device: str | None = None,
+                    fidelity_chunks: torch.Tensor | None = None, reference_model=None) -> dict:
     """Return a variant row (columns in the module docstring): shapes, size and cost, perplexity on `chunks`,
     latency unless `latency_kw` is None, own peak memory unless `memory_kw` is None.
 
@@ -80,19 +81,22 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
     `known` is a row measured earlier on the same chunks: its perplexity is reused (it is deterministic) when its
     token count matches `chunks`, instead of another full pass. `memory_kw` goes to
     `metrics.variant_peak_memory_mb` (e.g. `spec=` the checkpoint name, so a CPU child loads it directly).
+    `compute_device` (offload mode): perplexity runs one decoder layer at a time there.
     `fidelity_chunks` (held-out samples of the unpruned model) give `fidelity_ppl`; `reference_model` (the
-    unpruned model) gives `kl_to_baseline` on `chunks`, in the same pass as the perplexity.
+    unpruned model) gives `kl_to_baseline` on `chunks`, in the same pass as the perplexity (not in offload mode).
     """
     shapes = layer_shapes(model)
     params = count_params(model)
     flops = flops_per_token(model, flops_seq_len)
     predicted = chunks.shape[0] * (chunks.shape[1] - 1)
     same = known is not None and known.get("eval_tokens") == predicted and known.get("ppl") is not None
+    if compute_device is not None:
+        reference_model = None  # offload mode holds one model: no second one to compare with
     is_reference = reference_model is None or reference_model is model
     if same and (is_reference or _finite(known.get("kl_to_baseline"))):
         ppl = {"ppl": float(known["ppl"]), "tokens": predicted, "kl": known.get("kl_to_baseline")}
     else:
-        ppl = perplexity(model, chunks, batch_size=batch_size, desc=f"ppl {variant}",
+        ppl = perplexity(model, chunks, batch_size=batch_size, desc=f"ppl {variant}", device=compute_device,
                          reference=None if is_reference else reference_model)
     kl = 0.0 if reference_model is model else ppl.get("kl", float("nan"))
     fidelity = {"ppl": float("nan"), "tokens": 0}
@@ -101,7 +105,8 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
         if known is not None and known.get("fidelity_tokens") == f_tokens and _finite(known.get("fidelity_ppl")):
             fidelity = {"ppl": float(known["fidelity_ppl"]), "tokens": f_tokens}
         else:
-            fidelity = perplexity(model, fidelity_chunks, batch_size=batch_size, desc=f"fidelity {variant}")
+            fidelity = perplexity(model, fidelity_chunks, batch_size=batch_size, desc=f"fidelity {variant}",
+                                  device=compute_device)
     param = next(model.parameters())
     head_frac, mlp_frac = removed_fractions(model, reference)
     row = dict(
@@ -112,8 +117,8 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
         params_total=params["total"], params_non_embedding=params["non_embedding"], reduction_pct=0.0,
         flops_per_token=flops, flops_reduction_pct=0.0, size_mb=round(weight_size_mb(model), 2),
         ppl=ppl["ppl"], ppl_change_pct=0.0, eval_tokens=ppl["tokens"], fidelity_ppl=fidelity["ppl"],
-        fidelity_change_pct=float("nan"), fidelity_tokens=fidelity["tokens"], kl_to_baseline=float("nan") if kl is None else float(kl),
-        prefill_ms=float("nan"),
+        fidelity_change_pct=float("nan"), fidelity_tokens=fidelity["tokens"],
+        kl_to_baseline=float("nan") if kl is None else float(kl), prefill_ms=float("nan"),
         prefill_ms_iqr=float("nan"), decode_tok_s=float("nan"), load_avg=float("nan"), latency_noisy=None,
         peak_memory_mb=float("nan"), device=device_name(param.device), dtype=str(param.dtype).replace("torch.", ""),
     )
@@ -140,18 +145,75 @@ def _finite(value) -> bool:
         return False
 
 
-def pruned_copy(model, plan, windows: torch.Tensor | None = None, reconstruction: str = "none", **recon_kw):
-    """Return a pruned deep copy of `model` (the original stays intact), reconstructing weights when asked."""
+def prune_in_place(model, plan, windows: torch.Tensor | None = None, reconstruction: str = "none", **recon_kw):
+    """Return `model` pruned in place by `plan`, reconstructing weights when asked (see `reconstruction`)."""
     from .surgery import apply_plan
 
-    clone = copy.deepcopy(model)
     if reconstruction in (None, "", "none"):
-        return apply_plan(clone, plan)
+        return apply_plan(model, plan)
     from .reconstruction import prune_and_reconstruct
 
     if windows is None:
         raise ValueError(f"reconstruction '{reconstruction}' needs calibration windows; pass windows=...")
-    return prune_and_reconstruct(clone, plan, windows, mode=reconstruction, **recon_kw)
+    return prune_and_reconstruct(model, plan, windows, mode=reconstruction, **recon_kw)
+
+
+def pruned_copy(model, plan, windows: torch.Tensor | None = None, reconstruction: str = "none", **recon_kw):
+    """Return a pruned deep copy of `model` (the original stays intact), reconstructing weights when asked."""
+    if isinstance(model, Unpruned):
+        return model.variant(plan, windows, reconstruction, **recon_kw)
+    return prune_in_place(copy.deepcopy(model), plan, windows, reconstruction, **recon_kw)
+
+
+BUILDS = ("copy", "reload")
+
+
+class Unpruned:
+    """The unpruned model a stage cuts its variants from, and how: 'copy' deep-copies it beside the original;
+    'reload' prunes the model itself in place and reloads it from its checkpoint when it is next needed, so one
+    model is in memory at a time (a reload per variant instead of a second copy).
+
+    `model` is the unpruned model, loaded on first use; `variant(plan, ...)` returns a pruned model.
+    """
+
+    def __init__(self, spec: str | None = None, device: str | None = None, dtype=None, build: str = "copy",
+                 model=None, tokenizer=None):
+        if build not in BUILDS:
+            raise ValueError(f"unknown variant build '{build}'; known: {', '.join(BUILDS)}")
+        if build == "reload" and spec is None:
+            raise ValueError("build='reload' needs the spec the unpruned model is reloaded from (spec=MODEL)")
+        self.spec, self.device, self.dtype, self.build = spec, device, dtype, build
+        self._model, self._tokenizer = model, tokenizer
+        self.reloads = 0
+
+    @property
+    def tokenizer(self):
+        """Return the tokenizer loaded with the model (loading the model when it has not been yet)."""
+        if self._tokenizer is None and self.spec is not None:
+            self.model  # noqa: B018  (loads both)
+        return self._tokenizer
+
+    @property
+    def model(self):
+        """Return the unpruned model, reloading it when the last variant was pruned from it in place."""
+        if self._model is None:
+            from .loading import load_model
+
+            self._model, tok = load_model(self.spec, device=self.device, dtype=self.dtype)
+            self._tokenizer = self._tokenizer or tok
+            self.reloads += 1
+        return self._model
+
+    def variant(self, plan, windows: torch.Tensor | None = None, reconstruction: str = "none", **recon_kw):
+        """Return the unpruned model pruned by `plan`: a deep copy ('copy') or the model itself ('reload')."""
+        if self.build == "copy":
+            return prune_in_place(copy.deepcopy(self.model), plan, windows, reconstruction, **recon_kw)
+        model, self._model = self.model, None  # handed over: the next use reloads the checkpoint
+        return prune_in_place(model, plan, windows, reconstruction, **recon_kw)
+
+
+def _source(model) -> "Unpruned":
+    return model if isinstance(model, Unpruned) else Unpruned(model=model)
 
 
 # what each kind of sweep prunes: the planner, the rate column of the row and the variant-name prefix
@@ -161,10 +223,12 @@ _SWEEP_KINDS = {"heads": ("plan_heads", "head_rate_requested", "heads"),
 
 def criteria_sweep(model, scores: dict, criteria: list[str], rates: list[float], kind: str, chunks: torch.Tensor, *,
                    allocation: str = "uniform", reference: dict | None = None, source_model: str = "",
-                   progress: bool = True, fidelity_chunks: torch.Tensor | None = None) -> list[dict]:
+                   progress: bool = True, compute_device: str | None = None,
+                   fidelity_chunks: torch.Tensor | None = None) -> list[dict]:
     """Return one variant row per criterion x rate: `kind` ('heads' | 'neurons') removed plainly, no refit.
 
-    Every variant is cut from `model` (left intact) and measured on `chunks` with `measure_variant`.
+    Every variant is cut from `model` (a model, left intact, or an `Unpruned` source) and measured on `chunks`
+    with `measure_variant` (offload mode: `compute_device`).
     """
     from . import allocation as alloc
 
@@ -174,13 +238,15 @@ def criteria_sweep(model, scores: dict, criteria: list[str], rates: list[float],
     if missing:
         raise KeyError(f"no scores for {missing}; known: {', '.join(scores)}. Compute them in notebook 00 first")
     planner, rate_col, prefix = _SWEEP_KINDS[kind]
+    source = _source(model)
     rows = []
     for crit, rate in bar([(c, r) for c in criteria for r in rates], desc=f"{kind} sweep", disable=not progress):
-        plan = getattr(alloc, planner)(model, scores[crit], rate, allocation=allocation)
-        pruned = pruned_copy(model, plan)
+        plan = getattr(alloc, planner)(source.model, scores[crit], rate, allocation=allocation)
+        pruned = source.variant(plan)
         rows.append(measure_variant(pruned, chunks, variant=f"{prefix}-{crit}-{rate}", source_model=source_model,
                                     reference=reference, criterion=crit, allocation=allocation,
-                                    reconstruction="none", fidelity_chunks=fidelity_chunks, **{rate_col: rate}))
+                                    reconstruction="none", compute_device=compute_device,
+                                    fidelity_chunks=fidelity_chunks, **{rate_col: rate}))
         del pruned
     return rows
 
@@ -188,22 +254,28 @@ def criteria_sweep(model, scores: dict, criteria: list[str], rates: list[float],
 def reconstruction_sweep(model, plan, windows: torch.Tensor, modes: list[str], chunks: torch.Tensor, *,
                          criterion: str, rate: float, kind: str, allocation: str = "uniform",
                          reference: dict | None = None, source_model: str = "", stats: dict | None = None,
-                         sequential: bool = False, fidelity_chunks: torch.Tensor | None = None) -> list[dict]:
+                         sequential: bool = False, compute_device: str | None = None,
+                         fidelity_chunks: torch.Tensor | None = None, **recon_kw) -> list[dict]:
     """Return one variant row per reconstruction mode for one plan, measured on `chunks`.
 
-    `stats` (one-shot Grams of `model` from `reconstruction.collect_grams`) lets every mode share one calibration
-    pass; sequential refits take their own statistics.
+    `model` is a model or an `Unpruned` source. `stats` (one-shot Grams of `model` from
+    `reconstruction.collect_grams`) lets every mode share one calibration pass; without them a one-shot refit
+    streams its own, one layer at a time; sequential refits take their own statistics. `compute_device`
+    (offload mode) is where each layer runs in the refits and the perplexity; `recon_kw` go to
+    `reconstruction.prune_and_reconstruct`.
     """
     if kind not in _SWEEP_KINDS:
         raise ValueError(f"unknown sweep kind '{kind}'; known: {', '.join(_SWEEP_KINDS)}")
     _, rate_col, prefix = _SWEEP_KINDS[kind]
+    source = _source(model)
     rows = []
     for mode in modes:
-        kw = {} if mode == "none" else dict(sequential=sequential, stats=None if sequential else stats)
-        pruned = pruned_copy(model, plan, windows, reconstruction=mode, **kw)
+        kw = {} if mode == "none" else dict(sequential=sequential, stats=None if sequential else stats,
+                                            device=compute_device, **recon_kw)
+        pruned = source.variant(plan, windows, reconstruction=mode, **kw)
         rows.append(measure_variant(pruned, chunks, variant=f"{prefix}-{criterion}-{rate}-{mode}",
                                     source_model=source_model, reference=reference, criterion=criterion,
-                                    allocation=allocation, reconstruction=mode, fidelity_chunks=fidelity_chunks,
-                                    **{rate_col: rate}))
+                                    allocation=allocation, reconstruction=mode, compute_device=compute_device,
+                                    fidelity_chunks=fidelity_chunks, **{rate_col: rate}))
         del pruned
     return rows

@@ -26,6 +26,7 @@ from pruning_utils.checkpoint import load_pruned, read_checkpoint_meta, read_pla
 from pruning_utils.loading import load_model
 from pruning_utils.stages import as_list
 from pruning_utils.variants import PROVENANCE_COLUMNS as PROVENANCE, criteria_sweep, measure_variant, pruned_copy, reconstruction_sweep
+from pruning_utils.variants import Unpruned, prune_in_place
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.manual_seed(SEED)
 OUT = paths.ablation_dir()
@@ -37,7 +38,9 @@ SELFGEN = dict(temperature=SELFGEN_TEMPERATURE, top_p=SELFGEN_TOP_P)  # sampling
 # Papermill injects its parameters right after the cell tagged `parameters`, wherever that cell is; the parameters
 # cell stays the first code cell (a notebook reads as recipe first) and the bootstrap, which reads no parameter, comes
 # next, so it runs after the injected values and before the set-up cell's imports.
-BOOTSTRAP = '''# Colab / Kaggle: install this project when `pruning_utils` is not importable; a no-op under run_all.sh
+BOOTSTRAP = '''# Colab / Kaggle: install this project when `pruning_utils` is not importable; a no-op under run_all.sh.
+# Checkpoints go to $PRUNING_MODELS_DIR (default <project>/models): on Kaggle, whose working folder holds ~20 GB, set
+# os.environ["PRUNING_MODELS_DIR"] = "/kaggle/tmp/models" here, before pruning_utils is imported (run_all.sh passes it on)
 import importlib, importlib.util, os, subprocess, sys
 from pathlib import Path
 REPO_URL = os.environ.get("PRUNING_REPO_URL", "https://github.com/OWNER/semantic-llm-pruning.git")
@@ -54,11 +57,16 @@ if importlib.util.find_spec("pruning_utils") is None:
     if importlib.util.find_spec("pruning_utils") is None:
         raise RuntimeError(f"installed {root} (editable); restart the kernel and run all cells again to import it")'''
 
-# Before any work: what this stage will hold in memory on this device (pruning_utils/memory.py), with advice when
-# the plan does not fit. Only the model's config is read.
+# Before any work: what this stage will hold in memory on this device (pruning_utils/memory.py), the settings it
+# runs with (RUN: offload mode, where the Grams live, how variants are built; 'auto' ones chosen so the plan fits)
+# and advice when it does not fit. Only the model's config is read.
 MEMORY_PLAN = '''from IPython.display import Markdown, display
 from pruning_utils import memory
-display(Markdown(memory.describe_stage(MODEL, "{stage}", globals())))'''
+RUN = memory.choose(MODEL, "{stage}", globals(){names})
+display(Markdown(RUN.describe()))'''
+# the memory parameters each stage's notebook reads (profiles.NOTEBOOK_PARAMS lists them too)
+MEMORY_NAMES = {"00": ("DEVICE", "DTYPE", "OFFLOAD"), "02": ("DEVICE", "DTYPE", "OFFLOAD", "GRAMS", "VARIANT_BUILD"),
+                "03": ("DEVICE", "DTYPE", "OFFLOAD", "GRAMS", "VARIANT_BUILD")}
 
 
 def parameters_source(names: tuple[str, ...]) -> str:
@@ -80,7 +88,8 @@ def notebook(name: str, title: str, cells: list[tuple[str, str]]) -> nbformat.No
     p.metadata["tags"] = ["parameters"]
     nb.cells.append(p)
     nb.cells.append(new_code_cell(BOOTSTRAP))
-    nb.cells.append(new_code_cell(MEMORY_PLAN.format(stage=name[:2])))
+    names = "".join(f", {n}={n}" for n in MEMORY_NAMES.get(name[:2], ()))
+    nb.cells.append(new_code_cell(MEMORY_PLAN.format(stage=name[:2], names=names)))
     for kind, src in cells:
         nb.cells.append(new_markdown_cell(src) if kind == "md" else new_code_cell(src))
     for i, cell in enumerate(nb.cells):
@@ -96,7 +105,7 @@ NB00 = notebook(
     "`results/importance/` for the pruning notebooks.",
     [
         ("code", SETUP + '''
-model, tok = load_model(MODEL, device=DEVICE, dtype=DTYPE)
+model, tok = load_model(MODEL, device=RUN.load_device, dtype=RUN.dtype)  # on the host in offload mode
 env = metrics.environment_info(model)
 pd.Series(env)'''),
         ("md", "## Baseline"),
@@ -104,7 +113,7 @@ pd.Series(env)'''),
 # held-out text sampled from this model (cached for later stages): the domain-neutral fidelity measure
 fidelity = data.fidelity_chunks(model, tok, n_tokens=FIDELITY_TOKENS, seed=SEED, selfgen_kw=SELFGEN)
 row = measure_variant(model, chunks, variant="baseline", source_model=MODEL, memory_kw=dict(spec=MODEL, **MEMORY),
-                      fidelity_chunks=fidelity, reference_model=model)
+                      compute_device=RUN.compute_device, fidelity_chunks=fidelity, reference_model=model)
 lat = metrics.latency(model, **LATENCY)
 row.update(prefill_ms=lat["prefill_ms_median"], prefill_ms_iqr=lat["prefill_ms_iqr"],
            decode_tok_s=lat["decode_tok_s_median"], load_avg=lat["load_avg"], latency_noisy=lat["latency_noisy"])
@@ -120,7 +129,7 @@ windows = data.calibration_windows(tok, TEXT_SOURCE, n_samples=N_CALIB, seq_len=
                                    selfgen_kw=SELFGEN)
 print(f"calibration windows ({TEXT_SOURCE}) in {time.time() - t0:.0f} s")
 t0 = time.time()
-scores = importance.compute_importance(model, windows, as_list(CRITERIA), seed=SEED,
+scores = importance.compute_importance(model, windows, as_list(CRITERIA), seed=SEED, compute_device=RUN.compute_device,
                                        semantic_max_windows=SEMANTIC_MAX_WINDOWS, semantic_seq_len=SEMANTIC_SEQ_LEN)
 seconds = time.time() - t0
 folder = importance.save_scores(scores, paths.results_dir() / "importance")
@@ -136,16 +145,20 @@ results.save_plot(fig, paths.results_dir() / "importance" / "neurons_heatmap.png
     ],
 )
 
-SWEEP_SETUP = '''model, tok = load_model(MODEL, device=DEVICE, dtype=DTYPE)
+SWEEP_SETUP = '''# the unpruned model: variants are deep copies beside it, or (RUN.build == "reload") it is pruned in place and
+# reloaded for the next variant; always reach it as source.model
+source = Unpruned(MODEL, device=RUN.load_device, dtype=RUN.dtype, build=RUN.build)
+tok = source.tokenizer
 scores = importance.load_scores(paths.results_dir() / "importance")
 baseline = pd.read_csv(OUT / "baseline.csv").iloc[0].to_dict()
-windows = data.calibration_windows(tok, TEXT_SOURCE, n_samples=N_CALIB, seq_len=CALIB_SEQ_LEN, seed=SEED, model=model,
-                                   selfgen_kw=SELFGEN)  # self-generated parts: cached by notebook 00
+windows = data.calibration_windows(tok, TEXT_SOURCE, n_samples=N_CALIB, seq_len=CALIB_SEQ_LEN, seed=SEED,
+                                   model=source.model, selfgen_kw=SELFGEN)  # self-generated parts: cached by 00
 chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
 sweep_chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=SWEEP_EVAL_MAX_TOKENS)
-fidelity = data.fidelity_chunks(model, tok, n_tokens=FIDELITY_TOKENS, seed=SEED, selfgen_kw=SELFGEN)
+fidelity = data.fidelity_chunks(source.model, tok, n_tokens=FIDELITY_TOKENS, seed=SEED, selfgen_kw=SELFGEN)
 sweep_fidelity = fidelity[:max(1, SWEEP_EVAL_MAX_TOKENS // fidelity.shape[1])]
-SAVED = dict(fidelity_chunks=fidelity, reference_model=model)  # saved variants: full fidelity set + KL to the baseline
+# saved variants: the full fidelity set, and KL to the baseline while the unpruned model stays in memory beside them
+SAVED = dict(fidelity_chunks=fidelity, reference_model=None if RUN.build == "reload" else source.model)
 missing = [c for c in as_list(CRITERIA) if c not in scores]
 assert not missing, f"criteria {missing} were not computed in notebook 00; add them to its CRITERIA and re-run it"'''
 
@@ -155,20 +168,25 @@ def sweep_cells(kind: str, var: str, shape_col: str, title: str, which: list[str
     rate_col = "head_rate_requested" if kind == "heads" else "mlp_rate_requested"
     return [
         ("md", f"## {title}"),
-        ("code", f'''ref = measure_variant(model, sweep_chunks, variant="baseline", source_model=MODEL, fidelity_chunks=sweep_fidelity)
-rows = criteria_sweep(model, scores, as_list(CRITERIA), as_list({var}_SWEEP, float), "{kind}", sweep_chunks,
-                      allocation=ALLOCATION, reference=ref, source_model=MODEL, fidelity_chunks=sweep_fidelity)
+        ("code", f'''ref = measure_variant(source.model, sweep_chunks, variant="baseline", source_model=MODEL,
+                      compute_device=RUN.compute_device, fidelity_chunks=sweep_fidelity)
+rows = criteria_sweep(source, scores, as_list(CRITERIA), as_list({var}_SWEEP, float), "{kind}", sweep_chunks,
+                      allocation=ALLOCATION, reference=ref, source_model=MODEL, compute_device=RUN.compute_device,
+                      fidelity_chunks=sweep_fidelity)
 sweep = pd.DataFrame(rows)
 sweep.pivot_table(index="criterion", columns="{rate_col}", values="ppl").round(2)'''),
         ("md", "## Reconstruction options for the main criterion\n"
                "One layer-wise calibration pass (the Gram matrices of the refit projections' inputs) serves every one-shot "
-               "refit of the unpruned model in this notebook."),
-        ("code", f'''grams = None if RECON_SEQUENTIAL else reconstruction.collect_grams(model, windows, which={which})
-plan = allocation.plan_{kind}(model, scores[MAIN_{var}_CRITERION], {var}_RATE, allocation=ALLOCATION)
-recon_rows = reconstruction_sweep(model, plan, windows, as_list(RECON_OPTIONS), sweep_chunks, kind="{kind}",
+               "refit of the unpruned model in this notebook, kept on the device or the host (`RUN.grams`); when memory "
+               "is short each refit instead collects its own, one layer at a time (`streamed`: the same refit, one "
+               "calibration pass per variant)."),
+        ("code", f'''grams = (reconstruction.collect_grams(source.model, windows, which={which}, storage=RUN.grams_storage,
+                                      device=RUN.compute_device) if RUN.hold_grams else None)
+plan = allocation.plan_{kind}(source.model, scores[MAIN_{var}_CRITERION], {var}_RATE, allocation=ALLOCATION)
+recon_rows = reconstruction_sweep(source, plan, windows, as_list(RECON_OPTIONS), sweep_chunks, kind="{kind}",
                                   criterion=MAIN_{var}_CRITERION, rate={var}_RATE, allocation=ALLOCATION,
                                   reference=ref, source_model=MODEL, stats=grams, sequential=RECON_SEQUENTIAL,
-                                  fidelity_chunks=sweep_fidelity)
+                                  compute_device=RUN.compute_device, fidelity_chunks=sweep_fidelity)
 rows += recon_rows
 pd.DataFrame(recon_rows)[["variant", "reconstruction", "{shape_col}", "ppl", "ppl_change_pct", "fidelity_ppl"]]'''),
     ]
@@ -185,10 +203,11 @@ NB02 = notebook(
         *sweep_cells("heads", "HEAD", "query_heads", "Criteria side by side (plain removal, no reconstruction)",
                      ["o_proj"]),
         ("md", "## Main head-pruned model (full evaluation) → `models/head_pruned/`\nLatency and memory of every saved variant are measured once, the same way, in notebook 06."),
-        ("code", '''main = pruned_copy(model, plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL, stats=grams)
+        ("code", '''main = pruned_copy(source, plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL, stats=grams,
+                  device=RUN.compute_device)
 row = measure_variant(main, chunks, variant="head_pruned", source_model=MODEL, reference=baseline,
                       criterion=MAIN_HEAD_CRITERION, allocation=ALLOCATION, reconstruction=RECONSTRUCTION,
-                      head_rate_requested=HEAD_RATE, **SAVED)
+                      head_rate_requested=HEAD_RATE, compute_device=RUN.compute_device, **SAVED)
 folder = save_pruned(main, tok, "head_pruned", extra=row)
 rows.append(row)
 table = pd.DataFrame(rows)
@@ -213,10 +232,11 @@ NB03 = notebook(
         *sweep_cells("neurons", "MLP", "intermediate", "Criteria side by side on the baseline (plain removal)",
                      ["o_proj", "down_proj"]),
         ("md", "## MLP pruning alone → `models/mlp_pruned/`"),
-        ("code", '''mlp_model = pruned_copy(model, plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL, stats=grams)
+        ("code", '''mlp_model = pruned_copy(source, plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL, stats=grams,
+                       device=RUN.compute_device)
 row = measure_variant(mlp_model, chunks, variant="mlp_pruned", source_model=MODEL, reference=baseline,
                       criterion=MAIN_MLP_CRITERION, allocation=ALLOCATION, reconstruction=RECONSTRUCTION,
-                      mlp_rate_requested=MLP_RATE, **SAVED)
+                      mlp_rate_requested=MLP_RATE, compute_device=RUN.compute_device, **SAVED)
 save_pruned(mlp_model, tok, "mlp_pruned", extra=row)
 rows.append(row)
 del mlp_model'''),
@@ -228,18 +248,20 @@ del mlp_model'''),
                "S3 recipe of `benchmarks/quality.py`, and it needs no second scoring or calibration pass."),
         ("code", '''head_row = read_checkpoint_meta("head_pruned")["extra"]
 if MIX_RESCORE:
-    head_model, _ = load_pruned("head_pruned", device=DEVICE, dtype=DTYPE)
-    head_scores = importance.compute_importance(head_model, windows, [MAIN_MLP_CRITERION], seed=SEED)[MAIN_MLP_CRITERION]
+    head_model, _ = load_pruned("head_pruned", device=RUN.load_device, dtype=RUN.dtype)
+    head_scores = importance.compute_importance(head_model, windows, [MAIN_MLP_CRITERION], seed=SEED,
+                                                compute_device=RUN.compute_device)[MAIN_MLP_CRITERION]
     mix_plan = allocation.plan_neurons(head_model, head_scores, MLP_RATE, allocation=ALLOCATION)
-    mix = pruned_copy(head_model, mix_plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL)
+    mix = prune_in_place(head_model, mix_plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL,
+                         device=RUN.compute_device)
     del head_model
 else:
-    mix = pruned_copy(model, plan.combined_with(read_plan("head_pruned")), windows, reconstruction=RECONSTRUCTION,
-                      sequential=RECON_SEQUENTIAL, stats=grams)
+    mix = pruned_copy(source, plan.combined_with(read_plan("head_pruned")), windows, reconstruction=RECONSTRUCTION,
+                      sequential=RECON_SEQUENTIAL, stats=grams, device=RUN.compute_device)
 row = measure_variant(mix, chunks, variant="mix_pruned", source_model=MODEL, reference=baseline,
                       criterion=f"{head_row['criterion']}+{MAIN_MLP_CRITERION}", allocation=ALLOCATION,
                       reconstruction=RECONSTRUCTION, head_rate_requested=head_row["head_rate_requested"],
-                      mlp_rate_requested=MLP_RATE, **SAVED)
+                      mlp_rate_requested=MLP_RATE, compute_device=RUN.compute_device, **SAVED)
 save_pruned(mix, tok, "mix_pruned", extra=row)
 rows.append(row)
 table = pd.DataFrame(rows)

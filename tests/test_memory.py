@@ -73,17 +73,75 @@ def test_qwen25_3b_on_a_t4(capsys):
         memory.check_plan(on_host)
 
 
-def test_check_plan_refuses_the_impossible_and_says_offload_is_not_there():
-    llama70b = dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                    num_attention_heads=64, num_key_value_heads=8, head_dim=128, vocab_size=128256)
-    plan = memory.plan_stage(llama70b, "00", **T4)
+LLAMA70B = dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                num_attention_heads=64, num_key_value_heads=8, head_dim=128, vocab_size=128256)
+LLAMA8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256)
+KAGGLE = dict(DEVICE="cuda", DTYPE="float16", _plan=dict(available_gb=15.0, host_available_gb=29.0))
+
+
+def test_check_plan_refuses_the_impossible_and_names_offload_mode():
+    plan = memory.plan_stage(LLAMA70B, "00", **T4)
     assert not plan.fits and plan.weights_gb > 100
     with pytest.raises(memory.MemoryPlanError) as err:
         memory.check_plan(plan)
     msg = str(err.value)
-    assert "offload" in msg and "not implemented" in msg and "weights" in msg and "PRUNING_MODELS_DIR" in msg
+    assert "offload mode (OFFLOAD='on'" in msg and "weights" in msg and "PRUNING_MODELS_DIR" in msg
     fits = memory.plan_stage(tiny_config("llama"), "00", **T4)
     assert memory.check_plan(fits) is fits
+    # even offloaded, 70B's fp16 weights (131 GiB) do not fit a 29 GiB host: refused, saying offload is already on
+    run = memory.choose(LLAMA70B, "02", dict(KAGGLE, OFFLOAD="auto", CRITERIA="activation"))
+    assert run.offload and not run.plan.fits
+    with pytest.raises(memory.MemoryPlanError, match="on the host.*already in offload mode"):
+        memory.check_plan(run.plan)
+
+
+def test_offload_plan_holds_one_layer_on_the_device_and_refuses_backward_passes():
+    on, off = (memory.plan_stage(LLAMA8B, "02", offload=flag, grams="streamed", copies=1, **T4) for flag in (True, False))
+    layer = [p for p in on.parts if p["name"].startswith("one decoder layer")][0]["bytes"]
+    assert layer < 0.5 * GB and on.weights_gb < 1.5 and off.weights_gb > 14  # 8B fp16 weights stay on the host
+    assert on.host_gb > 14 and on.fits and not off.fits
+    assert "offload mode" in on.table()
+    taylor = memory.plan_stage(LLAMA8B, "00", offload=True, criteria="taylor", **T4)
+    assert not taylor.fits and "taylor" in taylor.blocked
+    with pytest.raises(memory.MemoryPlanError, match="offload mode cannot run taylor.*Drop taylor"):
+        memory.check_plan(taylor)
+    with pytest.raises(ValueError, match="needs DEVICE=cuda"):
+        memory.plan_stage(LLAMA8B, "02", offload=True, device="cpu")
+
+
+@pytest.mark.parametrize("free_gb,offload,grams,build", [
+    (200.0, False, "all", "copy"),  # an H100-class device: nothing changes
+    (15.0, False, "streamed", "reload"),  # a T4: no Grams held, one model in memory, still on the GPU
+    (8.0, True, "streamed", "copy"),  # an 8 GiB card: offload mode (two copies fit the host)
+])
+def test_choose_switches_the_cheapest_way_until_the_plan_fits(free_gb, offload, grams, build):
+    params = dict(KAGGLE, OFFLOAD="auto", GRAMS="auto", VARIANT_BUILD="auto", EVAL_SEQ_LEN=1024, CALIB_SEQ_LEN=512,
+                  _plan=dict(available_gb=free_gb, host_available_gb=29.0))
+    run = memory.choose(QWEN25_3B, "03", params)
+    assert (run.offload, run.grams, run.build, run.plan.fits) == (offload, grams, build, True)
+    assert run.load_device == ("cpu" if offload else "cuda") and run.compute_device == ("cuda" if offload else None)
+    text = run.describe()
+    assert ("Switched to fit" in text) == (free_gb < 200) and ("OFFLOAD='auto'" in text) == offload
+    assert not run.hold_grams and run.grams_storage is None if grams == "streamed" else run.hold_grams
+
+
+def test_choose_keeps_what_the_parameters_fix():
+    fixed = memory.choose(QWEN25_3B, "03", dict(KAGGLE, OFFLOAD="off", GRAMS="device", VARIANT_BUILD="copy"))
+    assert (fixed.offload, fixed.grams, fixed.build, fixed.plan.fits, fixed.switched) == (False, "all", "copy", False, [])
+    assert "OFFLOAD='on'" in fixed.describe()  # the advice names offload mode
+    host = memory.choose(QWEN25_3B, "03", dict(KAGGLE, OFFLOAD="on", GRAMS="host", VARIANT_BUILD="reload"))
+    assert host.offload and host.grams == "layerwise" and host.grams_storage == "cpu"
+    seq = memory.choose(QWEN25_3B, "03", dict(KAGGLE, OFFLOAD="auto", RECON_SEQUENTIAL=True))
+    assert seq.grams == "sequential" and not seq.hold_grams
+    cpu = memory.choose(tiny_config("llama"), "02", dict(DEVICE="cpu", OFFLOAD="auto"))
+    assert not cpu.offload and cpu.load_device == "cpu" and cpu.grams == "all" and cpu.build == "copy"
+    with pytest.raises(ValueError, match="OFFLOAD='on'.*DEVICE=cuda"):
+        memory.choose(tiny_config("llama"), "02", dict(DEVICE="cpu", OFFLOAD="on"))
+    with pytest.raises(ValueError, match="unknown OFFLOAD 'yes'; known: auto, off, on"):
+        memory.choose(tiny_config("llama"), "02", dict(DEVICE="cpu", OFFLOAD="yes"))
+    # stage 04 (LoRA) is never offloaded: its plan stays the one to act on
+    assert not memory.choose(LLAMA8B, "04", dict(KAGGLE, OFFLOAD="auto")).offload
 
 
 def test_unknown_names_are_refused():
@@ -91,7 +149,7 @@ def test_unknown_names_are_refused():
         memory.plan_stage(QWEN25_3B, "00", calib_seq_lem=8)
     with pytest.raises(ValueError, match="known: 00, 02"):
         memory.plan_stage(QWEN25_3B, "05")
-    with pytest.raises(ValueError, match="known: all, layerwise"):
+    with pytest.raises(ValueError, match="known: all, layerwise, streamed"):
         memory.plan_stage(QWEN25_3B, "03", grams="some")
 
 
@@ -100,7 +158,12 @@ def test_describe_stage_reads_notebook_parameters():
 
     params = {**PROFILES["kaggle-qwen2.5-3b"], "DEVICE": "cuda", "DTYPE": "float16", "os": object(), "model": None}
     text = memory.describe_stage(QWEN25_3B, "03", params, available_gb=15.0, host_available_gb=29.0)
-    assert text.startswith("Memory plan of stage 03 (float16 on cuda") and "offload" in text
+    # the 3B profile fits a T4 by the automatic switches: no Grams held, one model in memory
+    assert text.startswith("Memory plan of stage 03 (float16 on cuda") and ": fits." in text
+    assert "Switched to fit" in text and "GRAMS='auto'" in text and "VARIANT_BUILD='auto'" in text
+    fixed = memory.describe_stage(QWEN25_3B, "03", {**params, "GRAMS": "device", "VARIANT_BUILD": "copy", "OFFLOAD": "off"},
+                                  available_gb=15.0, host_available_gb=29.0)
+    assert "DOES NOT FIT" in fixed and "OFFLOAD='on'" in fixed
     seq = memory.describe_stage(QWEN25_3B, "03", {**params, "RECON_SEQUENTIAL": True}, available_gb=15.0)
     assert "one layer's Grams at a time" in seq
     assert "Memory plan of stage 00" in memory.describe_stage("tiny-llama", "00", {"DEVICE": "cpu"})

@@ -172,3 +172,79 @@ def test_command_line_is_checked_without_torch(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
     probe = "import sys, pruning_utils.stages; sys.exit('torch' in sys.modules)"  # run_all.sh checks before installing
     assert subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parent.parent).returncode == 0
+
+
+def _fake_checkpoint_stages(root: Path, monkeypatch, log: list, fail: str | None = None):
+    """Stages that write their outputs (checkpoints as folders with weights) and record models/ before they run."""
+    import papermill
+
+    def fake_execute(src, dst, parameters, cwd, **kw):
+        stage = next(s for s in STAGES if src.endswith(s.notebook))
+        models = root / "models"
+        log.append((stage.key, sorted(p.name for p in models.iterdir()) if models.exists() else []))
+        for name in stages.checkpoints_read(stage.key, {**resolve_parameters("smoke"), **parameters}):
+            assert (models / name / "model.safetensors").exists(), f"stage {stage.key} reads {name}, which is gone"
+        if stage.key == fail:
+            (models / f".tmp-{stage.key}-1234").mkdir(parents=True)  # a save interrupted by the failure
+            raise RuntimeError("kernel died")
+        written = stages.checkpoints_written(stage.key, {**resolve_parameters("smoke"), **parameters})
+        for out in list(stage.outputs) + [f"models/{n}/model.safetensors" for n in written]:
+            (root / out).parent.mkdir(parents=True, exist_ok=True)
+            (root / out).write_text("x")
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
+
+
+def test_stage_graph_of_the_default_and_smoke_profiles():
+    smoke = resolve_parameters("smoke")
+    assert stages.checkpoints_read("03", smoke) == {"head_pruned"}
+    assert stages.checkpoints_read("04", smoke) == {"head_pruned", "mix_pruned"}
+    assert stages.checkpoints_written("04", smoke) == {"head_pruned_lora", "mix_pruned_lora"}
+    assert stages.checkpoints_read("06", smoke) == {"head_pruned", "mlp_pruned", "mix_pruned", "head_pruned_lora",
+                                                    "mix_pruned_lora"}
+    # 06 reads every checkpoint of the default VARIANTS: before it nothing can go; after it, all
+    assert stages.not_needed_after("04", smoke) == set()
+    assert stages.not_needed_after("06", smoke) == {"head_pruned", "mlp_pruned", "mix_pruned", "head_pruned_lora",
+                                                    "mix_pruned_lora"}
+
+
+def test_keep_needed_removes_each_checkpoint_after_its_last_reader(tmp_path, monkeypatch):
+    root = _fake_project(tmp_path)
+    log: list = []
+    _fake_checkpoint_stages(root, monkeypatch, log)
+    params = resolve_parameters("smoke", {"KEEP_CHECKPOINTS": "needed", "VARIANTS": "baseline,mix_pruned_lora"})
+    lines: list = []
+    run(params, root=root, log=lines.append)
+    before = dict(log)
+    assert before["03"] == ["head_pruned"]
+    assert before["04"] == ["head_pruned", "mix_pruned"]  # mlp_pruned: no later stage reads it, gone after 03
+    assert before["06"] == ["mix_pruned_lora"]  # 04's inputs and head_pruned_lora (06 skips it) gone after 04
+    assert not [p for p in (root / "models").iterdir()], "after the last reader nothing is kept, nothing half-removed"
+    assert any("removed mlp_pruned" in line for line in lines)
+    removed = json.loads((root / "results" / "stages" / "removed_checkpoints.json").read_text())
+    assert removed == {"head_pruned": "02", "mlp_pruned": "03", "mix_pruned": "03", "head_pruned_lora": "04",
+                       "mix_pruned_lora": "04"}
+    # removed checkpoints count as written: a second run skips every stage
+    log.clear()
+    assert [r["status"] for r in run(params, root=root, log=lambda *_: None)] == ["skipped"] * len(STAGES)
+    # a stage that must re-run and reads removed checkpoints re-runs their writers first
+    run(dict(params, RECOVERY_STEPS=5), root=root, log=lambda *_: None)
+    assert [k for k, _ in log] == ["02", "03", "04", "06"]
+    # KEEP_CHECKPOINTS='all' (the default) keeps everything
+    keep_all = _fake_project(tmp_path / "all")
+    _fake_checkpoint_stages(keep_all, monkeypatch, [])
+    run(resolve_parameters("smoke"), root=keep_all, log=lambda *_: None)
+    assert len(list((keep_all / "models").iterdir())) == 5
+    with pytest.raises(ParameterError, match="KEEP_CHECKPOINTS expects one of all, needed"):
+        resolve_parameters("smoke", {"KEEP_CHECKPOINTS": "some"})
+
+
+def test_a_failed_stage_leaves_nothing_half_written_and_removes_nothing(tmp_path, monkeypatch):
+    root = _fake_project(tmp_path)
+    log: list = []
+    _fake_checkpoint_stages(root, monkeypatch, log, fail="03")
+    params = resolve_parameters("smoke", {"KEEP_CHECKPOINTS": "needed", "VARIANTS": "baseline"})
+    with pytest.raises(stages.StageFailed, match=r"(?s)stage 03 .*kernel died.*removed half-written.*\.tmp-03-1234"):
+        run(params, root=root, log=lambda *_: None)
+    assert sorted(p.name for p in (root / "models").iterdir()) == ["head_pruned"]  # 03's input stays for a re-run
+    assert not (root / "results" / "stages" / "03.json").exists()

@@ -88,3 +88,30 @@ def test_rows_report_achieved_fractions_next_to_requested_rates():
     again = pruned_copy(first, allocation.plan_heads(first, rescored, 0.5))
     kept = sum(s.n_heads for s in layer_shapes(again))
     assert kept < 18 and removed_fractions(again)[0] == pytest.approx(1 - kept / 27)
+
+
+def test_reload_build_prunes_in_place_and_gives_the_copy_paths_weights():
+    """Memory-short variants: the unpruned model pruned in place and reloaded for the next, same weights as copies."""
+    from pruning_utils.loading import load_model
+    from pruning_utils.variants import Unpruned
+
+    windows = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    copy_src = Unpruned(model=load_model("tiny-llama", device="cpu")[0])
+    reload_src = Unpruned("tiny-llama", device="cpu", build="reload")
+    scores = importance.compute_importance(copy_src.model, windows, ["activation"], progress=False)["activation"]
+    plan = allocation.plan_both(copy_src.model, scores, head_rate=0.5, mlp_rate=0.5)
+    reload_src.model  # loaded once; the first variant takes it
+    for recon, kw in (("none", {}), ("lstsq", dict(sequential=False)), ("lstsq", dict(sequential=True))):
+        a = copy_src.variant(plan, windows, recon, **kw)
+        b = reload_src.variant(plan, windows, recon, **kw)
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert layer_shapes(b) != layer_shapes(copy_src.model)
+    assert reload_src.reloads == 3 and copy_src.reloads == 0  # one load per variant, never two models at once
+    assert layer_shapes(copy_src.model) == layer_shapes(reload_src.model)  # the source comes back unpruned
+    chunks = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+    by_copy = criteria_sweep(copy_src.model, {"activation": scores}, ["activation"], [0.5], "heads", chunks, progress=False)
+    by_reload = criteria_sweep(reload_src, {"activation": scores}, ["activation"], [0.5], "heads", chunks, progress=False)
+    assert by_copy[0]["ppl"] == by_reload[0]["ppl"]
+    with pytest.raises(ValueError, match="known: copy, reload"):
+        Unpruned("tiny-llama", build="inplace")
