@@ -49,10 +49,12 @@ STAGES = (
     Stage("03", "03_mlp_pruning.ipynb", (
         "results/ablation_studies/mlp_pruning.csv", "models/mlp_pruned/pruning_plan.json",
         "models/mix_pruned/pruning_plan.json")),
+    Stage("03b", "03b_compression_methods.ipynb", (
+        "results/ablation_studies/compression_methods.csv", "results/ablation_studies/compression_methods.png")),
     Stage("04", "04_recovery_lora.ipynb", ("results/ablation_studies/recovery.csv",)),
     Stage("06", "06_final_eval.ipynb", (
         "results/ablation_studies/final_eval.csv", "results/plots/pareto_params.png",
-        "results/plots/pareto_latency.png", "results/plots/stage_bars.png")),
+        "results/plots/pareto_latency.png", "results/plots/pareto_size.png", "results/plots/stage_bars.png")),
 )
 
 

@@ -27,7 +27,7 @@ def _main(argv, tmp_path, capsys) -> tuple[int, str]:
 
 def test_unknown_stage_key_lists_known_keys(tmp_path, capsys):
     code, err = _main(["--only", "07"], tmp_path, capsys)
-    assert code == 2 and "'07'" in err and "known: 00, 02, 03, 04, 06" in err
+    assert code == 2 and "'07'" in err and "known: 00, 02, 03, 03b, 04, 06" in err
     with pytest.raises(UsageError, match="known: 00, 02"):
         parse_only("02,7")
     assert parse_only(" 02, 03 ") == ["02", "03"] and parse_only(None) is None
