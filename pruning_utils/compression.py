@@ -172,3 +172,10 @@ def table(rows: list[dict]):
 
     cols = ["variant"] + COMPRESSION_COLUMNS + [c for c in VARIANT_COLUMNS if c not in ("variant",)]
     return pd.DataFrame(rows).reindex(columns=cols)
+
+
+def replaced_modules_of(model) -> dict[str, dict]:
+    """Return the factorised projections of a model (`checkpoint.replaced_modules`)."""
+    from .checkpoint import replaced_modules
+
+    return replaced_modules(model)
