@@ -151,8 +151,10 @@ def best(rows_models: list[tuple[dict, object]]) -> tuple[dict, object]:
 
 def available_variants(names: list[str], device) -> list[str]:
     """Return `names` without the INT8 variants when `device` cannot run them (notebook 03b wrote n/a rows instead)."""
+    from .devices import resolve_device
     from .quantize import int8_applicable
 
+    device = resolve_device(device)
     if int8_applicable(device):
         return list(names)
     dropped = [n for n in names if n.endswith("_int8")]
