@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -33,6 +34,9 @@ from .plan import PruningPlan
 from .tiny import TinyTokenizer
 
 PLAN_FILE = "pruning_plan.json"
+INT8_FILE = "int8_checkpoint.json"
+INT8_WEIGHTS_FILE = "model_int8.bin"  # .bin: `metrics.checkpoint_size_mb` counts it as a weight file
+INT8_FORMAT = "semantic-llm-pruning-int8/1"
 FORMAT = "semantic-llm-pruning/1"
 
 
@@ -116,8 +120,6 @@ def save_pruned(model, tokenizer, dest, plan: PruningPlan | None = None, extra: 
         int8 = bool(getattr(model, "int8", False))
         modules = replaced_modules(model)
         if int8:
-            from .quantize import write_int8
-
             write_int8(model, tmp, plan)
         else:
             _write_weights(model, tmp)
@@ -217,13 +219,13 @@ def load_pruned(folder, device: str | None = None, dtype=None):
 
     INT8 checkpoints (`"weights": "int8"`) load on CPU only; another device raises `quantize.NotApplicableError`.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder = resolve_checkpoint_dir(folder)
     meta = read_checkpoint_meta(folder)
     dev = resolve_device(device)
     if meta.get("weights", "fp32") == "int8":
-        from .quantize import check_int8_device, load_quantized
+        from .quantize import check_int8_device
 
         check_int8_device(dev)
         return load_quantized(folder)
@@ -260,3 +262,58 @@ def load_tokenizer(folder: Path):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+# ------------------------------------------------------------------------------------- dynamic INT8 format
+
+
+def write_int8(model, folder: Path, plan: PruningPlan) -> None:
+    """Write an INT8 model's quantized state dict and its meta file into `folder` (`save_pruned` calls it)."""
+    import torch
+
+    shapes = layer_shapes(model)  # dynamic quantized Linear keeps in_features / out_features
+    _, stock = stock_config(model.config.to_dict(), shapes, head_dim(model), plan.base_heads, plan.base_intermediate)
+    torch.save(model.state_dict(), folder / INT8_WEIGHTS_FILE)
+    meta = {"format": INT8_FORMAT, "quantization": "dynamic int8: qint8 weights of every nn.Linear, activations per batch",
+            "per_channel": bool(getattr(model, "int8_per_channel", True)),
+            "torch": torch.__version__, "fp32_stock_loadable": stock, "query_heads": [s.n_heads for s in shapes],
+            "intermediate": [s.intermediate for s in shapes], "plan": plan.to_dict()}
+    (folder / INT8_FILE).write_text(json.dumps(meta, indent=1, default=str))
+
+
+def save_quantized(model, tokenizer, folder, plan: PruningPlan | None = None, extra: dict | None = None) -> Path:
+    """Write an INT8 model (from `quantize_int8`) atomically as config + quantized state dict + meta files + tokenizer.
+
+    The folder is an ordinary project checkpoint (`checkpoint.save_pruned`, plan file `"weights": "int8"`), so
+    `checkpoint.load_pruned` and `loading.load_model` reload it; returns the folder.
+    """
+    if not getattr(model, "int8", False):
+        raise ValueError("save_quantized expects a model returned by quantize_int8; quantize it first "
+                         "(a plain model is saved with checkpoint.save_pruned)")
+    return save_pruned(model, tokenizer, folder, plan=plan, extra=extra)
+
+
+def load_quantized(folder):
+    """Return `(model, tokenizer)` from a folder written by `save_quantized` (on CPU)."""
+    import torch
+
+    from . import quantize
+    folder = resolve_checkpoint_dir(folder)
+    path = folder / INT8_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {INT8_FILE}: it is not an INT8 checkpoint of this project; "
+                              "write one with checkpoint.save_quantized, or load a pruned checkpoint with load_pruned")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != INT8_FORMAT:
+        raise CheckpointError(f"{path} has format {meta.get('format')!r}, expected {INT8_FORMAT!r}; re-save it")
+    per_channel = bool(meta.get("per_channel", True))
+    structure = build_structure(json.loads((folder / "config.json").read_text()), meta, torch.float32)
+    if getattr(structure.config, "tie_word_embeddings", False):
+        structure.tie_weights()
+    model = quantize._quantize(structure.eval(), per_channel)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's own TypedStorage notice while unpacking qint8 params
+        state = torch.load(folder / INT8_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model.pruning_plan, model.int8, model.int8_per_channel = PruningPlan.from_dict(meta["plan"]), True, per_channel
+    return model, load_tokenizer(folder)

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pruning_utils import compression
-from pruning_utils.arch import decoder_layers, layer_shapes, proj
+from pruning_utils.arch import decoder_layers
 from pruning_utils.checkpoint import PLAN_FILE, load_pruned, read_checkpoint_meta, save_pruned
 from pruning_utils.depth import plan_layers, refit_before_spans, score_layers
 from pruning_utils.hybrid import hybrid_model
