@@ -147,3 +147,12 @@ def test_saved_variant_row_is_recorded_in_its_plan_file(models_dir, windows):
     assert compression.target_params("depth_pruned") == full["params_non_embedding"]
     table = compression.table([r for r, _ in rows] + [full])
     assert list(table.columns[:8]) == ["variant"] + compression.COMPRESSION_COLUMNS
+
+
+@pytest.mark.parametrize("rank", [0, -1, 40])
+def test_a_bad_rank_leaves_the_model_untouched(rank, tokens):
+    model = tiny_model("llama")  # rank 40 fits q_proj (128x64) but is above k_proj's full rank (32x64)
+    before = _logits(model, tokens)
+    with pytest.raises(ValueError, match=f"rank {rank} is invalid"):
+        lowrank_model(model, rank=rank)
+    assert not compression.replaced_modules_of(model) and torch.equal(_logits(model, tokens), before)
