@@ -278,3 +278,80 @@ def bridged(model, span: SpanMap) -> Iterator[None]:
 
     with hooks((layers[span.start], "pre_kw", grab_in), (layers[span.end - 1], "forward_kw", replace_out)):
         yield
+
+
+# ------------------------------------------------------------------------- stock-loadable least-squares refit
+
+
+def _spans(removed: list[int]) -> list[tuple[int, int]]:
+    spans: list[tuple[int, int]] = []
+    for i in sorted(removed):
+        if spans and spans[-1][1] == i:
+            spans[-1] = (spans[-1][0], i + 1)
+        else:
+            spans.append((i, i + 1))
+    return spans
+
+
+def refit_before_spans(model, removed: list[int], windows: Tensor, batch_size: int = 4, ridge_ratio: float = 1e-2
+                       ) -> list[int]:
+    """Refit, in place, the `down_proj` of the layer before each removed span to also output the span's change.
+
+    For a span [s, e) the kept layer p = s - 1 ends with h_p = r + D a (a: its MLP activations); the refit solves
+    min ‖D' a − (y_e − r)‖² + λ‖D' − D‖² on calibration tokens of the unpruned model (y_e: the span's output,
+    λ = `ridge_ratio` · mean diag of Σ aᵀa, the pull toward D of `reconstruction`). Only weights change, so the
+    depth-pruned model stays stock-loadable. A span starting at layer 0 has no layer before it and is left as is.
+    Call it before dropping the layers (it needs their outputs); returns the refit layer indices.
+    """
+    from .arch import proj
+
+    layers = decoder_layers(model)
+    spans = [(s, e) for s, e in _spans(removed) if s > 0]
+    if not spans:
+        return []
+    grams: dict[int, Tensor] = {}
+    cross: dict[int, Tensor] = {}
+    held: dict[int, dict[str, Tensor]] = {s - 1: {} for s, _ in spans}
+
+    def down_hook(p):
+        def fn(module, args, output):
+            held[p]["a"], held[p]["d"] = args[0].detach(), output.detach()
+        return fn
+
+    def out_hook(p):
+        def fn(module, args, kwargs, output):
+            held[p]["h"] = (output[0] if isinstance(output, tuple) else output).detach()
+        return fn
+
+    def end_hook(p):
+        def fn(module, args, kwargs, output):
+            y = output[0] if isinstance(output, tuple) else output
+            h = held[p]
+            a = h["a"].reshape(-1, h["a"].shape[-1]).float()
+            t = (y.detach() - h["h"] + h["d"]).reshape(-1, y.shape[-1]).float()  # y_e − r, r = h_p − D a
+            bias = proj(layers[p], "down_proj").bias
+            if bias is not None:
+                t = t - bias.detach().float()
+            grams[p] = grams.get(p, 0) + (a.T @ a).double().cpu()
+            cross[p] = cross.get(p, 0) + (a.T @ t).double().cpu()
+        return fn
+
+    regs = []
+    for s, e in spans:
+        p = s - 1
+        regs += [(proj(layers[p], "down_proj"), "forward", down_hook(p)), (layers[p], "forward_kw", out_hook(p)),
+                 (layers[e - 1], "forward_kw", end_hook(p))]
+    device = calibration.model_device(model)
+    with torch.no_grad(), hooks(*regs):
+        for ids in calibration.batches(windows, batch_size, device):
+            calibration.forward_until(model, ids, last=layers[max(e for _, e in spans) - 1])
+    for s, _ in spans:
+        p = s - 1
+        lin = proj(layers[p], "down_proj")
+        g = grams[p]
+        lam = ridge_ratio * float(g.diagonal().mean())
+        w0 = lin.weight.detach().double().cpu()
+        w = torch.linalg.solve(g + lam * torch.eye(g.shape[0], dtype=g.dtype), cross[p] + lam * w0.T).T
+        with torch.no_grad():
+            lin.weight.copy_(w.to(lin.weight.dtype))
+    return [s - 1 for s, _ in spans]

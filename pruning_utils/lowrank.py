@@ -207,6 +207,11 @@ def lowrank_model(model, projections: Iterable[str] = PROJECTIONS, layers: Itera
     all_layers = decoder_layers(model)
     chosen = list(range(len(all_layers))) if layers is None else [int(i) for i in layers]
     projections = list(projections)
+    if isinstance(rank, numbers.Integral) or (rank is not None and rank != "rmt"):
+        for li in chosen:  # every rank is checked before any projection changes: a bad rank leaves the model intact
+            for name in projections:
+                lin = proj(all_layers[li], name)
+                check_rank(rank, lin.out_features, lin.in_features)
     if method == "plain":
         walk = ((li, all_layers[li], {}) for li in chosen)
     elif windows is None:

@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .arch import decoder_layers, head_dim, layer_shapes, proj
+from .arch import PROJECTIONS, decoder_layers, head_dim, layer_shapes, proj
 from .paths import PROJECT_ROOT
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -40,15 +40,41 @@ def _dtype(model) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------- size and cost
 
 
+def packed_linears(model) -> list[torch.nn.Module]:
+    """Return the dynamic INT8 linears of a model: their weights are packed, not `parameters()`."""
+    return [m for m in model.modules() if callable(getattr(m, "weight", None)) and hasattr(m, "_packed_params")]
+
+
+def _packed_numel(m) -> int:
+    bias = m.bias()
+    return m.weight().numel() + (bias.numel() if bias is not None else 0)
+
+
 def count_params(model) -> dict[str, int]:
-    """Return `total` parameters (tied embeddings counted once) and `non_embedding` (without embedding and lm_head)."""
+    """Return `total` parameters (tied embeddings counted once) and `non_embedding` (without embedding and lm_head).
+
+    Dynamic INT8 linears count their packed weights (the same numbers as in fp32, stored in one byte each).
+    """
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
     excluded = {id(p): p for p in embed.parameters()}
     if head is not None:
         excluded.update({id(p): p for p in head.parameters()})
-    return {"total": total, "non_embedding": total - sum(p.numel() for p in excluded.values())}
+    packed = {id(m): _packed_numel(m) for m in packed_linears(model)}
+    total += sum(packed.values())
+    head_packed = packed.get(id(head), 0) if head is not None else 0
+    return {"total": total, "non_embedding": total - sum(p.numel() for p in excluded.values()) - head_packed}
+
+
+def _linear_macs(module) -> int:
+    """Return multiply-accumulates per token of a projection: dense, factorised (r (in + out)) or sparse + low-rank."""
+    rank = getattr(module, "rank", None)
+    dense = module.in_features * module.out_features
+    if rank is None:
+        return dense
+    low = rank * (module.in_features + module.out_features)
+    return dense + low if hasattr(module, "u") else low  # SparseLowRankLinear keeps its (dense-stored) sparse part
 
 
 def flops_per_token(model, seq_len: int = 512) -> float:
@@ -63,14 +89,12 @@ def flops_per_token(model, seq_len: int = 512) -> float:
     context = (seq_len + 1) / 2
     macs = 0.0
     for layer, shape in zip(decoder_layers(model), layer_shapes(model)):
-        hidden = proj(layer, "q_proj").in_features
-        q_width, kv_width = shape.n_heads * hd, shape.n_kv_heads * hd
-        macs += hidden * (q_width + 2 * kv_width) + q_width * hidden  # q, k, v and o projections
+        # q, k, v, o, gate, up, down as stored (a factorised projection costs r (in + out))
+        macs += sum(_linear_macs(proj(layer, name)) for name in PROJECTIONS)
         macs += 2 * shape.n_heads * hd * context  # q.k scores and the weighted sum of values
-        macs += 3 * hidden * shape.intermediate  # gate, up, down
     head = model.get_output_embeddings()
     if head is not None:
-        macs += head.weight.shape[0] * head.weight.shape[1]
+        macs += head.in_features * head.out_features
     return 2.0 * macs
 
 
@@ -355,7 +379,15 @@ def model_bytes(model) -> int:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
-    return total
+    return total + sum(_packed_bytes(m) for m in packed_linears(model))
+
+
+def _packed_bytes(m) -> int:
+    """Return the bytes of a dynamic INT8 linear's packed weight (1 per value, plus per-row scales) and fp32 bias."""
+    w, bias = m.weight(), m.bias()
+    scales = w.q_per_channel_scales().numel() * 12 if w.qscheme() in (torch.per_channel_affine,
+                                                                      torch.per_channel_symmetric) else 12
+    return w.numel() + scales + (bias.numel() * bias.element_size() if bias is not None else 0)
 
 
 def _prefill(model, batch_size: int, seq_len: int) -> None:

@@ -93,6 +93,17 @@ PARAMS: dict[str, Param] = {
     "LORA_LR": Param(2e-3, float, "LoRA learning rate (benchmarks/recovery_budget.py)"),
     "GRAD_CHECKPOINTING": Param(False, bool, "trade compute for activation memory"),
     "INSTRUCTION_JSONL": Param("", str, "optional Dolly/Alpaca-style file (instruction/response) instead of plain text"),
+    # compression methods side by side (notebook 03b), at the mix_pruned checkpoint's non-embedding count
+    "COMPRESS_TARGET_FROM": Param("mix_pruned", str, "checkpoint whose non-embedding parameter count the methods meet"),
+    "COMPRESS_CALIB_WINDOWS": Param(16, int, "calibration windows (of CALIB_SEQ_LEN) for layer scores, Grams, refits"),
+    "COMPRESS_DEPTH_CRITERIA": Param("block_influence,semantic", str,
+                                     "layer scores: block_influence | angular | semantic (bypass damage)"),
+    "COMPRESS_DEPTH_SEMANTIC_WINDOWS": Param(2, int, "calibration windows of the exact bypass-damage score"),
+    "COMPRESS_LOWRANK_METHODS": Param("plain,whiten", str, "low-rank SVD metrics: plain | asvd | whiten (SVD-LLM)"),
+    "COMPRESS_HYBRID_SPARSITY": Param("0.5,2:4", str, "Wanda sparsities of the sparse + low-rank hybrid"),
+    "COMPRESS_HYBRID_RANK": Param(16, int, "rank of the hybrid's residual SVD"),
+    "COMPRESS_INT8_BASES": Param("baseline,head_pruned,mlp_pruned,mix_pruned", str,
+                                 "models quantized to dynamic INT8 (CPU only), comma-separated"),
     # final evaluation (notebook 06)
     "VARIANTS": Param("baseline,head_pruned,mlp_pruned,mix_pruned,mix_pruned_lora", str,
                       "variants compared, comma-separated, baseline first"),
@@ -123,6 +134,8 @@ NOTEBOOK_PARAMS: dict[str, tuple[str, ...]] = {
     "02_head_pruning.ipynb": _COMMON + ("CRITERIA", "HEAD_RATE", "HEAD_SWEEP", "MAIN_HEAD_CRITERION") + _SWEEP,
     "03_mlp_pruning.ipynb": _COMMON + ("CRITERIA", "MLP_RATE", "MLP_SWEEP", "MAIN_MLP_CRITERION") + _SWEEP + (
         "MIX_RESCORE",),
+    "03b_compression_methods.ipynb": tuple(n for n in _COMMON if n not in ("N_CALIB", "FIDELITY_TOKENS"))
+    + ("OFFLOAD", "GRAMS", "VARIANT_BUILD") + tuple(n for n in PARAMS if n.startswith("COMPRESS_")),
     "04_recovery_lora.ipynb": tuple(n for n in _COMMON if n not in ("N_CALIB", "CALIB_SEQ_LEN", "SWEEP_EVAL_MAX_TOKENS"))
     + ("RECOVERY_MODELS", "RECOVERY_STEPS", "RECOVERY_LOSS", "RECOVERY_DATA", "RECOVERY_BATCH", "RECOVERY_SEQ_LEN",
        "GRAD_ACCUM", "LORA_R", "LORA_ALPHA", "LORA_LR", "GRAD_CHECKPOINTING", "INSTRUCTION_JSONL", "N_PROMPTS",
@@ -143,7 +156,9 @@ PROFILES: dict[str, dict] = {
     "smoke": dict(DEFAULTS, MODEL="tiny-llama", N_CALIB=8, CALIB_SEQ_LEN=32, EVAL_SEQ_LEN=64, EVAL_MAX_TOKENS=1024,
                   SWEEP_EVAL_MAX_TOKENS=512, CRITERIA=_SMOKE_CRITERIA, HEAD_RATE=0.25, HEAD_SWEEP="0.25,0.5",
                   SEMANTIC_SEQ_LEN=16, LATENCY_SEQ_LEN=32, LATENCY_REPEATS=2, DECODE_TOKENS=4, RECOVERY_STEPS=4,
-                  N_PROMPTS=4, FIDELITY_TOKENS=256, **_BOTH_RECOVERED),
+                  N_PROMPTS=4, FIDELITY_TOKENS=256, COMPRESS_CALIB_WINDOWS=4, COMPRESS_DEPTH_SEMANTIC_WINDOWS=1,
+                  COMPRESS_HYBRID_RANK=2, COMPRESS_LOWRANK_METHODS="plain,asvd,whiten",
+                  EXTRA_VARIANTS="baseline_int8,mix_pruned_int8,depth_pruned,lowrank_pruned", **_BOTH_RECOVERED),
     # Kaggle/Colab T4 or P100 (fp16), hub models, WikiText-2; LORA_LR 1e-3 is the rate these profiles were run with
     "kaggle-qwen2.5-0.5b": dict(DEFAULTS, MODEL="Qwen/Qwen2.5-0.5B", TEXT_SOURCE="wikitext2:0.75+selfgen:0.25", N_CALIB=128,
                                 CALIB_SEQ_LEN=512, EVAL_SEQ_LEN=1024, EVAL_MAX_TOKENS=None, SWEEP_EVAL_MAX_TOKENS=65536,

@@ -5,8 +5,10 @@ per batch at run time; its kernels (fbgemm / qnnpack) exist only on CPU, so a CU
 variant is reported as not applicable there. torch marks `torch.ao.quantization` deprecated in favour of
 torchao, but it still ships with torch and needs no extra package, which is why it is used here.
 
-INT8 checkpoint folder (`save_quantized` / `load_quantized`):
+INT8 checkpoint folder (written and read by `checkpoint`: `save_pruned` / `load_pruned` dispatch on the model and
+the plan file; `checkpoint.save_quantized` / `load_quantized` are the INT8-only entry points):
 - `config.json`: the fp32 structure, written by the same rules as a pruned checkpoint (`arch.stock_config`);
+- `pruning_plan.json`: the project's plan file with `"weights": "int8"` and the variant's measured row;
 - `model_int8.bin`: `torch.save(model.state_dict())` of the quantized model (packed qint8 weights, fp32 rest),
   readable with `torch.load(weights_only=True)`;
 - `int8_checkpoint.json`: format tag, the cumulative pruning plan, per-layer shapes and the torch version;
@@ -18,22 +20,10 @@ it with the torch version recorded in the meta file.
 from __future__ import annotations
 
 import copy
-import json
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn as nn
-
-from .arch import decoder_layers, head_dim, layer_shape, layer_shapes, stock_config
-from .checkpoint import CheckpointError, resolve_checkpoint_dir
-from .metrics import checkpoint_size_mb
-from .plan import PruningPlan
-from .tiny import TinyTokenizer
-
-QUANT_FILE = "int8_checkpoint.json"
-WEIGHTS_FILE = "model_int8.bin"  # .bin: `metrics.checkpoint_size_mb` counts it as a weight file
-FORMAT = "semantic-llm-pruning-int8/1"
 
 
 class NotApplicableError(ValueError):
@@ -80,81 +70,3 @@ def quantize_int8(model, inplace: bool = False, per_channel: bool = True):
         model.pruning_plan = plan
     model.int8, model.int8_per_channel = True, per_channel
     return model
-
-
-def save_quantized(model, tokenizer, folder, plan: PruningPlan | None = None) -> Path:
-    """Write an INT8 model (from `quantize_int8`) as config + quantized state dict + meta + tokenizer; returns the folder."""
-    if not getattr(model, "int8", False):
-        raise ValueError("save_quantized expects a model returned by quantize_int8; quantize it first "
-                         "(a plain model is saved with checkpoint.save_pruned)")
-    folder = resolve_checkpoint_dir(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    shapes = layer_shapes(model)  # dynamic quantized Linear keeps in_features / out_features
-    plan = plan or getattr(model, "pruning_plan", None) or PruningPlan.identity(
-        shapes, getattr(model.config, "name_or_path", ""))
-    cfg, stock = stock_config(model.config.to_dict(), shapes, head_dim(model), plan.base_heads, plan.base_intermediate)
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
-    torch.save(model.state_dict(), folder / WEIGHTS_FILE)
-    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(folder)
-    meta = {"format": FORMAT, "quantization": "dynamic int8: qint8 weights of every nn.Linear, activations per batch",
-            "per_channel": bool(getattr(model, "int8_per_channel", True)),
-            "torch": torch.__version__, "fp32_stock_loadable": stock, "query_heads": [s.n_heads for s in shapes],
-            "intermediate": [s.intermediate for s in shapes], "plan": plan.to_dict()}
-    (folder / QUANT_FILE).write_text(json.dumps(meta, indent=1, default=str))
-    return folder
-
-
-def _fp32_structure(cfg: dict, meta: dict):
-    """Return a random-init fp32 model of the recorded shapes (weights are loaded afterwards)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .surgery import prune_heads, prune_neurons
-
-    cfg = {k: v for k, v in cfg.items() if k not in ("transformers_version", "per_layer_config")}
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    hd = head_dim(model)
-    for li, layer in enumerate(decoder_layers(model)):
-        shape, want_h, want_m = layer_shape(layer, hd), meta["query_heads"][li], meta["intermediate"][li]
-        if want_h != shape.n_heads:  # the first heads of every KV group: only the count matters before loading
-            group, per_group = shape.n_heads // shape.n_kv_heads, want_h // shape.n_kv_heads
-            prune_heads(model, {li: [g * group + j for g in range(shape.n_kv_heads) for j in range(per_group)]})
-        if want_m != shape.intermediate:
-            prune_neurons(model, {li: list(range(want_m))})
-    return model
-
-
-def load_quantized(folder):
-    """Return `(model, tokenizer)` from a folder written by `save_quantized` (on CPU)."""
-    from transformers import AutoTokenizer
-
-    folder = resolve_checkpoint_dir(folder)
-    path = folder / QUANT_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{folder} has no {QUANT_FILE}: it is not an INT8 checkpoint of this project; "
-                              "write one with quantize.save_quantized, or load a pruned checkpoint with load_pruned")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}; re-save it")
-    per_channel = bool(meta.get("per_channel", True))
-    model = _quantize(_fp32_structure(json.loads((folder / "config.json").read_text()), meta).eval(), per_channel)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torch's own TypedStorage notice while unpacking qint8 params
-        state = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    model.pruning_plan, model.int8, model.int8_per_channel = PruningPlan.from_dict(meta["plan"]), True, per_channel
-    if (folder / "tiny_tokenizer.json").exists():
-        tok = TinyTokenizer(**json.loads((folder / "tiny_tokenizer.json").read_text()))
-    elif any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        tok = AutoTokenizer.from_pretrained(folder)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-    else:
-        tok = None
-    return model, tok
-
-
-def size_mb(folder) -> float:
-    """Return the size on disk in MiB of a checkpoint's weight files (INT8 or fp32 alike)."""
-    return checkpoint_size_mb(resolve_checkpoint_dir(folder))

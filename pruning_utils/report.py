@@ -167,15 +167,26 @@ def memory_extrapolation() -> str:
     return _md(pd.DataFrame(out), 1)
 
 
+def compression_methods() -> str:
+    """Return the compression methods side by side (notebook 03b), or a note when its CSV does not exist yet."""
+    if not (ablation_dir() / "compression_methods.csv").exists():
+        return "_No `compression_methods.csv` yet: the next `bash run_all.sh` (stage 03b) writes it._\n"
+    df = _csv("compression_methods")
+    cols = ["variant", "method", "base", "form", "saved", "params_non_embedding", "nonzero_params_non_embedding",
+            "size_mb", "ppl", "eval_tokens", "prefill_ms", "decode_tok_s", "peak_memory_mb", "applicable"]
+    return _md(df[cols], 2)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "baseline": baseline, "head_sweep": head_sweep, "mlp_sweep": mlp_sweep, "head_pruning": head_pruning,
     "mlp_pruning": mlp_pruning, "recovery": recovery, "final_eval": final_eval, "final_cost": final_cost,
     "run_time": run_time, "quality_benchmark": quality_benchmark, "recovery_budget": recovery_budget,
     "memory_scale": memory_scale, "memory_extrapolation": memory_extrapolation,
     "calibration_sources": calibration_sources, "recovery_sources": recovery_sources,
+    "compression_methods": compression_methods,
 }
 # tables whose numbers are timings: they change with every run, so the agreement test does not pin them
-TIMING_TABLES = ("final_cost", "run_time")
+TIMING_TABLES = ("final_cost", "run_time", "compression_methods")
 
 
 def render_readme(text: str) -> str:

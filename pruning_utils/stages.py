@@ -58,10 +58,12 @@ STAGES = (
     Stage("03", "03_mlp_pruning.ipynb", (
         "results/ablation_studies/mlp_pruning.csv", "models/mlp_pruned/pruning_plan.json",
         "models/mix_pruned/pruning_plan.json")),
+    Stage("03b", "03b_compression_methods.ipynb", (
+        "results/ablation_studies/compression_methods.csv", "results/ablation_studies/compression_methods.png")),
     Stage("04", "04_recovery_lora.ipynb", ("results/ablation_studies/recovery.csv",)),
     Stage("06", "06_final_eval.ipynb", (
         "results/ablation_studies/final_eval.csv", "results/plots/pareto_params.png",
-        "results/plots/pareto_latency.png", "results/plots/stage_bars.png")),
+        "results/plots/pareto_latency.png", "results/plots/pareto_size.png", "results/plots/stage_bars.png")),
 )
 
 
@@ -69,6 +71,8 @@ def checkpoints_read(key: str, params: dict) -> set[str]:
     """Return the checkpoints under models/ that stage `key` reads, given the run's parameters."""
     if key == "03":
         return {"head_pruned"}  # its plan and row (and the model itself with MIX_RESCORE)
+    if key == "03b":  # the target's parameter count, and the checkpoints INT8 is stacked on
+        return {params["COMPRESS_TARGET_FROM"]} | (set(as_list(params["COMPRESS_INT8_BASES"])) - {"baseline"})
     if key == "04":
         return set(as_list(params["RECOVERY_MODELS"]))
     if key == "06":
@@ -79,6 +83,8 @@ def checkpoints_read(key: str, params: dict) -> set[str]:
 def checkpoints_written(key: str, params: dict) -> set[str]:
     """Return the checkpoints under models/ that stage `key` writes, given the run's parameters."""
     return {"02": {"head_pruned"}, "03": {"mlp_pruned", "mix_pruned"},
+            "03b": {"depth_pruned", "lowrank_pruned", "hybrid_pruned"}
+            | {f"{name}_int8" for name in as_list(params["COMPRESS_INT8_BASES"])},
             "04": {f"{name}_lora" for name in as_list(params["RECOVERY_MODELS"])}}.get(key, set())
 
 

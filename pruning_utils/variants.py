@@ -48,7 +48,10 @@ PROVENANCE_COLUMNS = ("criterion", "allocation", "reconstruction", "head_rate_re
 
 def weight_size_mb(model) -> float:
     """Return the size of the model's weights in MiB as a checkpoint stores them (tied tensors once)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    from .metrics import _packed_bytes, packed_linears
+
+    dense = sum(p.numel() * p.element_size() for p in model.parameters())
+    return (dense + sum(_packed_bytes(m) for m in packed_linears(model))) / 2**20
 
 
 def removed_fractions(model, reference: dict | None = None) -> tuple[float, float]:

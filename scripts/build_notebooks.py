@@ -275,6 +275,66 @@ results.save_plot(fig, OUT / "mlp_pruning_ppl_vs_params.png")'''),
     ],
 )
 
+NB03B = notebook(
+    "03b_compression_methods.ipynb",
+    "# 03b · Other ways to compress, side by side\n"
+    "At the −25% non-embedding count of `models/mix_pruned/` (S3, read from its metadata): depth pruning (block "
+    "influence and bypass-damage layer scores, plain and with the stock-loadable `down_proj` refit), low-rank SVD "
+    "(plain, activation-aware, and the RMT rank as a row), Wanda unstructured / 2:4 sparsity with a low-rank residual "
+    "fix, and dynamic INT8 on the baseline and stacked on each pruned checkpoint (CPU only). Candidates are screened "
+    "on the short evaluation text; the best of each method is saved under `models/` and measured on the full text "
+    "with latency and memory → `compression_methods.csv`.",
+    [
+        ("code", SETUP + """
+from pruning_utils import compression
+model, tok = load_model(MODEL, device=DEVICE, dtype=DTYPE)
+baseline = pd.read_csv(OUT / "baseline.csv").iloc[0].to_dict()
+windows = data.calibration_windows(tok, TEXT_SOURCE, n_samples=COMPRESS_CALIB_WINDOWS, seq_len=CALIB_SEQ_LEN, seed=SEED,
+                                   model=model, selfgen_kw=SELFGEN)
+chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
+sweep_chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=SWEEP_EVAL_MAX_TOKENS)
+target = compression.target_params(COMPRESS_TARGET_FROM)
+SAVE = dict(reference=baseline, latency_kw=LATENCY, memory_kw=MEMORY)
+rows, t0 = [], time.time()
+print(f"target: {target:,} non-embedding parameters ({100 * (1 - target / baseline['params_non_embedding']):.1f}% fewer)")"""),
+        ("md", "## Depth pruning: whole decoder layers → `models/depth_pruned/` (stock `from_pretrained`)"),
+        ("code", """cands = list(compression.depth_candidates(model, windows, sweep_chunks, target, as_list(COMPRESS_DEPTH_CRITERIA),
+                                          reference=baseline, semantic_windows=COMPRESS_DEPTH_SEMANTIC_WINDOWS))
+rows += [r for r, _ in cands]
+row, best = compression.best(cands)
+rows.append(compression.save_measured(best, tok, "depth_pruned", row, chunks, **SAVE))
+del cands, best
+pd.DataFrame(rows)[["variant", "layers", "params_non_embedding", "ppl", "eval_tokens", "note"]]"""),
+        ("md", "## Low-rank SVD at the same count → `models/lowrank_pruned/` (reloads with `load_pruned`)"),
+        ("code", """cands = list(compression.lowrank_candidates(model, windows, sweep_chunks, target, as_list(COMPRESS_LOWRANK_METHODS),
+                                            reference=baseline))
+rows += [r for r, _ in cands]
+row, best = compression.best([c for c in cands if c[0]["form"] != "rmt"])
+rows.append(compression.save_measured(best, tok, "lowrank_pruned", row, chunks, **SAVE))
+del cands, best
+pd.DataFrame(rows)[["variant", "params_non_embedding", "ppl", "eval_tokens", "note"]].tail(5)"""),
+        ("md", "## Wanda sparsity + low-rank residual → `models/hybrid_pruned/`"),
+        ("code", """cands = list(compression.hybrid_candidates(model, windows, sweep_chunks, as_list(COMPRESS_HYBRID_SPARSITY),
+                                           COMPRESS_HYBRID_RANK, reference=baseline))
+rows += [r for r, _ in cands]
+row, best = compression.best(cands)
+rows.append(compression.save_measured(best, tok, "hybrid_pruned", row, chunks, **SAVE))
+del cands, best
+pd.DataFrame(rows)[["variant", "nonzero_params_non_embedding", "ppl", "eval_tokens", "note"]].tail(3)"""),
+        ("md", "## Dynamic INT8 on the baseline and stacked on each pruned model (CPU only) → `models/<base>_int8/`"),
+        ("code", """for base in as_list(COMPRESS_INT8_BASES):
+    kw = dict(model=model, tok=tok) if base == "baseline" else {}
+    rows.append(compression.int8_row(base, next(model.parameters()).device, chunks, **kw, **SAVE))
+table = compression.table(rows)
+results.write_csv(table, OUT / "compression_methods.csv")
+print(f"{len(table)} rows in {(time.time() - t0) / 60:.1f} min")
+table[["variant", "saved", "params_non_embedding", "size_mb", "ppl", "eval_tokens", "prefill_ms", "decode_tok_s", "peak_memory_mb"]].round(2)"""),
+        ("code", """saved = table[table["saved"] == True]
+results.save_plot(plots.pareto(saved, "size_mb", "ppl", title="compression methods: quality vs size on disk"),
+                  OUT / "compression_methods.png")"""),
+    ],
+)
+
 NB04 = notebook(
     "04_recovery_lora.ipynb",
     "# 04 · Recovery: light LoRA (peft), at most one epoch, merged into the weights\n"
@@ -361,9 +421,9 @@ NB06 = notebook(
     "(lm-evaluation-harness), parameters, FLOPs/token, checkpoint size, peak memory, prefill latency and decode speed.",
     [
         ("code", SETUP + """
-from pruning_utils import evaluation
+from pruning_utils import compression, evaluation
 from pruning_utils.checkpoint import resolve_checkpoint_dir
-names = as_list(VARIANTS) + as_list(EXTRA_VARIANTS)
+names = compression.available_variants(as_list(VARIANTS) + as_list(EXTRA_VARIANTS), DEVICE)
 for name in names[1:]:
     read_checkpoint_meta(name)  # a missing variant fails here, naming the stage that writes it
 if ZERO_SHOT:
@@ -412,6 +472,7 @@ results.save_plot(plots.pareto(final, "params_non_embedding", "fidelity_ppl",
                                title="fidelity (perplexity on the unpruned model's own samples) vs parameters"),
                   PLOTS / "pareto_fidelity.png")
 results.save_plot(plots.pareto(final, "prefill_ms", "ppl", title="quality vs prefill latency"), PLOTS / "pareto_latency.png")
+results.save_plot(plots.pareto(final, "size_mb", "ppl", title="quality vs size on disk"), PLOTS / "pareto_size.png")
 results.save_plot(plots.stage_bars(final, ["ppl", "fidelity_ppl", "semantic_cosine", "params_non_embedding", "prefill_ms",
                                           "decode_tok_s"]),
                   PLOTS / "stage_bars.png")"""),
@@ -425,6 +486,7 @@ NOTEBOOKS = {
     "00-setup-01-baseline-and-importance.ipynb": NB00,
     "02_head_pruning.ipynb": NB02,
     "03_mlp_pruning.ipynb": NB03,
+    "03b_compression_methods.ipynb": NB03B,
     "04_recovery_lora.ipynb": NB04,
     "06_final_eval.ipynb": NB06,
 }

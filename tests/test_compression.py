@@ -11,9 +11,9 @@ from pruning_utils.hooks import hooks, masked
 from pruning_utils.hybrid import SparseLowRankLinear, hybrid_model, nm_mask, sparse_lowrank, wanda_mask
 from pruning_utils.lowrank import LowRankLinear, factorize, lowrank_model, rmt_rank, svd_factors
 from pruning_utils.metrics import count_params
-from pruning_utils.quantize import (NotApplicableError, check_int8_device, load_quantized, quantize_int8,
-                                    save_quantized, size_mb)
-from pruning_utils.checkpoint import save_pruned
+from pruning_utils.quantize import NotApplicableError, check_int8_device, quantize_int8
+from pruning_utils.checkpoint import load_quantized, save_pruned, save_quantized
+from pruning_utils.metrics import checkpoint_size_mb as size_mb
 from pruning_utils.stats import GramStats
 from pruning_utils.plan import PruningPlan
 from pruning_utils.surgery import apply_plan, drop_layers

@@ -69,15 +69,26 @@ def test_csvs_have_documented_columns_and_finite_values(smoke_run):
         _finite(df, numeric)
     final = pd.read_csv(out / "final_eval.csv")
     assert list(final["variant"]) == ["baseline", "head_pruned", "mlp_pruned", "mix_pruned", "head_pruned_lora",
-                                      "mix_pruned_lora"]
+                                      "mix_pruned_lora", "baseline_int8", "mix_pruned_int8", "depth_pruned",
+                                      "lowrank_pruned"]
+    methods = pd.read_csv(out / "compression_methods.csv")
+    saved = methods[methods["saved"]]
+    assert set(VARIANT_COLUMNS) <= set(methods.columns) and methods["applicable"].all()
+    _finite(saved, numeric + ["prefill_ms", "decode_tok_s", "peak_memory_mb"])
+    assert set(saved["variant"]) == {"depth_pruned", "lowrank_pruned", "hybrid_pruned", "baseline_int8",
+                                     "head_pruned_int8", "mlp_pruned_int8", "mix_pruned_int8"}
+    by = saved.set_index("variant")
+    assert by.loc["mix_pruned_int8", "size_mb"] == by["size_mb"].min()  # INT8 stacked on S3: the smallest
     _finite(final, ["prefill_ms", "decode_tok_s", "semantic_cosine", "exact_match", "peak_memory_mb"])
     assert final.loc[0, "semantic_cosine"] == pytest.approx(1.0, abs=1e-5)
-    assert (final["params_non_embedding"].iloc[1:] < final["params_non_embedding"].iloc[0]).all()
+    pruned = final.iloc[1:][final["variant"].iloc[1:] != "baseline_int8"]  # INT8 keeps the count, 1 byte each
+    assert (pruned["params_non_embedding"] < final["params_non_embedding"].iloc[0]).all()
+    assert final.set_index("variant").loc["baseline_int8", "size_mb"] < final.loc[0, "size_mb"]
     recovery = pd.read_csv(out / "recovery.csv")
     _finite(recovery, ["steps", "tokens_seen", "heldout_loss_before", "heldout_loss_after", "ppl_before", "ppl_after", "minutes"])
     for name in ("perplexity_baseline", "latency_baseline"):
         assert json.loads((out / f"{name}.json").read_text())["env"]["git_commit"]
-    for png in ("pareto_params", "pareto_latency", "stage_bars"):
+    for png in ("pareto_params", "pareto_latency", "pareto_size", "stage_bars"):
         assert (root / "results" / "plots" / f"{png}.png").stat().st_size > 1000
 
 

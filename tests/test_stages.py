@@ -27,7 +27,7 @@ def _main(argv, tmp_path, capsys) -> tuple[int, str]:
 
 def test_unknown_stage_key_lists_known_keys(tmp_path, capsys):
     code, err = _main(["--only", "07"], tmp_path, capsys)
-    assert code == 2 and "'07'" in err and "known: 00, 02, 03, 04, 06" in err
+    assert code == 2 and "'07'" in err and "known: 00, 02, 03, 03b, 04, 06" in err
     with pytest.raises(UsageError, match="known: 00, 02"):
         parse_only("02,7")
     assert parse_only(" 02, 03 ") == ["02", "03"] and parse_only(None) is None
@@ -201,18 +201,21 @@ def test_stage_graph_of_the_default_and_smoke_profiles():
     assert stages.checkpoints_read("04", smoke) == {"head_pruned", "mix_pruned"}
     assert stages.checkpoints_written("04", smoke) == {"head_pruned_lora", "mix_pruned_lora"}
     assert stages.checkpoints_read("06", smoke) == {"head_pruned", "mlp_pruned", "mix_pruned", "head_pruned_lora",
-                                                    "mix_pruned_lora"}
-    # 06 reads every checkpoint of the default VARIANTS: before it nothing can go; after it, all
-    assert stages.not_needed_after("04", smoke) == set()
-    assert stages.not_needed_after("06", smoke) == {"head_pruned", "mlp_pruned", "mix_pruned", "head_pruned_lora",
-                                                    "mix_pruned_lora"}
+                                                    "mix_pruned_lora", "baseline_int8", "mix_pruned_int8",
+                                                    "depth_pruned", "lowrank_pruned"}
+    assert "hybrid_pruned" in stages.not_needed_after("03b", smoke)  # written by 03b, read by no later stage
+    # 06 reads every checkpoint of VARIANTS / EXTRA_VARIANTS: before it only what 03b wrote for none can go
+    only_03b = {"hybrid_pruned", "head_pruned_int8", "mlp_pruned_int8"}
+    assert stages.not_needed_after("04", smoke) == only_03b
+    assert stages.not_needed_after("06", smoke) == stages.checkpoints_read("06", smoke) | only_03b
 
 
 def test_keep_needed_removes_each_checkpoint_after_its_last_reader(tmp_path, monkeypatch):
     root = _fake_project(tmp_path)
     log: list = []
     _fake_checkpoint_stages(root, monkeypatch, log)
-    params = resolve_parameters("smoke", {"KEEP_CHECKPOINTS": "needed", "VARIANTS": "baseline,mix_pruned_lora"})
+    params = resolve_parameters("smoke", {"KEEP_CHECKPOINTS": "needed", "VARIANTS": "baseline,mix_pruned_lora",
+                                          "EXTRA_VARIANTS": "", "COMPRESS_INT8_BASES": "baseline"})
     lines: list = []
     run(params, root=root, log=lines.append)
     before = dict(log)
@@ -223,7 +226,8 @@ def test_keep_needed_removes_each_checkpoint_after_its_last_reader(tmp_path, mon
     assert any("removed mlp_pruned" in line for line in lines)
     removed = json.loads((root / "results" / "stages" / "removed_checkpoints.json").read_text())
     assert removed == {"head_pruned": "02", "mlp_pruned": "03", "mix_pruned": "03", "head_pruned_lora": "04",
-                       "mix_pruned_lora": "04"}
+                       "mix_pruned_lora": "04", "depth_pruned": "03b", "lowrank_pruned": "03b",
+                       "hybrid_pruned": "03b", "baseline_int8": "03b"}
     # removed checkpoints count as written: a second run skips every stage
     log.clear()
     assert [r["status"] for r in run(params, root=root, log=lambda *_: None)] == ["skipped"] * len(STAGES)
@@ -234,7 +238,7 @@ def test_keep_needed_removes_each_checkpoint_after_its_last_reader(tmp_path, mon
     keep_all = _fake_project(tmp_path / "all")
     _fake_checkpoint_stages(keep_all, monkeypatch, [])
     run(resolve_parameters("smoke"), root=keep_all, log=lambda *_: None)
-    assert len(list((keep_all / "models").iterdir())) == 5
+    assert len(list((keep_all / "models").iterdir())) == 12  # 02, 03, 03b (3 methods + 4 INT8) and 04 outputs
     with pytest.raises(ParameterError, match="KEEP_CHECKPOINTS expects one of all, needed"):
         resolve_parameters("smoke", {"KEEP_CHECKPOINTS": "some"})
 

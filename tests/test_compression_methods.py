@@ -1,0 +1,158 @@
+"""Compression methods as saved variants (notebook 03b): checkpoints that reload, the depth refit, targets, bad input."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pruning_utils import compression
+from pruning_utils.arch import decoder_layers
+from pruning_utils.checkpoint import PLAN_FILE, load_pruned, read_checkpoint_meta, save_pruned
+from pruning_utils.depth import plan_layers, refit_before_spans, score_layers
+from pruning_utils.hybrid import hybrid_model
+from pruning_utils.lowrank import lowrank_model
+from pruning_utils.metrics import count_params, flops_per_token
+from pruning_utils.quantize import NotApplicableError, quantize_int8
+from pruning_utils.surgery import apply_plan
+from pruning_utils.tiny import TinyTokenizer, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def windows() -> torch.Tensor:
+    return torch.randint(3, 128, (6, 24), generator=torch.Generator().manual_seed(1))
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def _nll(model, w):
+    with torch.no_grad():
+        return float(model(w, labels=w).loss)
+
+
+def test_depth_pruned_checkpoint_loads_with_stock_from_pretrained(tmp_path, tokens, windows):
+    model = tiny_model("llama")
+    plan = plan_layers(score_layers(model, windows, "block_influence"), n_remove=1)
+    refit_before_spans(model, plan.provenance["removed_layers"], windows)
+    apply_plan(model, plan)
+    folder = save_pruned(model, TinyTokenizer(), tmp_path / "depth")
+    assert read_checkpoint_meta(folder)["stock_loadable"] is True
+    stock = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert len(decoder_layers(stock)) == 2
+    assert torch.equal(_logits(stock, tokens), _logits(model, tokens))
+
+
+def test_depth_refit_beats_plain_removal_on_calibration_text(windows):
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    plain, refit = tiny_model("llama"), tiny_model("llama")
+    refit.load_state_dict(model.state_dict())
+    plain.load_state_dict(model.state_dict())
+    assert refit_before_spans(refit, [2], windows) == [1]
+    target = torch.log_softmax(_logits(model, windows), -1)
+
+    def kl(m):
+        return float((target.exp() * (target - torch.log_softmax(_logits(m, windows), -1))).sum(-1).mean())
+
+    apply_plan(plain, plan_layers(score_layers(model, windows), n_remove=0))
+    for m in (plain, refit):
+        from pruning_utils.surgery import drop_layers
+        drop_layers(m, [0, 1])
+    assert kl(refit) < kl(plain)
+    # a span starting at layer 0 has no layer before it: nothing is refit
+    assert refit_before_spans(tiny_model("llama"), [0], windows) == []
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "hybrid"])
+def test_factorised_checkpoints_reload_through_load_pruned(tmp_path, tokens, windows, kind):
+    model = tiny_model("qwen2")
+    if kind == "lowrank":
+        lowrank_model(model, rank=3, layers=[0, 2])
+    else:
+        hybrid_model(model, windows, sparsity="2:4", rank=2)
+    folder = save_pruned(model, TinyTokenizer(), tmp_path / kind)
+    meta = read_checkpoint_meta(folder)
+    assert meta["stock_loadable"] is False and meta["modules"]
+    back, tok = load_pruned(folder, device="cpu", dtype=torch.float32)
+    assert isinstance(tok, TinyTokenizer)
+    assert compression.replaced_modules_of(back) == compression.replaced_modules_of(model)
+    assert torch.equal(_logits(back, tokens), _logits(model, tokens))
+
+
+def test_int8_checkpoint_reloads_through_load_pruned_on_cpu_only(tmp_path, tokens):
+    model = tiny_model("llama")
+    q = quantize_int8(model)
+    assert count_params(q) == count_params(model)  # packed INT8 weights are counted
+    assert flops_per_token(q) == flops_per_token(model)
+    folder = save_pruned(q, TinyTokenizer(), tmp_path / "int8")
+    meta = read_checkpoint_meta(folder)
+    assert meta["weights"] == "int8" and not meta["stock_loadable"]
+    back, _ = load_pruned(folder)
+    assert getattr(back, "int8", False) and torch.equal(_logits(back, tokens), _logits(q, tokens))
+    with pytest.raises(NotApplicableError, match="CPU-only"):
+        load_pruned(folder, device="cuda")
+
+
+def test_low_rank_flops_and_params_follow_the_rank():
+    model = tiny_model("llama")
+    before = flops_per_token(model), count_params(model)["non_embedding"]
+    lowrank_model(model, rank=2)
+    assert flops_per_token(model) < before[0] and count_params(model)["non_embedding"] < before[1]
+
+
+def test_lowrank_ratio_meets_the_target_and_refuses_an_impossible_one():
+    model = tiny_model("llama")
+    ne = count_params(model)["non_embedding"]
+    target = int(0.75 * ne)
+    lowrank_model(model, param_ratio=compression.lowrank_ratio(model, target))
+    assert count_params(model)["non_embedding"] <= target
+    with pytest.raises(ValueError, match="cannot be met"):
+        compression.lowrank_ratio(tiny_model("llama"), 10)
+
+
+def test_int8_on_cuda_is_a_not_applicable_row_and_writes_nothing(models_dir, windows):
+    chunks = windows[:2]
+    row = compression.int8_row("baseline", "cuda", chunks, reference={}, model=tiny_model("llama"),
+                               tok=TinyTokenizer())
+    assert row["applicable"] is False and "CPU-only" in row["note"] and row["saved"] is False
+    assert not (models_dir / "baseline_int8").exists()
+    assert compression.available_variants(["baseline", "baseline_int8", "depth_pruned"], "cuda") == [
+        "baseline", "depth_pruned"]
+    assert compression.available_variants(["baseline", "baseline_int8"], "cpu") == ["baseline", "baseline_int8"]
+
+
+def test_a_depth_target_removing_every_layer_fails_before_any_surgery(windows):
+    model = tiny_model("llama")
+    scores = score_layers(model, windows)
+    with pytest.raises(ValueError, match="removing every one of the 3 decoder layers"):
+        list(compression.depth_candidates(model, windows, windows[:2], 1, ["block_influence"], reference=None))
+    assert len(decoder_layers(model)) == 3 and scores.scores
+
+
+def test_saved_variant_row_is_recorded_in_its_plan_file(models_dir, windows):
+    model = tiny_model("llama")
+    base = compression.measure_variant(model, windows[:2], variant="baseline")
+    rows = list(compression.depth_candidates(model, windows, windows[:2], int(0.8 * base["params_non_embedding"]),
+                                             ["block_influence"], reference=base))
+    assert [r["form"] for r, _ in rows] == ["block_influence", "block_influence+refit"]
+    row, best = compression.best(rows)
+    full = compression.save_measured(best, TinyTokenizer(), "depth_pruned", row, windows[:3], reference=base,
+                                     latency_kw=None, memory_kw=None)
+    extra = json.loads((models_dir / "depth_pruned" / PLAN_FILE).read_text())["extra"]
+    assert extra["saved"] is True and extra["eval_tokens"] == 3 * 23 and extra["ppl"] == full["ppl"]
+    assert compression.target_params("depth_pruned") == full["params_non_embedding"]
+    table = compression.table([r for r, _ in rows] + [full])
+    assert list(table.columns[:8]) == ["variant"] + compression.COMPRESSION_COLUMNS
+
+
+@pytest.mark.parametrize("rank", [0, -1, 40])
+def test_a_bad_rank_leaves_the_model_untouched(rank, tokens):
+    model = tiny_model("llama")  # rank 40 fits q_proj (128x64) but is above k_proj's full rank (32x64)
+    before = _logits(model, tokens)
+    with pytest.raises(ValueError, match=f"rank {rank} is invalid"):
+        lowrank_model(model, rank=rank)
+    assert not compression.replaced_modules_of(model) and torch.equal(_logits(model, tokens), before)
