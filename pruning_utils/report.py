@@ -29,6 +29,11 @@ def _md(df: pd.DataFrame, digits: int = 2) -> str:
     return df.round(digits).to_markdown(index=False).replace(" nan ", "     ") + "\n"
 
 
+def _present(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
+    """Return the columns of `cols` a CSV has: results written before a column existed still render."""
+    return df[[c for c in cols if c in df.columns]]
+
+
 def _sweep(name: str, rate: str, frac: str) -> str:
     df = _csv(name)
     sweep = df[df["variant"].str.count("-").eq(2)]  # criteria-sweep rows are named kind-criterion-rate
@@ -43,7 +48,7 @@ def baseline() -> str:
     """Return the baseline row: size, cost and quality (its speed and memory are in `final_cost`)."""
     cols = ["variant", "params_total", "params_non_embedding", "flops_per_token", "size_mb", "ppl", "eval_tokens",
             "fidelity_ppl", "fidelity_tokens"]
-    return _md(_csv("baseline")[cols])
+    return _md(_present(_csv("baseline"), cols))
 
 
 def head_sweep() -> str:
@@ -60,7 +65,7 @@ def _saved(name: str) -> str:
     df = _csv(name)
     cols = ["variant", "criterion", "reconstruction", "query_heads", "intermediate", "reduction_pct",
             "flops_reduction_pct", "ppl", "ppl_change_pct", "eval_tokens", "fidelity_ppl", "kl_to_baseline"]
-    return _md(df[df["variant"].str.count("-").ne(2)][cols], 3)
+    return _md(_present(df[df["variant"].str.count("-").ne(2)], cols), 3)
 
 
 def head_pruning() -> str:
@@ -78,7 +83,7 @@ def recovery() -> str:
     cols = ["model", "steps", "tokens_seen", "loss", "data", "heldout_loss_before", "heldout_loss_after", "ppl_before",
             "ppl_after", "damage_recovered_pct", "fidelity_before", "fidelity_after", "semantic_before",
             "semantic_after"]
-    return _md(_csv("recovery")[cols], 3)
+    return _md(_present(_csv("recovery"), cols), 3)
 
 
 def final_eval() -> str:
@@ -86,7 +91,7 @@ def final_eval() -> str:
     cols = ["variant", "params_non_embedding", "reduction_pct", "head_frac_removed", "mlp_frac_removed",
             "flops_reduction_pct", "size_mb", "ppl", "ppl_change_pct", "fidelity_ppl", "kl_to_baseline",
             "semantic_cosine", "semantic_ci_low", "semantic_ci_high", "first_sentence_match"]
-    return _md(_csv("final_eval")[cols], 3)
+    return _md(_present(_csv("final_eval"), cols), 3)
 
 
 def final_cost() -> str:
@@ -108,6 +113,8 @@ def calibration_sources() -> str:
 
 def recovery_sources() -> str:
     """Return `benchmarks/recovery_sources.py`: each recovery (loss on data) by perplexity, fidelity and retention."""
+    if not (ablation_dir() / "recovery_sources.csv").exists():
+        return "_No `recovery_sources.csv` yet: `python3 -m benchmarks.recovery_sources` writes it._\n"
     cols = ["model", "loss", "data", "ppl", "fidelity_ppl", "kl_to_baseline", "semantic_cosine", "semantic_ci_low",
             "semantic_ci_high", "first_sentence_match", "tokens_seen"]
     return _md(_csv("recovery_sources")[cols], 3)
