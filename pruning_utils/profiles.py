@@ -37,9 +37,8 @@ PARAMS: dict[str, Param] = {
     "PROFILE": Param("default", str, "name of the profile these values come from (set by --profile, informational)"),
     # model, data, device
     "MODEL": Param("smollm2-135m", str, "embedded default; or a hub id such as Qwen/Qwen2.5-0.5B, or a local folder"),
-    # embedded:0.75+selfgen:0.25 measured best (benchmarks/calibration_sources.py); the default switches when the
-    # committed results are regenerated with it
-    "TEXT_SOURCE": Param("embedded", str, "embedded | wikitext2 | file.txt|.csv|.jsonl, mixed with selfgen: "
+    # embedded:0.75+selfgen:0.25: -22% fidelity PPL for +2.5% in-domain PPL on S3 (benchmarks/calibration_sources.py)
+    "TEXT_SOURCE": Param("embedded:0.75+selfgen:0.25", str, "embedded | wikitext2 | file.txt|.csv|.jsonl, mixed with selfgen: "
                          "'embedded:0.5+selfgen:0.5' (calibration mix; evaluation uses the text parts)"),
     "SELFGEN_TEMPERATURE": Param(1.0, float, "sampling temperature of the self-generated text (selfgen, fidelity)"),
     "SELFGEN_TOP_P": Param(0.95, float, "nucleus sampling of the self-generated text"),
@@ -83,7 +82,8 @@ PARAMS: dict[str, Param] = {
     # 16 steps at 2e-3 bring S3 to <= 16 PPL (benchmarks/recovery_budget.py)
     "RECOVERY_STEPS": Param(16, int, "optimizer steps (capped at one epoch of the training windows)"),
     "RECOVERY_LOSS": Param("distill", str, "lm | distill (KL to the unpruned model) | mix"),
-    "RECOVERY_DATA": Param("text", str, "text (calibration windows) | selfdistill (the unpruned model's answers to "
+    # selfdistill+text is the one recovery that raises semantic retention (benchmarks/recovery_sources.py)
+    "RECOVERY_DATA": Param("selfdistill+text", str, "text (calibration windows) | selfdistill (the unpruned model's answers to "
                            "training prompts) | selfdistill+text"),
     "RECOVERY_BATCH": Param(4, int, "windows per optimizer micro-batch"),
     "RECOVERY_SEQ_LEN": Param(256, int, "tokens per training window"),
@@ -107,8 +107,10 @@ PARAMS: dict[str, Param] = {
     # final evaluation (notebook 06)
     "VARIANTS": Param("baseline,head_pruned,mlp_pruned,mix_pruned,mix_pruned_lora", str,
                       "variants compared, comma-separated, baseline first"),
-    "EXTRA_VARIANTS": Param("", str, "any other checkpoints under models/ with a plan file, comma-separated"),
-    "N_PROMPTS": Param(30, int, "held-out prompts of the semantic-retention judge (66 packaged)"),
+    # the compression methods of notebook 03b (INT8 checkpoints exist on CPU runs only: the GPU profiles drop them)
+    "EXTRA_VARIANTS": Param("baseline_int8,mix_pruned_int8,depth_pruned,lowrank_pruned,hybrid_pruned", str,
+                            "any other checkpoints under models/ with a plan file, comma-separated"),
+    "N_PROMPTS": Param(66, int, "held-out prompts of the semantic-retention judge (66 packaged)"),
     "MAX_NEW_TOKENS": Param(48, int, "greedy answer length"),
     "ZERO_SHOT": Param(False, bool, "lm-evaluation-harness tasks (needs `pip install lm-eval` and the hub)"),
     "ZERO_SHOT_TASKS": Param("arc_easy,hellaswag,winogrande,piqa,boolq,lambada_openai", str,
@@ -146,6 +148,7 @@ NOTEBOOK_PARAMS: dict[str, tuple[str, ...]] = {
 
 _SMOKE_CRITERIA = "random,magnitude,activation,fluctuation,taylor,tfidf,semantic,mix"
 
+_GPU_EXTRA = "depth_pruned,lowrank_pruned,hybrid_pruned"  # dynamic INT8 is CPU-only: 03b writes a not-applicable row
 _BOTH_RECOVERED = dict(RECOVERY_MODELS="head_pruned,mix_pruned",
                        VARIANTS="baseline,head_pruned,mlp_pruned,mix_pruned,head_pruned_lora,mix_pruned_lora")
 
@@ -158,19 +161,20 @@ PROFILES: dict[str, dict] = {
                   SEMANTIC_SEQ_LEN=16, LATENCY_SEQ_LEN=32, LATENCY_REPEATS=2, DECODE_TOKENS=4, RECOVERY_STEPS=4,
                   N_PROMPTS=4, FIDELITY_TOKENS=256, COMPRESS_CALIB_WINDOWS=4, COMPRESS_DEPTH_SEMANTIC_WINDOWS=1,
                   COMPRESS_HYBRID_RANK=2, COMPRESS_LOWRANK_METHODS="plain,asvd,whiten",
-                  EXTRA_VARIANTS="baseline_int8,mix_pruned_int8,depth_pruned,lowrank_pruned", **_BOTH_RECOVERED),
+                  EXTRA_VARIANTS=DEFAULTS["EXTRA_VARIANTS"], **_BOTH_RECOVERED),
     # Kaggle/Colab T4 or P100 (fp16), hub models, WikiText-2; LORA_LR 1e-3 is the rate these profiles were run with
     "kaggle-qwen2.5-0.5b": dict(DEFAULTS, MODEL="Qwen/Qwen2.5-0.5B", TEXT_SOURCE="wikitext2:0.75+selfgen:0.25", N_CALIB=128,
                                 CALIB_SEQ_LEN=512, EVAL_SEQ_LEN=1024, EVAL_MAX_TOKENS=None, SWEEP_EVAL_MAX_TOKENS=65536,
                                 CRITERIA=_SMOKE_CRITERIA, HEAD_SWEEP="0.2,0.4", MLP_SWEEP="0.125,0.25,0.5",
                                 SEMANTIC_MAX_WINDOWS=16, LATENCY_SEQ_LEN=1024, LATENCY_REPEATS=10, DECODE_TOKENS=64,
-                                RECOVERY_STEPS=300, LORA_LR=1e-3, ZERO_SHOT=True, **_BOTH_RECOVERED),
+                                RECOVERY_STEPS=300, LORA_LR=1e-3, ZERO_SHOT=True, EXTRA_VARIANTS=_GPU_EXTRA,
+                                **_BOTH_RECOVERED),
     "kaggle-qwen2.5-3b": dict(DEFAULTS, MODEL="Qwen/Qwen2.5-3B-Instruct", TEXT_SOURCE="wikitext2:0.75+selfgen:0.25", CALIB_SEQ_LEN=512,
                               EVAL_SEQ_LEN=1024, EVAL_MAX_TOKENS=131072, SWEEP_EVAL_MAX_TOKENS=32768,
                               CRITERIA="random,magnitude,activation,fluctuation,taylor,semantic,mix", HEAD_RATE=0.25,
                               HEAD_SWEEP="0.25", MLP_SWEEP="0.25", SEMANTIC_MAX_WINDOWS=8, LATENCY_SEQ_LEN=1024,
                               LATENCY_REPEATS=5, DECODE_TOKENS=64, RECOVERY_STEPS=200, RECOVERY_LOSS="lm",
-                              LORA_LR=1e-3, ZERO_SHOT=True, **_BOTH_RECOVERED),
+                              LORA_LR=1e-3, ZERO_SHOT=True, EXTRA_VARIANTS=_GPU_EXTRA, **_BOTH_RECOVERED),
 }
 for _name, _values in PROFILES.items():
     _values["PROFILE"] = _name
