@@ -68,6 +68,9 @@ def load_prompt_csv(path: str | Path) -> pd.DataFrame:
     df = df[df["prompt"].astype(str).str.strip() != ""].dropna(subset=["prompt"]).reset_index(drop=True)
     if "id" not in df.columns:
         df.insert(0, "id", [f"p{i}" for i in range(len(df))])
+    elif df["id"].duplicated().any():
+        raise ValueError(f"{path}: the 'id' column repeats {sorted(df['id'][df['id'].duplicated()].astype(str))[:5]}; "
+                         "make the ids unique or drop the column (rows are then numbered)")
     return df
 
 

@@ -143,6 +143,9 @@ def test_prompt_csv_needs_a_prompt_column(tmp_path):
     assert len(train) == 4 and len(test) == 1 and set(train["id"]) | set(test["id"]) == set(df["id"])
     assert controller.split_prompts(df, seed=0)[1].equals(test)
     assert len(controller.prompt_pool()) >= 100
+    pd.DataFrame({"id": [1, 1], "prompt": ["a", "b"]}).to_csv(tmp_path / "r.csv", index=False)
+    with pytest.raises(ValueError, match="repeats"):
+        controller.load_prompt_csv(tmp_path / "r.csv")
 
 
 class _Judge:
@@ -204,3 +207,27 @@ def test_reward_is_the_documented_formula():
     assert controller.reward(10, 5, 0.0, 10, target=1.0) == pytest.approx(0.6 - 0.2)
     assert controller.reward(20, 5, 0.0, 10, target=1.0) == pytest.approx(0.6 - 0.2)  # beyond the target: capped
     assert controller.reward(10, 5, 0.5, 10, target=1.0) == pytest.approx(0.3 - 0.2)
+
+
+class TestEmbeddedModel:
+    """SmolLM2-135M (9 query heads in 3 KV groups, 30 layers): switch time, memory, exact restore on the real model."""
+
+    def test_levels_on_the_embedded_model(self):
+        from pruning_utils.loading import load_model
+
+        model, tok = load_model("smollm2-135m", device="cpu", dtype="float32")
+        ids = torch.tensor([tok.encode("The capital of France is", add_special_tokens=False)])
+        original = _logits(model, ids)
+        nested = adaptive.NestedModel(model, _scores(model), "none,kv:8,ffn:0.25,heads:0.34+ffn:0.5+layers:0.1",
+                                      layer_scores=torch.arange(30.0))
+        full = _logits(model, ids)
+        torch.testing.assert_close(full, original, atol=1e-3, rtol=0)  # 30 layers of fp32 summation-order noise
+        times = []
+        for name in nested.levels:
+            times += [nested.switch(name) for _ in range(10)]
+            assert _logits(model, ids).shape == original.shape
+        assert sum(len(h) for h in nested.kept("heads:0.34+ffn:0.5+layers:0.1")["heads"].values()) == 30 * 6
+        assert float(np.median(times)) < 0.005 and nested.memory()["overhead_ratio"] <= 1.3
+        nested.restore()
+        assert torch.equal(_logits(model, ids), full)
+        assert torch.equal(_logits(nested.unnest(), ids), original)
