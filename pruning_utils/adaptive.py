@@ -271,7 +271,8 @@ class NestedModel:
 
     def memory(self) -> dict:
         """Return the model's parameter bytes and what the nesting adds (index tensors only: the views share storage)."""
-        params = {p.data_ptr(): p.numel() * p.element_size() for p in self.model.parameters()}
+        every = list(self.model.parameters()) + [p for layer in self.layers for p in layer.parameters()]  # skipped too
+        params = {p.data_ptr(): p.numel() * p.element_size() for p in every}
         extra = sum(o.numel() * o.element_size() for o in self.neuron_order) + sum(8 * len(h) for h in self.head_order)
         total = sum(params.values())
         return {"param_bytes": total, "nesting_bytes": extra, "overhead_ratio": (total + extra) / total}
