@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole pipeline: install what is missing, then run notebooks 00 -> 02 -> 03 -> 03b -> 04 -> 06 with papermill.
+# The whole pipeline: install what is missing, then run notebooks 00 -> 02 -> 03 -> 03b -> 04 -> 05 -> 06 with papermill
+# (05: adaptive runtime, per-prompt pruning levels of the unpruned model; reads only 00's importance scores).
 #   bash run_all.sh                      # default profile: embedded SmolLM2-135M + embedded text, CPU
 #   bash run_all.sh --profile smoke      # tiny random model, a few minutes
 #   bash run_all.sh --profile kaggle-qwen2.5-0.5b --only 00,02 -p HEAD_RATE 0.2
@@ -7,7 +8,7 @@
 #   bash run_all.sh --help               # options, stages, profiles; --list-params: every parameter and its default
 # Options:
 #   --profile NAME   parameter set: default | smoke | kaggle-qwen2.5-0.5b | kaggle-qwen2.5-3b (pruning_utils/profiles.py)
-#   --only KEYS      run only these stages, e.g. 02,03 (keys: 00 02 03 03b 04 06)
+#   --only KEYS      run only these stages, e.g. 02,03 (keys: 00 02 03 03b 04 05 06)
 #   --force          re-run the selected stages even when finished with the same parameters
 #   -p NAME VALUE    override one parameter (repeatable); PRUNE_<NAME>=VALUE in the environment does the same
 # Executed notebooks land in results/notebooks/; finished stages with unchanged parameters are skipped.

@@ -104,6 +104,21 @@ PARAMS: dict[str, Param] = {
     "COMPRESS_HYBRID_RANK": Param(16, int, "rank of the hybrid's residual SVD"),
     "COMPRESS_INT8_BASES": Param("baseline,head_pruned,mlp_pruned,mix_pruned", str,
                                  "models quantized to dynamic INT8 (CPU only), comma-separated"),
+    # adaptive runtime (notebook 05): nested levels of the unpruned model, chosen per prompt
+    "ADAPTIVE_PROMPTS": Param("", str, "prompt CSV with a `prompt` column ('': the packaged prompts, written to "
+                              "results/ablation_studies/adaptive_prompts.csv); seeded 80/20 train/test split"),
+    "ADAPTIVE_N_PROMPTS": Param(40, int, "prompts drawn from the CSV (seeded) before the 80/20 split"),
+    "ADAPTIVE_LEVELS": Param("none,kv:16,ffn:0.25,heads:0.34+ffn:0.5+layers:0.1", str,
+                             "levels, least to most pruned, 'none' first: kv:WINDOW, heads:/ffn:/layers: removed "
+                             "fraction, joined with +"),
+    "ADAPTIVE_CRITERION": Param("fluctuation", str, "importance criterion (notebook 00) that orders heads and neurons"),
+    "ADAPTIVE_NEW_TOKENS": Param(32, int, "greedy tokens per answer"),
+    "ADAPTIVE_LOAD": Param("0.0,0.9", str, "simulated load range 'low,high' (seeded), or 'live' (psutil/pynvml)"),
+    "ADAPTIVE_TARGET": Param(0.8, float, "speed target of the reward, as a fraction of the unpruned tokens/s at no load"),
+    "ADAPTIVE_EPOCHS": Param(30, int, "bandit training passes over the training prompts"),
+    "ADAPTIVE_ALPHA": Param(0.5, float, "LinUCB exploration bonus while training"),
+    "ADAPTIVE_ENTROPY": Param(True, bool, "first-token entropy feature (one unpruned forward per prompt, counted in "
+                              "the latency)"),
     # final evaluation (notebook 06)
     "VARIANTS": Param("baseline,head_pruned,mlp_pruned,mix_pruned,mix_pruned_lora", str,
                       "variants compared, comma-separated, baseline first"),
@@ -142,6 +157,9 @@ NOTEBOOK_PARAMS: dict[str, tuple[str, ...]] = {
     + ("RECOVERY_MODELS", "RECOVERY_STEPS", "RECOVERY_LOSS", "RECOVERY_DATA", "RECOVERY_BATCH", "RECOVERY_SEQ_LEN",
        "GRAD_ACCUM", "LORA_R", "LORA_ALPHA", "LORA_LR", "GRAD_CHECKPOINTING", "INSTRUCTION_JSONL", "N_PROMPTS",
        "MAX_NEW_TOKENS"),
+    "05_adaptive_runtime.ipynb": ("PROFILE", "MODEL", "TEXT_SOURCE", "DEVICE", "DTYPE", "SEED", "CALIB_SEQ_LEN",
+                                  "EVAL_SEQ_LEN", "SWEEP_EVAL_MAX_TOKENS")
+    + tuple(n for n in PARAMS if n.startswith("ADAPTIVE_")),
     "06_final_eval.ipynb": tuple(n for n in _COMMON if n not in ("N_CALIB", "CALIB_SEQ_LEN", "SWEEP_EVAL_MAX_TOKENS"))
     + ("VARIANTS", "EXTRA_VARIANTS", "N_PROMPTS", "MAX_NEW_TOKENS", "ZERO_SHOT", "ZERO_SHOT_TASKS", "ZERO_SHOT_LIMIT"),
 }
@@ -161,7 +179,8 @@ PROFILES: dict[str, dict] = {
                   SEMANTIC_SEQ_LEN=16, LATENCY_SEQ_LEN=32, LATENCY_REPEATS=2, DECODE_TOKENS=4, RECOVERY_STEPS=4,
                   N_PROMPTS=4, FIDELITY_TOKENS=256, COMPRESS_CALIB_WINDOWS=4, COMPRESS_DEPTH_SEMANTIC_WINDOWS=1,
                   COMPRESS_HYBRID_RANK=2, COMPRESS_LOWRANK_METHODS="plain,asvd,whiten",
-                  EXTRA_VARIANTS=DEFAULTS["EXTRA_VARIANTS"], **_BOTH_RECOVERED),
+                  EXTRA_VARIANTS=DEFAULTS["EXTRA_VARIANTS"], ADAPTIVE_N_PROMPTS=10, ADAPTIVE_NEW_TOKENS=4,
+                  ADAPTIVE_LEVELS="none,kv:4,heads:0.5+ffn:0.5+layers:0.34", ADAPTIVE_EPOCHS=5, **_BOTH_RECOVERED),
     # Kaggle/Colab T4 or P100 (fp16), hub models, WikiText-2; LORA_LR 1e-3 is the rate these profiles were run with
     "kaggle-qwen2.5-0.5b": dict(DEFAULTS, MODEL="Qwen/Qwen2.5-0.5B", TEXT_SOURCE="wikitext2:0.75+selfgen:0.25", N_CALIB=128,
                                 CALIB_SEQ_LEN=512, EVAL_SEQ_LEN=1024, EVAL_MAX_TOKENS=None, SWEEP_EVAL_MAX_TOKENS=65536,

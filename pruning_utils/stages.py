@@ -61,6 +61,10 @@ STAGES = (
     Stage("03b", "03b_compression_methods.ipynb", (
         "results/ablation_studies/compression_methods.csv", "results/ablation_studies/compression_methods.png")),
     Stage("04", "04_recovery_lora.ipynb", ("results/ablation_studies/recovery.csv",)),
+    Stage("05", "05_adaptive_runtime.ipynb", (
+        "results/ablation_studies/adaptive_runtime.csv", "results/ablation_studies/adaptive_summary.csv",
+        "results/ablation_studies/adaptive_levels.csv", "results/ablation_studies/inference_time_vs_complexity.png",
+        "results/ablation_studies/quality_vs_complexity.png", "results/ablation_studies/adaptive_pareto.png")),
     Stage("06", "06_final_eval.ipynb", (
         "results/ablation_studies/final_eval.csv", "results/plots/pareto_params.png",
         "results/plots/pareto_latency.png", "results/plots/pareto_size.png", "results/plots/stage_bars.png")),
@@ -75,6 +79,8 @@ def checkpoints_read(key: str, params: dict) -> set[str]:
         return {params["COMPRESS_TARGET_FROM"]} | (set(as_list(params["COMPRESS_INT8_BASES"])) - {"baseline"})
     if key == "04":
         return set(as_list(params["RECOVERY_MODELS"]))
+    if key == "05":
+        return set()  # the unpruned model, nested in memory, and notebook 00's importance scores
     if key == "06":
         return set(as_list(params["VARIANTS"]) + as_list(params["EXTRA_VARIANTS"])) - {"baseline"}
     return set()

@@ -413,6 +413,104 @@ table.round(3)"""),
     ],
 )
 
+NB05 = notebook(
+    "05_adaptive_runtime.ipynb",
+    "# 05 · Adaptive runtime: how much to prune, chosen per prompt\n"
+    "One set of weights serves every level: heads (within each KV group) and MLP neurons are reordered by importance "
+    "so each level is a prefix slice, switched in about a millisecond and restored after every prompt "
+    "(`pruning_utils/adaptive.py`). A controller picks the level from the prompt's complexity score and the machine "
+    "load (simulated and seeded unless `ADAPTIVE_LOAD='live'`): a rule table, a LinUCB contextual bandit trained on "
+    "80% of a prompt CSV, and the fixed extremes. Reward = 0.6 x tokens/s (normalised to a speed target) - "
+    "0.4 x perplexity / 10 (`pruning_utils/controller.py`). Everything is measured on the held-out 20%.",
+    [
+        ("code", """import time, warnings
+import numpy as np, pandas as pd, torch
+from IPython.display import display, Markdown
+from pruning_utils import adaptive, controller, data, depth, evaluation, metrics, paths, plots, results
+from pruning_utils.loading import load_model
+from pruning_utils.scores import load_scores
+from pruning_utils.telemetry import SimulatedLoad, read_telemetry
+warnings.filterwarnings("ignore", category=FutureWarning)
+torch.manual_seed(SEED)
+OUT = paths.ablation_dir()
+model, tok = load_model(MODEL, device=DEVICE, dtype=DTYPE)
+chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=SWEEP_EVAL_MAX_TOKENS)
+base_ppl = metrics.perplexity(model, chunks)["ppl"]
+scores = load_scores(paths.results_dir() / "importance")[ADAPTIVE_CRITERION]
+levels = adaptive.parse_levels(ADAPTIVE_LEVELS)
+layer_scores = None
+if any(lv.layers for lv in levels):  # which layers a `layers:` level skips: block influence on a few windows
+    windows = data.calibration_windows(tok, data.text_parts(TEXT_SOURCE), n_samples=4, seq_len=CALIB_SEQ_LEN, seed=SEED)
+    layer_scores = torch.tensor(depth.score_layers(model, windows, "block_influence").scores)
+nested = adaptive.NestedModel(model, scores, levels, layer_scores=layer_scores)
+print(f"{len(levels)} levels; memory {nested.memory()}")"""),
+        ("md", "## The prompt set and its seeded 80/20 split"),
+        ("code", """if ADAPTIVE_PROMPTS:
+    pool = controller.load_prompt_csv(ADAPTIVE_PROMPTS)  # any CSV with a `prompt` column
+else:
+    results.write_csv(controller.prompt_pool(), OUT / "adaptive_prompts.csv")
+    pool = controller.load_prompt_csv(OUT / "adaptive_prompts.csv")
+train, test = controller.split_prompts(pool, seed=SEED, n=ADAPTIVE_N_PROMPTS)
+train = controller.featurize(train, tok, model if ADAPTIVE_ENTROPY else None)
+test = controller.featurize(test, tok, model if ADAPTIVE_ENTROPY else None)
+print(f"{len(train)} training and {len(test)} test prompts of {len(pool)}")
+test[["id", "prompt", "n_tokens", "code", "math", "entities", "clauses", "entropy", "complexity"]].head(8)"""),
+        ("md", "## Every level on the training prompts: speed, quality, cache, switch time"),
+        ("code", """t0 = time.time()
+outcomes = controller.measure_outcomes(nested, tok, train, max_new_tokens=ADAPTIVE_NEW_TOKENS)
+switch_ms = {name: 1000 * float(np.median([nested.switch(name) for _ in range(50)])) for name in nested.levels}
+nested.restore()
+level_rows = []
+for name, lv in nested.levels.items():
+    nested.switch(name)
+    part = outcomes[outcomes["level"] == name]
+    level_rows.append(dict(level=name, heads_removed=lv.heads, ffn_removed=lv.ffn, layers_removed=lv.layers,
+                           kv_window=lv.kv, active_layers=len(nested.active_layers(lv)),
+                           chunk_ppl=metrics.perplexity(model, chunks, progress=False)["ppl"],  # KV window not applied
+                           answer_ppl=part["ppl"].mean(), tokens_per_s=part["tokens_per_s"].mean(),
+                           cache_bytes_max=part["cache_bytes_max"].max(), switch_ms_median=switch_ms[name]))
+nested.restore()
+levels_table = pd.DataFrame(level_rows)
+results.write_csv(levels_table, OUT / "adaptive_levels.csv")
+print(f"outcomes of {len(outcomes)} (prompt, level) pairs in {(time.time() - t0) / 60:.1f} min; unpruned chunk ppl {base_ppl:.2f}")
+levels_table.round(3)"""),
+        ("md", "## Controllers: fixed extremes, rules, a bandit trained on the 80%"),
+        ("code", """n = len(nested.levels)
+tps_ref = float(outcomes[outcomes["level"] == "none"]["tokens_per_s"].median())
+load_range = None if ADAPTIVE_LOAD == "live" else tuple(float(v) for v in ADAPTIVE_LOAD.split(","))
+policy = controller.train_bandit(outcomes, train, n, tps_ref, epochs=ADAPTIVE_EPOCHS, seed=SEED,
+                                 load_range=load_range or (0.0, 0.9), target=ADAPTIVE_TARGET, alpha=ADAPTIVE_ALPHA)
+controllers = [controller.Fixed(n, 0, "always_none"), controller.Fixed(n, -1, "always_max"),
+               controller.RuleController(n).fit(train["complexity"]), policy]
+loads = SimulatedLoad(SEED + 1, *load_range).loads(len(test)) if load_range else [read_telemetry().load for _ in range(len(test))]
+history = pd.DataFrame(policy.history, columns=["epoch", "id", "load", "level_index", "reward"])
+history.groupby("epoch")["reward"].mean().round(3).to_frame("mean training reward").T"""),
+        ("md", "## Held-out 20%: latency, tokens/s, level, semantic retention, perplexity, reward"),
+        ("code", """judge = evaluation.SemanticJudge()
+runtime = controller.evaluate(controllers, nested, tok, test, loads, tps_ref, max_new_tokens=ADAPTIVE_NEW_TOKENS,
+                              target=ADAPTIVE_TARGET, judge=judge)
+results.write_csv(runtime, OUT / "adaptive_runtime.csv")
+summary = controller.summarize(runtime)
+learned, ends = summary.set_index("controller").loc["learned"], summary.set_index("controller").loc[["always_none", "always_max"]]
+summary["beats_fixed_on_reward"] = summary["reward"] > ends["reward"].max()
+summary["simulated_load"] = load_range is not None
+results.write_csv(summary, OUT / "adaptive_summary.csv")
+display(Markdown(summary.round(3).to_markdown(index=False)))
+print(f"learned: reward {learned['reward']:.3f} vs fixed {ends['reward'].round(3).to_dict()}; retention "
+      f"{learned['retention_pct']:.1f}% of baseline (target >= 95), tokens/s {learned['speedup_pct']:+.1f}% (target >= +15)")"""),
+        ("code", """results.save_plot(plots.scatter_trend(runtime, "complexity", "latency_s", title="inference time vs prompt complexity"),
+                  OUT / "inference_time_vs_complexity.png")
+results.save_plot(plots.scatter_trend(runtime.assign(log_ppl=np.log(runtime["ppl"])), "complexity", "log_ppl",
+                                      title="quality (log perplexity of the unpruned answer) vs prompt complexity"),
+                  OUT / "quality_vs_complexity.png")
+results.save_plot(plots.pareto(summary, "latency_s", "ppl", label="controller", title="controllers: quality vs latency"),
+                  OUT / "adaptive_pareto.png")"""),
+        ("md", "Rows of `adaptive_runtime.csv` are (controller, test prompt); `adaptive_summary.csv` has one row per "
+               "controller; `adaptive_levels.csv` one per level. Outliers (Tukey's 1.5 IQR per controller) are left "
+               "out of the scatter plots and counted in their legends."),
+    ],
+)
+
 NB06 = notebook(
     "06_final_eval.ipynb",
     "# 06 · Final evaluation: quality vs compression vs latency\n"
@@ -488,6 +586,7 @@ NOTEBOOKS = {
     "03_mlp_pruning.ipynb": NB03,
     "03b_compression_methods.ipynb": NB03B,
     "04_recovery_lora.ipynb": NB04,
+    "05_adaptive_runtime.ipynb": NB05,
     "06_final_eval.ipynb": NB06,
 }
 
