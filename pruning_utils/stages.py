@@ -215,7 +215,9 @@ def stage_digests(params: dict, root: Path) -> Iterator[str]:
     for stage in STAGES:  # lazily: a run that stops at stage 00 never reads the later notebooks
         notebook_hash = hashlib.sha256((root / "notebooks" / stage.notebook).read_bytes()).hexdigest()[:16]
         # upstream digests: a stage re-runs when anything it builds on changed, even a parameter it does not read
-        digests.append(_digest({n: params[n] for n in stage.params}, digests + [notebook_hash]))
+        # an encoder stage builds on no decoder stage: its own parameters and notebook only
+        upstream = [] if stage.encoder else [d for s, d in zip(STAGES, digests) if not s.encoder]
+        digests.append(_digest({n: params[n] for n in stage.params}, upstream + [notebook_hash]))
         yield digests[-1]
 
 
