@@ -177,12 +177,48 @@ def lowrank_encoder(model, param_ratio: float | None = None, rank: int | str | N
     return ranks
 
 
-def quantize_encoder(model):
-    """Return a dynamic INT8 copy of an encoder classifier (every nn.Linear; CPU only: `quantize.quantize_int8`)."""
+def quantize_encoder(model, embeddings: bool = True):
+    """Return a dynamic INT8 copy of an encoder classifier (every nn.Linear; CPU only: `quantize.quantize_int8`).
+
+    `embeddings`: also store the embedding tables as INT8 (weight-only, one scale per row): in a small encoder
+    such as MiniLM the vocabulary table is half the weights, so INT8 linears alone shrink the file ~1.5x only.
+    """
     from .quantize import quantize_int8
 
     encoder_arch_of(model)
-    return quantize_int8(model)
+    q = quantize_int8(model)
+    if embeddings:
+        _quantize_embeddings(q)
+    q.int8_embeddings = embeddings
+    return q
+
+
+def _quantize_embeddings(model) -> None:
+    from torch.ao.quantization import float_qparams_weight_only_qconfig
+
+    # the word table only: position / token-type lookups use expanded (non-contiguous) index buffers, which the
+    # quantized embedding kernel refuses, and they are small
+    table = model.get_input_embeddings()
+    name = next(n for n, m in model.named_modules() if m is table)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's move-to-torchao notices
+        torch.ao.quantization.quantize_dynamic(model, {name: float_qparams_weight_only_qconfig},
+                                               dtype=torch.quint8, inplace=True)
+
+
+def parameter_counts(model) -> dict[str, int]:
+    """Return `total` and `non_embedding` parameters of an encoder classifier, INT8-packed weights included."""
+    total, embedding = 0, 0
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        own = [p for p in m.parameters(recurse=False)]
+        n = sum(p.numel() for p in own)
+        if callable(w) and hasattr(m, "_packed_params"):  # dynamic INT8 linear / embedding: packed, not parameters
+            n += w().numel() + (m.bias().numel() if callable(getattr(m, "bias", None)) and m.bias() is not None else 0)
+        total += n
+        if "Embedding" in type(m).__name__:
+            embedding += n
+    return {"total": total, "non_embedding": total - embedding}
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -227,6 +263,7 @@ def save_encoder(model, tokenizer, dest, extra: dict | None = None) -> Path:
             tokenizer.save_pretrained(tmp)
         meta = {"format": FORMAT, "stock_loadable": uniform and not heads_cut and not int8 and not modules,
                 "weights": "int8" if int8 else "fp32", "modules": modules,
+                "int8_embeddings": bool(getattr(model, "int8_embeddings", False)),
                 "heads": [s.n_heads for s in shapes], "intermediate": [s.intermediate for s in shapes],
                 "plan": plan.to_dict(), "extra": extra or {}}
         (tmp / PLAN_FILE).write_text(json.dumps(meta, indent=1, default=str))
@@ -280,6 +317,8 @@ def load_encoder(folder):
             from .quantize import _quantize
 
             model = _quantize(model.eval(), True)
+            if meta.get("int8_embeddings"):
+                _quantize_embeddings(model)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 state = torch.load(folder / INT8_WEIGHTS_FILE, map_location="cpu", weights_only=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import encoder, encoder_importance as ei, encoder_tasks as et
-from .metrics import checkpoint_size_mb, count_params
+from .metrics import checkpoint_size_mb
 
 ENCODER_COLUMNS = ("variant", "task", "accuracy", "f1", "task_metric", "ms_per_batch", "samples_per_s", "size_mb",
                    "params", "params_non_embedding", "reduction_pct", "criterion", "reconstruction", "recovery_steps",
@@ -134,7 +134,7 @@ def measure(name: str, model, tokenizer, task: et.Task, batch_size: int, max_len
     """Return the table row of one variant (columns: `ENCODER_COLUMNS`)."""
     torch.manual_seed(0)
     m = et.evaluate(model, tokenizer, task, batch_size, max_length)
-    counts = count_params(model)
+    counts = encoder.parameter_counts(model)
     row = dict(variant=name, task=task.name, accuracy=m["accuracy"], f1=m["f1"], task_metric=m["task_metric"],
                ms_per_batch=m["ms_per_batch"], samples_per_s=m["samples_per_s"], size_mb=size_mb(model),
                params=counts["total"], params_non_embedding=counts["non_embedding"])

@@ -83,6 +83,7 @@ def test_int8_and_lowrank_variants_run_and_reload(tmp_path):
     assert (_logits(q, batch) - base).abs().max() < 0.1
     loaded, _ = encoder.load_encoder(encoder.save_encoder(q, None, tmp_path / "q"))
     assert torch.allclose(_logits(loaded, batch), _logits(q, batch), atol=1e-6)
+    assert encoder.parameter_counts(q) == encoder.parameter_counts(model)  # packed weights counted, 1 byte each
     ranks = encoder.lowrank_encoder(model, param_ratio=0.5)
     assert set(ranks.values()) <= {32, 42}  # 128x128: 8192 // 256; 256x128: 16384 // 384
     out = _logits(model, batch)
