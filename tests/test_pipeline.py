@@ -101,6 +101,18 @@ def test_csvs_have_documented_columns_and_finite_values(smoke_run):
         assert (root / "results" / "plots" / f"{png}.png").stat().st_size > 1000
 
 
+def test_encoder_table(smoke_run):
+    from pruning_utils.encoder_variants import ENCODER_COLUMNS
+
+    root, _, _ = smoke_run
+    table = pd.read_csv(root / "results" / "ablation_studies" / "encoder_glue.csv")
+    assert list(table.columns) == list(ENCODER_COLUMNS) and table["variant"].iloc[0] == "baseline"
+    _finite(table, ["accuracy", "f1", "ms_per_batch", "samples_per_s", "size_mb", "params"])
+    by = table.set_index("variant")
+    assert by.loc["baseline_int8", "size_mb"] < by.loc["baseline", "size_mb"]
+    assert by.loc["fluctuation_lstsq", "params_non_embedding"] < by.loc["baseline", "params_non_embedding"]
+
+
 def test_second_run_skips_finished_stages(smoke_run):
     _, first, second = smoke_run
     assert all(f"[{s.key}] running" in first for s in STAGES)
