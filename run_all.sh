@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The whole pipeline: install what is missing, then run notebooks 00 -> 02 -> 03 -> 03b -> 04 -> 06 with papermill.
+# The whole pipeline: install what is missing, then run notebooks 00 -> 02 -> 03 -> 03b -> 04 -> 05 -> 06 with papermill
+# (05: adaptive runtime, per-prompt pruning levels of the unpruned model; reads only 00's importance scores;
+#  07, encoder classifiers: with ENCODER_STAGE=on, or alone with --profile encoder).
 #   bash run_all.sh                      # default profile: embedded SmolLM2-135M + embedded text, CPU
 #   bash run_all.sh --profile smoke      # tiny random model, a few minutes
+#   bash run_all.sh --profile encoder    # notebook 07 alone: the embedded BERT-family classifier
 #   bash run_all.sh --profile kaggle-qwen2.5-0.5b --only 00,02 -p HEAD_RATE 0.2
 #   PRUNE_MODEL=Qwen/Qwen2.5-0.5B bash run_all.sh --force
 #   bash run_all.sh --help               # options, stages, profiles; --list-params: every parameter and its default
 # Options:
-#   --profile NAME   parameter set: default | smoke | kaggle-qwen2.5-0.5b | kaggle-qwen2.5-3b (pruning_utils/profiles.py)
-#   --only KEYS      run only these stages, e.g. 02,03 (keys: 00 02 03 03b 04 06)
+#   --profile NAME   parameter set: default | smoke | encoder | kaggle-qwen2.5-0.5b | kaggle-qwen2.5-3b (pruning_utils/profiles.py)
+#   --only KEYS      run only these stages, e.g. 02,03 (keys: 00 02 03 03b 04 05 06 07)
 #   --force          re-run the selected stages even when finished with the same parameters
 #   -p NAME VALUE    override one parameter (repeatable); PRUNE_<NAME>=VALUE in the environment does the same
 # Executed notebooks land in results/notebooks/; finished stages with unchanged parameters are skipped.

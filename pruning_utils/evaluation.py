@@ -47,7 +47,8 @@ def _prompt_texts(prompts: Sequence[str | dict]) -> list[str]:
     return [p["prompt"] if isinstance(p, dict) else p for p in prompts]
 
 
-def _format(tokenizer, prompt: str) -> str:
+def format_prompt(tokenizer, prompt: str) -> str:
+    """Return a prompt wrapped in the tokenizer's chat template (unchanged when it has none)."""
     # Instruct models answer far better inside their own chat format; base models have no template.
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -86,7 +87,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str | dict], max_new_to
 def _generate(model, tokenizer, prompts: Sequence[str | dict], max_new_tokens: int, batch_size: int) -> list[str]:
     from .progress import progress
 
-    texts = [_format(tokenizer, p) for p in _prompt_texts(prompts)]
+    texts = [format_prompt(tokenizer, p) for p in _prompt_texts(prompts)]
     templated = bool(getattr(tokenizer, "chat_template", None))
     device = next(model.parameters()).device
     old_side, old_pad = getattr(tokenizer, "padding_side", None), getattr(tokenizer, "pad_token", None)

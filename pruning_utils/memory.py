@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 GB = 2 ** 30
-STAGES = ("00", "02", "03", "04", "06")
+STAGES = ("00", "02", "03", "04", "05", "06")
 OPERATIONS = ("load", "perplexity", "prefill", "generate", "importance_forward", "taylor", "semantic", "grams",
               "prune_refit", "lora_step")
 GRAM_MODES = ("all", "layerwise", "streamed", "sequential")
@@ -79,10 +79,10 @@ PARAMS: dict[str, object] = {
 }
 # model copies a stage holds at once: 02/03 keep the model while a (deep-copied, then sliced) variant is made and
 # measured; 06 keeps the baseline next to each variant; 04 counts the teacher through `teacher`
-_COPIES = {"00": 1, "02": 2, "03": 2, "04": 1, "06": 2, "prune_refit": 2}
+_COPIES = {"00": 1, "02": 2, "03": 2, "04": 1, "05": 1, "06": 2, "prune_refit": 2}
 _STAGE_OPS = {"00": ("perplexity", "prefill", "importance_forward"), "02": ("perplexity", "prefill", "grams", "prune_refit"),
               "03": ("perplexity", "prefill", "grams", "prune_refit"), "04": ("lora_step", "perplexity", "prefill"),
-              "06": ("perplexity", "prefill", "generate")}
+              "05": ("perplexity", "prefill", "generate"), "06": ("perplexity", "prefill", "generate")}
 _STAGE_TARGETS = {"02": ("o_proj",), "03": ("o_proj", "down_proj")}
 # notebook parameter (profiles.PARAMS) -> plan parameter; choose / describe_stage read only these
 _NOTEBOOK_NAMES = {"DEVICE": "device", "DTYPE": "dtype", "N_CALIB": "n_calib", "CALIB_SEQ_LEN": "calib_seq_len",
@@ -488,7 +488,7 @@ def _plan(model_or_config, name: str, ops: tuple[str, ...], targets: tuple[str, 
 
 
 def plan_stage(config, stage: str, **params) -> MemoryPlan:
-    """Return the memory plan of pipeline stage '00' | '02' | '03' | '04' | '06' for a model config (see `PARAMS`)."""
+    """Return the memory plan of pipeline stage '00' | '02' | '03' | '04' | '05' | '06' for a model config (see `PARAMS`)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage '{stage}'; known: {', '.join(STAGES)}")
     p = _params(params)

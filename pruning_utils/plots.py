@@ -97,3 +97,30 @@ def loss_curve(history: pd.DataFrame, title: str = ""):
     ax.grid(alpha=0.3)
     ax.set_title(title)
     return fig
+
+
+def iqr_inliers(values, k: float = 1.5) -> np.ndarray:
+    """Return a boolean mask of the values inside [Q1 - k IQR, Q3 + k IQR] (Tukey's fences)."""
+    v = np.asarray(values, dtype=float)
+    q1, q3 = np.nanquantile(v, [0.25, 0.75])
+    return (v >= q1 - k * (q3 - q1)) & (v <= q3 + k * (q3 - q1))
+
+
+def scatter_trend(df: pd.DataFrame, x: str, y: str, hue: str = "controller", title: str = ""):
+    """Return a scatter of `y` against `x`, one colour and one least-squares trendline per `hue`, IQR outliers of `y`
+    (per hue) left out and counted in the legend."""
+    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    for key, part in df.groupby(hue, sort=False):
+        keep = part[iqr_inliers(part[y])]
+        dots = ax.scatter(keep[x], keep[y], s=22, alpha=0.75,
+                          label=f"{key} ({len(part) - len(keep)} outliers removed)" if len(keep) < len(part) else str(key))
+        if len(keep) >= 2 and keep[x].nunique() > 1:
+            slope, icept = np.polyfit(keep[x], keep[y], 1)
+            xs = np.linspace(keep[x].min(), keep[x].max(), 20)
+            ax.plot(xs, slope * xs + icept, color=dots.get_facecolor()[0], linewidth=1.2)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title)
+    return fig

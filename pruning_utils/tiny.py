@@ -71,3 +71,28 @@ class TinyTokenizer:
 
     def save_pretrained(self, folder) -> None:
         Path(folder, "tiny_tokenizer.json").write_text(f'{{"vocab_size": {self.vocab_size}}}')
+
+
+TINY_ENCODERS = ("bert", "roberta")
+
+
+def tiny_encoder(family: str = "bert", num_labels: int = 2, seed: int = 0, **overrides):
+    """Return a tiny random sequence classifier of an encoder family (4 heads of 16, eval mode, non-zero biases)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if family not in TINY_ENCODERS:
+        raise ValueError(f"unknown tiny encoder family '{family}'; known: {', '.join(TINY_ENCODERS)}")
+    base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                max_position_embeddings=80, type_vocab_size=2, num_labels=num_labels, pad_token_id=0,
+                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if family == "roberta":
+        base.update(pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1)
+    base.update(overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(family, **base), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)  # default init is zero, which would hide bias-slicing bugs
+    model.config.name_or_path = f"tiny-{family}"
+    return model.eval()

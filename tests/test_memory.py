@@ -148,7 +148,7 @@ def test_unknown_names_are_refused():
     with pytest.raises(ValueError, match="did you mean calib_seq_len"):
         memory.plan_stage(QWEN25_3B, "00", calib_seq_lem=8)
     with pytest.raises(ValueError, match="known: 00, 02"):
-        memory.plan_stage(QWEN25_3B, "05")
+        memory.plan_stage(QWEN25_3B, "07")
     with pytest.raises(ValueError, match="known: all, layerwise, streamed"):
         memory.plan_stage(QWEN25_3B, "03", grams="some")
 

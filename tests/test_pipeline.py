@@ -89,8 +89,28 @@ def test_csvs_have_documented_columns_and_finite_values(smoke_run):
     _finite(recovery, ["steps", "tokens_seen", "heldout_loss_before", "heldout_loss_after", "ppl_before", "ppl_after", "minutes"])
     for name in ("perplexity_baseline", "latency_baseline"):
         assert json.loads((out / f"{name}.json").read_text())["env"]["git_commit"]
+    runtime, summary = pd.read_csv(out / "adaptive_runtime.csv"), pd.read_csv(out / "adaptive_summary.csv")
+    assert list(summary["controller"]) == ["always_none", "always_max", "rules", "learned"]
+    assert len(runtime) == 4 * summary.loc[0, "n_prompts"]
+    _finite(runtime, ["complexity", "load", "latency_s", "tokens_per_s", "ppl", "reward", "retention", "switch_ms"])
+    _finite(summary, ["latency_s", "tokens_per_s", "retention", "ppl", "reward", "speedup_pct", "retention_pct"])
+    assert len(pd.read_csv(out / "adaptive_levels.csv")) == 3  # the smoke profile's ADAPTIVE_LEVELS
+    for png in ("inference_time_vs_complexity", "quality_vs_complexity", "adaptive_pareto"):
+        assert (out / f"{png}.png").stat().st_size > 1000
     for png in ("pareto_params", "pareto_latency", "pareto_size", "stage_bars"):
         assert (root / "results" / "plots" / f"{png}.png").stat().st_size > 1000
+
+
+def test_encoder_table(smoke_run):
+    from pruning_utils.encoder_variants import ENCODER_COLUMNS
+
+    root, _, _ = smoke_run
+    table = pd.read_csv(root / "results" / "ablation_studies" / "encoder_glue.csv")
+    assert list(table.columns) == list(ENCODER_COLUMNS) and table["variant"].iloc[0] == "baseline"
+    _finite(table, ["accuracy", "f1", "ms_per_batch", "samples_per_s", "size_mb", "params"])
+    by = table.set_index("variant")
+    assert by.loc["baseline_int8", "size_mb"] < by.loc["baseline", "size_mb"]
+    assert by.loc["fluctuation_lstsq", "params_non_embedding"] < by.loc["baseline", "params_non_embedding"]
 
 
 def test_second_run_skips_finished_stages(smoke_run):

@@ -26,8 +26,8 @@ def _main(argv, tmp_path, capsys) -> tuple[int, str]:
 
 
 def test_unknown_stage_key_lists_known_keys(tmp_path, capsys):
-    code, err = _main(["--only", "07"], tmp_path, capsys)
-    assert code == 2 and "'07'" in err and "known: 00, 02, 03, 03b, 04, 06" in err
+    code, err = _main(["--only", "08"], tmp_path, capsys)
+    assert code == 2 and "'08'" in err and "known: 00, 02, 03, 03b, 04, 05, 06, 07" in err
     with pytest.raises(UsageError, match="known: 00, 02"):
         parse_only("02,7")
     assert parse_only(" 02, 03 ") == ["02", "03"] and parse_only(None) is None
@@ -106,11 +106,16 @@ def _fake_project(root: Path) -> Path:
 def test_digest_hashes_only_the_notebooks_own_parameters(tmp_path):
     root = _fake_project(tmp_path)
     base = resolve_parameters("smoke")
+    decoder = [i for i, s in enumerate(STAGES) if not s.encoder]
     before = list(stage_digests(base, root))
     after = list(stage_digests(dict(base, ZERO_SHOT_LIMIT=10), root))  # read by 06 only
-    assert before[:-1] == after[:-1] and before[-1] != after[-1]
+    assert [b == a for b, a in zip(before, after)] == [s.key != "06" for s in STAGES]
     changed = list(stage_digests(dict(base, HEAD_RATE=0.5), root))  # read by 02; 03..06 build on it
-    assert changed[0] == before[0] and all(c != b for c, b in zip(changed[1:], before[1:]))
+    assert changed[0] == before[0] and all(changed[i] != before[i] for i in decoder[1:])
+    # the encoder stage builds on no decoder stage, and only its own parameters re-run it
+    assert [c == b for c, b in zip(changed, before)] == [s.encoder or s.key == "00" for s in STAGES]
+    enc = list(stage_digests(dict(base, ENCODER_HEAD_RATE=0.5), root))
+    assert [e == b for e, b in zip(enc, before)] == [not s.encoder for s in STAGES]
 
 
 def test_run_passes_declared_parameters_and_skips_finished_stages(tmp_path, monkeypatch):
@@ -234,7 +239,8 @@ def test_keep_needed_removes_each_checkpoint_after_its_last_reader(tmp_path, mon
     assert [r["status"] for r in run(params, root=root, log=lambda *_: None)] == ["skipped"] * len(STAGES)
     # a stage that must re-run and reads removed checkpoints re-runs their writers first
     run(dict(params, RECOVERY_STEPS=5), root=root, log=lambda *_: None)
-    assert [k for k, _ in log] == ["02", "03", "04", "06"]
+    # 05 reads no checkpoint; it re-runs because a stage before it did (stamps chain)
+    assert [k for k, _ in log] == ["02", "03", "04", "05", "06"]
     # KEEP_CHECKPOINTS='all' (the default) keeps everything
     keep_all = _fake_project(tmp_path / "all")
     _fake_checkpoint_stages(keep_all, monkeypatch, [])
@@ -253,3 +259,24 @@ def test_a_failed_stage_leaves_nothing_half_written_and_removes_nothing(tmp_path
         run(params, root=root, log=lambda *_: None)
     assert sorted(p.name for p in (root / "models").iterdir()) == ["head_pruned"]  # 03's input stays for a re-run
     assert not (root / "results" / "stages" / "03.json").exists()
+
+
+def test_encoder_stage_runs_by_profile(tmp_path, monkeypatch):
+    import papermill
+
+    calls = []
+
+    def fake_execute(src, dst, parameters, cwd, **kw):
+        stage = next(s for s in STAGES if src.endswith(s.notebook))
+        calls.append(stage.key)
+        for out in stage.outputs:
+            (root / out).parent.mkdir(parents=True, exist_ok=True)
+            (root / out).write_text("x")
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
+    for profile, want in (("encoder", ["07"]), ("default", [s.key for s in STAGES if not s.encoder])):
+        root, lines = _fake_project(tmp_path / profile), []
+        calls.clear()
+        run(resolve_parameters(profile), root=root, log=lines.append)
+        assert calls == want
+    assert any("[07] skipped (ENCODER_STAGE=off)" in line for line in lines)

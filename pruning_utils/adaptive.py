@@ -1,0 +1,350 @@
+"""Nested pruning levels from one set of weights, switched per prompt, and a KV-cache budget.
+
+`NestedModel(model, scores)` reorders, in place, the query heads of every KV group and the MLP neurons of every layer
+by importance, so that every level keeps a *prefix*: the projections become `PrefixLinear`s that multiply by the view
+`weight[:k]` (q/gate/up rows) or `weight[:, :k]` (o/down columns). A switch only sets those sizes (and, for a level
+that skips layers, the decoder layer list): no copy, no mask, smaller matmuls, the same storage for every level.
+
+Query heads are stored rank-major (the best head of every group, then the second best, ...), so a prefix keeps the same
+number of heads in each KV group; `PrefixLinear` turns its output back into the group-major order the attention code
+expects (`repeat_kv`: query head i reads KV head i // group) and o_proj's input into rank-major again.
+
+A level's logits equal those of the model `surgery` builds from the same kept indices (tests/test_adaptive.py);
+the full level equals the original up to fp32 summation order (heads and neurons are summed in importance order), and
+`unnest()` puts the original layout and modules back, bit for bit.
+
+KV-cache budget (`kv:W` levels): a sliding window with attention sinks (StreamingLLM): after every forward the cache
+keeps its first `KV_SINK_TOKENS` tokens and the last W; keys keep the positions they were rotated with.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .arch import (decoder_layers, head_channels, head_dim, layer_shape, proj, set_decoder_layers, set_layer_index,
+                   set_mlp_width, set_proj, set_query_heads)
+from .scores import Scores
+
+KV_SINK_TOKENS = 4  # first tokens every window keeps: attention mass piles up on them (StreamingLLM)
+LEVEL_KINDS = ("none", "kv", "heads", "ffn", "layers")
+
+
+# ------------------------------------------------------------------------------------------------------- levels
+
+
+@dataclass(frozen=True)
+class Level:
+    """One pruning level: fractions of query heads / MLP neurons / decoder layers removed, and a KV window (0: none)."""
+
+    name: str
+    heads: float = 0.0
+    ffn: float = 0.0
+    layers: float = 0.0
+    kv: int = 0
+
+
+def parse_levels(text: str) -> list[Level]:
+    """Return the levels of 'none,kv:24,ffn:0.3,heads:0.34+ffn:0.5,layers:0.2' (the first must be 'none')."""
+    levels = []
+    for spec in [s.strip() for s in str(text).split(",") if s.strip()]:
+        values: dict = {}
+        for part in spec.split("+"):
+            kind, _, amount = part.partition(":")
+            if kind not in LEVEL_KINDS or (kind == "none") != (amount == ""):
+                raise ValueError(f"bad level part '{part}' in '{spec}'; write kind:amount with kind one of "
+                                 f"{', '.join(LEVEL_KINDS[1:])} (e.g. ffn:0.3, kv:24), or 'none'")
+            if kind == "none":
+                continue
+            value = int(amount) if kind == "kv" else float(amount)
+            if (kind == "kv" and value < 1) or (kind != "kv" and not 0 <= value < 1):
+                raise ValueError(f"level '{spec}': {kind} must be " + ("a window of >= 1 tokens" if kind == "kv"
+                                                                       else "a removed fraction in [0, 1)"))
+            values[kind] = value
+        levels.append(Level(spec, **values))
+    if not levels or levels[0] != Level("none"):
+        raise ValueError(f"levels '{text}' must start with 'none' (the unpruned model every prompt is restored to)")
+    if len({lv.name for lv in levels}) != len(levels):
+        raise ValueError(f"levels '{text}' repeat a level")
+    return levels
+
+
+# --------------------------------------------------------------------------------------------- prefix linears
+
+
+class PrefixLinear(nn.Module):
+    """A Linear whose active part is a prefix of its weight: the first `size` output rows or input columns.
+
+    `groups=(n_kv, head_dim)` marks q_proj / o_proj stored rank-major: the output (q) or input (o) is permuted
+    between rank-major and the attention code's group-major head order.
+    """
+
+    def __init__(self, linear: nn.Linear, axis: str, groups: tuple[int, int] | None = None):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias  # the same Parameters: no copy
+        self.axis, self.groups = axis, groups
+        self.full = linear.weight.shape[0 if axis == "rows" else 1]
+        self.size = self.full
+
+    @property
+    def out_features(self) -> int:
+        return self.size if self.axis == "rows" else self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.size if self.axis == "cols" else self.weight.shape[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.axis == "cols":
+            if self.groups:
+                x = _swap_heads(x, self.groups, to_rank_major=True)
+            return F.linear(x, self.weight[:, :self.size], self.bias)
+        y = F.linear(x, self.weight[:self.size], None if self.bias is None else self.bias[:self.size])
+        return _swap_heads(y, self.groups, to_rank_major=False) if self.groups else y
+
+    def linear(self) -> nn.Linear:
+        """Return a plain nn.Linear holding the active part (a copy; used to compare with surgery)."""
+        w = self.weight[:self.size] if self.axis == "rows" else self.weight[:, :self.size]
+        out = nn.Linear(w.shape[1], w.shape[0], bias=self.bias is not None, dtype=w.dtype, device=w.device)
+        out.weight.data.copy_(w)
+        if self.bias is not None:
+            out.bias.data.copy_(self.bias[:self.size] if self.axis == "rows" else self.bias)
+        return out
+
+
+def _swap_heads(x: Tensor, groups: tuple[int, int], to_rank_major: bool) -> Tensor:
+    n_kv, hd = groups
+    per_group = x.shape[-1] // (n_kv * hd)
+    if per_group == 1 or n_kv == 1:
+        return x  # one head per group (or one group): both orders agree
+    shape = (per_group, n_kv, hd) if not to_rank_major else (n_kv, per_group, hd)
+    return x.unflatten(-1, shape).transpose(-3, -2).flatten(-3)
+
+
+# ------------------------------------------------------------------------------------------------ nested model
+
+
+class NestedModel:
+    """A model whose heads and neurons were reordered by importance so that each `Level` is a prefix slice.
+
+    `scores` (one criterion, higher = more important) orders heads within each KV group and neurons within each
+    layer; `layer_scores` (one value per layer, higher = more important) chooses the layers a `layers:` level skips
+    (never the first or the last). The model is changed in place; `unnest()` undoes it.
+    """
+
+    def __init__(self, model, scores: Scores, levels: list[Level] | str = "none", layer_scores: Tensor | None = None):
+        self.model = model
+        self.levels = {lv.name: lv for lv in (parse_levels(levels) if isinstance(levels, str) else levels)}
+        self.hd = head_dim(model)
+        self.layers = list(decoder_layers(model))
+        cfg = model.config
+        self._config = {k: getattr(cfg, k, None) for k in ("num_attention_heads", "intermediate_size",
+                                                           "num_hidden_layers", "layer_types", "max_window_layers")}
+        self.shapes = [layer_shape(layer, self.hd) for layer in self.layers]
+        self.head_order, self.neuron_order = [], []
+        for li, (layer, shape) in enumerate(zip(self.layers, self.shapes)):
+            group = shape.n_heads // shape.n_kv_heads
+            s = scores.heads[li].float()
+            ranked = [sorted(range(g * group, (g + 1) * group), key=lambda h: (-s[h].item(), h))
+                      for g in range(shape.n_kv_heads)]
+            self.head_order.append([ranked[g][r] for r in range(group) for g in range(shape.n_kv_heads)])
+            self.neuron_order.append(torch.argsort(-scores.neurons[li].float(), stable=True))
+            self._install(layer, shape, self.head_order[-1], self.neuron_order[-1])
+        if layer_scores is not None and len(layer_scores) != len(self.layers):
+            raise ValueError(f"layer_scores has {len(layer_scores)} values, the model {len(self.layers)} layers")
+        self.layer_scores = layer_scores
+        if any(lv.layers for lv in self.levels.values()) and layer_scores is None:
+            raise ValueError("a 'layers:' level needs layer_scores (e.g. depth.score_layers(model, windows).scores)")
+        self.current = "none"
+
+    def _install(self, layer, shape, heads: list[int], neurons: Tensor) -> None:
+        rows = head_channels(heads, self.hd)
+        groups = (shape.n_kv_heads, self.hd)
+        with torch.no_grad():
+            for name, axis, idx in (("q_proj", "rows", rows), ("o_proj", "cols", rows), ("gate_proj", "rows", neurons),
+                                    ("up_proj", "rows", neurons), ("down_proj", "cols", neurons)):
+                lin = proj(layer, name)
+                lin.weight.data = lin.weight.data.index_select(0 if axis == "rows" else 1, idx)
+                if axis == "rows" and lin.bias is not None:
+                    lin.bias.data = lin.bias.data.index_select(0, idx)
+                set_proj(layer, name, PrefixLinear(lin, axis, groups if name in ("q_proj", "o_proj") else None))
+
+    # ------------------------------------------------------------------------------------------ what a level keeps
+
+    def heads_per_group(self, level: Level, li: int) -> int:
+        """Return the query heads per KV group a level keeps in layer `li` (at least one)."""
+        group = self.shapes[li].n_heads // self.shapes[li].n_kv_heads
+        return max(1, group - round(level.heads * group))
+
+    def width(self, level: Level, li: int) -> int:
+        """Return the MLP neurons a level keeps in layer `li` (at least one)."""
+        full = self.shapes[li].intermediate
+        return max(1, full - round(level.ffn * full))
+
+    def active_layers(self, level: Level) -> list[int]:
+        """Return the decoder layers a level runs (the first and the last always)."""
+        n = len(self.layers)
+        drop = min(round(level.layers * n), max(n - 2, 0))
+        if not drop:
+            return list(range(n))
+        middle = sorted(range(1, n - 1), key=lambda i: (float(self.layer_scores[i]), i))
+        return sorted(set(range(n)) - set(middle[:drop]))
+
+    def kept(self, name: str) -> dict:
+        """Return `{heads, neurons, layers}`: the original indices a level keeps (what `surgery` needs to build it)."""
+        level = self.levels[name]
+        heads, neurons = {}, {}
+        for li, shape in enumerate(self.shapes):
+            heads[li] = sorted(self.head_order[li][:self.heads_per_group(level, li) * shape.n_kv_heads])
+            neurons[li] = sorted(self.neuron_order[li][:self.width(level, li)].tolist())
+        return {"heads": heads, "neurons": neurons, "layers": self.active_layers(level)}
+
+    # ---------------------------------------------------------------------------------------------- switching
+
+    def switch(self, name: str) -> float:
+        """Make level `name` the active one; returns the seconds the switch took."""
+        if name not in self.levels:
+            raise KeyError(f"unknown level '{name}'; known: {', '.join(self.levels)}")
+        t0 = time.perf_counter()
+        level = self.levels[name]
+        for li, (layer, shape) in enumerate(zip(self.layers, self.shapes)):
+            n_heads = self.heads_per_group(level, li) * shape.n_kv_heads
+            proj(layer, "q_proj").size = proj(layer, "o_proj").size = n_heads * self.hd
+            set_query_heads(layer, n_heads, shape.n_kv_heads)
+            width = self.width(level, li)
+            for n in ("gate_proj", "up_proj", "down_proj"):
+                proj(layer, n).size = width
+            set_mlp_width(layer, width)
+        self._set_layers(self.active_layers(level))
+        self.current = name
+        return time.perf_counter() - t0
+
+    def restore(self) -> float:
+        """Switch back to the unpruned level; returns the seconds it took."""
+        return self.switch("none")
+
+    def _set_layers(self, active: list[int]) -> None:
+        cfg = self.model.config
+        if len(decoder_layers(self.model)) == len(active) == len(self.layers):
+            return
+        set_decoder_layers(self.model, nn.ModuleList([self.layers[i] for i in active]))
+        for new, old in enumerate(active):  # the KV cache is indexed by position in the list
+            set_layer_index(self.layers[old], new)
+        cfg.num_hidden_layers = len(active)
+        if self._config["layer_types"] is not None:
+            cfg.layer_types = [self._config["layer_types"][i] for i in active]
+        if self._config["max_window_layers"] is not None:
+            cfg.max_window_layers = min(self._config["max_window_layers"], len(active))
+
+    def kv_window(self, name: str | None = None) -> int:
+        """Return the KV-cache window of a level (0: no cap); default the active level."""
+        return self.levels[name or self.current].kv
+
+    def unnest(self):
+        """Put the original head / neuron order and plain nn.Linear modules back (bit-exact); returns the model."""
+        self.restore()
+        with torch.no_grad():
+            for li, layer in enumerate(self.layers):
+                inv_heads = head_channels(torch.argsort(torch.tensor(self.head_order[li])).tolist(), self.hd)
+                inv_neurons = torch.argsort(self.neuron_order[li])
+                for name, axis in (("q_proj", "rows"), ("o_proj", "cols"), ("gate_proj", "rows"), ("up_proj", "rows"),
+                                   ("down_proj", "cols")):
+                    pl = proj(layer, name)
+                    inv = inv_heads if name in ("q_proj", "o_proj") else inv_neurons
+                    w, b = pl.weight, pl.bias
+                    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+                    lin.weight = w
+                    lin.bias = b
+                    w.data = w.data.index_select(0 if axis == "rows" else 1, inv)
+                    if axis == "rows" and b is not None:
+                        b.data = b.data.index_select(0, inv)
+                    set_proj(layer, name, lin)
+        for k, v in self._config.items():
+            if v is not None:
+                setattr(self.model.config, k, v)
+        return self.model
+
+    def memory(self) -> dict:
+        """Return the model's parameter bytes and what the nesting adds (index tensors only: the views share storage)."""
+        every = list(self.model.parameters()) + [p for layer in self.layers for p in layer.parameters()]  # skipped too
+        params = {p.data_ptr(): p.numel() * p.element_size() for p in every}
+        extra = sum(o.numel() * o.element_size() for o in self.neuron_order) + sum(8 * len(h) for h in self.head_order)
+        total = sum(params.values())
+        return {"param_bytes": total, "nesting_bytes": extra, "overhead_ratio": (total + extra) / total}
+
+
+# ------------------------------------------------------------------------------------------- decoding with a budget
+
+
+def cache_bytes(cache) -> int:
+    """Return the bytes held by a DynamicCache's keys and values."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if isinstance(t, Tensor))
+
+
+def trim_cache(cache, window: int, sinks: int = KV_SINK_TOKENS) -> None:
+    """Keep the first `sinks` and the last `window` cached tokens of every layer (in place)."""
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, Tensor) and keys.shape[-2] > sinks + window:
+            layer.keys = torch.cat([keys[..., :sinks, :], keys[..., -window:, :]], dim=-2)
+            layer.values = torch.cat([layer.values[..., :sinks, :], layer.values[..., -window:, :]], dim=-2)
+
+
+def _cache_kw(model) -> str:
+    import inspect
+
+    # transformers 5.x renames `past_key_values` to `cache` (the old name warns from 5.2x on)
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.inference_mode()
+def decode(model, prompt_ids: Tensor, max_new_tokens: int = 32, kv_window: int = 0, eos_token_id: int | None = None,
+           forced: Tensor | None = None) -> dict:
+    """Greedy decode of one prompt [1, n] with an optional KV window; with `forced` tokens, score them instead.
+
+    Returns `ids` (new tokens), `seconds`, `tokens_per_s`, `cache_tokens_max`, `cache_bytes_max` and, when `forced`
+    is given, `nll` (mean negative log-likelihood of the forced tokens) and `ppl`. The prompt is prefilled at once,
+    then the cache is trimmed to the window before every further step.
+    """
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    ids = prompt_ids.to(device)
+    cache = DynamicCache()
+    kw = _cache_kw(model)
+    steps = max_new_tokens if forced is None else forced.shape[-1]
+    pos = ids.shape[1]
+    out_ids, nll, peak_tokens, peak_bytes = [], 0.0, 0, 0
+    t0 = time.perf_counter()
+    logits = model(input_ids=ids, **{kw: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
+    for step in range(steps):
+        if forced is not None:
+            token = forced[..., step].reshape(1, 1).to(device)
+            nll -= F.log_softmax(logits.float(), -1)[0, token.item()].item()
+        else:
+            token = logits.argmax(-1, keepdim=True)
+            out_ids.append(token.item())
+            if eos_token_id is not None and token.item() == eos_token_id:
+                break
+        if kv_window:
+            trim_cache(cache, kv_window)
+        peak_tokens = max(peak_tokens, cache.get_seq_length())
+        peak_bytes = max(peak_bytes, cache_bytes(cache))
+        if step == steps - 1:
+            break  # the last token's logits are not needed
+        logits = model(input_ids=token, **{kw: cache}, use_cache=True,
+                       position_ids=torch.tensor([[pos]], device=device)).logits[:, -1]
+        pos += 1
+    seconds = time.perf_counter() - t0
+    n = len(out_ids) if forced is None else steps
+    result = {"ids": out_ids, "seconds": seconds, "tokens_per_s": n / max(seconds, 1e-9),
+              "cache_tokens_max": peak_tokens, "cache_bytes_max": peak_bytes}
+    if forced is not None:
+        result.update(nll=nll / max(steps, 1), ppl=math.exp(nll / max(steps, 1)))
+    return result

@@ -1,0 +1,233 @@
+"""Adaptive runtime (notebook 05): nested levels, KV window, prompt complexity, telemetry, controllers, evaluation."""
+import copy
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pruning_utils import adaptive, controller, surgery
+from pruning_utils.complexity import complexity, prompt_features
+from pruning_utils.scores import Scores
+from pruning_utils.telemetry import SimulatedLoad, read_telemetry
+from pruning_utils.tiny import TinyTokenizer, tiny_model
+
+LEVELS = "none,kv:4,heads:0.5,ffn:0.5,heads:0.25+ffn:0.3+layers:0.34"
+
+
+def _scores(model, seed: int = 1) -> Scores:
+    g = torch.Generator().manual_seed(seed)
+    n = model.config.num_hidden_layers
+    return Scores([torch.rand(model.config.num_attention_heads, generator=g) for _ in range(n)],
+                  [torch.rand(model.config.intermediate_size, generator=g) for _ in range(n)], "random")
+
+
+def _nested(family="llama", levels=LEVELS):
+    model = tiny_model(family)
+    original = copy.deepcopy(model)
+    return adaptive.NestedModel(model, _scores(model), levels, layer_scores=torch.tensor([3.0, 1.0, 2.0])), original
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(input_ids=tokens, use_cache=False).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_each_level_equals_the_model_surgery_builds(family, tokens):
+    nested, original = _nested(family)
+    for name in nested.levels:
+        nested.switch(name)
+        kept = nested.kept(name)
+        reference = copy.deepcopy(original)
+        surgery.prune_heads(reference, kept["heads"])
+        surgery.prune_neurons(reference, kept["neurons"])
+        surgery.drop_layers(reference, kept["layers"])
+        torch.testing.assert_close(_logits(nested.model, tokens), _logits(reference, tokens), atol=1e-5, rtol=0)
+    # the levels really are smaller: a GQA-valid head count per group and fewer neurons / layers
+    k = nested.kept("heads:0.25+ffn:0.3+layers:0.34")
+    assert [len(h) for h in k["heads"].values()] == [6, 6, 6] and k["layers"] == [0, 2]
+    assert len(k["neurons"][0]) == 96 - round(0.3 * 96)
+
+
+def test_restore_and_unnest_return_the_original_logits(tokens):
+    nested, original = _nested()
+    full = _logits(nested.model, tokens)
+    torch.testing.assert_close(full, _logits(original, tokens), atol=1e-5, rtol=0)  # summation order only
+    for name in list(nested.levels)[::-1]:
+        nested.switch(name)
+    nested.restore()
+    assert torch.equal(_logits(nested.model, tokens), full)
+    assert torch.equal(_logits(nested.unnest(), tokens), _logits(original, tokens))
+    assert type(nested.model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+
+
+def test_levels_are_views_of_one_set_of_weights():
+    nested, _ = _nested()
+    storage = lambda: {p.data_ptr() for layer in nested.layers for p in layer.parameters()}  # noqa: E731
+    before = storage()
+    times = [nested.switch(name) for name in nested.levels for _ in range(5)]
+    assert storage() == before  # no copy made by switching (skipped layers included)
+    q = nested.model.model.layers[0].self_attn.q_proj
+    assert q.size < q.full and q.weight[:q.size].data_ptr() == q.weight.data_ptr()
+    assert nested.memory()["overhead_ratio"] <= 1.3
+    assert float(np.median(times)) < 0.005, f"median level switch {1000 * np.median(times):.2f} ms"
+
+
+def test_level_specs_are_checked():
+    assert [lv.name for lv in adaptive.parse_levels("none, ffn:0.25")] == ["none", "ffn:0.25"]
+    for bad in ("ffn:0.25", "none,mlp:0.2", "none,ffn:1.5", "none,kv:0"):
+        with pytest.raises(ValueError, match="level"):
+            adaptive.parse_levels(bad)
+    with pytest.raises(ValueError, match="layer_scores"):
+        adaptive.NestedModel(tiny_model(), _scores(tiny_model()), "none,layers:0.3")
+
+
+def test_kv_window_caps_the_cache_and_matches_generate_without_it():
+    model = tiny_model()
+    prompt = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(3))
+    free = adaptive.decode(model, prompt, 10)
+    reference = model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)[0, 12:].tolist()
+    assert free["ids"] == reference and free["cache_tokens_max"] == 12 + 9
+    capped = adaptive.decode(model, prompt, 10, kv_window=4)
+    assert capped["cache_tokens_max"] == adaptive.KV_SINK_TOKENS + 4
+    assert capped["cache_bytes_max"] < free["cache_bytes_max"]
+    forced = adaptive.decode(model, prompt, forced=torch.tensor(free["ids"]))
+    assert forced["ppl"] == pytest.approx(controller.answer_ppl(model, prompt, free["ids"]), rel=1e-4)
+
+
+def test_complexity_is_monotone_on_an_easy_hard_pair():
+    easy = prompt_features("Say hi.")
+    hard = prompt_features("Write a Python function that solves 3x^2 + 2x - 5 = 0, explain why the method from "
+                           "Cambridge and Paris works, and compare it with the approach NASA used in 1969, "
+                           "because the integral of the error matters when the inputs are noisy.")
+    assert hard.code and hard.math and hard.entities > easy.entities and hard.clauses > easy.clauses
+    assert 0 <= complexity(easy) < complexity(hard) <= 1
+    model, tok = tiny_model(), TinyTokenizer()
+    with_entropy = prompt_features("Say hi.", tok, model)
+    assert 0 <= with_entropy.entropy <= 1 and 0 <= complexity(with_entropy) <= 1
+
+
+def test_telemetry_live_and_simulated():
+    live = read_telemetry()
+    assert 0 <= live.load <= 1 and not live.simulated
+    a, b = SimulatedLoad(7, 0.2, 0.8).loads(5), SimulatedLoad(7, 0.2, 0.8).loads(5)
+    assert a == b and all(0.2 <= x <= 0.8 for x in a)
+    with pytest.raises(ValueError, match="low"):
+        SimulatedLoad(0, 0.5, 0.2)
+
+
+@pytest.mark.parametrize("n_levels", [1, 2, 3, 5])
+def test_rule_table_covers_every_state(n_levels):
+    rules = controller.RuleController(n_levels)
+    assert set(controller.RULES) == {(c, lo) for c in controller.BINS for lo in controller.BINS}
+    f = prompt_features("Say hi.")
+    seen = set()
+    for score in (0.0, 0.3, 0.9):
+        for load in (0.0, 0.5, 0.95):
+            seen.add(rules.state(score, load))
+            assert 0 <= rules.choose(f, score, load) < n_levels
+    assert seen == set(controller.RULES)
+    with pytest.raises(ValueError, match="no entry"):
+        controller.RuleController(3, rules={("low", "low"): 0.0})
+
+
+def test_prompt_csv_needs_a_prompt_column(tmp_path):
+    pd.DataFrame({"text": ["a", "b"]}).to_csv(tmp_path / "p.csv", index=False)
+    with pytest.raises(ValueError, match="no 'prompt' column"):
+        controller.load_prompt_csv(tmp_path / "p.csv")
+    pd.DataFrame({"prompt": ["a", "b", "c", "d", "e"]}).to_csv(tmp_path / "q.csv", index=False)
+    df = controller.load_prompt_csv(tmp_path / "q.csv")
+    train, test = controller.split_prompts(df, seed=0)
+    assert len(train) == 4 and len(test) == 1 and set(train["id"]) | set(test["id"]) == set(df["id"])
+    assert controller.split_prompts(df, seed=0)[1].equals(test)
+    assert len(controller.prompt_pool()) >= 100
+    pd.DataFrame({"id": [1, 1], "prompt": ["a", "b"]}).to_csv(tmp_path / "r.csv", index=False)
+    with pytest.raises(ValueError, match="repeats"):
+        controller.load_prompt_csv(tmp_path / "r.csv")
+
+
+class _Judge:
+    def similarity(self, a, b):
+        return [1.0 if x == y else 0.5 for x, y in zip(a, b)]
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+    torch.manual_seed(0)
+    nested, _ = _nested(levels="none,kv:4,ffn:0.5,heads:0.5+ffn:0.5+layers:0.34")
+    tok = TinyTokenizer()
+    prompts = pd.DataFrame({"id": [f"p{i}" for i in range(6)],
+                            "prompt": ["Say hi.", "Write code: def f(): return 1;", "What is 2 + 2?",
+                                       "Explain why Paris and Rome differ, because history matters.", "List three",
+                                       "Compute the integral of x^2."]})
+    table = controller.featurize(prompts, tok, nested.model)
+    train, test = controller.split_prompts(table, seed=0)
+    outcomes = controller.measure_outcomes(nested, tok, train, max_new_tokens=3)
+    return nested, tok, train, test, outcomes
+
+
+def test_bandit_training_is_seeded_and_deterministic(tiny_run):
+    nested, tok, train, test, outcomes = tiny_run
+    assert len(outcomes) == len(train) * len(nested.levels) and outcomes["ppl"].gt(0).all()
+    assert (outcomes.groupby("level")["cache_tokens_max"].max()["kv:4"] <= adaptive.KV_SINK_TOKENS + 4)
+    kw = dict(n_levels=len(nested.levels), tps_ref=float(outcomes["tokens_per_s"].median()), epochs=5)
+    a = controller.train_bandit(outcomes, train, seed=3, **kw)
+    b = controller.train_bandit(outcomes, train, seed=3, **kw)
+    assert np.array_equal(a.theta(), b.theta()) and a.history == b.history and len(a.history) == 5 * len(train)
+    f = controller.features_from_row(test.iloc[0])
+    assert len({a.choose(f, test.iloc[0]["complexity"], 0.5) for _ in range(3)}) == 1  # greedy at test time
+
+
+def test_evaluation_and_summary_on_the_held_out_split(tiny_run):
+    nested, tok, train, test, outcomes = tiny_run
+    n = len(nested.levels)
+    tps_ref = float(outcomes[outcomes["level"] == "none"]["tokens_per_s"].median())
+    ctrls = [controller.Fixed(n, 0, "always_none"), controller.Fixed(n, -1, "always_max"),
+             controller.RuleController(n).fit(train["complexity"]),
+             controller.train_bandit(outcomes, train, n, tps_ref, epochs=3)]
+    table = controller.evaluate(ctrls, nested, tok, test, SimulatedLoad(0).loads(len(test)), tps_ref,
+                                max_new_tokens=3, judge=_Judge())
+    assert len(table) == len(ctrls) * len(test) and nested.current == "none"
+    assert (table[table["controller"] == "always_max"]["level"] == list(nested.levels)[-1]).all()
+    assert (table[table["controller"] == "always_none"]["retention"] == 1.0).all()
+    summary = controller.summarize(table)
+    assert list(summary["controller"]) == ["always_none", "always_max", "rules", "learned"]
+    assert summary.loc[0, "speedup_pct"] == 0 and summary.loc[0, "retention_pct"] == 100
+    from pruning_utils import plots
+
+    fig = plots.scatter_trend(table.assign(latency_s=table["latency_s"].where(table.index != 0, 1e3)), "complexity",
+                              "latency_s")
+    assert fig.axes[0].get_legend() is not None
+    assert plots.iqr_inliers([1, 2, 3, 2, 100]).tolist() == [True, True, True, True, False]
+
+
+def test_reward_is_the_documented_formula():
+    assert controller.reward(10, 5, 0.0, 10, target=1.0) == pytest.approx(0.6 - 0.2)
+    assert controller.reward(20, 5, 0.0, 10, target=1.0) == pytest.approx(0.6 - 0.2)  # beyond the target: capped
+    assert controller.reward(10, 5, 0.5, 10, target=1.0) == pytest.approx(0.3 - 0.2)
+
+
+class TestEmbeddedModel:
+    """SmolLM2-135M (9 query heads in 3 KV groups, 30 layers): switch time, memory, exact restore on the real model."""
+
+    def test_levels_on_the_embedded_model(self):
+        from pruning_utils.loading import load_model
+
+        model, tok = load_model("smollm2-135m", device="cpu", dtype="float32")
+        ids = torch.tensor([tok.encode("The capital of France is", add_special_tokens=False)])
+        original = _logits(model, ids)
+        nested = adaptive.NestedModel(model, _scores(model), "none,kv:8,ffn:0.25,heads:0.34+ffn:0.5+layers:0.1",
+                                      layer_scores=torch.arange(30.0))
+        full = _logits(model, ids)
+        torch.testing.assert_close(full, original, atol=1e-3, rtol=0)  # 30 layers of fp32 summation-order noise
+        times = []
+        for name in nested.levels:
+            times += [nested.switch(name) for _ in range(10)]
+            assert _logits(model, ids).shape == original.shape
+        assert sum(len(h) for h in nested.kept("heads:0.34+ffn:0.5+layers:0.1")["heads"].values()) == 30 * 6
+        assert float(np.median(times)) < 0.005 and nested.memory()["overhead_ratio"] <= 1.3
+        nested.restore()
+        assert torch.equal(_logits(model, ids), full)
+        assert torch.equal(_logits(nested.unnest(), ids), original)
