@@ -184,16 +184,37 @@ def compression_methods() -> str:
     return _md(df[cols], 2)
 
 
+def _optional(name: str, stage: str, cols: list[str], digits: int = 3) -> str:
+    """Return the `cols` a stage's CSV has, or a note when the stage has not written it yet."""
+    if not (ablation_dir() / f"{name}.csv").exists():
+        return f"_No `{name}.csv` yet: `bash run_all.sh --only {stage}` writes it._\n"
+    return _md(_present(_csv(name), cols), digits)
+
+
+def adaptive_summary() -> str:
+    """Return the adaptive-runtime controllers on the held-out prompts (notebook 05)."""
+    return _optional("adaptive_summary", "05", [
+        "controller", "prompts", "mean_reward", "mean_tokens_per_s", "tokens_per_s_vs_baseline", "mean_latency_s",
+        "mean_semantic", "semantic_vs_baseline", "mean_ppl", "level_counts"])
+
+
+def encoder_glue() -> str:
+    """Return the encoder classifier variants (notebook 07)."""
+    return _optional("encoder_glue", "07", [
+        "variant", "task", "accuracy", "f1", "params", "params_non_embedding", "reduction_pct", "size_mb",
+        "ms_per_batch", "samples_per_s"])
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "baseline": baseline, "head_sweep": head_sweep, "mlp_sweep": mlp_sweep, "head_pruning": head_pruning,
     "mlp_pruning": mlp_pruning, "recovery": recovery, "final_eval": final_eval, "final_cost": final_cost,
     "run_time": run_time, "quality_benchmark": quality_benchmark, "recovery_budget": recovery_budget,
     "memory_scale": memory_scale, "memory_extrapolation": memory_extrapolation,
     "calibration_sources": calibration_sources, "recovery_sources": recovery_sources,
-    "compression_methods": compression_methods,
+    "compression_methods": compression_methods, "adaptive_summary": adaptive_summary, "encoder_glue": encoder_glue,
 }
 # tables whose numbers are timings: they change with every run, so the agreement test does not pin them
-TIMING_TABLES = ("final_cost", "run_time", "compression_methods")
+TIMING_TABLES = ("final_cost", "run_time", "compression_methods", "adaptive_summary", "encoder_glue")
 
 
 def render_readme(text: str) -> str:
