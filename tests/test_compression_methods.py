@@ -80,7 +80,8 @@ def test_factorised_checkpoints_reload_through_load_pruned(tmp_path, tokens, win
     back, tok = load_pruned(folder, device="cpu", dtype=torch.float32)
     assert isinstance(tok, TinyTokenizer)
     assert compression.replaced_modules_of(back) == compression.replaced_modules_of(model)
-    assert torch.equal(_logits(back, tokens), _logits(model, tokens))
+    # same weights; a reloaded tensor's memory layout can pick another BLAS path (1.8e-7 apart on an AMD EPYC)
+    torch.testing.assert_close(_logits(back, tokens), _logits(model, tokens), atol=1e-5, rtol=0)
 
 
 def test_int8_checkpoint_reloads_through_load_pruned_on_cpu_only(tmp_path, tokens):
