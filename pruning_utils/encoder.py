@@ -112,13 +112,8 @@ def apply_plan(model, plan: PruningPlan):
         raise PlanMismatchError(f"the plan was made for an encoder with heads {plan.base_heads} and widths "
                                 f"{plan.base_intermediate}, this one has {[s.n_heads for s in shapes]} and "
                                 f"{[s.intermediate for s in shapes]}; recompute the plan on this model")
-    prune_heads(model, {li: plan.kept_heads(li) for li in plan.heads})
-    prune_neurons(model, {li: plan.kept_neurons(li) for li in plan.neurons})
-    if plan.layers is not None:
-        drop_layers(model, plan.kept_layers())
-    earlier = getattr(model, "pruning_plan", None)
-    model.pruning_plan = plan.composed_with(earlier) if earlier is not None else plan
-    return model
+    from .surgery import apply_removals
+    return apply_removals(model, plan, prune_heads, prune_neurons, drop_layers)
 
 
 def identity_plan(model) -> PruningPlan:

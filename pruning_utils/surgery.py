@@ -136,10 +136,15 @@ def apply_plan(model, plan: PruningPlan):
             f"{_short(plan.base_heads)} and MLP widths {_short(plan.base_intermediate)}, but this model has "
             f"{_short(have_heads)} and {_short(have_width)}; recompute the plan on this model (or load the model it was made for)"
         )
-    prune_heads(model, {li: plan.kept_heads(li) for li in plan.heads})
-    prune_neurons(model, {li: plan.kept_neurons(li) for li in plan.neurons})
+    return apply_removals(model, plan, prune_heads, prune_neurons, drop_layers)
+
+
+def apply_removals(model, plan: PruningPlan, heads, neurons, layers):
+    """Apply a checked plan with a family's surgery functions (decoder here, encoder in `encoder.py`); record it."""
+    heads(model, {li: plan.kept_heads(li) for li in plan.heads})
+    neurons(model, {li: plan.kept_neurons(li) for li in plan.neurons})
     if plan.layers is not None:
-        drop_layers(model, plan.kept_layers())
+        layers(model, plan.kept_layers())
     earlier = getattr(model, "pruning_plan", None)
     model.pruning_plan = plan.composed_with(earlier) if earlier is not None else plan
     return model
