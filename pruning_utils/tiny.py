@@ -28,18 +28,23 @@ def tiny_config(family: str = "llama", **overrides):
     return AutoConfig.for_model(family, **base)
 
 
-def tiny_model(family: str = "llama", seed: int = 0, **overrides):
-    """Return a tiny random model of a family, in eval mode, with non-zero biases so bias handling is tested."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32)
+def _finish(model, family: str):
+    """Give a fresh tiny model non-zero biases and its name; return it in eval mode."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.1)  # default init is zero, which would hide bias-slicing bugs
     model.config.name_or_path = f"tiny-{family}"
     return model.eval()
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+    """Return a tiny random model of a family, in eval mode, with non-zero biases so bias handling is tested."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32)
+    return _finish(model, family)
 
 
 class TinyTokenizer:
@@ -90,9 +95,4 @@ def tiny_encoder(family: str = "bert", num_labels: int = 2, seed: int = 0, **ove
     base.update(overrides)
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(family, **base), dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.1)  # default init is zero, which would hide bias-slicing bugs
-    model.config.name_or_path = f"tiny-{family}"
-    return model.eval()
+    return _finish(model, family)
