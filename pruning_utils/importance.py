@@ -168,6 +168,20 @@ def mix(model, windows: Tensor, batch_size: int = 4, seed: int = 0, passes: Pass
     return Scores(heads, neurons, "mix", {"mix_weights": dict(weights)})
 
 
+def obs(model, windows: Tensor, batch_size: int = 4, seed: int = 0, passes: Passes | None = None,
+        **options) -> Scores:
+    """Return `obs`: heads and neurons ranked by the step at which the progressive removal with refit takes them
+    (`obs.obs_scores`: least reconstruction error left after the ridge refit first; `obs_ridge`, `obs_step`)."""
+    from .obs import obs_scores
+    from .reconstruction import collect_grams
+
+    passes = _passes(model, windows, batch_size, seed, options, "obs", passes)
+    grams = collect_grams(passes.model, passes.windows, batch_size=passes.batch_size,
+                          device=options.get("compute_device"))
+    return obs_scores(passes.model, grams, ridge_ratio=options.get("obs_ridge", 1e-2), step=options.get("obs_step", 8),
+                      progress=bool(options.get("progress", True)))
+
+
 CRITERIA: dict[str, Callable[..., Scores]] = {
     "random": random,
     "magnitude": magnitude,
@@ -178,10 +192,12 @@ CRITERIA: dict[str, Callable[..., Scores]] = {
     "taylor": taylor,
     "semantic": semantic,
     "mix": mix,
+    "obs": obs,
 }
 
 OPTIONS = ("tfidf_mode", "n_topics", "tfidf_alpha", "tfidf_beta", "tfidf_gamma", "tfidf_idf",
-           "semantic_max_windows", "semantic_seq_len", "mix_weights", "progress", "compute_device")
+           "semantic_max_windows", "semantic_seq_len", "mix_weights", "obs_ridge", "obs_step", "progress",
+           "compute_device")
 
 
 def compute_importance(model, windows: Tensor, criteria: list[str] | str, batch_size: int = 4, seed: int = 0,

@@ -1,0 +1,64 @@
+"""Budget search: exact parameter budget, equal KV groups, the KL it reports, and a save/load round trip."""
+import pytest
+import torch
+
+from pruning_utils import metrics, reconstruction
+from pruning_utils.checkpoint import load_pruned, save_pruned
+from pruning_utils.loading import TinyTokenizer, tiny_model
+from pruning_utils.obs import obs_scores
+from pruning_utils.search import Counts, SearchError, counts_of, plan_from_counts, removed_params, search_budget
+
+
+@pytest.fixture(scope="module")
+def searched():
+    model = tiny_model("llama", seed=1)
+    windows = torch.randint(3, 128, (16, 32), generator=torch.Generator().manual_seed(2))
+    held = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(3))
+    grams = reconstruction.collect_grams(model, windows)
+    scores = obs_scores(model, grams, step=4, progress=False)
+    result = search_budget(model, scores, grams, held, head_rate=0.25, mlp_rate=0.25, group=8, iterations=30,
+                           progress=False)
+    return model, grams, held, scores, result
+
+
+def _kl(model, pruned, windows) -> float:
+    with torch.no_grad():
+        ref = torch.log_softmax(model(windows).logits.float(), -1)
+        got = torch.log_softmax(pruned(windows).logits.float(), -1)
+    return float((ref.exp() * (ref - got)).sum(-1).mean())
+
+
+def test_search_keeps_the_budget_exactly_and_groups_equal(searched):
+    model, grams, held, scores, result = searched
+    uniform = counts_of(result.uniform, model)
+    assert removed_params(model, result.counts) == removed_params(model, uniform)
+    assert result.counts.key() != uniform.key()  # the search moved budget between layers
+    assert result.kl < result.kl_uniform and result.history["best_kl"].is_monotonic_decreasing
+    pruned = reconstruction.prune_and_reconstruct(tiny_model("llama", seed=1), result.plan, None, "lstsq",
+                                                  sequential=False, stats=grams)
+    base = metrics.count_params(model)["non_embedding"]
+    assert base - metrics.count_params(pruned)["non_embedding"] == removed_params(model, uniform)
+    for li in range(3):  # every KV group of a layer keeps the same number of query heads
+        kept = result.plan.kept_heads(li)
+        assert len([h for h in kept if h < 4]) == len([h for h in kept if h >= 4])
+    # the KL the search reports is the KL of the sliced, refit model on the held-out windows
+    assert _kl(model, pruned, held) == pytest.approx(result.kl, rel=1e-4)
+
+
+def test_searched_nonuniform_plan_round_trips(searched, tmp_path):
+    model, grams, held, scores, result = searched
+    assert result.plan.allocation == "search" and len(set(result.plan.result_shapes())) > 1
+    pruned = reconstruction.prune_and_reconstruct(tiny_model("llama", seed=1), result.plan, None, "lstsq",
+                                                  sequential=False, stats=grams)
+    folder = save_pruned(pruned, TinyTokenizer(), tmp_path / "searched", plan=result.plan)
+    loaded, _ = load_pruned(folder)
+    with torch.no_grad():
+        assert torch.equal(pruned(held).logits, loaded(held).logits)
+
+
+def test_counts_out_of_range_are_refused(searched):
+    model, _, _, scores, _ = searched
+    with pytest.raises(SearchError, match="heads per group"):
+        plan_from_counts(model, scores, Counts([4, 0, 0], [0, 0, 0]))
+    with pytest.raises(SearchError, match="layers"):
+        plan_from_counts(model, scores, Counts([0], [0]))
