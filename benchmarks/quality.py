@@ -12,9 +12,18 @@ the whole evaluation text. A full score reuses the screen windows' NLL (each win
 the sum over windows is exact) and only evaluates the rest. One-shot reconstructions share ONE Gram collection
 on the unpruned model. Extras, screened then scored in full: S3 with heads and neurons from the best S2 / S1
 criteria, a ridge sweep of the best refit per shape, S3 refit sequentially (plain, and chasing the unpruned
-model's output), and S3 under `global` allocation at the same non-embedding count. Torch-Pruning itself
+model's output, `--orders chase`; off by default: 20 minutes for a worse result), and S3 under `global`
+allocation at the same non-embedding count. Issue 15 adds the `obs` criterion (heads and neurons removed in the
+order of least reconstruction error left after the refit, `pruning_utils.obs`; computed here from the shared Grams
+when the saved scores lack it, its cost in the JSON) and the `search` allocation (`pruning_utils.search`: per-layer
+counts under the exact parameter budget, scored by KL to the dense model on held-out calibration windows), with the
+held-out KL of the search and its uniform start and the latency of both. Full rows also carry the fidelity
+perplexity (held-out text sampled from the unpruned model, `data.fidelity_chunks`). Torch-Pruning itself
 (`benchmarks/torch_pruning_peer.py`: its own Taylor scores and dependency-graph surgery, no refit) is scored in
 full at every shape as a side-by-side peer row.
+
+Calibration and evaluation follow the default profile's `TEXT_SOURCE` (calibration windows from the mixture,
+in-domain evaluation on its text part), so the saved scores of notebook 00 match the windows used here.
 
 Writes results/ablation_studies/quality_benchmark.csv (columns in `COLUMNS`) and quality_benchmark.json
 (environment, settings, peers, timings). Usage: python3 -m benchmarks.quality [--screen-tokens 4096 --full-top 2]
@@ -31,7 +40,7 @@ from dataclasses import dataclass, replace
 import pandas as pd
 import torch
 
-from pruning_utils import allocation, data, importance, metrics, reconstruction, results
+from pruning_utils import allocation, data, importance, metrics, obs, reconstruction, results
 from pruning_utils.arch import decoder_layers
 from pruning_utils.loading import load_model
 from pruning_utils.paths import PROJECT_ROOT
@@ -43,9 +52,11 @@ PEERS = {"S1": {"FLAP": 14.1, "Taylor": 15.0}, "S2": {"FLAP": 26.6},
          "S3": {"FLAP": 35.7, "LLM-Pruner": 50.1}}
 TARGETS = {"S1": 13.5, "S2": 20.0, "S3": 25.0}
 TP_PREFIX = "torch-pruning:"  # criterion of the Torch-Pruning peer rows, e.g. torch-pruning:taylor
-CRITERIA = ["random", "magnitude", "activation", "fluctuation", "taylor", "tfidf", "tfidf_topic", "semantic", "mix"]
+CRITERIA = ["random", "magnitude", "activation", "fluctuation", "taylor", "tfidf", "tfidf_topic", "semantic", "mix",
+            "obs"]
 COLUMNS = ["shape", "criterion", "reconstruction", "allocation", "order", "ridge_ratio", "role", "screen",
-           "eval_tokens", "ppl", "params_non_embedding", "reduction_pct", "target_ppl", "build_s", "eval_s"]
+           "eval_tokens", "ppl", "fidelity_ppl", "kl_heldout", "params_non_embedding", "reduction_pct", "target_ppl",
+           "build_s", "eval_s", "prefill_ms", "decode_tokens_per_s", "calibration_source"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,7 @@ class Recipe:
     criterion: str
     reconstruction: str
     allocation: str = "uniform"  # uniform | global (z-scored per layer) | global-sum (share of the layer's total)
+    # | search (per-layer counts searched against the dense model's KL, `pruning_utils.search`)
     order: str = "one-shot"  # one-shot: Grams of the unpruned model | sequential: after earlier refits | chase:
     # sequential, refit toward the unpruned model's output (absorbs upstream error)
     ridge: float = 1e-2
@@ -67,10 +79,14 @@ class Recipe:
                 self.ridge if self.reconstruction == "lstsq" else None)
 
 
-def make_plan(model, scores: dict[str, importance.Scores], r: Recipe):
-    """Return the plan of a recipe; `global` plans remove as many heads / neurons as the uniform plan does."""
+def make_plan(model, scores: dict[str, importance.Scores], r: Recipe, searched: dict | None = None):
+    """Return the plan of a recipe; `global` plans remove as many heads / neurons as the uniform plan does.
+
+    `search` plans come from `searched` (recipe key -> `search.SearchResult`), filled by `Bench.search`."""
     head_crit, _, neuron_crit = r.criterion.partition("+")
     rates = SHAPES[r.shape]
+    if r.allocation == "search":
+        return searched[r.key()].plan
     uniform = allocation.plan_both(model, scores[head_crit], neuron_scores=scores[neuron_crit or head_crit], **rates)
     if r.allocation == "uniform":
         return uniform
@@ -104,13 +120,17 @@ def supported_modes(model) -> list[str]:
 class Bench:
     """Builds, screens and fully scores recipes, keeping the rows and the screen NLL sums it can reuse."""
 
-    def __init__(self, model, scores, windows, chunks, n_screen: int, base_params: int, grams, batch_size: int):
+    def __init__(self, model, scores, windows, chunks, n_screen: int, base_params: int, grams, batch_size: int,
+                 fidelity=None, source: str = ""):
         self.model, self.scores, self.windows, self.grams = model, scores, windows, grams
         self.screen_chunks, self.rest_chunks = chunks[:n_screen], chunks[n_screen:]
         self.base_params, self.batch_size = base_params, batch_size
+        self.fidelity, self.source = fidelity, source
         self.rows: list[dict] = []
         self.screened: dict[tuple, dict] = {}
         self.fully: set[tuple] = set()
+        self.searched: dict[tuple, object] = {}  # recipe key -> search.SearchResult
+        self.extra: dict[tuple, dict] = {}  # recipe key -> extra columns of its full row (KL, latency)
 
     def _nll(self, model, chunks) -> tuple[float, int, float]:
         t0 = time.perf_counter()
@@ -119,12 +139,19 @@ class Bench:
 
     def _row(self, r: Recipe, model, screen: bool, nll_sum: float, tokens: int, build_s: float, eval_s: float) -> dict:
         params = metrics.count_params(model)["non_embedding"]
+        nan = float("nan")
+        fidelity = nan
+        if not screen and self.fidelity is not None:
+            fidelity = metrics.perplexity(model, self.fidelity, batch_size=self.batch_size, progress=False)["ppl"]
         row = dict(shape=r.shape, criterion=r.criterion, reconstruction=r.reconstruction, allocation=r.allocation,
                    order=r.order if r.reconstruction != "none" else "", role=r.role,
-                   ridge_ratio=r.ridge if r.reconstruction == "lstsq" else float("nan"), screen=screen,
-                   eval_tokens=tokens, ppl=math.exp(nll_sum / tokens), params_non_embedding=params,
-                   reduction_pct=100 * (1 - params / self.base_params), target_ppl=TARGETS.get(r.shape, float("nan")),
-                   build_s=round(build_s, 1), eval_s=round(eval_s, 1))
+                   ridge_ratio=r.ridge if r.reconstruction == "lstsq" else nan, screen=screen,
+                   eval_tokens=tokens, ppl=math.exp(nll_sum / tokens), fidelity_ppl=fidelity, kl_heldout=nan,
+                   params_non_embedding=params, reduction_pct=100 * (1 - params / self.base_params),
+                   target_ppl=TARGETS.get(r.shape, nan), build_s=round(build_s, 1), eval_s=round(eval_s, 1),
+                   prefill_ms=nan, decode_tokens_per_s=nan, calibration_source=self.source)
+        if not screen:
+            row.update(self.extra.get(r.key(), {}))
         self.rows.append(row)
         print(f"  {'screen' if screen else 'FULL  '} {r.shape} {r.criterion:24s} {r.reconstruction:5s} "
               f"{r.allocation:10s} {row['order']:10s} ridge={r.ridge:g}  ppl {row['ppl']:8.3f}  "
@@ -139,8 +166,34 @@ class Bench:
             pruned = prune_with_torch_pruning(copy.deepcopy(self.model), self.windows, importance=r.criterion[len(TP_PREFIX):],
                                               **SHAPES[r.shape])
             return pruned, time.perf_counter() - t0
-        plan = make_plan(self.model, self.scores, r)
-        return build(self.model, plan, r, self.grams, self.windows), time.perf_counter() - t0
+        plan = make_plan(self.model, self.scores, r, self.searched)
+        built = build(self.model, plan, r, self.grams, self.windows)
+        return built, time.perf_counter() - t0 + (self.searched[r.key()].seconds if r.allocation == "search" else 0.0)
+
+    def search(self, r: Recipe, held, iterations: int, group: int, seed: int = 0, latency: bool = True) -> None:
+        """Search the per-layer counts of a recipe (allocation 'search'), screen it, and record the held-out KL
+        of the search and of its uniform start, and both models' latency, for their full rows."""
+        from pruning_utils.search import search_budget
+
+        head_crit, _, neuron_crit = r.criterion.partition("+")
+        if neuron_crit and neuron_crit != head_crit:
+            raise ValueError("the search ranks heads and neurons by one criterion's scores")
+        result = search_budget(self.model, self.scores[head_crit], self.grams, held, group=group,
+                               iterations=iterations, seed=seed, ridge_ratio=r.ridge, batch_size=self.batch_size,
+                               **SHAPES[r.shape])
+        self.searched[r.key()] = result
+        uniform = replace(r, allocation="uniform", role=r.role + "-uniform")
+        self.extra[r.key()] = dict(kl_heldout=result.kl)
+        self.extra[uniform.key()] = dict(kl_heldout=result.kl_uniform)
+        print(f"  search {r.shape} {r.criterion}: held-out KL {result.kl_uniform:.4f} (uniform) -> {result.kl:.4f} "
+              f"in {result.seconds:.0f} s, counts {result.counts}", flush=True)
+        if latency:
+            for rec in (r, uniform):
+                built, _ = self._build(rec)
+                lat = metrics.latency(built, batch_size=1, seq_len=512, new_tokens=32, repeats=3)
+                self.extra[rec.key()].update(prefill_ms=lat["prefill_ms_median"],
+                                             decode_tokens_per_s=lat["decode_tok_s_median"])
+        self.screen(r)
 
     def screen(self, r: Recipe, model=None) -> dict:
         """Screen a recipe (once per recipe) and return its screen row."""
@@ -184,7 +237,17 @@ class Bench:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from pruning_utils.profiles import DEFAULTS
+
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--source", default=DEFAULTS["TEXT_SOURCE"],
+                    help="calibration text source or mixture (default: the default profile's TEXT_SOURCE)")
+    ap.add_argument("--fidelity-tokens", type=int, default=DEFAULTS["FIDELITY_TOKENS"],
+                    help="held-out self-generated tokens of the fidelity perplexity of full rows (0: none)")
+    ap.add_argument("--search-shapes", default="S3", help="shapes whose best obs recipe gets a budget search")
+    ap.add_argument("--search-iterations", type=int, default=80)
+    ap.add_argument("--search-windows", type=int, default=4, help="held-out calibration windows of the search KL")
+    ap.add_argument("--search-group", type=int, default=32, help="neurons moved per search step")
     ap.add_argument("--scores", default=str(PROJECT_ROOT / "results" / "importance"),
                     help="folder of saved importance scores (computed here when missing or of another model)")
     ap.add_argument("--criteria", default=",".join(CRITERIA))
@@ -198,7 +261,8 @@ def main() -> None:
     ap.add_argument("--ridge", type=float, default=1e-2, help="lstsq ridge_ratio of the grid")
     ap.add_argument("--ridge-sweep", default="1e-3,3e-3",
                     help="other ridge ratios screened for the best refit per shape ('' to skip)")
-    ap.add_argument("--orders", default="sequential,chase", help="refit orders tried for the best one-shot recipe")
+    ap.add_argument("--orders", default="sequential", help="refit orders tried for the best one-shot recipe "
+                    "(sequential,chase: chase took 20 min for PPL 38 in the previous run)")
     ap.add_argument("--order-shapes", default="S3", help="shapes whose best recipe is refit in those orders")
     ap.add_argument("--no-extras", action="store_true", help="skip combo, ridge sweep, sequential and allocation rows")
     ap.add_argument("--torch-pruning", default="taylor",
@@ -210,35 +274,47 @@ def main() -> None:
     torch.manual_seed(0)
 
     model, tok = load_model(args.model, device="cpu", dtype="float32")
-    windows = data.calibration_windows(tok, n_samples=args.n_calib, seq_len=args.calib_seq_len, seed=0)
-    chunks = data.eval_chunks(tok, seq_len=args.eval_seq_len, max_tokens=args.eval_max_tokens)
+    windows = data.calibration_windows(tok, args.source, n_samples=args.n_calib, seq_len=args.calib_seq_len, seed=0,
+                                       model=model)
+    chunks = data.eval_chunks(tok, data.text_parts(args.source), seq_len=args.eval_seq_len,
+                              max_tokens=args.eval_max_tokens)
+    fidelity = (data.fidelity_chunks(model, tok, n_tokens=args.fidelity_tokens, seq_len=args.calib_seq_len)
+                if args.fidelity_tokens else None)
     n_screen = max(1, min(len(chunks), args.screen_tokens // args.eval_seq_len))
     criteria, shapes = args.criteria.split(","), args.shapes.split(",")
     modes = supported_modes(model)
     print(f"{args.model}: {len(chunks)} eval windows ({n_screen} screened), reconstruction modes {modes}", flush=True)
 
     t0 = time.perf_counter()
-    try:
-        scores = importance.load_scores(args.scores)
-        allocation.plan_both(model, scores[criteria[0]], head_rate=0.2)  # raises when made for other shapes
-        missing = [c for c in criteria if c not in scores]
-        if missing:
-            raise KeyError(f"saved scores lack {missing}")
-        score_source = args.scores
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        print(f"computing importance scores ({err})", flush=True)
-        scores = importance.compute_importance(model, windows, criteria, semantic_max_windows=2,
-                                               semantic_seq_len=128, progress=False)
-        score_source = "computed"
-    scores_s = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
     grams = reconstruction.collect_grams(model, windows) if set(modes) - {"none"} else {}
     grams_s = time.perf_counter() - t0
-    print(f"scores {scores_s:.0f} s ({score_source}), one Gram collection {grams_s:.0f} s", flush=True)
+
+    t0 = time.perf_counter()
+    wanted = [c for c in criteria if c != "obs"]
+    try:
+        scores = importance.load_scores(args.scores)
+        allocation.plan_both(model, scores[wanted[0] if wanted else next(iter(scores))], head_rate=0.2)  # raises
+        # when made for other shapes
+        missing = [c for c in wanted if c not in scores]
+        score_source = args.scores
+    except (FileNotFoundError, KeyError, ValueError, StopIteration) as err:
+        print(f"computing importance scores ({err})", flush=True)
+        scores, missing, score_source = {}, wanted, "computed"
+    if missing:
+        scores.update(importance.compute_importance(model, windows, missing, semantic_max_windows=2,
+                                                    semantic_seq_len=128, progress=False))
+        score_source = f"{score_source} + computed {missing}" if score_source != "computed" else "computed"
+    scores_s = time.perf_counter() - t0
+    obs_s = 0.0
+    if "obs" in criteria:  # from the same Grams: its cost is the progressive selection alone
+        t0 = time.perf_counter()
+        scores["obs"] = obs.obs_scores(model, grams, ridge_ratio=args.ridge, progress=False)
+        obs_s = time.perf_counter() - t0
+    print(f"scores {scores_s:.0f} s ({score_source}), one Gram collection {grams_s:.0f} s, obs selection "
+          f"{obs_s:.0f} s", flush=True)
 
     base_params = metrics.count_params(model)["non_embedding"]
-    bench = Bench(model, scores, windows, chunks, n_screen, base_params, grams, args.batch_size)
+    bench = Bench(model, scores, windows, chunks, n_screen, base_params, grams, args.batch_size, fidelity, args.source)
     base = Recipe("baseline", "-", "none", allocation="-", role="baseline")
     t0 = time.perf_counter()  # the unpruned model needs no plan: scored directly, screen part then the rest
     nll_s, tok_s, ev_s = bench._nll(model, bench.screen_chunks)
@@ -275,6 +351,18 @@ def main() -> None:
             for alloc in ("global", "global-sum"):
                 bench.screen(replace(best3, allocation=alloc, role="allocation"))
             extras.append(replace(bench.best("S3", allocation=("global", "global-sum"))[0], role="allocation"))
+    search_s = 0.0
+    if not args.no_extras and "obs" in criteria and "lstsq" in modes and args.search_iterations:
+        t0 = time.perf_counter()
+        held = data.calibration_windows(tok, args.source, n_samples=args.search_windows, seq_len=args.calib_seq_len,
+                                        seed=1, model=model)  # another seed than the Gram windows
+        for shape in [s for s in args.search_shapes.split(",") if s in shapes]:
+            best_obs = bench.best(shape, criterion="obs", reconstruction="lstsq", allocation="uniform",
+                                  order="one-shot")[0]
+            r = replace(best_obs, allocation="search", role="search")
+            bench.search(r, held, args.search_iterations, args.search_group)
+            extras += [r, replace(best_obs, role="search-uniform")]
+        search_s = time.perf_counter() - t0
     screen_s = time.perf_counter() - t_screen
 
     # (2) score in full: the best screened recipes and the peer-like ones
@@ -307,7 +395,14 @@ def main() -> None:
         "evaluation": {"seq_len": args.eval_seq_len, "max_tokens": args.eval_max_tokens, "windows": len(chunks),
                        "screen_windows": n_screen},
         "reconstruction_modes": modes, "scores": score_source, "shapes": SHAPES, "peers": PEERS, "targets": TARGETS,
-        "seconds": {"scores": scores_s, "grams": grams_s, "screen": screen_s, "full": full_s, "total": total_s},
+        "calibration_source": args.source, "fidelity_tokens": args.fidelity_tokens,
+        "search": {"shapes": args.search_shapes, "iterations": args.search_iterations, "group": args.search_group,
+                   "held_out_windows": args.search_windows, "held_out_seed": 1,
+                   "results": {"/".join(map(str, k[:4])): {"kl": v.kl, "kl_uniform": v.kl_uniform, "seconds": v.seconds,
+                                                           "counts": {"heads": v.counts.heads, "neurons": v.counts.neurons}}
+                               for k, v in bench.searched.items()}},
+        "seconds": {"scores": scores_s, "grams": grams_s, "obs_selection": obs_s, "search": search_s,
+                    "screen": screen_s, "full": full_s, "total": total_s},
         "env": metrics.environment_info(model),
     }, out.with_suffix(".json"))
 

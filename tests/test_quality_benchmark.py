@@ -6,22 +6,27 @@ import pandas as pd
 import pytest
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-CRITERIA = ["random", "magnitude", "activation", "fluctuation", "taylor"]
+CRITERIA = ["random", "magnitude", "activation", "fluctuation", "taylor", "obs"]
 
 
 @pytest.fixture(scope="module")
 def bench_table(tmp_path_factory):
     from benchmarks import quality
+    from pruning_utils import paths
 
     out = tmp_path_factory.mktemp("quality") / "quality_benchmark.csv"
     argv = ["quality.py", "--model", "tiny-llama", "--scores", str(out.parent / "no-scores"),
             "--criteria", ",".join(CRITERIA), "--n-calib", "8", "--calib-seq-len", "32", "--eval-seq-len", "32",
-            "--eval-max-tokens", "256", "--screen-tokens", "64", "--full-top", "1", "--out", str(out)]
+            "--eval-max-tokens", "256", "--screen-tokens", "64", "--full-top", "1", "--fidelity-tokens", "64",
+            "--search-iterations", "8", "--search-group", "8", "--search-windows", "2", "--out", str(out)]
     saved, sys.argv = sys.argv, argv
+    mp = pytest.MonkeyPatch()
+    mp.setattr(paths, "MODELS_DIR", out.parent / "models")  # the selfgen cache of the tiny model stays there
     try:
         quality.main()
     finally:
         sys.argv = saved
+        mp.undo()
     return pd.read_csv(out), quality
 
 
@@ -37,8 +42,9 @@ def test_every_criterion_and_mode_is_screened_at_every_shape(bench_table):
 def test_full_rows_cover_baseline_peers_and_extras_with_consistent_sizes(bench_table):
     table, _ = bench_table
     full = table[~table["screen"]]
-    assert {"baseline", "top", "magnitude", "FLAP-like", "LLM-Pruner-like", "Torch-Pruning", "allocation"} <= set(
-        full["role"])
+    assert {"baseline", "top", "magnitude", "FLAP-like", "LLM-Pruner-like", "Torch-Pruning", "allocation",
+            "search"} <= set(full["role"])
+    assert full["fidelity_ppl"].map(math.isfinite).all() and table[table["screen"]]["fidelity_ppl"].isna().all()
     n_tokens = full["eval_tokens"].unique()
     assert len(n_tokens) == 1 and n_tokens[0] > table[table["screen"]]["eval_tokens"].max()
     assert full["ppl"].map(math.isfinite).all()
@@ -49,3 +55,16 @@ def test_full_rows_cover_baseline_peers_and_extras_with_consistent_sizes(bench_t
     # ... which shrinks S1 < S3 and S2 < S3
     size = full.groupby("shape")["params_non_embedding"].first()
     assert size["S3"] < min(size["S1"], size["S2"]) < size["baseline"]
+
+
+def test_search_row_beats_its_uniform_start_on_held_out_kl_and_reports_latency(bench_table):
+    table, _ = bench_table
+    full = table[~table["screen"]]
+    search = full[full["allocation"] == "search"]
+    assert len(search) == 1 and search["criterion"].iloc[0] == "obs"
+    start = full[(full["criterion"] == "obs") & (full["allocation"] == "uniform") & (full["shape"] == "S3")
+                 & full["kl_heldout"].notna()]
+    assert len(start) == 1
+    assert search["kl_heldout"].iloc[0] <= start["kl_heldout"].iloc[0]
+    both = pd.concat([search, start])
+    assert (both["prefill_ms"] > 0).all() and (both["decode_tokens_per_s"] > 0).all()

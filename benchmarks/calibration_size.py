@@ -1,0 +1,123 @@
+"""Calibration size sweep: how many calibration tokens the refit and the `obs` selection need (issue 15).
+
+The default recipe's refit and the `obs` selection depend on the calibration windows only through the Gram
+matrices of o_proj / down_proj inputs, which are sums over tokens. The sweep therefore grows ONE nested window set
+(the default mixture: text windows and self-generated windows in the mixture's shares, each a prefix of its longest
+set) and adds each size's new windows to running Grams, so every size costs only its new tokens. At each size the
+S3 shape (-25% non-embedding) is cut with `obs` selection + one-shot `lstsq` refit, and with the default criterion
+(`fluctuation`, scores of notebook 00, fixed) + the refit of that size, and measured on the in-domain evaluation
+text and on the held-out self-generated fidelity set. Costs per size: the new windows' self-generation (cached on
+disk; 0 when cached), the Gram update, the obs selection.
+
+Writes results/ablation_studies/calibration_size.csv. Usage: python3 -m benchmarks.calibration_size [--sizes ...]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import pandas as pd
+import torch
+
+from pruning_utils import allocation, data, metrics, obs, reconstruction, results
+from pruning_utils.loading import load_model
+from pruning_utils.paths import PROJECT_ROOT
+from pruning_utils.profiles import DEFAULTS
+from pruning_utils.scores import load_scores
+from pruning_utils.stats import GramStats
+
+S3 = dict(head_rate=0.2, mlp_rate=0.25)
+
+
+def _add(total: dict | None, new: dict) -> dict:
+    """Return running Gram statistics plus a batch's (sums over tokens add up exactly)."""
+    if total is None:
+        return new
+    return {k: GramStats(total[k].gram + v.gram, total[k].sum + v.sum, total[k].count + v.count)
+            for k, v in new.items()}
+
+
+def nested_windows(model, tok, source: str, n_max: int, seq_len: int, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
+    """Return windows whose first n rows are a size-n mixture for every n that splits into whole shares, and the
+    index order that interleaves the parts (text windows and self-generated windows by their shares)."""
+    parts = data.parse_mixture(source)
+    counts = data.mixture_counts(parts, n_max)
+    pieces = []
+    for (name, _), count in zip(parts, counts):
+        if name == data.SELFGEN:
+            from pruning_utils.selfgen import sample_windows
+
+            pieces.append(sample_windows(model, tok, count, seq_len, seed=seed, purpose="calibration"))
+        else:
+            pieces.append(data.calibration_windows(tok, name, n_samples=count, seq_len=seq_len, seed=seed))
+    # interleave: window i of part p sits where its share puts it, so every prefix keeps the mixture's shares
+    keys = [(i / count, p, i) for p, count in enumerate(counts) for i in range(count)]
+    order = sorted(keys)
+    return torch.stack([pieces[p][i] for _, p, i in order]), counts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--source", default=DEFAULTS["TEXT_SOURCE"])
+    ap.add_argument("--sizes", default="16384,32768,65536,131072", help="calibration tokens, ascending")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--eval-max-tokens", type=int, default=32768)
+    ap.add_argument("--fidelity-tokens", type=int, default=DEFAULTS["FIDELITY_TOKENS"])
+    ap.add_argument("--ridge", type=float, default=1e-2)
+    ap.add_argument("--scores", default=str(PROJECT_ROOT / "results" / "importance"))
+    ap.add_argument("--out", default=str(results.ablation_dir() / "calibration_size.csv"))
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if sizes != sorted(sizes) or sizes[0] < args.seq_len:
+        raise SystemExit(f"--sizes must ascend and start at >= one window ({args.seq_len} tokens), got {sizes}")
+    torch.manual_seed(0)
+    model, tok = load_model(args.model, device="cpu", dtype="float32")
+    chunks = data.eval_chunks(tok, data.text_parts(args.source), seq_len=args.eval_seq_len,
+                              max_tokens=args.eval_max_tokens)
+    held = data.fidelity_chunks(model, tok, n_tokens=args.fidelity_tokens, seq_len=args.seq_len)
+    try:  # the default criterion's saved scores (notebook 00, default windows); without them: obs only
+        fluct = load_scores(args.scores).get("fluctuation")
+    except FileNotFoundError as err:
+        print(f"no fluctuation rows: {err}")
+        fluct = None
+    t0 = time.perf_counter()
+    windows, _ = nested_windows(model, tok, args.source, sizes[-1] // args.seq_len, args.seq_len)
+    windows_s = time.perf_counter() - t0
+    print(f"{len(windows)} windows ready in {windows_s:.0f} s (self-generation, cached on disk)", flush=True)
+    rows, grams, done, gram_s = [], None, 0, 0.0
+    for size in sizes:
+        n = size // args.seq_len
+        t0 = time.perf_counter()
+        grams = _add(grams, reconstruction.collect_grams(model, windows[done:n], storage="cpu"))
+        gram_s += time.perf_counter() - t0
+        done = n
+        t0 = time.perf_counter()
+        scores = obs.obs_scores(model, grams, ridge_ratio=args.ridge, progress=False)
+        obs_s = time.perf_counter() - t0
+        recipes = [("obs", scores)] + ([("fluctuation", fluct)] if fluct is not None else [])
+        for name, sc in recipes:
+            t0 = time.perf_counter()
+            pruned = reconstruction.prune_and_reconstruct(
+                copy.deepcopy(model), allocation.plan_both(model, sc, **S3), None, "lstsq", sequential=False,
+                ridge_ratio=args.ridge, stats=grams)
+            refit_s = time.perf_counter() - t0
+            ppl = metrics.perplexity(pruned, chunks, progress=False)["ppl"]
+            fid = metrics.perplexity(pruned, held, progress=False)["ppl"]
+            rows.append(dict(shape="S3", criterion=name, calibration_source=args.source, calib_tokens=n * args.seq_len,
+                             windows=n, ppl=ppl, fidelity_ppl=fid, gram_s_cumulative=round(gram_s, 1),
+                             obs_s=round(obs_s, 1) if name == "obs" else float("nan"), refit_s=round(refit_s, 1),
+                             selfgen_and_windows_s=round(windows_s, 1),
+                             params_non_embedding=metrics.count_params(pruned)["non_embedding"]))
+            results.write_csv(pd.DataFrame(rows), args.out)  # after every row: a stopped run keeps what it measured
+            print(f"{n * args.seq_len:>8} tokens  {name:12s} ppl {ppl:7.3f}  fidelity {fid:7.3f}  "
+                  f"(grams {gram_s:.0f} s so far, obs {obs_s:.0f} s)", flush=True)
+            del pruned
+    table = pd.DataFrame(rows)
+    print(table.to_markdown(index=False, floatfmt=".3f"))
+
+
+if __name__ == "__main__":
+    main()
