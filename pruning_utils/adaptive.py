@@ -15,6 +15,15 @@ the full level equals the original up to fp32 summation order (heads and neurons
 
 KV-cache budget (`kv:W` levels): a sliding window with attention sinks (StreamingLLM): after every forward the cache
 keeps its first `KV_SINK_TOKENS` tokens and the last W; keys keep the positions they were rotated with.
+
+Refit per level (`grams=`, one-shot Gram statistics of the unpruned model from `reconstruction.collect_grams`): every
+o_proj / down_proj width a level uses gets its own least-squares refit of the kept columns (the `lstsq` mode of
+`reconstruction`, the same function), stored as one extra [out, width] matrix per layer and width, so a refit level's
+logits equal those of `reconstruction.prune_and_reconstruct` with the same kept indices; the memory it costs is in
+`memory()`.
+
+INT8 level (`int8`, CPU only): a dynamic-INT8 copy of the unpruned model (`quantize.quantize_int8`, the input
+embedding shared with the fp32 model); switching to it only changes which model `active` returns.
 """
 from __future__ import annotations
 
@@ -32,7 +41,7 @@ from .arch import (decoder_layers, head_channels, head_dim, layer_shape, proj, s
 from .scores import Scores
 
 KV_SINK_TOKENS = 4  # first tokens every window keeps: attention mass piles up on them (StreamingLLM)
-LEVEL_KINDS = ("none", "kv", "heads", "ffn", "layers")
+LEVEL_KINDS = ("none", "kv", "heads", "ffn", "layers", "int8")
 
 
 # ------------------------------------------------------------------------------------------------------- levels
@@ -47,6 +56,7 @@ class Level:
     ffn: float = 0.0
     layers: float = 0.0
     kv: int = 0
+    int8: bool = False
 
 
 def parse_levels(text: str) -> list[Level]:
@@ -56,7 +66,10 @@ def parse_levels(text: str) -> list[Level]:
         values: dict = {}
         for part in spec.split("+"):
             kind, _, amount = part.partition(":")
-            if kind not in LEVEL_KINDS or (kind == "none") != (amount == ""):
+            if kind == "int8" and amount == "":
+                values["int8"] = True
+                continue
+            if kind not in LEVEL_KINDS or (kind in ("none", "int8")) != (amount == ""):
                 raise ValueError(f"bad level part '{part}' in '{spec}'; write kind:amount with kind one of "
                                  f"{', '.join(LEVEL_KINDS[1:])} (e.g. ffn:0.3, kv:24), or 'none'")
             if kind == "none":
@@ -66,6 +79,9 @@ def parse_levels(text: str) -> list[Level]:
                 raise ValueError(f"level '{spec}': {kind} must be " + ("a window of >= 1 tokens" if kind == "kv"
                                                                        else "a removed fraction in [0, 1)"))
             values[kind] = value
+        if values.get("int8") and len(values) > 1:
+            raise ValueError(f"level '{spec}': int8 is a level of its own (the quantized unpruned model); "
+                             "it does not combine with kv / heads / ffn / layers")
         levels.append(Level(spec, **values))
     if not levels or levels[0] != Level("none"):
         raise ValueError(f"levels '{text}' must start with 'none' (the unpruned model every prompt is restored to)")
@@ -90,6 +106,7 @@ class PrefixLinear(nn.Module):
         self.axis, self.groups = axis, groups
         self.full = linear.weight.shape[0 if axis == "rows" else 1]
         self.size = self.full
+        self.refits: dict[int, tuple[Tensor, Tensor | None]] = {}  # cols only: width -> refit (weight, bias)
 
     @property
     def out_features(self) -> int:
@@ -103,6 +120,9 @@ class PrefixLinear(nn.Module):
         if self.axis == "cols":
             if self.groups:
                 x = _swap_heads(x, self.groups, to_rank_major=True)
+            fit = self.refits.get(self.size)
+            if fit is not None:
+                return F.linear(x, fit[0], fit[1])
             return F.linear(x, self.weight[:, :self.size], self.bias)
         y = F.linear(x, self.weight[:self.size], None if self.bias is None else self.bias[:self.size])
         return _swap_heads(y, self.groups, to_rank_major=False) if self.groups else y
@@ -110,10 +130,13 @@ class PrefixLinear(nn.Module):
     def linear(self) -> nn.Linear:
         """Return a plain nn.Linear holding the active part (a copy; used to compare with surgery)."""
         w = self.weight[:self.size] if self.axis == "rows" else self.weight[:, :self.size]
+        b = self.bias
+        if self.axis == "cols" and self.size in self.refits:
+            w, b = self.refits[self.size][0], self.refits[self.size][1] if self.bias is not None else None
         out = nn.Linear(w.shape[1], w.shape[0], bias=self.bias is not None, dtype=w.dtype, device=w.device)
         out.weight.data.copy_(w)
         if self.bias is not None:
-            out.bias.data.copy_(self.bias[:self.size] if self.axis == "rows" else self.bias)
+            out.bias.data.copy_(b[:self.size] if self.axis == "rows" else b)
         return out
 
 
@@ -137,7 +160,8 @@ class NestedModel:
     (never the first or the last). The model is changed in place; `unnest()` undoes it.
     """
 
-    def __init__(self, model, scores: Scores, levels: list[Level] | str = "none", layer_scores: Tensor | None = None):
+    def __init__(self, model, scores: Scores, levels: list[Level] | str = "none", layer_scores: Tensor | None = None,
+                 grams=None, ridge_ratio: float = 1e-2):
         self.model = model
         self.levels = {lv.name: lv for lv in (parse_levels(levels) if isinstance(levels, str) else levels)}
         self.hd = head_dim(model)
@@ -146,6 +170,12 @@ class NestedModel:
         self._config = {k: getattr(cfg, k, None) for k in ("num_attention_heads", "intermediate_size",
                                                            "num_hidden_layers", "layer_types", "max_window_layers")}
         self.shapes = [layer_shape(layer, self.hd) for layer in self.layers]
+        self.int8_model = None
+        if any(lv.int8 for lv in self.levels.values()):  # before nesting: quantize the plain nn.Linear modules
+            from .quantize import quantize_int8
+
+            self.int8_model = quantize_int8(model)
+            self.int8_model.set_input_embeddings(model.get_input_embeddings())  # shared, not copied
         self.head_order, self.neuron_order = [], []
         for li, (layer, shape) in enumerate(zip(self.layers, self.shapes)):
             group = shape.n_heads // shape.n_kv_heads
@@ -161,6 +191,38 @@ class NestedModel:
         if any(lv.layers for lv in self.levels.values()) and layer_scores is None:
             raise ValueError("a 'layers:' level needs layer_scores (e.g. depth.score_layers(model, windows).scores)")
         self.current = "none"
+        self.refit_s = self._refit(grams, ridge_ratio) if grams is not None else 0.0
+
+    @torch.no_grad()
+    def _refit(self, grams, ridge_ratio: float) -> float:
+        """Store the lstsq refit of o_proj / down_proj at every width a level uses (module docstring); seconds."""
+        from .reconstruction import reconstruct_linear
+        from .stats import GramStats
+
+        t0 = time.perf_counter()
+        pruned = [lv for lv in self.levels.values() if not lv.int8]
+        for li, (layer, shape) in enumerate(zip(self.layers, self.shapes)):
+            head_sizes = {self.heads_per_group(lv, li) * shape.n_kv_heads * self.hd for lv in pruned}
+            for name, order, sizes in (("o_proj", head_channels(self.head_order[li], self.hd), head_sizes),
+                                       ("down_proj", self.neuron_order[li], {self.width(lv, li) for lv in pruned})):
+                pl = proj(layer, name)
+                sizes.discard(pl.full)
+                if not sizes:
+                    continue
+                if (li, name) not in grams:
+                    raise ValueError(f"grams lack ({li}, '{name}'); collect them with "
+                                     "reconstruction.collect_grams(model, windows) on the unpruned model")
+                st = grams[(li, name)]
+                nested = GramStats(st.gram[order][:, order], st.sum[order], st.count)  # in the nested column order
+                for size in sorted(sizes):
+                    w, b = reconstruct_linear(pl.weight, pl.bias, torch.arange(size), nested, "lstsq", ridge_ratio)
+                    pl.refits[size] = (w.contiguous(), b)
+        return time.perf_counter() - t0
+
+    @property
+    def active(self):
+        """Return the model that serves the active level (the INT8 copy for `int8`, else the nested model)."""
+        return self.int8_model if self.levels[self.current].int8 else self.model
 
     def _install(self, layer, shape, heads: list[int], neurons: Tensor) -> None:
         rows = head_channels(heads, self.hd)
@@ -212,6 +274,8 @@ class NestedModel:
             raise KeyError(f"unknown level '{name}'; known: {', '.join(self.levels)}")
         t0 = time.perf_counter()
         level = self.levels[name]
+        if level.int8:  # the fp32 model goes back to its full level; the INT8 copy serves
+            level = self.levels["none"]
         for li, (layer, shape) in enumerate(zip(self.layers, self.shapes)):
             n_heads = self.heads_per_group(level, li) * shape.n_kv_heads
             proj(layer, "q_proj").size = proj(layer, "o_proj").size = n_heads * self.hd
@@ -274,8 +338,18 @@ class NestedModel:
         every = list(self.model.parameters()) + [p for layer in self.layers for p in layer.parameters()]  # skipped too
         params = {p.data_ptr(): p.numel() * p.element_size() for p in every}
         extra = sum(o.numel() * o.element_size() for o in self.neuron_order) + sum(8 * len(h) for h in self.head_order)
+        refit = sum(t.numel() * t.element_size() for layer in self.layers for name in ("o_proj", "down_proj")
+                    for fit in getattr(proj(layer, name), "refits", {}).values() for t in fit if t is not None)
+        int8 = 0
+        if self.int8_model is not None:
+            from .metrics import model_bytes
+
+            shared = {p.data_ptr() for p in self.model.parameters()}
+            int8 = model_bytes(self.int8_model) - sum(p.numel() * p.element_size() for p in self.int8_model.parameters()
+                                                      if p.data_ptr() in shared)
         total = sum(params.values())
-        return {"param_bytes": total, "nesting_bytes": extra, "overhead_ratio": (total + extra) / total}
+        return {"param_bytes": total, "nesting_bytes": extra, "refit_bytes": refit, "int8_bytes": int8,
+                "overhead_ratio": (total + extra + refit + int8) / total}
 
 
 # ------------------------------------------------------------------------------------------- decoding with a budget

@@ -272,11 +272,11 @@ def measure_outcomes(nested: NestedModel, tokenizer, prompts: pd.DataFrame, max_
         reference = None
         for index, name in enumerate(nested.levels):
             switch_s = nested.switch(name)
-            out = decode(nested.model, ids, max_new_tokens, kv_window=nested.kv_window(), eos_token_id=eos)
+            out = decode(nested.active, ids, max_new_tokens, kv_window=nested.kv_window(), eos_token_id=eos)
             reference = reference or out["ids"]  # level 'none' comes first
             rows.append(dict(id=p["id"], level=name, level_index=index, switch_ms=1000 * switch_s,
                              tokens_per_s=out["tokens_per_s"], seconds=out["seconds"], new_tokens=len(out["ids"]),
-                             ppl=answer_ppl(nested.model, ids, reference, nested.kv_window()),
+                             ppl=answer_ppl(nested.active, ids, reference, nested.kv_window()),
                              cache_tokens_max=out["cache_tokens_max"], cache_bytes_max=out["cache_bytes_max"],
                              answer=tokenizer.decode(out["ids"], skip_special_tokens=True).strip()))
         nested.restore()
@@ -303,7 +303,7 @@ def evaluate(controllers: list[Controller], nested: NestedModel, tokenizer, prom
             index = ctrl.choose(features_from_row(p), p["complexity"], load)
             decide_ms = 1000 * (time.perf_counter() - t0)
             switch_ms = 1000 * nested.switch(names[index])
-            out = decode(nested.model, ids, max_new_tokens, kv_window=nested.kv_window(), eos_token_id=eos)
+            out = decode(nested.active, ids, max_new_tokens, kv_window=nested.kv_window(), eos_token_id=eos)
             overhead_ms = (p["feature_ms"] if ctrl.uses_features else 0.0) + decide_ms + switch_ms
             latency = out["seconds"] + overhead_ms / 1000
             tps = len(out["ids"]) / latency
@@ -318,7 +318,7 @@ def evaluate(controllers: list[Controller], nested: NestedModel, tokenizer, prom
     ppl = []
     for r in table.itertuples():
         nested.switch(r.level)
-        ppl.append(answer_ppl(nested.model, _prompt_ids(tokenizer, prompts.set_index("id").loc[r.id, "prompt"]),
+        ppl.append(answer_ppl(nested.active, _prompt_ids(tokenizer, prompts.set_index("id").loc[r.id, "prompt"]),
                               reference.loc[r.id, "ids"], nested.kv_window()))
     nested.restore()
     table["ppl"] = ppl

@@ -108,16 +108,21 @@ PARAMS: dict[str, Param] = {
     "ADAPTIVE_PROMPTS": Param("", str, "prompt CSV with a `prompt` column ('': the packaged prompts, written to "
                               "results/ablation_studies/adaptive_prompts.csv); seeded 80/20 train/test split"),
     "ADAPTIVE_N_PROMPTS": Param(40, int, "prompts drawn from the CSV (seeded) before the 80/20 split"),
-    "ADAPTIVE_LEVELS": Param("none,kv:16,ffn:0.25,heads:0.34+ffn:0.5+layers:0.1", str,
+    # the session-5 levels (ffn:0.25 and heads:0.34+ffn:0.5+layers:0.1 without refit) gave answer PPL 7.1 / 789 for
+    # +10% / +28% tokens/s, so the bandit always chose 'none'; refit levels and INT8 (2-4x decode on CPU) replace them
+    "ADAPTIVE_LEVELS": Param("none,kv:16,ffn:0.25,heads:0.34+ffn:0.25,int8", str,
                              "levels, least to most pruned, 'none' first: kv:WINDOW, heads:/ffn:/layers: removed "
-                             "fraction, joined with +"),
+                             "fraction, joined with +; int8: the dynamic-INT8 unpruned model (CPU only, dropped on GPU)"),
+    "ADAPTIVE_REFIT": Param(True, bool, "lstsq refit of o_proj / down_proj for every level width (one-shot Grams of "
+                            "N_CALIB calibration windows; memory in the levels table)"),
     "ADAPTIVE_CRITERION": Param("fluctuation", str, "importance criterion (notebook 00) that orders heads and neurons"),
     "ADAPTIVE_NEW_TOKENS": Param(32, int, "greedy tokens per answer"),
     "ADAPTIVE_LOAD": Param("0.0,0.9", str, "simulated load range 'low,high' (seeded), or 'live' (psutil/pynvml)"),
     "ADAPTIVE_TARGET": Param(0.8, float, "speed target of the reward, as a fraction of the unpruned tokens/s at no load"),
     "ADAPTIVE_EPOCHS": Param(30, int, "bandit training passes over the training prompts"),
     "ADAPTIVE_ALPHA": Param(0.5, float, "LinUCB exploration bonus while training"),
-    "ADAPTIVE_ENTROPY": Param(True, bool, "first-token entropy feature (one unpruned forward per prompt, counted in "
+    # off by default: the extra prompt forward cost ~155 ms per prompt on the 2-core CPU (6% of a 32-token answer)
+    "ADAPTIVE_ENTROPY": Param(False, bool, "first-token entropy feature (one unpruned forward per prompt, counted in "
                               "the latency)"),
     # final evaluation (notebook 06)
     "VARIANTS": Param("baseline,head_pruned,mlp_pruned,mix_pruned,mix_pruned_lora", str,
@@ -179,7 +184,7 @@ NOTEBOOK_PARAMS: dict[str, tuple[str, ...]] = {
     + ("RECOVERY_MODELS", "RECOVERY_STEPS", "RECOVERY_LOSS", "RECOVERY_DATA", "RECOVERY_BATCH", "RECOVERY_SEQ_LEN",
        "GRAD_ACCUM", "LORA_R", "LORA_ALPHA", "LORA_LR", "GRAD_CHECKPOINTING", "INSTRUCTION_JSONL", "N_PROMPTS",
        "MAX_NEW_TOKENS"),
-    "05_adaptive_runtime.ipynb": ("PROFILE", "MODEL", "TEXT_SOURCE", "DEVICE", "DTYPE", "SEED", "CALIB_SEQ_LEN",
+    "05_adaptive_runtime.ipynb": ("PROFILE", "MODEL", "TEXT_SOURCE", "DEVICE", "DTYPE", "SEED", "N_CALIB", "CALIB_SEQ_LEN",
                                   "EVAL_SEQ_LEN", "SWEEP_EVAL_MAX_TOKENS")
     + tuple(n for n in PARAMS if n.startswith("ADAPTIVE_")),
     "06_final_eval.ipynb": tuple(n for n in _COMMON if n not in ("N_CALIB", "CALIB_SEQ_LEN", "SWEEP_EVAL_MAX_TOKENS"))
@@ -203,7 +208,7 @@ PROFILES: dict[str, dict] = {
                   N_PROMPTS=4, FIDELITY_TOKENS=256, COMPRESS_CALIB_WINDOWS=4, COMPRESS_DEPTH_SEMANTIC_WINDOWS=1,
                   COMPRESS_HYBRID_RANK=2, COMPRESS_LOWRANK_METHODS="plain,asvd,whiten",
                   EXTRA_VARIANTS=DEFAULTS["EXTRA_VARIANTS"], ADAPTIVE_N_PROMPTS=10, ADAPTIVE_NEW_TOKENS=4,
-                  ADAPTIVE_LEVELS="none,kv:4,heads:0.5+ffn:0.5+layers:0.34", ADAPTIVE_EPOCHS=5, **_BOTH_RECOVERED),
+                  ADAPTIVE_LEVELS="none,kv:4,heads:0.5+ffn:0.5+layers:0.34,int8", ADAPTIVE_EPOCHS=5, **_BOTH_RECOVERED),
     # Kaggle/Colab T4 or P100 (fp16), hub models, WikiText-2; LORA_LR 1e-3 is the rate these profiles were run with
     "kaggle-qwen2.5-0.5b": dict(DEFAULTS, MODEL="Qwen/Qwen2.5-0.5B", TEXT_SOURCE="wikitext2:0.75+selfgen:0.25", N_CALIB=128,
                                 CALIB_SEQ_LEN=512, EVAL_SEQ_LEN=1024, EVAL_MAX_TOKENS=None, SWEEP_EVAL_MAX_TOKENS=65536,

@@ -428,7 +428,7 @@ NB05 = notebook(
         ("code", """import time, warnings
 import numpy as np, pandas as pd, torch
 from IPython.display import display, Markdown
-from pruning_utils import adaptive, controller, data, depth, evaluation, metrics, paths, plots, results
+from pruning_utils import adaptive, controller, data, depth, evaluation, metrics, paths, plots, quantize, reconstruction, results
 from pruning_utils.loading import load_model
 from pruning_utils.scores import load_scores
 from pruning_utils.telemetry import SimulatedLoad, read_telemetry
@@ -440,12 +440,21 @@ chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=SWE
 base_ppl = metrics.perplexity(model, chunks)["ppl"]
 scores = load_scores(paths.results_dir() / "importance")[ADAPTIVE_CRITERION]
 levels = adaptive.parse_levels(ADAPTIVE_LEVELS)
+device = next(model.parameters()).device
+if any(lv.int8 for lv in levels) and not quantize.int8_applicable(device):
+    levels = [lv for lv in levels if not lv.int8]
+    print(f"dynamic INT8 runs on CPU only: the int8 level is left out on {device}")
 layer_scores = None
 if any(lv.layers for lv in levels):  # which layers a `layers:` level skips: block influence on a few windows
     windows = data.calibration_windows(tok, data.text_parts(TEXT_SOURCE), n_samples=4, seq_len=CALIB_SEQ_LEN, seed=SEED)
     layer_scores = torch.tensor(depth.score_layers(model, windows, "block_influence").scores)
-nested = adaptive.NestedModel(model, scores, levels, layer_scores=layer_scores)
-print(f"{len(levels)} levels; memory {nested.memory()}")"""),
+grams = None
+if ADAPTIVE_REFIT:  # one-shot Grams of o_proj / down_proj inputs: every level width gets its lstsq refit
+    calib = data.calibration_windows(tok, TEXT_SOURCE, n_samples=N_CALIB, seq_len=CALIB_SEQ_LEN, seed=SEED, model=model)
+    grams = reconstruction.collect_grams(model, calib)
+nested = adaptive.NestedModel(model, scores, levels, layer_scores=layer_scores, grams=grams)
+memory = nested.memory()
+print(f"{len(levels)} levels; refit {nested.refit_s:.1f} s; memory {memory}")"""),
         ("md", "## The prompt set and its seeded 80/20 split"),
         ("code", """if ADAPTIVE_PROMPTS:
     pool = controller.load_prompt_csv(ADAPTIVE_PROMPTS)  # any CSV with a `prompt` column
@@ -467,10 +476,12 @@ for name, lv in nested.levels.items():
     nested.switch(name)
     part = outcomes[outcomes["level"] == name]
     level_rows.append(dict(level=name, heads_removed=lv.heads, ffn_removed=lv.ffn, layers_removed=lv.layers,
-                           kv_window=lv.kv, active_layers=len(nested.active_layers(lv)),
-                           chunk_ppl=metrics.perplexity(model, chunks, progress=False)["ppl"],  # KV window not applied
+                           kv_window=lv.kv, int8=lv.int8, refit=bool(ADAPTIVE_REFIT) and not lv.int8,
+                           active_layers=len(nested.active_layers(lv)),
+                           chunk_ppl=metrics.perplexity(nested.active, chunks, progress=False)["ppl"],  # KV window not applied
                            answer_ppl=part["ppl"].mean(), tokens_per_s=part["tokens_per_s"].mean(),
-                           cache_bytes_max=part["cache_bytes_max"].max(), switch_ms_median=switch_ms[name]))
+                           cache_bytes_max=part["cache_bytes_max"].max(), switch_ms_median=switch_ms[name],
+                           memory_overhead_ratio=memory["overhead_ratio"]))
 nested.restore()
 levels_table = pd.DataFrame(level_rows)
 results.write_csv(levels_table, OUT / "adaptive_levels.csv")

@@ -231,3 +231,52 @@ class TestEmbeddedModel:
         nested.restore()
         assert torch.equal(_logits(model, ids), full)
         assert torch.equal(_logits(nested.unnest(), ids), original)
+
+
+def test_refit_levels_equal_the_reconstructed_pruned_model(tokens):
+    from pruning_utils.arch import layer_shapes
+    from pruning_utils.plan import PruningPlan
+    from pruning_utils.reconstruction import collect_grams, prune_and_reconstruct
+
+    model = tiny_model("llama")
+    original = copy.deepcopy(model)
+    windows = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(4))
+    grams = collect_grams(model, windows)
+    nested = adaptive.NestedModel(model, _scores(model), LEVELS, layer_scores=torch.tensor([3.0, 1.0, 2.0]),
+                                  grams=grams)
+    for name in ("heads:0.5", "ffn:0.5", "heads:0.25+ffn:0.3+layers:0.34"):
+        nested.switch(name)
+        kept = nested.kept(name)
+        plan = PruningPlan.identity(layer_shapes(original))
+        plan.heads, plan.neurons = kept["heads"], kept["neurons"]
+        plan.layers = kept["layers"] if len(kept["layers"]) < 3 else None
+        reference = prune_and_reconstruct(copy.deepcopy(original), plan, None, "lstsq", sequential=False, stats=grams)
+        torch.testing.assert_close(_logits(nested.model, tokens), _logits(reference, tokens), atol=1e-5, rtol=0)
+        plain = copy.deepcopy(original)  # and the refit changes the level: it is not plain slicing
+        surgery.prune_heads(plain, kept["heads"])
+        surgery.prune_neurons(plain, kept["neurons"])
+        surgery.drop_layers(plain, kept["layers"])
+        assert (_logits(nested.model, tokens) - _logits(plain, tokens)).abs().max() > 1e-4
+    nested.restore()
+    torch.testing.assert_close(_logits(nested.model, tokens), _logits(original, tokens), atol=1e-5, rtol=0)
+    assert nested.memory()["refit_bytes"] > 0
+
+
+def test_int8_level_serves_the_quantized_unpruned_model(tokens):
+    from pruning_utils.quantize import quantize_int8
+
+    nested, original = _nested(levels="none,ffn:0.5,int8")
+    reference = quantize_int8(original)
+    nested.switch("int8")
+    assert nested.active is nested.int8_model and nested.kv_window() == 0
+    assert torch.equal(_logits(nested.active, tokens), _logits(reference, tokens))
+    out = adaptive.decode(nested.active, tokens[:1], max_new_tokens=3)
+    assert len(out["ids"]) == 3
+    assert nested.active.get_input_embeddings() is nested.model.get_input_embeddings()  # shared, not copied
+    memory = nested.memory()
+    assert memory["int8_bytes"] > 0 and memory["overhead_ratio"] > 1
+    nested.restore()
+    assert nested.active is nested.model
+    torch.testing.assert_close(_logits(nested.model, tokens), _logits(original, tokens), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="int8 is a level of its own"):
+        adaptive.parse_levels("none,int8+ffn:0.5")
