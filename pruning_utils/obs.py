@@ -62,10 +62,9 @@ def _system(weight: Tensor, bias: Tensor | None, stats: GramStats, ridge_ratio: 
     ridge = ridge_ratio * torch.diagonal(g).mean()
     h = g + ridge * torch.eye(in_dim, dtype=torch.float64, device=dev)
     if bias is not None:
-        n = torch.tensor([[float(stats.count)]], dtype=torch.float64, device=dev)
-        s = stats.sum.to(torch.float64)
-        h = torch.cat([torch.cat([h, s[:, None]], 1), torch.cat([s[None, :], n], 1)], 0)
-        w = torch.cat([w, bias.detach().to(dev, torch.float64)[:, None]], 1)
+        from .reconstruction import with_constant_channel
+
+        h, w = with_constant_channel(h, stats, w, bias)
     chol, info = torch.linalg.cholesky_ex(h)
     hinv = torch.cholesky_inverse(chol) if int(info) == 0 else torch.linalg.pinv(h, hermitian=True)
     return w, hinv

@@ -73,6 +73,15 @@ def collect_grams(model, windows: Tensor, layers: Iterable[int] | None = None, w
     return calibration.layerwise_grams(model, windows, wanted, batch_size, storage, device)
 
 
+def with_constant_channel(gram: Tensor, stats: GramStats, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """Return the Gram and weight augmented with a constant input channel that carries the bias (Gram row = Σx,
+    corner = token count; the weight's last column = the bias), so a refit treats the bias as one more column."""
+    n = torch.tensor([[float(stats.count)]], dtype=gram.dtype, device=gram.device)
+    s = stats.sum.to(gram.dtype)
+    g = torch.cat([torch.cat([gram, s[:, None]], 1), torch.cat([s[None, :], n], 1)], 0)
+    return g, torch.cat([weight, bias.detach().to(weight.device, weight.dtype)[:, None]], 1)
+
+
 def _solve_ridge(a: Tensor, b: Tensor) -> Tensor:
     """Return A⁻¹ B for a symmetric positive semi-definite A (Cholesky; pseudo-inverse if A is singular)."""
     chol, info = torch.linalg.cholesky_ex(a)
@@ -116,11 +125,10 @@ def reconstruct_linear(weight: Tensor, bias: Tensor | None, keep: Tensor, stats:
     g, r, n_keep = stats.gram, removed.nonzero().squeeze(1), k.numel()
     cross = stats.cross  # error chasing: Σ x x_refᵀ, rows the (pruned-upstream) inputs, columns what W saw
     if bias is not None:
-        n = torch.tensor([[float(stats.count)]], dtype=torch.float64, device=dev)
-        g = torch.cat([torch.cat([g, stats.sum[:, None]], 1), torch.cat([stats.sum[None, :], n], 1)], 0)
+        g, w = with_constant_channel(g, stats, w, bias)
         if cross is not None:
+            n = torch.tensor([[float(stats.count)]], dtype=torch.float64, device=dev)
             cross = torch.cat([torch.cat([cross, stats.sum[:, None]], 1), torch.cat([stats.ref_sum[None, :], n], 1)], 0)
-        w = torch.cat([w, bias.detach().to(dev, torch.float64)[:, None]], 1)
         k = torch.cat([k, torch.tensor([in_dim], device=dev)])
     g_kk = g[k][:, k]
     ridge = torch.zeros(k.numel(), dtype=torch.float64, device=dev)

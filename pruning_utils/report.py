@@ -134,8 +134,9 @@ def quality_benchmark() -> str:
     full["target"] = full["shape"].map(TARGETS)
     full["best peer"] = full["shape"].map(lambda s: ", ".join(f"{k} {v}" for k, v in PEERS.get(s, {}).items()))
     cols = ["shape", "criterion", "reconstruction", "allocation", "order", "ridge_ratio", "role",
-            "params_non_embedding", "reduction_pct", "ppl", "target", "best peer"]
-    return _md(full[cols], 3)
+            "params_non_embedding", "reduction_pct", "ppl", "fidelity_ppl", "kl_heldout", "prefill_ms",
+            "decode_tokens_per_s", "target", "best peer"]
+    return _md(_present(full, cols), 3)
 
 
 def recovery_budget() -> str:
@@ -194,8 +195,22 @@ def _optional(name: str, stage: str, cols: list[str], digits: int = 3) -> str:
 def adaptive_summary() -> str:
     """Return the adaptive-runtime controllers on the held-out prompts (notebook 05)."""
     return _optional("adaptive_summary", "05", [
-        "controller", "prompts", "mean_reward", "mean_tokens_per_s", "tokens_per_s_vs_baseline", "mean_latency_s",
-        "mean_semantic", "semantic_vs_baseline", "mean_ppl", "level_counts"])
+        "controller", "n_prompts", "reward", "tokens_per_s", "speedup_pct", "latency_s", "retention", "retention_pct",
+        "ppl", "switch_ms_max", "overhead_ms", "level_counts", "beats_fixed_on_reward"])
+
+
+def adaptive_levels() -> str:
+    """Return every level of notebook 05 on the training prompts: speed, quality, cache, switch time, memory."""
+    return _optional("adaptive_levels", "05", [
+        "level", "int8", "refit", "active_layers", "kv_window", "tokens_per_s", "answer_ppl", "chunk_ppl",
+        "cache_bytes_max", "switch_ms_median", "memory_overhead_ratio"])
+
+
+def calibration_size() -> str:
+    """Return `benchmarks/calibration_size.py`: S3 quality per calibration token count, with the costs."""
+    df = _csv("calibration_size")
+    return _md(_present(df, ["criterion", "calibration_source", "calib_tokens", "ppl", "fidelity_ppl",
+                             "gram_s_cumulative", "obs_s", "refit_s", "selfgen_and_windows_s"]), 3)
 
 
 def encoder_glue() -> str:
@@ -211,10 +226,12 @@ TABLES: dict[str, Callable[[], str]] = {
     "run_time": run_time, "quality_benchmark": quality_benchmark, "recovery_budget": recovery_budget,
     "memory_scale": memory_scale, "memory_extrapolation": memory_extrapolation,
     "calibration_sources": calibration_sources, "recovery_sources": recovery_sources,
-    "compression_methods": compression_methods, "adaptive_summary": adaptive_summary, "encoder_glue": encoder_glue,
+    "compression_methods": compression_methods, "adaptive_summary": adaptive_summary,
+    "adaptive_levels": adaptive_levels, "encoder_glue": encoder_glue, "calibration_size": calibration_size,
 }
 # tables whose numbers are timings: they change with every run, so the agreement test does not pin them
-TIMING_TABLES = ("final_cost", "run_time", "compression_methods", "adaptive_summary", "encoder_glue")
+TIMING_TABLES = ("final_cost", "run_time", "compression_methods", "adaptive_summary", "adaptive_levels", "encoder_glue",
+                 "calibration_size")
 
 
 def render_readme(text: str) -> str:

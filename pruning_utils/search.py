@@ -69,6 +69,16 @@ class SearchResult:
     counts: Counts = field(default_factory=lambda: Counts([], []))
 
 
+def kept_indices(scores: Scores, li: int, shape, heads_removed: int, neurons_removed: int) -> tuple[list[int], list[int]]:
+    """Return the kept query heads (the lowest-scored `heads_removed` of every KV group go) and kept neurons of a
+    layer, sorted."""
+    g = shape.n_heads // shape.n_kv_heads
+    order = scores.heads[li].view(shape.n_kv_heads, g).argsort(dim=1, stable=True)
+    heads = sorted(k * g + int(i) for k in range(shape.n_kv_heads) for i in order[k, heads_removed:])
+    neurons = sorted(scores.neurons[li].argsort(stable=True)[neurons_removed:].tolist())
+    return heads, neurons
+
+
 def plan_from_counts(model, scores: Scores, counts: Counts, allocation_name: str = "search") -> PruningPlan:
     """Return the plan removing, per layer, the lowest-scored heads of every KV group and the lowest neurons."""
     shapes = layer_shapes(model)
@@ -80,13 +90,11 @@ def plan_from_counts(model, scores: Scores, counts: Counts, allocation_name: str
         r, n = counts.heads[li], counts.neurons[li]
         if not 0 <= r < g or not 0 <= n < s.intermediate:
             raise SearchError(f"layer {li}: removing {r} of {g} heads per group / {n} of {s.intermediate} neurons")
+        kept_h, kept_n = kept_indices(scores, li, s, r, n)
         if r:
-            order = scores.heads[li].view(s.n_kv_heads, g).argsort(dim=1, stable=True)
-            gone = {k * g + int(i) for k in range(s.n_kv_heads) for i in order[k, :r]}
-            heads[li] = sorted(set(range(s.n_heads)) - gone)
+            heads[li] = kept_h
         if n:
-            gone = set(scores.neurons[li].argsort(stable=True)[:n].tolist())
-            neurons[li] = sorted(set(range(s.intermediate)) - gone)
+            neurons[li] = kept_n
     uniform = len(set(counts.heads)) == 1 and len(set(counts.neurons)) == 1
     return allocation._plan(model, scores, "uniform" if uniform else allocation_name, heads=heads, neurons=neurons,
                             provenance={"counts": {"heads_removed_per_group": list(counts.heads),
@@ -138,14 +146,9 @@ class _Candidates:
             if count == 0:
                 self.cache[key] = module.weight.detach().clone(), bias
                 return self.cache[key]
-            s = self.shapes[li]
-            if name == HEAD_INPUT:
-                g = s.n_heads // s.n_kv_heads
-                order = self.scores.heads[li].view(s.n_kv_heads, g).argsort(dim=1, stable=True)
-                keep = head_channels(sorted(k * g + int(i) for k in range(s.n_kv_heads) for i in order[k, count:]),
-                                     self.hd)
-            else:
-                keep = torch.tensor(sorted(self.scores.neurons[li].argsort(stable=True)[count:].tolist()))
+            heads, neurons = kept_indices(self.scores, li, self.shapes[li], *((count, 0) if name == HEAD_INPUT
+                                                                                 else (0, count)))
+            keep = head_channels(heads, self.hd) if name == HEAD_INPUT else torch.tensor(neurons)
             new_w, new_b = reconstruct_linear(module.weight, module.bias, keep, self.grams[(li, name)], "lstsq",
                                               self.ridge)
             full = torch.zeros_like(module.weight)

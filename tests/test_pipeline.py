@@ -94,7 +94,13 @@ def test_csvs_have_documented_columns_and_finite_values(smoke_run):
     assert len(runtime) == 4 * summary.loc[0, "n_prompts"]
     _finite(runtime, ["complexity", "load", "latency_s", "tokens_per_s", "ppl", "reward", "retention", "switch_ms"])
     _finite(summary, ["latency_s", "tokens_per_s", "retention", "ppl", "reward", "speedup_pct", "retention_pct"])
-    assert len(pd.read_csv(out / "adaptive_levels.csv")) == 3  # the smoke profile's ADAPTIVE_LEVELS
+    levels = pd.read_csv(out / "adaptive_levels.csv")
+    from pruning_utils.adaptive import parse_levels
+    from pruning_utils.profiles import PROFILES
+
+    assert list(levels["level"]) == [lv.name for lv in parse_levels(PROFILES["smoke"]["ADAPTIVE_LEVELS"])]
+    assert levels["int8"].tolist() == [False, False, False, True] and levels["refit"].iloc[2]  # smoke: refit + int8
+    _finite(levels, ["tokens_per_s", "answer_ppl", "chunk_ppl", "switch_ms_median", "memory_overhead_ratio"])
     for png in ("inference_time_vs_complexity", "quality_vs_complexity", "adaptive_pareto"):
         assert (out / f"{png}.png").stat().st_size > 1000
     for png in ("pareto_params", "pareto_latency", "pareto_size", "stage_bars"):
