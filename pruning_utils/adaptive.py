@@ -161,7 +161,7 @@ class NestedModel:
     """
 
     def __init__(self, model, scores: Scores, levels: list[Level] | str = "none", layer_scores: Tensor | None = None,
-                 grams=None, ridge_ratio: float = 1e-2):
+                 grams=None, ridge_ratio: float = 1e-2, int8_kw: dict | None = None):
         self.model = model
         self.levels = {lv.name: lv for lv in (parse_levels(levels) if isinstance(levels, str) else levels)}
         self.hd = head_dim(model)
@@ -174,7 +174,7 @@ class NestedModel:
         if any(lv.int8 for lv in self.levels.values()):  # before nesting: quantize the plain nn.Linear modules
             from .quantize import quantize_int8
 
-            self.int8_model = quantize_int8(model)
+            self.int8_model = quantize_int8(model, **(int8_kw or {}))  # smoothing / fp32 projections
             self.int8_model.set_input_embeddings(model.get_input_embeddings())  # shared, not copied
         self.head_order, self.neuron_order = [], []
         for li, (layer, shape) in enumerate(zip(self.layers, self.shapes)):

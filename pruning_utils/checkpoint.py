@@ -276,6 +276,8 @@ def write_int8(model, folder: Path, plan: PruningPlan) -> None:
     torch.save(model.state_dict(), folder / INT8_WEIGHTS_FILE)
     meta = {"format": INT8_FORMAT, "quantization": "dynamic int8: qint8 weights of every nn.Linear, activations per batch",
             "per_channel": bool(getattr(model, "int8_per_channel", True)),
+            "keep_fp32": list(getattr(model, "int8_keep_fp32", ())),
+            "smoothing_alpha": getattr(model, "int8_smoothing", None),
             "torch": torch.__version__, "fp32_stock_loadable": stock, "query_heads": [s.n_heads for s in shapes],
             "intermediate": [s.intermediate for s in shapes], "plan": plan.to_dict()}
     (folder / INT8_FILE).write_text(json.dumps(meta, indent=1, default=str))
@@ -310,10 +312,13 @@ def load_quantized(folder):
     structure = build_structure(json.loads((folder / "config.json").read_text()), meta, torch.float32)
     if getattr(structure.config, "tie_word_embeddings", False):
         structure.tie_weights()
-    model = quantize._quantize(structure.eval(), per_channel)
+    keep_fp32 = tuple(meta.get("keep_fp32", ()))
+    model = quantize._quantize(structure.eval(), per_channel, keep_fp32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch's own TypedStorage notice while unpacking qint8 params
         state = torch.load(folder / INT8_WEIGHTS_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     model.pruning_plan, model.int8, model.int8_per_channel = PruningPlan.from_dict(meta["plan"]), True, per_channel
+    # smoothed norm / up_proj weights are ordinary fp32 entries of the state dict, so they came back with it
+    model.int8_smoothing, model.int8_keep_fp32 = meta.get("smoothing_alpha"), keep_fp32
     return model, load_tokenizer(folder)

@@ -25,6 +25,8 @@ import warnings
 import torch
 import torch.nn as nn
 
+from .arch import PROJECTIONS
+
 
 class NotApplicableError(ValueError):
     """Raised for a compression method that cannot run on the requested device (the row is reported as n/a)."""
@@ -43,30 +45,114 @@ def check_int8_device(device: torch.device | str) -> None:
             "(model.cpu()) to measure it on CPU, or report the int8 row as not applicable on this device")
 
 
-def _quantize(model, per_channel: bool) -> nn.Module:
+def _quantize(model, per_channel: bool, keep_fp32: tuple[str, ...] = ()) -> nn.Module:
     from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig
 
     qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
+    # quantize_dynamic takes module names; a name ending in one of `keep_fp32` (a projection such as down_proj) stays
+    names = {n: qconfig for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] not in keep_fp32}
     with warnings.catch_warnings():
         # torch.ao announces its move to torchao on every call; the API itself is unchanged
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
-        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear: qconfig}, dtype=torch.qint8, inplace=True)
+        return torch.ao.quantization.quantize_dynamic(model, names, dtype=torch.qint8, inplace=True)
 
 
-def quantize_int8(model, inplace: bool = False, per_channel: bool = True):
+def quantize_int8(model, inplace: bool = False, per_channel: bool = True, smooth_windows: torch.Tensor | None = None,
+                  smooth_alpha: float = 0.65, keep_fp32: tuple[str, ...] | list[str] = (), progress: bool = True):
     """Return the model with every `nn.Linear` (projections and lm_head) replaced by a dynamic INT8 one (CPU only).
 
-    `per_channel`: one weight scale per output row (default) instead of one per matrix. Activations are always
-    quantized per tensor at run time, so models with massive activation outliers (SmolLM2's down_proj inputs,
-    for one) lose much more than weight-only INT8 would.
+    `per_channel`: one weight scale per output row (default) instead of one per matrix. Activations are quantized
+    per tensor at run time, so models with massive activation outliers (SmolLM2's down_proj inputs, for one) lose
+    much more than weight-only INT8 would; `smooth_windows` (calibration token windows) first moves those ranges
+    into the weights with `smooth_for_int8` at `smooth_alpha`. `keep_fp32`: projection names (e.g. `down_proj`)
+    left in fp32 everywhere, trading speed for the quality lost where outliers are token-specific.
     """
+    keep_fp32 = tuple(keep_fp32)
+    unknown = [k for k in keep_fp32 if k not in PROJECTIONS + ("lm_head",)]
+    if unknown:
+        raise ValueError(f"keep_fp32: unknown projection(s) {unknown}; known: {', '.join(PROJECTIONS + ('lm_head',))}")
     check_int8_device(next(model.parameters()).device)
     plan = getattr(model, "pruning_plan", None)
     if not inplace:
         model = copy.deepcopy(model)
-    model = _quantize(model.float().eval(), per_channel)
+    model = model.float().eval()
+    if smooth_windows is not None:
+        smooth_for_int8(model, smooth_windows, alpha=smooth_alpha, progress=progress)
+    model = _quantize(model, per_channel, keep_fp32)
     if plan is not None:
         model.pruning_plan = plan
     model.int8, model.int8_per_channel = True, per_channel
+    model.int8_smoothing = smooth_alpha if smooth_windows is not None else None
+    model.int8_keep_fp32 = keep_fp32
     return model
+
+
+# SmoothQuant-style smoothing (Xiao et al., 2023): dynamic INT8 quantizes each activation tensor with one scale, so a
+# few channels of huge magnitude (SmolLM2's down_proj inputs reach 2,800 where most stay under 10) flatten every
+# other channel to a handful of levels. Dividing those input channels by s and multiplying the matching weight
+# columns by s moves the range into the weights, which are quantized per output row and absorb it. The division is
+# folded into the op that produces the input (an RMSNorm's weight, or up_proj's rows since down_proj's input is
+# act(gate) * up), so the fp32 model computes the same function and nothing runs at inference.
+SMOOTH_GROUPS = (("input_layernorm", ("q_proj", "k_proj", "v_proj")),
+                 ("post_attention_layernorm", ("gate_proj", "up_proj")),
+                 ("up_proj", ("down_proj",)))
+
+
+def activation_maxima(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> list[dict]:
+    """Return per decoder layer the max |input| per channel of q_proj, gate_proj and down_proj on `windows`."""
+    from .arch import decoder_layers, proj
+    from .hooks import hooks
+    from .progress import progress as bar
+
+    layers = list(decoder_layers(model))
+    maxima = [dict() for _ in layers]
+
+    def record(li, name):
+        def fn(module, args):
+            m = args[0].detach().abs().flatten(0, -2).amax(0).float()
+            maxima[li][name] = torch.maximum(maxima[li][name], m) if name in maxima[li] else m
+        return fn
+
+    specs = [(proj(layer, name), "pre", record(li, name)) for li, layer in enumerate(layers)
+             for name in ("q_proj", "gate_proj", "down_proj")]
+    dev = next(model.parameters()).device
+    with hooks(*specs), torch.no_grad():
+        for i in bar(range(0, len(windows), batch_size), desc="activation ranges", disable=not progress):
+            model(windows[i:i + batch_size].to(dev), use_cache=False)
+    return maxima
+
+
+def smooth_for_int8(model, windows: torch.Tensor, alpha: float = 0.5, batch_size: int = 4,
+                    progress: bool = True) -> list[dict]:
+    """Rescale activation channels into the weights (exact in fp32) before dynamic INT8; return the scales per layer.
+
+    `alpha` in [0, 1] sets how much of the range moves: s_j = max|x_j|^alpha / max|W[:, j]|^(1 - alpha).
+    """
+    from .arch import decoder_layers, proj
+
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"smoothing alpha must lie in [0, 1], got {alpha}")
+    maxima = activation_maxima(model, windows, batch_size=batch_size, progress=progress)
+    scales = []
+    with torch.no_grad():
+        for layer, amax in zip(decoder_layers(model), maxima):
+            layer_scales = {}
+            for (source, targets), key in zip(SMOOTH_GROUPS, ("q_proj", "gate_proj", "down_proj")):
+                lins = [proj(layer, t) for t in targets]
+                wmax = torch.stack([lin.weight.detach().abs().amax(0).float() for lin in lins]).amax(0)
+                s = amax[key].clamp(min=1e-5).pow(alpha) / wmax.clamp(min=1e-5).pow(1 - alpha)
+                s = s.clamp(min=1e-5)
+                src = proj(layer, source) if source == "up_proj" else getattr(layer, source)
+                # the producer's output channel j (a norm weight entry, or up_proj's row j) shrinks by s_j ...
+                w = src.weight
+                w.div_(s.to(w.dtype).view(-1, *([1] * (w.dim() - 1))))
+                if getattr(src, "bias", None) is not None:
+                    src.bias.div_(s.to(src.bias.dtype))
+                # ... and every consumer's input column j grows by s_j
+                for lin in lins:
+                    lin.weight.mul_(s.to(lin.weight.dtype))
+                layer_scales[key] = s
+            scales.append(layer_scales)
+    return scales

@@ -431,6 +431,7 @@ from IPython.display import display, Markdown
 from pruning_utils import adaptive, controller, data, depth, evaluation, metrics, paths, plots, quantize, reconstruction, results
 from pruning_utils.loading import load_model
 from pruning_utils.scores import load_scores
+from pruning_utils.stages import as_list
 from pruning_utils.telemetry import SimulatedLoad, read_telemetry
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.manual_seed(SEED)
@@ -452,7 +453,11 @@ grams = None
 if ADAPTIVE_REFIT:  # one-shot Grams of o_proj / down_proj inputs: every level width gets its lstsq refit
     calib = data.calibration_windows(tok, TEXT_SOURCE, n_samples=N_CALIB, seq_len=CALIB_SEQ_LEN, seed=SEED, model=model)
     grams = reconstruction.collect_grams(model, calib)
-nested = adaptive.NestedModel(model, scores, levels, layer_scores=layer_scores, grams=grams)
+int8_kw = dict(keep_fp32=as_list(ADAPTIVE_INT8_KEEP_FP32), progress=False)
+if any(lv.int8 for lv in levels) and ADAPTIVE_INT8_ALPHA is not None:  # move activation outliers into the weights
+    int8_kw.update(smooth_alpha=ADAPTIVE_INT8_ALPHA, smooth_windows=data.calibration_windows(
+        tok, TEXT_SOURCE, n_samples=16, seq_len=CALIB_SEQ_LEN, seed=SEED, model=model))
+nested = adaptive.NestedModel(model, scores, levels, layer_scores=layer_scores, grams=grams, int8_kw=int8_kw)
 memory = nested.memory()
 print(f"{len(levels)} levels; refit {nested.refit_s:.1f} s; memory {memory}")"""),
         ("md", "## The prompt set and its seeded 80/20 split"),
