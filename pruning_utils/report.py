@@ -213,6 +213,12 @@ def calibration_size() -> str:
                              "gram_s_cumulative", "obs_s", "refit_s", "selfgen_and_windows_s"]), 3)
 
 
+def int8_smoothing() -> str:
+    """Return `benchmarks/int8_smoothing.py`: dynamic INT8 of the embedded model, plain / smoothed / down_proj fp32."""
+    df = _csv("int8_smoothing")
+    return _md(_present(df, ["option", "ppl", "ppl_change_pct", "decode_tok_s", "speedup", "build_s"]), 2)
+
+
 def encoder_glue() -> str:
     """Return the encoder classifier variants (notebook 07)."""
     return _optional("encoder_glue", "07", [
@@ -228,10 +234,11 @@ TABLES: dict[str, Callable[[], str]] = {
     "calibration_sources": calibration_sources, "recovery_sources": recovery_sources,
     "compression_methods": compression_methods, "adaptive_summary": adaptive_summary,
     "adaptive_levels": adaptive_levels, "encoder_glue": encoder_glue, "calibration_size": calibration_size,
+    "int8_smoothing": int8_smoothing,
 }
 # tables whose numbers are timings: they change with every run, so the agreement test does not pin them
 TIMING_TABLES = ("final_cost", "run_time", "compression_methods", "adaptive_summary", "adaptive_levels", "encoder_glue",
-                 "calibration_size")
+                 "calibration_size", "int8_smoothing")
 
 
 def render_readme(text: str) -> str:
