@@ -117,8 +117,8 @@ PARAMS: dict[str, Param] = {
                              "fraction, joined with +; int8: the dynamic-INT8 unpruned model (CPU only, dropped on GPU)"),
     "ADAPTIVE_REFIT": Param(False, bool, "lstsq refit of o_proj / down_proj for every level width (one-shot Grams of "
                             "N_CALIB calibration windows; one [out, width] copy per layer and width, in memory())"),
-    # plain dynamic INT8 took the embedded model from PPL 14.3 to 50.6: down_proj inputs carry token-specific outliers
-    # of ~3,000 (benchmarks/int8_smoothing.py); smoothing alone gets 19.7, with down_proj left fp32 15.8 at 2.1x speed
+    # plain dynamic INT8 loses most of the embedded model's quality to down_proj's token-specific activation outliers;
+    # smoothing + down_proj in fp32 is the best quality per speed of benchmarks/int8_smoothing.py (README)
     "ADAPTIVE_INT8_ALPHA": Param(0.65, float, "SmoothQuant-style migration strength of the int8 level (16 calibration "
                                  "windows; None: plain dynamic INT8)", True),
     "ADAPTIVE_INT8_KEEP_FP32": Param("down_proj", str, "projections the int8 level leaves in fp32, comma-separated "

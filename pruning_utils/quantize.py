@@ -60,14 +60,16 @@ def _quantize(model, per_channel: bool, keep_fp32: tuple[str, ...] = ()) -> nn.M
 
 
 def quantize_int8(model, inplace: bool = False, per_channel: bool = True, smooth_windows: torch.Tensor | None = None,
-                  smooth_alpha: float = 0.65, keep_fp32: tuple[str, ...] | list[str] = (), progress: bool = True):
+                  smooth_alpha: float | None = None, keep_fp32: tuple[str, ...] | list[str] = (),
+                  progress: bool = True):
     """Return the model with every `nn.Linear` (projections and lm_head) replaced by a dynamic INT8 one (CPU only).
 
     `per_channel`: one weight scale per output row (default) instead of one per matrix. Activations are quantized
     per tensor at run time, so models with massive activation outliers (SmolLM2's down_proj inputs, for one) lose
     much more than weight-only INT8 would; `smooth_windows` (calibration token windows) first moves those ranges
-    into the weights with `smooth_for_int8` at `smooth_alpha`. `keep_fp32`: projection names (e.g. `down_proj`)
-    left in fp32 everywhere, trading speed for the quality lost where outliers are token-specific.
+    into the weights with `smooth_for_int8` at `smooth_alpha` (default `SMOOTH_ALPHA`). `keep_fp32`: projection
+    names (e.g. `down_proj`) left in fp32 everywhere, trading speed for the quality lost where outliers are
+    token-specific.
     """
     keep_fp32 = tuple(keep_fp32)
     unknown = [k for k in keep_fp32 if k not in PROJECTIONS + ("lm_head",)]
@@ -79,6 +81,7 @@ def quantize_int8(model, inplace: bool = False, per_channel: bool = True, smooth
         model = copy.deepcopy(model)
     model = model.float().eval()
     if smooth_windows is not None:
+        smooth_alpha = SMOOTH_ALPHA if smooth_alpha is None else smooth_alpha
         smooth_for_int8(model, smooth_windows, alpha=smooth_alpha, progress=progress)
     model = _quantize(model, per_channel, keep_fp32)
     if plan is not None:
@@ -90,14 +93,16 @@ def quantize_int8(model, inplace: bool = False, per_channel: bool = True, smooth
 
 
 # SmoothQuant-style smoothing (Xiao et al., 2023): dynamic INT8 quantizes each activation tensor with one scale, so a
-# few channels of huge magnitude (SmolLM2's down_proj inputs reach 2,800 where most stay under 10) flatten every
+# few channels of huge magnitude (SmolLM2's down_proj inputs: benchmarks/int8_smoothing.py prints them) flatten every
 # other channel to a handful of levels. Dividing those input channels by s and multiplying the matching weight
 # columns by s moves the range into the weights, which are quantized per output row and absorb it. The division is
 # folded into the op that produces the input (an RMSNorm's weight, or up_proj's rows since down_proj's input is
 # act(gate) * up), so the fp32 model computes the same function and nothing runs at inference.
+# (producer, consumers): the consumers share one input, whose statistics are read at the first of them
 SMOOTH_GROUPS = (("input_layernorm", ("q_proj", "k_proj", "v_proj")),
                  ("post_attention_layernorm", ("gate_proj", "up_proj")),
                  ("up_proj", ("down_proj",)))
+SMOOTH_ALPHA = 0.65  # the benchmark's choice with down_proj in fp32
 
 
 def activation_maxima(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> list[dict]:
@@ -116,7 +121,7 @@ def activation_maxima(model, windows: torch.Tensor, batch_size: int = 4, progres
         return fn
 
     specs = [(proj(layer, name), "pre", record(li, name)) for li, layer in enumerate(layers)
-             for name in ("q_proj", "gate_proj", "down_proj")]
+             for name in (targets[0] for _, targets in SMOOTH_GROUPS)]
     dev = next(model.parameters()).device
     with hooks(*specs), torch.no_grad():
         for i in bar(range(0, len(windows), batch_size), desc="activation ranges", disable=not progress):
@@ -124,7 +129,7 @@ def activation_maxima(model, windows: torch.Tensor, batch_size: int = 4, progres
     return maxima
 
 
-def smooth_for_int8(model, windows: torch.Tensor, alpha: float = 0.5, batch_size: int = 4,
+def smooth_for_int8(model, windows: torch.Tensor, alpha: float = SMOOTH_ALPHA, batch_size: int = 4,
                     progress: bool = True) -> list[dict]:
     """Rescale activation channels into the weights (exact in fp32) before dynamic INT8; return the scales per layer.
 
@@ -139,8 +144,8 @@ def smooth_for_int8(model, windows: torch.Tensor, alpha: float = 0.5, batch_size
     with torch.no_grad():
         for layer, amax in zip(decoder_layers(model), maxima):
             layer_scales = {}
-            for (source, targets), key in zip(SMOOTH_GROUPS, ("q_proj", "gate_proj", "down_proj")):
-                lins = [proj(layer, t) for t in targets]
+            for source, targets in SMOOTH_GROUPS:
+                key, lins = targets[0], [proj(layer, t) for t in targets]
                 wmax = torch.stack([lin.weight.detach().abs().amax(0).float() for lin in lins]).amax(0)
                 s = amax[key].clamp(min=1e-5).pow(alpha) / wmax.clamp(min=1e-5).pow(1 - alpha)
                 s = s.clamp(min=1e-5)
