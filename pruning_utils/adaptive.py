@@ -13,6 +13,11 @@ A level's logits equal those of the model `surgery` builds from the same kept in
 the full level equals the original up to fp32 summation order (heads and neurons are summed in importance order), and
 `unnest()` puts the original layout and modules back, bit for bit.
 
+Serving (notebook 05): the unpruned model prefills the prompt once (`prefill`; its last logits are the controller's
+entropy feature) and the chosen level decodes on from a copy of that cache (`decode(prefilled=...)`; every level
+that keeps all layers, `shares_prefill`), so the first new token is the unpruned model's and the feature costs no
+extra forward.
+
 KV-cache budget (`kv:W` levels): a sliding window with attention sinks (StreamingLLM): after every forward the cache
 keeps its first `KV_SINK_TOKENS` tokens and the last W; keys keep the positions they were rotated with.
 
@@ -22,8 +27,9 @@ o_proj / down_proj width a level uses gets its own least-squares refit of the ke
 logits equal those of `reconstruction.prune_and_reconstruct` with the same kept indices; the memory it costs is in
 `memory()`.
 
-INT8 level (`int8`, CPU only): a dynamic-INT8 copy of the unpruned model (`quantize.quantize_int8`, the input
-embedding shared with the fp32 model); switching to it only changes which model `active` returns.
+INT8 level (`int8`, CPU only): a dynamic-INT8 copy of the unpruned model (`quantize.quantize_int8`) with its MLP
+neurons in the nested order; the input embedding and the MLP projections it keeps in fp32 (`keep_fp32`) share the
+fp32 model's storage. Switching to it only changes which model `active` returns.
 """
 from __future__ import annotations
 
@@ -170,21 +176,19 @@ class NestedModel:
         self._config = {k: getattr(cfg, k, None) for k in ("num_attention_heads", "intermediate_size",
                                                            "num_hidden_layers", "layer_types", "max_window_layers")}
         self.shapes = [layer_shape(layer, self.hd) for layer in self.layers]
-        self.int8_model = None
-        if any(lv.int8 for lv in self.levels.values()):  # before nesting: quantize the plain nn.Linear modules
-            from .quantize import quantize_int8
-
-            self.int8_model = quantize_int8(model, **(int8_kw or {}))  # smoothing / fp32 projections
-            self.int8_model.set_input_embeddings(model.get_input_embeddings())  # shared, not copied
         self.head_order, self.neuron_order = [], []
-        for li, (layer, shape) in enumerate(zip(self.layers, self.shapes)):
+        for li, shape in enumerate(self.shapes):
             group = shape.n_heads // shape.n_kv_heads
             s = scores.heads[li].float()
             ranked = [sorted(range(g * group, (g + 1) * group), key=lambda h: (-s[h].item(), h))
                       for g in range(shape.n_kv_heads)]
             self.head_order.append([ranked[g][r] for r in range(group) for g in range(shape.n_kv_heads)])
             self.neuron_order.append(torch.argsort(-scores.neurons[li].float(), stable=True))
-            self._install(layer, shape, self.head_order[-1], self.neuron_order[-1])
+        self.int8_model = self._build_int8(int8_kw or {}) if any(lv.int8 for lv in self.levels.values()) else None
+        for layer, shape, heads, neurons in zip(self.layers, self.shapes, self.head_order, self.neuron_order):
+            self._install(layer, shape, heads, neurons)
+        if self.int8_model is not None:
+            self._share_fp32()
         if layer_scores is not None and len(layer_scores) != len(self.layers):
             raise ValueError(f"layer_scores has {len(layer_scores)} values, the model {len(self.layers)} layers")
         self.layer_scores = layer_scores
@@ -192,6 +196,40 @@ class NestedModel:
             raise ValueError("a 'layers:' level needs layer_scores (e.g. depth.score_layers(model, windows).scores)")
         self.current = "none"
         self.refit_s = self._refit(grams, ridge_ratio) if grams is not None else 0.0
+
+    @torch.no_grad()
+    def _build_int8(self, int8_kw: dict):
+        """Return the INT8 copy of the unpruned model, its MLP neurons in the nested order (the same function)."""
+        import copy
+
+        from .quantize import quantize_int8
+
+        m8 = copy.deepcopy(self.model)
+        for layer, order in zip(decoder_layers(m8), self.neuron_order):
+            for name, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+                lin = proj(layer, name)
+                lin.weight.data = lin.weight.data.index_select(dim, order)
+                if dim == 0 and lin.bias is not None:
+                    lin.bias.data = lin.bias.data.index_select(0, order)
+        m8 = quantize_int8(m8, inplace=True, **int8_kw)  # smoothing / fp32 projections
+        m8.set_input_embeddings(self.model.get_input_embeddings())  # shared, not copied
+        return m8
+
+    def _fp32_pairs(self):
+        """Yield (INT8-copy module, nested PrefixLinear) of the MLP projections the INT8 copy keeps in fp32."""
+        for layer8, layer in zip(decoder_layers(self.int8_model), self.layers):
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                lin8 = proj(layer8, name)
+                if type(lin8) is nn.Linear:
+                    yield lin8, proj(layer, name)
+
+    @torch.no_grad()
+    def _share_fp32(self) -> None:
+        """Point the INT8 copy's unchanged fp32 projections at the nested model's weights (no second copy)."""
+        for lin8, full in self._fp32_pairs():
+            if lin8.weight.shape == full.weight.shape and torch.equal(lin8.weight, full.weight) and \
+                    (lin8.bias is None or torch.equal(lin8.bias, full.bias)):
+                lin8.weight, lin8.bias = full.weight, full.bias
 
     @torch.no_grad()
     def _refit(self, grams, ridge_ratio: float) -> float:
@@ -305,6 +343,11 @@ class NestedModel:
         if self._config["max_window_layers"] is not None:
             cfg.max_window_layers = min(self._config["max_window_layers"], len(active))
 
+    def shares_prefill(self, name: str | None = None) -> bool:
+        """Return whether a level (default the active one) can decode on from the unpruned model's prompt cache: every
+        level that keeps all decoder layers (the cache holds one entry per layer)."""
+        return not self.levels[name or self.current].layers
+
     def kv_window(self, name: str | None = None) -> int:
         """Return the KV-cache window of a level (0: no cap); default the active level."""
         return self.levels[name or self.current].kv
@@ -313,6 +356,12 @@ class NestedModel:
         """Put the original head / neuron order and plain nn.Linear modules back (bit-exact); returns the model."""
         self.restore()
         with torch.no_grad():
+            if self.int8_model is not None:  # it keeps the nested order: give it back its own copy of shared weights
+                for lin8, full in self._fp32_pairs():
+                    if lin8.weight is full.weight:
+                        lin8.weight = nn.Parameter(full.weight.detach().clone(), requires_grad=False)
+                        if full.bias is not None:
+                            lin8.bias = nn.Parameter(full.bias.detach().clone(), requires_grad=False)
             for li, layer in enumerate(self.layers):
                 inv_heads = head_channels(torch.argsort(torch.tensor(self.head_order[li])).tolist(), self.hd)
                 inv_neurons = torch.argsort(self.neuron_order[li])
@@ -378,25 +427,51 @@ def _cache_kw(model) -> str:
 
 
 @torch.inference_mode()
+def prefill(model, prompt_ids: Tensor) -> dict:
+    """Run the prompt [1, n] through `model` once: `{cache, logits, seconds}` (last position's logits) for `decode`.
+
+    Notebook 05 prefills every prompt with the unpruned model: its logits give the first-token entropy feature, and
+    the level chosen from it decodes on from that cache (`decode(prefilled=...)`), so the feature costs no forward.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    t0 = time.perf_counter()
+    logits = model(input_ids=prompt_ids.to(next(model.parameters()).device), **{_cache_kw(model): cache},
+                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    return {"cache": cache, "logits": logits, "seconds": time.perf_counter() - t0, "length": prompt_ids.shape[1]}
+
+
+@torch.inference_mode()
 def decode(model, prompt_ids: Tensor, max_new_tokens: int = 32, kv_window: int = 0, eos_token_id: int | None = None,
-           forced: Tensor | None = None) -> dict:
+           forced: Tensor | None = None, prefilled: dict | None = None) -> dict:
     """Greedy decode of one prompt [1, n] with an optional KV window; with `forced` tokens, score them instead.
 
     Returns `ids` (new tokens), `seconds`, `tokens_per_s`, `cache_tokens_max`, `cache_bytes_max` and, when `forced`
     is given, `nll` (mean negative log-likelihood of the forced tokens) and `ppl`. The prompt is prefilled at once,
-    then the cache is trimmed to the window before every further step.
+    then the cache is trimmed to the window before every further step. `prefilled` (from `prefill`, possibly by
+    another model of the same architecture) replaces the prefill: a copy of its cache is used and its seconds are
+    counted in `seconds`, so the first new token is the prefilling model's.
     """
+    import copy
+
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
     ids = prompt_ids.to(device)
-    cache = DynamicCache()
     kw = _cache_kw(model)
     steps = max_new_tokens if forced is None else forced.shape[-1]
     pos = ids.shape[1]
     out_ids, nll, peak_tokens, peak_bytes = [], 0.0, 0, 0
     t0 = time.perf_counter()
-    logits = model(input_ids=ids, **{kw: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
+    if prefilled is not None:
+        if prefilled["length"] != pos:
+            raise ValueError(f"the prefilled cache holds {prefilled['length']} prompt tokens, the prompt has {pos}")
+        cache, logits = copy.deepcopy(prefilled["cache"]), prefilled["logits"]
+        t0 -= prefilled["seconds"]
+    else:
+        cache = DynamicCache()
+        logits = model(input_ids=ids, **{kw: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
     for step in range(steps):
         if forced is not None:
             token = forced[..., step].reshape(1, 1).to(device)

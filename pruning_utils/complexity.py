@@ -89,8 +89,13 @@ def first_token_entropy(model, tokenizer, prompt: str) -> float:
     text = format_prompt(tokenizer, prompt)
     ids = torch.tensor([tokenizer.encode(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))])
     logits = model(input_ids=ids.to(next(model.parameters()).device), use_cache=False, logits_to_keep=1).logits[0, -1]
-    logp = torch.log_softmax(logits.float(), -1)
-    return float(-(logp.exp() * logp).sum() / math.log(logits.shape[-1]))
+    return entropy_of_logits(logits)
+
+
+def entropy_of_logits(logits: torch.Tensor) -> float:
+    """Return the entropy of next-token logits [V] (or [1, V]) divided by log(V), in [0, 1]."""
+    logp = torch.log_softmax(logits.float().reshape(-1), -1)
+    return float(-(logp.exp() * logp).sum() / math.log(logp.shape[-1]))
 
 
 def _saturate(x: float, scale: float) -> float:

@@ -124,8 +124,13 @@ def hybrid_candidates(model, windows, chunks, sparsities: list[str], rank: int, 
 
 
 def int8_row(base_name: str, device, chunks, *, reference: dict, model=None, tok=None, latency_kw=None,
-             memory_kw=None, per_channel: bool = True) -> dict:
-    """Return the measured row of `<base>_int8` (saved under models/), or a not-applicable row off the CPU."""
+             memory_kw=None, per_channel: bool = True, smooth_windows=None, smooth_alpha: float | None = None,
+             keep_fp32=()) -> dict:
+    """Return the measured row of `<base>_int8` (saved under models/), or a not-applicable row off the CPU.
+
+    `smooth_windows` / `smooth_alpha` / `keep_fp32`: SmoothQuant-style smoothing and projections left in fp32
+    (`quantize.quantize_int8`; benchmarks/int8_smoothing.py measures what they buy).
+    """
     from .checkpoint import load_pruned
 
     name = f"{base_name}_int8"
@@ -136,11 +141,15 @@ def int8_row(base_name: str, device, chunks, *, reference: dict, model=None, tok
                     note=str(err))
     if model is None:
         model, tok = load_pruned(base_name, device="cpu", dtype=torch.float32)
-    q = quantize_int8(model, per_channel=per_channel)
+    q = quantize_int8(model, per_channel=per_channel, smooth_windows=smooth_windows, smooth_alpha=smooth_alpha,
+                      keep_fp32=keep_fp32, progress=False)
     params = count_params(q)["non_embedding"]
+    how = [f"smoothed (alpha {q.int8_smoothing})"] if q.int8_smoothing is not None else []
+    how += [f"{', '.join(keep_fp32)} kept fp32"] if keep_fp32 else []
     row = dict(method="int8", base=base_name, form="int8" if per_channel else "int8-per-tensor", saved=True,
                nonzero_params_non_embedding=params, params_non_embedding=params, applicable=True,
-               note="weights qint8 per output row, activations quantized per tensor at run time")
+               note="weights qint8 per output row, activations quantized per tensor at run time"
+                    + (f"; {'; '.join(how)}" if how else ""))
     return save_measured(q, tok, name, row, chunks, reference=reference, latency_kw=latency_kw, memory_kw=memory_kw)
 
 

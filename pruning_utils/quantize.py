@@ -82,7 +82,7 @@ def quantize_int8(model, inplace: bool = False, per_channel: bool = True, smooth
     model = model.float().eval()
     if smooth_windows is not None:
         smooth_alpha = SMOOTH_ALPHA if smooth_alpha is None else smooth_alpha
-        smooth_for_int8(model, smooth_windows, alpha=smooth_alpha, progress=progress)
+        smooth_for_int8(model, smooth_windows, alpha=smooth_alpha, progress=progress, skip=keep_fp32)
     model = _quantize(model, per_channel, keep_fp32)
     if plan is not None:
         model.pruning_plan = plan
@@ -130,10 +130,12 @@ def activation_maxima(model, windows: torch.Tensor, batch_size: int = 4, progres
 
 
 def smooth_for_int8(model, windows: torch.Tensor, alpha: float = SMOOTH_ALPHA, batch_size: int = 4,
-                    progress: bool = True) -> list[dict]:
+                    progress: bool = True, skip: tuple[str, ...] = ()) -> list[dict]:
     """Rescale activation channels into the weights (exact in fp32) before dynamic INT8; return the scales per layer.
 
     `alpha` in [0, 1] sets how much of the range moves: s_j = max|x_j|^alpha / max|W[:, j]|^(1 - alpha).
+    A group whose consumers are all in `skip` (projections left in fp32) is left as it is: its input is never
+    quantized, and unchanged weights can be shared with the fp32 model.
     """
     from .arch import decoder_layers, proj
 
@@ -145,6 +147,8 @@ def smooth_for_int8(model, windows: torch.Tensor, alpha: float = SMOOTH_ALPHA, b
         for layer, amax in zip(decoder_layers(model), maxima):
             layer_scales = {}
             for source, targets in SMOOTH_GROUPS:
+                if all(t in skip for t in targets):
+                    continue
                 key, lins = targets[0], [proj(layer, t) for t in targets]
                 wmax = torch.stack([lin.weight.detach().abs().amax(0).float() for lin in lins]).amax(0)
                 s = amax[key].clamp(min=1e-5).pow(alpha) / wmax.clamp(min=1e-5).pow(1 - alpha)

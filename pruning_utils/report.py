@@ -195,14 +195,14 @@ def _optional(name: str, stage: str, cols: list[str], digits: int = 3) -> str:
 def adaptive_summary() -> str:
     """Return the adaptive-runtime controllers on the held-out prompts (notebook 05)."""
     return _optional("adaptive_summary", "05", [
-        "controller", "n_prompts", "reward", "tokens_per_s", "speedup_pct", "latency_s", "retention", "retention_pct",
+        "controller", "n_prompts", "reward", "reward_ppl_only", "tokens_per_s", "speedup_pct", "latency_s", "retention", "retention_pct",
         "ppl", "switch_ms_max", "overhead_ms", "level_counts", "beats_fixed_on_reward"])
 
 
 def adaptive_levels() -> str:
     """Return every level of notebook 05 on the training prompts: speed, quality, cache, switch time, memory."""
     return _optional("adaptive_levels", "05", [
-        "level", "int8", "refit", "active_layers", "kv_window", "tokens_per_s", "answer_ppl", "chunk_ppl",
+        "level", "int8", "refit", "active_layers", "kv_window", "tokens_per_s", "answer_ppl", "retention", "chunk_ppl",
         "cache_bytes_max", "switch_ms_median", "memory_overhead_ratio"])
 
 

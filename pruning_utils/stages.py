@@ -350,8 +350,8 @@ def run(params: dict, root: Path | None = None, only: list[str] | None = None, f
                 raise StageFailed(f"stage {stage.key} finished but did not write {absent}; see {executed}")
             seconds = time.time() - t0
             stamp.parent.mkdir(parents=True, exist_ok=True)
-            stamp.write_text(json.dumps({"digest": digest, "seconds": round(seconds, 1), "params": stage_params},
-                                        default=str))
+            stamp.write_text(json.dumps({"digest": digest, "seconds": round(seconds, 1), "params": stage_params,
+                                         "commit": _git_commit(root)}, default=str))
             log(f"[{stage.key}] done in {seconds / 60:.1f} min")
             records.append({"stage": stage.key, "status": "ran", "seconds": seconds})
             if keep == "needed":
@@ -439,20 +439,53 @@ def main(argv: list[str] | None = None, root: Path | None = None) -> int:
 RUN_TIME_FILE = "run_time.csv"
 
 
+def _git_commit(root: Path) -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def write_run_time(root: Path, profile: str, started: float) -> Path:
-    """Write `results/ablation_studies/run_time.csv`: the install and each stage's last measured minutes."""
+    """Write `results/ablation_studies/run_time.csv`: the install and each stage's last measured minutes.
+
+    Stages measured in this checkout (their stamps) carry this commit; a stage this checkout never ran (an `--only`
+    run, a fresh clone) keeps its row from the existing table with the commit it was measured at, so a partial run
+    never erases the other stages' times.
+    """
+    import csv
+
     dirs = output_dirs(root)
+    path = dirs["results"] / "ablation_studies" / RUN_TIME_FILE
+    previous = {}
+    if path.exists():
+        with path.open() as f:
+            previous = {r["stage"]: r for r in csv.DictReader(f) if r.get("stage") not in ("total", None)}
+    commit = _git_commit(root)
     rows = []
     shell_start = os.environ.get("PRUNING_RUN_STARTED")
     if shell_start:  # set by run_all.sh before scripts/install.sh: what preceded the stages is the install
-        rows.append(("install", "scripts/install.sh", max(0.0, started - float(shell_start)) / 60))
+        rows.append(("install", "scripts/install.sh", max(0.0, started - float(shell_start)) / 60, profile, commit))
+    elif "install" in previous:
+        r = previous["install"]
+        rows.append(("install", r["notebook"], float(r["minutes"]), r.get("profile") or profile,
+                     r.get("commit") or "unknown"))
     for stage in STAGES:
         stamp = _stamp_path(dirs["results"], stage)
         if stamp.exists():
-            rows.append((stage.key, stage.notebook, json.loads(stamp.read_text()).get("seconds", float("nan")) / 60))
-    lines = ["stage,notebook,minutes,profile"] + [f"{k},{nb},{m:.2f},{profile}" for k, nb, m in rows]
-    lines.append(f"total,,{sum(m for _, _, m in rows):.2f},{profile}")
-    path = dirs["results"] / "ablation_studies" / RUN_TIME_FILE
+            info = json.loads(stamp.read_text())
+            rows.append((stage.key, stage.notebook, info.get("seconds", float("nan")) / 60, profile,
+                         info.get("commit", commit)))
+        elif stage.key in previous:
+            r = previous[stage.key]
+            rows.append((stage.key, stage.notebook, float(r["minutes"]), r.get("profile") or profile,
+                         r.get("commit") or "unknown"))
+    lines = ["stage,notebook,minutes,profile,commit"] + [f"{k},{nb},{m:.2f},{pr},{c}" for k, nb, m, pr, c in rows]
+    lines.append(f"total,,{sum(m for _, _, m, _, _ in rows):.2f},{profile},")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("\n".join(lines) + "\n")

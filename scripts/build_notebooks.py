@@ -324,9 +324,12 @@ rows.append(compression.save_measured(best, tok, "hybrid_pruned", row, chunks, *
 del cands, best
 pd.DataFrame(rows)[["variant", "nonzero_params_non_embedding", "ppl", "eval_tokens", "note"]].tail(3)"""),
         ("md", "## Dynamic INT8 on the baseline and stacked on each pruned model (CPU only) → `models/<base>_int8/`"),
-        ("code", """for base in as_list(COMPRESS_INT8_BASES):
+        ("code", """int8_kw = dict(keep_fp32=as_list(COMPRESS_INT8_KEEP_FP32))
+if COMPRESS_INT8_ALPHA is not None:  # move activation outliers into the weights (16 of the calibration windows)
+    int8_kw.update(smooth_alpha=COMPRESS_INT8_ALPHA, smooth_windows=windows[:16])
+for base in as_list(COMPRESS_INT8_BASES):
     kw = dict(model=model, tok=tok) if base == "baseline" else {}
-    rows.append(compression.int8_row(base, next(model.parameters()).device, chunks, **kw, **SAVE))
+    rows.append(compression.int8_row(base, next(model.parameters()).device, chunks, **kw, **int8_kw, **SAVE))
 table = compression.table(rows)
 results.write_csv(table, OUT / "compression_methods.csv")
 print(f"{len(table)} rows in {(time.time() - t0) / 60:.1f} min")
@@ -423,7 +426,9 @@ NB05 = notebook(
     "(`pruning_utils/adaptive.py`). A controller picks the level from the prompt's complexity score and the machine "
     "load (simulated and seeded unless `ADAPTIVE_LOAD='live'`): a rule table, a LinUCB contextual bandit trained on "
     "80% of a prompt CSV, and the fixed extremes. Reward = 0.6 x tokens/s (normalised to a speed target) - "
-    "0.4 x perplexity / 10 (`pruning_utils/controller.py`). Everything is measured on the held-out 20%.",
+    "0.4 x perplexity / 10 - w x (1 - semantic retention), where w is the smallest weight whose trained policy keeps "
+    "`ADAPTIVE_MIN_RETENTION` of the unpruned answers' meaning on the training prompts (w = 0: the issue's reward; "
+    "`pruning_utils/controller.py`). Everything is measured on the held-out 20%.",
     [
         ("code", """import time, warnings
 import numpy as np, pandas as pd, torch
@@ -473,7 +478,9 @@ print(f"{len(train)} training and {len(test)} test prompts of {len(pool)}")
 test[["id", "prompt", "n_tokens", "code", "math", "entities", "clauses", "entropy", "complexity"]].head(8)"""),
         ("md", "## Every level on the training prompts: speed, quality, cache, switch time"),
         ("code", """t0 = time.time()
-outcomes = controller.measure_outcomes(nested, tok, train, max_new_tokens=ADAPTIVE_NEW_TOKENS)
+judge = evaluation.SemanticJudge()  # retention of every level's answer vs the unpruned one
+outcomes = controller.measure_outcomes(nested, tok, train, max_new_tokens=ADAPTIVE_NEW_TOKENS, judge=judge)
+results.write_csv(outcomes, OUT / "adaptive_outcomes.csv")  # (training prompt, level): what the bandit learns from
 switch_ms = {name: 1000 * float(np.median([nested.switch(name) for _ in range(50)])) for name in nested.levels}
 nested.restore()
 level_rows = []
@@ -484,7 +491,8 @@ for name, lv in nested.levels.items():
                            kv_window=lv.kv, int8=lv.int8, refit=bool(ADAPTIVE_REFIT) and not lv.int8,
                            active_layers=len(nested.active_layers(lv)),
                            chunk_ppl=metrics.perplexity(nested.active, chunks, progress=False)["ppl"],  # KV window not applied
-                           answer_ppl=part["ppl"].mean(), tokens_per_s=part["tokens_per_s"].mean(),
+                           answer_ppl=part["ppl"].mean(), retention=part["retention"].mean(),
+                           tokens_per_s=part["tokens_per_s"].mean(),
                            cache_bytes_max=part["cache_bytes_max"].max(), switch_ms_median=switch_ms[name],
                            memory_overhead_ratio=memory["overhead_ratio"]))
 nested.restore()
@@ -496,25 +504,34 @@ levels_table.round(3)"""),
         ("code", """n = len(nested.levels)
 tps_ref = float(outcomes[outcomes["level"] == "none"]["tokens_per_s"].median())
 load_range = None if ADAPTIVE_LOAD == "live" else tuple(float(v) for v in ADAPTIVE_LOAD.split(","))
-policy = controller.train_bandit(outcomes, train, n, tps_ref, epochs=ADAPTIVE_EPOCHS, seed=SEED,
-                                 load_range=load_range or (0.0, 0.9), target=ADAPTIVE_TARGET, alpha=ADAPTIVE_ALPHA)
+train_kw = dict(epochs=ADAPTIVE_EPOCHS, seed=SEED, load_range=load_range or (0.0, 0.9), target=ADAPTIVE_TARGET,
+                alpha=ADAPTIVE_ALPHA)
+retention_weight, grid = 0.0, None
+if ADAPTIVE_MIN_RETENTION is None:  # the issue's reward
+    policy = controller.train_bandit(outcomes, train, n, tps_ref, **train_kw)
+else:  # the smallest retention weight whose policy keeps ADAPTIVE_MIN_RETENTION on the training prompts
+    policy, retention_weight, grid = controller.fit_retention_weight(outcomes, train, n, tps_ref,
+                                                                     ADAPTIVE_MIN_RETENTION, **train_kw)
+    results.write_csv(grid, OUT / "adaptive_retention_weight.csv")
+    display(Markdown(grid.round(3).to_markdown(index=False)))
+print(f"retention weight w = {retention_weight}")
 controllers = [controller.Fixed(n, 0, "always_none"), controller.Fixed(n, -1, "always_max"),
                controller.RuleController(n).fit(train["complexity"]), policy]
 loads = SimulatedLoad(SEED + 1, *load_range).loads(len(test)) if load_range else [read_telemetry().load for _ in range(len(test))]
 history = pd.DataFrame(policy.history, columns=["epoch", "id", "load", "level_index", "reward"])
 history.groupby("epoch")["reward"].mean().round(3).to_frame("mean training reward").T"""),
         ("md", "## Held-out 20%: latency, tokens/s, level, semantic retention, perplexity, reward"),
-        ("code", """judge = evaluation.SemanticJudge()
-runtime = controller.evaluate(controllers, nested, tok, test, loads, tps_ref, max_new_tokens=ADAPTIVE_NEW_TOKENS,
-                              target=ADAPTIVE_TARGET, judge=judge)
+        ("code", """runtime = controller.evaluate(controllers, nested, tok, test, loads, tps_ref, max_new_tokens=ADAPTIVE_NEW_TOKENS,
+                              target=ADAPTIVE_TARGET, judge=judge, retention_weight=retention_weight)
 results.write_csv(runtime, OUT / "adaptive_runtime.csv")
 summary = controller.summarize(runtime)
 learned, ends = summary.set_index("controller").loc["learned"], summary.set_index("controller").loc[["always_none", "always_max"]]
 summary["beats_fixed_on_reward"] = summary["reward"] > ends["reward"].max()
 summary["simulated_load"] = load_range is not None
+summary["retention_weight"] = retention_weight
 results.write_csv(summary, OUT / "adaptive_summary.csv")
 display(Markdown(summary.round(3).to_markdown(index=False)))
-print(f"learned: reward {learned['reward']:.3f} vs fixed {ends['reward'].round(3).to_dict()}; retention "
+print(f"learned (w = {retention_weight}): reward {learned['reward']:.3f} vs fixed {ends['reward'].round(3).to_dict()}; retention "
       f"{learned['retention_pct']:.1f}% of baseline (target >= 95), tokens/s {learned['speedup_pct']:+.1f}% (target >= +15)")"""),
         ("code", """results.save_plot(plots.scatter_trend(runtime, "complexity", "latency_s", title="inference time vs prompt complexity"),
                   OUT / "inference_time_vs_complexity.png")

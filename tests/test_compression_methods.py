@@ -157,3 +157,18 @@ def test_a_bad_rank_leaves_the_model_untouched(rank, tokens):
     with pytest.raises(ValueError, match=f"rank {rank} is invalid"):
         lowrank_model(model, rank=rank)
     assert not compression.replaced_modules_of(model) and torch.equal(_logits(model, tokens), before)
+
+
+def test_smoothed_int8_row_saves_what_it_measured(models_dir, windows, tokens):
+    from pruning_utils.checkpoint import load_pruned
+
+    model = tiny_model("llama")
+    kw = dict(smooth_windows=windows, smooth_alpha=0.5, keep_fp32=("down_proj",))
+    reference = dict(params_non_embedding=1, flops_per_token=1, ppl=1.0)
+    row = compression.int8_row("baseline", "cpu", windows[:2], reference=reference, model=model, tok=TinyTokenizer(),
+                               **kw)
+    assert row["saved"] and "smoothed (alpha 0.5)" in row["note"] and "down_proj kept fp32" in row["note"]
+    back, _ = load_pruned("baseline_int8", device="cpu")
+    assert back.int8_keep_fp32 == ("down_proj",) or list(back.int8_keep_fp32) == ["down_proj"]
+    assert torch.equal(_logits(back, tokens), _logits(quantize_int8(model, progress=False, **kw), tokens))
+    assert not torch.equal(_logits(back, tokens), _logits(quantize_int8(model), tokens))  # not the plain INT8

@@ -280,3 +280,21 @@ def test_encoder_stage_runs_by_profile(tmp_path, monkeypatch):
         run(resolve_parameters(profile), root=root, log=lines.append)
         assert calls == want
     assert any("[07] skipped (ENCODER_STAGE=off)" in line for line in lines)
+
+
+def test_run_time_table_keeps_the_stages_a_partial_run_did_not_measure(tmp_path, monkeypatch):
+    monkeypatch.delenv("PRUNING_RUN_STARTED", raising=False)
+    table = tmp_path / "results" / "ablation_studies" / stages.RUN_TIME_FILE
+    table.parent.mkdir(parents=True)
+    table.write_text("stage,notebook,minutes,profile,commit\ninstall,scripts/install.sh,0.30,default,abc1234\n"
+                     "00,00-setup-01-baseline-and-importance.ipynb,11.00,default,abc1234\n"
+                     "05,05_adaptive_runtime.ipynb,8.00,default,abc1234\ntotal,,19.30,default,\n")
+    stamp = tmp_path / "results" / "stages" / "05.json"
+    stamp.parent.mkdir(parents=True)
+    stamp.write_text(json.dumps({"digest": "x", "seconds": 120.0, "commit": "def5678"}))
+    stages.write_run_time(tmp_path, "default", 0.0)
+    rows = {r.split(",")[0]: r.split(",") for r in table.read_text().splitlines()[1:]}
+    assert rows["00"][2:] == ["11.00", "default", "abc1234"]  # not re-run here: kept, with where it was measured
+    assert rows["install"][2:] == ["0.30", "default", "abc1234"]
+    assert rows["05"][2:] == ["2.00", "default", "def5678"]  # measured by this checkout's run
+    assert rows["total"][2] == "13.30" and "03" not in rows
