@@ -114,10 +114,8 @@ PARAMS: dict[str, Param] = {
     "ADAPTIVE_PROMPTS": Param("", str, "prompt CSV with a `prompt` column ('': the packaged prompts, written to "
                               "results/ablation_studies/adaptive_prompts.csv); seeded 80/20 train/test split"),
     "ADAPTIVE_N_PROMPTS": Param(100, int, "prompts drawn from the CSV (seeded) before the 80/20 split"),
-    # the session-5 levels (ffn:0.25 and heads:0.34+ffn:0.5+layers:0.1 without refit) gave answer PPL 7.1 / 789 for
-    # +10% / +28% tokens/s, so the bandit always chose 'none'. INT8 decodes 2-4x faster on CPU for 0.25x memory;
-    # refit copies would add 0.20x (80 MB for down_proj at 1152 + 27 MB for o_proj at 6 heads): 1.45x in all, over
-    # the 1.3x memory target, so the refit is opt-in
+    # on CPU a width cut buys little decode speed for much quality while INT8 buys more for less (README, adaptive
+    # runtime), so INT8 is the fast level; refit copies would take memory past the 1.3x aim, so the refit is opt-in
     "ADAPTIVE_LEVELS": Param("none,kv:16,ffn:0.25,int8", str,
                              "levels, least to most pruned, 'none' first: kv:WINDOW, heads:/ffn:/layers: removed "
                              "fraction, joined with +; int8: the dynamic-INT8 unpruned model (CPU only, dropped on GPU)"),
