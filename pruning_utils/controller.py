@@ -12,7 +12,7 @@ alike, and speed beyond the target earns nothing; so at low load the unpruned mo
 `ppl` is the level's perplexity of the unpruned model's answer to that prompt (teacher-forced, KV window applied):
 how far the level drifts from the answer it replaces. `retention` is the semantic similarity of the level's own
 greedy answer to the unpruned one (all-MiniLM-L6-v2 cosine): the PPL term alone misses that a greedy answer drifts
-after a few near-tied tokens (INT8 on the embedded model: answer PPL 2.0 vs 1.9, retention 0.43-0.98 per prompt).
+after a few near-tied tokens (INT8 on the embedded model: README, adaptive runtime).
 w = 0 is the issue's formula. `fit_retention_weight` makes the retention target a constraint: it trains the bandit
 for each w of a grid and keeps the smallest w whose policy keeps `min_retention` of the unpruned answers' meaning on
 the *training* prompts (a Lagrange multiplier found by search); the held-out prompts never see it.
