@@ -442,6 +442,13 @@ def prefill(model, prompt_ids: Tensor) -> dict:
     return {"cache": cache, "logits": logits, "seconds": time.perf_counter() - t0, "length": prompt_ids.shape[1]}
 
 
+def prefilled_cache(prefilled: dict):
+    """Return a copy of a `prefill`'s cache to decode on from (the original stays reusable)."""
+    import copy
+
+    return copy.deepcopy(prefilled["cache"])
+
+
 @torch.inference_mode()
 def decode(model, prompt_ids: Tensor, max_new_tokens: int = 32, kv_window: int = 0, eos_token_id: int | None = None,
            forced: Tensor | None = None, prefilled: dict | None = None) -> dict:
@@ -453,8 +460,6 @@ def decode(model, prompt_ids: Tensor, max_new_tokens: int = 32, kv_window: int =
     another model of the same architecture) replaces the prefill: a copy of its cache is used and its seconds are
     counted in `seconds`, so the first new token is the prefilling model's.
     """
-    import copy
-
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -467,7 +472,7 @@ def decode(model, prompt_ids: Tensor, max_new_tokens: int = 32, kv_window: int =
     if prefilled is not None:
         if prefilled["length"] != pos:
             raise ValueError(f"the prefilled cache holds {prefilled['length']} prompt tokens, the prompt has {pos}")
-        cache, logits = copy.deepcopy(prefilled["cache"]), prefilled["logits"]
+        cache, logits = prefilled_cache(prefilled), prefilled["logits"]
         t0 -= prefilled["seconds"]
     else:
         cache = DynamicCache()

@@ -337,11 +337,9 @@ def answer_ppl(model, prompt_ids: torch.Tensor, answer: list[int], kv_window: in
     n = prompt_ids.shape[1]
     with torch.inference_mode():
         if prefilled is not None:  # the first answer token from the prefill's logits, the rest in one forward
-            import copy
+            from .adaptive import _cache_kw, prefilled_cache
 
-            from .adaptive import _cache_kw
-
-            rest = model(input_ids=forced[:, :-1].to(device), **{_cache_kw(model): copy.deepcopy(prefilled["cache"])},
+            rest = model(input_ids=forced[:, :-1].to(device), **{_cache_kw(model): prefilled_cache(prefilled)},
                          use_cache=True, position_ids=torch.arange(n, n + forced.shape[1] - 1, device=device)[None]
                          ).logits[0]
             logits = torch.cat([prefilled["logits"].reshape(1, -1).to(rest.dtype), rest], 0).float()
@@ -438,11 +436,15 @@ def evaluate(controllers: list[Controller], nested: NestedModel, tokenizer, prom
             nested.restore()  # reversible: every prompt starts from the unpruned model
     table = pd.DataFrame(rows)
     reference = table[table["controller"] == controllers[0].name].set_index("id")
+    nested.restore()
+    by_id = prompts.set_index("id")["prompt"]
+    served = {}  # one unpruned prefill per prompt, shared by every controller's row (a copy is decoded on)
+    for pid in table["id"].unique():
+        ids = _prompt_ids(tokenizer, by_id.loc[pid])
+        served[pid] = (ids, prefill(nested.model, ids))
     ppl = []
     for r in table.itertuples():
-        ids = _prompt_ids(tokenizer, prompts.set_index("id").loc[r.id, "prompt"])
-        nested.restore()
-        pre = prefill(nested.model, ids)
+        ids, pre = served[r.id]
         nested.switch(r.level)
         ppl.append(answer_ppl(nested.active, ids, reference.loc[r.id, "ids"], nested.kv_window(),
                               pre if nested.shares_prefill() else None))
