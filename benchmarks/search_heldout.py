@@ -1,46 +1,89 @@
-"""What the budget search's KL windows decide: held-out windows from the calibration mixture vs self-generated ones.
+"""What the budget search's KL windows decide, per shape: their source (calibration mixture, self-generated, every
+source) and how many there are.
 
-`benchmarks/quality.py` scores the search (`pruning_utils.search`) by KL to the dense model on held-out windows of
-the calibration mixture (75% embedded text): at S3 it took in-domain PPL from 19.04 (uniform obs) to 15.30 but the
-fidelity PPL (held-out self-generated text) only from 42.43 to 41.80, i.e. the allocation fits the text domain. This
-reruns the same search (obs scores, one-shot lstsq refit from the default calibration Grams, same seed and
-iterations) with KL windows drawn from each `--held` source — text windows of another seed, or self-generated
-windows of another seed of the calibration stream (never the fidelity stream) — and measures in-domain and fidelity
-perplexity of each result.
+`benchmarks/quality.py` scores the search (`pruning_utils.search`) by KL to the dense model on 4 held-out windows
+of the calibration mixture (75% embedded text): at S3 it took in-domain PPL from 19.04 (uniform obs) to 15.30 but the
+fidelity PPL (held-out self-generated text) only from 42.43 to 41.80. This reruns the same search (obs scores,
+one-shot lstsq refit from the default calibration Grams, same seed and iterations) for each run of `--runs` —
+a shape, a number of KL windows and their source: text windows of another seed, or self-generated windows of another
+seed of the calibration stream (never the fidelity stream) — and measures in-domain and fidelity perplexity of each
+result next to its shape's uniform start.
 
-Writes results/ablation_studies/search_heldout.csv. Usage: python3 -m benchmarks.search_heldout [--held ...]
+Rows are merged into results/ablation_studies/search_heldout.csv by (shape, allocation, kl_windows, n_kl_windows):
+a run of some of the runs keeps the other rows, each stamped with the commit that measured it.
+Usage: python3 -m benchmarks.search_heldout [--runs "S3 4 selfgen; S1 4 embedded:0.75+selfgen:0.25"]
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import subprocess
 import time
+from pathlib import Path
 
 import pandas as pd
 import torch
 
+from benchmarks.quality import SHAPES
 from pruning_utils import data, metrics, obs, reconstruction, results
 from pruning_utils.loading import load_model
+from pruning_utils.paths import PROJECT_ROOT
 from pruning_utils.profiles import DEFAULTS
 from pruning_utils.search import search_budget
+
+MIX = DEFAULTS["TEXT_SOURCE"]
+RUNS = (f"S3 4 selfgen; S3 4 {MIX}; S3 16 embedded:0.5+selfgen:0.5; S1 4 {MIX}; S2 4 {MIX}")
+KEY = ["shape", "allocation", "kl_windows", "n_kl_windows"]
+
+
+def parse_runs(spec: str) -> list[tuple[str, int, str]]:
+    """Return (shape, windows, source) of every ';'-separated 'SHAPE WINDOWS SOURCE' run."""
+    runs = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        fields = part.split()
+        if len(fields) != 3 or fields[0] not in SHAPES or not fields[1].isdigit() or int(fields[1]) < 1:
+            raise SystemExit(f"run '{part}' is not 'SHAPE WINDOWS SOURCE' with SHAPE in {sorted(SHAPES)} and "
+                             "WINDOWS >= 1, e.g. 'S3 4 selfgen'")
+        runs.append((fields[0], int(fields[1]), fields[2]))
+    return runs
+
+
+def merge_rows(new: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Return the new rows plus the rows of `path` whose key this run did not measure."""
+    if not path.exists():
+        return new
+    old = pd.read_csv(path)
+    if not set(KEY) <= set(old.columns):
+        return new
+    measured = set(map(tuple, new[KEY].astype(str).values))
+    kept = old[[tuple(k) not in measured for k in old[KEY].astype(str).values]]
+    return pd.concat([kept, new], ignore_index=True).sort_values(KEY, kind="stable", ignore_index=True)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--source", default=DEFAULTS["TEXT_SOURCE"], help="calibration source (Grams and obs scores)")
-    ap.add_argument("--held", default="selfgen;embedded:0.75+selfgen:0.25",
-                    help="sources of the search's KL windows, separated by ';'")
+    ap.add_argument("--source", default=MIX, help="calibration source (Grams and obs scores)")
+    ap.add_argument("--runs", default=RUNS, help="';'-separated 'SHAPE WINDOWS SOURCE' searches")
     ap.add_argument("--n-calib", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--held-windows", type=int, default=4)
     ap.add_argument("--iterations", type=int, default=80)
+    ap.add_argument("--group", type=int, default=32, help="neurons moved per search step")
     ap.add_argument("--ridge", type=float, default=1e-3, help="the best S3 obs ridge of the quality benchmark")
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--eval-max-tokens", type=int, default=32768)
     ap.add_argument("--fidelity-tokens", type=int, default=DEFAULTS["FIDELITY_TOKENS"])
     ap.add_argument("--out", default=str(results.ablation_dir() / "search_heldout.csv"))
     args = ap.parse_args()
+    runs = parse_runs(args.runs)
     torch.manual_seed(0)
     model, tok = load_model(args.model, device="cpu", dtype="float32")
     windows = data.calibration_windows(tok, args.source, n_samples=args.n_calib, seq_len=args.seq_len, seed=0,
@@ -50,30 +93,38 @@ def main() -> None:
     fidelity = data.fidelity_chunks(model, tok, n_tokens=args.fidelity_tokens, seq_len=args.seq_len)
     grams = reconstruction.collect_grams(model, windows)
     scores = obs.obs_scores(model, grams, ridge_ratio=args.ridge, progress=False)
-    rows = []
-    for held_source in args.held.split(";"):
-        held = data.calibration_windows(tok, held_source, n_samples=args.held_windows, seq_len=args.seq_len, seed=1,
+    commit, rows, done_uniform = _commit(), [], set()
+
+    def measure(shape, allocation, plan, kl, source, n_windows, search_s=0.0, counts=None):
+        pruned = reconstruction.prune_and_reconstruct(copy.deepcopy(model), plan, None, "lstsq", sequential=False,
+                                                      ridge_ratio=args.ridge, stats=grams)
+        rows.append(dict(shape=shape, criterion="obs", allocation=allocation, kl_windows=source,
+                         n_kl_windows=n_windows, kl_heldout=kl,
+                         ppl=metrics.perplexity(pruned, chunks, progress=False)["ppl"],
+                         fidelity_ppl=metrics.perplexity(pruned, fidelity, progress=False)["ppl"],
+                         params_non_embedding=metrics.count_params(pruned)["non_embedding"],
+                         search_s=round(search_s, 1),
+                         heads_removed_per_group=" ".join(map(str, counts.heads)) if counts else "",
+                         neurons_removed=" ".join(map(str, counts.neurons)) if counts else "",
+                         calibration_source=args.source, iterations=args.iterations if counts else 0,
+                         commit=commit))
+        print({k: v for k, v in rows[-1].items() if k not in ("heads_removed_per_group", "neurons_removed")},
+              flush=True)
+        results.write_csv(merge_rows(pd.DataFrame(rows), Path(args.out)), args.out)
+
+    for shape, n_windows, held_source in runs:
+        held = data.calibration_windows(tok, held_source, n_samples=n_windows, seq_len=args.seq_len, seed=1,
                                         model=model)
         t0 = time.perf_counter()
-        res = search_budget(model, scores, grams, held, iterations=args.iterations, ridge_ratio=args.ridge,
-                            progress=False)
+        res = search_budget(model, scores, grams, held, iterations=args.iterations, group=args.group,
+                            ridge_ratio=args.ridge, progress=False, **SHAPES[shape])
         search_s = time.perf_counter() - t0
-        for allocation, plan, kl in (("uniform", res.uniform, res.kl_uniform), ("search", res.plan, res.kl)):
-            if allocation == "uniform" and rows:
-                continue  # the uniform start does not depend on the KL windows
-            pruned = reconstruction.prune_and_reconstruct(copy.deepcopy(model), plan, None, "lstsq", sequential=False,
-                                                          ridge_ratio=args.ridge, stats=grams)
-            rows.append(dict(shape="S3", criterion="obs", allocation=allocation,
-                             kl_windows=held_source,
-                             kl_heldout=kl, ppl=metrics.perplexity(pruned, chunks, progress=False)["ppl"],
-                             fidelity_ppl=metrics.perplexity(pruned, fidelity, progress=False)["ppl"],
-                             params_non_embedding=metrics.count_params(pruned)["non_embedding"],
-                             search_s=round(search_s, 1) if allocation == "search" else 0.0,
-                             heads_removed_per_group=" ".join(map(str, res.counts.heads)) if allocation == "search" else "",
-                             calibration_source=args.source))
-            results.write_csv(pd.DataFrame(rows), args.out)
-            print(rows[-1], flush=True)
-    print(pd.DataFrame(rows).drop(columns=["heads_removed_per_group"]).to_markdown(index=False, floatfmt=".3f"))
+        if shape not in done_uniform:  # the uniform start does not depend on the KL windows; its KL does
+            done_uniform.add(shape)
+            measure(shape, "uniform", res.uniform, res.kl_uniform, held_source, n_windows)
+        measure(shape, "search", res.plan, res.kl, held_source, n_windows, search_s, res.counts)
+    table = pd.DataFrame(rows).drop(columns=["heads_removed_per_group", "neurons_removed"])
+    print(table.to_markdown(index=False, floatfmt=".3f"))
 
 
 if __name__ == "__main__":

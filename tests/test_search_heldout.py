@@ -1,0 +1,54 @@
+"""The search KL-window benchmark on a tiny random model: one uniform row per shape, budget-exact searches, and a
+partial re-run that keeps the rows it did not measure."""
+import sys
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _run(out, runs):
+    from benchmarks import search_heldout
+    from pruning_utils import paths
+
+    argv = ["search_heldout.py", "--model", "tiny-llama", "--runs", runs, "--n-calib", "8", "--seq-len", "32",
+            "--iterations", "6", "--group", "8", "--eval-seq-len", "32", "--eval-max-tokens", "256",
+            "--fidelity-tokens", "64", "--out", str(out)]
+    saved, sys.argv = sys.argv, argv
+    mp = pytest.MonkeyPatch()
+    mp.setattr(paths, "MODELS_DIR", out.parent / "models")  # the selfgen cache of the tiny model stays there
+    try:
+        search_heldout.main()
+    finally:
+        sys.argv = saved
+        mp.undo()
+    return pd.read_csv(out)
+
+
+def test_runs_rows_and_merge(tmp_path):
+    out = tmp_path / "search_heldout.csv"
+    table = _run(out, "S1 2 embedded; S3 2 selfgen; S3 3 embedded:0.5+selfgen:0.5")
+    assert list(zip(table["shape"], table["allocation"])).count(("S3", "uniform")) == 1
+    assert len(table) == 5
+    for shape, rows in table.groupby("shape"):
+        assert rows["params_non_embedding"].nunique() == 1, f"{shape}: the search changed the budget"
+        assert (rows["ppl"] > 1).all() and (rows["fidelity_ppl"] > 1).all()
+    search = table[table["allocation"] == "search"]
+    assert (search["kl_heldout"] > -1e-6).all()  # a KL, up to float rounding
+    assert set(search["n_kl_windows"]) == {2, 3}
+    # a partial re-run replaces its own rows and keeps the others
+    first = table.set_index(["shape", "allocation", "kl_windows", "n_kl_windows"])
+    again = _run(out, "S1 2 embedded").set_index(["shape", "allocation", "kl_windows", "n_kl_windows"])
+    assert sorted(again.index) == sorted(first.index)
+    pd.testing.assert_series_equal(again.loc[first.index, "ppl"], first["ppl"], rtol=1e-6)
+
+
+def test_bad_run_spec_is_refused():
+    from benchmarks.search_heldout import parse_runs
+
+    with pytest.raises(SystemExit, match="SHAPE WINDOWS SOURCE"):
+        parse_runs("S4 4 selfgen")
+    with pytest.raises(SystemExit, match="SHAPE WINDOWS SOURCE"):
+        parse_runs("S3 four selfgen")
+    assert parse_runs("S3 4 selfgen; ;S1 2 embedded") == [("S3", 4, "selfgen"), ("S1", 2, "embedded")]
