@@ -11,7 +11,8 @@ result next to its shape's uniform start.
 
 Rows are merged into results/ablation_studies/search_heldout.csv by (shape, allocation, kl_windows, n_kl_windows):
 a run of some of the runs keeps the other rows, each stamped with the commit that measured it.
-Usage: python3 -m benchmarks.search_heldout [--runs "S3 4 selfgen; S1 4 embedded:0.75+selfgen:0.25"]
+Usage: python3 -m benchmarks.search_heldout [--runs "S3 4 selfgen; S2 4 embedded:0.75+selfgen:0.25 no-trade"]
+[--orders one-shot,sequential]
 """
 from __future__ import annotations
 
@@ -29,22 +30,25 @@ from pruning_utils import data, metrics, obs, reconstruction, results
 from pruning_utils.loading import load_model
 from pruning_utils.paths import PROJECT_ROOT
 from pruning_utils.profiles import DEFAULTS
-from pruning_utils.search import search_budget
+from pruning_utils.search import counts_of, search_budget
 
 MIX = DEFAULTS["TEXT_SOURCE"]
 RUNS = (f"S3 4 selfgen; S3 4 {MIX}; S3 16 embedded:0.5+selfgen:0.5; S1 4 {MIX}; S2 4 {MIX}")
-KEY = ["shape", "allocation", "kl_windows", "n_kl_windows"]
+KEY = ["shape", "allocation", "kl_windows", "n_kl_windows", "trade", "order"]
+ORDERS = ("one-shot", "sequential")
 
 
-def parse_runs(spec: str) -> list[tuple[str, int, str]]:
-    """Return (shape, windows, source) of every ';'-separated 'SHAPE WINDOWS SOURCE' run."""
+def parse_runs(spec: str) -> list[tuple[str, int, str, bool]]:
+    """Return (shape, windows, source, trade) of every ';'-separated 'SHAPE WINDOWS SOURCE [no-trade]' run; with
+    no-trade the search moves heads between layers and neurons between layers but never trades one for the other."""
     runs = []
     for part in filter(None, (p.strip() for p in spec.split(";"))):
         fields = part.split()
-        if len(fields) != 3 or fields[0] not in SHAPES or not fields[1].isdigit() or int(fields[1]) < 1:
-            raise SystemExit(f"run '{part}' is not 'SHAPE WINDOWS SOURCE' with SHAPE in {sorted(SHAPES)} and "
-                             "WINDOWS >= 1, e.g. 'S3 4 selfgen'")
-        runs.append((fields[0], int(fields[1]), fields[2]))
+        if (len(fields) not in (3, 4) or fields[0] not in SHAPES or not fields[1].isdigit() or int(fields[1]) < 1
+                or fields[3:] not in ([], ["no-trade"])):
+            raise SystemExit(f"run '{part}' is not 'SHAPE WINDOWS SOURCE [no-trade]' with SHAPE in {sorted(SHAPES)} "
+                             "and WINDOWS >= 1, e.g. 'S3 4 selfgen' or 'S2 4 embedded no-trade'")
+        runs.append((fields[0], int(fields[1]), fields[2], fields[3:] != ["no-trade"]))
     return runs
 
 
@@ -78,12 +82,18 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=80)
     ap.add_argument("--group", type=int, default=32, help="neurons moved per search step")
     ap.add_argument("--ridge", type=float, default=1e-3, help="the best S3 obs ridge of the quality benchmark")
+    ap.add_argument("--orders", default="one-shot",
+                    help="refits of every measured plan, comma-separated: one-shot (the Grams the search scored "
+                         "with) and/or sequential (each layer refit on the already pruned earlier layers)")
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--eval-max-tokens", type=int, default=32768)
     ap.add_argument("--fidelity-tokens", type=int, default=DEFAULTS["FIDELITY_TOKENS"])
     ap.add_argument("--out", default=str(results.ablation_dir() / "search_heldout.csv"))
     args = ap.parse_args()
     runs = parse_runs(args.runs)
+    orders = [o.strip() for o in args.orders.split(",") if o.strip()]
+    if not orders or set(orders) - set(ORDERS):
+        raise SystemExit(f"--orders takes {', '.join(ORDERS)} (got '{args.orders}')")
     torch.manual_seed(0)
     model, tok = load_model(args.model, device="cpu", dtype="float32")
     windows = data.calibration_windows(tok, args.source, n_samples=args.n_calib, seq_len=args.seq_len, seed=0,
@@ -95,34 +105,38 @@ def main() -> None:
     scores = obs.obs_scores(model, grams, ridge_ratio=args.ridge, progress=False)
     commit, rows, done_uniform = _commit(), [], set()
 
-    def measure(shape, allocation, plan, kl, source, n_windows, search_s=0.0, counts=None):
-        pruned = reconstruction.prune_and_reconstruct(copy.deepcopy(model), plan, None, "lstsq", sequential=False,
-                                                      ridge_ratio=args.ridge, stats=grams)
-        rows.append(dict(shape=shape, criterion="obs", allocation=allocation, kl_windows=source,
-                         n_kl_windows=n_windows, kl_heldout=kl,
-                         ppl=metrics.perplexity(pruned, chunks, progress=False)["ppl"],
-                         fidelity_ppl=metrics.perplexity(pruned, fidelity, progress=False)["ppl"],
-                         params_non_embedding=metrics.count_params(pruned)["non_embedding"],
-                         search_s=round(search_s, 1),
-                         heads_removed_per_group=" ".join(map(str, counts.heads)) if counts else "",
-                         neurons_removed=" ".join(map(str, counts.neurons)) if counts else "",
-                         calibration_source=args.source, iterations=args.iterations if counts else 0,
-                         commit=commit))
-        print({k: v for k, v in rows[-1].items() if k not in ("heads_removed_per_group", "neurons_removed")},
-              flush=True)
-        results.write_csv(merge_rows(pd.DataFrame(rows), Path(args.out)), args.out)
+    def measure(shape, allocation, plan, kl, source, n_windows, trade, search_s=0.0, counts=None):
+        for order in orders:
+            t0 = time.perf_counter()
+            pruned = reconstruction.prune_and_reconstruct(
+                copy.deepcopy(model), plan, windows, "lstsq", sequential=order == "sequential", ridge_ratio=args.ridge,
+                stats=grams if order == "one-shot" else None)
+            rows.append(dict(shape=shape, criterion="obs", allocation=allocation, kl_windows=source,
+                             n_kl_windows=n_windows, trade=trade, order=order, kl_heldout=kl,
+                             ppl=metrics.perplexity(pruned, chunks, progress=False)["ppl"],
+                             fidelity_ppl=metrics.perplexity(pruned, fidelity, progress=False)["ppl"],
+                             params_non_embedding=metrics.count_params(pruned)["non_embedding"],
+                             search_s=round(search_s, 1), refit_s=round(time.perf_counter() - t0, 1),
+                             heads_removed_per_group=" ".join(map(str, counts.heads)) if counts else "",
+                             neurons_removed=" ".join(map(str, counts.neurons)) if counts else "",
+                             calibration_source=args.source, iterations=args.iterations if allocation == "search" else 0,
+                             commit=commit))
+            print({k: v for k, v in rows[-1].items() if k not in ("heads_removed_per_group", "neurons_removed")},
+                  flush=True)
+            results.write_csv(merge_rows(pd.DataFrame(rows), Path(args.out)), args.out)
 
-    for shape, n_windows, held_source in runs:
+    for shape, n_windows, held_source, trade in runs:
         held = data.calibration_windows(tok, held_source, n_samples=n_windows, seq_len=args.seq_len, seed=1,
                                         model=model)
         t0 = time.perf_counter()
         res = search_budget(model, scores, grams, held, iterations=args.iterations, group=args.group,
-                            ridge_ratio=args.ridge, progress=False, **SHAPES[shape])
+                            ridge_ratio=args.ridge, trade=trade, progress=False, **SHAPES[shape])
         search_s = time.perf_counter() - t0
         if shape not in done_uniform:  # the uniform start does not depend on the KL windows; its KL does
             done_uniform.add(shape)
-            measure(shape, "uniform", res.uniform, res.kl_uniform, held_source, n_windows)
-        measure(shape, "search", res.plan, res.kl, held_source, n_windows, search_s, res.counts)
+            measure(shape, "uniform", res.uniform, res.kl_uniform, held_source, n_windows, trade,
+                    counts=counts_of(res.uniform, model))
+        measure(shape, "search", res.plan, res.kl, held_source, n_windows, trade, search_s, res.counts)
     table = pd.DataFrame(rows).drop(columns=["heads_removed_per_group", "neurons_removed"])
     print(table.to_markdown(index=False, floatfmt=".3f"))
 
