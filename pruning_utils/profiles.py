@@ -69,7 +69,11 @@ PARAMS: dict[str, Param] = {
     "HEAD_SWEEP": Param("0.2,0.5", str, "head rates of the criteria sweep, comma-separated"),
     "MLP_RATE": Param(0.25, float, "main rate: fraction of MLP neurons"),
     "MLP_SWEEP": Param("0.25,0.5", str, "MLP rates of the criteria sweep, comma-separated"),
-    "ALLOCATION": Param("uniform", str, "uniform (stock-loadable) | global"),
+    "ALLOCATION": Param("uniform", str, "uniform (stock-loadable) | global | search (per-layer counts searched by KL "
+                        "to the dense model; loads with load_pruned)"),
+    "SEARCH_ITERATIONS": Param(80, int, "search allocation: candidates tried (benchmarks/search_heldout.py)"),
+    "SEARCH_WINDOWS": Param(16, int, "search allocation: held-out KL windows, every part of TEXT_SOURCE alike"),
+    "SEARCH_GROUP": Param(32, int, "search allocation: MLP neurons moved per step (kept widths stay multiples)"),
     "MAIN_HEAD_CRITERION": Param("fluctuation", str, "best with the lstsq refit (benchmarks/quality.py)"),
     "MAIN_MLP_CRITERION": Param("fluctuation", str, "criterion of the saved MLP-pruned models"),
     "RECONSTRUCTION": Param("lstsq", str, "none | bias | lstsq: refit o_proj / down_proj on calibration activations"),
@@ -181,12 +185,13 @@ DEFAULTS: dict[str, object] = {name: p.default for name, p in PARAMS.items()}
 # parameters that take one of a few words (checked with the types, so a typo stops the run before it starts)
 CHOICES: dict[str, tuple[str, ...]] = {"OFFLOAD": ("auto", "off", "on"), "GRAMS": ("auto", "device", "host", "streamed"),
                                        "VARIANT_BUILD": ("auto", "copy", "reload"), "KEEP_CHECKPOINTS": ("all", "needed"),
-                                       "ENCODER_STAGE": ("off", "on", "only")}
+                                       "ENCODER_STAGE": ("off", "on", "only"),
+                                       "ALLOCATION": ("uniform", "global", "search")}
 
 _COMMON = ("PROFILE", "MODEL", "TEXT_SOURCE", "SELFGEN_TEMPERATURE", "SELFGEN_TOP_P", "FIDELITY_TOKENS", "DEVICE",
            "DTYPE", "SEED", "N_CALIB", "CALIB_SEQ_LEN", "EVAL_SEQ_LEN", "EVAL_MAX_TOKENS", "SWEEP_EVAL_MAX_TOKENS",
            "LATENCY_BATCH", "LATENCY_SEQ_LEN", "LATENCY_REPEATS", "DECODE_TOKENS")
-_SWEEP = ("ALLOCATION", "RECONSTRUCTION", "RECON_OPTIONS", "RECON_SEQUENTIAL", "OFFLOAD", "GRAMS", "VARIANT_BUILD")
+_SWEEP = ("ALLOCATION", "SEARCH_ITERATIONS", "SEARCH_WINDOWS", "SEARCH_GROUP", "RECONSTRUCTION", "RECON_OPTIONS", "RECON_SEQUENTIAL", "OFFLOAD", "GRAMS", "VARIANT_BUILD")
 
 # What each notebook reads (tests/test_notebooks.py checks these against the notebooks' code): the runner passes
 # only these, and a stage's digest hashes only these, so e.g. a new ZERO_SHOT_LIMIT re-runs notebook 06 alone.
@@ -226,7 +231,10 @@ PROFILES: dict[str, dict] = {
                   N_PROMPTS=4, FIDELITY_TOKENS=256, COMPRESS_CALIB_WINDOWS=4, COMPRESS_DEPTH_SEMANTIC_WINDOWS=1,
                   COMPRESS_HYBRID_RANK=2, COMPRESS_LOWRANK_METHODS="plain,asvd,whiten",
                   EXTRA_VARIANTS=DEFAULTS["EXTRA_VARIANTS"], ADAPTIVE_N_PROMPTS=10, ADAPTIVE_NEW_TOKENS=4,
-                  ADAPTIVE_LEVELS="none,kv:4,heads:0.5+ffn:0.5+layers:0.34,int8", ADAPTIVE_REFIT=True, ADAPTIVE_EPOCHS=5, **_BOTH_RECOVERED),
+                  ADAPTIVE_LEVELS="none,kv:4,heads:0.5+ffn:0.5+layers:0.34,int8", ADAPTIVE_REFIT=True, ADAPTIVE_EPOCHS=5,
+                  # the thorough recipe's path (obs heads, searched counts, non-uniform checkpoints downstream)
+                  MAIN_HEAD_CRITERION="obs", ALLOCATION="search", SEARCH_ITERATIONS=6, SEARCH_WINDOWS=2, SEARCH_GROUP=8,
+                  **_BOTH_RECOVERED),
     # Kaggle/Colab T4 or P100 (fp16), hub models, WikiText-2; LORA_LR 1e-3 is the rate these profiles were run with
     "kaggle-qwen2.5-0.5b": dict(DEFAULTS, MODEL="Qwen/Qwen2.5-0.5B", TEXT_SOURCE="wikitext2:0.75+selfgen:0.25", N_CALIB=128,
                                 CALIB_SEQ_LEN=512, EVAL_SEQ_LEN=1024, EVAL_MAX_TOKENS=None, SWEEP_EVAL_MAX_TOKENS=65536,
@@ -241,6 +249,9 @@ PROFILES: dict[str, dict] = {
                               LATENCY_REPEATS=5, DECODE_TOKENS=64, RECOVERY_STEPS=200, RECOVERY_LOSS="lm",
                               LORA_LR=1e-3, ZERO_SHOT=True, EXTRA_VARIANTS=_GPU_EXTRA, **_BOTH_RECOVERED),
 }
+# the best quality at equal size of benchmarks/search_heldout.py, at the cost of obs scores (~2 min here) and a
+# search per saved model (~5-7 min each on this CPU): obs heads and neurons, per-layer counts searched by KL
+PROFILES["thorough"] = dict(DEFAULTS, MAIN_HEAD_CRITERION="obs", MAIN_MLP_CRITERION="obs", ALLOCATION="search")
 # encoders: notebook 07 alone on the embedded task (`encoder`); the smoke run takes a tiny random BERT through it
 PROFILES["encoder"] = dict(DEFAULTS, ENCODER_STAGE="only")
 PROFILES["smoke"].update(ENCODER_STAGE="on", ENCODER_MODEL="tiny-bert", ENCODER_MAX_TRAIN=64, ENCODER_MAX_EVAL=32,

@@ -213,6 +213,19 @@ def calibration_size() -> str:
                              "gram_s_cumulative", "obs_s", "refit_s", "selfgen_and_windows_s"]), 3)
 
 
+def search_heldout() -> str:
+    """Return `benchmarks/search_heldout.py`: budget searches per shape, KL windows and refit order, with their
+    uniform starts (in-domain and fidelity perplexity, the heads / neurons removed in all)."""
+    df = _csv("search_heldout").copy()
+    total = lambda col: df[col].map(lambda c: sum(map(int, c.split())) if isinstance(c, str) and c.strip() else None)  # noqa: E731
+    df["head_rounds_removed"], df["neurons_removed_total"] = total("heads_removed_per_group"), total("neurons_removed")
+    df = df.sort_values(["shape", "n_kl_windows", "kl_windows", "trade", "allocation", "order"],
+                        ascending=[True, True, True, False, False, True], kind="stable")
+    return _md(_present(df, ["shape", "allocation", "kl_windows", "n_kl_windows", "trade", "order", "kl_heldout",
+                             "ppl", "fidelity_ppl", "head_rounds_removed", "neurons_removed_total", "search_s",
+                             "commit"]), 3)
+
+
 def int8_smoothing() -> str:
     """Return `benchmarks/int8_smoothing.py`: dynamic INT8 of the embedded model, plain / smoothed / down_proj fp32."""
     df = _csv("int8_smoothing")
@@ -234,11 +247,11 @@ TABLES: dict[str, Callable[[], str]] = {
     "calibration_sources": calibration_sources, "recovery_sources": recovery_sources,
     "compression_methods": compression_methods, "adaptive_summary": adaptive_summary,
     "adaptive_levels": adaptive_levels, "encoder_glue": encoder_glue, "calibration_size": calibration_size,
-    "int8_smoothing": int8_smoothing,
+    "int8_smoothing": int8_smoothing, "search_heldout": search_heldout,
 }
 # tables whose numbers are timings: they change with every run, so the agreement test does not pin them
 TIMING_TABLES = ("final_cost", "run_time", "compression_methods", "adaptive_summary", "adaptive_levels", "encoder_glue",
-                 "calibration_size", "int8_smoothing")
+                 "calibration_size", "int8_smoothing", "search_heldout")
 
 
 def render_readme(text: str) -> str:

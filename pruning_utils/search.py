@@ -288,3 +288,83 @@ def search_budget(model, scores: Scores, grams: Mapping[tuple[int, str], GramSta
                                  "kl_uniform": kl_uniform, "held_out_windows": list(windows.shape),
                                  "budget_removed_params": budget, "trade_ratio": ratio}
     return SearchResult(plan, uniform, best_kl, kl_uniform, pd.DataFrame(rows), time.perf_counter() - t0, best)
+
+
+# ----------------------------------------------------------------------------- the notebooks' main plans
+
+PLAN_ALLOCATIONS = allocation.ALLOCATIONS + ("search",)
+
+
+def equal_parts(text_source: str) -> str:
+    """Return the text source with every part at equal weight, e.g. 'embedded:0.75+selfgen:0.25' ->
+    'embedded:0.5+selfgen:0.5': the search's KL windows hold every source alike (issue 15's over-fitting check)."""
+    from .data import parse_mixture
+
+    parts = parse_mixture(text_source)
+    return text_source if len(parts) == 1 else "+".join(f"{name}:{1 / len(parts):.6g}" for name, _ in parts)
+
+
+def criterion_scores(scores: dict[str, Scores], criterion: str, model,
+                     grams: Mapping[tuple[int, str], GramStats] | None = None, ridge_ratio: float = 1e-2) -> Scores:
+    """Return `scores[criterion]`; `obs` (not a notebook-00 criterion: it needs the refit's Grams) is computed from
+    `grams` the first time and kept in `scores`."""
+    if criterion not in scores:
+        if criterion != "obs":
+            raise KeyError(f"no scores for criterion '{criterion}'; known: {', '.join(sorted(scores)) or 'none'} "
+                           "and obs. Add it to CRITERIA of notebook 00 and re-run it")
+        if grams is None:
+            raise SearchError("criterion 'obs' needs the refit's Gram statistics held in memory: set GRAMS=device "
+                              "or host (GRAMS=streamed keeps none)")
+        from .obs import obs_scores
+
+        scores[criterion] = obs_scores(model, grams, ridge_ratio=ridge_ratio)
+    return scores[criterion]
+
+
+def main_plan(model, scores: dict[str, Scores], *, head_criterion: str | None = None,
+              mlp_criterion: str | None = None, head_rate: float = 0.0, mlp_rate: float = 0.0,
+              allocation_name: str = "uniform", grams: Mapping[tuple[int, str], GramStats] | None = None,
+              tokenizer=None, text_source: str = "", seed: int = 0, seq_len: int = 256, windows: int = 16,
+              iterations: int = 80, group: int = 32, ridge_ratio: float = 1e-2, selfgen_kw: dict | None = None,
+              progress: bool = True) -> PruningPlan:
+    """Return the plan of a notebook's main model: heads at `head_rate` and / or neurons at `mlp_rate`.
+
+    `uniform` / `global` are `allocation.plan_heads` / `plan_neurons` / `plan_both`. `search` starts from uniform and
+    searches the per-layer counts at its exact parameter budget (`search_budget`), scored by KL to the dense model
+    on `windows` held-out windows (seed + 1) of every part of `text_source` at equal weight; heads are traded for
+    neurons only when both kinds are pruned, so a head-only plan stays head-only. The search result is recorded in
+    the plan's provenance."""
+    if allocation_name not in PLAN_ALLOCATIONS:
+        raise ValueError(f"unknown allocation '{allocation_name}'; known: {', '.join(PLAN_ALLOCATIONS)}")
+    if not head_rate and not mlp_rate:
+        raise ValueError("main_plan needs head_rate > 0 or mlp_rate > 0")
+    if (head_rate and head_criterion is None) or (mlp_rate and mlp_criterion is None):
+        raise ValueError("name the criterion of every kind pruned (head_criterion / mlp_criterion)")
+    hs = criterion_scores(scores, head_criterion, model, grams, ridge_ratio) if head_rate else None
+    ns = criterion_scores(scores, mlp_criterion, model, grams, ridge_ratio) if mlp_rate else None
+    if allocation_name != "search":
+        if hs is not None and ns is not None:
+            return allocation.plan_both(model, hs, head_rate, mlp_rate, allocation=allocation_name, neuron_scores=ns)
+        if hs is not None:
+            return allocation.plan_heads(model, hs, head_rate, allocation=allocation_name)
+        return allocation.plan_neurons(model, ns, mlp_rate, allocation=allocation_name)
+    if grams is None:
+        raise SearchError("ALLOCATION='search' refits every candidate from the Gram statistics: set GRAMS=device or "
+                          "host (GRAMS=streamed keeps none)")
+    if tokenizer is None or not text_source:
+        raise SearchError("ALLOCATION='search' needs the tokenizer and the text source of its held-out KL windows")
+    ref = hs if hs is not None else ns
+    joint = Scores(ref.heads, (ns if ns is not None else ref).neurons,
+                   ref.criterion if hs is None or ns is None or hs.criterion == ns.criterion
+                   else f"{hs.criterion}+{ns.criterion}")
+    from .data import calibration_windows
+
+    held = calibration_windows(tokenizer, equal_parts(text_source), n_samples=windows, seq_len=seq_len, seed=seed + 1,
+                               model=model, selfgen_kw=selfgen_kw)
+    res = search_budget(model, joint, grams, held, head_rate=head_rate, mlp_rate=mlp_rate, group=group,
+                        iterations=iterations, seed=seed, ridge_ratio=ridge_ratio,
+                        trade=bool(head_rate and mlp_rate), progress=progress)
+    res.plan.provenance["search"].update(kl_windows=equal_parts(text_source), seconds=round(res.seconds, 1),
+                                         trade=bool(head_rate and mlp_rate))
+    res.plan.head_rate, res.plan.mlp_rate = head_rate, mlp_rate
+    return res.plan

@@ -241,6 +241,8 @@ def criteria_sweep(model, scores: dict, criteria: list[str], rates: list[float],
     if missing:
         raise KeyError(f"no scores for {missing}; known: {', '.join(scores)}. Compute them in notebook 00 first")
     planner, rate_col, prefix = _SWEEP_KINDS[kind]
+    if allocation == "search":  # a search per criterion and rate would cost minutes each: screens are uniform
+        allocation = "uniform"
     source = _source(model)
     rows = []
     for crit, rate in bar([(c, r) for c in criteria for r in rates], desc=f"{kind} sweep", disable=not progress):

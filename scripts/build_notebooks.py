@@ -147,7 +147,8 @@ results.save_plot(fig, paths.results_dir() / "importance" / "neurons_heatmap.png
     ],
 )
 
-SWEEP_SETUP = '''# the unpruned model: variants are deep copies beside it, or (RUN.build == "reload") it is pruned in place and
+SWEEP_SETUP = '''from pruning_utils.search import main_plan
+# the unpruned model: variants are deep copies beside it, or (RUN.build == "reload") it is pruned in place and
 # reloaded for the next variant; always reach it as source.model
 source = Unpruned(MODEL, device=RUN.load_device, dtype=RUN.dtype, build=RUN.build)
 tok = source.tokenizer
@@ -161,13 +162,17 @@ fidelity = data.fidelity_chunks(source.model, tok, n_tokens=FIDELITY_TOKENS, see
 sweep_fidelity = fidelity[:max(1, SWEEP_EVAL_MAX_TOKENS // fidelity.shape[1])]
 # saved variants: the full fidelity set, and KL to the baseline while the unpruned model stays in memory beside them
 SAVED = dict(fidelity_chunks=fidelity, reference_model=None if RUN.build == "reload" else source.model)
+# the main plans: ALLOCATION='search' searches per-layer counts by KL on held-out windows of every TEXT_SOURCE part
+PLAN = dict(allocation_name=ALLOCATION, tokenizer=tok, text_source=TEXT_SOURCE, seed=SEED, seq_len=CALIB_SEQ_LEN,
+            windows=SEARCH_WINDOWS, iterations=SEARCH_ITERATIONS, group=SEARCH_GROUP, selfgen_kw=SELFGEN)
 missing = [c for c in as_list(CRITERIA) if c not in scores]
 assert not missing, f"criteria {missing} were not computed in notebook 00; add them to its CRITERIA and re-run it"'''
 
 
-def sweep_cells(kind: str, var: str, shape_col: str, title: str, which: list[str]) -> list[tuple[str, str]]:
+def sweep_cells(kind: str, var: str, shape_col: str, title: str, which: str) -> list[tuple[str, str]]:
     """Return the criteria-sweep and reconstruction-options cells of notebook 02 (heads) or 03 (neurons)."""
     rate_col = "head_rate_requested" if kind == "heads" else "mlp_rate_requested"
+    prefix = "head" if kind == "heads" else "mlp"
     return [
         ("md", f"## {title}"),
         ("code", f'''ref = measure_variant(source.model, sweep_chunks, variant="baseline", source_model=MODEL,
@@ -184,7 +189,7 @@ sweep.pivot_table(index="criterion", columns="{rate_col}", values="ppl").round(2
                "calibration pass per variant)."),
         ("code", f'''grams = (reconstruction.collect_grams(source.model, windows, which={which}, storage=RUN.grams_storage,
                                       device=RUN.compute_device) if RUN.hold_grams else None)
-plan = allocation.plan_{kind}(source.model, scores[MAIN_{var}_CRITERION], {var}_RATE, allocation=ALLOCATION)
+plan = main_plan(source.model, scores, {prefix}_criterion=MAIN_{var}_CRITERION, {prefix}_rate={var}_RATE, grams=grams, **PLAN)
 recon_rows = reconstruction_sweep(source, plan, windows, as_list(RECON_OPTIONS), sweep_chunks, kind="{kind}",
                                   criterion=MAIN_{var}_CRITERION, rate={var}_RATE, allocation=ALLOCATION,
                                   reference=ref, source_model=MODEL, stats=grams, sequential=RECON_SEQUENTIAL,
@@ -203,7 +208,7 @@ NB02 = notebook(
     [
         ("code", SETUP + "\n" + SWEEP_SETUP),
         *sweep_cells("heads", "HEAD", "query_heads", "Criteria side by side (plain removal, no reconstruction)",
-                     ["o_proj"]),
+                     "['o_proj', 'down_proj'] if ALLOCATION == 'search' else ['o_proj']"),
         ("md", "## Main head-pruned model (full evaluation) → `models/head_pruned/`\nLatency and memory of every saved variant are measured once, the same way, in notebook 06."),
         ("code", '''main = pruned_copy(source, plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL, stats=grams,
                   device=RUN.compute_device)
@@ -232,7 +237,7 @@ NB03 = notebook(
     [
         ("code", SETUP + "\n" + SWEEP_SETUP),
         *sweep_cells("neurons", "MLP", "intermediate", "Criteria side by side on the baseline (plain removal)",
-                     ["o_proj", "down_proj"]),
+                     "['o_proj', 'down_proj']"),
         ("md", "## MLP pruning alone → `models/mlp_pruned/`"),
         ("code", '''mlp_model = pruned_copy(source, plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL, stats=grams,
                        device=RUN.compute_device)
@@ -247,9 +252,16 @@ del mlp_model'''),
                "neurons, refit one-shot from the Grams above (each refit matches the unpruned layer): the attention "
                "is then exactly the head-pruned model's. `MIX_RESCORE = True` instead rescores the neurons on the "
                "head-pruned model and refits them there (it changes what the MLPs see). The one-shot plan is the "
-               "S3 recipe of `benchmarks/quality.py`, and it needs no second scoring or calibration pass."),
+               "S3 recipe of `benchmarks/quality.py`, and it needs no second scoring or calibration pass. With "
+               "`ALLOCATION = 'search'` the mix is searched from the unpruned model at the joint budget instead "
+               "(heads and neurons together, trading one for the other)."),
         ("code", '''head_row = read_checkpoint_meta("head_pruned")["extra"]
-if MIX_RESCORE:
+if ALLOCATION == "search":  # heads and neurons searched together at the mix's joint budget (S3 of the benchmarks)
+    mix_plan = main_plan(source.model, scores, head_criterion=head_row["criterion"], mlp_criterion=MAIN_MLP_CRITERION,
+                         head_rate=head_row["head_rate_requested"], mlp_rate=MLP_RATE, grams=grams, **PLAN)
+    mix = pruned_copy(source, mix_plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL,
+                      stats=grams, device=RUN.compute_device)
+elif MIX_RESCORE:
     head_model, _ = load_pruned("head_pruned", device=RUN.load_device, dtype=RUN.dtype)
     head_scores = importance.compute_importance(head_model, windows, [MAIN_MLP_CRITERION], seed=SEED,
                                                 compute_device=RUN.compute_device)[MAIN_MLP_CRITERION]

@@ -85,6 +85,14 @@ def test_csvs_have_documented_columns_and_finite_values(smoke_run):
     pruned = final.iloc[1:][~final["variant"].iloc[1:].isin(["baseline_int8", "hybrid_pruned"])]
     assert (pruned["params_non_embedding"] < final["params_non_embedding"].iloc[0]).all()
     assert final.set_index("variant").loc["baseline_int8", "size_mb"] < final.loc[0, "size_mb"]
+    # the smoke profile takes the thorough recipe's path: obs heads, searched counts, checkpoints that record it
+    from pruning_utils.checkpoint import read_plan
+
+    for csv, variant in (("head_pruning", "head_pruned"), ("mlp_pruning", "mlp_pruned"), ("mlp_pruning", "mix_pruned")):
+        row = pd.read_csv(out / f"{csv}.csv").set_index("variant").loc[variant]
+        assert row["allocation"] == "search", variant
+        assert "search" in read_plan(root / "models" / variant).provenance, variant
+    assert pd.read_csv(out / "head_pruning.csv").set_index("variant").loc["head_pruned", "criterion"] == "obs"
     recovery = pd.read_csv(out / "recovery.csv")
     _finite(recovery, ["steps", "tokens_seen", "heldout_loss_before", "heldout_loss_after", "ppl_before", "ppl_after", "minutes"])
     for name in ("perplexity_baseline", "latency_baseline"):

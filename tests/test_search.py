@@ -62,3 +62,75 @@ def test_counts_out_of_range_are_refused(searched):
         plan_from_counts(model, scores, Counts([4, 0, 0], [0, 0, 0]))
     with pytest.raises(SearchError, match="layers"):
         plan_from_counts(model, scores, Counts([0], [0]))
+
+
+@pytest.fixture(scope="module")
+def plan_inputs(tmp_path_factory):
+    from pruning_utils import paths
+    from pruning_utils.importance import compute_importance
+
+    model = tiny_model("llama", seed=1)
+    windows = torch.randint(3, 128, (16, 32), generator=torch.Generator().manual_seed(2))
+    grams = reconstruction.collect_grams(model, windows)
+    scores = compute_importance(model, windows, ["fluctuation"])
+    mp = pytest.MonkeyPatch()
+    mp.setattr(paths, "MODELS_DIR", tmp_path_factory.mktemp("models"))  # the selfgen cache stays there
+    yield model, grams, scores, TinyTokenizer()
+    mp.undo()
+
+
+SEARCH_KW = dict(text_source="embedded:0.75+selfgen:0.25", seq_len=32, windows=2, iterations=8, group=8,
+                 progress=False)
+
+
+def test_main_plan_uniform_is_the_allocation_planners(plan_inputs):
+    from pruning_utils import allocation
+    from pruning_utils.search import main_plan
+
+    model, grams, scores, tok = plan_inputs
+    got = main_plan(model, dict(scores), head_criterion="fluctuation", head_rate=0.25)
+    want = allocation.plan_heads(model, scores["fluctuation"], 0.25)
+    assert got.heads == want.heads and not got.neurons
+    both = main_plan(model, dict(scores), head_criterion="fluctuation", mlp_criterion="fluctuation", head_rate=0.25,
+                     mlp_rate=0.25, allocation_name="global")
+    assert both.heads == allocation.plan_both(model, scores["fluctuation"], 0.25, 0.25, allocation="global").heads
+
+
+def test_main_plan_search_keeps_kinds_and_budget(plan_inputs):
+    from pruning_utils import allocation
+    from pruning_utils.search import main_plan
+
+    model, grams, scores, tok = plan_inputs
+    pool = dict(scores)
+    heads_only = main_plan(model, pool, head_criterion="obs", head_rate=0.25, allocation_name="search", grams=grams,
+                           tokenizer=tok, **SEARCH_KW)
+    assert "obs" in pool  # computed once from the Grams and kept
+    assert not heads_only.neurons and heads_only.head_rate == 0.25
+    uniform = allocation.plan_heads(model, pool["obs"], 0.25)
+    assert removed_params(model, counts_of(heads_only, model)) == removed_params(model, counts_of(uniform, model))
+    assert heads_only.provenance["search"]["kl_windows"] == "embedded:0.5+selfgen:0.5"
+    assert heads_only.provenance["search"]["trade"] is False
+    joint = main_plan(model, pool, head_criterion="obs", mlp_criterion="fluctuation", head_rate=0.25, mlp_rate=0.25,
+                      allocation_name="search", grams=grams, tokenizer=tok, **SEARCH_KW)
+    start = allocation.plan_both(model, pool["obs"], 0.25, 0.25, neuron_scores=scores["fluctuation"])
+    assert removed_params(model, counts_of(joint, model)) == removed_params(model, counts_of(start, model))
+    assert joint.provenance["search"]["trade"] is True and joint.criterion in ("obs+fluctuation", )
+
+
+def test_main_plan_errors_say_what_to_do(plan_inputs):
+    from pruning_utils.search import equal_parts, main_plan
+
+    model, grams, scores, tok = plan_inputs
+    with pytest.raises(ValueError, match="unknown allocation 'best'"):
+        main_plan(model, dict(scores), head_criterion="fluctuation", head_rate=0.25, allocation_name="best")
+    with pytest.raises(KeyError, match="CRITERIA of notebook 00"):
+        main_plan(model, dict(scores), head_criterion="wanda", head_rate=0.25)
+    with pytest.raises(SearchError, match="GRAMS=device or host"):
+        main_plan(model, dict(scores), head_criterion="obs", head_rate=0.25)
+    with pytest.raises(SearchError, match="GRAMS=device or host"):
+        main_plan(model, dict(scores), head_criterion="fluctuation", head_rate=0.25, allocation_name="search",
+                  tokenizer=tok, **SEARCH_KW)
+    with pytest.raises(ValueError, match="head_rate > 0 or mlp_rate > 0"):
+        main_plan(model, dict(scores), head_criterion="fluctuation")
+    assert equal_parts("embedded") == "embedded"
+    assert equal_parts("wikitext2:0.9+selfgen:0.1") == "wikitext2:0.5+selfgen:0.5"
