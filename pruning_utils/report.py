@@ -226,6 +226,13 @@ def search_heldout() -> str:
                              "commit"]), 3)
 
 
+def thorough_profile() -> str:
+    """Return the saved models of notebooks 02/03 under the default and the `thorough` profile (obs + search)."""
+    df = _csv("thorough_profile")
+    return _md(_present(df, ["profile", "variant", "criterion", "allocation", "params_non_embedding", "ppl",
+                             "fidelity_ppl", "kl_to_baseline", "stage_minutes", "commit"]), 3)
+
+
 def int8_smoothing() -> str:
     """Return `benchmarks/int8_smoothing.py`: dynamic INT8 of the embedded model, plain / smoothed / down_proj fp32."""
     df = _csv("int8_smoothing")
@@ -248,10 +255,11 @@ TABLES: dict[str, Callable[[], str]] = {
     "compression_methods": compression_methods, "adaptive_summary": adaptive_summary,
     "adaptive_levels": adaptive_levels, "encoder_glue": encoder_glue, "calibration_size": calibration_size,
     "int8_smoothing": int8_smoothing, "search_heldout": search_heldout,
+    "thorough_profile": thorough_profile,
 }
 # tables whose numbers are timings: they change with every run, so the agreement test does not pin them
 TIMING_TABLES = ("final_cost", "run_time", "compression_methods", "adaptive_summary", "adaptive_levels", "encoder_glue",
-                 "calibration_size", "int8_smoothing", "search_heldout")
+                 "calibration_size", "int8_smoothing", "search_heldout", "thorough_profile")
 
 
 def render_readme(text: str) -> str:
