@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import subprocess
 import time
 from pathlib import Path
 
@@ -28,7 +27,6 @@ import torch
 from benchmarks.quality import SHAPES
 from pruning_utils import data, metrics, obs, reconstruction, results
 from pruning_utils.loading import load_model
-from pruning_utils.paths import PROJECT_ROOT
 from pruning_utils.profiles import DEFAULTS
 from pruning_utils.search import counts_of, search_budget
 
@@ -64,14 +62,6 @@ def merge_rows(new: pd.DataFrame, path: Path) -> pd.DataFrame:
     return pd.concat([kept, new], ignore_index=True).sort_values(KEY, kind="stable", ignore_index=True)
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -103,7 +93,7 @@ def main() -> None:
     fidelity = data.fidelity_chunks(model, tok, n_tokens=args.fidelity_tokens, seq_len=args.seq_len)
     grams = reconstruction.collect_grams(model, windows)
     scores = obs.obs_scores(model, grams, ridge_ratio=args.ridge, progress=False)
-    commit, rows, done_uniform = _commit(), [], set()
+    commit, rows, done_uniform = metrics.git_commit(), [], set()
 
     def measure(shape, allocation, plan, kl, source, n_windows, trade, search_s=0.0, counts=None):
         for order in orders:

@@ -216,9 +216,12 @@ def calibration_size() -> str:
 def search_heldout() -> str:
     """Return `benchmarks/search_heldout.py`: budget searches per shape, KL windows and refit order, with their
     uniform starts (in-domain and fidelity perplexity, the heads / neurons removed in all)."""
+    def total(counts) -> int | None:  # "0 1 2 ..." per layer -> their sum (older rows recorded none)
+        return sum(map(int, counts.split())) if isinstance(counts, str) and counts.strip() else None
+
     df = _csv("search_heldout").copy()
-    total = lambda col: df[col].map(lambda c: sum(map(int, c.split())) if isinstance(c, str) and c.strip() else None)  # noqa: E731
-    df["head_rounds_removed"], df["neurons_removed_total"] = total("heads_removed_per_group"), total("neurons_removed")
+    df["head_rounds_removed"] = df["heads_removed_per_group"].map(total)
+    df["neurons_removed_total"] = df["neurons_removed"].map(total)
     df = df.sort_values(["shape", "n_kl_windows", "kl_windows", "trade", "allocation", "order"],
                         ascending=[True, True, True, False, False, True], kind="stable")
     return _md(_present(df, ["shape", "allocation", "kl_windows", "n_kl_windows", "trade", "order", "kl_heldout",
