@@ -235,7 +235,7 @@ class Bench:
         return out[:k]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     from pruning_utils.profiles import DEFAULTS
 
@@ -269,7 +269,7 @@ def main() -> None:
                     help="Torch-Pruning importances scored in full as peer rows (taylor,magnitude; '' to skip)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--out", default=str(results.ablation_dir() / "quality_benchmark.csv"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     t_start = time.perf_counter()
     torch.manual_seed(0)
 

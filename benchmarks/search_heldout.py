@@ -62,7 +62,7 @@ def merge_rows(new: pd.DataFrame, path: Path) -> pd.DataFrame:
     return pd.concat([kept, new], ignore_index=True).sort_values(KEY, kind="stable", ignore_index=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--source", default=MIX, help="calibration source (Grams and obs scores)")
@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--eval-max-tokens", type=int, default=32768)
     ap.add_argument("--fidelity-tokens", type=int, default=DEFAULTS["FIDELITY_TOKENS"])
     ap.add_argument("--out", default=str(results.ablation_dir() / "search_heldout.csv"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     runs = parse_runs(args.runs)
     orders = [o.strip() for o in args.orders.split(",") if o.strip()]
     if not orders or set(orders) - set(ORDERS):

@@ -353,18 +353,16 @@ def main_plan(model, scores: dict[str, Scores], *, head_criterion: str | None = 
                           "host (GRAMS=streamed keeps none)")
     if tokenizer is None or not text_source:
         raise SearchError("ALLOCATION='search' needs the tokenizer and the text source of its held-out KL windows")
-    ref = hs if hs is not None else ns
-    joint = Scores(ref.heads, (ns if ns is not None else ref).neurons,
-                   ref.criterion if hs is None or ns is None or hs.criterion == ns.criterion
-                   else f"{hs.criterion}+{ns.criterion}")
+    heads_from, neurons_from = hs or ns, ns or hs  # a kind not pruned keeps the other's scores (its count stays 0)
+    joint = Scores(heads_from.heads, neurons_from.neurons, heads_from.criterion if heads_from.criterion ==
+                   neurons_from.criterion else f"{heads_from.criterion}+{neurons_from.criterion}")
     from .data import calibration_windows
 
-    held = calibration_windows(tokenizer, equal_parts(text_source), n_samples=windows, seq_len=seq_len, seed=seed + 1,
-                               model=model, selfgen_kw=selfgen_kw)
+    kl_source, trade = equal_parts(text_source), bool(head_rate and mlp_rate)
+    held = calibration_windows(tokenizer, kl_source, n_samples=windows, seq_len=seq_len, seed=seed + 1, model=model,
+                               selfgen_kw=selfgen_kw)
     res = search_budget(model, joint, grams, held, head_rate=head_rate, mlp_rate=mlp_rate, group=group,
-                        iterations=iterations, seed=seed, ridge_ratio=ridge_ratio,
-                        trade=bool(head_rate and mlp_rate), progress=progress)
-    res.plan.provenance["search"].update(kl_windows=equal_parts(text_source), seconds=round(res.seconds, 1),
-                                         trade=bool(head_rate and mlp_rate))
+                        iterations=iterations, seed=seed, ridge_ratio=ridge_ratio, trade=trade, progress=progress)
+    res.plan.provenance["search"].update(kl_windows=kl_source, seconds=round(res.seconds, 1), trade=trade)
     res.plan.head_rate, res.plan.mlp_rate = head_rate, mlp_rate
     return res.plan

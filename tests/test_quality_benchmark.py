@@ -1,6 +1,5 @@
 """The quality benchmark (issue 6) end to end on a tiny random model: every grid cell, the full scores, the peers."""
 import math
-import sys
 
 import pandas as pd
 import pytest
@@ -15,18 +14,13 @@ def bench_table(tmp_path_factory):
     from pruning_utils import paths
 
     out = tmp_path_factory.mktemp("quality") / "quality_benchmark.csv"
-    argv = ["quality.py", "--model", "tiny-llama", "--scores", str(out.parent / "no-scores"),
+    argv = ["--model", "tiny-llama", "--scores", str(out.parent / "no-scores"),
             "--criteria", ",".join(CRITERIA), "--n-calib", "8", "--calib-seq-len", "32", "--eval-seq-len", "32",
             "--eval-max-tokens", "256", "--screen-tokens", "64", "--full-top", "1", "--fidelity-tokens", "64",
             "--search-iterations", "8", "--search-group", "8", "--search-windows", "2", "--out", str(out)]
-    saved, sys.argv = sys.argv, argv
-    mp = pytest.MonkeyPatch()
-    mp.setattr(paths, "MODELS_DIR", out.parent / "models")  # the selfgen cache of the tiny model stays there
-    try:
-        quality.main()
-    finally:
-        sys.argv = saved
-        mp.undo()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(paths, "MODELS_DIR", out.parent / "models")  # the selfgen cache of the tiny model stays there
+        quality.main(argv)
     return pd.read_csv(out), quality
 
 

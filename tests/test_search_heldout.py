@@ -1,6 +1,5 @@
 """The search KL-window benchmark on a tiny random model: one uniform row per shape, budget-exact searches, and a
 partial re-run that keeps the rows it did not measure."""
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -13,17 +12,12 @@ def _run(out, runs, orders="one-shot"):
     from benchmarks import search_heldout
     from pruning_utils import paths
 
-    argv = ["search_heldout.py", "--model", "tiny-llama", "--runs", runs, "--n-calib", "8", "--seq-len", "32",
+    argv = ["--model", "tiny-llama", "--runs", runs, "--n-calib", "8", "--seq-len", "32",
             "--iterations", "6", "--group", "8", "--eval-seq-len", "32", "--eval-max-tokens", "256",
             "--fidelity-tokens", "64", "--orders", orders, "--out", str(out)]
-    saved, sys.argv = sys.argv, argv
-    mp = pytest.MonkeyPatch()
-    mp.setattr(paths, "MODELS_DIR", out.parent / "models")  # the selfgen cache of the tiny model stays there
-    try:
-        search_heldout.main()
-    finally:
-        sys.argv = saved
-        mp.undo()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(paths, "MODELS_DIR", out.parent / "models")  # the selfgen cache of the tiny model stays there
+        search_heldout.main(argv)
     return pd.read_csv(out)
 
 
