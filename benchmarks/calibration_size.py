@@ -4,12 +4,14 @@ The default recipe's refit and the `obs` selection depend on the calibration win
 matrices of o_proj / down_proj inputs, which are sums over tokens. The sweep therefore grows ONE nested window set
 (the default mixture: text windows and self-generated windows in the mixture's shares, each a prefix of its longest
 set) and adds each size's new windows to running Grams, so every size costs only its new tokens. At each size the
-S3 shape (-25% non-embedding) is cut with `obs` selection + one-shot `lstsq` refit, and with the default criterion
+shape (S3 = -25% non-embedding by default; S1 / S2 of the quality benchmark too) is cut with `obs` selection + one-shot `lstsq` refit, and with the default criterion
 (`fluctuation`, scores of notebook 00, fixed) + the refit of that size, and measured on the in-domain evaluation
 text and on the held-out self-generated fidelity set. Costs per size: the new windows' self-generation (cached on
 disk; 0 when cached), the Gram update, the obs selection.
 
-Writes results/ablation_studies/calibration_size.csv. Usage: python3 -m benchmarks.calibration_size [--sizes ...]
+Rows are merged into results/ablation_studies/calibration_size.csv by (shape, criterion, calibration_source,
+calib_tokens): a run of some shapes or sizes keeps the other rows, each stamped with the commit that measured it.
+Usage: python3 -m benchmarks.calibration_size [--sizes 16384,65536] [--shapes S1,S3]
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import time
 import pandas as pd
 import torch
 
+from benchmarks.quality import SHAPES
 from pruning_utils import allocation, data, metrics, obs, reconstruction, results
 from pruning_utils.loading import load_model
 from pruning_utils.paths import PROJECT_ROOT
@@ -27,7 +30,7 @@ from pruning_utils.profiles import DEFAULTS
 from pruning_utils.scores import load_scores
 from pruning_utils.stats import GramStats
 
-S3 = dict(head_rate=0.2, mlp_rate=0.25)
+KEY = ["shape", "criterion", "calibration_source", "calib_tokens"]
 
 
 def _add(total: dict | None, new: dict) -> dict:
@@ -57,12 +60,13 @@ def nested_windows(model, tok, source: str, n_max: int, seq_len: int, seed: int 
     return torch.stack([pieces[p][i] for _, p, i in order]), counts
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--source", default=DEFAULTS["TEXT_SOURCE"])
     ap.add_argument("--sizes", default="16384,32768,65536", help="calibration tokens, ascending (the embedded calibration "
                     "split holds 89,839 tokens: at a 0.75 text share the mixture reaches about 119k)")
+    ap.add_argument("--shapes", default="S3", help=f"comma-separated shapes of {sorted(SHAPES)}")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--eval-max-tokens", type=int, default=32768)
@@ -70,8 +74,11 @@ def main() -> None:
     ap.add_argument("--ridge", type=float, default=1e-2)
     ap.add_argument("--scores", default=str(PROJECT_ROOT / "results" / "importance"))
     ap.add_argument("--out", default=str(results.ablation_dir() / "calibration_size.csv"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    if not shapes or set(shapes) - set(SHAPES):
+        raise SystemExit(f"--shapes takes a comma-separated subset of {sorted(SHAPES)} (got '{args.shapes}')")
     if sizes != sorted(sizes) or sizes[0] < args.seq_len:
         raise SystemExit(f"--sizes must ascend and start at >= one window ({args.seq_len} tokens), got {sizes}")
     torch.manual_seed(0)
@@ -88,7 +95,7 @@ def main() -> None:
     windows, _ = nested_windows(model, tok, args.source, sizes[-1] // args.seq_len, args.seq_len)
     windows_s = time.perf_counter() - t0
     print(f"{len(windows)} windows ready in {windows_s:.0f} s (self-generation, cached on disk)", flush=True)
-    rows, grams, done, gram_s = [], None, 0, 0.0
+    rows, grams, done, gram_s, commit = [], None, 0, 0.0, metrics.git_commit()
     for size in sizes:
         n = size // args.seq_len
         t0 = time.perf_counter()
@@ -99,23 +106,26 @@ def main() -> None:
         scores = obs.obs_scores(model, grams, ridge_ratio=args.ridge, progress=False)
         obs_s = time.perf_counter() - t0
         recipes = [("obs", scores)] + ([("fluctuation", fluct)] if fluct is not None else [])
-        for name, sc in recipes:
-            t0 = time.perf_counter()
-            pruned = reconstruction.prune_and_reconstruct(
-                copy.deepcopy(model), allocation.plan_both(model, sc, **S3), None, "lstsq", sequential=False,
-                ridge_ratio=args.ridge, stats=grams)
-            refit_s = time.perf_counter() - t0
-            ppl = metrics.perplexity(pruned, chunks, progress=False)["ppl"]
-            fid = metrics.perplexity(pruned, held, progress=False)["ppl"]
-            rows.append(dict(shape="S3", criterion=name, calibration_source=args.source, calib_tokens=n * args.seq_len,
-                             windows=n, ppl=ppl, fidelity_ppl=fid, gram_s_cumulative=round(gram_s, 1),
-                             obs_s=round(obs_s, 1) if name == "obs" else float("nan"), refit_s=round(refit_s, 1),
-                             selfgen_and_windows_s=round(windows_s, 1),
-                             params_non_embedding=metrics.count_params(pruned)["non_embedding"]))
-            results.write_csv(pd.DataFrame(rows), args.out)  # after every row: a stopped run keeps what it measured
-            print(f"{n * args.seq_len:>8} tokens  {name:12s} ppl {ppl:7.3f}  fidelity {fid:7.3f}  "
-                  f"(grams {gram_s:.0f} s so far, obs {obs_s:.0f} s)", flush=True)
-            del pruned
+        for shape in shapes:
+            for name, sc in recipes:
+                t0 = time.perf_counter()
+                pruned = reconstruction.prune_and_reconstruct(
+                    copy.deepcopy(model), allocation.plan_both(model, sc, **SHAPES[shape]), None, "lstsq",
+                    sequential=False, ridge_ratio=args.ridge, stats=grams)
+                refit_s = time.perf_counter() - t0
+                ppl = metrics.perplexity(pruned, chunks, progress=False)["ppl"]
+                fid = metrics.perplexity(pruned, held, progress=False)["ppl"]
+                rows.append(dict(shape=shape, criterion=name, calibration_source=args.source,
+                                 calib_tokens=n * args.seq_len, windows=n, ppl=ppl, fidelity_ppl=fid,
+                                 gram_s_cumulative=round(gram_s, 1),
+                                 obs_s=round(obs_s, 1) if name == "obs" else float("nan"), refit_s=round(refit_s, 1),
+                                 selfgen_and_windows_s=round(windows_s, 1), ridge_ratio=args.ridge,
+                                 params_non_embedding=metrics.count_params(pruned)["non_embedding"], commit=commit))
+                # after every row: a stopped run keeps what it measured
+                results.write_csv(results.merge_rows(pd.DataFrame(rows), args.out, KEY), args.out)
+                print(f"{shape} {n * args.seq_len:>8} tokens  {name:12s} ppl {ppl:7.3f}  fidelity {fid:7.3f}  "
+                      f"(grams {gram_s:.0f} s so far, obs {obs_s:.0f} s)", flush=True)
+                del pruned
     table = pd.DataFrame(rows)
     print(table.to_markdown(index=False, floatfmt=".3f"))
 

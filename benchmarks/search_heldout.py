@@ -9,8 +9,8 @@ a shape, a number of KL windows and their source: text windows of another seed, 
 seed of the calibration stream (never the fidelity stream) — and measures in-domain and fidelity perplexity of each
 result next to its shape's uniform start.
 
-Rows are merged into results/ablation_studies/search_heldout.csv by (shape, allocation, kl_windows, n_kl_windows):
-a run of some of the runs keeps the other rows, each stamped with the commit that measured it.
+Rows are merged into results/ablation_studies/search_heldout.csv by (shape, calibration source, allocation, KL windows,
+window count, trade, order): a run of some of the runs keeps the other rows, each stamped with the commit that measured it.
 Usage: python3 -m benchmarks.search_heldout [--runs "S3 4 selfgen; S2 4 embedded:0.75+selfgen:0.25 no-trade"]
 [--orders one-shot,sequential]
 """
@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from pathlib import Path
-
 import pandas as pd
 import torch
 
@@ -32,7 +30,7 @@ from pruning_utils.search import counts_of, search_budget
 
 MIX = DEFAULTS["TEXT_SOURCE"]
 RUNS = (f"S3 4 selfgen; S3 4 {MIX}; S3 16 embedded:0.5+selfgen:0.5; S1 4 {MIX}; S2 4 {MIX}")
-KEY = ["shape", "allocation", "kl_windows", "n_kl_windows", "trade", "order"]
+KEY = ["shape", "calibration_source", "allocation", "kl_windows", "n_kl_windows", "trade", "order"]
 ORDERS = ("one-shot", "sequential")
 
 
@@ -48,18 +46,6 @@ def parse_runs(spec: str) -> list[tuple[str, int, str, bool]]:
                              "and WINDOWS >= 1, e.g. 'S3 4 selfgen' or 'S2 4 embedded no-trade'")
         runs.append((fields[0], int(fields[1]), fields[2], fields[3:] != ["no-trade"]))
     return runs
-
-
-def merge_rows(new: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """Return the new rows plus the rows of `path` whose key this run did not measure."""
-    if not path.exists():
-        return new
-    old = pd.read_csv(path)
-    if not set(KEY) <= set(old.columns):
-        return new
-    measured = set(map(tuple, new[KEY].astype(str).values))
-    kept = old[[tuple(k) not in measured for k in old[KEY].astype(str).values]]
-    return pd.concat([kept, new], ignore_index=True).sort_values(KEY, kind="stable", ignore_index=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
                              commit=commit))
             print({k: v for k, v in rows[-1].items() if k not in ("heads_removed_per_group", "neurons_removed")},
                   flush=True)
-            results.write_csv(merge_rows(pd.DataFrame(rows), Path(args.out)), args.out)
+            results.write_csv(results.merge_rows(pd.DataFrame(rows), args.out, KEY), args.out)
 
     for shape, n_windows, held_source, trade in runs:
         held = data.calibration_windows(tok, held_source, n_samples=n_windows, seq_len=args.seq_len, seed=1,

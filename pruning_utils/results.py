@@ -16,7 +16,8 @@ import pandas as pd
 
 from .paths import RESULTS_DIR, ablation_dir  # re-exported: notebooks still spell results.RESULTS_DIR
 
-__all__ = ["RESULTS_DIR", "ablation_dir", "compact_shape", "expand_shape", "save_plot", "write_csv", "write_json"]
+__all__ = ["RESULTS_DIR", "ablation_dir", "compact_shape", "expand_shape", "merge_rows", "save_plot", "write_csv",
+           "write_json"]
 
 
 @contextmanager
@@ -43,6 +44,20 @@ def write_csv(df_or_rows: pd.DataFrame | Iterable[dict], path: str | Path) -> Pa
     with _atomic_path(path) as tmp:
         _frame(df_or_rows).to_csv(tmp, index=False)
     return Path(path)
+
+
+def merge_rows(new: pd.DataFrame, path: str | Path, key: list[str]) -> pd.DataFrame:
+    """Return the new rows plus the rows of the CSV at `path` whose `key` the new rows do not hold, sorted by `key`
+    (a benchmark re-run of some configurations keeps the rows of the others)."""
+    path = Path(path)
+    if not path.exists():
+        return new
+    old = pd.read_csv(path)
+    if not set(key) <= set(old.columns):
+        return new
+    measured = set(map(tuple, new[key].astype(str).values))
+    kept = old[[tuple(k) not in measured for k in old[key].astype(str).values]]
+    return pd.concat([kept, new], ignore_index=True).sort_values(key, kind="stable", ignore_index=True)
 
 
 def _jsonable(obj):

@@ -1,0 +1,40 @@
+"""The calibration size benchmark on a tiny random model: rows per shape, criterion and size at the shape's exact
+parameter count, and a re-run of one shape that keeps the other shape's rows."""
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _run(tmp_path, shapes, sizes="128,256"):
+    from benchmarks import calibration_size
+    from pruning_utils import paths
+
+    out = tmp_path / "calibration_size.csv"
+    argv = ["--model", "tiny-llama", "--source", "embedded:0.75+selfgen:0.25", "--sizes", sizes, "--shapes", shapes,
+            "--seq-len", "32", "--eval-seq-len", "32", "--eval-max-tokens", "256", "--fidelity-tokens", "64",
+            "--scores", str(tmp_path / "no-scores"), "--out", str(out)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(paths, "MODELS_DIR", tmp_path / "models")  # the tiny model's selfgen cache stays there
+        calibration_size.main(argv)
+    return pd.read_csv(out)
+
+
+def test_rows_per_shape_and_merge(tmp_path):
+    table = _run(tmp_path, "S1,S3")
+    assert sorted(zip(table["shape"], table["calib_tokens"])) == [("S1", 128), ("S1", 256), ("S3", 128), ("S3", 256)]
+    assert set(table["criterion"]) == {"obs"}  # no saved fluctuation scores: obs rows only
+    for shape, rows in table.groupby("shape"):
+        assert rows["params_non_embedding"].nunique() == 1, f"{shape}: calibration size changed the budget"
+    assert table.loc[table["shape"] == "S1", "params_non_embedding"].iloc[0] > \
+        table.loc[table["shape"] == "S3", "params_non_embedding"].iloc[0]
+    assert (table["ppl"] > 1).all() and (table["fidelity_ppl"] > 1).all()
+    again = _run(tmp_path, "S1", sizes="128")  # one shape and size again: the other rows stay as they were
+    key = ["shape", "criterion", "calibration_source", "calib_tokens"]
+    assert sorted(map(tuple, again[key].values)) == sorted(map(tuple, table[key].values))
+    pd.testing.assert_series_equal(again.set_index(key)["ppl"], table.set_index(key)["ppl"], rtol=1e-6)
+
+
+def test_bad_shapes_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--shapes"):
+        _run(tmp_path, "S4")
