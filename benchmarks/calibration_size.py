@@ -3,10 +3,10 @@
 The default recipe's refit and the `obs` selection depend on the calibration windows only through the Gram
 matrices of o_proj / down_proj inputs, which are sums over tokens. The sweep therefore grows ONE nested window set
 (the default mixture: text windows and self-generated windows in the mixture's shares, each a prefix of its longest
-set) and adds each size's new windows to running Grams, so every size costs only its new tokens. At each size the
-shape (S3 = -25% non-embedding by default; S1 / S2 of the quality benchmark too) is cut with `obs` selection + one-shot `lstsq` refit, and with the default criterion
-(`fluctuation`, scores of notebook 00, fixed) + the refit of that size, and measured on the in-domain evaluation
-text and on the held-out self-generated fidelity set. Costs per size: the new windows' self-generation (cached on
+set) and adds each size's new windows to running Grams, so every size costs only its new tokens. At each size
+each shape (S3 = -25% non-embedding by default; S1 / S2 of the quality benchmark too) is cut with `obs` selection +
+one-shot `lstsq` refit, and with the default criterion (`fluctuation`, scores of notebook 00, fixed) + the refit of
+that size, and measured on the in-domain evaluation text and on the held-out self-generated fidelity set. Costs per size: the new windows' self-generation (cached on
 disk; 0 when cached), the Gram update, the obs selection.
 
 Rows are merged into results/ablation_studies/calibration_size.csv by (shape, criterion, calibration_source,

@@ -9,8 +9,9 @@ a shape, a number of KL windows and their source: text windows of another seed, 
 seed of the calibration stream (never the fidelity stream) — and measures in-domain and fidelity perplexity of each
 result next to its shape's uniform start.
 
-Rows are merged into results/ablation_studies/search_heldout.csv by (shape, calibration source, allocation, KL windows,
-window count, trade, order): a run of some of the runs keeps the other rows, each stamped with the commit that measured it.
+Rows are merged into results/ablation_studies/search_heldout.csv by (shape, calibration source, allocation, KL
+windows, window count, trade, order): a run of some of the runs keeps the other rows, each stamped with the commit that
+measured it.
 Usage: python3 -m benchmarks.search_heldout [--runs "S3 4 selfgen; S2 4 embedded:0.75+selfgen:0.25 no-trade"]
 [--orders one-shot,sequential]
 """
