@@ -10,13 +10,14 @@ that size, and measured on the in-domain evaluation text and on the held-out sel
 disk; 0 when cached), the Gram update, the obs selection.
 
 Rows are merged into results/ablation_studies/calibration_size.csv by (shape, criterion, calibration_source,
-calib_tokens): a run of some shapes or sizes keeps the other rows, each stamped with the commit that measured it.
-Usage: python3 -m benchmarks.calibration_size [--sizes 16384,65536] [--shapes S1,S3]
+calib_tokens, ridge_ratio): a run of some shapes or sizes keeps the other rows, each stamped with the commit that measured it.
+Usage: python3 -m benchmarks.calibration_size [--sizes 16384,65536] [--shapes S1,S3] [--ridges 1e-3,1e-2]
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import time
 
 import pandas as pd
@@ -30,7 +31,7 @@ from pruning_utils.profiles import DEFAULTS
 from pruning_utils.scores import load_scores
 from pruning_utils.stats import GramStats
 
-KEY = ["shape", "criterion", "calibration_source", "calib_tokens"]
+KEY = ["shape", "criterion", "calibration_source", "calib_tokens", "ridge_ratio"]
 
 
 def _add(total: dict | None, new: dict) -> dict:
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--eval-max-tokens", type=int, default=32768)
     ap.add_argument("--fidelity-tokens", type=int, default=DEFAULTS["FIDELITY_TOKENS"])
-    ap.add_argument("--ridge", type=float, default=1e-2)
+    ap.add_argument("--ridges", default="1e-2", help="comma-separated ridge ratios of the refit and the obs selection")
     ap.add_argument("--scores", default=str(PROJECT_ROOT / "results" / "importance"))
     ap.add_argument("--out", default=str(results.ablation_dir() / "calibration_size.csv"))
     args = ap.parse_args(argv)
@@ -79,6 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     if not shapes or set(shapes) - set(SHAPES):
         raise SystemExit(f"--shapes takes a comma-separated subset of {sorted(SHAPES)} (got '{args.shapes}')")
+    try:
+        ridges = [float(r) for r in args.ridges.split(",") if r.strip()]
+    except ValueError:
+        ridges = []
+    if not ridges or min(ridges) < 0:
+        raise SystemExit(f"--ridges takes comma-separated ratios >= 0, e.g. 1e-3,1e-2 (got '{args.ridges}')")
     if sizes != sorted(sizes) or sizes[0] < args.seq_len:
         raise SystemExit(f"--sizes must ascend and start at >= one window ({args.seq_len} tokens), got {sizes}")
     torch.manual_seed(0)
@@ -102,29 +109,29 @@ def main(argv: list[str] | None = None) -> None:
         grams = _add(grams, reconstruction.collect_grams(model, windows[done:n], storage="cpu"))
         gram_s += time.perf_counter() - t0
         done = n
-        t0 = time.perf_counter()
-        scores = obs.obs_scores(model, grams, ridge_ratio=args.ridge, progress=False)
-        obs_s = time.perf_counter() - t0
-        recipes = [("obs", scores)] + ([("fluctuation", fluct)] if fluct is not None else [])
-        for shape in shapes:
-            for name, sc in recipes:
+        for ridge in ridges:
+            t0 = time.perf_counter()
+            scores = obs.obs_scores(model, grams, ridge_ratio=ridge, progress=False)
+            obs_s = time.perf_counter() - t0
+            recipes = [("obs", scores)] + ([("fluctuation", fluct)] if fluct is not None else [])
+            for shape, (name, sc) in itertools.product(shapes, recipes):
                 t0 = time.perf_counter()
                 pruned = reconstruction.prune_and_reconstruct(
                     copy.deepcopy(model), allocation.plan_both(model, sc, **SHAPES[shape]), None, "lstsq",
-                    sequential=False, ridge_ratio=args.ridge, stats=grams)
+                    sequential=False, ridge_ratio=ridge, stats=grams)
                 refit_s = time.perf_counter() - t0
                 ppl = metrics.perplexity(pruned, chunks, progress=False)["ppl"]
                 fid = metrics.perplexity(pruned, held, progress=False)["ppl"]
                 rows.append(dict(shape=shape, criterion=name, calibration_source=args.source,
-                                 calib_tokens=n * args.seq_len, windows=n, ppl=ppl, fidelity_ppl=fid,
-                                 gram_s_cumulative=round(gram_s, 1),
+                                 calib_tokens=n * args.seq_len, ridge_ratio=ridge, windows=n, ppl=ppl,
+                                 fidelity_ppl=fid, gram_s_cumulative=round(gram_s, 1),
                                  obs_s=round(obs_s, 1) if name == "obs" else float("nan"), refit_s=round(refit_s, 1),
-                                 selfgen_and_windows_s=round(windows_s, 1), ridge_ratio=args.ridge,
+                                 selfgen_and_windows_s=round(windows_s, 1),
                                  params_non_embedding=metrics.count_params(pruned)["non_embedding"], commit=commit))
                 # after every row: a stopped run keeps what it measured
                 results.write_csv(results.merge_rows(pd.DataFrame(rows), args.out, KEY), args.out)
-                print(f"{shape} {n * args.seq_len:>8} tokens  {name:12s} ppl {ppl:7.3f}  fidelity {fid:7.3f}  "
-                      f"(grams {gram_s:.0f} s so far, obs {obs_s:.0f} s)", flush=True)
+                print(f"{shape} {n * args.seq_len:>8} tokens  ridge {ridge:g}  {name:12s} ppl {ppl:7.3f}  "
+                      f"fidelity {fid:7.3f}  (grams {gram_s:.0f} s so far, obs {obs_s:.0f} s)", flush=True)
                 del pruned
     table = pd.DataFrame(rows)
     print(table.to_markdown(index=False, floatfmt=".3f"))
