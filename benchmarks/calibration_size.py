@@ -10,8 +10,9 @@ that size, and measured on the in-domain evaluation text and on the held-out sel
 disk; 0 when cached), the Gram update, the obs selection.
 
 Rows are merged into results/ablation_studies/calibration_size.csv by (shape, criterion, calibration_source,
-calib_tokens, ridge_ratio): a run of some shapes or sizes keeps the other rows, each stamped with the commit that measured it.
+calib_tokens, ridge_ratio, order): a run of some shapes or sizes keeps the other rows, each stamped with the commit that measured it.
 Usage: python3 -m benchmarks.calibration_size [--sizes 16384,65536] [--shapes S1,S3] [--ridges 1e-3,1e-2]
+[--orders one-shot,chase]
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from pruning_utils.profiles import DEFAULTS
 from pruning_utils.scores import load_scores
 from pruning_utils.stats import GramStats
 
-KEY = ["shape", "criterion", "calibration_source", "calib_tokens", "ridge_ratio"]
+KEY = ["shape", "criterion", "calibration_source", "calib_tokens", "ridge_ratio", "order"]
+ORDERS = ("one-shot", "sequential", "chase")
 
 
 def _add(total: dict | None, new: dict) -> dict:
@@ -72,6 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--eval-max-tokens", type=int, default=32768)
     ap.add_argument("--fidelity-tokens", type=int, default=DEFAULTS["FIDELITY_TOKENS"])
+    ap.add_argument("--orders", default="one-shot",
+                    help="refits, comma-separated: one-shot (the running Grams), sequential (each layer refit on the "
+                         "already pruned earlier layers) and/or chase (sequential, toward the unpruned model's output)")
     ap.add_argument("--ridges", default="1e-2", help="comma-separated ridge ratios of the refit and the obs selection")
     ap.add_argument("--scores", default=str(PROJECT_ROOT / "results" / "importance"))
     ap.add_argument("--out", default=str(results.ablation_dir() / "calibration_size.csv"))
@@ -86,6 +91,9 @@ def main(argv: list[str] | None = None) -> None:
         ridges = []
     if not ridges or min(ridges) < 0:
         raise SystemExit(f"--ridges takes comma-separated ratios >= 0, e.g. 1e-3,1e-2 (got '{args.ridges}')")
+    orders = [o.strip() for o in args.orders.split(",") if o.strip()]
+    if not orders or set(orders) - set(ORDERS):
+        raise SystemExit(f"--orders takes {', '.join(ORDERS)} (got '{args.orders}')")
     if sizes != sorted(sizes) or sizes[0] < args.seq_len:
         raise SystemExit(f"--sizes must ascend and start at >= one window ({args.seq_len} tokens), got {sizes}")
     torch.manual_seed(0)
@@ -114,23 +122,25 @@ def main(argv: list[str] | None = None) -> None:
             scores = obs.obs_scores(model, grams, ridge_ratio=ridge, progress=False)
             obs_s = time.perf_counter() - t0
             recipes = [("obs", scores)] + ([("fluctuation", fluct)] if fluct is not None else [])
-            for shape, (name, sc) in itertools.product(shapes, recipes):
+            for shape, (name, sc), order in itertools.product(shapes, recipes, orders):
                 t0 = time.perf_counter()
+                one_shot = order == "one-shot"
                 pruned = reconstruction.prune_and_reconstruct(
-                    copy.deepcopy(model), allocation.plan_both(model, sc, **SHAPES[shape]), None, "lstsq",
-                    sequential=False, ridge_ratio=ridge, stats=grams)
+                    copy.deepcopy(model), allocation.plan_both(model, sc, **SHAPES[shape]), windows[:n], "lstsq",
+                    sequential=not one_shot, ridge_ratio=ridge, stats=grams if one_shot else None,
+                    chase=order == "chase")
                 refit_s = time.perf_counter() - t0
                 ppl = metrics.perplexity(pruned, chunks, progress=False)["ppl"]
                 fid = metrics.perplexity(pruned, held, progress=False)["ppl"]
                 rows.append(dict(shape=shape, criterion=name, calibration_source=args.source,
-                                 calib_tokens=n * args.seq_len, ridge_ratio=ridge, windows=n, ppl=ppl,
+                                 calib_tokens=n * args.seq_len, ridge_ratio=ridge, order=order, windows=n, ppl=ppl,
                                  fidelity_ppl=fid, gram_s_cumulative=round(gram_s, 1),
                                  obs_s=round(obs_s, 1) if name == "obs" else float("nan"), refit_s=round(refit_s, 1),
                                  selfgen_and_windows_s=round(windows_s, 1),
                                  params_non_embedding=metrics.count_params(pruned)["non_embedding"], commit=commit))
                 # after every row: a stopped run keeps what it measured
                 results.write_csv(results.merge_rows(pd.DataFrame(rows), args.out, KEY), args.out)
-                print(f"{shape} {n * args.seq_len:>8} tokens  ridge {ridge:g}  {name:12s} ppl {ppl:7.3f}  "
+                print(f"{shape} {n * args.seq_len:>8} tokens  ridge {ridge:g}  {name:12s} {order:10s} ppl {ppl:7.3f}  "
                       f"fidelity {fid:7.3f}  (grams {gram_s:.0f} s so far, obs {obs_s:.0f} s)", flush=True)
                 del pruned
     table = pd.DataFrame(rows)

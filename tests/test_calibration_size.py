@@ -6,12 +6,12 @@ import pytest
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _run(tmp_path, shapes, sizes="128,256", ridges="1e-2"):
+def _run(tmp_path, shapes, sizes="128,256", ridges="1e-2", orders="one-shot"):
     from benchmarks import calibration_size
     from pruning_utils import paths
 
     out = tmp_path / "calibration_size.csv"
-    argv = ["--model", "tiny-llama", "--source", "embedded:0.75+selfgen:0.25", "--sizes", sizes, "--shapes", shapes, "--ridges", ridges,
+    argv = ["--model", "tiny-llama", "--source", "embedded:0.75+selfgen:0.25", "--sizes", sizes, "--shapes", shapes, "--ridges", ridges, "--orders", orders,
             "--seq-len", "32", "--eval-seq-len", "32", "--eval-max-tokens", "256", "--fidelity-tokens", "64",
             "--scores", str(tmp_path / "no-scores"), "--out", str(out)]
     with pytest.MonkeyPatch.context() as mp:
@@ -30,15 +30,19 @@ def test_rows_per_shape_and_merge(tmp_path):
         table.loc[table["shape"] == "S3", "params_non_embedding"].iloc[0]
     assert (table["ppl"] > 1).all() and (table["fidelity_ppl"] > 1).all()
     again = _run(tmp_path, "S1", sizes="128")  # one shape and size again: the other rows stay as they were
-    key = ["shape", "criterion", "calibration_source", "calib_tokens", "ridge_ratio"]
+    key = ["shape", "criterion", "calibration_source", "calib_tokens", "ridge_ratio", "order"]
     assert sorted(map(tuple, again[key].values)) == sorted(map(tuple, table[key].values))
     pd.testing.assert_series_equal(again.set_index(key)["ppl"], table.set_index(key)["ppl"], rtol=1e-6)
 
 
-def test_ridges_are_rows(tmp_path):
-    table = _run(tmp_path, "S1", sizes="128", ridges="1e-3,1e-1")
-    assert sorted(table["ridge_ratio"]) == [1e-3, 1e-1]
-    assert table["ppl"].nunique() == 2  # the ridge reaches the refit
+def test_ridges_and_orders_are_rows(tmp_path):
+    table = _run(tmp_path, "S1", sizes="128", ridges="1e-3,1e-1", orders="one-shot,sequential,chase")
+    assert sorted(table["ridge_ratio"]) == [1e-3] * 3 + [1e-1] * 3
+    assert sorted(table["order"]) == ["chase", "chase", "one-shot", "one-shot", "sequential", "sequential"]
+    # the ridge and the order reach the refit (on a tiny random model two orders may agree to float rounding)
+    assert (table.groupby("ridge_ratio")["ppl"].nunique() >= 2).all()
+    assert table.groupby("order")["ppl"].nunique().min() == 2
+    assert table["params_non_embedding"].nunique() == 1
 
 
 def test_bad_arguments_are_refused(tmp_path):
@@ -46,3 +50,5 @@ def test_bad_arguments_are_refused(tmp_path):
         _run(tmp_path, "S4")
     with pytest.raises(SystemExit, match="--ridges"):
         _run(tmp_path, "S1", ridges="small")
+    with pytest.raises(SystemExit, match="--orders"):
+        _run(tmp_path, "S1", orders="two-shot")
