@@ -9,8 +9,8 @@ a shape, a number of KL windows and their source: text windows of another seed, 
 seed of the calibration stream (never the fidelity stream) — and measures in-domain and fidelity perplexity of each
 result next to its shape's uniform start.
 
-Rows are merged into results/ablation_studies/search_heldout.csv by (shape, calibration source, allocation, KL
-windows, window count, trade, order): a run of some of the runs keeps the other rows, each stamped with the commit that
+Rows are merged into results/ablation_studies/search_heldout.csv by (shape, calibration source and tokens, ridge,
+allocation, KL windows, window count, trade, order): a run of some of the runs keeps the other rows, each stamped with the commit that
 measured it.
 Usage: python3 -m benchmarks.search_heldout [--runs "S3 4 selfgen; S2 4 embedded:0.75+selfgen:0.25 no-trade"]
 [--orders one-shot,sequential]
@@ -31,7 +31,8 @@ from pruning_utils.search import counts_of, search_budget
 
 MIX = DEFAULTS["TEXT_SOURCE"]
 RUNS = (f"S3 4 selfgen; S3 4 {MIX}; S3 16 embedded:0.5+selfgen:0.5; S1 4 {MIX}; S2 4 {MIX}")
-KEY = ["shape", "calibration_source", "allocation", "kl_windows", "n_kl_windows", "trade", "order"]
+KEY = ["shape", "calibration_source", "calib_tokens", "ridge_ratio", "allocation", "kl_windows", "n_kl_windows", "trade",
+       "order"]
 ORDERS = ("one-shot", "sequential")
 
 
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
                              search_s=round(search_s, 1), refit_s=round(time.perf_counter() - t0, 1),
                              heads_removed_per_group=" ".join(map(str, counts.heads)) if counts else "",
                              neurons_removed=" ".join(map(str, counts.neurons)) if counts else "",
-                             calibration_source=args.source, iterations=args.iterations if allocation == "search" else 0,
+                             calibration_source=args.source, calib_tokens=args.n_calib * args.seq_len,
+                             ridge_ratio=args.ridge, iterations=args.iterations if allocation == "search" else 0,
                              commit=commit))
             print({k: v for k, v in rows[-1].items() if k not in ("heads_removed_per_group", "neurons_removed")},
                   flush=True)

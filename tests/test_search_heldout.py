@@ -41,7 +41,8 @@ def test_runs_rows_and_merge(tmp_path):
         assert total(row["heads_removed_per_group"]) == total(uniform["heads_removed_per_group"])
         assert total(row["neurons_removed"]) == total(uniform["neurons_removed"])
     # a partial re-run replaces its own rows and keeps the others
-    key = ["shape", "calibration_source", "allocation", "kl_windows", "n_kl_windows", "trade", "order"]
+    key = ["shape", "calibration_source", "calib_tokens", "ridge_ratio", "allocation", "kl_windows", "n_kl_windows",
+           "trade", "order"]
     first = table.set_index(key)
     again = _run(out, "S1 2 embedded").set_index(key)
     assert sorted(again.index) == sorted(first.index)
