@@ -207,10 +207,12 @@ def adaptive_levels() -> str:
 
 
 def calibration_size() -> str:
-    """Return `benchmarks/calibration_size.py`: S3 quality per calibration token count, with the costs."""
-    df = _csv("calibration_size")
-    return _md(_present(df, ["criterion", "calibration_source", "calib_tokens", "ppl", "fidelity_ppl",
-                             "gram_s_cumulative", "obs_s", "refit_s", "selfgen_and_windows_s"]), 3)
+    """Return `benchmarks/calibration_size.py`: quality per shape, criterion, calibration token count and ridge, with
+    the costs."""
+    df = _csv("calibration_size").sort_values(["shape", "criterion", "calib_tokens", "ridge_ratio", "order"],
+                                              ascending=[True, False, True, False, True], kind="stable")
+    return _md(_present(df, ["shape", "criterion", "calib_tokens", "ridge_ratio", "order", "ppl", "fidelity_ppl",
+                             "gram_s_cumulative", "obs_s", "refit_s", "commit"]), 4)
 
 
 def search_heldout() -> str:
@@ -222,9 +224,10 @@ def search_heldout() -> str:
     df = _csv("search_heldout").copy()
     df["head_rounds_removed"] = df["heads_removed_per_group"].map(total)
     df["neurons_removed_total"] = df["neurons_removed"].map(total)
-    df = df.sort_values(["shape", "n_kl_windows", "kl_windows", "trade", "allocation", "order"],
-                        ascending=[True, True, True, False, False, True], kind="stable")
-    return _md(_present(df, ["shape", "allocation", "kl_windows", "n_kl_windows", "trade", "order", "kl_heldout",
+    df = df.sort_values(["shape", "calib_tokens", "n_kl_windows", "kl_windows", "trade", "allocation", "order"],
+                        ascending=[True, True, True, True, False, False, True], kind="stable")
+    return _md(_present(df, ["shape", "calib_tokens", "ridge_ratio", "allocation", "kl_windows", "n_kl_windows",
+                             "trade", "order", "kl_heldout",
                              "ppl", "fidelity_ppl", "head_rounds_removed", "neurons_removed_total", "search_s",
                              "commit"]), 3)
 
