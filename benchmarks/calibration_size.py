@@ -6,11 +6,12 @@ matrices of o_proj / down_proj inputs, which are sums over tokens. The sweep the
 set) and adds each size's new windows to running Grams, so every size costs only its new tokens. At each size
 each shape (S3 = -25% non-embedding by default; S1 / S2 of the quality benchmark too) is cut with `obs` selection +
 one-shot `lstsq` refit, and with the default criterion (`fluctuation`, scores of notebook 00, fixed) + the refit of
-that size, and measured on the in-domain evaluation text and on the held-out self-generated fidelity set. Costs per size: the new windows' self-generation (cached on
-disk; 0 when cached), the Gram update, the obs selection.
+that size, and measured on the in-domain evaluation text and on the held-out self-generated fidelity set. Costs per
+size: the new windows' self-generation (cached on disk; 0 when cached), the Gram update, the obs selection.
 
 Rows are merged into results/ablation_studies/calibration_size.csv by (shape, criterion, calibration_source,
-calib_tokens, ridge_ratio, order): a run of some shapes or sizes keeps the other rows, each stamped with the commit that measured it.
+calib_tokens, ridge_ratio, order): a run of some shapes or sizes keeps the other rows, each stamped with the commit
+that measured it.
 Usage: python3 -m benchmarks.calibration_size [--sizes 16384,65536] [--shapes S1,S3] [--ridges 1e-3,1e-2]
 [--orders one-shot,chase]
 """

@@ -10,8 +10,8 @@ seed of the calibration stream (never the fidelity stream) — and measures in-d
 result next to its shape's uniform start.
 
 Rows are merged into results/ablation_studies/search_heldout.csv by (shape, calibration source and tokens, ridge,
-allocation, KL windows, window count, trade, order): a run of some of the runs keeps the other rows, each stamped with the commit that
-measured it.
+allocation, KL windows, window count, trade, order): a run of some of the runs keeps the other rows, each stamped
+with the commit that measured it.
 Usage: python3 -m benchmarks.search_heldout [--runs "S3 4 selfgen; S2 4 embedded:0.75+selfgen:0.25 no-trade"]
 [--orders one-shot,sequential]
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+
 import pandas as pd
 import torch
 
@@ -31,8 +32,8 @@ from pruning_utils.search import counts_of, search_budget
 
 MIX = DEFAULTS["TEXT_SOURCE"]
 RUNS = (f"S3 4 selfgen; S3 4 {MIX}; S3 16 embedded:0.5+selfgen:0.5; S1 4 {MIX}; S2 4 {MIX}")
-KEY = ["shape", "calibration_source", "calib_tokens", "ridge_ratio", "allocation", "kl_windows", "n_kl_windows", "trade",
-       "order"]
+KEY = ["shape", "calibration_source", "calib_tokens", "ridge_ratio", "allocation", "kl_windows", "n_kl_windows",
+       "trade", "order"]
 ORDERS = ("one-shot", "sequential")
 
 

@@ -48,13 +48,13 @@ def write_csv(df_or_rows: pd.DataFrame | Iterable[dict], path: str | Path) -> Pa
 
 def merge_rows(new: pd.DataFrame, path: str | Path, key: list[str]) -> pd.DataFrame:
     """Return the new rows plus the rows of the CSV at `path` whose `key` the new rows do not hold, sorted by `key`
-    (a benchmark re-run of some configurations keeps the rows of the others)."""
+    (a benchmark re-run of some configurations keeps the rows of the others, older rows without a key column too)."""
     path = Path(path)
     if not path.exists():
         return new
     old = pd.read_csv(path)
-    if not set(key) <= set(old.columns):
-        return new
+    for col in set(key) - set(old.columns):  # rows written before a key column existed: kept, never matched
+        old[col] = pd.NA
     measured = set(map(tuple, new[key].astype(str).values))
     kept = old[[tuple(k) not in measured for k in old[key].astype(str).values]]
     return pd.concat([kept, new], ignore_index=True).sort_values(key, kind="stable", ignore_index=True)

@@ -11,7 +11,8 @@ def _run(tmp_path, shapes, sizes="128,256", ridges="1e-2", orders="one-shot"):
     from pruning_utils import paths
 
     out = tmp_path / "calibration_size.csv"
-    argv = ["--model", "tiny-llama", "--source", "embedded:0.75+selfgen:0.25", "--sizes", sizes, "--shapes", shapes, "--ridges", ridges, "--orders", orders,
+    argv = ["--model", "tiny-llama", "--source", "embedded:0.75+selfgen:0.25", "--sizes", sizes, "--shapes", shapes,
+            "--ridges", ridges, "--orders", orders,
             "--seq-len", "32", "--eval-seq-len", "32", "--eval-max-tokens", "256", "--fidelity-tokens", "64",
             "--scores", str(tmp_path / "no-scores"), "--out", str(out)]
     with pytest.MonkeyPatch.context() as mp:

@@ -85,3 +85,16 @@ def test_models_dir_is_read_at_call_time(tmp_path, monkeypatch):
     monkeypatch.setattr(paths, "MODELS_DIR", tmp_path)
     assert resolve_checkpoint_dir("x") == tmp_path / "x"
     assert resolve_checkpoint_dir(tmp_path / "y" / "z") == tmp_path / "y" / "z"
+
+
+def test_merge_rows_replaces_measured_keys_and_keeps_older_rows(tmp_path):
+    from pruning_utils.results import merge_rows, write_csv
+
+    path = tmp_path / "bench.csv"
+    write_csv([dict(shape="S1", ppl=13.0), dict(shape="S3", ppl=19.0)], path)  # written before "ridge" was a key
+    new = pd.DataFrame([dict(shape="S1", ridge=1e-4, ppl=12.9)])
+    merged = merge_rows(new, path, ["shape", "ridge"])
+    assert len(merged) == 3 and sorted(merged["ppl"]) == [12.9, 13.0, 19.0]
+    write_csv(merged, path)
+    again = merge_rows(pd.DataFrame([dict(shape="S1", ridge=1e-4, ppl=12.8)]), path, ["shape", "ridge"])
+    assert sorted(again["ppl"]) == [12.8, 13.0, 19.0]
