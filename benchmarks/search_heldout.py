@@ -64,12 +64,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--orders", default="one-shot",
                     help="refits of every measured plan, comma-separated: one-shot (the Grams the search scored "
                          "with) and/or sequential (each layer refit on the already pruned earlier layers)")
+    ap.add_argument("--eval-source", default=None, help="in-domain evaluation text (default: the text parts of --source; "
+                    "a selfgen-only --source needs one, e.g. embedded)")
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--eval-max-tokens", type=int, default=32768)
     ap.add_argument("--fidelity-tokens", type=int, default=DEFAULTS["FIDELITY_TOKENS"])
     ap.add_argument("--out", default=str(results.ablation_dir() / "search_heldout.csv"))
     args = ap.parse_args(argv)
     runs = parse_runs(args.runs)
+    if args.eval_source is None and all(name == data.SELFGEN for name, _ in data.parse_mixture(args.source)):
+        raise SystemExit(f"--source {args.source} holds no text to evaluate in-domain perplexity on: pass "
+                         "--eval-source, e.g. embedded")
     orders = [o.strip() for o in args.orders.split(",") if o.strip()]
     if not orders or set(orders) - set(ORDERS):
         raise SystemExit(f"--orders takes {', '.join(ORDERS)} (got '{args.orders}')")
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tok = load_model(args.model, device="cpu", dtype="float32")
     windows = data.calibration_windows(tok, args.source, n_samples=args.n_calib, seq_len=args.seq_len, seed=0,
                                        model=model)
-    chunks = data.eval_chunks(tok, data.text_parts(args.source), seq_len=args.eval_seq_len,
+    chunks = data.eval_chunks(tok, args.eval_source or data.text_parts(args.source), seq_len=args.eval_seq_len,
                               max_tokens=args.eval_max_tokens)
     fidelity = data.fidelity_chunks(model, tok, n_tokens=args.fidelity_tokens, seq_len=args.seq_len)
     grams = reconstruction.collect_grams(model, windows)

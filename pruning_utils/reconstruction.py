@@ -95,6 +95,8 @@ def reconstruct_linear(weight: Tensor, bias: Tensor | None, keep: Tensor, stats:
     """Return `(new_weight [out, len(keep)], new_bias)` for a linear layer keeping input channels `keep`."""
     if mode not in MODES:
         raise ReconstructionError(f"unknown reconstruction mode '{mode}'; known: {', '.join(MODES)}")
+    if ridge_ratio < 0:
+        raise ReconstructionError(f"ridge_ratio must be >= 0 (a fraction of the Gram's mean diagonal), got {ridge_ratio}")
     keep = torch.as_tensor(keep, dtype=torch.long, device=weight.device)
     if mode == "none":
         return weight.detach()[:, keep].clone(), None if bias is None else bias.detach().clone()

@@ -164,7 +164,8 @@ sweep_fidelity = fidelity[:max(1, SWEEP_EVAL_MAX_TOKENS // fidelity.shape[1])]
 SAVED = dict(fidelity_chunks=fidelity, reference_model=None if RUN.build == "reload" else source.model)
 # the main plans: ALLOCATION='search' searches per-layer counts by KL on held-out windows of every TEXT_SOURCE part
 PLAN = dict(allocation_name=ALLOCATION, tokenizer=tok, text_source=TEXT_SOURCE, seed=SEED, seq_len=CALIB_SEQ_LEN,
-            windows=SEARCH_WINDOWS, iterations=SEARCH_ITERATIONS, group=SEARCH_GROUP, selfgen_kw=SELFGEN)
+            windows=SEARCH_WINDOWS, iterations=SEARCH_ITERATIONS, group=SEARCH_GROUP, ridge_ratio=RIDGE_RATIO,
+            selfgen_kw=SELFGEN)
 missing = [c for c in as_list(CRITERIA) if c not in scores]
 assert not missing, f"criteria {missing} were not computed in notebook 00; add them to its CRITERIA and re-run it"'''
 
@@ -193,7 +194,8 @@ plan = main_plan(source.model, scores, {prefix}_criterion=MAIN_{var}_CRITERION, 
 recon_rows = reconstruction_sweep(source, plan, windows, as_list(RECON_OPTIONS), sweep_chunks, kind="{kind}",
                                   criterion=MAIN_{var}_CRITERION, rate={var}_RATE, allocation=ALLOCATION,
                                   reference=ref, source_model=MODEL, stats=grams, sequential=RECON_SEQUENTIAL,
-                                  compute_device=RUN.compute_device, fidelity_chunks=sweep_fidelity)
+                                  ridge_ratio=RIDGE_RATIO, compute_device=RUN.compute_device,
+                                  fidelity_chunks=sweep_fidelity)
 rows += recon_rows
 pd.DataFrame(recon_rows)[["variant", "reconstruction", "{shape_col}", "ppl", "ppl_change_pct", "fidelity_ppl"]]'''),
     ]
@@ -210,8 +212,8 @@ NB02 = notebook(
         *sweep_cells("heads", "HEAD", "query_heads", "Criteria side by side (plain removal, no reconstruction)",
                      "['o_proj', 'down_proj'] if ALLOCATION == 'search' else ['o_proj']"),
         ("md", "## Main head-pruned model (full evaluation) → `models/head_pruned/`\nLatency and memory of every saved variant are measured once, the same way, in notebook 06."),
-        ("code", '''main = pruned_copy(source, plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL, stats=grams,
-                  device=RUN.compute_device)
+        ("code", '''main = pruned_copy(source, plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL,
+                  ridge_ratio=RIDGE_RATIO, stats=grams, device=RUN.compute_device)
 row = measure_variant(main, chunks, variant="head_pruned", source_model=MODEL, reference=baseline,
                       criterion=MAIN_HEAD_CRITERION, allocation=ALLOCATION, reconstruction=RECONSTRUCTION,
                       head_rate_requested=HEAD_RATE, compute_device=RUN.compute_device, **SAVED)
@@ -239,8 +241,8 @@ NB03 = notebook(
         *sweep_cells("neurons", "MLP", "intermediate", "Criteria side by side on the baseline (plain removal)",
                      "['o_proj', 'down_proj']"),
         ("md", "## MLP pruning alone → `models/mlp_pruned/`"),
-        ("code", '''mlp_model = pruned_copy(source, plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL, stats=grams,
-                       device=RUN.compute_device)
+        ("code", '''mlp_model = pruned_copy(source, plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL,
+                        ridge_ratio=RIDGE_RATIO, stats=grams, device=RUN.compute_device)
 row = measure_variant(mlp_model, chunks, variant="mlp_pruned", source_model=MODEL, reference=baseline,
                       criterion=MAIN_MLP_CRITERION, allocation=ALLOCATION, reconstruction=RECONSTRUCTION,
                       mlp_rate_requested=MLP_RATE, compute_device=RUN.compute_device, **SAVED)
@@ -260,18 +262,19 @@ if ALLOCATION == "search":  # heads and neurons searched together at the mix's j
     mix_plan = main_plan(source.model, scores, head_criterion=head_row["criterion"], mlp_criterion=MAIN_MLP_CRITERION,
                          head_rate=head_row["head_rate_requested"], mlp_rate=MLP_RATE, grams=grams, **PLAN)
     mix = pruned_copy(source, mix_plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL,
-                      stats=grams, device=RUN.compute_device)
+                      ridge_ratio=RIDGE_RATIO, stats=grams, device=RUN.compute_device)
 elif MIX_RESCORE:
     head_model, _ = load_pruned("head_pruned", device=RUN.load_device, dtype=RUN.dtype)
     head_scores = importance.compute_importance(head_model, windows, [MAIN_MLP_CRITERION], seed=SEED,
-                                                compute_device=RUN.compute_device)[MAIN_MLP_CRITERION]
+                                                compute_device=RUN.compute_device,
+                                                obs_ridge=RIDGE_RATIO)[MAIN_MLP_CRITERION]
     mix_plan = allocation.plan_neurons(head_model, head_scores, MLP_RATE, allocation=ALLOCATION)
     mix = prune_in_place(head_model, mix_plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL,
-                         device=RUN.compute_device)
+                         ridge_ratio=RIDGE_RATIO, device=RUN.compute_device)
     del head_model
 else:
     mix = pruned_copy(source, plan.combined_with(read_plan("head_pruned")), windows, reconstruction=RECONSTRUCTION,
-                      sequential=RECON_SEQUENTIAL, stats=grams, device=RUN.compute_device)
+                      sequential=RECON_SEQUENTIAL, ridge_ratio=RIDGE_RATIO, stats=grams, device=RUN.compute_device)
 row = measure_variant(mix, chunks, variant="mix_pruned", source_model=MODEL, reference=baseline,
                       criterion=f"{head_row['criterion']}+{MAIN_MLP_CRITERION}", allocation=ALLOCATION,
                       reconstruction=RECONSTRUCTION, head_rate_requested=head_row["head_rate_requested"],

@@ -147,6 +147,20 @@ def test_unknown_mode_names_the_known_ones():
         reconstruct_linear(torch.zeros(2, 3), None, torch.tensor([0]), None, "ridge")
 
 
+def test_negative_ridge_is_refused_and_ridge_changes_the_refit():
+    torch.manual_seed(0)
+    x, w = torch.randn(64, 6), torch.randn(3, 6)
+    stats = GramStats.empty(6)
+    stats.add(x)
+    keep = torch.tensor([0, 2, 4])
+    with pytest.raises(ReconstructionError, match="ridge_ratio must be >= 0"):
+        reconstruct_linear(w, None, keep, stats, "lstsq", ridge_ratio=-1e-3)
+    small, _ = reconstruct_linear(w, None, keep, stats, "lstsq", ridge_ratio=1e-4)
+    large, _ = reconstruct_linear(w, None, keep, stats, "lstsq", ridge_ratio=10.0)
+    # a large ridge pulls the refit toward the kept columns of W; a small one solves the least squares
+    assert (large - w[:, keep]).norm() < (small - w[:, keep]).norm()
+
+
 def _heldout_error(family: str, name: str, keep: torch.Tensor, mode: str) -> float:
     model = tiny_model(family)
     module = target_module(decoder_layers(model)[1], name)

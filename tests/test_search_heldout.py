@@ -8,13 +8,13 @@ import pytest
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _run(out, runs, orders="one-shot"):
+def _run(out, runs, orders="one-shot", extra=()):
     from benchmarks import search_heldout
     from pruning_utils import paths
 
     argv = ["--model", "tiny-llama", "--runs", runs, "--n-calib", "8", "--seq-len", "32",
             "--iterations", "6", "--group", "8", "--eval-seq-len", "32", "--eval-max-tokens", "256",
-            "--fidelity-tokens", "64", "--orders", orders, "--out", str(out)]
+            "--fidelity-tokens", "64", "--orders", orders, "--out", str(out), *extra]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(paths, "MODELS_DIR", out.parent / "models")  # the selfgen cache of the tiny model stays there
         search_heldout.main(argv)
@@ -62,3 +62,14 @@ def test_bad_run_spec_is_refused():
         _run(Path("unused.csv"), "S1 2 embedded", orders="two-shot")
     assert parse_runs("S3 4 selfgen; ;S1 2 embedded no-trade") == [("S3", 4, "selfgen", True),
                                                                    ("S1", 2, "embedded", False)]
+
+
+def test_selfgen_only_calibration_evaluates_on_the_named_text(tmp_path):
+    """The over-fitting control: Grams and KL windows from the model's own samples, in-domain PPL on text."""
+    out = tmp_path / "search_heldout.csv"
+    with pytest.raises(SystemExit, match="--eval-source"):
+        _run(out, "S1 2 selfgen", extra=("--source", "selfgen"))
+    assert not out.exists()
+    table = _run(out, "S1 2 selfgen", extra=("--source", "selfgen", "--eval-source", "embedded"))
+    assert set(table["calibration_source"]) == {"selfgen"} and set(table["allocation"]) == {"uniform", "search"}
+    assert (table["ppl"] > 1).all() and (table["fidelity_ppl"] > 1).all()
