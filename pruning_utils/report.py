@@ -235,8 +235,9 @@ def search_heldout() -> str:
 def thorough_profile() -> str:
     """Return the saved models of notebooks 02/03 under the default and the `thorough` profile (obs + search)."""
     df = _csv("thorough_profile")
-    return _md(_present(df, ["profile", "variant", "criterion", "allocation", "params_non_embedding", "ppl",
-                             "fidelity_ppl", "kl_to_baseline", "stage_minutes", "commit"]), 3)
+    return _md(_present(df, ["profile", "variant", "criterion", "allocation", "calib_tokens", "ridge_ratio",
+                             "params_non_embedding", "ppl", "fidelity_ppl", "kl_to_baseline", "stage_minutes",
+                             "commit"]), 3)
 
 
 def int8_smoothing() -> str:
