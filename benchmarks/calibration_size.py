@@ -34,7 +34,7 @@ from pruning_utils.scores import load_scores
 from pruning_utils.stats import GramStats
 
 KEY = ["shape", "criterion", "calibration_source", "calib_tokens", "ridge_ratio", "order"]
-ORDERS = ("one-shot", "sequential", "chase")
+ORDERS = ("one-shot", "sequential", "chase", "sequential-reselect", "chase-reselect")
 
 
 def _add(total: dict | None, new: dict) -> dict:
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fidelity-tokens", type=int, default=DEFAULTS["FIDELITY_TOKENS"])
     ap.add_argument("--orders", default="one-shot",
                     help="refits, comma-separated: one-shot (the running Grams), sequential (each layer refit on the "
-                         "already pruned earlier layers) and/or chase (sequential, toward the unpruned model's output)")
+                         "already pruned earlier layers), chase (sequential, toward the unpruned model's output); "
+                         "-reselect: each layer's removals chosen again by OBS on the walk's statistics, same counts")
     ap.add_argument("--ridges", default="1e-2", help="comma-separated ridge ratios of the refit and the obs selection")
     ap.add_argument("--scores", default=str(PROJECT_ROOT / "results" / "importance"))
     ap.add_argument("--out", default=str(results.ablation_dir() / "calibration_size.csv"))
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
                 pruned = reconstruction.prune_and_reconstruct(
                     copy.deepcopy(model), allocation.plan_both(model, sc, **SHAPES[shape]), windows[:n], "lstsq",
                     sequential=not one_shot, ridge_ratio=ridge, stats=grams if one_shot else None,
-                    chase=order == "chase")
+                    chase=order.startswith("chase"), reselect=order.endswith("-reselect"))
                 refit_s = time.perf_counter() - t0
                 ppl = metrics.perplexity(pruned, chunks, progress=False)["ppl"]
                 fid = metrics.perplexity(pruned, held, progress=False)["ppl"]

@@ -142,6 +142,52 @@ def greedy_path(weight: Tensor, bias: Tensor | None, stats: GramStats, cols: Ten
     return path
 
 
+def reselect_keep(weight: Tensor, bias: Tensor | None, stats: GramStats, n_remove: int, kind: str,
+                  n_kv_heads: int = 1, hd: int = 1, step: int = 8, ridge_ratio: float = 1e-2) -> Tensor:
+    """Return the input channels to keep when `n_remove` heads (`kind` 'heads': that many per layer, equal in every
+    KV group) or neurons go, chosen by the greedy path on `stats` (e.g. Grams taken on already pruned layers).
+
+    Where `stats` carries cross terms with the unpruned model's inputs (`GramStats.add_paired`, the `chase` refit),
+    the path starts from the chase optimum instead of W: with H = G + λI and C = Σ x x_refᵀ the chase objective
+    ‖W X_ref − W' X‖² + λ‖W' − W‖² equals const + tr((W' − W*) H (W' − W*)ᵀ) with W* = W (C + λI)ᵀ H⁻¹, so the
+    same progressive OBS removal from W* is exact for it.
+    """
+    w = weight.detach().to(device=stats.gram.device, dtype=torch.float64)
+    in_dim = w.shape[1]
+    if stats.cross is not None:
+        g, c = stats.gram.to(torch.float64), stats.cross.to(torch.float64)
+        ridge = torch.full((in_dim,), float(ridge_ratio * torch.diagonal(g).mean()), dtype=torch.float64,
+                           device=g.device)
+        if bias is not None:  # the constant channel (no ridge): x̃ = [x; 1], C̃ = Σ x̃ x̃_refᵀ
+            from .reconstruction import with_constant_channel
+
+            g, w = with_constant_channel(g, stats, w, bias)
+            n = torch.tensor([[float(stats.count)]], dtype=torch.float64, device=g.device)
+            c = torch.cat([torch.cat([c, stats.sum[:, None].double()], 1),
+                           torch.cat([stats.ref_sum[None, :].double(), n], 1)], 0)
+            ridge = torch.cat([ridge, ridge.new_zeros(1)])
+        lam = torch.diag(ridge)
+        w = torch.linalg.solve(g + lam, (c + lam) @ w.T).T  # W* = W (C + Λ)ᵀ H⁻¹, H symmetric
+        if bias is not None:
+            w, bias = w[:, :in_dim], w[:, in_dim]
+    if kind == "heads":
+        n_heads = in_dim // hd
+        if n_remove % n_kv_heads:
+            raise ObsError(f"{n_remove} heads cannot leave {n_kv_heads} KV groups equal")
+        cols = torch.stack([head_channels([h], hd) for h in range(n_heads)])
+        classes = torch.arange(n_heads) // (n_heads // n_kv_heads)
+        order = greedy_path(w, bias, stats, cols, n_remove // n_kv_heads, classes, ridge_ratio=ridge_ratio).order
+        removed = set(order[:n_remove])
+        return head_channels([h for h in range(n_heads) if h not in removed], hd)
+    if kind != "neurons":
+        raise ObsError(f"kind must be 'heads' or 'neurons', got '{kind}'")
+    step = step if -(-n_remove // step) * step < in_dim else 1
+    order = greedy_path(w, bias, stats, torch.arange(in_dim)[:, None], -(-n_remove // step), step=step,
+                        ridge_ratio=ridge_ratio).order
+    removed = set(order[:n_remove])
+    return torch.tensor([c for c in range(in_dim) if c not in removed])
+
+
 def _rank_scores(path: Path, n: int) -> Tensor:
     """Return scores from a path: removal step for removed candidates, above them by final ΔE for the rest."""
     scores = torch.empty(n, dtype=torch.float32)

@@ -201,7 +201,7 @@ def _refit_in_place(module: nn.Linear, keep: Tensor, stats: GramStats | None, mo
 def reconstruct_in_place(model, plan: PruningPlan, windows: Tensor | None, mode: str = "lstsq",
                          sequential: bool = True, batch_size: int = 4, ridge_ratio: float = 1e-2,
                          stats: Mapping[tuple[int, str], GramStats] | None = None, chase: bool = False,
-                         device: torch.device | str | None = None):
+                         device: torch.device | str | None = None, reselect: bool = False):
     """Refit o_proj / down_proj for the plan's removals and zero the removed columns, keeping shapes; returns model.
 
     The result computes exactly what the pruned model will (zero columns = masked channels), so `surgery.apply_plan`
@@ -211,12 +211,18 @@ def reconstruct_in_place(model, plan: PruningPlan, windows: Tensor | None, mode:
     on pruned-upstream inputs, so upstream error is compensated too. Without `stats`, a one-shot refit streams:
     each layer's Grams are collected, used and dropped before the next layer's (one layer's Grams alive, the
     same refit as from `collect_grams`). `device`: offload mode's compute device for the calibration walks.
+    `reselect` (sequential lstsq only) keeps the plan's counts per layer but chooses the removed heads / neurons
+    again at each layer by OBS on the walk's statistics (`obs.reselect_keep`: toward the unpruned model's outputs
+    with `chase`), and updates `plan` in place with what it chose.
     """
     targets = _targets(model, plan)
     _check(model, plan, mode, targets)
     if chase and not sequential:
         raise ReconstructionError("chase=True needs sequential=True: the unpruned model's hidden states are carried "
                                   "layer by layer next to the pruned ones")
+    if reselect and (not sequential or mode != "lstsq"):
+        raise ReconstructionError("reselect=True needs sequential=True and mode='lstsq': it chooses the removals "
+                                  "again from each layer's statistics on the already pruned layers before the refit")
     if mode == "none" or not targets:
         stats = {}
     elif stats is not None:
@@ -231,7 +237,8 @@ def reconstruct_in_place(model, plan: PruningPlan, windows: Tensor | None, mode:
     elif windows is None:
         raise ReconstructionError(f"mode '{mode}' needs calibration windows (or one-shot stats from collect_grams)")
     elif sequential:
-        return _reconstruct_sequential(model, plan, windows, targets, mode, batch_size, ridge_ratio, chase, device)
+        return _reconstruct_sequential(model, plan, windows, targets, mode, batch_size, ridge_ratio, chase, device,
+                                       reselect)
     else:
         return _reconstruct_streamed(model, windows, targets, mode, batch_size, ridge_ratio, device)
     layer_list = decoder_layers(model)
@@ -243,11 +250,18 @@ def reconstruct_in_place(model, plan: PruningPlan, windows: Tensor | None, mode:
 def prune_and_reconstruct(model, plan: PruningPlan, windows: Tensor | None, mode: str = "lstsq",
                           sequential: bool = True, batch_size: int = 4, ridge_ratio: float = 1e-2,
                           stats: Mapping[tuple[int, str], GramStats] | None = None, chase: bool = False,
-                          device: torch.device | str | None = None):
-    """Apply the plan in place with o_proj / down_proj reconstructed on the calibration windows; returns model."""
+                          device: torch.device | str | None = None, reselect: bool = False):
+    """Apply the plan in place with o_proj / down_proj reconstructed on the calibration windows; returns model.
+
+    With `reselect` the removals applied (and recorded as `model.pruning_plan`) are those chosen during the
+    sequential walk, at the plan's counts; `plan` itself is left as given."""
     from .surgery import apply_plan
 
-    reconstruct_in_place(model, plan, windows, mode, sequential, batch_size, ridge_ratio, stats, chase, device)
+    if reselect:
+        plan = copy.deepcopy(plan)
+        plan.provenance["reselected"] = dict(chase=chase, ridge_ratio=ridge_ratio)
+    reconstruct_in_place(model, plan, windows, mode, sequential, batch_size, ridge_ratio, stats, chase, device,
+                         reselect)
     return apply_plan(model, plan)
 
 
@@ -280,11 +294,14 @@ def _reconstruct_streamed(model, windows: Tensor, targets, mode: str, batch_size
 
 @torch.no_grad()
 def _reconstruct_sequential(model, plan: PruningPlan, windows: Tensor, targets, mode: str, batch_size: int,
-                            ridge_ratio: float, chase: bool = False, device: torch.device | str | None = None):
+                            ridge_ratio: float, chase: bool = False, device: torch.device | str | None = None,
+                            reselect: bool = False):
     """Refit layer by layer on the outputs of the already refit layers, holding one layer's activations at a time.
 
     `chase`: also carry the unpruned model's hidden states (through a copy of each layer taken before its refit)
     and refit toward the unpruned model's output, so each refit also absorbs the error of the layers before it.
+    `reselect`: before each refit, choose again which channels go (`obs.reselect_keep` on this walk's statistics,
+    the plan's count per layer and KV group) and write the choice into `plan`.
     """
     kept_layers = set(plan.kept_layers())
     last = max(li for li, _ in targets)
@@ -300,7 +317,29 @@ def _reconstruct_sequential(model, plan: PruningPlan, windows: Tensor, targets, 
         for name in pruned_here:
             stats = (_paired_stats(layer, name, ref_layer, hidden, ref_hidden, calls) if chase
                      else calibration.layer_input_grams(layer, target_module(layer, name), hidden, calls))
+            if reselect:
+                targets[(li, name)] = _reselect(model, plan, li, name, target_module(layer, name), stats, ridge_ratio)
             _refit_in_place(target_module(layer, name), targets[(li, name)], stats, mode, ridge_ratio)
         if chase and li < last:  # the unpruned model runs every layer, dropped ones too
             ref_hidden = [calibration.run_layer(ref_layer, h, call) for h, call in zip(ref_hidden, calls)]
     return model
+
+
+def _reselect(model, plan: PruningPlan, li: int, name: str, module: nn.Linear, stats: GramStats,
+              ridge_ratio: float) -> Tensor:
+    """Return the kept input channels of `module` chosen again on `stats`, and record the choice in `plan`."""
+    from .obs import reselect_keep
+
+    shape = layer_shapes(model)[li]
+    if name == HEAD_INPUT:
+        hd = head_dim(model)
+        removed = plan.base_heads[li] - len(plan.kept_heads(li))
+        keep = reselect_keep(module.weight, module.bias, stats, removed, "heads", shape.n_kv_heads, hd,
+                             ridge_ratio=ridge_ratio)
+        plan.heads[li] = sorted({int(c) // hd for c in keep})
+    else:
+        removed = plan.base_intermediate[li] - len(plan.kept_neurons(li))
+        keep = reselect_keep(module.weight, module.bias, stats, removed, "neurons", ridge_ratio=ridge_ratio)
+        plan.neurons[li] = keep.tolist()
+    return keep
+

@@ -37,9 +37,10 @@ def test_rows_per_shape_and_merge(tmp_path):
 
 
 def test_ridges_and_orders_are_rows(tmp_path):
-    table = _run(tmp_path, "S1", sizes="128", ridges="1e-3,1e-1", orders="one-shot,sequential,chase")
-    assert sorted(table["ridge_ratio"]) == [1e-3] * 3 + [1e-1] * 3
-    assert sorted(table["order"]) == ["chase", "chase", "one-shot", "one-shot", "sequential", "sequential"]
+    table = _run(tmp_path, "S1", sizes="128", ridges="1e-3,1e-1", orders="one-shot,sequential,chase,chase-reselect")
+    assert sorted(table["ridge_ratio"]) == [1e-3] * 4 + [1e-1] * 4
+    assert sorted(table["order"]) == ["chase", "chase", "chase-reselect", "chase-reselect", "one-shot", "one-shot",
+                                      "sequential", "sequential"]
     # the ridge and the order reach the refit (on a tiny random model two orders may agree to float rounding)
     assert (table.groupby("ridge_ratio")["ppl"].nunique() >= 2).all()
     assert table.groupby("order")["ppl"].nunique().min() == 2

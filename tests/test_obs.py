@@ -94,3 +94,30 @@ def test_obs_criterion_plans_the_path_prefix(setup):
     path = greedy_path(module.weight, None, grams[(1, NEURON_INPUT)], torch.arange(96)[:, None], 6, step=4)
     assert set(range(96)) - set(plan.kept_neurons(1)) == set(path.order)  # 24 removed = the first 6 updates
     assert [len(plan.kept_heads(li)) for li in range(3)] == [6, 6, 6]
+
+
+def test_reselect_with_cross_terms_picks_the_cheapest_single_removal_of_the_chase_objective():
+    """With the unpruned inputs' cross terms the path starts from the chase optimum: its first pick is the single
+    removal that leaves the least ‖W X_ref − W' X‖² after the chase refit (brute force, no ridge)."""
+    from pruning_utils.obs import reselect_keep
+    from pruning_utils.stats import GramStats
+
+    g = torch.Generator().manual_seed(3)
+    x_ref = torch.randn(400, 8, generator=g, dtype=torch.float64)
+    x = x_ref + 0.3 * torch.randn(400, 8, generator=g, dtype=torch.float64)  # the pruned path's drifted inputs
+    w = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    stats = GramStats.empty(8)
+    stats.add_paired(x, x_ref)
+
+    def chase_error(keep):
+        new_w, _ = reconstruct_linear(w, None, keep, stats, "lstsq", ridge_ratio=0.0)
+        return float(((x_ref @ w.T - x[:, keep] @ new_w.T) ** 2).sum())
+
+    brute = min(range(8), key=lambda r: chase_error(torch.tensor([c for c in range(8) if c != r])))
+    keep = reselect_keep(w, None, stats, 1, "neurons", step=1, ridge_ratio=0.0)
+    assert sorted(set(range(8)) - set(keep.tolist())) == [brute]
+    plain = GramStats.empty(8)
+    plain.add(x)  # without cross terms: the layer's own output on these inputs, another objective
+    assert reselect_keep(w, None, plain, 3, "neurons", step=1, ridge_ratio=0.0).numel() == 5
+    with pytest.raises(ObsError, match="KV groups equal"):
+        reselect_keep(w, None, stats, 1, "heads", n_kv_heads=2, hd=2)

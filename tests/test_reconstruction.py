@@ -318,3 +318,41 @@ class TestEmbedded:
             pruned = prune_and_reconstruct(copy.deepcopy(model), plan, calib, mode=mode)
             errors[mode] = ((_logits(pruned, held_out) - ref).norm() / ref.norm()).item()
         assert errors["lstsq"] < errors["none"]
+
+
+@pytest.mark.parametrize("chase", [False, True])
+def test_reselect_keeps_the_counts_and_kv_groups_and_records_its_choice(chase):
+    base = tiny_model("llama")
+    plan = _plan(base, heads={li: HEADS_KEPT for li in range(3)}, neurons={li: list(range(0, 96, 2)) for li in range(3)})
+    given = copy.deepcopy(plan)
+    ref = _logits(base, _windows(0))
+    err, chosen = {}, None
+    for reselect in (False, True):
+        pruned = prune_and_reconstruct(copy.deepcopy(base), plan, _windows(0), chase=chase, reselect=reselect)
+        err[reselect] = ((_logits(pruned, _windows(0)) - ref).norm() / ref.norm()).item()
+        chosen = pruned.pruning_plan
+    assert plan == given  # the caller's plan is left as given
+    assert chosen.provenance["reselected"] == dict(chase=chase, ridge_ratio=1e-2)
+    for li in range(3):
+        heads = chosen.kept_heads(li)
+        assert len(heads) == len(HEADS_KEPT) and sum(h < 4 for h in heads) == 2  # 2 kept in each KV group of 4
+        assert len(chosen.kept_neurons(li)) == 48
+    assert any(chosen.kept_neurons(li) != plan.kept_neurons(li) for li in range(3))
+    # chosen by the reconstruction error left, not every other channel: the pruned model is closer to the dense one
+    assert err[True] < err[False]
+
+
+def test_reselect_on_the_first_layer_is_the_obs_path_of_the_one_shot_grams():
+    from pruning_utils.obs import greedy_path
+
+    base = tiny_model("llama")
+    plan = _plan(base, neurons={0: list(range(48))})
+    chosen = prune_and_reconstruct(copy.deepcopy(base), plan, _windows(0), chase=True, reselect=True).pruning_plan
+    down = target_module(decoder_layers(base)[0], "down_proj")
+    path = greedy_path(down.weight, down.bias, collect_grams(base, _windows(0))[(0, "down_proj")],
+                       torch.arange(96)[:, None], 6, step=8)
+    assert sorted(set(range(96)) - set(chosen.kept_neurons(0))) == sorted(path.order)
+    with pytest.raises(ReconstructionError, match="sequential=True and mode='lstsq'"):
+        prune_and_reconstruct(copy.deepcopy(base), plan, _windows(0), sequential=False, reselect=True)
+    with pytest.raises(ReconstructionError, match="sequential=True and mode='lstsq'"):
+        prune_and_reconstruct(copy.deepcopy(base), plan, _windows(0), mode="bias", reselect=True)
