@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
                          "already pruned earlier layers), chase (sequential, toward the unpruned model's output); "
                          "-reselect: each layer's removals chosen again by OBS on the walk's statistics, same counts")
     ap.add_argument("--ridges", default="1e-2", help="comma-separated ridge ratios of the refit and the obs selection")
+    ap.add_argument("--criteria", default="obs,fluctuation", help="obs (from each size's Grams) and / or "
+                    "fluctuation (notebook 00's saved scores), comma-separated")
     ap.add_argument("--scores", default=str(PROJECT_ROOT / "results" / "importance"))
     ap.add_argument("--out", default=str(results.ablation_dir() / "calibration_size.csv"))
     args = ap.parse_args(argv)
@@ -96,6 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     orders = [o.strip() for o in args.orders.split(",") if o.strip()]
     if not orders or set(orders) - set(ORDERS):
         raise SystemExit(f"--orders takes {', '.join(ORDERS)} (got '{args.orders}')")
+    criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
+    if not criteria or set(criteria) - {"obs", "fluctuation"}:
+        raise SystemExit(f"--criteria takes obs and / or fluctuation (got '{args.criteria}')")
     if sizes != sorted(sizes) or sizes[0] < args.seq_len:
         raise SystemExit(f"--sizes must ascend and start at >= one window ({args.seq_len} tokens), got {sizes}")
     torch.manual_seed(0)
@@ -103,11 +108,12 @@ def main(argv: list[str] | None = None) -> None:
     chunks = data.eval_chunks(tok, data.text_parts(args.source), seq_len=args.eval_seq_len,
                               max_tokens=args.eval_max_tokens)
     held = data.fidelity_chunks(model, tok, n_tokens=args.fidelity_tokens, seq_len=args.seq_len)
-    try:  # the default criterion's saved scores (notebook 00, default windows); without them: obs only
-        fluct = load_scores(args.scores).get("fluctuation")
-    except FileNotFoundError as err:
-        print(f"no fluctuation rows: {err}")
-        fluct = None
+    fluct = None
+    if "fluctuation" in criteria:
+        try:  # the default criterion's saved scores (notebook 00, default windows); without them: obs only
+            fluct = load_scores(args.scores).get("fluctuation")
+        except FileNotFoundError as err:
+            print(f"no fluctuation rows: {err}")
     t0 = time.perf_counter()
     windows, _ = nested_windows(model, tok, args.source, sizes[-1] // args.seq_len, args.seq_len)
     windows_s = time.perf_counter() - t0
@@ -121,9 +127,9 @@ def main(argv: list[str] | None = None) -> None:
         done = n
         for ridge in ridges:
             t0 = time.perf_counter()
-            scores = obs.obs_scores(model, grams, ridge_ratio=ridge, progress=False)
+            scores = obs.obs_scores(model, grams, ridge_ratio=ridge, progress=False) if "obs" in criteria else None
             obs_s = time.perf_counter() - t0
-            recipes = [("obs", scores)] + ([("fluctuation", fluct)] if fluct is not None else [])
+            recipes = [(name, sc) for name, sc in (("obs", scores), ("fluctuation", fluct)) if sc is not None]
             for shape, (name, sc), order in itertools.product(shapes, recipes, orders):
                 t0 = time.perf_counter()
                 one_shot = order == "one-shot"

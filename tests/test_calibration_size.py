@@ -6,13 +6,13 @@ import pytest
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _run(tmp_path, shapes, sizes="128,256", ridges="1e-2", orders="one-shot"):
+def _run(tmp_path, shapes, sizes="128,256", ridges="1e-2", orders="one-shot", criteria="obs,fluctuation"):
     from benchmarks import calibration_size
     from pruning_utils import paths
 
     out = tmp_path / "calibration_size.csv"
     argv = ["--model", "tiny-llama", "--source", "embedded:0.75+selfgen:0.25", "--sizes", sizes, "--shapes", shapes,
-            "--ridges", ridges, "--orders", orders,
+            "--ridges", ridges, "--orders", orders, "--criteria", criteria,
             "--seq-len", "32", "--eval-seq-len", "32", "--eval-max-tokens", "256", "--fidelity-tokens", "64",
             "--scores", str(tmp_path / "no-scores"), "--out", str(out)]
     with pytest.MonkeyPatch.context() as mp:
@@ -54,3 +54,5 @@ def test_bad_arguments_are_refused(tmp_path):
         _run(tmp_path, "S1", ridges="small")
     with pytest.raises(SystemExit, match="--orders"):
         _run(tmp_path, "S1", orders="two-shot")
+    with pytest.raises(SystemExit, match="--criteria"):
+        _run(tmp_path, "S1", criteria="taylor")
