@@ -30,8 +30,12 @@ def _md(df: pd.DataFrame, digits: int = 2) -> str:
 
 
 def _present(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
-    """Return the columns of `cols` a CSV has: results written before a column existed still render."""
-    return df[[c for c in cols if c in df.columns]]
+    """Return the columns of `cols` a CSV has: results written before a column existed still render. A ridge ratio
+    is written as typed (1e-4 would round to 0 with the table's digits)."""
+    out = df[[c for c in cols if c in df.columns]].copy()
+    if "ridge_ratio" in out:
+        out["ridge_ratio"] = out["ridge_ratio"].map(lambda v: "" if pd.isna(v) else f"{v:g}")
+    return out
 
 
 def _sweep(name: str, rate: str, frac: str) -> str:
@@ -226,7 +230,8 @@ def search_heldout() -> str:
     df["neurons_removed_total"] = df["neurons_removed"].map(total)
     df = df.sort_values(["shape", "calib_tokens", "n_kl_windows", "kl_windows", "trade", "allocation", "order"],
                         ascending=[True, True, True, True, False, False, True], kind="stable")
-    return _md(_present(df, ["shape", "calib_tokens", "ridge_ratio", "allocation", "kl_windows", "n_kl_windows",
+    return _md(_present(df, ["shape", "calibration_source", "calib_tokens", "ridge_ratio", "allocation", "kl_windows",
+                             "n_kl_windows",
                              "trade", "order", "kl_heldout",
                              "ppl", "fidelity_ppl", "head_rounds_removed", "neurons_removed_total", "search_s",
                              "commit"]), 3)
