@@ -23,6 +23,8 @@ their exact joint cost; step 1 is exact greedy). A layer with an output bias get
 which the path removes it (later = more important; channels the path never reaches rank above all removed ones by
 their last ΔE). Any allocation then takes prefixes of the path: `uniform` takes the same count per layer, and
 `search.search_budget` searches per-layer counts. The path's cumulative errors are kept in the provenance.
+`reselect_keep` runs the same path on the statistics of a sequential walk (`prune_and_reconstruct(reselect=True)`),
+from the chase optimum where the walk carries the unpruned model's inputs too.
 """
 from __future__ import annotations
 
