@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .arch import HEAD_INPUT, NEURON_INPUT, decoder_layers, head_channels, head_dim, layer_shapes, proj
 from .scores import Scores
-from .stats import GramStats
+from .stats import GramStats, with_constant_channel
 
 
 class ObsError(ValueError):
@@ -64,8 +64,6 @@ def _system(weight: Tensor, bias: Tensor | None, stats: GramStats, ridge_ratio: 
     ridge = ridge_ratio * torch.diagonal(g).mean()
     h = g + ridge * torch.eye(in_dim, dtype=torch.float64, device=dev)
     if bias is not None:
-        from .reconstruction import with_constant_channel
-
         h, w = with_constant_channel(h, stats, w, bias)
     chol, info = torch.linalg.cholesky_ex(h)
     hinv = torch.cholesky_inverse(chol) if int(info) == 0 else torch.linalg.pinv(h, hermitian=True)
@@ -161,8 +159,6 @@ def reselect_keep(weight: Tensor, bias: Tensor | None, stats: GramStats, n_remov
         ridge = torch.full((in_dim,), float(ridge_ratio * torch.diagonal(g).mean()), dtype=torch.float64,
                            device=g.device)
         if bias is not None:  # the constant channel (no ridge): x̃ = [x; 1], C̃ = Σ x̃ x̃_refᵀ
-            from .reconstruction import with_constant_channel
-
             g, w = with_constant_channel(g, stats, w, bias)
             n = torch.tensor([[float(stats.count)]], dtype=torch.float64, device=g.device)
             c = torch.cat([torch.cat([c, stats.sum[:, None].double()], 1),

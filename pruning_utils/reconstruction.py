@@ -41,7 +41,8 @@ from torch import Tensor
 from . import calibration
 from .arch import HEAD_INPUT, NEURON_INPUT, arch_of, decoder_layers, head_channels, head_dim, layer_shapes, proj
 from .plan import PlanMismatchError, PruningPlan
-from .stats import GramCollector, GramStats  # noqa: F401  (re-exported: the refit's input statistics)
+# re-exported: the refit's input statistics and the constant channel that carries a bias
+from .stats import GramCollector, GramStats, with_constant_channel  # noqa: F401
 
 MODES = ("none", "bias", "lstsq")
 TARGETS = (HEAD_INPUT, NEURON_INPUT)  # the projections whose input channels heads / neurons are
@@ -71,15 +72,6 @@ def collect_grams(model, windows: Tensor, layers: Iterable[int] | None = None, w
     which = list(which)
     wanted = {li: {name: target_module(layer_list[li], name) for name in which} for li in layers} if which else {}
     return calibration.layerwise_grams(model, windows, wanted, batch_size, storage, device)
-
-
-def with_constant_channel(gram: Tensor, stats: GramStats, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-    """Return the Gram and weight augmented with a constant input channel that carries the bias (Gram row = Σx,
-    corner = token count; the weight's last column = the bias), so a refit treats the bias as one more column."""
-    n = torch.tensor([[float(stats.count)]], dtype=gram.dtype, device=gram.device)
-    s = stats.sum.to(gram.dtype)
-    g = torch.cat([torch.cat([gram, s[:, None]], 1), torch.cat([s[None, :], n], 1)], 0)
-    return g, torch.cat([weight, bias.detach().to(weight.device, weight.dtype)[:, None]], 1)
 
 
 def _solve_ridge(a: Tensor, b: Tensor) -> Tensor:

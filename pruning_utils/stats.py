@@ -135,3 +135,12 @@ class GramCollector:
     def __exit__(self, *exc) -> bool:
         self._stack.close()
         return False
+
+
+def with_constant_channel(gram: Tensor, stats: GramStats, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """Return the Gram and weight augmented with a constant input channel that carries the bias (Gram row = Σx,
+    corner = token count; the weight's last column = the bias), so a refit treats the bias as one more column."""
+    n = torch.tensor([[float(stats.count)]], dtype=gram.dtype, device=gram.device)
+    s = stats.sum.to(gram.dtype)
+    g = torch.cat([torch.cat([gram, s[:, None]], 1), torch.cat([s[None, :], n], 1)], 0)
+    return g, torch.cat([weight, bias.detach().to(weight.device, weight.dtype)[:, None]], 1)
