@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--orders", default="one-shot",
                     help="refits of every measured plan, comma-separated: one-shot (the Grams the search scored "
                          "with) and/or sequential (each layer refit on the already pruned earlier layers)")
-    ap.add_argument("--eval-source", default=None, help="in-domain evaluation text (default: the text parts of --source; "
-                    "a selfgen-only --source needs one, e.g. embedded)")
+    ap.add_argument("--eval-source", default=None, help="in-domain evaluation text (default: the text parts of "
+                    "--source; a selfgen-only --source needs one, e.g. embedded)")
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--eval-max-tokens", type=int, default=32768)
     ap.add_argument("--fidelity-tokens", type=int, default=DEFAULTS["FIDELITY_TOKENS"])

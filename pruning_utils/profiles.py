@@ -80,7 +80,8 @@ PARAMS: dict[str, Param] = {
     "RECON_OPTIONS": Param("none,lstsq", str, "reconstructions compared for the main criterion, comma-separated"),
     "RECON_SEQUENTIAL": Param(False, bool, "True: calibrate each layer on the already-pruned earlier layers (slower)"),
     # 1e-2 is the knee at 64 windows; at 448 windows 1e-4 pays (S3 obs 17.54 -> 16.72, benchmarks/calibration_size.py)
-    "RIDGE_RATIO": Param(1e-2, float, "ridge of the lstsq refit and of obs selection: ratio x mean diagonal of the Gram"),
+    "RIDGE_RATIO": Param(1e-2, float, "ridge of the lstsq refit and of obs selection: ratio x mean diagonal of "
+                         "the Gram"),
     "MIX_RESCORE": Param(False, bool, "True: rescore + refit neurons on the head-pruned model instead of one plan"),
     # recovery (notebook 04)
     # the default run recovers the S3 model only: a second 16k-token distillation costs ~4 min on 2 CPU cores

@@ -88,7 +88,8 @@ def reconstruct_linear(weight: Tensor, bias: Tensor | None, keep: Tensor, stats:
     if mode not in MODES:
         raise ReconstructionError(f"unknown reconstruction mode '{mode}'; known: {', '.join(MODES)}")
     if ridge_ratio < 0:
-        raise ReconstructionError(f"ridge_ratio must be >= 0 (a fraction of the Gram's mean diagonal), got {ridge_ratio}")
+        raise ReconstructionError(f"ridge_ratio must be >= 0 (a fraction of the Gram's mean diagonal), "
+                                  f"got {ridge_ratio}")
     keep = torch.as_tensor(keep, dtype=torch.long, device=weight.device)
     if mode == "none":
         return weight.detach()[:, keep].clone(), None if bias is None else bias.detach().clone()
