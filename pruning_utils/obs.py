@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .arch import HEAD_INPUT, NEURON_INPUT, decoder_layers, head_channels, head_dim, layer_shapes, proj
 from .scores import Scores
-from .stats import GramStats, with_constant_channel
+from .stats import GramStats, cross_with_constant_channel, with_constant_channel
 
 
 class ObsError(ValueError):
@@ -142,10 +142,16 @@ def greedy_path(weight: Tensor, bias: Tensor | None, stats: GramStats, cols: Ten
     return path
 
 
+def head_candidates(n_heads: int, n_kv_heads: int, hd: int) -> tuple[Tensor, Tensor]:
+    """Return every head's o_proj input channels [n_heads, hd] and its KV group [n_heads] (the path's classes)."""
+    return (torch.stack([head_channels([h], hd) for h in range(n_heads)]),
+            torch.arange(n_heads) // (n_heads // n_kv_heads))
+
+
 def reselect_keep(weight: Tensor, bias: Tensor | None, stats: GramStats, n_remove: int, kind: str,
                   n_kv_heads: int = 1, hd: int = 1, step: int = 8, ridge_ratio: float = 1e-2) -> Tensor:
-    """Return the input channels to keep when `n_remove` heads (`kind` 'heads': that many per layer, equal in every
-    KV group) or neurons go, chosen by the greedy path on `stats` (e.g. Grams taken on already pruned layers).
+    """Return the heads (`kind` 'heads': `n_remove` per layer, equal in every KV group) or neurons to keep when
+    `n_remove` go, chosen by the greedy path on `stats` (e.g. Grams taken on already pruned layers).
 
     Where `stats` carries cross terms with the unpruned model's inputs (`GramStats.add_paired`, the `chase` refit),
     the path starts from the chase optimum instead of W: with H = G + λI and C = Σ x x_refᵀ the chase objective
@@ -160,30 +166,27 @@ def reselect_keep(weight: Tensor, bias: Tensor | None, stats: GramStats, n_remov
                            device=g.device)
         if bias is not None:  # the constant channel (no ridge): x̃ = [x; 1], C̃ = Σ x̃ x̃_refᵀ
             g, w = with_constant_channel(g, stats, w, bias)
-            n = torch.tensor([[float(stats.count)]], dtype=torch.float64, device=g.device)
-            c = torch.cat([torch.cat([c, stats.sum[:, None].double()], 1),
-                           torch.cat([stats.ref_sum[None, :].double(), n], 1)], 0)
+            c = cross_with_constant_channel(c, stats)
             ridge = torch.cat([ridge, ridge.new_zeros(1)])
         lam = torch.diag(ridge)
         w = torch.linalg.solve(g + lam, (c + lam) @ w.T).T  # W* = W (C + Λ)ᵀ H⁻¹, H symmetric
         if bias is not None:
             w, bias = w[:, :in_dim], w[:, in_dim]
     if kind == "heads":
-        n_heads = in_dim // hd
+        n = in_dim // hd  # candidates
         if n_remove % n_kv_heads:
             raise ObsError(f"{n_remove} heads cannot leave {n_kv_heads} KV groups equal")
-        cols = torch.stack([head_channels([h], hd) for h in range(n_heads)])
-        classes = torch.arange(n_heads) // (n_heads // n_kv_heads)
+        cols, classes = head_candidates(n, n_kv_heads, hd)
         order = greedy_path(w, bias, stats, cols, n_remove // n_kv_heads, classes, ridge_ratio=ridge_ratio).order
-        removed = set(order[:n_remove])
-        return head_channels([h for h in range(n_heads) if h not in removed], hd)
-    if kind != "neurons":
+    elif kind == "neurons":
+        n = in_dim
+        step = step if -(-n_remove // step) * step < in_dim else 1
+        order = greedy_path(w, bias, stats, torch.arange(in_dim)[:, None], -(-n_remove // step), step=step,
+                            ridge_ratio=ridge_ratio).order
+    else:
         raise ObsError(f"kind must be 'heads' or 'neurons', got '{kind}'")
-    step = step if -(-n_remove // step) * step < in_dim else 1
-    order = greedy_path(w, bias, stats, torch.arange(in_dim)[:, None], -(-n_remove // step), step=step,
-                        ridge_ratio=ridge_ratio).order
     removed = set(order[:n_remove])
-    return torch.tensor([c for c in range(in_dim) if c not in removed])
+    return torch.tensor([c for c in range(n) if c not in removed])
 
 
 def _rank_scores(path: Path, n: int) -> Tensor:
@@ -223,8 +226,7 @@ def layer_paths(model, grams: Mapping[tuple[int, str], GramStats], max_head_roun
         g = s.n_heads // s.n_kv_heads
         rounds = g - 1 if max_head_rounds is None else min(max_head_rounds, g - 1)
         o, down = proj(layer, HEAD_INPUT), proj(layer, NEURON_INPUT)
-        heads = torch.stack([head_channels([h], hd) for h in range(s.n_heads)])
-        classes = torch.arange(s.n_heads) // g
+        heads, classes = head_candidates(s.n_heads, s.n_kv_heads, hd)
         out[li] = {
             HEAD_INPUT: greedy_path(o.weight, o.bias, grams[(li, HEAD_INPUT)], heads, rounds, classes,
                                     ridge_ratio=ridge_ratio),

@@ -42,7 +42,7 @@ from . import calibration
 from .arch import HEAD_INPUT, NEURON_INPUT, arch_of, decoder_layers, head_channels, head_dim, layer_shapes, proj
 from .plan import PlanMismatchError, PruningPlan
 # re-exported: the refit's input statistics and the constant channel that carries a bias
-from .stats import GramCollector, GramStats, with_constant_channel  # noqa: F401
+from .stats import GramCollector, GramStats, cross_with_constant_channel, with_constant_channel  # noqa: F401
 
 MODES = ("none", "bias", "lstsq")
 TARGETS = (HEAD_INPUT, NEURON_INPUT)  # the projections whose input channels heads / neurons are
@@ -122,8 +122,7 @@ def reconstruct_linear(weight: Tensor, bias: Tensor | None, keep: Tensor, stats:
     if bias is not None:
         g, w = with_constant_channel(g, stats, w, bias)
         if cross is not None:
-            n = torch.tensor([[float(stats.count)]], dtype=torch.float64, device=dev)
-            cross = torch.cat([torch.cat([cross, stats.sum[:, None]], 1), torch.cat([stats.ref_sum[None, :], n], 1)], 0)
+            cross = cross_with_constant_channel(cross, stats)
         k = torch.cat([k, torch.tensor([in_dim], device=dev)])
     g_kk = g[k][:, k]
     ridge = torch.zeros(k.numel(), dtype=torch.float64, device=dev)
@@ -323,16 +322,15 @@ def _reselect(model, plan: PruningPlan, li: int, name: str, module: nn.Linear, s
     """Return the kept input channels of `module` chosen again on `stats`, and record the choice in `plan`."""
     from .obs import reselect_keep
 
-    shape = layer_shapes(model)[li]
     if name == HEAD_INPUT:
         hd = head_dim(model)
         removed = plan.base_heads[li] - len(plan.kept_heads(li))
-        keep = reselect_keep(module.weight, module.bias, stats, removed, "heads", shape.n_kv_heads, hd,
-                             ridge_ratio=ridge_ratio)
-        plan.heads[li] = sorted({int(c) // hd for c in keep})
-    else:
-        removed = plan.base_intermediate[li] - len(plan.kept_neurons(li))
-        keep = reselect_keep(module.weight, module.bias, stats, removed, "neurons", ridge_ratio=ridge_ratio)
-        plan.neurons[li] = keep.tolist()
+        heads = reselect_keep(module.weight, module.bias, stats, removed, "heads", layer_shapes(model)[li].n_kv_heads,
+                              hd, ridge_ratio=ridge_ratio)
+        plan.heads[li] = heads.tolist()
+        return head_channels(plan.heads[li], hd)
+    removed = plan.base_intermediate[li] - len(plan.kept_neurons(li))
+    keep = reselect_keep(module.weight, module.bias, stats, removed, "neurons", ridge_ratio=ridge_ratio)
+    plan.neurons[li] = keep.tolist()
     return keep
 

@@ -144,3 +144,10 @@ def with_constant_channel(gram: Tensor, stats: GramStats, weight: Tensor, bias: 
     s = stats.sum.to(gram.dtype)
     g = torch.cat([torch.cat([gram, s[:, None]], 1), torch.cat([s[None, :], n], 1)], 0)
     return g, torch.cat([weight, bias.detach().to(weight.device, weight.dtype)[:, None]], 1)
+
+
+def cross_with_constant_channel(cross: Tensor, stats: GramStats) -> Tensor:
+    """Return the cross terms Σ x x_refᵀ augmented like `with_constant_channel`: Σ x̃ x̃_refᵀ with x̃ = [x; 1]."""
+    n = torch.tensor([[float(stats.count)]], dtype=cross.dtype, device=cross.device)
+    return torch.cat([torch.cat([cross, stats.sum[:, None].to(cross.dtype)], 1),
+                      torch.cat([stats.ref_sum[None, :].to(cross.dtype), n], 1)], 0)
