@@ -9,11 +9,14 @@ one-shot `lstsq` refit, and with the default criterion (`fluctuation`, scores of
 that size, and measured on the in-domain evaluation text and on the held-out self-generated fidelity set. Costs per
 size: the new windows' self-generation (cached on disk; 0 when cached), the Gram update, the obs selection.
 
+`obs_fisher` (loss-aware obs: costs in each target's output Fisher metric, `pruning_utils/fisher.py`) takes its
+Fisher once, from the first `--fisher-windows` windows (one backward pass; `fisher_s`).
+
 Rows are merged into results/ablation_studies/calibration_size.csv by (shape, criterion, calibration_source,
-calib_tokens, ridge_ratio, order): a run of some shapes or sizes keeps the other rows, each stamped with the commit
-that measured it.
+calib_tokens, ridge_ratio, order, fisher_windows): a run of some shapes or sizes keeps the other rows, each
+stamped with the commit that measured it.
 Usage: python3 -m benchmarks.calibration_size [--sizes 16384,65536] [--shapes S1,S3] [--ridges 1e-3,1e-2]
-[--orders one-shot,chase]
+[--orders one-shot,chase] [--criteria obs,obs_fisher --fisher-windows 64]
 """
 from __future__ import annotations
 
@@ -27,13 +30,14 @@ import torch
 
 from benchmarks.quality import SHAPES
 from pruning_utils import allocation, data, metrics, obs, reconstruction, results
+from pruning_utils.fisher import output_fisher
 from pruning_utils.loading import load_model
 from pruning_utils.paths import PROJECT_ROOT
 from pruning_utils.profiles import DEFAULTS
 from pruning_utils.scores import load_scores
 from pruning_utils.stats import GramStats
 
-KEY = ["shape", "criterion", "calibration_source", "calib_tokens", "ridge_ratio", "order"]
+KEY = ["shape", "criterion", "calibration_source", "calib_tokens", "ridge_ratio", "order", "fisher_windows"]
 ORDERS = ("one-shot", "sequential", "chase", "sequential-reselect", "chase-reselect")
 
 
@@ -80,8 +84,10 @@ def main(argv: list[str] | None = None) -> None:
                          "already pruned earlier layers), chase (sequential, toward the unpruned model's output); "
                          "-reselect: each layer's removals chosen again by OBS on the walk's statistics, same counts")
     ap.add_argument("--ridges", default="1e-2", help="comma-separated ridge ratios of the refit and the obs selection")
-    ap.add_argument("--criteria", default="obs,fluctuation", help="obs (from each size's Grams) and / or "
+    ap.add_argument("--criteria", default="obs,fluctuation", help="obs (from each size's Grams), obs_fisher (obs "
+                    "with costs in the output Fisher metric of the first --fisher-windows windows) and / or "
                     "fluctuation (notebook 00's saved scores), comma-separated")
+    ap.add_argument("--fisher-windows", type=int, default=64, help="windows of the output Fisher of obs_fisher")
     ap.add_argument("--scores", default=str(PROJECT_ROOT / "results" / "importance"))
     ap.add_argument("--out", default=str(results.ablation_dir() / "calibration_size.csv"))
     args = ap.parse_args(argv)
@@ -99,8 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     if not orders or set(orders) - set(ORDERS):
         raise SystemExit(f"--orders takes {', '.join(ORDERS)} (got '{args.orders}')")
     criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
-    if not criteria or set(criteria) - {"obs", "fluctuation"}:
-        raise SystemExit(f"--criteria takes obs and / or fluctuation (got '{args.criteria}')")
+    if not criteria or set(criteria) - {"obs", "obs_fisher", "fluctuation"}:
+        raise SystemExit(f"--criteria takes obs, obs_fisher and / or fluctuation (got '{args.criteria}')")
+    if args.fisher_windows < 1:
+        raise SystemExit(f"--fisher-windows must be >= 1 (got {args.fisher_windows})")
     if sizes != sorted(sizes) or sizes[0] < args.seq_len:
         raise SystemExit(f"--sizes must ascend and start at >= one window ({args.seq_len} tokens), got {sizes}")
     torch.manual_seed(0)
@@ -118,6 +126,11 @@ def main(argv: list[str] | None = None) -> None:
     windows, _ = nested_windows(model, tok, args.source, sizes[-1] // args.seq_len, args.seq_len)
     windows_s = time.perf_counter() - t0
     print(f"{len(windows)} windows ready in {windows_s:.0f} s (self-generation, cached on disk)", flush=True)
+    fisher, fisher_s = None, float("nan")
+    if "obs_fisher" in criteria:  # one backward pass over the first windows (a mixture prefix), shared by all sizes
+        t0 = time.perf_counter()
+        fisher = output_fisher(model, windows[:args.fisher_windows], show_progress=False)
+        fisher_s = time.perf_counter() - t0
     rows, grams, done, gram_s, commit = [], None, 0, 0.0, metrics.git_commit()
     for size in sizes:
         n = size // args.seq_len
@@ -126,10 +139,13 @@ def main(argv: list[str] | None = None) -> None:
         gram_s += time.perf_counter() - t0
         done = n
         for ridge in ridges:
-            t0 = time.perf_counter()
-            scores = obs.obs_scores(model, grams, ridge_ratio=ridge, progress=False) if "obs" in criteria else None
-            obs_s = time.perf_counter() - t0
-            recipes = [(name, sc) for name, sc in (("obs", scores), ("fluctuation", fluct)) if sc is not None]
+            recipes, obs_s = [("fluctuation", fluct)] if fluct is not None else [], {}
+            for name, fi in (("obs", None), ("obs_fisher", fisher)):
+                if name in criteria:
+                    t0 = time.perf_counter()
+                    recipes.insert(0, (name, obs.obs_scores(model, grams, ridge_ratio=ridge, fisher=fi,
+                                                            progress=False)))
+                    obs_s[name] = time.perf_counter() - t0
             for shape, (name, sc), order in itertools.product(shapes, recipes, orders):
                 t0 = time.perf_counter()
                 one_shot = order == "one-shot"
@@ -143,13 +159,16 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(dict(shape=shape, criterion=name, calibration_source=args.source,
                                  calib_tokens=n * args.seq_len, ridge_ratio=ridge, order=order, windows=n, ppl=ppl,
                                  fidelity_ppl=fid, gram_s_cumulative=round(gram_s, 1),
-                                 obs_s=round(obs_s, 1) if name == "obs" else float("nan"), refit_s=round(refit_s, 1),
+                                 obs_s=round(obs_s[name], 1) if name in obs_s else float("nan"),
+                                 fisher_windows=args.fisher_windows if name == "obs_fisher" else 0,
+                                 fisher_s=round(fisher_s, 1) if name == "obs_fisher" else float("nan"),
+                                 refit_s=round(refit_s, 1),
                                  selfgen_and_windows_s=round(windows_s, 1),
                                  params_non_embedding=metrics.count_params(pruned)["non_embedding"], commit=commit))
                 # after every row: a stopped run keeps what it measured
                 results.write_csv(results.merge_rows(pd.DataFrame(rows), args.out, KEY), args.out)
                 print(f"{shape} {n * args.seq_len:>8} tokens  ridge {ridge:g}  {name:12s} {order:10s} ppl {ppl:7.3f}  "
-                      f"fidelity {fid:7.3f}  (grams {gram_s:.0f} s so far, obs {obs_s:.0f} s)", flush=True)
+                      f"fidelity {fid:7.3f}  (grams {gram_s:.0f} s so far, obs {obs_s.get(name, 0):.0f} s)", flush=True)
                 del pruned
     table = pd.DataFrame(rows)
     print(table.to_markdown(index=False, floatfmt=".3f"))

@@ -182,6 +182,28 @@ def obs(model, windows: Tensor, batch_size: int = 4, seed: int = 0, passes: Pass
                       progress=bool(options.get("progress", True)))
 
 
+def obs_fisher(model, windows: Tensor, batch_size: int = 4, seed: int = 0, passes: Passes | None = None,
+               **options) -> Scores:
+    """Return `obs_fisher`: `obs` with removal costs in each target's output Fisher metric (`fisher.output_fisher`
+    over the first `obs_fisher_windows` windows, default 64: one backward pass over them)."""
+    from .fisher import output_fisher
+    from .obs import obs_scores
+    from .reconstruction import collect_grams
+
+    passes = _passes(model, windows, batch_size, seed, options, "obs_fisher", passes)
+    passes._no_offload("the output Fisher's backward pass", "obs_fisher")
+    n_fisher = int(options.get("obs_fisher_windows", 64))
+    if n_fisher < 1:
+        raise ValueError(f"obs_fisher_windows must be >= 1, got {n_fisher}")
+    show = bool(options.get("progress", True))
+    grams = collect_grams(passes.model, passes.windows, batch_size=passes.batch_size)
+    fisher = output_fisher(passes.model, passes.windows[:n_fisher], passes.batch_size, show_progress=show)
+    scores = obs_scores(passes.model, grams, ridge_ratio=options.get("obs_ridge", 1e-2),
+                        step=options.get("obs_step", 8), fisher=fisher, progress=show)
+    scores.provenance["obs_fisher_windows"] = min(n_fisher, len(passes.windows))
+    return scores
+
+
 CRITERIA: dict[str, Callable[..., Scores]] = {
     "random": random,
     "magnitude": magnitude,
@@ -193,10 +215,12 @@ CRITERIA: dict[str, Callable[..., Scores]] = {
     "semantic": semantic,
     "mix": mix,
     "obs": obs,
+    "obs_fisher": obs_fisher,
 }
 
 OPTIONS = ("tfidf_mode", "n_topics", "tfidf_alpha", "tfidf_beta", "tfidf_gamma", "tfidf_idf",
-           "semantic_max_windows", "semantic_seq_len", "mix_weights", "obs_ridge", "obs_step", "progress",
+           "semantic_max_windows", "semantic_seq_len", "mix_weights", "obs_ridge", "obs_step", "obs_fisher_windows",
+           "progress",
            "compute_device")
 
 

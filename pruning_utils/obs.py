@@ -25,6 +25,8 @@ their last ΔE). Any allocation then takes prefixes of the path: `uniform` takes
 `search.search_budget` searches per-layer counts. The path's cumulative errors are kept in the provenance.
 `reselect_keep` runs the same path on the statistics of a sequential walk (`prune_and_reconstruct(reselect=True)`),
 from the chase optimum where the walk carries the unpruned model's inputs too.
+With `fisher` (`fisher.output_fisher`: the loss gradient's second moment at each target's output) the costs are
+tr(F ΔW H ΔWᵀ), the loss-aware metric, criterion `obs_fisher` (W ← F^½ W before the path; the refit is the same).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .arch import HEAD_INPUT, NEURON_INPUT, decoder_layers, head_channels, head_dim, layer_shapes, proj
+from .fisher import metric_root
 from .scores import Scores
 from .stats import GramStats, cross_with_constant_channel, with_constant_channel
 
@@ -53,8 +56,10 @@ class Path:
     last: Tensor | None = None  # ΔE of every candidate at the end (inf for removed ones)
 
 
-def _system(weight: Tensor, bias: Tensor | None, stats: GramStats, ridge_ratio: float) -> tuple[Tensor, Tensor]:
-    """Return (W, H⁻¹) in float64, with the constant channel appended when the layer has a bias."""
+def _system(weight: Tensor, bias: Tensor | None, stats: GramStats, ridge_ratio: float,
+            metric: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Return (W, H⁻¹) in float64, with the constant channel appended when the layer has a bias; with an output
+    `metric` F [out, out], W is replaced by F^½ W (removal costs become tr(F ΔW H ΔWᵀ), the refit is unchanged)."""
     in_dim = weight.shape[1]
     if stats.gram.shape != (in_dim, in_dim):
         raise ObsError(f"Gram is {tuple(stats.gram.shape)} but the weight has {in_dim} input channels")
@@ -65,6 +70,10 @@ def _system(weight: Tensor, bias: Tensor | None, stats: GramStats, ridge_ratio: 
     h = g + ridge * torch.eye(in_dim, dtype=torch.float64, device=dev)
     if bias is not None:
         h, w = with_constant_channel(h, stats, w, bias)
+    if metric is not None:
+        if metric.shape != (w.shape[0], w.shape[0]):
+            raise ObsError(f"output metric is {tuple(metric.shape)} but the weight has {w.shape[0]} outputs")
+        w = metric_root(metric).to(w.device) @ w
     chol, info = torch.linalg.cholesky_ex(h)
     hinv = torch.cholesky_inverse(chol) if int(info) == 0 else torch.linalg.pinv(h, hermitian=True)
     return w, hinv
@@ -103,18 +112,20 @@ def _remove(w: Tensor, hinv: Tensor, r: Tensor) -> float:
 
 @torch.no_grad()
 def greedy_path(weight: Tensor, bias: Tensor | None, stats: GramStats, cols: Tensor, n_updates: int,
-                classes: Tensor | None = None, step: int = 1, ridge_ratio: float = 1e-2) -> Path:
+                classes: Tensor | None = None, step: int = 1, ridge_ratio: float = 1e-2,
+                metric: Tensor | None = None) -> Path:
     """Return the progressive removal path of candidates `cols` [n, d] (channel indices of the weight's inputs).
 
     With `classes` [n] (KV group of each head), each update is a round removing the cheapest candidate of every
     class in turn; otherwise each update removes the `step` cheapest candidates jointly. Stops after `n_updates`.
+    `metric`: the output metric of the costs (`fisher.output_fisher`), identity by default.
     """
     cols = torch.as_tensor(cols, dtype=torch.long)
     n = cols.shape[0]
     per_update = step if classes is None else int(torch.unique(classes).numel())
     if n_updates * per_update >= n:
         raise ObsError(f"a path of {n_updates} updates x {per_update} removes all {n} candidates; keep at least one")
-    w, hinv = _system(weight, bias, stats, ridge_ratio)
+    w, hinv = _system(weight, bias, stats, ridge_ratio, metric)
     cols = cols.to(w.device)
     alive = torch.ones(n, dtype=torch.bool, device=w.device)
     path, total = Path(order=[]), 0.0
@@ -202,11 +213,13 @@ def _rank_scores(path: Path, n: int) -> Tensor:
 
 def layer_paths(model, grams: Mapping[tuple[int, str], GramStats], max_head_rounds: int | None = None,
                 max_neuron_frac: float = 0.75, step: int = 8, ridge_ratio: float = 1e-2,
+                fisher: Mapping[tuple[int, str], Tensor] | None = None,
                 progress: bool = True) -> dict[int, dict[str, Path]]:
     """Return the head and neuron removal paths of every layer from one-shot Grams (`reconstruction.collect_grams`).
 
     Heads go up to `max_head_rounds` rounds (default: all but one head per KV group), neurons up to
-    `max_neuron_frac` of the width, `step` per update.
+    `max_neuron_frac` of the width, `step` per update. With `fisher` (`fisher.output_fisher`, same keys as the
+    Grams) removal costs are measured in each target's output Fisher metric.
     """
     from .progress import progress as bar
 
@@ -219,33 +232,38 @@ def layer_paths(model, grams: Mapping[tuple[int, str], GramStats], max_head_roun
     out: dict[int, dict[str, Path]] = {}
     for li, layer in bar(list(enumerate(decoder_layers(model))), desc="obs paths", unit="layer", disable=not progress):
         missing = [name for name in (HEAD_INPUT, NEURON_INPUT) if (li, name) not in grams]
+        if fisher is not None:
+            missing += [f"{name} Fisher" for name in (HEAD_INPUT, NEURON_INPUT) if (li, name) not in fisher]
         if missing:
             raise ObsError(f"no Gram statistics for {missing} of layer {li}; collect them with "
-                           "reconstruction.collect_grams(model, windows) over all layers")
+                           "reconstruction.collect_grams(model, windows) (and fisher.output_fisher) over all layers")
         s = shapes[li]
         g = s.n_heads // s.n_kv_heads
         rounds = g - 1 if max_head_rounds is None else min(max_head_rounds, g - 1)
         o, down = proj(layer, HEAD_INPUT), proj(layer, NEURON_INPUT)
         heads, classes = head_candidates(s.n_heads, s.n_kv_heads, hd)
+        metric = {name: None if fisher is None else fisher[(li, name)] for name in (HEAD_INPUT, NEURON_INPUT)}
         out[li] = {
             HEAD_INPUT: greedy_path(o.weight, o.bias, grams[(li, HEAD_INPUT)], heads, rounds, classes,
-                                    ridge_ratio=ridge_ratio),
+                                    ridge_ratio=ridge_ratio, metric=metric[HEAD_INPUT]),
             NEURON_INPUT: greedy_path(down.weight, down.bias, grams[(li, NEURON_INPUT)],
                                       torch.arange(s.intermediate)[:, None], int(max_neuron_frac * s.intermediate) // step,
-                                      step=step, ridge_ratio=ridge_ratio),
+                                      step=step, ridge_ratio=ridge_ratio, metric=metric[NEURON_INPUT]),
         }
     return out
 
 
 def obs_scores(model, grams: Mapping[tuple[int, str], GramStats], ridge_ratio: float = 1e-2, step: int = 8,
-               max_neuron_frac: float = 0.75, progress: bool = True) -> Scores:
-    """Return the `obs` criterion: heads and neurons ranked by their step on the progressive removal path."""
+               max_neuron_frac: float = 0.75, fisher: Mapping[tuple[int, str], Tensor] | None = None,
+               progress: bool = True) -> Scores:
+    """Return the `obs` criterion (`obs_fisher` with `fisher`): heads and neurons ranked by their step on the
+    progressive removal path."""
     paths = layer_paths(model, grams, max_neuron_frac=max_neuron_frac, step=step, ridge_ratio=ridge_ratio,
-                        progress=progress)
+                        fisher=fisher, progress=progress)
     shapes = layer_shapes(model)
     heads = [_rank_scores(paths[li][HEAD_INPUT], shapes[li].n_heads) for li in range(len(shapes))]
     neurons = [_rank_scores(paths[li][NEURON_INPUT], shapes[li].intermediate) for li in range(len(shapes))]
-    return Scores(heads, neurons, "obs", {
+    return Scores(heads, neurons, "obs" if fisher is None else "obs_fisher", {
         "obs_ridge_ratio": ridge_ratio, "obs_step": step, "obs_max_neuron_frac": max_neuron_frac,
         "head_errors": [paths[li][HEAD_INPUT].errors for li in range(len(shapes))],
         "neuron_errors": [paths[li][NEURON_INPUT].errors for li in range(len(shapes))]})

@@ -6,7 +6,8 @@ import pytest
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _run(tmp_path, shapes, sizes="128,256", ridges="1e-2", orders="one-shot", criteria="obs,fluctuation"):
+def _run(tmp_path, shapes, sizes="128,256", ridges="1e-2", orders="one-shot", criteria="obs,fluctuation",
+         extra=()):
     from benchmarks import calibration_size
     from pruning_utils import paths
 
@@ -14,7 +15,7 @@ def _run(tmp_path, shapes, sizes="128,256", ridges="1e-2", orders="one-shot", cr
     argv = ["--model", "tiny-llama", "--source", "embedded:0.75+selfgen:0.25", "--sizes", sizes, "--shapes", shapes,
             "--ridges", ridges, "--orders", orders, "--criteria", criteria,
             "--seq-len", "32", "--eval-seq-len", "32", "--eval-max-tokens", "256", "--fidelity-tokens", "64",
-            "--scores", str(tmp_path / "no-scores"), "--out", str(out)]
+            "--scores", str(tmp_path / "no-scores"), "--out", str(out), *extra]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(paths, "MODELS_DIR", tmp_path / "models")  # the tiny model's selfgen cache stays there
         calibration_size.main(argv)
@@ -56,3 +57,14 @@ def test_bad_arguments_are_refused(tmp_path):
         _run(tmp_path, "S1", orders="two-shot")
     with pytest.raises(SystemExit, match="--criteria"):
         _run(tmp_path, "S1", criteria="taylor")
+    with pytest.raises(SystemExit, match="--fisher-windows"):
+        _run(tmp_path, "S1", criteria="obs_fisher", extra=["--fisher-windows", "0"])
+
+
+def test_obs_fisher_rows(tmp_path):
+    table = _run(tmp_path, "S1", sizes="128", criteria="obs,obs_fisher", extra=["--fisher-windows", "2"])
+    rows = table.set_index("criterion")
+    assert sorted(rows.index) == ["obs", "obs_fisher"]
+    assert rows.loc["obs_fisher", "fisher_windows"] == 2 and rows.loc["obs", "fisher_windows"] == 0
+    assert rows.loc["obs_fisher", "fisher_s"] >= 0 and pd.isna(rows.loc["obs", "fisher_s"])
+    assert rows["params_non_embedding"].nunique() == 1  # the metric changes which neurons go, never how many
