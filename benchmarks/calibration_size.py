@@ -10,7 +10,8 @@ that size, and measured on the in-domain evaluation text and on the held-out sel
 size: the new windows' self-generation (cached on disk; 0 when cached), the Gram update, the obs selection.
 
 `obs_fisher` (loss-aware obs: costs in each target's output Fisher metric, `pruning_utils/fisher.py`) takes its
-Fisher once, from the first `--fisher-windows` windows (one backward pass; `fisher_s`).
+Fisher once, from the first `--fisher-windows` calibration windows or from `--fisher-source` (one backward pass;
+`fisher_s`).
 
 Rows are merged into results/ablation_studies/calibration_size.csv by (shape, criterion, calibration_source,
 calib_tokens, ridge_ratio, order, fisher_windows): a run of some shapes or sizes keeps the other rows, each
@@ -37,7 +38,8 @@ from pruning_utils.profiles import DEFAULTS
 from pruning_utils.scores import load_scores
 from pruning_utils.stats import GramStats
 
-KEY = ["shape", "criterion", "calibration_source", "calib_tokens", "ridge_ratio", "order", "fisher_windows"]
+KEY = ["shape", "criterion", "calibration_source", "calib_tokens", "ridge_ratio", "order", "fisher_windows",
+       "fisher_source"]
 ORDERS = ("one-shot", "sequential", "chase", "sequential-reselect", "chase-reselect")
 
 
@@ -88,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
                     "with costs in the output Fisher metric of the first --fisher-windows windows) and / or "
                     "fluctuation (notebook 00's saved scores), comma-separated")
     ap.add_argument("--fisher-windows", type=int, default=64, help="windows of the output Fisher of obs_fisher")
+    ap.add_argument("--fisher-source", default="", help="text source of the Fisher windows (e.g. selfgen, "
+                    "embedded:0.5+selfgen:0.5); default: the first calibration windows")
     ap.add_argument("--scores", default=str(PROJECT_ROOT / "results" / "importance"))
     ap.add_argument("--out", default=str(results.ablation_dir() / "calibration_size.csv"))
     args = ap.parse_args(argv)
@@ -129,7 +133,10 @@ def main(argv: list[str] | None = None) -> None:
     fisher, fisher_s = None, float("nan")
     if "obs_fisher" in criteria:  # one backward pass over the first windows (a mixture prefix), shared by all sizes
         t0 = time.perf_counter()
-        fisher = output_fisher(model, windows[:args.fisher_windows], show_progress=False)
+        fisher_windows = (data.calibration_windows(tok, args.fisher_source, n_samples=args.fisher_windows,
+                                                   seq_len=args.seq_len, model=model)
+                          if args.fisher_source else windows[:args.fisher_windows])
+        fisher = output_fisher(model, fisher_windows, show_progress=False)
         fisher_s = time.perf_counter() - t0
     rows, grams, done, gram_s, commit = [], None, 0, 0.0, metrics.git_commit()
     for size in sizes:
@@ -161,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
                                  fidelity_ppl=fid, gram_s_cumulative=round(gram_s, 1),
                                  obs_s=round(obs_s[name], 1) if name in obs_s else float("nan"),
                                  fisher_windows=args.fisher_windows if name == "obs_fisher" else 0,
+                                 fisher_source=(args.fisher_source or args.source) if name == "obs_fisher" else "-",
                                  fisher_s=round(fisher_s, 1) if name == "obs_fisher" else float("nan"),
                                  refit_s=round(refit_s, 1),
                                  selfgen_and_windows_s=round(windows_s, 1),

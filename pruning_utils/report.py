@@ -215,8 +215,9 @@ def calibration_size() -> str:
     the costs."""
     df = _csv("calibration_size").sort_values(["shape", "criterion", "calib_tokens", "ridge_ratio", "order"],
                                               ascending=[True, False, True, False, True], kind="stable")
-    return _md(_present(df, ["shape", "criterion", "calib_tokens", "ridge_ratio", "order", "fisher_windows", "ppl",
-                             "fidelity_ppl", "gram_s_cumulative", "fisher_s", "obs_s", "refit_s", "commit"]), 4)
+    return _md(_present(df, ["shape", "criterion", "calib_tokens", "ridge_ratio", "order", "fisher_windows",
+                             "fisher_source", "ppl", "fidelity_ppl", "gram_s_cumulative", "fisher_s", "obs_s", "refit_s",
+                             "commit"]), 4)
 
 
 def search_heldout() -> str:

@@ -68,3 +68,9 @@ def test_obs_fisher_rows(tmp_path):
     assert rows.loc["obs_fisher", "fisher_windows"] == 2 and rows.loc["obs", "fisher_windows"] == 0
     assert rows.loc["obs_fisher", "fisher_s"] >= 0 and pd.isna(rows.loc["obs", "fisher_s"])
     assert rows["params_non_embedding"].nunique() == 1  # the metric changes which neurons go, never how many
+    assert rows.loc["obs_fisher", "fisher_source"] == "embedded:0.75+selfgen:0.25"
+    assert rows.loc["obs", "fisher_source"] == "-"
+    again = _run(tmp_path, "S1", sizes="128", criteria="obs_fisher",
+                 extra=["--fisher-windows", "2", "--fisher-source", "selfgen"])
+    fisher_rows = again[again["criterion"] == "obs_fisher"].set_index("fisher_source")
+    assert sorted(fisher_rows.index) == ["embedded:0.75+selfgen:0.25", "selfgen"]  # another source: another row
