@@ -140,5 +140,7 @@ def test_obs_fisher_criterion(setup):
     assert [len(plan.kept_heads(li)) for li in range(3)] == [6, 6, 6]
     with pytest.raises(ValueError, match="obs_fisher_windows"):
         importance.compute_importance(model, windows, ["obs_fisher"], obs_fisher_windows=0, progress=False)
+    with pytest.raises(RuntimeError, match="OFFLOAD='off'"):  # offload mode streams layers: no backward pass
+        importance.compute_importance(model, windows, ["obs_fisher"], compute_device="cpu", progress=False)
     with pytest.raises(ObsError, match="Fisher"):
         obs_scores(model, grams, fisher={k: v for k, v in fisher.items() if k[0] != 1}, progress=False)
