@@ -14,10 +14,10 @@ Fisher once, from the first `--fisher-windows` calibration windows or from `--fi
 `fisher_s`).
 
 Rows are merged into results/ablation_studies/calibration_size.csv by (shape, criterion, calibration_source,
-calib_tokens, ridge_ratio, order, fisher_windows): a run of some shapes or sizes keeps the other rows, each
-stamped with the commit that measured it.
+calib_tokens, ridge_ratio, order, fisher_windows, fisher_source): a run of some shapes or sizes keeps the other
+rows, each stamped with the commit that measured it.
 Usage: python3 -m benchmarks.calibration_size [--sizes 16384,65536] [--shapes S1,S3] [--ridges 1e-3,1e-2]
-[--orders one-shot,chase] [--criteria obs,obs_fisher --fisher-windows 64]
+[--orders one-shot,chase] [--criteria obs,obs_fisher --fisher-windows 64 --fisher-source selfgen]
 """
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     windows_s = time.perf_counter() - t0
     print(f"{len(windows)} windows ready in {windows_s:.0f} s (self-generation, cached on disk)", flush=True)
     fisher, fisher_s = None, float("nan")
-    if "obs_fisher" in criteria:  # one backward pass over the first windows (a mixture prefix), shared by all sizes
+    if "obs_fisher" in criteria:  # one backward pass, shared by every size and ridge
         t0 = time.perf_counter()
         fisher_windows = (data.calibration_windows(tok, args.fisher_source, n_samples=args.fisher_windows,
                                                    seq_len=args.seq_len, model=model)

@@ -220,8 +220,7 @@ CRITERIA: dict[str, Callable[..., Scores]] = {
 
 OPTIONS = ("tfidf_mode", "n_topics", "tfidf_alpha", "tfidf_beta", "tfidf_gamma", "tfidf_idf",
            "semantic_max_windows", "semantic_seq_len", "mix_weights", "obs_ridge", "obs_step", "obs_fisher_windows",
-           "progress",
-           "compute_device")
+           "progress", "compute_device")
 
 
 def compute_importance(model, windows: Tensor, criteria: list[str] | str, batch_size: int = 4, seed: int = 0,
