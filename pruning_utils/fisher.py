@@ -11,27 +11,18 @@ One backward pass over the windows, no weight gradient kept: activations carry t
 """
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 from torch import Tensor
 
-from . import calibration
 from .arch import HEAD_INPUT, NEURON_INPUT, decoder_layers, proj
 from .hooks import hooks
-from .passes import token_nll
-from .progress import progress
+from .passes import backward_batches
 
 
-def output_fisher(model, windows: Tensor, batch_size: int = 4, which: Iterable[str] = (HEAD_INPUT, NEURON_INPUT),
-                  show_progress: bool = True) -> dict[tuple[int, str], Tensor]:
+def output_fisher(model, windows: Tensor, batch_size: int = 4, show_progress: bool = True
+                  ) -> dict[tuple[int, str], Tensor]:
     """Return Σ g gᵀ (float64, CPU, [hidden, hidden]) of the loss gradient at the output of every layer's o_proj /
     down_proj (keys like `collect_grams`: (layer, input module name)), over the windows' summed next-token loss."""
-    which = list(which)
-    unknown = set(which) - {HEAD_INPUT, NEURON_INPUT}
-    if unknown:
-        raise ValueError(f"output_fisher takes {HEAD_INPUT} and / or {NEURON_INPUT}, got {sorted(unknown)}")
-    dev = next(model.parameters()).device
     out: dict[tuple[int, str], Tensor] = {}
 
     def grab(key: tuple[int, str]):
@@ -45,20 +36,9 @@ def output_fisher(model, windows: Tensor, batch_size: int = 4, which: Iterable[s
         return fwd
 
     specs = [(proj(layer, name), "forward", grab((li, name)))
-             for li, layer in enumerate(decoder_layers(model)) for name in which]
-    params = list(model.parameters())
-    saved = [(p, p.requires_grad) for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        with torch.enable_grad(), hooks(*specs):
-            for ids in progress(list(calibration.batches(windows, batch_size, dev)), desc="output Fisher",
-                                disable=not show_progress):
-                emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-                token_nll(model(inputs_embeds=emb, use_cache=False).logits, ids).sum().backward()
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
+             for li, layer in enumerate(decoder_layers(model)) for name in (HEAD_INPUT, NEURON_INPUT)]
+    with hooks(*specs):
+        backward_batches(model, windows, batch_size, desc="output Fisher", show_progress=show_progress)
     return {k: v.cpu() for k, v in sorted(out.items())}
 
 

@@ -172,14 +172,7 @@ def obs(model, windows: Tensor, batch_size: int = 4, seed: int = 0, passes: Pass
         **options) -> Scores:
     """Return `obs`: heads and neurons ranked by the step at which the progressive removal with refit takes them
     (`obs.obs_scores`: least reconstruction error left after the ridge refit first; `obs_ridge`, `obs_step`)."""
-    from .obs import obs_scores
-    from .reconstruction import collect_grams
-
-    passes = _passes(model, windows, batch_size, seed, options, "obs", passes)
-    grams = collect_grams(passes.model, passes.windows, batch_size=passes.batch_size,
-                          device=options.get("compute_device"))
-    return obs_scores(passes.model, grams, ridge_ratio=options.get("obs_ridge", 1e-2), step=options.get("obs_step", 8),
-                      progress=bool(options.get("progress", True)))
+    return _obs(_passes(model, windows, batch_size, seed, options, "obs", passes), options)
 
 
 def obs_fisher(model, windows: Tensor, batch_size: int = 4, seed: int = 0, passes: Passes | None = None,
@@ -187,21 +180,28 @@ def obs_fisher(model, windows: Tensor, batch_size: int = 4, seed: int = 0, passe
     """Return `obs_fisher`: `obs` with removal costs in each target's output Fisher metric (`fisher.output_fisher`
     over the first `obs_fisher_windows` windows, default 64: one backward pass over them)."""
     from .fisher import output_fisher
-    from .obs import obs_scores
-    from .reconstruction import collect_grams
 
     passes = _passes(model, windows, batch_size, seed, options, "obs_fisher", passes)
     passes._no_offload("the output Fisher's backward pass", "obs_fisher")
     n_fisher = int(options.get("obs_fisher_windows", 64))
     if n_fisher < 1:
         raise ValueError(f"obs_fisher_windows must be >= 1, got {n_fisher}")
-    show = bool(options.get("progress", True))
-    grams = collect_grams(passes.model, passes.windows, batch_size=passes.batch_size)
-    fisher = output_fisher(passes.model, passes.windows[:n_fisher], passes.batch_size, show_progress=show)
-    scores = obs_scores(passes.model, grams, ridge_ratio=options.get("obs_ridge", 1e-2),
-                        step=options.get("obs_step", 8), fisher=fisher, progress=show)
+    fisher = output_fisher(passes.model, passes.windows[:n_fisher], passes.batch_size,
+                           show_progress=bool(options.get("progress", True)))
+    scores = _obs(passes, options, fisher)
     scores.provenance["obs_fisher_windows"] = min(n_fisher, len(passes.windows))
     return scores
+
+
+def _obs(passes: Passes, options: dict, fisher: dict | None = None) -> Scores:
+    """Return `obs_scores` from the Grams of the passes' windows (in the output Fisher metric with `fisher`)."""
+    from .obs import obs_scores
+    from .reconstruction import collect_grams
+
+    grams = collect_grams(passes.model, passes.windows, batch_size=passes.batch_size,
+                          device=options.get("compute_device"))
+    return obs_scores(passes.model, grams, ridge_ratio=options.get("obs_ridge", 1e-2), step=options.get("obs_step", 8),
+                      fisher=fisher, progress=bool(options.get("progress", True)))
 
 
 CRITERIA: dict[str, Callable[..., Scores]] = {

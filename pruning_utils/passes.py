@@ -5,6 +5,7 @@
 - `grad_stats()`: ONE backward pass over the windows: Taylor (w · dL/dw over what a head / neuron owns) and the
   first-order neuron half of semantic (a · dL/da at the input of `down_proj`).
 - `semantic_heads()`: exact per-head ablations, replaying only the layers after the ablated one.
+- `backward_batches()`: the backward pass itself, shared with `fisher.output_fisher`.
 
 A criterion receives the `Passes` object explicitly (`importance.compute_importance` builds one).
 
@@ -177,7 +178,7 @@ class Passes:
         layers, shapes, hd = decoder_layers(model), layer_shapes(model), head_dim(model)
         owned = [p for layer in layers for p in owned_parameters(layer)]
         params = list(model.parameters())
-        saved = [(p, p.requires_grad, p.grad) for p in params]
+        saved = [(p, p.grad) for p in params]
         sem = [torch.zeros(s.intermediate, device=dev) for s in shapes]
 
         def grab(acc: Tensor):
@@ -191,35 +192,20 @@ class Passes:
 
         specs = [(proj(layer, NEURON_INPUT), "pre", grab(acc)) for layer, acc in zip(layers, sem)] if self.neuron_grads else []
         w = self.windows
-        n_tokens = w.shape[0] * (w.shape[1] - 1)
         try:
             for p in params:
-                p.requires_grad_(False)
                 p.grad = None
-            if self.taylor:
-                for p in owned:
-                    p.requires_grad_(True)
-            with torch.enable_grad(), hooks(*specs):
-                for ids in progress(list(calibration.batches(w, self.batch_size)), desc="importance: gradients",
-                                    disable=not self.show_progress):
-                    ids = ids.to(dev)
-                    if self.taylor:
-                        out = model(input_ids=ids, use_cache=False)
-                    else:  # no weight needs a gradient: let activations carry one from the embeddings on
-                        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-                        out = model(inputs_embeds=emb, use_cache=False)
-                    # Sum of per-token losses / all tokens: the accumulated gradient is that of the mean calibration loss.
-                    loss = token_nll(out.logits, ids).sum() / n_tokens
-                    loss.backward()
-                    del out, loss
+            with hooks(*specs):
+                # Sum of per-token losses / all tokens: the accumulated gradient is that of the mean calibration loss.
+                backward_batches(model, w, self.batch_size, owned if self.taylor else (),
+                                 1.0 / (w.shape[0] * (w.shape[1] - 1)), "importance: gradients", self.show_progress)
             result: dict = {}
             if self.taylor:
                 result["taylor"] = _taylor_from_grads(layers, hd)
             if self.neuron_grads:
                 result["semantic"] = [s.abs().cpu() for s in sem]
         finally:
-            for p, flag, grad in saved:
-                p.requires_grad_(flag)
+            for p, grad in saved:
                 p.grad = grad
         self._grad = result
         return result
@@ -269,6 +255,36 @@ def _taylor_from_grads(layers, hd: int) -> tuple[list[Tensor], list[Tensor]]:
         heads.append(s.abs().cpu())
         neurons.append(n.abs().cpu())
     return heads, neurons
+
+
+def backward_batches(model, windows: Tensor, batch_size: int, trainable=(), scale: float = 1.0,
+                     desc: str = "gradients", show_progress: bool = True) -> None:
+    """Run forward and backward of the windows' summed next-token loss (times `scale`), batch by batch, with
+    gradients accumulated only on the `trainable` parameters; without any, the activations carry the gradient from
+    the embeddings on (for hooks on activations). Every parameter's requires_grad flag is restored afterwards."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    dev = calibration.model_device(model)
+    trainable = list(trainable)
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for p in trainable:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for ids in progress(list(calibration.batches(windows, batch_size, dev)), desc=desc,
+                                disable=not show_progress):
+                if trainable:
+                    out = model(input_ids=ids, use_cache=False)
+                else:
+                    emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+                    out = model(inputs_embeds=emb, use_cache=False)
+                loss = token_nll(out.logits, ids).sum() * scale
+                loss.backward()
+                del out, loss
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
 
 
 def token_nll(logits: Tensor, ids: Tensor) -> Tensor:
