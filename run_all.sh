@@ -9,7 +9,7 @@
 #   PRUNE_MODEL=Qwen/Qwen2.5-0.5B bash run_all.sh --force
 #   bash run_all.sh --help               # options, stages, profiles; --list-params: every parameter and its default
 # Options:
-#   --profile NAME   parameter set: default | smoke | encoder | kaggle-qwen2.5-0.5b | kaggle-qwen2.5-3b (pruning_utils/profiles.py)
+#   --profile NAME   parameter set: default | smoke | encoder | kaggle-qwen2.5-0.5b | kaggle-qwen2.5-3b (pruning_utils/pipeline/profiles.py)
 #   --only KEYS      run only these stages, e.g. 02,03 (keys: 00 02 03 03b 04 05 06 07)
 #   --force          re-run the selected stages even when finished with the same parameters
 #   -p NAME VALUE    override one parameter (repeatable); PRUNE_<NAME>=VALUE in the environment does the same
@@ -21,13 +21,13 @@ cd "$(dirname "$0")"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 for arg in "$@"; do
   case "$arg" in
-    -h|--help|--list-params) exec python3 -m pruning_utils.stages "$@" ;;  # no install needed to read the help
+    -h|--help|--list-params) exec python3 -m pruning_utils.pipeline.stages "$@" ;;  # no install needed to read the help
   esac
 done
 # the command line is checked first (standard library only): a typo fails here, not after the install
-python3 -m pruning_utils.stages --check "$@"
+python3 -m pruning_utils.pipeline.stages --check "$@"
 export PRUNING_RUN_STARTED="${PRUNING_RUN_STARTED:-$(date +%s)}"  # the run time table counts the install too
 if [ "${SKIP_INSTALL:-0}" != "1" ]; then
   bash scripts/install.sh
 fi
-exec python3 -m pruning_utils.stages "$@"
+exec python3 -m pruning_utils.pipeline.stages "$@"

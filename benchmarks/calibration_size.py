@@ -9,7 +9,7 @@ one-shot `lstsq` refit, and with the default criterion (`fluctuation`, scores of
 that size, and measured on the in-domain evaluation text and on the held-out self-generated fidelity set. Costs per
 size: the new windows' self-generation (cached on disk; 0 when cached), the Gram update, the obs selection.
 
-`obs_fisher` (loss-aware obs: costs in each target's output Fisher metric, `pruning_utils/fisher.py`) takes its
+`obs_fisher` (loss-aware obs: costs in each target's output Fisher metric, `pruning_utils/prune/fisher.py`) takes its
 Fisher once, from the first `--fisher-windows` calibration windows or from `--fisher-source` (one backward pass;
 `fisher_s`).
 
@@ -30,13 +30,17 @@ import pandas as pd
 import torch
 
 from benchmarks.quality import SHAPES
-from pruning_utils import allocation, data, metrics, obs, reconstruction, results
-from pruning_utils.fisher import output_fisher
-from pruning_utils.loading import load_model
+from pruning_utils import paths
+from pruning_utils.data import sources
+from pruning_utils.measure import metrics
+from pruning_utils.model.loading import load_model
+from pruning_utils.model.stats import GramStats
 from pruning_utils.paths import PROJECT_ROOT
-from pruning_utils.profiles import DEFAULTS
-from pruning_utils.scores import load_scores
-from pruning_utils.stats import GramStats
+from pruning_utils.pipeline import results
+from pruning_utils.pipeline.profiles import DEFAULTS
+from pruning_utils.prune import allocation, obs, reconstruction
+from pruning_utils.prune.fisher import output_fisher
+from pruning_utils.prune.scores import load_scores
 
 KEY = ["shape", "criterion", "calibration_source", "calib_tokens", "ridge_ratio", "order", "fisher_windows",
        "fisher_source"]
@@ -54,16 +58,16 @@ def _add(total: dict | None, new: dict) -> dict:
 def nested_windows(model, tok, source: str, n_max: int, seq_len: int, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
     """Return windows whose first n rows are a size-n mixture for every n that splits into whole shares, and the
     index order that interleaves the parts (text windows and self-generated windows by their shares)."""
-    parts = data.parse_mixture(source)
-    counts = data.mixture_counts(parts, n_max)
+    parts = sources.parse_mixture(source)
+    counts = sources.mixture_counts(parts, n_max)
     pieces = []
     for (name, _), count in zip(parts, counts):
-        if name == data.SELFGEN:
-            from pruning_utils.selfgen import sample_windows
+        if name == sources.SELFGEN:
+            from pruning_utils.data.selfgen import sample_windows
 
             pieces.append(sample_windows(model, tok, count, seq_len, seed=seed, purpose="calibration"))
         else:
-            pieces.append(data.calibration_windows(tok, name, n_samples=count, seq_len=seq_len, seed=seed))
+            pieces.append(sources.calibration_windows(tok, name, n_samples=count, seq_len=seq_len, seed=seed))
     # interleave: window i of part p sits where its share puts it, so every prefix keeps the mixture's shares
     keys = [(i / count, p, i) for p, count in enumerate(counts) for i in range(count)]
     order = sorted(keys)
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fisher-source", default="", help="text source of the Fisher windows (e.g. selfgen, "
                     "embedded:0.5+selfgen:0.5); default: the first calibration windows")
     ap.add_argument("--scores", default=str(PROJECT_ROOT / "results" / "importance"))
-    ap.add_argument("--out", default=str(results.ablation_dir() / "calibration_size.csv"))
+    ap.add_argument("--out", default=str(paths.ablation_dir() / "calibration_size.csv"))
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
@@ -117,9 +121,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--sizes must ascend and start at >= one window ({args.seq_len} tokens), got {sizes}")
     torch.manual_seed(0)
     model, tok = load_model(args.model, device="cpu", dtype="float32")
-    chunks = data.eval_chunks(tok, data.text_parts(args.source), seq_len=args.eval_seq_len,
+    chunks = sources.eval_chunks(tok, sources.text_parts(args.source), seq_len=args.eval_seq_len,
                               max_tokens=args.eval_max_tokens)
-    held = data.fidelity_chunks(model, tok, n_tokens=args.fidelity_tokens, seq_len=args.seq_len)
+    held = sources.fidelity_chunks(model, tok, n_tokens=args.fidelity_tokens, seq_len=args.seq_len)
     fluct = None
     if "fluctuation" in criteria:
         try:  # the default criterion's saved scores (notebook 00, default windows); without them: obs only
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     fisher, fisher_s = None, float("nan")
     if "obs_fisher" in criteria:  # one backward pass, shared by every size and ridge
         t0 = time.perf_counter()
-        fisher_windows = (data.calibration_windows(tok, args.fisher_source, n_samples=args.fisher_windows,
+        fisher_windows = (sources.calibration_windows(tok, args.fisher_source, n_samples=args.fisher_windows,
                                                    seq_len=args.seq_len, model=model)
                           if args.fisher_source else windows[:args.fisher_windows])
         fisher = output_fisher(model, fisher_windows, show_progress=False)

@@ -8,7 +8,7 @@ Every variant is measured on the evaluation split of the text (in-domain `ppl`),
 the unpruned model with a seed stream calibration never uses (`fidelity_ppl`), and by its mean per-token
 KL(unpruned || variant) on the evaluation windows (`kl_to_baseline`). The baseline row carries the same columns.
 
-Writes results/ablation_studies/calibration_sources.csv (variant columns of `pruning_utils.variants` plus
+Writes results/ablation_studies/calibration_sources.csv (variant columns of `pruning_utils.measure.variants` plus
 `calibration_source`, `shape`). Usage: python3 -m benchmarks.calibration_sources [--sources a,b,...]
 """
 from __future__ import annotations
@@ -19,9 +19,12 @@ import time
 import pandas as pd
 import torch
 
-from pruning_utils import allocation, data, importance, reconstruction, results
-from pruning_utils.loading import load_model
-from pruning_utils.variants import measure_variant, pruned_copy
+from pruning_utils import paths
+from pruning_utils.data import sources
+from pruning_utils.measure.variants import measure_variant, pruned_copy
+from pruning_utils.model.loading import load_model
+from pruning_utils.pipeline import results
+from pruning_utils.prune import allocation, importance, reconstruction
 
 SHAPES = {"S1": dict(head_rate=0.0, mlp_rate=0.25), "S2": dict(head_rate=0.2, mlp_rate=0.0),
           "S3": dict(head_rate=0.2, mlp_rate=0.25)}
@@ -54,19 +57,19 @@ def main() -> None:
     ap.add_argument("--fidelity-tokens", type=int, default=8192)
     ap.add_argument("--fidelity-seq-len", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(results.ablation_dir() / "calibration_sources.csv"))
+    ap.add_argument("--out", default=str(paths.ablation_dir() / "calibration_sources.csv"))
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     model, tok = load_model(args.model)
-    chunks = data.eval_chunks(tok, args.text, seq_len=args.eval_seq_len, max_tokens=args.eval_max_tokens)
-    held = data.fidelity_chunks(model, tok, n_tokens=args.fidelity_tokens, seq_len=args.fidelity_seq_len,
+    chunks = sources.eval_chunks(tok, args.text, seq_len=args.eval_seq_len, max_tokens=args.eval_max_tokens)
+    held = sources.fidelity_chunks(model, tok, n_tokens=args.fidelity_tokens, seq_len=args.fidelity_seq_len,
                                 seed=args.seed)
     base = measure_variant(model, chunks, variant="baseline", source_model=args.model, fidelity_chunks=held,
                            reference_model=model)
     rows = [dict(base, calibration_source="", shape="baseline", build_s=0.0)]
     for source in args.sources.split(";"):
         t0 = time.perf_counter()
-        windows = data.calibration_windows(tok, source, n_samples=args.n_calib, seq_len=args.calib_seq_len,
+        windows = sources.calibration_windows(tok, source, n_samples=args.n_calib, seq_len=args.calib_seq_len,
                                            seed=args.seed, model=model)
         scores = importance.compute_importance(model, windows, [args.criterion], seed=args.seed)[args.criterion]
         grams = reconstruction.collect_grams(model, windows, which=["o_proj", "down_proj"])

@@ -17,10 +17,11 @@ import time
 
 import torch
 
-from pruning_utils import encoder_tasks as et
-from pruning_utils.encoder import load_encoder, quantize_encoder
+from pruning_utils.encoder import tasks as et
+from pruning_utils.encoder.checkpoint import load_encoder
+from pruning_utils.encoder.surgery import quantize_encoder
 from pruning_utils.paths import models_dir, results_dir
-from pruning_utils.results import write_json
+from pruning_utils.pipeline.results import write_json
 
 
 def main() -> None:

@@ -9,9 +9,11 @@ import time
 
 import torch
 
-from pruning_utils import data, importance, metrics
-from pruning_utils.loading import load_model
+from pruning_utils.data import sources
+from pruning_utils.measure import metrics
+from pruning_utils.model.loading import load_model
 from pruning_utils.paths import PROJECT_ROOT
+from pruning_utils.prune import importance
 
 
 def timed(fn, repeats: int) -> float:
@@ -34,7 +36,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     model, tok = load_model(args.model, device="cpu", dtype="float32")
-    windows = data.calibration_windows(tok, n_samples=args.n, seq_len=args.seq_len, seed=0)
+    windows = sources.calibration_windows(tok, n_samples=args.n, seq_len=args.seq_len, seed=0)
 
     def plain():
         with torch.inference_mode():

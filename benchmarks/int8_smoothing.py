@@ -18,12 +18,13 @@ import time
 import pandas as pd
 import torch
 
-from pruning_utils import data, metrics
-from pruning_utils.loading import load_model
+from pruning_utils.compress.quantize import activation_maxima, quantize_int8
+from pruning_utils.data import sources
+from pruning_utils.measure import metrics
+from pruning_utils.model.loading import load_model
 from pruning_utils.paths import ablation_dir
-from pruning_utils.profiles import DEFAULTS
-from pruning_utils.quantize import activation_maxima, quantize_int8
-from pruning_utils.results import write_csv
+from pruning_utils.pipeline.profiles import DEFAULTS
+from pruning_utils.pipeline.results import write_csv
 
 
 def main() -> None:
@@ -36,8 +37,8 @@ def main() -> None:
     torch.manual_seed(0)
     model, tok = load_model()
     model.float().eval()
-    chunks = data.eval_chunks(tok, data.text_parts(args.source), seq_len=512, max_tokens=args.eval_tokens)
-    windows = data.calibration_windows(tok, args.source, n_samples=args.calib_windows, seq_len=256, seed=0, model=model)
+    chunks = sources.eval_chunks(tok, sources.text_parts(args.source), seq_len=512, max_tokens=args.eval_tokens)
+    windows = sources.calibration_windows(tok, args.source, n_samples=args.calib_windows, seq_len=256, seed=0, model=model)
     peaks = [float(d["down_proj"].max()) for d in activation_maxima(model, windows, progress=False)]
     print(f"down_proj input max |x| per layer: {', '.join(f'{p:.0f}' for p in peaks)}")
     alphas = [float(a) for a in args.alphas.split(",")]

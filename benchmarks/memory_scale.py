@@ -1,5 +1,5 @@
 """Peak memory of each pipeline operation on CPU (fp32) for random Llama-family models of growing size, against
-`memory.plan_operation`'s estimate, and what a straight-line fit in parameters says for 3B / 8B models on a T4.
+`memory_plan.plan_operation`'s estimate, and what a straight-line fit in parameters says for 3B / 8B models on a T4.
 
 Every (size, operation) is measured in a fresh spawned process: peak RSS (VmHWM, reset before the operation)
 minus the RSS of the process before the model was built, so the figure is weights + what the operation needs
@@ -14,7 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from pruning_utils import memory
+from pruning_utils.pipeline import memory_plan
 
 MB = 2 ** 20
 BASE = dict(model_type="llama", vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048,
@@ -52,19 +52,21 @@ def plan_params(n_windows: int, seq_len: int) -> dict:
 
 def measure(config: dict, stage: str, n_windows: int = 4, seq_len: int = 256, threads: int | None = None) -> dict:
     """Return `peak_mb` (peak RSS during `stage` minus the RSS before the model was built) of one operation, here."""
+    import peft  # noqa: F401  (imported before the baseline is read: its import is not the operation's memory)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    from pruning_utils import allocation, importance, metrics, reconstruction, recovery, variants
-    import peft  # noqa: F401  (imported before the baseline is read: its import is not the operation's memory)
+    from pruning_utils.measure import metrics, variants
+    from pruning_utils.prune import allocation, importance, reconstruction
+    from pruning_utils.recovery import lora
 
     if threads:
         torch.set_num_threads(threads)
     cfg = AutoConfig.for_model(**config)
     MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)]  # imports the modeling module now, not inside the measured build
-    metrics._trim_heap()
-    base = metrics._rss_bytes()
+    metrics.trim_heap()
+    base = metrics.rss_bytes()
 
     def build():
         torch.manual_seed(0)
@@ -93,8 +95,8 @@ def measure(config: dict, stage: str, n_windows: int = 4, seq_len: int = 256, th
         run = lambda: variants.pruned_copy(model, plan, windows, reconstruction="lstsq", sequential=False,  # noqa: E731
                                            stats=grams)
     elif stage == "lora_step":
-        rc = recovery.RecoveryConfig(r=8, batch_size=n_windows, seq_len=seq_len, fp16="no")
-        model = recovery.attach_lora(model, rc)
+        rc = lora.RecoveryConfig(r=8, batch_size=n_windows, seq_len=seq_len, fp16="no")
+        model = lora.attach_lora(model, rc)
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -105,7 +107,7 @@ def measure(config: dict, stage: str, n_windows: int = 4, seq_len: int = 256, th
             opt.zero_grad(set_to_none=True)
     if run is None:
         raise ValueError(f"unknown stage '{stage}'; known: {', '.join(STAGES)}")
-    metrics._trim_heap()
+    metrics.trim_heap()
     with metrics.track_peak_memory("cpu") as mem:
         out = run()
     del out
@@ -113,7 +115,7 @@ def measure(config: dict, stage: str, n_windows: int = 4, seq_len: int = 256, th
 
 
 def _result(mem: dict, base: int, model) -> dict:
-    from pruning_utils import metrics
+    from pruning_utils.measure import metrics
 
     return {"peak_mb": mem["peak_mb"] - base / MB, "start_mb": mem["start_mb"] - base / MB,
             "weights_mb": metrics.model_bytes(model) / MB, "memory_kind": mem["kind"]}
@@ -137,9 +139,9 @@ def extrapolate(line: dict, stage: str, settings: dict) -> dict:
     """Return the fit's fp32 and fp16 figures and the plan's own fp16-on-T4 figure for each target model."""
     out = {}
     for name, cfg in TARGETS.items():
-        n = memory.n_params(cfg)
+        n = memory_plan.n_params(cfg)
         fp32_gb = (line["a_mb"] + line["b_mb_per_param"] * n) / 1024
-        plan = memory.plan_operation(cfg, STAGES[stage], **{**settings, "device": "cuda", "dtype": "float16",
+        plan = memory_plan.plan_operation(cfg, STAGES[stage], **{**settings, "device": "cuda", "dtype": "float16",
                                                             "available_gb": T4_BUDGET_GB, "host_available_gb": 29.0})
         out[name] = {"params": n, "fit_fp32_gb": fp32_gb, "fit_fp16_gb": fp32_gb * 2 / 4,
                      "fit_fp16_fits_14gb": fp32_gb * 2 / 4 <= T4_BUDGET_GB,
@@ -163,13 +165,13 @@ def replan(path) -> dict:
 
     The measurements stay as they were; only what the plan says about them changes (after a formula is fixed).
     """
-    from pruning_utils import metrics
+    from pruning_utils.measure import metrics
 
     out = json.loads(path.read_text())
     settings = out["settings"]
     for r in out["rows"]:
         config = {**out["base_config"], **out["sizes"][r["size"]]}
-        plan = memory.plan_operation(config, STAGES[r["stage"]], **settings)
+        plan = memory_plan.plan_operation(config, STAGES[r["stage"]], **settings)
         r.update(plan_mb=plan.total_gb * 1024, plan_peak_operation=plan.peak_operation)
         if "peak_mb" in r:
             r["measured_over_plan"] = r["peak_mb"] / r["plan_mb"]
@@ -192,7 +194,7 @@ def main() -> None:
     ap.add_argument("--headroom-gb", type=float, default=2.0, help="skip a measurement the plan says leaves less free")
     ap.add_argument("--replan", action="store_true", help="recompute the plan columns of the results file, measure nothing")
     args = ap.parse_args()
-    from pruning_utils import metrics
+    from pruning_utils.measure import metrics
     from pruning_utils.paths import PROJECT_ROOT
 
     path = PROJECT_ROOT / "results" / "benchmarks" / "memory_scale.json"
@@ -206,12 +208,12 @@ def main() -> None:
     rows, t_start = [], time.time()
     for size in args.sizes.split(","):
         config = {**BASE, **SIZES[size]}
-        n = memory.n_params(config)
+        n = memory_plan.n_params(config)
         for stage in args.stages.split(","):
-            plan = memory.plan_operation(config, STAGES[stage], **settings)
+            plan = memory_plan.plan_operation(config, STAGES[stage], **settings)
             row = {"size": size, "params": n, "stage": stage, "plan_mb": plan.total_gb * 1024,
                    "plan_peak_operation": plan.peak_operation}
-            if plan.total_gb > memory.available_gb("cpu") - args.headroom_gb:  # the plan guards its own benchmark
+            if plan.total_gb > memory_plan.available_gb("cpu") - args.headroom_gb:  # the plan guards its own benchmark
                 row.update(skipped=f"plan {plan.total_gb:.1f} GiB > available - {args.headroom_gb} GiB")
             elif time.time() - t_start > args.budget_s:
                 row.update(skipped=f"time budget of {args.budget_s:.0f} s spent")
@@ -226,7 +228,7 @@ def main() -> None:
         "what": "peak memory per operation, CPU fp32, random Llama-family models; each in a fresh spawned process",
         "measure": "peak_mb = VmHWM during the operation (reset before it) - RSS before the model was built: weights "
                    "+ what the operation holds (Grams for prune_refit, LoRA/AdamW for lora_step) + working memory",
-        "plan": "plan_mb = memory.plan_operation(config, stage, **settings).total_gb, reserve 0",
+        "plan": "plan_mb = memory_plan.plan_operation(config, stage, **settings).total_gb, reserve 0",
         "settings": settings, "windows": args.windows, "seq_len": args.seq_len, "sizes": {k: SIZES[k] for k in
                                                                                           args.sizes.split(",")},
         "base_config": BASE, "rows": rows, "fits": fits,

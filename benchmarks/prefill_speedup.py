@@ -10,12 +10,12 @@ import json
 
 import torch
 
-from pruning_utils import metrics
-from pruning_utils.arch import layer_shapes
-from pruning_utils.loading import load_model
+from pruning_utils.measure import metrics
+from pruning_utils.measure.variants import pruned_copy
+from pruning_utils.model.arch import layer_shapes
+from pruning_utils.model.loading import load_model
+from pruning_utils.model.plan import PruningPlan
 from pruning_utils.paths import PROJECT_ROOT
-from pruning_utils.plan import PruningPlan
-from pruning_utils.variants import pruned_copy
 
 
 def main() -> None:

@@ -14,11 +14,11 @@ on the unpruned model. Extras, screened then scored in full: S3 with heads and n
 criteria, a ridge sweep of the best refit per shape, S3 refit sequentially (plain, and chasing the unpruned
 model's output, `--orders chase`; off by default: 20 minutes for a worse result), and S3 under `global`
 allocation at the same non-embedding count. Issue 15 adds the `obs` criterion (heads and neurons removed in the
-order of least reconstruction error left after the refit, `pruning_utils.obs`; computed here from the shared Grams
-when the saved scores lack it, its cost in the JSON) and the `search` allocation (`pruning_utils.search`: per-layer
+order of least reconstruction error left after the refit, `pruning_utils.prune.obs`; computed here from the shared Grams
+when the saved scores lack it, its cost in the JSON) and the `search` allocation (`pruning_utils.prune.search`: per-layer
 counts under the exact parameter budget, scored by KL to the dense model on held-out calibration windows), with the
 held-out KL of the search and its uniform start and the latency of both. Full rows also carry the fidelity
-perplexity (held-out text sampled from the unpruned model, `data.fidelity_chunks`). Torch-Pruning itself
+perplexity (held-out text sampled from the unpruned model, `sources.fidelity_chunks`). Torch-Pruning itself
 (`benchmarks/torch_pruning_peer.py`: its own Taylor scores and dependency-graph surgery, no refit) is scored in
 full at every shape as a side-by-side peer row.
 
@@ -40,11 +40,16 @@ from dataclasses import dataclass, replace
 import pandas as pd
 import torch
 
-from pruning_utils import allocation, data, importance, metrics, obs, reconstruction, results
-from pruning_utils.arch import decoder_layers
-from pruning_utils.loading import load_model
+from pruning_utils import paths
+from pruning_utils.data import sources
+from pruning_utils.measure import metrics
+from pruning_utils.model.arch import decoder_layers
+from pruning_utils.model.loading import load_model
+from pruning_utils.model.surgery import apply_plan
 from pruning_utils.paths import PROJECT_ROOT
-from pruning_utils.surgery import apply_plan
+from pruning_utils.pipeline import results
+from pruning_utils.prune import allocation, importance, obs, reconstruction
+from pruning_utils.prune.scores import Scores, load_scores
 
 SHAPES = {"S1": dict(head_rate=0.0, mlp_rate=0.25), "S2": dict(head_rate=0.2, mlp_rate=0.0),
           "S3": dict(head_rate=0.2, mlp_rate=0.25)}
@@ -67,7 +72,7 @@ class Recipe:
     criterion: str
     reconstruction: str
     allocation: str = "uniform"  # uniform | global (z-scored per layer) | global-sum (share of the layer's total)
-    # | search (per-layer counts searched against the dense model's KL, `pruning_utils.search`)
+    # | search (per-layer counts searched against the dense model's KL, `pruning_utils.prune.search`)
     order: str = "one-shot"  # one-shot: Grams of the unpruned model | sequential: after earlier refits | chase:
     # sequential, refit toward the unpruned model's output (absorbs upstream error)
     ridge: float = 1e-2
@@ -79,7 +84,7 @@ class Recipe:
                 self.ridge if self.reconstruction == "lstsq" else None)
 
 
-def make_plan(model, scores: dict[str, importance.Scores], r: Recipe, searched: dict | None = None):
+def make_plan(model, scores: dict[str, Scores], r: Recipe, searched: dict | None = None):
     """Return the plan of a recipe; `global` plans remove as many heads / neurons as the uniform plan does.
 
     `search` plans come from `searched` (recipe key -> `search.SearchResult`), filled by `Bench.search`."""
@@ -173,7 +178,7 @@ class Bench:
     def search(self, r: Recipe, held, iterations: int, group: int, seed: int = 0, latency: bool = True) -> None:
         """Search the per-layer counts of a recipe (allocation 'search'), screen it, and record the held-out KL
         of the search and of its uniform start, and both models' latency, for their full rows."""
-        from pruning_utils.search import search_budget
+        from pruning_utils.prune.search import search_budget
 
         head_crit, _, neuron_crit = r.criterion.partition("+")
         if neuron_crit and neuron_crit != head_crit:
@@ -237,7 +242,7 @@ class Bench:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    from pruning_utils.profiles import DEFAULTS
+    from pruning_utils.pipeline.profiles import DEFAULTS
 
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--source", default=DEFAULTS["TEXT_SOURCE"],
@@ -268,17 +273,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--torch-pruning", default="taylor",
                     help="Torch-Pruning importances scored in full as peer rows (taylor,magnitude; '' to skip)")
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--out", default=str(results.ablation_dir() / "quality_benchmark.csv"))
+    ap.add_argument("--out", default=str(paths.ablation_dir() / "quality_benchmark.csv"))
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     torch.manual_seed(0)
 
     model, tok = load_model(args.model, device="cpu", dtype="float32")
-    windows = data.calibration_windows(tok, args.source, n_samples=args.n_calib, seq_len=args.calib_seq_len, seed=0,
+    windows = sources.calibration_windows(tok, args.source, n_samples=args.n_calib, seq_len=args.calib_seq_len, seed=0,
                                        model=model)
-    chunks = data.eval_chunks(tok, data.text_parts(args.source), seq_len=args.eval_seq_len,
+    chunks = sources.eval_chunks(tok, sources.text_parts(args.source), seq_len=args.eval_seq_len,
                               max_tokens=args.eval_max_tokens)
-    fidelity = (data.fidelity_chunks(model, tok, n_tokens=args.fidelity_tokens, seq_len=args.calib_seq_len)
+    fidelity = (sources.fidelity_chunks(model, tok, n_tokens=args.fidelity_tokens, seq_len=args.calib_seq_len)
                 if args.fidelity_tokens else None)
     n_screen = max(1, min(len(chunks), args.screen_tokens // args.eval_seq_len))
     criteria, shapes = args.criteria.split(","), args.shapes.split(",")
@@ -292,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     wanted = [c for c in criteria if c != "obs"]
     try:
-        scores = importance.load_scores(args.scores)
+        scores = load_scores(args.scores)
         allocation.plan_both(model, scores[wanted[0] if wanted else next(iter(scores))], head_rate=0.2)  # raises
         # when made for other shapes
         missing = [c for c in wanted if c not in scores]
@@ -354,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     search_s = 0.0
     if not args.no_extras and "obs" in criteria and "lstsq" in modes and args.search_iterations:
         t0 = time.perf_counter()
-        held = data.calibration_windows(tok, args.source, n_samples=args.search_windows, seq_len=args.calib_seq_len,
+        held = sources.calibration_windows(tok, args.source, n_samples=args.search_windows, seq_len=args.calib_seq_len,
                                         seed=1, model=model)  # another seed than the Gram windows
         for shape in [s for s in args.search_shapes.split(",") if s in shapes]:
             best_obs = bench.best(shape, criterion="obs", reconstruction="lstsq", allocation="uniform",

@@ -17,9 +17,13 @@ import time
 import pandas as pd
 import torch
 
-from pruning_utils import data, metrics, recovery, results
-from pruning_utils.checkpoint import load_pruned, read_checkpoint_meta
-from pruning_utils.loading import load_model
+from pruning_utils import paths
+from pruning_utils.data import sources
+from pruning_utils.measure import metrics
+from pruning_utils.model.checkpoint import load_pruned, read_checkpoint_meta
+from pruning_utils.model.loading import load_model
+from pruning_utils.pipeline import results
+from pruning_utils.recovery import lora
 
 
 def main() -> None:
@@ -31,28 +35,28 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--loss", default="distill", choices=recovery.LOSSES)
+    ap.add_argument("--loss", default="distill", choices=lora.LOSSES)
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--eval-max-tokens", type=int, default=32768)
-    ap.add_argument("--out", default=str(results.ablation_dir() / "recovery_budget.csv"))
+    ap.add_argument("--out", default=str(paths.ablation_dir() / "recovery_budget.csv"))
     args = ap.parse_args()
     torch.manual_seed(0)
 
     teacher, tok = load_model(args.model, device="cpu", dtype="float32")
     pruned, _ = load_pruned(args.name, device="cpu", dtype="float32")
     before = read_checkpoint_meta(args.name)["extra"]
-    chunks = data.eval_chunks(tok, seq_len=args.eval_seq_len, max_tokens=args.eval_max_tokens)
+    chunks = sources.eval_chunks(tok, seq_len=args.eval_seq_len, max_tokens=args.eval_max_tokens)
     steps = [int(s) for s in args.steps.split(",")]
     # the same windows for every run (a shorter run sees a prefix of them), drawn like notebook 04 (seed 1)
-    train = data.calibration_windows(tok, n_samples=max(steps) * args.batch, seq_len=args.seq_len, seed=1)
+    train = sources.calibration_windows(tok, n_samples=max(steps) * args.batch, seq_len=args.seq_len, seed=1)
     rows = []
     for lr in [float(x) for x in args.lrs.split(",")]:
         for n in steps:
-            cfg = recovery.RecoveryConfig(r=args.rank, alpha=2 * args.rank, lr=lr, max_steps=n, batch_size=args.batch,
+            cfg = lora.RecoveryConfig(r=args.rank, alpha=2 * args.rank, lr=lr, max_steps=n, batch_size=args.batch,
                                           seq_len=args.seq_len, loss=args.loss, temperature=args.temperature)
             t0 = time.perf_counter()
-            merged, stats = recovery.recover(copy.deepcopy(pruned), tok, train[:n * args.batch], cfg,
+            merged, stats = lora.recover(copy.deepcopy(pruned), tok, train[:n * args.batch], cfg,
                                              teacher=None if args.loss == "lm" else teacher)
             ppl = metrics.perplexity(merged, chunks, progress=False)
             rows.append(dict(model=args.name, steps=stats["steps"], lr=lr, rank=args.rank, loss=args.loss,

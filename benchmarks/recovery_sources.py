@@ -23,10 +23,14 @@ import copy
 import pandas as pd
 import torch
 
-from pruning_utils import data, evaluation, profiles, recovery, results
-from pruning_utils.checkpoint import load_pruned, read_checkpoint_meta
-from pruning_utils.loading import load_model
-from pruning_utils.variants import measure_variant
+from pruning_utils import paths
+from pruning_utils.data import sources
+from pruning_utils.measure import evaluation
+from pruning_utils.measure.variants import measure_variant
+from pruning_utils.model.checkpoint import load_pruned, read_checkpoint_meta
+from pruning_utils.model.loading import load_model
+from pruning_utils.pipeline import profiles, results
+from pruning_utils.recovery import lora, training_data
 
 CONFIGS = "lm:text,distill:text,distill:selfdistill,distill:selfdistill+text"
 D = profiles.DEFAULTS
@@ -42,23 +46,23 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=D["LORA_LR"])
     ap.add_argument("--n-prompts", type=int, default=D["N_PROMPTS"])
     ap.add_argument("--seed", type=int, default=D["SEED"])
-    ap.add_argument("--out", default=str(results.ablation_dir() / "recovery_sources.csv"))
+    ap.add_argument("--out", default=str(paths.ablation_dir() / "recovery_sources.csv"))
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     selfgen_kw = dict(temperature=D["SELFGEN_TEMPERATURE"], top_p=D["SELFGEN_TOP_P"])
     base, tok = load_model(args.model, device="cpu", dtype="float32")
     seq_len, batch = D["RECOVERY_SEQ_LEN"], D["RECOVERY_BATCH"]
-    chunks = data.eval_chunks(tok, args.text_source, seq_len=D["EVAL_SEQ_LEN"], max_tokens=D["EVAL_MAX_TOKENS"])
-    fidelity = data.fidelity_chunks(base, tok, n_tokens=D["FIDELITY_TOKENS"], seed=args.seed, selfgen_kw=selfgen_kw)
-    text_windows = lambda n: data.calibration_windows(  # noqa: E731  the windows of notebook 04
+    chunks = sources.eval_chunks(tok, args.text_source, seq_len=D["EVAL_SEQ_LEN"], max_tokens=D["EVAL_MAX_TOKENS"])
+    fidelity = sources.fidelity_chunks(base, tok, n_tokens=D["FIDELITY_TOKENS"], seed=args.seed, selfgen_kw=selfgen_kw)
+    text_windows = lambda n: sources.calibration_windows(  # noqa: E731  the windows of notebook 04
         tok, args.text_source, n_samples=n, seq_len=seq_len, seed=args.seed + 1, model=base, selfgen_kw=selfgen_kw,
         selfgen_seed=args.seed)
-    heldout = data.calibration_windows(tok, data.text_parts(args.text_source), n_samples=8, seq_len=seq_len,
+    heldout = sources.calibration_windows(tok, sources.text_parts(args.text_source), n_samples=8, seq_len=seq_len,
                                        seed=args.seed + 2)
     prompts = evaluation.load_instructions()[:args.n_prompts]
     judge = evaluation.SemanticJudge()
     reference = evaluation.generate_answers(base, tok, prompts, max_new_tokens=D["MAX_NEW_TOKENS"], cache=True)
-    baseline = pd.read_csv(results.ablation_dir() / "baseline.csv").iloc[0].to_dict()
+    baseline = pd.read_csv(paths.ablation_dir() / "baseline.csv").iloc[0].to_dict()
     rows = []
 
     def measure(model, name: str, loss: str, source: str, stats: dict | None, known: dict | None = None) -> None:
@@ -82,11 +86,11 @@ def main() -> None:
         measure(pruned, name, "none", "none", None, known=read_checkpoint_meta(name)["extra"])
         for pair in args.configs.split(","):
             loss, source = pair.split(":")
-            cfg = recovery.RecoveryConfig(r=D["LORA_R"], alpha=D["LORA_ALPHA"], lr=args.lr, max_steps=args.steps,
+            cfg = lora.RecoveryConfig(r=D["LORA_R"], alpha=D["LORA_ALPHA"], lr=args.lr, max_steps=args.steps,
                                           batch_size=batch, seq_len=seq_len, loss=loss, seed=args.seed)
-            train = recovery.recovery_windows(source, tok, args.steps * batch, seq_len, base, text_windows,
+            train = training_data.recovery_windows(source, tok, args.steps * batch, seq_len, base, text_windows,
                                               seed=args.seed)
-            merged, stats = recovery.recover(copy.deepcopy(pruned), tok, train, cfg,
+            merged, stats = lora.recover(copy.deepcopy(pruned), tok, train, cfg,
                                              teacher=None if loss == "lm" else base, heldout_windows=heldout)
             measure(merged, name, loss, source, stats)
             del merged

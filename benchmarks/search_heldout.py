@@ -1,7 +1,7 @@
 """What the budget search's KL windows decide, per shape: their source (calibration mixture, self-generated, every
 source) and how many there are.
 
-`benchmarks/quality.py` scores the search (`pruning_utils.search`) by KL to the dense model on 4 held-out windows
+`benchmarks/quality.py` scores the search (`pruning_utils.prune.search`) by KL to the dense model on 4 held-out windows
 of the calibration mixture (75% embedded text): at S3 it took in-domain PPL from 19.04 (uniform obs) to 15.30 but the
 fidelity PPL (held-out self-generated text) only from 42.43 to 41.80. This reruns the same search (obs scores,
 one-shot lstsq refit from the default calibration Grams, same seed and iterations) for each run of `--runs` —
@@ -25,10 +25,14 @@ import pandas as pd
 import torch
 
 from benchmarks.quality import SHAPES
-from pruning_utils import data, metrics, obs, reconstruction, results
-from pruning_utils.loading import load_model
-from pruning_utils.profiles import DEFAULTS
-from pruning_utils.search import counts_of, search_budget
+from pruning_utils import paths
+from pruning_utils.data import sources
+from pruning_utils.measure import metrics
+from pruning_utils.model.loading import load_model
+from pruning_utils.pipeline import results
+from pruning_utils.pipeline.profiles import DEFAULTS
+from pruning_utils.prune import obs, reconstruction
+from pruning_utils.prune.search import counts_of, search_budget
 
 MIX = DEFAULTS["TEXT_SOURCE"]
 RUNS = (f"S3 4 selfgen; S3 4 {MIX}; S3 16 embedded:0.5+selfgen:0.5; S1 4 {MIX}; S2 4 {MIX}")
@@ -69,10 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--eval-max-tokens", type=int, default=32768)
     ap.add_argument("--fidelity-tokens", type=int, default=DEFAULTS["FIDELITY_TOKENS"])
-    ap.add_argument("--out", default=str(results.ablation_dir() / "search_heldout.csv"))
+    ap.add_argument("--out", default=str(paths.ablation_dir() / "search_heldout.csv"))
     args = ap.parse_args(argv)
     runs = parse_runs(args.runs)
-    if args.eval_source is None and all(name == data.SELFGEN for name, _ in data.parse_mixture(args.source)):
+    if args.eval_source is None and all(name == sources.SELFGEN for name, _ in sources.parse_mixture(args.source)):
         raise SystemExit(f"--source {args.source} holds no text to evaluate in-domain perplexity on: pass "
                          "--eval-source, e.g. embedded")
     orders = [o.strip() for o in args.orders.split(",") if o.strip()]
@@ -80,11 +84,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--orders takes {', '.join(ORDERS)} (got '{args.orders}')")
     torch.manual_seed(0)
     model, tok = load_model(args.model, device="cpu", dtype="float32")
-    windows = data.calibration_windows(tok, args.source, n_samples=args.n_calib, seq_len=args.seq_len, seed=0,
+    windows = sources.calibration_windows(tok, args.source, n_samples=args.n_calib, seq_len=args.seq_len, seed=0,
                                        model=model)
-    chunks = data.eval_chunks(tok, args.eval_source or data.text_parts(args.source), seq_len=args.eval_seq_len,
+    chunks = sources.eval_chunks(tok, args.eval_source or sources.text_parts(args.source), seq_len=args.eval_seq_len,
                               max_tokens=args.eval_max_tokens)
-    fidelity = data.fidelity_chunks(model, tok, n_tokens=args.fidelity_tokens, seq_len=args.seq_len)
+    fidelity = sources.fidelity_chunks(model, tok, n_tokens=args.fidelity_tokens, seq_len=args.seq_len)
     grams = reconstruction.collect_grams(model, windows)
     scores = obs.obs_scores(model, grams, ridge_ratio=args.ridge, progress=False)
     commit, rows, done_uniform = metrics.git_commit(), [], set()
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
             results.write_csv(results.merge_rows(pd.DataFrame(rows), args.out, KEY), args.out)
 
     for shape, n_windows, held_source, trade in runs:
-        held = data.calibration_windows(tok, held_source, n_samples=n_windows, seq_len=args.seq_len, seed=1,
+        held = sources.calibration_windows(tok, held_source, n_samples=n_windows, seq_len=args.seq_len, seed=1,
                                         model=model)
         t0 = time.perf_counter()
         res = search_budget(model, scores, grams, held, iterations=args.iterations, group=args.group,

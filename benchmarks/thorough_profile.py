@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from pruning_utils import results
+from pruning_utils import paths
 from pruning_utils.paths import PROJECT_ROOT
-from pruning_utils.profiles import PROFILES
+from pruning_utils.pipeline import results
+from pruning_utils.pipeline.profiles import PROFILES
 
 VARIANTS = {"head_pruned": ("head_pruning.csv", "02"), "mlp_pruned": ("mlp_pruning.csv", "03"),
             "mix_pruned": ("mlp_pruning.csv", "03")}
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--thorough", required=True, help="results folder of the thorough run of notebooks 02/03")
     ap.add_argument("--default", default=str(PROJECT_ROOT / "results"), help="results folder of the default run")
-    ap.add_argument("--out", default=str(results.ablation_dir() / "thorough_profile.csv"))
+    ap.add_argument("--out", default=str(paths.ablation_dir() / "thorough_profile.csv"))
     args = ap.parse_args(argv)
     table = pd.concat([profile_rows(Path(args.default), "default"), profile_rows(Path(args.thorough), "thorough")],
                       ignore_index=True)

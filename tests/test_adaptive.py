@@ -1,17 +1,17 @@
 """Adaptive runtime (notebook 05): nested levels, KV window, prompt complexity, telemetry, controllers, evaluation."""
 import copy
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from pruning_utils import adaptive, controller, surgery
-from pruning_utils.complexity import complexity, prompt_features
-from pruning_utils.scores import Scores
-from pruning_utils.telemetry import SimulatedLoad, read_telemetry
-from pruning_utils.tiny import TinyTokenizer, tiny_model
+from pruning_utils.adaptive import controller, nested_model
+from pruning_utils.adaptive.complexity import complexity, prompt_features
+from pruning_utils.adaptive.telemetry import SimulatedLoad, read_telemetry
+from pruning_utils.model import surgery
+from pruning_utils.model.tiny import TinyTokenizer, tiny_model
+from pruning_utils.prune.scores import Scores
 
 LEVELS = "none,kv:4,heads:0.5,ffn:0.5,heads:0.25+ffn:0.3+layers:0.34"
 
@@ -26,7 +26,7 @@ def _scores(model, seed: int = 1) -> Scores:
 def _nested(family="llama", levels=LEVELS):
     model = tiny_model(family)
     original = copy.deepcopy(model)
-    return adaptive.NestedModel(model, _scores(model), levels, layer_scores=torch.tensor([3.0, 1.0, 2.0])), original
+    return nested_model.NestedModel(model, _scores(model), levels, layer_scores=torch.tensor([3.0, 1.0, 2.0])), original
 
 
 def _logits(model, tokens):
@@ -76,24 +76,24 @@ def test_levels_are_views_of_one_set_of_weights():
 
 
 def test_level_specs_are_checked():
-    assert [lv.name for lv in adaptive.parse_levels("none, ffn:0.25")] == ["none", "ffn:0.25"]
+    assert [lv.name for lv in nested_model.parse_levels("none, ffn:0.25")] == ["none", "ffn:0.25"]
     for bad in ("ffn:0.25", "none,mlp:0.2", "none,ffn:1.5", "none,kv:0"):
         with pytest.raises(ValueError, match="level"):
-            adaptive.parse_levels(bad)
+            nested_model.parse_levels(bad)
     with pytest.raises(ValueError, match="layer_scores"):
-        adaptive.NestedModel(tiny_model(), _scores(tiny_model()), "none,layers:0.3")
+        nested_model.NestedModel(tiny_model(), _scores(tiny_model()), "none,layers:0.3")
 
 
 def test_kv_window_caps_the_cache_and_matches_generate_without_it():
     model = tiny_model()
     prompt = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(3))
-    free = adaptive.decode(model, prompt, 10)
+    free = nested_model.decode(model, prompt, 10)
     reference = model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)[0, 12:].tolist()
     assert free["ids"] == reference and free["cache_tokens_max"] == 12 + 9
-    capped = adaptive.decode(model, prompt, 10, kv_window=4)
-    assert capped["cache_tokens_max"] == adaptive.KV_SINK_TOKENS + 4
+    capped = nested_model.decode(model, prompt, 10, kv_window=4)
+    assert capped["cache_tokens_max"] == nested_model.KV_SINK_TOKENS + 4
     assert capped["cache_bytes_max"] < free["cache_bytes_max"]
-    forced = adaptive.decode(model, prompt, forced=torch.tensor(free["ids"]))
+    forced = nested_model.decode(model, prompt, forced=torch.tensor(free["ids"]))
     assert forced["ppl"] == pytest.approx(controller.answer_ppl(model, prompt, free["ids"]), rel=1e-4)
 
 
@@ -174,7 +174,7 @@ def test_bandit_training_is_seeded_and_deterministic(tiny_run):
     assert (outcomes[outcomes["level"] == "none"]["retention"] == 1.0).all()  # its own answer is the reference
     same = outcomes.merge(outcomes[outcomes["level"] == "none"][["id", "answer"]], on="id", suffixes=("", "_ref"))
     assert ((same["answer"] == same["answer_ref"]) == (same["retention"] == 1.0)).all()
-    assert (outcomes.groupby("level")["cache_tokens_max"].max()["kv:4"] <= adaptive.KV_SINK_TOKENS + 4)
+    assert (outcomes.groupby("level")["cache_tokens_max"].max()["kv:4"] <= nested_model.KV_SINK_TOKENS + 4)
     kw = dict(n_levels=len(nested.levels), tps_ref=float(outcomes["tokens_per_s"].median()), epochs=5)
     a = controller.train_bandit(outcomes, train, seed=3, **kw)
     b = controller.train_bandit(outcomes, train, seed=3, **kw)
@@ -199,7 +199,7 @@ def test_evaluation_and_summary_on_the_held_out_split(tiny_run):
     summary = controller.summarize(table)
     assert list(summary["controller"]) == ["always_none", "always_max", "rules", "learned"]
     assert summary.loc[0, "speedup_pct"] == 0 and summary.loc[0, "retention_pct"] == 100
-    from pruning_utils import plots
+    from pruning_utils.pipeline import plots
 
     fig = plots.scatter_trend(table.assign(latency_s=table["latency_s"].where(table.index != 0, 1e3)), "complexity",
                               "latency_s")
@@ -251,12 +251,12 @@ class TestEmbeddedModel:
     """SmolLM2-135M (9 query heads in 3 KV groups, 30 layers): switch time, memory, exact restore on the real model."""
 
     def test_levels_on_the_embedded_model(self):
-        from pruning_utils.loading import load_model
+        from pruning_utils.model.loading import load_model
 
         model, tok = load_model("smollm2-135m", device="cpu", dtype="float32")
         ids = torch.tensor([tok.encode("The capital of France is", add_special_tokens=False)])
         original = _logits(model, ids)
-        nested = adaptive.NestedModel(model, _scores(model), "none,kv:8,ffn:0.25,heads:0.34+ffn:0.5+layers:0.1",
+        nested = nested_model.NestedModel(model, _scores(model), "none,kv:8,ffn:0.25,heads:0.34+ffn:0.5+layers:0.1",
                                       layer_scores=torch.arange(30.0))
         full = _logits(model, ids)
         torch.testing.assert_close(full, original, atol=1e-3, rtol=0)  # 30 layers of fp32 summation-order noise
@@ -272,15 +272,15 @@ class TestEmbeddedModel:
 
 
 def test_refit_levels_equal_the_reconstructed_pruned_model(tokens):
-    from pruning_utils.arch import layer_shapes
-    from pruning_utils.plan import PruningPlan
-    from pruning_utils.reconstruction import collect_grams, prune_and_reconstruct
+    from pruning_utils.model.arch import layer_shapes
+    from pruning_utils.model.plan import PruningPlan
+    from pruning_utils.prune.reconstruction import collect_grams, prune_and_reconstruct
 
     model = tiny_model("llama")
     original = copy.deepcopy(model)
     windows = torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(4))
     grams = collect_grams(model, windows)
-    nested = adaptive.NestedModel(model, _scores(model), LEVELS, layer_scores=torch.tensor([3.0, 1.0, 2.0]),
+    nested = nested_model.NestedModel(model, _scores(model), LEVELS, layer_scores=torch.tensor([3.0, 1.0, 2.0]),
                                   grams=grams)
     for name in ("heads:0.5", "ffn:0.5", "heads:0.25+ffn:0.3+layers:0.34"):
         nested.switch(name)
@@ -301,7 +301,7 @@ def test_refit_levels_equal_the_reconstructed_pruned_model(tokens):
 
 
 def test_int8_level_serves_the_quantized_unpruned_model(tokens):
-    from pruning_utils.quantize import quantize_int8
+    from pruning_utils.compress.quantize import quantize_int8
 
     nested, original = _nested(levels="none,ffn:0.5,int8")
     reference = quantize_int8(original)
@@ -309,7 +309,7 @@ def test_int8_level_serves_the_quantized_unpruned_model(tokens):
     assert nested.active is nested.int8_model and nested.kv_window() == 0
     # the copy's neurons follow the nested order: the same function up to summation order
     torch.testing.assert_close(_logits(nested.active, tokens), _logits(reference, tokens), atol=1e-4, rtol=0)
-    out = adaptive.decode(nested.active, tokens[:1], max_new_tokens=3)
+    out = nested_model.decode(nested.active, tokens[:1], max_new_tokens=3)
     assert len(out["ids"]) == 3
     assert nested.active.get_input_embeddings() is nested.model.get_input_embeddings()  # shared, not copied
     memory = nested.memory()
@@ -318,19 +318,19 @@ def test_int8_level_serves_the_quantized_unpruned_model(tokens):
     assert nested.active is nested.model
     torch.testing.assert_close(_logits(nested.model, tokens), _logits(original, tokens), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="int8 is a level of its own"):
-        adaptive.parse_levels("none,int8+ffn:0.5")
+        nested_model.parse_levels("none,int8+ffn:0.5")
 
 
 def test_int8_level_shares_the_projections_it_keeps_in_fp32(tokens):
-    from pruning_utils.arch import decoder_layers, proj
-    from pruning_utils.quantize import quantize_int8
+    from pruning_utils.compress.quantize import quantize_int8
+    from pruning_utils.model.arch import decoder_layers, proj
 
     model = tiny_model("llama")
     original = copy.deepcopy(model)
     windows = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(2))
     kw = dict(keep_fp32=("down_proj",), smooth_windows=windows, smooth_alpha=0.5, progress=False)
-    plain = adaptive.NestedModel(copy.deepcopy(model), _scores(model), "none,int8", int8_kw=dict(kw, keep_fp32=()))
-    nested = adaptive.NestedModel(model, _scores(model), "none,ffn:0.5,int8", int8_kw=kw)
+    plain = nested_model.NestedModel(copy.deepcopy(model), _scores(model), "none,int8", int8_kw=dict(kw, keep_fp32=()))
+    nested = nested_model.NestedModel(model, _scores(model), "none,ffn:0.5,int8", int8_kw=kw)
     for layer8, layer in zip(decoder_layers(nested.int8_model), nested.layers):
         assert proj(layer8, "down_proj").weight is proj(layer, "down_proj").weight  # one storage
     reference = quantize_int8(original, **kw)
@@ -353,32 +353,32 @@ def test_int8_level_shares_the_projections_it_keeps_in_fp32(tokens):
 def test_levels_decode_on_from_the_unpruned_prefill(tokens):
     nested, _ = _nested(levels="none,kv:4,ffn:0.5,heads:0.25+ffn:0.3+layers:0.34")
     ids = tokens[:1, :8]
-    pre = adaptive.prefill(nested.model, ids)
-    plain = adaptive.decode(nested.model, ids, 6)
-    assert adaptive.decode(nested.model, ids, 6, prefilled=pre)["ids"] == plain["ids"]
-    assert adaptive.decode(nested.model, ids, 6, prefilled=pre)["ids"] == plain["ids"]  # copied, not consumed
+    pre = nested_model.prefill(nested.model, ids)
+    plain = nested_model.decode(nested.model, ids, 6)
+    assert nested_model.decode(nested.model, ids, 6, prefilled=pre)["ids"] == plain["ids"]
+    assert nested_model.decode(nested.model, ids, 6, prefilled=pre)["ids"] == plain["ids"]  # copied, not consumed
     forced = torch.tensor([plain["ids"]])
-    assert adaptive.decode(nested.model, ids, forced=forced, prefilled=pre)["ppl"] == \
-        pytest.approx(adaptive.decode(nested.model, ids, forced=forced)["ppl"], rel=1e-5)
+    assert nested_model.decode(nested.model, ids, forced=forced, prefilled=pre)["ppl"] == \
+        pytest.approx(nested_model.decode(nested.model, ids, forced=forced)["ppl"], rel=1e-5)
     assert nested.shares_prefill("ffn:0.5") and nested.shares_prefill("kv:4")
     assert not nested.shares_prefill("heads:0.25+ffn:0.3+layers:0.34")  # fewer layers than the cache holds
     nested.switch("ffn:0.5")  # a pruned level on the unpruned cache: the first token is the unpruned model's
-    hybrid = adaptive.decode(nested.model, ids, 6, prefilled=pre)
-    own = adaptive.decode(nested.model, ids, 6)
+    hybrid = nested_model.decode(nested.model, ids, 6, prefilled=pre)
+    own = nested_model.decode(nested.model, ids, 6)
     assert hybrid["ids"][0] == plain["ids"][0] and len(hybrid["ids"]) == 6
     assert hybrid["seconds"] >= pre["seconds"] and len(own["ids"]) == 6
     with pytest.raises(ValueError, match="prompt tokens"):
-        adaptive.decode(nested.model, tokens[:1, :5], 3, prefilled=pre)
+        nested_model.decode(nested.model, tokens[:1, :5], 3, prefilled=pre)
     nested.restore()
 
 
 def test_answer_ppl_from_a_prefill_equals_step_by_step_scoring(tokens):
     nested, _ = _nested(levels="none,ffn:0.5")
     ids, answer = tokens[:1, :8], tokens[0, 8:14].tolist()
-    pre = adaptive.prefill(nested.model, ids)
+    pre = nested_model.prefill(nested.model, ids)
     assert controller.answer_ppl(nested.model, ids, answer, prefilled=pre) == pytest.approx(
         controller.answer_ppl(nested.model, ids, answer), rel=1e-5)  # the same model: the same score
     nested.switch("ffn:0.5")
-    stepwise = adaptive.decode(nested.model, ids, forced=torch.tensor([answer]), prefilled=pre)["ppl"]
+    stepwise = nested_model.decode(nested.model, ids, forced=torch.tensor([answer]), prefilled=pre)["ppl"]
     assert controller.answer_ppl(nested.model, ids, answer, prefilled=pre) == pytest.approx(stepwise, rel=1e-5)
     nested.restore()

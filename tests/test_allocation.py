@@ -4,11 +4,11 @@ import warnings
 import pytest
 import torch
 
-from pruning_utils.allocation import plan_both, plan_heads, plan_neurons
-from pruning_utils.arch import layer_shapes
-from pruning_utils.importance import Scores
-from pruning_utils.loading import tiny_model
-from pruning_utils.plan import PruningPlan
+from pruning_utils.model.arch import layer_shapes
+from pruning_utils.model.plan import PruningPlan
+from pruning_utils.model.tiny import tiny_model
+from pruning_utils.prune.allocation import plan_both, plan_heads, plan_neurons
+from pruning_utils.prune.scores import Scores
 
 
 def _scores(model, seed: int = 0, criterion: str = "test") -> Scores:
@@ -148,7 +148,7 @@ def test_plan_both_and_json_round_trip(model, tmp_path):
 
 
 def test_plan_from_computed_scores_is_json_ready(model, tmp_path):
-    from pruning_utils.importance import compute_importance
+    from pruning_utils.prune.importance import compute_importance
 
     windows = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     s = compute_importance(model, windows, ["mix"], progress=False, mix_weights={"activation": 1, "magnitude": 1})["mix"]

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from pruning_utils import calibration
-from pruning_utils.arch import decoder_layers, proj
-from pruning_utils.reconstruction import collect_grams
-from pruning_utils.stats import GramStats
-from pruning_utils.tiny import tiny_model
+from pruning_utils.model import calibration
+from pruning_utils.model.arch import decoder_layers, proj
+from pruning_utils.model.stats import GramStats
+from pruning_utils.model.tiny import tiny_model
+from pruning_utils.prune.reconstruction import collect_grams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -5,12 +5,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pruning_utils.arch import layer_shapes
-from pruning_utils.checkpoint import CheckpointError, load_pruned, read_plan, save_pruned
-from pruning_utils.loading import load_model
-from pruning_utils.tiny import TinyTokenizer, tiny_model
-from pruning_utils.plan import PruningPlan
-from pruning_utils.surgery import apply_plan
+from pruning_utils.model.arch import layer_shapes
+from pruning_utils.model.checkpoint import CheckpointError, load_pruned, read_plan, save_pruned
+from pruning_utils.model.loading import load_model
+from pruning_utils.model.plan import PruningPlan
+from pruning_utils.model.surgery import apply_plan
+from pruning_utils.model.tiny import TinyTokenizer, tiny_model
 
 
 def _uniform_plan(model) -> PruningPlan:
@@ -122,7 +122,7 @@ def test_interrupted_save_leaves_nothing_behind(models_dir, monkeypatch):
     model = tiny_model("mistral")
     save_pruned(model, None, "keep")
     before = (models_dir / "keep" / "model.safetensors").read_bytes()
-    import pruning_utils.checkpoint as ck
+    import pruning_utils.model.checkpoint as ck
 
     def boom(*a, **k):
         raise KeyboardInterrupt

@@ -5,19 +5,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pruning_utils.arch import decoder_layers, layer_shapes, proj
-from pruning_utils.depth import (LAYER_CRITERIA, LayerScores, bridged, fit_span_map, plan_layers, score_layers)
-from pruning_utils.hooks import hooks, masked
-from pruning_utils.hybrid import SparseLowRankLinear, hybrid_model, nm_mask, sparse_lowrank, wanda_mask
-from pruning_utils.lowrank import LowRankLinear, factorize, lowrank_model, rmt_rank, svd_factors
-from pruning_utils.metrics import count_params
-from pruning_utils.quantize import NotApplicableError, check_int8_device, quantize_int8
-from pruning_utils.checkpoint import load_quantized, save_pruned, save_quantized
-from pruning_utils.metrics import checkpoint_size_mb as size_mb
-from pruning_utils.stats import GramStats
-from pruning_utils.plan import PruningPlan
-from pruning_utils.surgery import apply_plan, drop_layers
-from pruning_utils.tiny import TinyTokenizer, tiny_model
+from pruning_utils.compress.depth import LAYER_CRITERIA, LayerScores, bridged, fit_span_map, plan_layers, score_layers
+from pruning_utils.compress.lowrank import factorize, lowrank_model, rmt_rank, svd_factors
+from pruning_utils.compress.quantize import quantize_int8
+from pruning_utils.compress.sparse_lowrank import hybrid_model, nm_mask, sparse_lowrank, wanda_mask
+from pruning_utils.measure.metrics import checkpoint_size_mb as size_mb
+from pruning_utils.measure.metrics import count_params
+from pruning_utils.model.arch import decoder_layers, layer_shapes, proj
+from pruning_utils.model.checkpoint import load_quantized, save_pruned, save_quantized
+from pruning_utils.model.hooks import hooks, masked
+from pruning_utils.model.linears import LowRankLinear, NotApplicableError, SparseLowRankLinear, check_int8_device
+from pruning_utils.model.plan import PruningPlan
+from pruning_utils.model.stats import GramStats
+from pruning_utils.model.surgery import apply_plan, drop_layers
+from pruning_utils.model.tiny import TinyTokenizer, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

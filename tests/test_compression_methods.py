@@ -5,16 +5,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pruning_utils import compression
-from pruning_utils.arch import decoder_layers
-from pruning_utils.checkpoint import PLAN_FILE, load_pruned, read_checkpoint_meta, save_pruned
-from pruning_utils.depth import plan_layers, refit_before_spans, score_layers
-from pruning_utils.hybrid import hybrid_model
-from pruning_utils.lowrank import lowrank_model
-from pruning_utils.metrics import count_params, flops_per_token
-from pruning_utils.quantize import NotApplicableError, quantize_int8
-from pruning_utils.surgery import apply_plan
-from pruning_utils.tiny import TinyTokenizer, tiny_model
+from pruning_utils.compress import compare
+from pruning_utils.compress.depth import plan_layers, refit_before_spans, score_layers
+from pruning_utils.compress.lowrank import lowrank_model
+from pruning_utils.compress.quantize import quantize_int8
+from pruning_utils.compress.sparse_lowrank import hybrid_model
+from pruning_utils.measure.metrics import count_params, flops_per_token
+from pruning_utils.model.arch import decoder_layers
+from pruning_utils.model.checkpoint import PLAN_FILE, load_pruned, read_checkpoint_meta, save_pruned
+from pruning_utils.model.linears import NotApplicableError
+from pruning_utils.model.surgery import apply_plan
+from pruning_utils.model.tiny import TinyTokenizer, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -60,7 +61,7 @@ def test_depth_refit_beats_plain_removal_on_calibration_text(windows):
 
     apply_plan(plain, plan_layers(score_layers(model, windows), n_remove=0))
     for m in (plain, refit):
-        from pruning_utils.surgery import drop_layers
+        from pruning_utils.model.surgery import drop_layers
         drop_layers(m, [0, 1])
     assert kl(refit) < kl(plain)
     # a span starting at layer 0 has no layer before it: nothing is refit
@@ -79,7 +80,7 @@ def test_factorised_checkpoints_reload_through_load_pruned(tmp_path, tokens, win
     assert meta["stock_loadable"] is False and meta["modules"]
     back, tok = load_pruned(folder, device="cpu", dtype=torch.float32)
     assert isinstance(tok, TinyTokenizer)
-    assert compression.replaced_modules_of(back) == compression.replaced_modules_of(model)
+    assert compare.replaced_modules_of(back) == compare.replaced_modules_of(model)
     # same weights; a reloaded tensor's memory layout can pick another BLAS path (1.8e-7 apart on an AMD EPYC)
     torch.testing.assert_close(_logits(back, tokens), _logits(model, tokens), atol=1e-5, rtol=0)
 
@@ -109,45 +110,45 @@ def test_lowrank_ratio_meets_the_target_and_refuses_an_impossible_one():
     model = tiny_model("llama")
     ne = count_params(model)["non_embedding"]
     target = int(0.75 * ne)
-    lowrank_model(model, param_ratio=compression.lowrank_ratio(model, target))
+    lowrank_model(model, param_ratio=compare.lowrank_ratio(model, target))
     assert count_params(model)["non_embedding"] <= target
     with pytest.raises(ValueError, match="cannot be met"):
-        compression.lowrank_ratio(tiny_model("llama"), 10)
+        compare.lowrank_ratio(tiny_model("llama"), 10)
 
 
 def test_int8_on_cuda_is_a_not_applicable_row_and_writes_nothing(models_dir, windows):
     chunks = windows[:2]
-    row = compression.int8_row("baseline", "cuda", chunks, reference={}, model=tiny_model("llama"),
+    row = compare.int8_row("baseline", "cuda", chunks, reference={}, model=tiny_model("llama"),
                                tok=TinyTokenizer())
     assert row["applicable"] is False and "CPU-only" in row["note"] and row["saved"] is False
     assert not (models_dir / "baseline_int8").exists()
-    assert compression.available_variants(["baseline", "baseline_int8", "depth_pruned"], "cuda") == [
+    assert compare.available_variants(["baseline", "baseline_int8", "depth_pruned"], "cuda") == [
         "baseline", "depth_pruned"]
-    assert compression.available_variants(["baseline", "baseline_int8"], "cpu") == ["baseline", "baseline_int8"]
+    assert compare.available_variants(["baseline", "baseline_int8"], "cpu") == ["baseline", "baseline_int8"]
 
 
 def test_a_depth_target_removing_every_layer_fails_before_any_surgery(windows):
     model = tiny_model("llama")
     scores = score_layers(model, windows)
     with pytest.raises(ValueError, match="removing every one of the 3 decoder layers"):
-        list(compression.depth_candidates(model, windows, windows[:2], 1, ["block_influence"], reference=None))
+        list(compare.depth_candidates(model, windows, windows[:2], 1, ["block_influence"], reference=None))
     assert len(decoder_layers(model)) == 3 and scores.scores
 
 
 def test_saved_variant_row_is_recorded_in_its_plan_file(models_dir, windows):
     model = tiny_model("llama")
-    base = compression.measure_variant(model, windows[:2], variant="baseline")
-    rows = list(compression.depth_candidates(model, windows, windows[:2], int(0.8 * base["params_non_embedding"]),
+    base = compare.measure_variant(model, windows[:2], variant="baseline")
+    rows = list(compare.depth_candidates(model, windows, windows[:2], int(0.8 * base["params_non_embedding"]),
                                              ["block_influence"], reference=base))
     assert [r["form"] for r, _ in rows] == ["block_influence", "block_influence+refit"]
-    row, best = compression.best(rows)
-    full = compression.save_measured(best, TinyTokenizer(), "depth_pruned", row, windows[:3], reference=base,
+    row, best = compare.best(rows)
+    full = compare.save_measured(best, TinyTokenizer(), "depth_pruned", row, windows[:3], reference=base,
                                      latency_kw=None, memory_kw=None)
     extra = json.loads((models_dir / "depth_pruned" / PLAN_FILE).read_text())["extra"]
     assert extra["saved"] is True and extra["eval_tokens"] == 3 * 23 and extra["ppl"] == full["ppl"]
-    assert compression.target_params("depth_pruned") == full["params_non_embedding"]
-    table = compression.table([r for r, _ in rows] + [full])
-    assert list(table.columns[:8]) == ["variant"] + compression.COMPRESSION_COLUMNS
+    assert compare.target_params("depth_pruned") == full["params_non_embedding"]
+    table = compare.table([r for r, _ in rows] + [full])
+    assert list(table.columns[:8]) == ["variant"] + compare.COMPRESSION_COLUMNS
 
 
 @pytest.mark.parametrize("rank", [0, -1, 40])
@@ -156,16 +157,16 @@ def test_a_bad_rank_leaves_the_model_untouched(rank, tokens):
     before = _logits(model, tokens)
     with pytest.raises(ValueError, match=f"rank {rank} is invalid"):
         lowrank_model(model, rank=rank)
-    assert not compression.replaced_modules_of(model) and torch.equal(_logits(model, tokens), before)
+    assert not compare.replaced_modules_of(model) and torch.equal(_logits(model, tokens), before)
 
 
 def test_smoothed_int8_row_saves_what_it_measured(models_dir, windows, tokens):
-    from pruning_utils.checkpoint import load_pruned
+    from pruning_utils.model.checkpoint import load_pruned
 
     model = tiny_model("llama")
     kw = dict(smooth_windows=windows, smooth_alpha=0.5, keep_fp32=("down_proj",))
     reference = dict(params_non_embedding=1, flops_per_token=1, ppl=1.0)
-    row = compression.int8_row("baseline", "cpu", windows[:2], reference=reference, model=model, tok=TinyTokenizer(),
+    row = compare.int8_row("baseline", "cpu", windows[:2], reference=reference, model=model, tok=TinyTokenizer(),
                                **kw)
     assert row["saved"] and "smoothed (alpha 0.5)" in row["note"] and "down_proj kept fp32" in row["note"]
     back, _ = load_pruned("baseline_int8", device="cpu")

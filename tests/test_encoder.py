@@ -2,10 +2,11 @@
 import pytest
 import torch
 
-from pruning_utils import encoder
-from pruning_utils.arch import UnsupportedArchitectureError, encoder_layer_shapes
-from pruning_utils.plan import PruningPlan
-from pruning_utils.tiny import tiny_encoder, tiny_model
+from pruning_utils.encoder import checkpoint, surgery
+from pruning_utils.encoder.arch import encoder_layer_shapes
+from pruning_utils.model.arch import UnsupportedArchitectureError
+from pruning_utils.model.plan import PruningPlan
+from pruning_utils.model.tiny import tiny_encoder, tiny_model
 
 FAMILIES = ("bert", "roberta")
 
@@ -28,13 +29,13 @@ def test_head_neuron_layer_surgery_equals_masking(family):
     model, batch = tiny_encoder(family), _batch()
     heads = {0: [1, 3], 2: [0]}
     neurons = {1: list(range(0, 96, 3)), 2: [5, 6]}
-    with encoder.masked(model, heads=heads, neurons=neurons, layers=[1]):
+    with surgery.masked(model, heads=heads, neurons=neurons, layers=[1]):
         want = _logits(model, batch)
-    plan = encoder.identity_plan(model)
+    plan = surgery.identity_plan(model)
     plan.heads = {li: [h for h in range(4) if h not in r] for li, r in heads.items()}
     plan.neurons = {li: [n for n in range(96) if n not in r] for li, r in neurons.items()}
     plan.layers = [0, 2]
-    encoder.apply_plan(model, plan)
+    surgery.apply_plan(model, plan)
     assert torch.allclose(_logits(model, batch), want, atol=1e-5)
     assert [(s.n_heads, s.intermediate) for s in encoder_layer_shapes(model)] == [(2, 96), (3, 94)]
 
@@ -42,7 +43,7 @@ def test_head_neuron_layer_surgery_equals_masking(family):
 def test_masking_changes_the_output():
     model, batch = tiny_encoder(), _batch()
     base = _logits(model, batch)
-    with encoder.masked(model, heads={0: [0, 1]}, neurons={1: list(range(40))}):
+    with surgery.masked(model, heads={0: [0, 1]}, neurons={1: list(range(40))}):
         assert not torch.allclose(_logits(model, batch), base, atol=1e-4)
     assert torch.equal(_logits(model, batch), base)  # hooks removed
 
@@ -52,12 +53,12 @@ def test_uniform_neuron_and_layer_pruning_reloads_with_stock_class(family, tmp_p
     from transformers import AutoModelForSequenceClassification
 
     model, batch = tiny_encoder(family), _batch()
-    plan = encoder.identity_plan(model)
+    plan = surgery.identity_plan(model)
     plan.neurons = {li: list(range(li, 96, 2))[:47] for li in range(3)}
     plan.layers = [0, 2]
-    encoder.apply_plan(model, plan)
-    folder = encoder.save_encoder(model, None, tmp_path / "m")
-    assert encoder.read_encoder_meta(folder)["stock_loadable"]
+    surgery.apply_plan(model, plan)
+    folder = checkpoint.save_encoder(model, None, tmp_path / "m")
+    assert checkpoint.read_encoder_meta(folder)["stock_loadable"]
     stock = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     assert stock.config.intermediate_size == 47 and stock.config.num_hidden_layers == 2
     assert torch.equal(_logits(stock, batch), _logits(model, batch))
@@ -65,13 +66,13 @@ def test_uniform_neuron_and_layer_pruning_reloads_with_stock_class(family, tmp_p
 
 def test_head_pruned_reloads_with_project_loader(tmp_path):
     model, batch = tiny_encoder(), _batch()
-    plan = encoder.identity_plan(model)
+    plan = surgery.identity_plan(model)
     plan.heads = {li: [0, 2, 3] for li in range(3)}
     plan.neurons = {0: list(range(50))}  # non-uniform widths too
-    encoder.apply_plan(model, plan)
-    folder = encoder.save_encoder(model, None, tmp_path / "m")
-    assert not encoder.read_encoder_meta(folder)["stock_loadable"]
-    loaded, _ = encoder.load_encoder(folder)
+    surgery.apply_plan(model, plan)
+    folder = checkpoint.save_encoder(model, None, tmp_path / "m")
+    assert not checkpoint.read_encoder_meta(folder)["stock_loadable"]
+    loaded, _ = checkpoint.load_encoder(folder)
     assert torch.equal(_logits(loaded, batch), _logits(model, batch))
     assert loaded.pruning_plan.heads == plan.heads
 
@@ -79,31 +80,31 @@ def test_head_pruned_reloads_with_project_loader(tmp_path):
 def test_int8_and_lowrank_variants_run_and_reload(tmp_path):
     model, batch = tiny_encoder(hidden_size=128, intermediate_size=256), _batch()
     base = _logits(model, batch)
-    q = encoder.quantize_encoder(model)
+    q = surgery.quantize_encoder(model)
     assert (_logits(q, batch) - base).abs().max() < 0.1
-    loaded, _ = encoder.load_encoder(encoder.save_encoder(q, None, tmp_path / "q"))
+    loaded, _ = checkpoint.load_encoder(checkpoint.save_encoder(q, None, tmp_path / "q"))
     assert torch.allclose(_logits(loaded, batch), _logits(q, batch), atol=1e-6)
-    assert encoder.parameter_counts(q) == encoder.parameter_counts(model)  # packed weights counted, 1 byte each
-    ranks = encoder.lowrank_encoder(model, param_ratio=0.5)
+    assert surgery.parameter_counts(q) == surgery.parameter_counts(model)  # packed weights counted, 1 byte each
+    ranks = surgery.lowrank_encoder(model, param_ratio=0.5)
     assert set(ranks.values()) <= {32, 42}  # 128x128: 8192 // 256; 256x128: 16384 // 384
     out = _logits(model, batch)
     assert out.shape == base.shape and torch.isfinite(out).all()
-    loaded, _ = encoder.load_encoder(encoder.save_encoder(model, None, tmp_path / "lr"))
+    loaded, _ = checkpoint.load_encoder(checkpoint.save_encoder(model, None, tmp_path / "lr"))
     assert torch.allclose(_logits(loaded, batch), out, atol=1e-6)
 
 
 def test_wrong_family_errors():
     with pytest.raises(UnsupportedArchitectureError, match="decoder .*encoder classifier path"):
-        encoder.identity_plan(tiny_model("llama"))
-    from pruning_utils.surgery import prune_heads
-    with pytest.raises(UnsupportedArchitectureError, match="encoder classifier.*pruning_utils.encoder"):
+        surgery.identity_plan(tiny_model("llama"))
+    from pruning_utils.model.surgery import prune_heads
+    with pytest.raises(UnsupportedArchitectureError, match="encoder classifier.*pruning_utils.encoder.surgery"):
         prune_heads(tiny_encoder(), {0: [0]})
 
 
 def test_surgery_refuses_empty_layers():
-    from pruning_utils.surgery import SurgeryError
+    from pruning_utils.model.surgery import SurgeryError
     with pytest.raises(SurgeryError, match="every head"):
-        encoder.prune_heads(tiny_encoder(), {0: []})
+        surgery.prune_heads(tiny_encoder(), {0: []})
     plan = PruningPlan(base_heads=[8] * 3, base_intermediate=[96] * 3)
     with pytest.raises(Exception, match="recompute the plan"):
-        encoder.apply_plan(tiny_encoder(), plan)
+        surgery.apply_plan(tiny_encoder(), plan)

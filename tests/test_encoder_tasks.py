@@ -3,8 +3,10 @@ import pandas as pd
 import pytest
 import torch
 
-from pruning_utils import encoder, encoder_importance as ei, encoder_tasks as et
-from pruning_utils.tiny import tiny_encoder
+from pruning_utils.encoder import importance as ei
+from pruning_utils.encoder import surgery
+from pruning_utils.encoder import tasks as et
+from pruning_utils.model.tiny import tiny_encoder
 
 TEXTS = ["good movie", "bad film", "i loved it", "terrible plot", "what a joy", "boring and slow", "great cast",
          "awful acting"] * 4
@@ -14,7 +16,7 @@ TEXTS = ["good movie", "bad film", "i loved it", "terrible plot", "what a joy", 
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from pruning_utils.evaluation import judge_model_path
+    from pruning_utils.measure.evaluation import judge_model_path
     return AutoTokenizer.from_pretrained(judge_model_path())
 
 
@@ -88,7 +90,7 @@ def test_lstsq_refit_beats_plain_cut(tokenizer, task):
     for mode in ("none", "lstsq"):
         import copy
         m = ei.prune_and_reconstruct(copy.deepcopy(base), plan, tokenizer, task.train, mode, batch_size=8)
-        assert [s.n_heads for s in encoder.encoder_layer_shapes(m)] == [3] * 3
+        assert [s.n_heads for s in surgery.encoder_layer_shapes(m)] == [3] * 3
         with torch.no_grad():
             errs[mode] = float((m(**batch).logits - want).pow(2).mean())
     assert errs["lstsq"] < errs["none"]

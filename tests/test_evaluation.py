@@ -1,4 +1,4 @@
-"""Tests for pruning_utils.evaluation: instructions, generation, semantic retention, lm-eval zero-shot (offline)."""
+"""Tests for pruning_utils.measure.evaluation: instructions, generation, semantic retention, lm-eval zero-shot (offline)."""
 import builtins
 import json
 import math
@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pruning_utils import evaluation as ev
-from pruning_utils.loading import embedded_model_dir
-from pruning_utils.tiny import TinyTokenizer, tiny_model
+from pruning_utils.measure import evaluation as ev
+from pruning_utils.model.loading import embedded_model_dir
+from pruning_utils.model.tiny import TinyTokenizer, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -140,8 +140,8 @@ def test_zero_shot_local_task_offline(hf_tiny):
 
 
 def test_in_memory_model_with_per_layer_shapes_is_evaluated(hf_tiny):
-    from pruning_utils.arch import layer_shapes
-    from pruning_utils.surgery import prune_heads, prune_neurons
+    from pruning_utils.model.arch import layer_shapes
+    from pruning_utils.model.surgery import prune_heads, prune_neurons
 
     _, tok = hf_tiny
     pruned = tiny_model("llama", vocab_size=49152, hidden_size=32, head_dim=8, num_attention_heads=4,
@@ -172,8 +172,8 @@ class TestEmbeddedModelRetention:
         assert res["cosine_min"] == pytest.approx(1.0, abs=1e-5)
 
     def test_damaged_model_retains_less(self, model_and_ref, judge):
-        from pruning_utils.arch import layer_shapes
-        from pruning_utils.hooks import masked
+        from pruning_utils.model.arch import layer_shapes
+        from pruning_utils.model.hooks import masked
 
         model, tok, ref = model_and_ref
         shapes = layer_shapes(model)

@@ -5,13 +5,13 @@ import copy
 import pytest
 import torch
 
-from pruning_utils import allocation, importance
-from pruning_utils.arch import HEAD_INPUT, NEURON_INPUT, decoder_layers, proj
-from pruning_utils.fisher import metric_root, output_fisher
-from pruning_utils.loading import tiny_model
-from pruning_utils.obs import ObsError, greedy_path, obs_scores
-from pruning_utils.passes import token_nll
-from pruning_utils.reconstruction import collect_grams, reconstruct_linear
+from pruning_utils.model.arch import HEAD_INPUT, NEURON_INPUT, decoder_layers, proj
+from pruning_utils.model.tiny import tiny_model
+from pruning_utils.prune import allocation, importance
+from pruning_utils.prune.fisher import metric_root, output_fisher
+from pruning_utils.prune.obs import ObsError, greedy_path, obs_scores
+from pruning_utils.prune.passes import token_nll
+from pruning_utils.prune.reconstruction import collect_grams, reconstruct_linear
 
 
 @pytest.fixture(scope="module")

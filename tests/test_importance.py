@@ -2,10 +2,11 @@
 import pytest
 import torch
 
-from pruning_utils.arch import decoder_layers, layer_shapes
-from pruning_utils.hooks import hooks, masked
-from pruning_utils.importance import (CRITERIA, Scores, compute_importance, load_scores, save_scores, semantic)
-from pruning_utils.loading import tiny_model
+from pruning_utils.model.arch import decoder_layers, layer_shapes
+from pruning_utils.model.hooks import hooks, masked
+from pruning_utils.model.tiny import tiny_model
+from pruning_utils.prune.importance import CRITERIA, compute_importance, semantic
+from pruning_utils.prune.scores import Scores, load_scores, save_scores
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -48,7 +49,7 @@ def test_every_criterion_has_per_layer_shapes(model, all_scores):
 
 
 def test_shapes_follow_pruned_layers(windows):
-    from pruning_utils import surgery
+    from pruning_utils.model import surgery
 
     model = tiny_model("qwen2")
     surgery.prune_heads(model, {1: [0, 1, 4, 5]})

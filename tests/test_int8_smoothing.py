@@ -3,10 +3,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pruning_utils.arch import decoder_layers, proj
-from pruning_utils.checkpoint import load_pruned, read_checkpoint_meta, save_pruned
-from pruning_utils.quantize import quantize_int8, smooth_for_int8
-from pruning_utils.tiny import TinyTokenizer, tiny_model
+from pruning_utils.compress.quantize import quantize_int8, smooth_for_int8
+from pruning_utils.model.arch import decoder_layers, proj
+from pruning_utils.model.checkpoint import load_pruned, read_checkpoint_meta, save_pruned
+from pruning_utils.model.tiny import TinyTokenizer, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from pruning_utils import loading, paths, tiny
-from pruning_utils.devices import resolve_dtype
-from pruning_utils.loading import ModelSpecError, load_model
-from pruning_utils.tiny import tiny_model
+from pruning_utils.model import tiny
+from pruning_utils.model.devices import resolve_dtype
+from pruning_utils.model.loading import ModelSpecError, load_model
+from pruning_utils.model.tiny import tiny_model
 
 
 def test_tiny_models_load_by_spec(family):
@@ -25,14 +25,8 @@ def test_unknown_tiny_family_names_the_known_ones():
         tiny.tiny_config("gpt2")
 
 
-def test_old_names_stay_importable_from_loading():
-    assert loading.tiny_model is tiny.tiny_model and loading.TinyTokenizer is tiny.TinyTokenizer
-    assert loading.TINY_MODELS == tiny.TINY_MODELS and loading.resolve_dtype is resolve_dtype
-    assert loading.PROJECT_ROOT == paths.PROJECT_ROOT and loading.MODELS_DIR == paths.MODELS_DIR
-
-
 def test_bare_names_are_looked_up_in_the_models_dir_at_call_time(models_dir):
-    from pruning_utils.checkpoint import save_pruned
+    from pruning_utils.model.checkpoint import save_pruned
 
     save_pruned(tiny_model("mistral"), tiny.TinyTokenizer(), "saved")  # lands in the patched folder
     model, tok = load_model("saved", device="cpu")

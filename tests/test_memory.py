@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from pruning_utils import memory
-from pruning_utils.tiny import tiny_config, tiny_model
+from pruning_utils.model.tiny import tiny_config, tiny_model
+from pruning_utils.pipeline import memory_plan
 
 GB = 2 ** 30
 QWEN25_3B = dict(model_type="qwen2", hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
@@ -19,27 +19,27 @@ def test_weights_are_the_real_parameter_bytes(family, tied):
     model = tiny_model(family, tie_word_embeddings=tied)
     real = sum(p.numel() * p.element_size() for p in model.parameters())
     for source in (model.config, model.config.to_dict(), model):
-        plan = memory.plan_operation(source, "load", device="cpu", dtype="float32", available_gb=100.0)
+        plan = memory_plan.plan_operation(source, "load", device="cpu", dtype="float32", available_gb=100.0)
         assert plan.weights_gb * GB == pytest.approx(real, abs=0.5)
-    half = memory.plan_operation(model.config, "load", device="cpu", dtype="float16", available_gb=100.0)
+    half = memory_plan.plan_operation(model.config, "load", device="cpu", dtype="float16", available_gb=100.0)
     assert half.weights_gb * GB == pytest.approx(real / 2, abs=0.5)
 
 
 def test_pruned_model_counts_its_own_shapes():
-    from pruning_utils.arch import layer_shapes
-    from pruning_utils.plan import PruningPlan
-    from pruning_utils.surgery import apply_plan
+    from pruning_utils.model.arch import layer_shapes
+    from pruning_utils.model.plan import PruningPlan
+    from pruning_utils.model.surgery import apply_plan
 
     model = tiny_model("qwen2")
     plan = PruningPlan.identity(layer_shapes(model), "tiny")
     plan.heads, plan.neurons = {0: [0, 1, 4, 5]}, {1: list(range(48))}
     apply_plan(model, plan)
-    assert memory.n_params(model) == sum(p.numel() for p in model.parameters())
+    assert memory_plan.n_params(model) == sum(p.numel() for p in model.parameters())
 
 
 def test_layerwise_grams_do_not_grow_with_depth():
     def plan(layers, grams):
-        return memory.plan_stage(tiny_config("llama", num_hidden_layers=layers), "03", grams=grams, **T4)
+        return memory_plan.plan_stage(tiny_config("llama", num_hidden_layers=layers), "03", grams=grams, **T4)
 
     assert plan(2, "layerwise").statistics_gb == plan(8, "layerwise").statistics_gb
     assert plan(8, "layerwise").host_gb > plan(2, "layerwise").host_gb  # every layer's Grams are on the host
@@ -48,7 +48,7 @@ def test_layerwise_grams_do_not_grow_with_depth():
 
 
 def test_plan_round_trips_and_renders():
-    plan = memory.plan_stage(QWEN25_3B, "02", **T4)
+    plan = memory_plan.plan_stage(QWEN25_3B, "02", **T4)
     d = json.loads(json.dumps(plan.to_dict()))
     assert d["stage"] == "02" and d["dtype"] == "float16" and d["fits"] == plan.fits
     assert d["total_gb"] == pytest.approx(sum(d[k] for k in ("weights_gb", "statistics_gb", "activations_gb",
@@ -57,20 +57,20 @@ def test_plan_round_trips_and_renders():
 
 
 def test_qwen25_3b_on_a_t4(capsys):
-    assert memory.n_params(QWEN25_3B) == 3_085_938_688  # Qwen2.5-3B's published count (tied embeddings)
-    for stage in memory.STAGES:
-        print(memory.plan_stage(QWEN25_3B, stage, calib_seq_len=512, eval_seq_len=1024, **T4).table(), "\n")
+    assert memory_plan.n_params(QWEN25_3B) == 3_085_938_688  # Qwen2.5-3B's published count (tied embeddings)
+    for stage in memory_plan.STAGES:
+        print(memory_plan.plan_stage(QWEN25_3B, stage, calib_seq_len=512, eval_seq_len=1024, **T4).table(), "\n")
     out = capsys.readouterr().out
-    assert out.count("Memory plan of stage") == len(memory.STAGES)
+    assert out.count("Memory plan of stage") == len(memory_plan.STAGES)
     # 36 layers' down_proj Grams are 11008² fp64 each: more than a T4, and more than Kaggle's host as well
-    all_on_device = memory.plan_stage(QWEN25_3B, "03", **T4)
+    all_on_device = memory_plan.plan_stage(QWEN25_3B, "03", **T4)
     assert all_on_device.statistics_gb > 30 and not all_on_device.fits
-    on_host = memory.plan_stage(QWEN25_3B, "03", grams="layerwise", **T4)
+    on_host = memory_plan.plan_stage(QWEN25_3B, "03", grams="layerwise", **T4)
     assert on_host.statistics_gb < 2 and on_host.host_gb > 30 and not on_host.fits
     small = dict(eval_batch=1, eval_seq_len=512, latency_seq_len=512, copies=1)
-    assert memory.plan_stage(QWEN25_3B, "03", grams="sequential", **small, **T4).fits
-    with pytest.raises(memory.MemoryPlanError, match="host"):
-        memory.check_plan(on_host)
+    assert memory_plan.plan_stage(QWEN25_3B, "03", grams="sequential", **small, **T4).fits
+    with pytest.raises(memory_plan.MemoryPlanError, match="host"):
+        memory_plan.check_plan(on_host)
 
 
 LLAMA70B = dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
@@ -81,33 +81,33 @@ KAGGLE = dict(DEVICE="cuda", DTYPE="float16", _plan=dict(available_gb=15.0, host
 
 
 def test_check_plan_refuses_the_impossible_and_names_offload_mode():
-    plan = memory.plan_stage(LLAMA70B, "00", **T4)
+    plan = memory_plan.plan_stage(LLAMA70B, "00", **T4)
     assert not plan.fits and plan.weights_gb > 100
-    with pytest.raises(memory.MemoryPlanError) as err:
-        memory.check_plan(plan)
+    with pytest.raises(memory_plan.MemoryPlanError) as err:
+        memory_plan.check_plan(plan)
     msg = str(err.value)
     assert "offload mode (OFFLOAD='on'" in msg and "weights" in msg and "PRUNING_MODELS_DIR" in msg
-    fits = memory.plan_stage(tiny_config("llama"), "00", **T4)
-    assert memory.check_plan(fits) is fits
+    fits = memory_plan.plan_stage(tiny_config("llama"), "00", **T4)
+    assert memory_plan.check_plan(fits) is fits
     # even offloaded, 70B's fp16 weights (131 GiB) do not fit a 29 GiB host: refused, saying offload is already on
-    run = memory.choose(LLAMA70B, "02", dict(KAGGLE, OFFLOAD="auto", CRITERIA="activation"))
+    run = memory_plan.choose(LLAMA70B, "02", dict(KAGGLE, OFFLOAD="auto", CRITERIA="activation"))
     assert run.offload and not run.plan.fits
-    with pytest.raises(memory.MemoryPlanError, match="on the host.*already in offload mode"):
-        memory.check_plan(run.plan)
+    with pytest.raises(memory_plan.MemoryPlanError, match="on the host.*already in offload mode"):
+        memory_plan.check_plan(run.plan)
 
 
 def test_offload_plan_holds_one_layer_on_the_device_and_refuses_backward_passes():
-    on, off = (memory.plan_stage(LLAMA8B, "02", offload=flag, grams="streamed", copies=1, **T4) for flag in (True, False))
+    on, off = (memory_plan.plan_stage(LLAMA8B, "02", offload=flag, grams="streamed", copies=1, **T4) for flag in (True, False))
     layer = [p for p in on.parts if p["name"].startswith("one decoder layer")][0]["bytes"]
     assert layer < 0.5 * GB and on.weights_gb < 1.5 and off.weights_gb > 14  # 8B fp16 weights stay on the host
     assert on.host_gb > 14 and on.fits and not off.fits
     assert "offload mode" in on.table()
-    taylor = memory.plan_stage(LLAMA8B, "00", offload=True, criteria="taylor", **T4)
+    taylor = memory_plan.plan_stage(LLAMA8B, "00", offload=True, criteria="taylor", **T4)
     assert not taylor.fits and "taylor" in taylor.blocked
-    with pytest.raises(memory.MemoryPlanError, match="offload mode cannot run taylor.*Drop taylor"):
-        memory.check_plan(taylor)
+    with pytest.raises(memory_plan.MemoryPlanError, match="offload mode cannot run taylor.*Drop taylor"):
+        memory_plan.check_plan(taylor)
     with pytest.raises(ValueError, match="needs DEVICE=cuda"):
-        memory.plan_stage(LLAMA8B, "02", offload=True, device="cpu")
+        memory_plan.plan_stage(LLAMA8B, "02", offload=True, device="cpu")
 
 
 @pytest.mark.parametrize("free_gb,offload,grams,build", [
@@ -118,7 +118,7 @@ def test_offload_plan_holds_one_layer_on_the_device_and_refuses_backward_passes(
 def test_choose_switches_the_cheapest_way_until_the_plan_fits(free_gb, offload, grams, build):
     params = dict(KAGGLE, OFFLOAD="auto", GRAMS="auto", VARIANT_BUILD="auto", EVAL_SEQ_LEN=1024, CALIB_SEQ_LEN=512,
                   _plan=dict(available_gb=free_gb, host_available_gb=29.0))
-    run = memory.choose(QWEN25_3B, "03", params)
+    run = memory_plan.choose(QWEN25_3B, "03", params)
     assert (run.offload, run.grams, run.build, run.plan.fits) == (offload, grams, build, True)
     assert run.load_device == ("cpu" if offload else "cuda") and run.compute_device == ("cuda" if offload else None)
     text = run.describe()
@@ -127,46 +127,46 @@ def test_choose_switches_the_cheapest_way_until_the_plan_fits(free_gb, offload, 
 
 
 def test_choose_keeps_what_the_parameters_fix():
-    fixed = memory.choose(QWEN25_3B, "03", dict(KAGGLE, OFFLOAD="off", GRAMS="device", VARIANT_BUILD="copy"))
+    fixed = memory_plan.choose(QWEN25_3B, "03", dict(KAGGLE, OFFLOAD="off", GRAMS="device", VARIANT_BUILD="copy"))
     assert (fixed.offload, fixed.grams, fixed.build, fixed.plan.fits, fixed.switched) == (False, "all", "copy", False, [])
     assert "OFFLOAD='on'" in fixed.describe()  # the advice names offload mode
-    host = memory.choose(QWEN25_3B, "03", dict(KAGGLE, OFFLOAD="on", GRAMS="host", VARIANT_BUILD="reload"))
+    host = memory_plan.choose(QWEN25_3B, "03", dict(KAGGLE, OFFLOAD="on", GRAMS="host", VARIANT_BUILD="reload"))
     assert host.offload and host.grams == "layerwise" and host.grams_storage == "cpu"
-    seq = memory.choose(QWEN25_3B, "03", dict(KAGGLE, OFFLOAD="auto", RECON_SEQUENTIAL=True))
+    seq = memory_plan.choose(QWEN25_3B, "03", dict(KAGGLE, OFFLOAD="auto", RECON_SEQUENTIAL=True))
     assert seq.grams == "sequential" and not seq.hold_grams
-    cpu = memory.choose(tiny_config("llama"), "02", dict(DEVICE="cpu", OFFLOAD="auto"))
+    cpu = memory_plan.choose(tiny_config("llama"), "02", dict(DEVICE="cpu", OFFLOAD="auto"))
     assert not cpu.offload and cpu.load_device == "cpu" and cpu.grams == "all" and cpu.build == "copy"
     with pytest.raises(ValueError, match="OFFLOAD='on'.*DEVICE=cuda"):
-        memory.choose(tiny_config("llama"), "02", dict(DEVICE="cpu", OFFLOAD="on"))
+        memory_plan.choose(tiny_config("llama"), "02", dict(DEVICE="cpu", OFFLOAD="on"))
     with pytest.raises(ValueError, match="unknown OFFLOAD 'yes'; known: auto, off, on"):
-        memory.choose(tiny_config("llama"), "02", dict(DEVICE="cpu", OFFLOAD="yes"))
+        memory_plan.choose(tiny_config("llama"), "02", dict(DEVICE="cpu", OFFLOAD="yes"))
     # stage 04 (LoRA) is never offloaded: its plan stays the one to act on
-    assert not memory.choose(LLAMA8B, "04", dict(KAGGLE, OFFLOAD="auto")).offload
+    assert not memory_plan.choose(LLAMA8B, "04", dict(KAGGLE, OFFLOAD="auto")).offload
 
 
 def test_unknown_names_are_refused():
     with pytest.raises(ValueError, match="did you mean calib_seq_len"):
-        memory.plan_stage(QWEN25_3B, "00", calib_seq_lem=8)
+        memory_plan.plan_stage(QWEN25_3B, "00", calib_seq_lem=8)
     with pytest.raises(ValueError, match="known: 00, 02"):
-        memory.plan_stage(QWEN25_3B, "07")
+        memory_plan.plan_stage(QWEN25_3B, "07")
     with pytest.raises(ValueError, match="known: all, layerwise, streamed"):
-        memory.plan_stage(QWEN25_3B, "03", grams="some")
+        memory_plan.plan_stage(QWEN25_3B, "03", grams="some")
 
 
 def test_describe_stage_reads_notebook_parameters():
-    from pruning_utils.profiles import PROFILES
+    from pruning_utils.pipeline.profiles import PROFILES
 
     params = {**PROFILES["kaggle-qwen2.5-3b"], "DEVICE": "cuda", "DTYPE": "float16", "os": object(), "model": None}
-    text = memory.describe_stage(QWEN25_3B, "03", params, available_gb=15.0, host_available_gb=29.0)
+    text = memory_plan.describe_stage(QWEN25_3B, "03", params, available_gb=15.0, host_available_gb=29.0)
     # the 3B profile fits a T4 by the automatic switches: no Grams held, one model in memory
     assert text.startswith("Memory plan of stage 03 (float16 on cuda") and ": fits." in text
     assert "Switched to fit" in text and "GRAMS='auto'" in text and "VARIANT_BUILD='auto'" in text
-    fixed = memory.describe_stage(QWEN25_3B, "03", {**params, "GRAMS": "device", "VARIANT_BUILD": "copy", "OFFLOAD": "off"},
+    fixed = memory_plan.describe_stage(QWEN25_3B, "03", {**params, "GRAMS": "device", "VARIANT_BUILD": "copy", "OFFLOAD": "off"},
                                   available_gb=15.0, host_available_gb=29.0)
     assert "DOES NOT FIT" in fixed and "OFFLOAD='on'" in fixed
-    seq = memory.describe_stage(QWEN25_3B, "03", {**params, "RECON_SEQUENTIAL": True}, available_gb=15.0)
+    seq = memory_plan.describe_stage(QWEN25_3B, "03", {**params, "RECON_SEQUENTIAL": True}, available_gb=15.0)
     assert "one layer's Grams at a time" in seq
-    assert "Memory plan of stage 00" in memory.describe_stage("tiny-llama", "00", {"DEVICE": "cpu"})
+    assert "Memory plan of stage 00" in memory_plan.describe_stage("tiny-llama", "00", {"DEVICE": "cpu"})
 
 
 def test_memory_benchmark_smoke():
@@ -176,9 +176,9 @@ def test_memory_benchmark_smoke():
     config = {**memory_scale.BASE, "vocab_size": 4096, "hidden_size": 64, "intermediate_size": 128,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
     got = memory_scale.measure(config, "perplexity", n_windows=2, seq_len=64)
-    assert got["weights_mb"] * 2 ** 20 == pytest.approx(memory.n_params(config) * 4, rel=1e-3)  # + rotary buffers
+    assert got["weights_mb"] * 2 ** 20 == pytest.approx(memory_plan.n_params(config) * 4, rel=1e-3)  # + rotary buffers
     assert got["peak_mb"] > 0
-    plan = memory.plan_operation(config, "perplexity", **memory_scale.plan_params(2, 64))
+    plan = memory_plan.plan_operation(config, "perplexity", **memory_scale.plan_params(2, 64))
     assert plan.total_gb > 0 and plan.peak_operation == "perplexity"
     line = memory_scale.fit([1e6, 2e6, 3e6], [10.0, 14.0, 18.0])
     assert line["bytes_per_param"] == pytest.approx(4.0 * 2 ** 20 / 1e6)

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pruning_utils import metrics
-from pruning_utils.tiny import tiny_model
+from pruning_utils.measure import metrics
+from pruning_utils.model.tiny import tiny_model
 
 H, V, I, L, QW, KW = 64, 128, 96, 3, 8 * 16, 2 * 16  # tiny_model: hidden, vocab, MLP, layers, q and kv widths
 
@@ -101,7 +101,7 @@ def test_latency_syncs_before_every_timer_read(monkeypatch):
         events.append("time")
         return float(next(clock))
 
-    monkeypatch.setattr(metrics, "_sync", lambda device: events.append(("sync", device.type)))
+    monkeypatch.setattr(metrics, "synchronize", lambda device: events.append(("sync", device.type)))
     out = metrics.latency(tiny_model("llama"), batch_size=2, seq_len=8, new_tokens=4, warmup=1, repeats=2, timer=timer)
     reads = [i for i, e in enumerate(events) if e == "time"]
     assert len(reads) == 3 * (1 + 2)  # start, after prefill, after decode, per run
@@ -157,9 +157,9 @@ def test_high_load_flags_latency_as_noisy(monkeypatch):
 def test_sync_calls_cuda_synchronize_only_for_cuda(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
-    metrics._sync(torch.device("cpu"))
+    metrics.synchronize(torch.device("cpu"))
     assert calls == []
-    metrics._sync(torch.device("cuda"))
+    metrics.synchronize(torch.device("cuda"))
     assert calls == [torch.device("cuda")]
 
 
@@ -171,7 +171,7 @@ def test_cpu_peak_memory_sees_a_large_allocation():
 
     code = """
 import json, torch
-from pruning_utils import metrics
+from pruning_utils.measure import metrics
 with metrics.track_peak_memory("cpu") as stats:
     big = torch.ones(16 * 2 ** 20)  # 64 MiB
     big += 1
@@ -200,7 +200,7 @@ def test_cuda_peak_memory_path_with_fake_cuda(monkeypatch):
 
 def _wide_mlp_pair():
     """A tiny Llama whose MLP weights dominate its memory, and a copy with half the MLP channels."""
-    from pruning_utils.surgery import prune_neurons
+    from pruning_utils.model.surgery import prune_neurons
 
     model = tiny_model("llama", hidden_size=128, intermediate_size=4096, num_attention_heads=4, head_dim=32)
     pruned = prune_neurons(copy.deepcopy(model), {i: list(range(2048)) for i in range(3)})
@@ -251,21 +251,21 @@ def test_environment_info_names_versions_and_commit():
 @pytest.mark.slow
 class TestEmbeddedModel:
     def test_smollm_counts_flops_and_perplexity(self, embedded):
-        from pruning_utils import data
+        from pruning_utils.data import sources
 
         model, tok = embedded
         counts = metrics.count_params(model)
         assert counts["total"] - counts["non_embedding"] == 49152 * 576  # tied: the embedding once
         assert 130e6 < counts["total"] < 140e6
         assert 2 * counts["non_embedding"] < metrics.flops_per_token(model, 512) < 2 * counts["total"] * 1.2
-        chunks = data.eval_chunks(tok, seq_len=48, max_tokens=48)  # one chunk: a 135M forward is slow on shared CPUs
+        chunks = sources.eval_chunks(tok, seq_len=48, max_tokens=48)  # one chunk: a 135M forward is slow on shared CPUs
         out = metrics.perplexity(model, chunks, progress=False)
         assert out["tokens"] == 47 and 1 < out["ppl"] < 200
 
     def test_pruned_variant_needs_less_memory_than_the_baseline(self, embedded, models_dir):
-        from pruning_utils import allocation, importance
-        from pruning_utils.checkpoint import save_pruned
-        from pruning_utils.variants import pruned_copy
+        from pruning_utils.measure.variants import pruned_copy
+        from pruning_utils.model.checkpoint import save_pruned
+        from pruning_utils.prune import allocation, importance
 
         model, tok = embedded
         windows = torch.randint(0, 49152, (1, 8), generator=torch.Generator().manual_seed(0))

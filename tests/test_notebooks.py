@@ -1,15 +1,15 @@
-"""The committed notebooks match scripts/build_notebooks.py and pruning_utils/profiles.py: no drift of defaults."""
+"""The committed notebooks match scripts/build_notebooks.py and pruning_utils/pipeline/profiles.py: no drift of defaults."""
 import ast
-import re
 import importlib.util
+import re
 import subprocess
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from pruning_utils.profiles import DEFAULTS, NOTEBOOK_PARAMS, PARAMS
-from pruning_utils.stages import STAGES
+from pruning_utils.pipeline.profiles import DEFAULTS, NOTEBOOK_PARAMS, PARAMS
+from pruning_utils.pipeline.stages import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted(NOTEBOOK_PARAMS)

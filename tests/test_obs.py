@@ -4,11 +4,11 @@ import copy
 import pytest
 import torch
 
-from pruning_utils import allocation, importance
-from pruning_utils.arch import HEAD_INPUT, NEURON_INPUT, decoder_layers, head_channels
-from pruning_utils.loading import tiny_model
-from pruning_utils.obs import ObsError, greedy_path, obs_scores
-from pruning_utils.reconstruction import collect_grams, prune_and_reconstruct, reconstruct_linear, target_module
+from pruning_utils.model.arch import HEAD_INPUT, NEURON_INPUT, decoder_layers, head_channels
+from pruning_utils.model.tiny import tiny_model
+from pruning_utils.prune import allocation, importance
+from pruning_utils.prune.obs import ObsError, greedy_path, obs_scores
+from pruning_utils.prune.reconstruction import collect_grams, prune_and_reconstruct, reconstruct_linear, target_module
 
 HD = 16  # head_dim of the tiny models
 
@@ -99,8 +99,8 @@ def test_obs_criterion_plans_the_path_prefix(setup):
 def test_reselect_with_cross_terms_picks_the_cheapest_single_removal_of_the_chase_objective():
     """With the unpruned inputs' cross terms the path starts from the chase optimum: its first pick is the single
     removal that leaves the least ‖W X_ref − W' X‖² after the chase refit (brute force, no ridge)."""
-    from pruning_utils.obs import reselect_keep
-    from pruning_utils.stats import GramStats
+    from pruning_utils.model.stats import GramStats
+    from pruning_utils.prune.obs import reselect_keep
 
     g = torch.Generator().manual_seed(3)
     x_ref = torch.randn(400, 8, generator=g, dtype=torch.float64)

@@ -5,10 +5,11 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from pruning_utils import calibration, importance
-from pruning_utils.arch import decoder_layers
-from pruning_utils.reconstruction import collect_grams
-from pruning_utils.tiny import tiny_model
+from pruning_utils.model import calibration
+from pruning_utils.model.arch import decoder_layers
+from pruning_utils.model.tiny import tiny_model
+from pruning_utils.prune import importance
+from pruning_utils.prune.reconstruction import collect_grams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -122,7 +123,7 @@ def test_offload_moves_each_layer_to_the_gpu_and_back():
 
 
 def _plan(model):
-    from pruning_utils import allocation
+    from pruning_utils.prune import allocation
 
     scores = importance.compute_importance(model, _windows(2), ["magnitude"], progress=False)["magnitude"]
     return allocation.plan_both(model, scores, head_rate=0.5, mlp_rate=0.5)
@@ -133,7 +134,7 @@ def test_streamed_one_shot_refit_equals_the_refit_from_every_layers_grams(family
     """Notebooks 02/03 without held Grams: one layer's Grams at a time, the same weights to 1e-6 relative."""
     import copy
 
-    from pruning_utils.reconstruction import reconstruct_in_place
+    from pruning_utils.prune.reconstruction import reconstruct_in_place
 
     model, w = tiny_model(family), _windows()
     plan = _plan(model)
@@ -149,7 +150,7 @@ def test_streamed_one_shot_refit_equals_the_refit_from_every_layers_grams(family
 def test_offloaded_sequential_refit_equals_the_normal_one(moves):
     import copy
 
-    from pruning_utils.reconstruction import prune_and_reconstruct
+    from pruning_utils.prune.reconstruction import prune_and_reconstruct
 
     model, w = tiny_model("mistral"), _windows()
     plan = _plan(model)
@@ -168,9 +169,9 @@ class TestEmbedded:
     def test_streamed_grams_and_reload_give_the_same_perplexity(self, embedded):
         import copy
 
-        from pruning_utils import allocation
-        from pruning_utils.metrics import perplexity
-        from pruning_utils.variants import Unpruned
+        from pruning_utils.measure.metrics import perplexity
+        from pruning_utils.measure.variants import Unpruned
+        from pruning_utils.prune import allocation
 
         model, _ = embedded
         w = torch.randint(3, 40000, (4, 64), generator=torch.Generator().manual_seed(0))
@@ -185,7 +186,7 @@ class TestEmbedded:
 
 
 def test_offloaded_perplexity_equals_the_plain_forward(monkeypatch, moves):
-    from pruning_utils import metrics
+    from pruning_utils.measure import metrics
 
     monkeypatch.setattr(metrics, "OFFLOAD_WINDOWS", 3)  # two layer walks over 5 chunks
     model = tiny_model("qwen2", tie_word_embeddings=True)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pruning_utils.stages import STAGES, StageFailed, resolve_parameters, run
-from pruning_utils.variants import VARIANT_COLUMNS
+from pruning_utils.measure.variants import VARIANT_COLUMNS
+from pruning_utils.pipeline.stages import STAGES, StageFailed, resolve_parameters, run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,7 +86,7 @@ def test_csvs_have_documented_columns_and_finite_values(smoke_run):
     assert (pruned["params_non_embedding"] < final["params_non_embedding"].iloc[0]).all()
     assert final.set_index("variant").loc["baseline_int8", "size_mb"] < final.loc[0, "size_mb"]
     # the smoke profile takes the thorough recipe's path: obs heads, searched counts, checkpoints that record it
-    from pruning_utils.checkpoint import read_plan
+    from pruning_utils.model.checkpoint import read_plan
 
     for csv, variant in (("head_pruning", "head_pruned"), ("mlp_pruning", "mlp_pruned"), ("mlp_pruning", "mix_pruned")):
         row = pd.read_csv(out / f"{csv}.csv").set_index("variant").loc[variant]
@@ -103,8 +103,8 @@ def test_csvs_have_documented_columns_and_finite_values(smoke_run):
     _finite(runtime, ["complexity", "load", "latency_s", "tokens_per_s", "ppl", "reward", "retention", "switch_ms"])
     _finite(summary, ["latency_s", "tokens_per_s", "retention", "ppl", "reward", "speedup_pct", "retention_pct"])
     levels = pd.read_csv(out / "adaptive_levels.csv")
-    from pruning_utils.adaptive import parse_levels
-    from pruning_utils.profiles import PROFILES
+    from pruning_utils.adaptive.nested_model import parse_levels
+    from pruning_utils.pipeline.profiles import PROFILES
 
     assert list(levels["level"]) == [lv.name for lv in parse_levels(PROFILES["smoke"]["ADAPTIVE_LEVELS"])]
     assert levels["int8"].tolist() == [False, False, False, True] and levels["refit"].iloc[2]  # smoke: refit + int8
@@ -116,7 +116,7 @@ def test_csvs_have_documented_columns_and_finite_values(smoke_run):
 
 
 def test_encoder_table(smoke_run):
-    from pruning_utils.encoder_variants import ENCODER_COLUMNS
+    from pruning_utils.encoder.variants import ENCODER_COLUMNS
 
     root, _, _ = smoke_run
     table = pd.read_csv(root / "results" / "ablation_studies" / "encoder_glue.csv")

@@ -1,7 +1,7 @@
 """The README's result tables are the committed CSVs, rendered: a table edited by hand or left stale fails here."""
 import pytest
 
-from pruning_utils import report
+from scripts import render_readme as report
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,18 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pruning_utils.arch import decoder_layers, layer_shapes
-from pruning_utils.hooks import hooks
-from pruning_utils.loading import tiny_model
-from pruning_utils.plan import PruningPlan
-from pruning_utils.reconstruction import (
-    GramCollector, GramStats, ReconstructionError, collect_grams, prune_and_reconstruct, reconstruct_in_place,
-    reconstruct_linear, target_module,
+from pruning_utils.model.arch import decoder_layers, layer_shapes
+from pruning_utils.model.hooks import hooks
+from pruning_utils.model.plan import PruningPlan
+from pruning_utils.model.stats import GramCollector, GramStats
+from pruning_utils.model.tiny import tiny_model
+from pruning_utils.prune.reconstruction import (
+    ReconstructionError,
+    collect_grams,
+    prune_and_reconstruct,
+    reconstruct_in_place,
+    reconstruct_linear,
+    target_module,
 )
 
 HEADS_KEPT = [0, 1, 4, 5]  # 8 q heads in 2 KV groups: two kept per group
@@ -305,7 +310,7 @@ def test_bias_mode_needs_an_existing_bias():
 @pytest.mark.slow
 class TestEmbedded:
     def test_lstsq_lowers_heldout_logit_error(self, embedded):
-        from pruning_utils.data import calibration_windows, eval_chunks
+        from pruning_utils.data.sources import calibration_windows, eval_chunks
 
         model, tok = embedded
         calib = calibration_windows(tok, n_samples=8, seq_len=128)
@@ -343,7 +348,7 @@ def test_reselect_keeps_the_counts_and_kv_groups_and_records_its_choice(chase):
 
 
 def test_reselect_on_the_first_layer_is_the_obs_path_of_the_one_shot_grams():
-    from pruning_utils.obs import greedy_path
+    from pruning_utils.prune.obs import greedy_path
 
     base = tiny_model("llama")
     plan = _plan(base, neurons={0: list(range(48))})

@@ -14,14 +14,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from pruning_utils.checkpoint import is_pruned_checkpoint, load_pruned, save_pruned
+from pruning_utils.model.checkpoint import is_pruned_checkpoint, load_pruned, save_pruned
+from pruning_utils.model.surgery import prune_heads, prune_neurons
+from pruning_utils.model.tiny import TinyTokenizer, tiny_model
 from pruning_utils.paths import PROJECT_ROOT
-from pruning_utils import lora_launch
-from pruning_utils.recovery import (RecoveryConfig, RecoveryDivergedError, attach_lora, distillation_loss,
-                                    heldout_loss, instruction_windows, merge_lora, recover, train_lora)
-from pruning_utils.surgery import prune_heads, prune_neurons
-from pruning_utils.tiny import TinyTokenizer, tiny_model
-from pruning_utils.lora_launch import main as train_main
+from pruning_utils.recovery import launch
+from pruning_utils.recovery.launch import main as train_main
+from pruning_utils.recovery.lora import (
+    RecoveryConfig,
+    RecoveryDivergedError,
+    attach_lora,
+    distillation_loss,
+    heldout_loss,
+    merge_lora,
+    recover,
+    train_lora,
+)
+from pruning_utils.recovery.training_data import instruction_windows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -234,13 +243,13 @@ def test_recover_data_parallel_writes_the_config_launches_and_reads_back(tmp_pat
         train_main(["--config", config, "--no-progress"])
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(lora_launch.subprocess, "run", fake_run)
-    merged, stats = lora_launch.recover_data_parallel("pruned", "pruned_lora", cfg, text_source="embedded", seed=3,
+    monkeypatch.setattr(launch.subprocess, "run", fake_run)
+    merged, stats = launch.recover_data_parallel("pruned", "pruned_lora", cfg, text_source="embedded", seed=3,
                                                       n_gpus=2, config_path=tmp_path / "cfg.json")
     cmd = launched["cmd"]
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     assert cmd[cmd.index("--num_processes") + 1] == "2" and "--multi_gpu" in cmd
-    assert cmd[cmd.index("-m", 3):][:2] == ["-m", "pruning_utils.lora_launch"]
+    assert cmd[cmd.index("-m", 3):][:2] == ["-m", "pruning_utils.recovery.launch"]
     run = launched["run"]
     assert run["model_dir"] == str((models_dir / "pruned").resolve())  # ranks need not share this process's env
     assert run["out_dir"] == str((models_dir / "pruned_lora").resolve()) and run["seed"] == 3
@@ -249,11 +258,11 @@ def test_recover_data_parallel_writes_the_config_launches_and_reads_back(tmp_pat
     assert math.isfinite(stats["heldout_loss_after"])
     assert merged.model.layers[1].mlp.up_proj.out_features == 40 and not merged.training
 
-    monkeypatch.setattr(lora_launch.subprocess, "run", lambda cmd, env=None: subprocess.CompletedProcess(cmd, 1))
+    monkeypatch.setattr(launch.subprocess, "run", lambda cmd, env=None: subprocess.CompletedProcess(cmd, 1))
     with pytest.raises(RuntimeError, match="Re-run by hand"):
-        lora_launch.recover_data_parallel("pruned", "x", cfg, n_gpus=2)
+        launch.recover_data_parallel("pruned", "x", cfg, n_gpus=2)
     with pytest.raises(ValueError, match="recovery.recover"):
-        lora_launch.recover_data_parallel("pruned", "x", cfg, n_gpus=0)
+        launch.recover_data_parallel("pruned", "x", cfg, n_gpus=0)
 
 
 def _free_port() -> int:
@@ -270,7 +279,7 @@ def test_two_process_data_parallel_run_agrees(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "pruning_utils.lora_launch", "--config", str(config), "--save-state-dict", str(tmp_path / "sd.pt"),
+           "-m", "pruning_utils.recovery.launch", "--config", str(config), "--save-state-dict", str(tmp_path / "sd.pt"),
            "--no-progress"]
     proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -306,7 +315,7 @@ def test_merged_uniform_checkpoint_loads_with_stock_from_pretrained(tmp_path):
 
 
 def test_self_data_distillation_trains_on_the_teachers_answers_and_lowers_the_loss(models_dir):
-    from pruning_utils.recovery import recovery_windows, selfdistill_windows
+    from pruning_utils.recovery.training_data import recovery_windows, selfdistill_windows
 
     teacher, tok = tiny_model("llama"), TinyTokenizer()
     prompts = [f"question {i}: tell me about item {i}" for i in range(12)]

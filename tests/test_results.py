@@ -6,7 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pruning_utils import paths, results
+from pruning_utils import paths
+from pruning_utils.measure.variants import compact_shape
+from pruning_utils.pipeline import results
 
 
 def test_write_csv_from_rows_and_frame(tmp_path):
@@ -42,10 +44,10 @@ def test_write_json_converts_numpy_and_paths(tmp_path):
 
 
 def test_compact_shape():
-    assert results.compact_shape([9] * 30) == "9x30"
-    assert results.compact_shape([9] * 10 + [6] * 20) == "9x10,6x20"
-    assert results.compact_shape([1, 2, 2, 1]) == "1x1,2x2,1x1"
-    assert results.compact_shape([]) == ""
+    assert compact_shape([9] * 30) == "9x30"
+    assert compact_shape([9] * 10 + [6] * 20) == "9x10,6x20"
+    assert compact_shape([1, 2, 2, 1]) == "1x1,2x2,1x1"
+    assert compact_shape([]) == ""
 
 
 def test_save_plot_writes_png_and_closes(tmp_path):
@@ -61,26 +63,24 @@ def test_save_plot_writes_png_and_closes(tmp_path):
     assert fig.number not in plt.get_fignums()
 
 
-def test_folders_follow_the_environment_and_results_reexports_them(tmp_path, monkeypatch):
+def test_folders_follow_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNING_RESULTS_DIR", str(tmp_path / "res"))
     monkeypatch.setenv("PRUNING_MODELS_DIR", str(tmp_path / "ckpt"))
     try:
         importlib.reload(paths)
-        importlib.reload(results)
-        assert paths.results_dir() == results.RESULTS_DIR == tmp_path / "res"
+        assert paths.results_dir() == paths.RESULTS_DIR == tmp_path / "res"
         assert paths.models_dir() == tmp_path / "ckpt"
-        assert results.ablation_dir() == tmp_path / "res" / "ablation_studies" and results.ablation_dir().is_dir()
+        assert paths.ablation_dir() == tmp_path / "res" / "ablation_studies" and paths.ablation_dir().is_dir()
     finally:
         monkeypatch.delenv("PRUNING_RESULTS_DIR")
         monkeypatch.delenv("PRUNING_MODELS_DIR")
         importlib.reload(paths)
-        importlib.reload(results)
     assert paths.RESULTS_DIR == paths.PROJECT_ROOT / "results"
-    assert results.RESULTS_DIR.name == "results"
+    assert paths.RESULTS_DIR.name == "results"
 
 
 def test_models_dir_is_read_at_call_time(tmp_path, monkeypatch):
-    from pruning_utils.checkpoint import resolve_checkpoint_dir
+    from pruning_utils.model.checkpoint import resolve_checkpoint_dir
 
     monkeypatch.setattr(paths, "MODELS_DIR", tmp_path)
     assert resolve_checkpoint_dir("x") == tmp_path / "x"
@@ -88,7 +88,7 @@ def test_models_dir_is_read_at_call_time(tmp_path, monkeypatch):
 
 
 def test_merge_rows_replaces_measured_keys_and_keeps_older_rows(tmp_path):
-    from pruning_utils.results import merge_rows, write_csv
+    from pruning_utils.pipeline.results import merge_rows, write_csv
 
     path = tmp_path / "bench.csv"
     write_csv([dict(shape="S1", ppl=13.0), dict(shape="S3", ppl=19.0)], path)  # written before "ridge" was a key

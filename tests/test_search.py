@@ -2,11 +2,12 @@
 import pytest
 import torch
 
-from pruning_utils import metrics, reconstruction
-from pruning_utils.checkpoint import load_pruned, save_pruned
-from pruning_utils.loading import TinyTokenizer, tiny_model
-from pruning_utils.obs import obs_scores
-from pruning_utils.search import Counts, SearchError, counts_of, plan_from_counts, removed_params, search_budget
+from pruning_utils.measure import metrics
+from pruning_utils.model.checkpoint import load_pruned, save_pruned
+from pruning_utils.model.tiny import TinyTokenizer, tiny_model
+from pruning_utils.prune import reconstruction
+from pruning_utils.prune.obs import obs_scores
+from pruning_utils.prune.search import Counts, SearchError, counts_of, plan_from_counts, removed_params, search_budget
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_counts_out_of_range_are_refused(searched):
 @pytest.fixture(scope="module")
 def plan_inputs(tmp_path_factory):
     from pruning_utils import paths
-    from pruning_utils.importance import compute_importance
+    from pruning_utils.prune.importance import compute_importance
 
     model = tiny_model("llama", seed=1)
     windows = torch.randint(3, 128, (16, 32), generator=torch.Generator().manual_seed(2))
@@ -84,8 +85,8 @@ SEARCH_KW = dict(text_source="embedded:0.75+selfgen:0.25", seq_len=32, windows=2
 
 
 def test_main_plan_uniform_is_the_allocation_planners(plan_inputs):
-    from pruning_utils import allocation
-    from pruning_utils.search import main_plan
+    from pruning_utils.prune import allocation
+    from pruning_utils.prune.search import main_plan
 
     model, grams, scores, tok = plan_inputs
     got = main_plan(model, dict(scores), head_criterion="fluctuation", head_rate=0.25)
@@ -97,8 +98,8 @@ def test_main_plan_uniform_is_the_allocation_planners(plan_inputs):
 
 
 def test_main_plan_search_keeps_kinds_and_budget(plan_inputs):
-    from pruning_utils import allocation
-    from pruning_utils.search import main_plan
+    from pruning_utils.prune import allocation
+    from pruning_utils.prune.search import main_plan
 
     model, grams, scores, tok = plan_inputs
     pool = dict(scores)
@@ -118,7 +119,7 @@ def test_main_plan_search_keeps_kinds_and_budget(plan_inputs):
 
 
 def test_main_plan_errors_say_what_to_do(plan_inputs):
-    from pruning_utils.search import equal_parts, main_plan
+    from pruning_utils.prune.search import equal_parts, main_plan
 
     model, grams, scores, tok = plan_inputs
     with pytest.raises(ValueError, match="unknown allocation 'best'"):

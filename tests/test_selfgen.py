@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from pruning_utils import data, selfgen
-from pruning_utils.data import DataSourceError
-from pruning_utils.tiny import TinyTokenizer, tiny_model
+from pruning_utils.data import selfgen, sources
+from pruning_utils.data.sources import DataSourceError
+from pruning_utils.model.tiny import TinyTokenizer, tiny_model
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def test_selfgen_is_deterministic_for_a_seed_and_cached(tiny, models_dir):
     assert not torch.equal(a, c)
     # a cache hit returns the stored windows: overwrite the cache and it is what comes back
     from safetensors.torch import save_file
-    settings = selfgen._settings(model, 24, 3, 1.0, 0.95, selfgen.NEUTRAL_PROMPTS, "calibration", 2)
+    settings = selfgen.sample_settings(model, 24, 3, 1.0, 0.95, selfgen.NEUTRAL_PROMPTS, "calibration", 2)
     path = selfgen.cache_path(settings, 0)
     assert path.exists()
     save_file({"ids": torch.zeros(2, 24, dtype=torch.long)}, str(path))
@@ -37,63 +37,63 @@ def test_selfgen_is_deterministic_for_a_seed_and_cached(tiny, models_dir):
 
 def test_cache_key_follows_the_model_and_purpose(tiny, models_dir):
     model, tok = tiny
-    base = selfgen._settings(model, 16, 0, 1.0, 0.95, selfgen.NEUTRAL_PROMPTS, "calibration", 16)
-    other = selfgen._settings(tiny_model("llama", seed=1), 16, 0, 1.0, 0.95, selfgen.NEUTRAL_PROMPTS, "calibration", 16)
+    base = selfgen.sample_settings(model, 16, 0, 1.0, 0.95, selfgen.NEUTRAL_PROMPTS, "calibration", 16)
+    other = selfgen.sample_settings(tiny_model("llama", seed=1), 16, 0, 1.0, 0.95, selfgen.NEUTRAL_PROMPTS, "calibration", 16)
     fid = dict(base, purpose="fidelity")
     paths = {selfgen.cache_path(s, 0) for s in (base, other, fid)}
     assert len(paths) == 3
     cal = selfgen.sample_windows(model, tok, 4, 16, seed=0)
-    held = data.fidelity_chunks(model, tok, n_tokens=64, seq_len=16, seed=0)
+    held = sources.fidelity_chunks(model, tok, n_tokens=64, seq_len=16, seed=0)
     assert held.shape == (4, 16) and not torch.equal(cal, held)  # same seed, distinct streams
 
 
 def test_mixture_parsing_honours_and_checks_weights():
-    assert data.parse_mixture("embedded") == [("embedded", 1.0)]
-    assert data.parse_mixture("embedded+selfgen") == [("embedded", 0.5), ("selfgen", 0.5)]
-    assert data.parse_mixture("embedded:0.75+selfgen:0.25") == [("embedded", 0.75), ("selfgen", 0.25)]
-    assert data.mixture_counts([("a", 0.75), ("b", 0.25)], 10) == [8, 2]
-    assert sum(data.mixture_counts([("a", 1 / 3), ("b", 1 / 3), ("c", 1 / 3)], 64)) == 64
+    assert sources.parse_mixture("embedded") == [("embedded", 1.0)]
+    assert sources.parse_mixture("embedded+selfgen") == [("embedded", 0.5), ("selfgen", 0.5)]
+    assert sources.parse_mixture("embedded:0.75+selfgen:0.25") == [("embedded", 0.75), ("selfgen", 0.25)]
+    assert sources.mixture_counts([("a", 0.75), ("b", 0.25)], 10) == [8, 2]
+    assert sum(sources.mixture_counts([("a", 1 / 3), ("b", 1 / 3), ("c", 1 / 3)], 64)) == 64
     for bad in ("embedded:0.5+selfgen:0.6", "embedded:0.5+selfgen", "embedded:-0.5+selfgen:1.5",
                 "embeded+selfgen", "embedded+", "embedded:0.5+embedded:0.5"):
         with pytest.raises(DataSourceError):
-            data.parse_mixture(bad)
+            sources.parse_mixture(bad)
     with pytest.raises(DataSourceError, match="unknown text source 'embeded'"):
-        data.calibration_windows(TinyTokenizer(), "embeded:0.5+selfgen:0.5", n_samples=2, seq_len=8)
+        sources.calibration_windows(TinyTokenizer(), "embeded:0.5+selfgen:0.5", n_samples=2, seq_len=8)
 
 
 def test_mixed_calibration_windows_take_each_share(tiny, models_dir):
     model, tok = tiny
     with pytest.raises(DataSourceError, match="pass model="):
-        data.calibration_windows(tok, "embedded:0.5+selfgen:0.5", n_samples=4, seq_len=16)
-    mixed = data.calibration_windows(tok, "embedded:0.75+selfgen:0.25", n_samples=8, seq_len=16, seed=0, model=model)
+        sources.calibration_windows(tok, "embedded:0.5+selfgen:0.5", n_samples=4, seq_len=16)
+    mixed = sources.calibration_windows(tok, "embedded:0.75+selfgen:0.25", n_samples=8, seq_len=16, seed=0, model=model)
     gen = selfgen.sample_windows(model, tok, 2, 16, seed=0)
-    text = data.calibration_windows(tok, "embedded", n_samples=6, seq_len=16, seed=0)
+    text = sources.calibration_windows(tok, "embedded", n_samples=6, seq_len=16, seed=0)
     rows = {tuple(r.tolist()) for r in mixed}
     assert mixed.shape == (8, 16)
     assert {tuple(r.tolist()) for r in gen} <= rows and {tuple(r.tolist()) for r in text} <= rows
-    again = data.calibration_windows(tok, "embedded:0.75+selfgen:0.25", n_samples=8, seq_len=16, seed=0, model=model)
+    again = sources.calibration_windows(tok, "embedded:0.75+selfgen:0.25", n_samples=8, seq_len=16, seed=0, model=model)
     assert torch.equal(mixed, again)
 
 
 def test_eval_chunks_of_a_mixture_use_its_text_parts():
     tok = TinyTokenizer()
-    plain = data.eval_chunks(tok, "embedded", seq_len=32, max_tokens=256)
-    assert torch.equal(data.eval_chunks(tok, "embedded:0.5+selfgen:0.5", seq_len=32, max_tokens=256), plain)
+    plain = sources.eval_chunks(tok, "embedded", seq_len=32, max_tokens=256)
+    assert torch.equal(sources.eval_chunks(tok, "embedded:0.5+selfgen:0.5", seq_len=32, max_tokens=256), plain)
     with pytest.raises(DataSourceError, match="fidelity"):
-        data.eval_chunks(tok, "selfgen", seq_len=32, max_tokens=256)
+        sources.eval_chunks(tok, "selfgen", seq_len=32, max_tokens=256)
 
 
 def test_fidelity_and_kl_separate_the_model_from_a_damaged_copy(models_dir):
     import copy
 
-    from pruning_utils.variants import measure_variant
+    from pruning_utils.measure.variants import measure_variant
 
     torch.manual_seed(0)
     model, tok = tiny_model("llama", seed=0), TinyTokenizer()
     with torch.no_grad():  # give the random model a distribution of its own worth sampling: a peaked head
         model.lm_head.weight.mul_(8)
-    held = data.fidelity_chunks(model, tok, n_tokens=8 * 32, seq_len=32, seed=0)
-    chunks = data.eval_chunks(tok, "embedded", seq_len=32, max_tokens=256)
+    held = sources.fidelity_chunks(model, tok, n_tokens=8 * 32, seq_len=32, seed=0)
+    chunks = sources.eval_chunks(tok, "embedded", seq_len=32, max_tokens=256)
     damaged = copy.deepcopy(model)
     with torch.no_grad():
         for layer in damaged.model.layers:

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from pruning_utils import profiles, stages
-from pruning_utils.profiles import ParameterError, coerce, parse_value
-from pruning_utils.stages import STAGES, UsageError, main, parse_only, resolve_parameters, run, stage_digests
+from pruning_utils.pipeline import profiles, stages
+from pruning_utils.pipeline.profiles import ParameterError, coerce, parse_value
+from pruning_utils.pipeline.stages import STAGES, UsageError, main, parse_only, resolve_parameters, run, stage_digests
 
 
 @pytest.fixture(autouse=True)
@@ -175,7 +175,7 @@ def test_command_line_is_checked_without_torch(tmp_path, capsys):
 
     assert main(["--check", "--profile", "smoke", "-p", "HEAD_RATE", "0.3"], root=tmp_path) == 0
     assert not list(tmp_path.iterdir())
-    probe = "import sys, pruning_utils.stages; sys.exit('torch' in sys.modules)"  # run_all.sh checks before installing
+    probe = "import sys, pruning_utils.pipeline.stages; sys.exit('torch' in sys.modules)"  # run_all.sh checks before installing
     assert subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parent.parent).returncode == 0
 
 

@@ -4,11 +4,11 @@ import copy
 import pytest
 import torch
 
-from pruning_utils.arch import UnsupportedArchitectureError, layer_shapes
-from pruning_utils.hooks import masked
-from pruning_utils.loading import tiny_model
-from pruning_utils.plan import PlanMismatchError, PruningPlan
-from pruning_utils.surgery import SurgeryError, apply_plan, drop_layers, prune_heads, prune_neurons
+from pruning_utils.model.arch import UnsupportedArchitectureError, layer_shapes
+from pruning_utils.model.hooks import masked
+from pruning_utils.model.plan import PlanMismatchError, PruningPlan
+from pruning_utils.model.surgery import SurgeryError, apply_plan, drop_layers, prune_heads, prune_neurons
+from pruning_utils.model.tiny import tiny_model
 
 TOL = 1e-5
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from benchmarks.torch_pruning_peer import prune_with_torch_pruning
-from pruning_utils.arch import layer_shapes
-from pruning_utils.hooks import masked
-from pruning_utils.tiny import tiny_model
+from pruning_utils.model.arch import layer_shapes
+from pruning_utils.model.hooks import masked
+from pruning_utils.model.tiny import tiny_model
 
 SMOL_LIKE = dict(hidden_size=72, num_attention_heads=9, num_key_value_heads=3, head_dim=8)  # SmolLM2's 9 q / 3 kv
 

@@ -4,12 +4,18 @@ import math
 import pytest
 import torch
 
-from pruning_utils import allocation, importance
-from pruning_utils.arch import layer_shapes
-from pruning_utils.tiny import tiny_model
-from pruning_utils.reconstruction import collect_grams
-from pruning_utils.variants import (VARIANT_COLUMNS, criteria_sweep, measure_variant, pruned_copy,
-                                    reconstruction_sweep, removed_fractions)
+from pruning_utils.measure.variants import (
+    VARIANT_COLUMNS,
+    criteria_sweep,
+    measure_variant,
+    pruned_copy,
+    reconstruction_sweep,
+    removed_fractions,
+)
+from pruning_utils.model.arch import layer_shapes
+from pruning_utils.model.tiny import tiny_model
+from pruning_utils.prune import allocation, importance
+from pruning_utils.prune.reconstruction import collect_grams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -92,8 +98,8 @@ def test_rows_report_achieved_fractions_next_to_requested_rates():
 
 def test_reload_build_prunes_in_place_and_gives_the_copy_paths_weights():
     """Memory-short variants: the unpruned model pruned in place and reloaded for the next, same weights as copies."""
-    from pruning_utils.loading import load_model
-    from pruning_utils.variants import Unpruned
+    from pruning_utils.measure.variants import Unpruned
+    from pruning_utils.model.loading import load_model
 
     windows = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(1))
     copy_src = Unpruned(model=load_model("tiny-llama", device="cpu")[0])

@@ -1,0 +1,1 @@
+"""Adaptive runtime: nested pruned model, prompt complexity, machine telemetry, the level controller."""

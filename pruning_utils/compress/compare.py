@@ -1,0 +1,192 @@
+"""Compression methods side by side (notebook 03b): depth pruning, low-rank, sparse + low-rank and dynamic INT8,
+each built at a parameter target (S3's non-embedding count), screened, saved and measured like every variant.
+
+The methods themselves live in `depth`, `lowrank`, `hybrid` and `quantize`; this module only turns them into
+named variants and tidy rows. Rows carry `VARIANT_COLUMNS` plus `COMPRESSION_COLUMNS`:
+- method: depth | lowrank | hybrid | int8; base: the model it was cut from (baseline or a saved checkpoint);
+- form: how it was made (e.g. `block_influence+refit`, `whiten`, `rmt`, `2:4+r16`, `int8`);
+- saved: True when the variant is a checkpoint under models/ measured on the full evaluation chunks (with latency
+  and memory), False for a screen row (SWEEP_EVAL_MAX_TOKENS perplexity only);
+- nonzero_params_non_embedding: non-zero non-embedding weights (below params_non_embedding only for sparsity);
+- applicable, note: False and the reason when a method cannot run on this device (INT8 on CUDA).
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import torch
+
+from pruning_utils.compress import depth, lowrank, sparse_lowrank
+from pruning_utils.compress.quantize import quantize_int8
+from pruning_utils.measure.metrics import checkpoint_size_mb, count_params
+from pruning_utils.measure.variants import VARIANT_COLUMNS, measure_variant
+from pruning_utils.model.arch import PROJECTIONS, decoder_layers, proj
+from pruning_utils.model.checkpoint import PLAN_FILE, read_checkpoint_meta, resolve_checkpoint_dir, save_pruned
+from pruning_utils.model.linears import NotApplicableError, SparseLowRankLinear, check_int8_device, int8_applicable
+from pruning_utils.model.surgery import apply_plan
+
+COMPRESSION_COLUMNS = ["method", "base", "form", "saved", "nonzero_params_non_embedding", "applicable", "note"]
+
+
+def target_params(name: str = "mix_pruned") -> int:
+    """Return the non-embedding parameter count recorded in a saved checkpoint's metadata (S3: `mix_pruned`)."""
+    extra = read_checkpoint_meta(name)["extra"]
+    if "params_non_embedding" not in extra:
+        raise KeyError(f"checkpoint '{name}' records no params_non_embedding; re-run the stage that wrote it")
+    return int(extra["params_non_embedding"])
+
+
+def _row(model, chunks, variant: str, method: str, base: str, form: str, reference: dict, **kw) -> dict:
+    row = measure_variant(model, chunks, variant=variant, reference=reference, criterion=form, **kw)
+    nonzero = row["params_non_embedding"]
+    for layer in decoder_layers(model):
+        for name in PROJECTIONS:
+            m = proj(layer, name)
+            if isinstance(m, SparseLowRankLinear):
+                nonzero -= int((m.weight == 0).sum())
+    row.update(method=method, base=base, form=form, saved=False, nonzero_params_non_embedding=nonzero,
+               applicable=True, note="")
+    return row
+
+
+def save_measured(model, tok, name: str, row: dict, chunks, *, reference: dict, latency_kw: dict | None,
+                  memory_kw: dict | None) -> dict:
+    """Save `model` as checkpoint `name`, measure it on the full `chunks` (latency, memory in a fresh process,
+    size on disk) and record the row in its plan file; returns the row."""
+    folder = save_pruned(model, tok, name)
+    full = measure_variant(model, chunks, variant=name, reference=reference, criterion=row["form"],
+                           latency_kw=latency_kw, memory_kw=None if memory_kw is None else dict(spec=name, **memory_kw))
+    full.update({k: row[k] for k in COMPRESSION_COLUMNS}, saved=True, size_mb=round(checkpoint_size_mb(folder), 2))
+    full["nonzero_params_non_embedding"] = row["nonzero_params_non_embedding"] - row["params_non_embedding"] + \
+        full["params_non_embedding"]
+    path = folder / PLAN_FILE  # the measured row goes where notebook 06 reads it (a small JSON rewrite)
+    meta = json.loads(path.read_text())
+    meta["extra"] = full
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=1, default=str))
+    tmp.replace(path)
+    return full
+
+
+def depth_candidates(model, windows, chunks, target: int, criteria: list[str], *, reference: dict, refit: bool = True,
+                     semantic_windows: int = 2, batch_size: int = 4):
+    """Yield `(row, model)` screens of depth pruning at `target` per layer criterion, plain and with the refit."""
+    for crit in criteria:
+        kw = {"max_windows": semantic_windows} if crit == "semantic" else {}
+        scores = depth.score_layers(model, windows, crit, batch_size, **kw)
+        plan = depth.plan_layers(scores, target_non_embedding=target)
+        removed = plan.provenance["removed_layers"]
+        for do_refit in ([False, True] if refit else [False]):
+            pruned = copy.deepcopy(model)
+            if do_refit:
+                depth.refit_before_spans(pruned, removed, windows, batch_size)
+            apply_plan(pruned, plan)
+            form = f"{crit}+refit" if do_refit else crit
+            row = _row(pruned, chunks, f"depth-{form}", "depth", "baseline", form, reference,
+                       reconstruction="lstsq" if do_refit else "none", allocation="depth")
+            row["note"] = f"removed layers {removed}"
+            yield row, pruned
+
+
+def lowrank_ratio(model, target: int, projections=PROJECTIONS) -> float:
+    """Return the fraction of every chosen projection's weights the factors may keep so the model meets `target`."""
+    lin = sum(proj(layer, n).weight.numel() for layer in decoder_layers(model) for n in projections)
+    ratio = (target - (count_params(model)["non_embedding"] - lin)) / lin
+    if not 0 < ratio <= 1:
+        raise ValueError(f"target {target:,} cannot be met by factorising {', '.join(projections)} (ratio {ratio:.3f})")
+    return ratio
+
+
+def lowrank_candidates(model, windows, chunks, target: int, methods: list[str], *, reference: dict, rmt: bool = True,
+                       batch_size: int = 4):
+    """Yield `(row, model)` screens of low-rank factorisation at `target` per method, and at the RMT rank (plain)."""
+    ratio = lowrank_ratio(model, target)
+    forms = [(m, dict(param_ratio=ratio, method=m)) for m in methods] + ([("rmt", dict(rank="rmt"))] if rmt else [])
+    for form, kw in forms:
+        low = copy.deepcopy(model)
+        ranks = lowrank.lowrank_model(low, windows=windows, batch_size=batch_size, **kw)
+        row = _row(low, chunks, f"lowrank-{form}", "lowrank", "baseline", form, reference, allocation="lowrank")
+        row["note"] = f"ranks {min(ranks.values())}..{max(ranks.values())}"
+        yield row, low
+
+
+def hybrid_candidates(model, windows, chunks, sparsities: list[str], rank: int, *, reference: dict,
+                      batch_size: int = 4):
+    """Yield `(row, model)` screens of Wanda sparsity (a fraction or '2:4') plus a rank-`rank` residual SVD."""
+    for sp in sparsities:
+        sparsity = sp if sp == "2:4" else float(sp)
+        hyb = copy.deepcopy(model)
+        sparse_lowrank.hybrid_model(hyb, windows, sparsity=sparsity, rank=rank, batch_size=batch_size)
+        form = f"wanda{sp}+r{rank}"
+        row = _row(hyb, chunks, f"hybrid-{form}", "hybrid", "baseline", form, reference, allocation="hybrid")
+        row["note"] = "zeros stored densely: dense kernels run at full cost"
+        yield row, hyb
+
+
+def int8_row(base_name: str, device, chunks, *, reference: dict, model=None, tok=None, latency_kw=None,
+             memory_kw=None, per_channel: bool = True, smooth_windows=None, smooth_alpha: float | None = None,
+             keep_fp32=()) -> dict:
+    """Return the measured row of `<base>_int8` (saved under models/), or a not-applicable row off the CPU.
+
+    `smooth_windows` / `smooth_alpha` / `keep_fp32`: SmoothQuant-style smoothing and projections left in fp32
+    (`quantize.quantize_int8`; benchmarks/int8_smoothing.py measures what they buy).
+    """
+    from pruning_utils.model.checkpoint import load_pruned
+
+    name = f"{base_name}_int8"
+    try:
+        check_int8_device(device)
+    except NotApplicableError as err:
+        return dict(variant=name, method="int8", base=base_name, form="int8", saved=False, applicable=False,
+                    note=str(err))
+    if model is None:
+        model, tok = load_pruned(base_name, device="cpu", dtype=torch.float32)
+    q = quantize_int8(model, per_channel=per_channel, smooth_windows=smooth_windows, smooth_alpha=smooth_alpha,
+                      keep_fp32=keep_fp32, progress=False)
+    params = count_params(q)["non_embedding"]
+    how = [f"smoothed (alpha {q.int8_smoothing})"] if q.int8_smoothing is not None else []
+    how += [f"{', '.join(keep_fp32)} kept fp32"] if keep_fp32 else []
+    row = dict(method="int8", base=base_name, form="int8" if per_channel else "int8-per-tensor", saved=True,
+               nonzero_params_non_embedding=params, params_non_embedding=params, applicable=True,
+               note="weights qint8 per output row, activations quantized per tensor at run time"
+                    + (f"; {'; '.join(how)}" if how else ""))
+    return save_measured(q, tok, name, row, chunks, reference=reference, latency_kw=latency_kw, memory_kw=memory_kw)
+
+
+def best(rows_models: list[tuple[dict, object]]) -> tuple[dict, object]:
+    """Return the `(row, model)` of lowest perplexity."""
+    return min(rows_models, key=lambda rm: rm[0]["ppl"])
+
+
+def available_variants(names: list[str], device) -> list[str]:
+    """Return `names` without the INT8 variants when `device` cannot run them (notebook 03b wrote n/a rows instead)."""
+    from pruning_utils.model.devices import resolve_device
+
+    device = resolve_device(device)
+    if int8_applicable(device):
+        return list(names)
+    dropped = [n for n in names if n.endswith("_int8")]
+    if dropped:
+        print(f"not measured on {device}: {', '.join(dropped)} (dynamic INT8 is CPU-only)")
+    return [n for n in names if n not in dropped]
+
+
+def exists(name: str) -> bool:
+    """Return True when checkpoint `name` exists under models/."""
+    return (resolve_checkpoint_dir(name) / PLAN_FILE).is_file()
+
+
+def table(rows: list[dict]):
+    """Return the rows as the tidy `compression_methods.csv` table: variant, `COMPRESSION_COLUMNS`, `VARIANT_COLUMNS`."""
+    import pandas as pd
+
+    cols = ["variant"] + COMPRESSION_COLUMNS + [c for c in VARIANT_COLUMNS if c not in ("variant",)]
+    return pd.DataFrame(rows).reindex(columns=cols)
+
+
+def replaced_modules_of(model) -> dict[str, dict]:
+    """Return the factorised projections of a model (`checkpoint.replaced_modules`)."""
+    from pruning_utils.model.checkpoint import replaced_modules
+
+    return replaced_modules(model)

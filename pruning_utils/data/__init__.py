@@ -1,0 +1,1 @@
+"""Text sources, calibration mixtures and the model's own sampled text."""

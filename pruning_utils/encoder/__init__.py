@@ -1,0 +1,1 @@
+"""Encoder classifiers (BERT family): adapter, surgery, checkpoints, tasks, importance, variants."""

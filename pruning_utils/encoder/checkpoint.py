@@ -1,0 +1,125 @@
+"""Encoder checkpoints: safetensors (or INT8 state dict), config, tokenizer and the plan file, written atomically.
+
+BERT's attention derives its head size as hidden_size / num_attention_heads, so a config cannot say
+"9 heads of 32" for hidden 384. Neuron- and layer-pruned encoders with uniform widths are written as stock configs
+(`AutoModelForSequenceClassification.from_pretrained` loads them, no project code); head-pruned ones keep the
+source config and record the per-layer shapes in the plan file, and `load_encoder` rebuilds them (the stock
+loader refuses them with a size mismatch rather than computing something else).
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from pruning_utils.encoder.arch import (
+    encoder_arch_of,
+    encoder_layer_shapes,
+    encoder_layers,
+    encoder_proj,
+    set_encoder_proj,
+)
+from pruning_utils.encoder.surgery import identity_plan, prune_heads, prune_neurons, quantize_embeddings
+from pruning_utils.model.checkpoint import CheckpointError, resolve_checkpoint_dir
+from pruning_utils.model.linears import MODULE_KINDS_BY_CLASS, empty_module, quantize_linears
+from pruning_utils.model.plan import PruningPlan
+from pruning_utils.paths import atomic_folder
+
+FORMAT = "semantic-llm-pruning-encoder/1"
+PLAN_FILE = "pruning_plan.json"
+INT8_WEIGHTS_FILE = "model_int8.bin"
+
+
+def replaced_modules(model) -> dict[str, dict]:
+    """Return `{"<layer>.<projection>": {"kind", "rank"}}` for every factorised projection of an encoder."""
+    out = {}
+    for li, layer in enumerate(encoder_layers(model)):
+        for name in ("query", "key", "value", "attn_out", "intermediate", "output"):
+            m = encoder_proj(layer, name)
+            kind = MODULE_KINDS_BY_CLASS.get(type(m).__name__)
+            if kind is not None:
+                out[f"{li}.{name}"] = {"kind": kind, "rank": int(m.rank)}
+    return out
+
+
+def save_encoder(model, tokenizer, dest, extra: dict | None = None) -> Path:
+    """Write weights (safetensors, or INT8 state dict), config, tokenizer and plan file atomically; returns the folder."""
+    from safetensors.torch import save_file
+
+    encoder_arch_of(model)
+    final = resolve_checkpoint_dir(dest)
+    plan = getattr(model, "pruning_plan", None) or identity_plan(model)
+    shapes = encoder_layer_shapes(model)
+    int8, modules = bool(getattr(model, "int8", False)), replaced_modules(model)
+    heads_cut = any(s.n_heads != model.config.num_attention_heads for s in shapes)
+    uniform = len({s.intermediate for s in shapes}) == 1
+    with atomic_folder(final) as tmp:
+        if int8:
+            torch.save(model.state_dict(), tmp / INT8_WEIGHTS_FILE)
+        else:
+            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+            save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        cfg = model.config.to_dict()
+        if not uniform:
+            cfg["intermediate_size"] = max(s.intermediate for s in shapes)  # the template every layer is cut from
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        meta = {"format": FORMAT, "stock_loadable": uniform and not heads_cut and not int8 and not modules,
+                "weights": "int8" if int8 else "fp32", "modules": modules,
+                "int8_embeddings": bool(getattr(model, "int8_embeddings", False)),
+                "heads": [s.n_heads for s in shapes], "intermediate": [s.intermediate for s in shapes],
+                "plan": plan.to_dict(), "extra": extra or {}}
+        (tmp / PLAN_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    return final
+
+
+def read_encoder_meta(folder) -> dict:
+    """Return an encoder checkpoint's plan file, or raise saying what is wrong and what to do."""
+    folder = resolve_checkpoint_dir(folder)
+    path = folder / PLAN_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {PLAN_FILE}: not an encoder checkpoint of this project; write it "
+                              "with encoder.save_encoder, or load a plain model with AutoModelForSequenceClassification")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r} (an encoder checkpoint); "
+                              "a decoder checkpoint loads with checkpoint.load_pruned")
+    return meta
+
+
+def load_encoder(folder):
+    """Return `(model, tokenizer)` from a folder written by `save_encoder` (INT8 ones on CPU), in eval mode."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = resolve_checkpoint_dir(folder)
+    meta = read_encoder_meta(folder)
+    if meta["stock_loadable"]:
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+    else:
+        model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(folder))
+        # shape each layer by surgery (which rows are kept does not matter: the weights are overwritten)
+        prune_heads(model, {li: list(range(h)) for li, h in enumerate(meta["heads"])})
+        prune_neurons(model, {li: list(range(w)) for li, w in enumerate(meta["intermediate"])})
+        layers = encoder_layers(model)
+        for key, rec in (meta.get("modules") or {}).items():
+            li, name = key.split(".", 1)
+            set_encoder_proj(layers[int(li)], name, empty_module(rec["kind"], int(rec["rank"]),
+                                                                  encoder_proj(layers[int(li)], name)))
+        if meta["weights"] == "int8":
+            model = quantize_linears(model.eval(), True)
+            if meta.get("int8_embeddings"):
+                quantize_embeddings(model)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                state = torch.load(folder / INT8_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+            model.int8 = True
+        else:
+            state = load_file(folder / "model.safetensors")
+        model.load_state_dict(state)
+    model.pruning_plan = PruningPlan.from_dict(meta["plan"])
+    tok = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
+    return model.eval(), tok

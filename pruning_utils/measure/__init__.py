@@ -1,0 +1,1 @@
+"""Measurement: perplexity, fidelity, KL, latency, memory, the semantic judge, and variant rows."""

