@@ -10,11 +10,13 @@
 #   bash run_all.sh --help               # options, stages, profiles; --list-params: every parameter and its default
 # Options:
 #   --profile NAME   parameter set: default | smoke | encoder | kaggle-qwen2.5-0.5b | kaggle-qwen2.5-3b (pruning_utils/pipeline/profiles.py)
-#   --only KEYS      run only these stages, e.g. 02,03 (keys: 00 02 03 03b 04 05 06 07)
+#   --only KEYS      run only these stages, e.g. 02,03 (keys: 00 02 03 03b 04 05 06 07; 07 needs the encoder
+#                    stage: -p ENCODER_STAGE on, or --profile encoder, else --only 07 is refused)
 #   --force          re-run the selected stages even when finished with the same parameters
 #   -p NAME VALUE    override one parameter (repeatable); PRUNE_<NAME>=VALUE in the environment does the same
 # Executed notebooks land in results/notebooks/; finished stages with unchanged parameters are skipped.
-# Exit codes: 0 done, 1 a stage failed (named, with its executed notebook), 2 bad usage (nothing was run).
+# Exit codes: 0 done, 1 a stage failed (named, with its executed notebook), 2 bad usage: an unknown stage,
+# parameter or profile, a value of the wrong type or out of range, a stage the profile leaves out (nothing was run).
 # SKIP_INSTALL=1 skips scripts/install.sh (the project must then already be installed: pip install -e .).
 set -euo pipefail
 cd "$(dirname "$0")"

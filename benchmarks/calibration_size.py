@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--source", default=DEFAULTS["TEXT_SOURCE"])
-    ap.add_argument("--sizes", default="16384,32768,65536", help="calibration tokens, ascending (the embedded calibration "
+    ap.add_argument("--sizes", default="16384,32768,65536",
+                    help="calibration tokens, ascending (the embedded calibration "
                     "split holds 89,839 tokens: at a 0.75 text share the mixture reaches about 119k)")
     ap.add_argument("--shapes", default="S3", help=f"comma-separated shapes of {sorted(SHAPES)}")
     ap.add_argument("--seq-len", type=int, default=256)

@@ -38,7 +38,8 @@ def main() -> None:
     model, tok = load_model()
     model.float().eval()
     chunks = sources.eval_chunks(tok, sources.text_parts(args.source), seq_len=512, max_tokens=args.eval_tokens)
-    windows = sources.calibration_windows(tok, args.source, n_samples=args.calib_windows, seq_len=256, seed=0, model=model)
+    windows = sources.calibration_windows(tok, args.source, n_samples=args.calib_windows, seq_len=256, seed=0,
+                                          model=model)
     peaks = [float(d["down_proj"].max()) for d in activation_maxima(model, windows, progress=False)]
     print(f"down_proj input max |x| per layer: {', '.join(f'{p:.0f}' for p in peaks)}")
     alphas = [float(a) for a in args.alphas.split(",")]

@@ -192,7 +192,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--budget-s", type=float, default=840, help="skip the measurements left after this many seconds")
     ap.add_argument("--headroom-gb", type=float, default=2.0, help="skip a measurement the plan says leaves less free")
-    ap.add_argument("--replan", action="store_true", help="recompute the plan columns of the results file, measure nothing")
+    ap.add_argument("--replan", action="store_true",
+                    help="recompute the plan columns of the results file, measure nothing")
     args = ap.parse_args()
     from pruning_utils.measure import metrics
     from pruning_utils.paths import PROJECT_ROOT
@@ -237,7 +238,8 @@ def main() -> None:
             "(weights and activations take the dtype's bytes). It ignores what does not scale with parameters or "
             "dtype: fp64 Grams grow with layers x width^2 and stay fp64, LoRA/AdamW states stay fp32, and logits grow "
             "with the vocabulary (49152 here, 151936 in Qwen2.5, 128256 in Llama-3.1), so plan_fp16_gb (the memory "
-            "plan for the real config, fp16 on CUDA, same batch and sequence) is the figure to trust where they differ"),
+            "plan for the real config, fp16 on CUDA, same batch and sequence) is the figure to trust "
+            "where they differ"),
         "t4_budget_gb": T4_BUDGET_GB, "seconds": time.time() - t_start, "env": metrics.environment_info(),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -256,11 +258,13 @@ def markdown(rows: list[dict], fits: dict) -> str:
         vals = []
         for st in stages:
             r = cell.get((size, st))
-            vals.append("-" if r is None else "skipped" if "skipped" in r else f"{r['peak_mb']:.0f} / {r['plan_mb']:.0f}")
+            vals.append("-" if r is None else "skipped" if "skipped" in r
+                        else f"{r['peak_mb']:.0f} / {r['plan_mb']:.0f}")
         lines.append(f"| {size} | {r0['params'] / 1e6:.0f}M | " + " | ".join(vals) + " |")
     lines += ["", "measured / planned peak MiB (CPU, fp32)", "",
-              "| stage | a (MiB) | bytes/param | " + " | ".join(f"{t} fit fp16 GiB | {t} plan fp16 GiB" for t in TARGETS)
-              + " |", "|---|---:|---:|" + "---:|---:|" * len(TARGETS)]
+              "| stage | a (MiB) | bytes/param | "
+              + " | ".join(f"{t} fit fp16 GiB | {t} plan fp16 GiB" for t in TARGETS) + " |",
+              "|---|---:|---:|" + "---:|---:|" * len(TARGETS)]
     for st, f in fits.items():
         if f is None:
             continue

@@ -15,9 +15,9 @@ criteria, a ridge sweep of the best refit per shape, S3 refit sequentially (plai
 model's output, `--orders chase`; off by default: 20 minutes for a worse result), and S3 under `global`
 allocation at the same non-embedding count. Issue 15 adds the `obs` criterion (heads and neurons removed in the
 order of least reconstruction error left after the refit, `pruning_utils.prune.obs`; computed here from the shared Grams
-when the saved scores lack it, its cost in the JSON) and the `search` allocation (`pruning_utils.prune.search`: per-layer
-counts under the exact parameter budget, scored by KL to the dense model on held-out calibration windows), with the
-held-out KL of the search and its uniform start and the latency of both. Full rows also carry the fidelity
+when the saved scores lack it, its cost in the JSON) and the `search` allocation (`pruning_utils.prune.search`:
+per-layer counts under the exact parameter budget, scored by KL to the dense model on held-out calibration windows),
+with the held-out KL of the search and its uniform start and the latency of both. Full rows also carry the fidelity
 perplexity (held-out text sampled from the unpruned model, `sources.fidelity_chunks`). Torch-Pruning itself
 (`benchmarks/torch_pruning_peer.py`: its own Taylor scores and dependency-graph surgery, no refit) is scored in
 full at every shape as a side-by-side peer row.
@@ -168,8 +168,8 @@ class Bench:
         if r.criterion.startswith(TP_PREFIX):  # the peer prunes with its own scores and surgery
             from benchmarks.torch_pruning_peer import prune_with_torch_pruning
 
-            pruned = prune_with_torch_pruning(copy.deepcopy(self.model), self.windows, importance=r.criterion[len(TP_PREFIX):],
-                                              **SHAPES[r.shape])
+            pruned = prune_with_torch_pruning(copy.deepcopy(self.model), self.windows,
+                                              importance=r.criterion[len(TP_PREFIX):], **SHAPES[r.shape])
             return pruned, time.perf_counter() - t0
         plan = make_plan(self.model, self.scores, r, self.searched)
         built = build(self.model, plan, r, self.grams, self.windows)
@@ -339,7 +339,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_extras and refit in modes:
         # S3 from the best head criterion (S2) and the best neuron criterion (S1)
         if {"S1", "S2", "S3"} <= set(shapes):
-            h, n = bench.best("S2", reconstruction=refit)[0].criterion, bench.best("S1", reconstruction=refit)[0].criterion
+            h = bench.best("S2", reconstruction=refit)[0].criterion
+            n = bench.best("S1", reconstruction=refit)[0].criterion
             if h != n:
                 bench.screen(Recipe("S3", f"{h}+{n}", refit, ridge=args.ridge, role="combo"))
         for shape in shapes:  # ridge sweep of the best refit
@@ -404,7 +405,8 @@ def main(argv: list[str] | None = None) -> None:
         "search": {"shapes": args.search_shapes, "iterations": args.search_iterations, "group": args.search_group,
                    "held_out_windows": args.search_windows, "held_out_seed": 1,
                    "results": {"/".join(map(str, k[:4])): {"kl": v.kl, "kl_uniform": v.kl_uniform, "seconds": v.seconds,
-                                                           "counts": {"heads": v.counts.heads, "neurons": v.counts.neurons}}
+                                                           "counts": {"heads": v.counts.heads,
+                                                                      "neurons": v.counts.neurons}}
                                for k, v in bench.searched.items()}},
         "seconds": {"scores": scores_s, "grams": grams_s, "obs_selection": obs_s, "search": search_s,
                     "screen": screen_s, "full": full_s, "total": total_s},

@@ -66,7 +66,8 @@ def _check_group(group, attn_of: dict[nn.Module, tuple[int, nn.Module]], r: int,
         if module in (proj(layer, "k_proj"), proj(layer, "v_proj")):
             raise NotImplementedError(f"layer {li}: Torch-Pruning would prune K/V channels; S2 keeps K/V intact")
         heads = sorted({i // hd for i in idxs})
-        per_group = [sum(1 for h in heads if h // group_size == g) for g in range(proj(layer, "k_proj").out_features // hd)]
+        per_group = [sum(1 for h in heads if h // group_size == g)
+                     for g in range(proj(layer, "k_proj").out_features // hd)]
         if len(idxs) != len(heads) * hd or set(per_group) != {r}:
             raise NotImplementedError(
                 f"layer {li}: Torch-Pruning removes query channels {len(idxs)} = heads {heads} "
@@ -76,7 +77,8 @@ def _check_group(group, attn_of: dict[nn.Module, tuple[int, nn.Module]], r: int,
 
 def prune_with_torch_pruning(model, windows: torch.Tensor, mlp_rate: float = 0.25, head_rate: float = 0.0,
                              importance: str = "taylor"):
-    """Prune a Llama-family decoder in place with Torch-Pruning (uniform MLP width, optional query heads); returns it."""
+    """Prune a Llama-family decoder in place with Torch-Pruning
+    (uniform MLP width, optional query heads); returns it."""
     import torch_pruning as tp
 
     scorer = _importance(importance)
@@ -134,7 +136,8 @@ def prune_with_torch_pruning(model, windows: torch.Tensor, mlp_rate: float = 0.2
         touched = set().union(*(_check_group(g, attn_of, r, hd, shapes[0].n_heads // shapes[0].n_kv_heads)
                                 for g in groups))
         if r and touched != set(range(len(layers))):
-            raise NotImplementedError(f"Torch-Pruning pruned heads only in layers {sorted(touched)}, not in every layer")
+            raise NotImplementedError(f"Torch-Pruning pruned heads only in layers {sorted(touched)}, "
+                                      "not in every layer")
         for group in groups:
             group.prune()
     finally:

@@ -16,6 +16,7 @@ from typing import Callable
 import pandas as pd
 
 from pruning_utils.paths import PROJECT_ROOT, ablation_dir
+from pruning_utils.pipeline.stages import STAGES
 
 MARKER = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
 
@@ -111,8 +112,8 @@ def calibration_sources() -> str:
     """Return `benchmarks/calibration_sources.py`: per calibration source and shape, in-domain / fidelity PPL, KL."""
     df = _csv("calibration_sources")
     df["calibration_source"] = df["calibration_source"].fillna("").replace("", "(unpruned)")
-    table = df.pivot_table(index="calibration_source", columns="shape", values=["ppl", "fidelity_ppl", "kl_to_baseline"],
-                           sort=False)
+    table = df.pivot_table(index="calibration_source", columns="shape",
+                           values=["ppl", "fidelity_ppl", "kl_to_baseline"], sort=False)
     table.columns = [f"{shape} {metric}" for metric, shape in table.columns]
     order = [f"{s} {m}" for s in ("baseline", "S1", "S2", "S3") for m in ("ppl", "fidelity_ppl", "kl_to_baseline")]
     return _md(table[[c for c in order if c in table.columns]].reset_index(), 3)
@@ -194,15 +195,17 @@ def compression_methods() -> str:
 
 def _optional(name: str, stage: str, cols: list[str], digits: int = 3) -> str:
     """Return the `cols` a stage's CSV has, or a note when the stage has not written it yet."""
-    if not (ablation_dir() / f"{name}.csv").exists():
-        return f"_No `{name}.csv` yet: `bash run_all.sh --only {stage}` writes it._\n"
+    if not (ablation_dir() / f"{name}.csv").exists():  # an encoder stage runs only with its profile (or switch)
+        how = "--profile encoder" if any(s.key == stage and s.encoder for s in STAGES) else f"--only {stage}"
+        return f"_No `{name}.csv` yet: `bash run_all.sh {how}` writes it._\n"
     return _md(_present(_csv(name), cols), digits)
 
 
 def adaptive_summary() -> str:
     """Return the adaptive-runtime controllers on the held-out prompts (notebook 05)."""
     return _optional("adaptive_summary", "05", [
-        "controller", "n_prompts", "reward", "reward_ppl_only", "tokens_per_s", "speedup_pct", "latency_s", "retention", "retention_pct",
+        "controller", "n_prompts", "reward", "reward_ppl_only", "tokens_per_s", "speedup_pct", "latency_s", "retention",
+        "retention_pct",
         "ppl", "switch_ms_max", "overhead_ms", "level_counts", "beats_fixed_on_reward"])
 
 
@@ -219,8 +222,8 @@ def calibration_size() -> str:
     df = _csv("calibration_size").sort_values(["shape", "criterion", "calib_tokens", "ridge_ratio", "order"],
                                               ascending=[True, False, True, False, True], kind="stable")
     return _md(_present(df, ["shape", "criterion", "calib_tokens", "ridge_ratio", "order", "fisher_windows",
-                             "fisher_source", "ppl", "fidelity_ppl", "gram_s_cumulative", "fisher_s", "obs_s", "refit_s",
-                             "commit"]), 4)
+                             "fisher_source", "ppl", "fidelity_ppl", "gram_s_cumulative", "fisher_s", "obs_s",
+                             "refit_s", "commit"]), 4)
 
 
 def search_heldout() -> str:
@@ -312,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         print("README tables agree with the CSVs" if not stale else f"stale README tables: {', '.join(stale)}")
         return 1 if stale else 0
     path.write_text(new)
-    print(f"rendered {len(marked_tables(new))} tables into {path}" + (f" (changed: {', '.join(stale)})" if stale else ""))
+    print(f"rendered {len(marked_tables(new))} tables into {path}"
+          + (f" (changed: {', '.join(stale)})" if stale else ""))
     return 0
 
 

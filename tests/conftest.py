@@ -39,7 +39,8 @@ def models_dir(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
-    """Run a module on one torch thread, restored afterwards: tiny models spend more on thread hand-offs than on math."""
+    """Run a module on one torch thread, restored afterwards:
+    tiny models spend more on thread hand-offs than on math."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -242,7 +242,8 @@ def test_retention_weight_is_the_smallest_that_keeps_the_constraint():
     same = controller.train_bandit(outcomes, prompts, 2, 10.0, retention_weight=w, **kw)
     assert np.array_equal(same.theta(), policy.theta())
     # an unreachable constraint takes the largest weight; outcomes without retention are refused
-    assert controller.fit_retention_weight(outcomes, prompts, 2, 10.0, 1.01, **kw)[1] == max(controller.RETENTION_WEIGHTS)
+    assert (controller.fit_retention_weight(outcomes, prompts, 2, 10.0, 1.01, **kw)[1]
+            == max(controller.RETENTION_WEIGHTS))
     with pytest.raises(ValueError, match="retention"):
         controller.fit_retention_weight(outcomes.drop(columns=["retention"]), prompts, 2, 10.0, 0.9)
 
@@ -382,3 +383,63 @@ def test_answer_ppl_from_a_prefill_equals_step_by_step_scoring(tokens):
     stepwise = nested_model.decode(nested.model, ids, forced=torch.tensor([answer]), prefilled=pre)["ppl"]
     assert controller.answer_ppl(nested.model, ids, answer, prefilled=pre) == pytest.approx(stepwise, rel=1e-5)
     nested.restore()
+
+
+def test_build_nested_follows_the_notebook_parameters(monkeypatch, capsys):
+    from pruning_utils.adaptive import experiment
+    from pruning_utils.compress import depth
+    from pruning_utils.data.sources import calibration_windows, text_parts
+    from pruning_utils.model import linears
+
+    tok, kw = TinyTokenizer(), dict(text_source="embedded", n_calib=2, seq_len=16, seed=0)
+    model = tiny_model("llama")
+    windows = calibration_windows(tok, text_parts("embedded"), n_samples=4, seq_len=16, seed=0)
+    influence = torch.tensor(depth.score_layers(copy.deepcopy(model), windows, "block_influence").scores)
+    nested = experiment.build_nested(model, tok, _scores(model), "none,heads:0.5+layers:0.34,int8", refit=True,
+                                     int8_keep_fp32=["down_proj"], int8_alpha=0.5, **kw)
+    assert list(nested.levels) == ["none", "heads:0.5+layers:0.34", "int8"] and nested.int8_model is not None
+    assert torch.equal(nested.layer_scores, influence) and nested.refit_s > 0
+    monkeypatch.setattr(linears, "int8_applicable", lambda device: False)  # a GPU: no dynamic INT8 there
+    plain = experiment.build_nested(tiny_model("llama"), tok, _scores(model), "none,ffn:0.5,int8", **kw)
+    assert list(plain.levels) == ["none", "ffn:0.5"] and plain.layer_scores is None and plain.refit_s == 0
+    assert "the int8 level is left out" in capsys.readouterr().out
+
+
+def test_experiment_steps_split_tabulate_train_and_summarize(tiny_run):
+    from pruning_utils.adaptive import experiment
+
+    nested, tok, train, test, outcomes = tiny_run
+    pool = pd.concat([train, test])[["id", "prompt"]].reset_index(drop=True)
+    ours = experiment.split_prompts(pool, tok, nested.model, seed=1, n=5)
+    for got, part in zip(ours, controller.split_prompts(pool, seed=1, n=5)):
+        want = controller.featurize(part, tok, nested.model)
+        timings = ["feature_ms", "entropy_ms"]
+        pd.testing.assert_frame_equal(got.drop(columns=timings), want.drop(columns=timings))
+    chunks = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    table = experiment.level_table(nested, outcomes, chunks, nested.memory(), refit=True, switch_repeats=3)
+    assert list(table["level"]) == list(nested.levels) and nested.current == "none"
+    assert table["refit"].tolist() == [True] * len(nested.levels) and table["switch_ms_median"].gt(0).all()
+    by_level = outcomes.groupby("level", sort=False)[["ppl", "retention"]].mean()
+    assert np.allclose(table.set_index("level")[["answer_ppl", "retention"]], by_level.loc[table["level"]])
+    assert table["active_layers"].tolist() == [len(nested.active_layers(lv)) for lv in nested.levels.values()]
+    n, tps_ref = len(nested.levels), float(outcomes["tokens_per_s"].median())
+    policy, w, grid = experiment.train_policy(outcomes, train, n, tps_ref, None, epochs=3, seed=2)
+    assert (w, grid) == (0.0, None)
+    same = controller.train_bandit(outcomes, train, n, tps_ref, epochs=3, seed=2)
+    assert np.array_equal(policy.theta(), same.theta())
+    _, w, grid = experiment.train_policy(outcomes, train, n, tps_ref, 0.5, epochs=3, seed=2)
+    assert w == controller.fit_retention_weight(outcomes, train, n, tps_ref, 0.5, epochs=3, seed=2)[1] and len(grid)
+    assert experiment.training_rewards(policy).shape == (1, 3)  # one mean reward per epoch
+    assert experiment.parse_load("live") is None and experiment.parse_load("0.1,0.5") == (0.1, 0.5)
+    assert experiment.held_out_loads((0.1, 0.5), 3, seed=1) == SimulatedLoad(1, 0.1, 0.5).loads(3)
+    assert all(0 <= v <= 1 for v in experiment.held_out_loads(None, 2, seed=1))  # live readings
+    ctrls = experiment.controllers(n, train, policy)
+    assert [c.name for c in ctrls] == ["always_none", "always_max", "rules", "learned"]
+    runtime = controller.evaluate(ctrls, nested, tok, test, [0.5] * len(test), tps_ref, max_new_tokens=3,
+                                  judge=_Judge())
+    summary = experiment.summary_table(runtime, 0.0, simulated_load=True)
+    plain = controller.summarize(runtime)
+    pd.testing.assert_frame_equal(summary[plain.columns], plain)
+    assert summary["beats_fixed_on_reward"].tolist() == (plain["reward"] > plain["reward"][:2].max()).tolist()
+    assert summary["simulated_load"].all() and (summary["retention_weight"] == 0.0).all()
+    assert experiment.verdict(summary, 0.0).startswith("learned (w = 0.0): reward ")

@@ -77,7 +77,7 @@ def test_protected_and_only_last_layers_untouched(model):
     s.heads[0] = s.heads[0] * 1e-3
     plan = plan_heads(model, s, 0.5, allocation="global", normalize="none", protect_first=1, protect_last=1)
     assert 0 not in plan.heads and 3 not in plan.heads
-    assert sum(8 - len(plan.kept_heads(l)) for l in (1, 2)) == 8  # 50% of the eligible 16 heads
+    assert sum(8 - len(plan.kept_heads(li)) for li in (1, 2)) == 8  # 50% of the eligible 16 heads
     plan = plan_neurons(model, s, 0.5, only_last=1)
     assert list(plan.neurons) == [3] and len(plan.kept_neurons(3)) == 48
     plan = plan_neurons(model, s, 0.3, allocation="global", protect_first=2)
@@ -151,7 +151,8 @@ def test_plan_from_computed_scores_is_json_ready(model, tmp_path):
     from pruning_utils.prune.importance import compute_importance
 
     windows = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
-    s = compute_importance(model, windows, ["mix"], progress=False, mix_weights={"activation": 1, "magnitude": 1})["mix"]
+    s = compute_importance(model, windows, ["mix"], progress=False,
+                           mix_weights={"activation": 1, "magnitude": 1})["mix"]
     plan = plan_both(model, s, head_rate=0.25, mlp_rate=0.25, allocation="global", multiple_of=8)
     back = PruningPlan.from_json(plan.to_json())
     assert back.provenance["scores"]["mix_weights"] == {"activation": 1, "magnitude": 1}
@@ -170,6 +171,7 @@ def test_combined_plan_removes_what_either_removes(model):
     twice = neurons.combined_with(other)
     for layer in range(4):
         assert twice.kept_neurons(layer) == sorted(set(neurons.kept_neurons(layer)) & set(other.kept_neurons(layer)))
-    small = plan_heads(tiny_model("llama", num_hidden_layers=2), _scores(tiny_model("llama", num_hidden_layers=2)), 0.25)
+    small = plan_heads(tiny_model("llama", num_hidden_layers=2),
+                       _scores(tiny_model("llama", num_hidden_layers=2)), 0.25)
     with pytest.raises(ValueError, match="different shapes cannot be combined"):
         heads.combined_with(small)

@@ -36,7 +36,8 @@ def test_layerwise_grams_equal_a_full_pass(family):
     model, w = tiny_model(family), _windows()
     layerwise = collect_grams(model, w, batch_size=4)
     full: dict = {}
-    modules = {(li, n): proj(layer, n) for li, layer in enumerate(decoder_layers(model)) for n in ("o_proj", "down_proj")}
+    modules = {(li, n): proj(layer, n) for li, layer in enumerate(decoder_layers(model))
+               for n in ("o_proj", "down_proj")}
     for key, m in modules.items():
         full[key] = GramStats.empty(m.in_features)
     calibration.stream_inputs(model, w, modules, lambda key, x: full[key].add(x), batch_size=4)

@@ -36,7 +36,8 @@ def _logits(model, tokens):
 
 @pytest.mark.parametrize("family", ["llama-nobias", "mistral", "qwen2", "qwen3"])
 def test_uniform_plan_loads_with_stock_from_pretrained(family, tokens, models_dir):
-    model = tiny_model("llama", attention_bias=False, mlp_bias=False) if family == "llama-nobias" else tiny_model(family)
+    model = (tiny_model("llama", attention_bias=False, mlp_bias=False) if family == "llama-nobias"
+             else tiny_model(family))
     apply_plan(model, _uniform_plan(model))
     folder = save_pruned(model, TinyTokenizer(), "uniform")
     assert folder == models_dir / "uniform"

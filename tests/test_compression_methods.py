@@ -1,4 +1,5 @@
-"""Compression methods as saved variants (notebook 03b): checkpoints that reload, the depth refit, targets, bad input."""
+"""Compression methods as saved variants (notebook 03b): checkpoints that reload, the depth refit, targets,
+bad input."""
 import json
 
 import pytest

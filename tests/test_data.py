@@ -79,7 +79,8 @@ def test_csv_column_selection_and_missing_column(tmp_path):
     import pandas as pd
 
     path = tmp_path / "corpus.csv"
-    pd.DataFrame({"id": range(10), "body": _paragraphs(10), "text": [f"t{i}" for i in range(10)]}).to_csv(path, index=False)
+    pd.DataFrame({"id": range(10), "body": _paragraphs(10),
+                  "text": [f"t{i}" for i in range(10)]}).to_csv(path, index=False)
     assert all(d.startswith("t") for d in sources.load_documents(str(path), "calibration"))  # 'text' by default
     body = sources.load_documents(str(path), "calibration", column="body")
     assert len(body) == 8 and all(d.startswith("paragraph") for d in body)

@@ -1,4 +1,5 @@
-"""Tests for pruning_utils.measure.evaluation: instructions, generation, semantic retention, lm-eval zero-shot (offline)."""
+"""Tests for pruning_utils.measure.evaluation: instructions, generation, semantic retention,
+lm-eval zero-shot (offline)."""
 import builtins
 import json
 import math
@@ -196,3 +197,18 @@ def test_cached_answers_are_reused_and_follow_the_weights(models_dir):
     with torch.no_grad():
         model.lm_head.weight.mul_(2)
     assert ev.generate_answers(model, tok, ["abc", "de"], max_new_tokens=4, cache=True) != ["x", "y"]
+
+
+def test_answer_retention_judges_the_cached_greedy_answers(models_dir):
+    class Judge:  # exact strings are fully similar, others half
+        def similarity(self, a, b):
+            return [1.0 if x == y else 0.5 for x, y in zip(a, b)]
+
+    model, tok = tiny_model("llama"), TinyTokenizer()
+    answers = ev.generate_answers(model, tok, ["abc", "de"], max_new_tokens=4)
+    same = ev.answer_retention(model, tok, ["abc", "de"], answers, Judge(), max_new_tokens=4)
+    assert same["cosine_mean"] == 1.0 and same["exact_match"] == 1.0
+    assert len(list((models_dir / "_cache" / "answers").glob("*.json"))) == 1  # notebook 06 reuses them
+    other = ev.answer_retention(model, tok, ["abc", "de"], [answers[0], answers[1] + "!"], Judge(), max_new_tokens=4)
+    assert other == ev.semantic_retention([answers[0], answers[1] + "!"], answers, Judge())
+    assert other["cosine_mean"] == 0.75

@@ -1,4 +1,5 @@
-"""Importance criteria: shapes, determinism, streaming, hook hygiene, and semantic scores equal to brute-force ablation."""
+"""Importance criteria: shapes, determinism, streaming, hook hygiene, and semantic scores equal to
+brute-force ablation."""
 import pytest
 import torch
 
@@ -84,8 +85,8 @@ def test_magnitude_is_l1_of_owned_weights(model, all_scores):
             + attn.o_proj.weight[:, rows].abs().sum())
     assert torch.isclose(all_scores["magnitude"].heads[1][h], want.detach())
     j = 7
-    want = (mlp.gate_proj.weight[j].abs().sum() + mlp.up_proj.weight[j].abs().sum() + mlp.down_proj.weight[:, j].abs().sum()
-            + mlp.gate_proj.bias[j].abs() + mlp.up_proj.bias[j].abs())
+    want = (mlp.gate_proj.weight[j].abs().sum() + mlp.up_proj.weight[j].abs().sum()
+            + mlp.down_proj.weight[:, j].abs().sum() + mlp.gate_proj.bias[j].abs() + mlp.up_proj.bias[j].abs())
     assert torch.isclose(all_scores["magnitude"].neurons[1][j], want.detach())
 
 

@@ -141,7 +141,8 @@ def test_the_rules_can_fail(tmp_path):
         "model.arch -> prune.obs"]
     assert layer_violations({"paths": {"model.arch"}}) == ["paths -> model.arch"]
     f = tmp_path / "m.py"
-    f.write_text("from .x import y\ndef f():\n    from pruning_utils.model import arch, _z\n    import pruning_utils.v\n"
+    f.write_text("from .x import y\ndef f():\n    from pruning_utils.model import arch, _z\n"
+                 "    import pruning_utils.v\n"
                  "from pruning_utils.u.w import _t\nimport os\nfrom benchmarks.quality import PEERS\n")
     found = imports_of(f, "prune.m")
     assert ("prune.x", ["y"]) in found and ("model", ["arch", "_z"]) in found and ("v", []) in found

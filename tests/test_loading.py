@@ -53,5 +53,6 @@ def test_tiny_model_has_gqa_and_biases():
 def test_embedded_model_is_smollm2(embedded):
     model, tok = embedded
     c = model.config
-    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size) == (30, 576, 9, 3, 1536)
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+            c.intermediate_size) == (30, 576, 9, 3, 1536)
     assert c.tie_word_embeddings and tok.chat_template

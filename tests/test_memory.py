@@ -97,7 +97,8 @@ def test_check_plan_refuses_the_impossible_and_names_offload_mode():
 
 
 def test_offload_plan_holds_one_layer_on_the_device_and_refuses_backward_passes():
-    on, off = (memory_plan.plan_stage(LLAMA8B, "02", offload=flag, grams="streamed", copies=1, **T4) for flag in (True, False))
+    on, off = (memory_plan.plan_stage(LLAMA8B, "02", offload=flag, grams="streamed", copies=1, **T4)
+               for flag in (True, False))
     layer = [p for p in on.parts if p["name"].startswith("one decoder layer")][0]["bytes"]
     assert layer < 0.5 * GB and on.weights_gb < 1.5 and off.weights_gb > 14  # 8B fp16 weights stay on the host
     assert on.host_gb > 14 and on.fits and not off.fits
@@ -128,7 +129,8 @@ def test_choose_switches_the_cheapest_way_until_the_plan_fits(free_gb, offload, 
 
 def test_choose_keeps_what_the_parameters_fix():
     fixed = memory_plan.choose(QWEN25_3B, "03", dict(KAGGLE, OFFLOAD="off", GRAMS="device", VARIANT_BUILD="copy"))
-    assert (fixed.offload, fixed.grams, fixed.build, fixed.plan.fits, fixed.switched) == (False, "all", "copy", False, [])
+    assert ((fixed.offload, fixed.grams, fixed.build, fixed.plan.fits, fixed.switched)
+            == (False, "all", "copy", False, []))
     assert "OFFLOAD='on'" in fixed.describe()  # the advice names offload mode
     host = memory_plan.choose(QWEN25_3B, "03", dict(KAGGLE, OFFLOAD="on", GRAMS="host", VARIANT_BUILD="reload"))
     assert host.offload and host.grams == "layerwise" and host.grams_storage == "cpu"
@@ -161,8 +163,9 @@ def test_describe_stage_reads_notebook_parameters():
     # the 3B profile fits a T4 by the automatic switches: no Grams held, one model in memory
     assert text.startswith("Memory plan of stage 03 (float16 on cuda") and ": fits." in text
     assert "Switched to fit" in text and "GRAMS='auto'" in text and "VARIANT_BUILD='auto'" in text
-    fixed = memory_plan.describe_stage(QWEN25_3B, "03", {**params, "GRAMS": "device", "VARIANT_BUILD": "copy", "OFFLOAD": "off"},
-                                  available_gb=15.0, host_available_gb=29.0)
+    fixed = memory_plan.describe_stage(QWEN25_3B, "03",
+                                       {**params, "GRAMS": "device", "VARIANT_BUILD": "copy", "OFFLOAD": "off"},
+                                       available_gb=15.0, host_available_gb=29.0)
     assert "DOES NOT FIT" in fixed and "OFFLOAD='on'" in fixed
     seq = memory_plan.describe_stage(QWEN25_3B, "03", {**params, "RECON_SEQUENTIAL": True}, available_gb=15.0)
     assert "one layer's Grams at a time" in seq
@@ -182,4 +185,5 @@ def test_memory_benchmark_smoke():
     assert plan.total_gb > 0 and plan.peak_operation == "perplexity"
     line = memory_scale.fit([1e6, 2e6, 3e6], [10.0, 14.0, 18.0])
     assert line["bytes_per_param"] == pytest.approx(4.0 * 2 ** 20 / 1e6)
-    assert set(memory_scale.extrapolate(line, "perplexity", memory_scale.plan_params(2, 64))) == set(memory_scale.TARGETS)
+    assert (set(memory_scale.extrapolate(line, "perplexity", memory_scale.plan_params(2, 64)))
+            == set(memory_scale.TARGETS))

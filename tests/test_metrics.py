@@ -9,10 +9,10 @@ import torch
 from pruning_utils.measure import metrics
 from pruning_utils.model.tiny import tiny_model
 
-H, V, I, L, QW, KW = 64, 128, 96, 3, 8 * 16, 2 * 16  # tiny_model: hidden, vocab, MLP, layers, q and kv widths
+H, V, M, L, QW, KW = 64, 128, 96, 3, 8 * 16, 2 * 16  # tiny_model: hidden, vocab, MLP, layers, q and kv widths
 
 
-def _llama_layer_params(inter=I):
+def _llama_layer_params(inter=M):
     attn = (H * QW + QW) + 2 * (H * KW + KW) + (QW * H + H)  # llama tiny model has attention biases
     mlp = 2 * (H * inter + inter) + (inter * H + H)  # and MLP biases
     return attn + mlp + 2 * H  # two RMSNorms
@@ -27,7 +27,7 @@ def test_count_params_untied_matches_hand_count():
 def test_count_params_tied_embedding_counted_once():
     model = tiny_model("mistral", tie_word_embeddings=True)
     assert model.lm_head.weight is model.get_input_embeddings().weight
-    layer = H * QW + 2 * H * KW + QW * H + 3 * H * I + 2 * H  # mistral: no biases
+    layer = H * QW + 2 * H * KW + QW * H + 3 * H * M + 2 * H  # mistral: no biases
     counts = metrics.count_params(model)
     assert counts == {"total": L * layer + H + V * H, "non_embedding": L * layer + H}
 
@@ -35,7 +35,7 @@ def test_count_params_tied_embedding_counted_once():
 def test_flops_hand_count_and_narrower_layers_cost_less():
     model = tiny_model("mistral")
     ctx = (512 + 1) / 2
-    per_layer = H * (QW + 2 * KW) + QW * H + 2 * QW * ctx + 3 * H * I
+    per_layer = H * (QW + 2 * KW) + QW * H + 2 * QW * ctx + 3 * H * M
     assert metrics.flops_per_token(model, 512) == pytest.approx(2 * (L * per_layer + V * H))
     narrow = tiny_model("mistral", intermediate_size=48)
     fewer_heads = tiny_model("mistral", num_attention_heads=4)

@@ -1,10 +1,14 @@
-"""The committed notebooks match scripts/build_notebooks.py and pruning_utils/pipeline/profiles.py: no drift of defaults."""
+"""The committed notebooks are what scripts/build_notebooks.py makes of notebooks/src and
+pruning_utils/pipeline/profiles.py (no drift of code or defaults), and their code stays a report: short, no functions,
+linted."""
 import ast
 import importlib.util
 import re
 import subprocess
+import sys
 from pathlib import Path
 
+import jupytext
 import nbformat
 import pytest
 
@@ -12,7 +16,9 @@ from pruning_utils.pipeline.profiles import DEFAULTS, NOTEBOOK_PARAMS, PARAMS
 from pruning_utils.pipeline.stages import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "notebooks" / "src"
 NOTEBOOKS = sorted(NOTEBOOK_PARAMS)
+MAX_OWN_LINES = 60  # STYLE.md habit 7: parameters, calls, tables and plots only
 
 
 def _build_module():
@@ -32,9 +38,21 @@ def _parameters_cell(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     return tagged[0]
 
 
+def _own_code_lines(name: str) -> list[str]:
+    """Return the code lines of a notebook's own source (not blank, not comments): what its src file adds to the
+    generated parameters cell and the shared cells."""
+    cells = jupytext.read(SRC / name.replace(".ipynb", ".py"), fmt="py:percent").cells
+    return [line for c in cells if c.cell_type == "code" for line in c.source.splitlines()
+            if line.strip() and not line.strip().startswith("#")]
+
+
 def test_every_stage_notebook_is_declared_and_committed():
     assert sorted(s.notebook for s in STAGES) == NOTEBOOKS
     assert sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb")) == NOTEBOOKS
+    build = _build_module()
+    assert sorted(f"{p.stem}.ipynb" for p in SRC.glob("*.py") if not p.name.startswith("shared_")) == NOTEBOOKS
+    used = {f"shared_{shared}.py" for names in build.SHARED.values() for shared in names}
+    assert sorted(p.name for p in SRC.glob("shared_*.py")) == sorted(used), "a shared cell file no notebook uses"
     for names in NOTEBOOK_PARAMS.values():
         assert set(names) <= set(PARAMS) and len(set(names)) == len(names)
 
@@ -67,9 +85,40 @@ def test_declared_parameters_are_the_ones_the_code_reads(name):
 
 def test_committed_notebooks_are_what_the_build_script_writes(tmp_path):
     for path in _build_module().write_notebooks(tmp_path):
-        committed = ROOT / "notebooks" / path.name
-        assert path.read_bytes() == committed.read_bytes(), (
-            f"notebooks/{path.name} differs from what scripts/build_notebooks.py writes; run it and commit the result")
+        built, committed = nbformat.read(path, as_version=4), _read(path.name)
+        fix = f"notebooks/{path.name} differs from what scripts/build_notebooks.py writes; run it and commit the result"
+        assert len(built.cells) == len(committed.cells), fix
+        for new, old in zip(built.cells, committed.cells):
+            assert (new.id, new.cell_type, new.metadata, new.source) == (old.id, old.cell_type, old.metadata,
+                                                                         old.source), f"{fix} (cell {old.id})"
+        assert built.metadata == committed.metadata, fix
+        assert path.read_bytes() == (ROOT / "notebooks" / path.name).read_bytes(), fix
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebooks_are_short_and_define_no_functions(name):
+    own = _own_code_lines(name)
+    assert len(own) <= MAX_OWN_LINES, (
+        f"notebooks/src/{name[:-6]}.py holds {len(own)} code lines (at most {MAX_OWN_LINES}): move logic into "
+        "pruning_utils as a tested function and call it")
+    for cell in (c for c in _read(name).cells if c.cell_type == "code"):
+        for node in ast.walk(ast.parse(cell.source)):
+            defines = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or (
+                isinstance(node, ast.Assign) and isinstance(node.value, ast.Lambda))
+            assert not defines, (f"{name} (cell {cell.id}) defines {ast.unparse(node)[:60]!r}: notebooks define no "
+                                 "functions or classes; put it in pruning_utils with a test")
+
+
+def test_ruff_passes_on_the_notebook_sources_and_the_assembled_notebooks():
+    pytest.importorskip("ruff")
+    ruff = [sys.executable, "-m", "ruff", "check", "--no-cache", "--quiet"]
+    sources = subprocess.run(ruff + ["notebooks/src", "scripts/build_notebooks.py"], cwd=ROOT, capture_output=True,
+                             text=True)
+    assert sources.returncode == 0, sources.stdout + sources.stderr
+    # the sources may read names defined elsewhere (F821 is off there); every assembled notebook defines what it reads
+    notebooks = subprocess.run(ruff + ["--select", "F"] + [f"notebooks/{n}" for n in NOTEBOOKS], cwd=ROOT,
+                               capture_output=True, text=True)
+    assert notebooks.returncode == 0, notebooks.stdout + notebooks.stderr
 
 
 def test_notebooks_import_the_installed_package():

@@ -61,7 +61,8 @@ def test_offloaded_walk_reproduces_the_hidden_states(family, moves):
     model, w = tiny_model(family), _windows()
     normal = [(li, [h.clone() for h in hidden]) for li, _, hidden, _ in calibration.walk_layers(model, w, 4)]
     assert not moves
-    offloaded = [(li, [h.clone() for h in hidden]) for li, _, hidden, _ in calibration.walk_layers(model, w, 4, device="cpu")]
+    offloaded = [(li, [h.clone() for h in hidden])
+                 for li, _, hidden, _ in calibration.walk_layers(model, w, 4, device="cpu")]
     _one_at_a_time(model, moves)
     for (li, a), (lj, b) in zip(normal, offloaded):
         assert li == lj and all(torch.equal(x, y) for x, y in zip(a, b))

@@ -43,7 +43,8 @@ def smoke_run(tmp_path_factory):
     first = subprocess.run(["bash", "run_all.sh", "--profile", "smoke"], cwd=root, env=env, capture_output=True,
                            text=True, timeout=1200)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "Passed unknown parameter" not in first.stderr, "the runner must pass only the parameters a notebook declares"
+    assert "Passed unknown parameter" not in first.stderr, (
+        "the runner must pass only the parameters a notebook declares")
     second = subprocess.run(["bash", "run_all.sh", "--profile", "smoke"], cwd=root, env=env, capture_output=True,
                             text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -94,7 +95,8 @@ def test_csvs_have_documented_columns_and_finite_values(smoke_run):
         assert "search" in read_plan(root / "models" / variant).provenance, variant
     assert pd.read_csv(out / "head_pruning.csv").set_index("variant").loc["head_pruned", "criterion"] == "obs"
     recovery = pd.read_csv(out / "recovery.csv")
-    _finite(recovery, ["steps", "tokens_seen", "heldout_loss_before", "heldout_loss_after", "ppl_before", "ppl_after", "minutes"])
+    _finite(recovery, ["steps", "tokens_seen", "heldout_loss_before", "heldout_loss_after", "ppl_before",
+                       "ppl_after", "minutes"])
     for name in ("perplexity_baseline", "latency_baseline"):
         assert json.loads((out / f"{name}.json").read_text())["env"]["git_commit"]
     runtime, summary = pd.read_csv(out / "adaptive_runtime.csv"), pd.read_csv(out / "adaptive_summary.csv")

@@ -199,7 +199,8 @@ def _logits(model, windows):
 
 def test_prune_and_reconstruct_beats_plain_removal_and_matches_full_shape_refit(family):
     base = tiny_model(family)
-    plan = _plan(base, heads={li: HEADS_KEPT for li in range(3)}, neurons={0: list(range(0, 96, 2)), 2: list(range(60))})
+    plan = _plan(base, heads={li: HEADS_KEPT for li in range(3)},
+                 neurons={0: list(range(0, 96, 2)), 2: list(range(60))})
     held_out = _windows(1)
     ref = _logits(base, held_out)
     errors = {}
@@ -254,7 +255,8 @@ def test_chase_equals_sequential_without_upstream_error_and_needs_sequential():
 @pytest.mark.parametrize("mode", ["bias", "lstsq"])
 def test_chase_lowers_calibration_error_when_every_layer_is_pruned(mode):
     base = tiny_model("llama")
-    plan = _plan(base, heads={li: HEADS_KEPT for li in range(3)}, neurons={li: list(range(0, 96, 2)) for li in range(3)})
+    plan = _plan(base, heads={li: HEADS_KEPT for li in range(3)},
+                 neurons={li: list(range(0, 96, 2)) for li in range(3)})
     ref = _logits(base, _windows(0))
     err = {chase: ((_logits(prune_and_reconstruct(copy.deepcopy(base), plan, _windows(0), mode=mode, chase=chase),
                             _windows(0)) - ref).norm() / ref.norm()).item() for chase in (False, True)}
@@ -300,7 +302,8 @@ def test_bias_mode_needs_an_existing_bias():
         prune_and_reconstruct(model, _plan(model, heads={0: HEADS_KEPT}), _windows(0), mode="bias")
     assert [s.n_heads for s in layer_shapes(model)] == [8, 8, 8]  # refused before touching the model
     llama = tiny_model("llama")  # attention_bias and mlp_bias: allowed
-    prune_and_reconstruct(llama, _plan(llama, heads={0: HEADS_KEPT}, neurons={1: list(range(48))}), _windows(0), mode="bias")
+    prune_and_reconstruct(llama, _plan(llama, heads={0: HEADS_KEPT}, neurons={1: list(range(48))}), _windows(0),
+                          mode="bias")
     assert [s.n_heads for s in layer_shapes(llama)] == [4, 8, 8]
 
 
@@ -328,7 +331,8 @@ class TestEmbedded:
 @pytest.mark.parametrize("chase", [False, True])
 def test_reselect_keeps_the_counts_and_kv_groups_and_records_its_choice(chase):
     base = tiny_model("llama")
-    plan = _plan(base, heads={li: HEADS_KEPT for li in range(3)}, neurons={li: list(range(0, 96, 2)) for li in range(3)})
+    plan = _plan(base, heads={li: HEADS_KEPT for li in range(3)},
+                 neurons={li: list(range(0, 96, 2)) for li in range(3)})
     given = copy.deepcopy(plan)
     ref = _logits(base, _windows(0))
     err, chosen = {}, None

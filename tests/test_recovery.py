@@ -278,7 +278,8 @@ def test_two_process_data_parallel_run_agrees(tmp_path):
     # `-m` runs from cwd=PROJECT_ROOT, so every rank imports this checkout's package (or the installed one)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()),
            "-m", "pruning_utils.recovery.launch", "--config", str(config), "--save-state-dict", str(tmp_path / "sd.pt"),
            "--no-progress"]
     proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -334,3 +335,34 @@ def test_self_data_distillation_trains_on_the_teachers_answers_and_lowers_the_lo
     train = recovery_windows("selfdistill", tok, 16, 32, teacher, text, prompts=prompts, max_new_tokens=16)
     _, stats = recover(student, tok, train, cfg, teacher=teacher, heldout_windows=train[:4], progress=False)
     assert stats["heldout_loss_after"] < stats["heldout_loss_before"]
+
+
+def test_training_windows_read_the_instruction_file_or_draw_other_calibration_windows(tmp_path):
+    from pruning_utils.data.sources import calibration_windows
+    from pruning_utils.recovery.training_data import training_windows
+
+    tok = TinyTokenizer()
+    text = training_windows("text", tok, "embedded", 4, 16, model=None, seed=3)
+    assert torch.equal(text, calibration_windows(tok, "embedded", n_samples=4, seq_len=16, seed=4))  # seed + 1
+    assert not torch.equal(text, calibration_windows(tok, "embedded", n_samples=4, seq_len=16, seed=3))
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"instruction": "Name a color.", "response": "Blue."}\n')
+    assert torch.equal(training_windows("text", tok, "embedded", 4, 16, model=None, instruction_jsonl=jsonl),
+                       instruction_windows(tok, jsonl, 16))
+
+
+def test_recovery_row_reports_quality_before_and_after_and_the_damage_won_back():
+    from pruning_utils.recovery.report import recovery_row
+
+    stats = dict(steps=4, tokens_seen=512, heldout_loss_before=3.0, heldout_loss_after=2.5, loss_first=3.1,
+                 loss_last=2.4, minutes=0.1, tokens_per_s=90.0)
+    before = dict(ppl=14.0, fidelity_ppl=20.0, kl_to_baseline=0.3)
+    after = dict(ppl=12.0, fidelity_ppl=18.0, kl_to_baseline=0.2, device="cpu", dtype="float32")
+    kept = dict(cosine_mean=0.8), dict(cosine_mean=0.9)
+    row = recovery_row("mix_pruned", stats, before, after, dict(ppl=10.0), *kept, loss="lm", data="text")
+    assert row["model"] == "mix_pruned" and (row["loss"], row["data"]) == ("lm", "text")
+    assert row["damage_recovered_pct"] == pytest.approx(50.0)  # 14 -> 12 of the 4 points lost to pruning
+    assert (row["semantic_before"], row["semantic_after"], row["kl_before"], row["kl_after"]) == (0.8, 0.9, 0.3, 0.2)
+    assert (row["ppl_baseline"], row["ppl_before"], row["ppl_after"], row["steps"]) == (10.0, 14.0, 12.0, 4)
+    no_damage = recovery_row("x", stats, dict(ppl=9.0), after, dict(ppl=10.0), *kept, loss="lm", data="text")
+    assert math.isnan(no_damage["damage_recovered_pct"]) and no_damage["fidelity_before"] is None

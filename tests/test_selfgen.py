@@ -38,7 +38,8 @@ def test_selfgen_is_deterministic_for_a_seed_and_cached(tiny, models_dir):
 def test_cache_key_follows_the_model_and_purpose(tiny, models_dir):
     model, tok = tiny
     base = selfgen.sample_settings(model, 16, 0, 1.0, 0.95, selfgen.NEUTRAL_PROMPTS, "calibration", 16)
-    other = selfgen.sample_settings(tiny_model("llama", seed=1), 16, 0, 1.0, 0.95, selfgen.NEUTRAL_PROMPTS, "calibration", 16)
+    other = selfgen.sample_settings(tiny_model("llama", seed=1), 16, 0, 1.0, 0.95, selfgen.NEUTRAL_PROMPTS,
+                                    "calibration", 16)
     fid = dict(base, purpose="fidelity")
     paths = {selfgen.cache_path(s, 0) for s in (base, other, fid)}
     assert len(paths) == 3

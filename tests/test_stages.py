@@ -61,7 +61,7 @@ def test_list_params_prints_every_declaration(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name,text,expected", [
-    ("HEAD_RATE", "0.3", 0.3), ("HEAD_RATE", "1", 1.0), ("N_CALIB", "16", 16), ("N_CALIB", "1e2", 100),
+    ("HEAD_RATE", "0.3", 0.3), ("HEAD_RATE", "0", 0.0), ("N_CALIB", "16", 16), ("N_CALIB", "1e2", 100),
     ("EVAL_MAX_TOKENS", "null", None), ("ZERO_SHOT_LIMIT", "50", 50), ("ZERO_SHOT", "true", True),
     ("ZERO_SHOT", "False", False), ("MODEL", "Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B"), ("MODEL", "123", "123"),
     ("HEAD_SWEEP", "0.25", "0.25"), ("MLP_SWEEP", "0.25,0.5", "0.25,0.5"), ("INSTRUCTION_JSONL", "", ""),
@@ -81,8 +81,8 @@ def test_coerce_rejects(name, value):
 
 
 def test_overrides_are_typed_and_case_insensitive():
-    params = resolve_parameters("smoke", {"head_rate": 1, "mlp_sweep": [0.25, 0.5]}, environ={"PRUNE_N_CALIB": "4"})
-    assert params["HEAD_RATE"] == 1.0 and isinstance(params["HEAD_RATE"], float)
+    params = resolve_parameters("smoke", {"head_rate": 0, "mlp_sweep": [0.25, 0.5]}, environ={"PRUNE_N_CALIB": "4"})
+    assert params["HEAD_RATE"] == 0.0 and isinstance(params["HEAD_RATE"], float)
     assert params["MLP_SWEEP"] == "0.25,0.5" and params["N_CALIB"] == 4 and params["PROFILE"] == "smoke"
     with pytest.raises(ParameterError, match="--profile"):
         resolve_parameters("smoke", {"PROFILE": "default"})
@@ -175,7 +175,8 @@ def test_command_line_is_checked_without_torch(tmp_path, capsys):
 
     assert main(["--check", "--profile", "smoke", "-p", "HEAD_RATE", "0.3"], root=tmp_path) == 0
     assert not list(tmp_path.iterdir())
-    probe = "import sys, pruning_utils.pipeline.stages; sys.exit('torch' in sys.modules)"  # run_all.sh checks before installing
+    # run_all.sh checks before installing
+    probe = "import sys, pruning_utils.pipeline.stages; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parent.parent).returncode == 0
 
 

@@ -73,7 +73,8 @@ def test_reconstruction_sweep_shares_one_gram_pass(setup):
 
 
 def test_rows_report_achieved_fractions_next_to_requested_rates():
-    model = tiny_model("llama", hidden_size=72, num_attention_heads=9, num_key_value_heads=3, head_dim=8)  # SmolLM2-like
+    # SmolLM2-like
+    model = tiny_model("llama", hidden_size=72, num_attention_heads=9, num_key_value_heads=3, head_dim=8)
     chunks = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(0))
     scores = importance.compute_importance(model, chunks, ["magnitude"], progress=False)["magnitude"]
     ref = measure_variant(model, chunks, variant="baseline")
@@ -116,8 +117,72 @@ def test_reload_build_prunes_in_place_and_gives_the_copy_paths_weights():
     assert reload_src.reloads == 3 and copy_src.reloads == 0  # one load per variant, never two models at once
     assert layer_shapes(copy_src.model) == layer_shapes(reload_src.model)  # the source comes back unpruned
     chunks = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(2))
-    by_copy = criteria_sweep(copy_src.model, {"activation": scores}, ["activation"], [0.5], "heads", chunks, progress=False)
-    by_reload = criteria_sweep(reload_src, {"activation": scores}, ["activation"], [0.5], "heads", chunks, progress=False)
+    by_copy = criteria_sweep(copy_src.model, {"activation": scores}, ["activation"], [0.5], "heads", chunks,
+                             progress=False)
+    by_reload = criteria_sweep(reload_src, {"activation": scores}, ["activation"], [0.5], "heads", chunks,
+                               progress=False)
     assert by_copy[0]["ppl"] == by_reload[0]["ppl"]
     with pytest.raises(ValueError, match="known: copy, reload"):
         Unpruned("tiny-llama", build="inplace")
+
+
+class _Judge:  # exact strings are fully similar, others half
+    def similarity(self, a, b):
+        return [1.0 if x == y else 0.5 for x, y in zip(a, b)]
+
+
+def test_final_row_reuses_the_recorded_perplexity_and_adds_provenance_size_and_retention(setup, models_dir,
+                                                                                         monkeypatch):
+    from pruning_utils.measure import evaluation
+    from pruning_utils.measure.final_eval import final_row
+    from pruning_utils.measure.metrics import checkpoint_size_mb
+    from pruning_utils.model.checkpoint import save_pruned
+    from pruning_utils.model.tiny import TinyTokenizer
+
+    model, _, chunks, scores = setup
+    tok = TinyTokenizer()
+    recorded = dict(measure_variant(model, chunks, variant="baseline", source_model="tiny-llama"), ppl=123.0)
+    kw = dict(source_model="tiny-llama", recorded_baseline=recorded, prompts=["abc", "de"], judge=_Judge(),
+              max_new_tokens=3)
+    base, base_answers = final_row("baseline", model, tok, chunks, reference=None, **kw)
+    assert base["ppl"] == 123.0 and base["criterion"] == ""  # reused as recorded; the baseline has no provenance
+    assert (base["semantic_cosine"], base["exact_match"], base["n_prompts"]) == (1.0, 1.0, 2)
+    pruned = pruned_copy(model, allocation.plan_heads(model, scores["activation"], 0.5))
+    extra = measure_variant(pruned, chunks, variant="head_pruned", criterion="activation", head_rate_requested=0.5,
+                            reference=recorded)
+    folder = save_pruned(pruned, tok, "head_pruned", extra=extra)
+    monkeypatch.setattr(evaluation, "zero_shot", lambda m, t, tasks, limit=None: {task: 0.5 for task in tasks})
+    row, answers = final_row("head_pruned", pruned, tok, chunks, reference=base, reference_answers=base_answers,
+                             zero_shot_tasks=["arc_easy"], **kw)
+    assert (row["criterion"], row["head_rate_requested"], row["ppl"]) == ("activation", 0.5, extra["ppl"])
+    assert row["size_mb"] == checkpoint_size_mb(folder) and row["zs_arc_easy"] == 0.5 and "zs_arc_easy" not in base
+    assert answers == evaluation.generate_answers(pruned, tok, ["abc", "de"], max_new_tokens=3)
+    assert row["semantic_cosine"] == evaluation.semantic_retention(base_answers, answers, _Judge())["cosine_mean"]
+
+
+def test_mix_variant_keeps_the_head_pruned_heads_one_shot_or_rescored(setup, models_dir):
+    from pruning_utils.measure.mix import mix_variant
+    from pruning_utils.measure.variants import Unpruned, prune_in_place
+    from pruning_utils.model.checkpoint import load_pruned, read_plan, save_pruned
+    from pruning_utils.model.tiny import TinyTokenizer
+
+    model, windows, _, scores = setup
+    head_plan = allocation.plan_heads(model, scores["activation"], 0.5)
+    head = pruned_copy(model, head_plan)
+    save_pruned(head, TinyTokenizer(), "head_pruned", plan=head_plan)
+    mlp_plan = allocation.plan_neurons(model, scores["random"], 0.5)
+    kw = dict(head_row=dict(criterion="activation", head_rate_requested=0.5), mlp_criterion="activation",
+              mlp_rate=0.5, plan_kw=dict(allocation_name="uniform", seed=0))
+    grams = collect_grams(model, windows, which=["o_proj", "down_proj"])
+    one_shot = mix_variant(Unpruned(model=model), scores, mlp_plan, windows, grams=grams, reconstruction="lstsq", **kw)
+    expected = pruned_copy(model, mlp_plan.combined_with(read_plan("head_pruned")), windows, "lstsq", stats=grams,
+                           sequential=False)
+    assert layer_shapes(one_shot) == layer_shapes(expected)
+    assert [s.n_heads for s in layer_shapes(one_shot)] == [s.n_heads for s in layer_shapes(head)]
+    assert all(torch.equal(a, b) for a, b in zip(one_shot.parameters(), expected.parameters()))
+    rescored = mix_variant(Unpruned(model=model), scores, mlp_plan, windows, rescore=True, **kw)
+    head_model, _ = load_pruned("head_pruned")
+    head_scores = importance.compute_importance(head_model, windows, ["activation"], progress=False)["activation"]
+    expected = prune_in_place(head_model, allocation.plan_neurons(head_model, head_scores, 0.5))
+    assert layer_shapes(rescored) == layer_shapes(expected)
+    assert all(torch.equal(a, b) for a, b in zip(rescored.parameters(), expected.parameters()))

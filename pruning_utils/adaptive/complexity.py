@@ -83,7 +83,8 @@ def prompt_features(prompt: str, tokenizer=None, model=None) -> PromptFeatures:
 
 @torch.inference_mode()
 def first_token_entropy(model, tokenizer, prompt: str) -> float:
-    """Return the entropy of the model's first answer token for a prompt, divided by log(vocabulary size) (in [0, 1])."""
+    """Return the entropy of the model's first answer token for a prompt, divided by log(vocabulary size)
+    (in [0, 1])."""
     from pruning_utils.measure.evaluation import format_prompt
 
     text = format_prompt(tokenizer, prompt)

@@ -29,6 +29,7 @@ Bin edges: complexity tertiles of the training split (`RuleController.fit`), loa
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from pruning_utils.adaptive.complexity import (
     prompt_features,
 )
 from pruning_utils.adaptive.nested_model import NestedModel, decode, prefill
+from pruning_utils.data.files import read_csv
 
 SPEED_WEIGHT, PPL_WEIGHT, PPL_SCALE = 0.6, 0.4, 10.0
 BINS = ("low", "mid", "high")
@@ -75,23 +77,45 @@ def prompt_pool() -> pd.DataFrame:
 
 
 def load_prompt_csv(path: str | Path) -> pd.DataFrame:
-    """Return a prompt CSV (any columns, one of them `prompt`); raises ValueError without a `prompt` column."""
-    df = pd.read_csv(path)
+    """Return a prompt CSV (any columns, one of them `prompt`; every cell read as text), empty and duplicate prompts
+    dropped (duplicates with a warning); raises ValueError without a `prompt` column, with repeated ids or with fewer
+    than 2 distinct prompts (DataFileError, naming the file, for one that is empty, malformed or not UTF-8)."""
+    df = read_csv(path, dtype=str, keep_default_na=False)
     if "prompt" not in df.columns:
         raise ValueError(f"{path} has no 'prompt' column (columns: {', '.join(map(str, df.columns))}); "
                          "give a CSV with one prompt per row in a column named 'prompt'")
-    df = df[df["prompt"].astype(str).str.strip() != ""].dropna(subset=["prompt"]).reset_index(drop=True)
+    df = df[df["prompt"].str.strip() != ""].reset_index(drop=True)
     if "id" not in df.columns:
         df.insert(0, "id", [f"p{i}" for i in range(len(df))])
     elif df["id"].duplicated().any():
         raise ValueError(f"{path}: the 'id' column repeats {sorted(df['id'][df['id'].duplicated()].astype(str))[:5]}; "
                          "make the ids unique or drop the column (rows are then numbered)")
+    return _distinct_prompts(df, str(path))
+
+
+def _distinct_prompts(df: pd.DataFrame, what: str) -> pd.DataFrame:
+    """Return the rows of the first occurrence of each prompt (whitespace runs count as one space), warning about
+    the others: a prompt in both the training and the test split would be tested on what the policy learned from.
+    Raises ValueError when fewer than 2 remain."""
+    key = df["prompt"].astype(str).str.split().str.join(" ")
+    dup = key.duplicated()
+    if dup.any():
+        warnings.warn(f"{what}: {int(dup.sum())} duplicate prompt(s) removed before the train/test split (the first "
+                      f"of each kept), e.g. {key[dup].iloc[0][:60]!r}", stacklevel=3)
+        df = df[~dup].reset_index(drop=True)
+    if len(df) < 2:
+        raise ValueError(f"{what} holds {len(df)} distinct prompt(s): the train/test split needs at least 2 (one to "
+                         "train the controllers on, one to test them); add prompts")
     return df
 
 
 def split_prompts(df: pd.DataFrame, seed: int = 0, train_frac: float = 0.8, n: int | None = None
                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Return a seeded (train, test) split of `n` rows drawn from the table (all rows when n is None)."""
+    """Return a seeded (train, test) split of `n` rows drawn from the table (all rows when n is None), duplicate
+    prompts dropped first (with a warning); raises ValueError when fewer than 2 prompts would be drawn."""
+    df = _distinct_prompts(df, "the prompt table")
+    if n is not None and n < 2:
+        raise ValueError(f"n={n} prompts cannot be split into training and test prompts: draw at least 2")
     order = np.random.default_rng(seed).permutation(len(df))[: n or len(df)]
     cut = max(1, min(len(order) - 1, round(train_frac * len(order))))
     return df.iloc[order[:cut]].reset_index(drop=True), df.iloc[order[cut:]].reset_index(drop=True)
@@ -434,7 +458,8 @@ def evaluate(controllers: list[Controller], nested: NestedModel, tokenizer, prom
             overhead_ms = (p["feature_ms"] if ctrl.uses_features else 0.0) + extra_ms + decide_ms + switch_ms
             latency = out["seconds"] + overhead_ms / 1000
             tps = len(out["ids"]) / latency
-            rows.append(dict(controller=ctrl.name, id=p["id"], complexity=p["complexity"], load=load, level=names[index],
+            rows.append(dict(controller=ctrl.name, id=p["id"], complexity=p["complexity"], load=load,
+                             level=names[index],
                              level_index=index, decide_ms=decide_ms, switch_ms=switch_ms, overhead_ms=overhead_ms,
                              latency_s=latency, new_tokens=len(out["ids"]), tokens_per_s=tps,
                              cache_tokens_max=out["cache_tokens_max"], cache_bytes_max=out["cache_bytes_max"],

@@ -393,7 +393,8 @@ class NestedModel:
         return self.model
 
     def memory(self) -> dict:
-        """Return the model's parameter bytes and what the nesting adds (index tensors only: the views share storage)."""
+        """Return the model's parameter bytes and what the nesting adds
+        (index tensors only: the views share storage)."""
         every = list(self.model.parameters()) + [p for layer in self.layers for p in layer.parameters()]  # skipped too
         params = {p.data_ptr(): p.numel() * p.element_size() for p in every}
         extra = sum(o.numel() * o.element_size() for o in self.neuron_order) + sum(8 * len(h) for h in self.head_order)
@@ -430,6 +431,7 @@ def trim_cache(cache, window: int, sinks: int = KV_SINK_TOKENS) -> None:
 
 
 def cache_kw(model) -> str:
+    """Return the name of the keyword under which the model's forward takes its KV cache."""
     import inspect
 
     # transformers 5.x renames `past_key_values` to `cache` (the old name warns from 5.2x on)

@@ -13,7 +13,6 @@ named variants and tidy rows. Rows carry `VARIANT_COLUMNS` plus `COMPRESSION_COL
 from __future__ import annotations
 
 import copy
-import json
 
 import torch
 
@@ -22,7 +21,13 @@ from pruning_utils.compress.quantize import quantize_int8
 from pruning_utils.measure.metrics import checkpoint_size_mb, count_params
 from pruning_utils.measure.variants import VARIANT_COLUMNS, measure_variant
 from pruning_utils.model.arch import PROJECTIONS, decoder_layers, proj
-from pruning_utils.model.checkpoint import PLAN_FILE, read_checkpoint_meta, resolve_checkpoint_dir, save_pruned
+from pruning_utils.model.checkpoint import (
+    PLAN_FILE,
+    read_checkpoint_meta,
+    record_extra,
+    resolve_checkpoint_dir,
+    save_pruned,
+)
 from pruning_utils.model.linears import NotApplicableError, SparseLowRankLinear, check_int8_device, int8_applicable
 from pruning_utils.model.surgery import apply_plan
 
@@ -60,12 +65,7 @@ def save_measured(model, tok, name: str, row: dict, chunks, *, reference: dict, 
     full.update({k: row[k] for k in COMPRESSION_COLUMNS}, saved=True, size_mb=round(checkpoint_size_mb(folder), 2))
     full["nonzero_params_non_embedding"] = row["nonzero_params_non_embedding"] - row["params_non_embedding"] + \
         full["params_non_embedding"]
-    path = folder / PLAN_FILE  # the measured row goes where notebook 06 reads it (a small JSON rewrite)
-    meta = json.loads(path.read_text())
-    meta["extra"] = full
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=1, default=str))
-    tmp.replace(path)
+    record_extra(folder, full)  # the measured row goes where notebook 06 reads it (the manifest follows)
     return full
 
 
@@ -178,7 +178,8 @@ def exists(name: str) -> bool:
 
 
 def table(rows: list[dict]):
-    """Return the rows as the tidy `compression_methods.csv` table: variant, `COMPRESSION_COLUMNS`, `VARIANT_COLUMNS`."""
+    """Return the rows as the tidy `compression_methods.csv` table:
+    variant, `COMPRESSION_COLUMNS`, `VARIANT_COLUMNS`."""
     import pandas as pd
 
     cols = ["variant"] + COMPRESSION_COLUMNS + [c for c in VARIANT_COLUMNS if c not in ("variant",)]

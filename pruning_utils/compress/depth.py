@@ -31,7 +31,8 @@ from pruning_utils.serialization import JsonMixin
 
 @dataclass
 class LayerScores(JsonMixin):
-    """Per-layer importance (higher = keep) with what `plan_layers` needs to cost a removal; round-trips through JSON."""
+    """Per-layer importance (higher = keep) with what `plan_layers` needs to cost a removal;
+    round-trips through JSON."""
 
     criterion: str
     scores: list[float]  # one per decoder layer
@@ -160,7 +161,8 @@ def score_layers(model, windows: Tensor, criterion: str = "block_influence", bat
 
 def plan_layers(scores: LayerScores, n_remove: int | None = None, target_non_embedding: int | None = None
                 ) -> PruningPlan:
-    """Return a `PruningPlan` keeping all but the lowest-scored layers: `n_remove` of them, or as few as reach the target.
+    """Return a `PruningPlan` keeping all but the lowest-scored layers: `n_remove` of them,
+    or as few as reach the target.
 
     With `target_non_embedding`, layers are removed in ascending score order until the non-embedding count is at
     most the target (layers of unequal size are costed by their own parameters).
@@ -197,7 +199,8 @@ def plan_layers(scores: LayerScores, n_remove: int | None = None, target_non_emb
 
 @dataclass
 class SpanMap:
-    """An affine map h_out ≈ weight @ h_in + bias standing in for decoder layers [start, end), fitted by least squares."""
+    """An affine map h_out ≈ weight @ h_in + bias standing in for decoder layers [start, end),
+    fitted by least squares."""
 
     start: int
     end: int  # exclusive

@@ -5,8 +5,8 @@ A = Σ½ Vᵀ T⁻¹, B = U Σ½):
 - `plain`: T = I, the best rank-r approximation of W itself;
 - `asvd` (ASVD): T = diag(‖X_j‖), the RMS of input channel j over calibration tokens, so channels that carry
   large activations are approximated best;
-- `whiten` (SVD-LLM): T with T Tᵀ = G, the input second moment E[x xᵀ] (SVD-LLM takes its Cholesky factor), which makes the
-  truncation minimise the output error E‖(W − B A) x‖² exactly.
+- `whiten` (SVD-LLM): T with T Tᵀ = G, the input second moment E[x xᵀ] (SVD-LLM takes its Cholesky factor), which
+  makes the truncation minimise the output error E‖(W − B A) x‖² exactly.
 Statistics are streamed Grams (`stats.GramStats`), one layer at a time (`layer_grams`). The rank is given, derived
 from a parameter budget (`rank_for_params`), or read off the spectrum (`rmt_rank`: singular values above the
 Marchenko–Pastur bulk edge of a noise fit).
@@ -36,7 +36,8 @@ def check_rank(rank: int, out_features: int, in_features: int) -> int:
     full = min(out_features, in_features)
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= full:
         raise ValueError(f"rank {rank} is invalid for a {out_features}x{in_features} matrix: choose an integer in "
-                         f"[1, {full}] (full rank {full}; above {out_features * in_features // (out_features + in_features)}"
+                         f"[1, {full}] (full rank {full}; "
+                         f"above {out_features * in_features // (out_features + in_features)}"
                          " the two factors hold more parameters than the matrix)")
     return int(rank)
 

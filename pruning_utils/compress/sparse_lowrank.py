@@ -69,7 +69,8 @@ def sparse_lowrank(linear: nn.Linear, keep: Tensor, rank: int, gram: GramStats |
 def hybrid_model(model, windows: Tensor, sparsity: float | str = 0.5, rank: int = 0,
                  projections: Iterable[str] = PROJECTIONS, layers: Iterable[int] | None = None,
                  method: str = "plain", batch_size: int = 4) -> dict[tuple[int, str], float]:
-    """Sparsify the chosen projections (of every layer, or of `layers`) in place (Wanda `sparsity` in [0, 1), or "2:4") with a rank-`rank` residual fix.
+    """Sparsify the chosen projections (of every layer, or of `layers`) in place (Wanda `sparsity` in [0, 1), or "2:4")
+    with a rank-`rank` residual fix.
 
     Returns the achieved sparsity of each `(layer, projection)`. Statistics are taken layer by layer on the inputs
     the already-sparsified earlier layers produce (`lowrank.layer_grams`; Wanda's paper takes them one-shot).

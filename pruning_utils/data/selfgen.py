@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
-from pruning_utils.paths import models_dir
+from pruning_utils.paths import atomic_file, models_dir
 
 # Openings that pick no domain: the bare BOS plus a few generic starts (the model continues in its own voice).
 NEUTRAL_PROMPTS = ("", "The", "In", "Today", "Here is", "Question:", "Once upon a time", "1.")
@@ -33,7 +31,8 @@ def model_fingerprint(model) -> str:
 
 
 def sample_settings(model, seq_len: int, seed: int, temperature: float, top_p: float, prompts: tuple[str, ...],
-              purpose: str, batch_size: int) -> dict:
+                    purpose: str, batch_size: int) -> dict:
+    """Return the settings that identify a self-generated text cache (model fingerprint, sampling, prompts)."""
     param = next(model.parameters())
     return dict(model=model_fingerprint(model), seq_len=seq_len, seed=seed, temperature=temperature, top_p=top_p,
                 prompts=list(prompts), purpose=purpose, batch_size=batch_size, device=param.device.type,
@@ -84,15 +83,8 @@ def _generate_batch(model, tokenizer, batch: int, settings: dict) -> torch.Tenso
 def _save(ids: torch.Tensor, path: Path, settings: dict) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:  # written whole, then renamed: a crash never leaves a half cache another stage would trust
-        save_file({"ids": ids.contiguous()}, tmp, metadata={"settings": json.dumps(settings)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(path) as tmp:  # written whole, then renamed: a crash never leaves a half cache to trust
+        save_file({"ids": ids.contiguous()}, str(tmp), metadata={"settings": json.dumps(settings)})
 
 
 def sample_windows(model, tokenizer, n_samples: int, seq_len: int, seed: int = 0, temperature: float = 1.0,
@@ -112,7 +104,8 @@ def sample_windows(model, tokenizer, n_samples: int, seq_len: int, seed: int = 0
                          f"(got {n_samples}, {seq_len}, {batch_size})")
     if not temperature > 0 or not 0 < top_p <= 1:
         raise ValueError(f"selfgen needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
-    settings = sample_settings(model, seq_len, seed, float(temperature), float(top_p), tuple(prompts), purpose, batch_size)
+    settings = sample_settings(model, seq_len, seed, float(temperature), float(top_p), tuple(prompts), purpose,
+                               batch_size)
     batches = []
     for b in progress(range(-(-n_samples // batch_size)), desc=f"selfgen {purpose}", unit="batch"):
         path = cache_path(settings, b, cache_dir)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import random
 import re
 from pathlib import Path
 
 import torch
+
+from pruning_utils.data.files import jsonl_records, read_csv, read_text
 
 SPLITS = ("calibration", "evaluation")
 EVAL_FRACTION = 0.2
@@ -82,7 +83,8 @@ def _wikitext2(split: str) -> tuple[str, ...]:
     try:
         from datasets import load_dataset
 
-        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="train" if split == "calibration" else "test")["text"]
+        rows = load_dataset("wikitext", "wikitext-2-raw-v1",
+                            split="train" if split == "calibration" else "test")["text"]
     except Exception as err:  # network, hub and cache errors all end here
         raise DataSourceError(
             f"could not load wikitext-2 ({err.__class__.__name__}: {err}); it is downloaded from the Hugging Face "
@@ -101,15 +103,13 @@ def _wikitext2(split: str) -> tuple[str, ...]:
 def _read_local(path: Path, column: str | None) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
         return [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
     if suffix == ".csv":
-        import pandas as pd
-
-        records = pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
-        columns = list(records[0]) if records else list(pd.read_csv(path, nrows=0).columns)
+        frame = read_csv(path, dtype=str, keep_default_na=False)
+        records, columns = frame.to_dict("records"), list(frame.columns)
     else:
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = [r for _, r in jsonl_records(path)]
         columns = list(dict.fromkeys(k for r in records for k in r))
     name = column or ("text" if "text" in columns else None)
     if name is None or name not in columns:
@@ -334,7 +334,8 @@ def eval_chunks(tokenizer, source: str = "embedded", seq_len: int = 512, max_tok
     parts = [(n, w) for n, w in parse_mixture(source) if n != SELFGEN]
     if not parts:
         raise DataSourceError(f"text source '{source}' has no evaluation text: self-generated text is measured by "
-                              "the fidelity set (data.fidelity_chunks); add a text part, e.g. 'embedded:0.5+selfgen:0.5'")
+                              "the fidelity set (data.fidelity_chunks); add a text part, "
+                              "e.g. 'embedded:0.5+selfgen:0.5'")
     if len(parts) == 1:
         return _eval_windows(tokenizer, parts[0][0], seq_len, max_tokens, column)
     total = sum(w for _, w in parts)

@@ -22,7 +22,16 @@ from pruning_utils.encoder.arch import (
     set_encoder_proj,
 )
 from pruning_utils.encoder.surgery import identity_plan, prune_heads, prune_neurons, quantize_embeddings
-from pruning_utils.model.checkpoint import CheckpointError, resolve_checkpoint_dir
+from pruning_utils.model.checkpoint import (
+    CheckpointError,
+    check_layer_count,
+    check_weights_match,
+    read_json,
+    read_weights,
+    refuse_nonfinite,
+    resolve_checkpoint_dir,
+    verify_checkpoint,
+)
 from pruning_utils.model.linears import MODULE_KINDS_BY_CLASS, empty_module, quantize_linears
 from pruning_utils.model.plan import PruningPlan
 from pruning_utils.paths import atomic_folder
@@ -45,11 +54,13 @@ def replaced_modules(model) -> dict[str, dict]:
 
 
 def save_encoder(model, tokenizer, dest, extra: dict | None = None) -> Path:
-    """Write weights (safetensors, or INT8 state dict), config, tokenizer and plan file atomically; returns the folder."""
+    """Write weights (safetensors, or INT8 state dict), config, tokenizer and plan file atomically;
+    returns the folder."""
     from safetensors.torch import save_file
 
     encoder_arch_of(model)
     final = resolve_checkpoint_dir(dest)
+    refuse_nonfinite(model, final)  # before anything is written: the checkpoint already there stays
     plan = getattr(model, "pruning_plan", None) or identity_plan(model)
     shapes = encoder_layer_shapes(model)
     int8, modules = bool(getattr(model, "int8", False)), replaced_modules(model)
@@ -77,13 +88,15 @@ def save_encoder(model, tokenizer, dest, extra: dict | None = None) -> Path:
 
 
 def read_encoder_meta(folder) -> dict:
-    """Return an encoder checkpoint's plan file, or raise saying what is wrong and what to do."""
-    folder = resolve_checkpoint_dir(folder)
+    """Return an encoder checkpoint's plan file once the folder verifies (`checkpoint.verify_checkpoint`: an interrupted
+    save's copy put back, the manifest checked), or raise saying what is wrong and what to do."""
+    folder = verify_checkpoint(folder)
     path = folder / PLAN_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder} has no {PLAN_FILE}: not an encoder checkpoint of this project; write it "
-                              "with encoder.save_encoder, or load a plain model with AutoModelForSequenceClassification")
-    meta = json.loads(path.read_text())
+                              "with encoder.save_encoder, or load a plain model with "
+                              "AutoModelForSequenceClassification")
+    meta = read_json(path)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r} (an encoder checkpoint); "
                               "a decoder checkpoint loads with checkpoint.load_pruned")
@@ -91,14 +104,20 @@ def read_encoder_meta(folder) -> dict:
 
 
 def load_encoder(folder):
-    """Return `(model, tokenizer)` from a folder written by `save_encoder` (INT8 ones on CPU), in eval mode."""
-    from safetensors.torch import load_file
+    """Return `(model, tokenizer)` from a folder written by `save_encoder` (INT8 ones on CPU), in eval mode.
+
+    Raises CheckpointError naming the file when the folder is damaged: a file missing, truncated or changed, a
+    config.json whose layer count differs from the plan file's or the weights' (see `checkpoint.load_pruned`).
+    """
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     folder = resolve_checkpoint_dir(folder)
     meta = read_encoder_meta(folder)
+    check_layer_count(folder, read_json(folder / "config.json"), meta["heads"])
     if meta["stock_loadable"]:
-        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        state = read_weights(folder, names_only=True)  # a cut-short file is named here, not deep in transformers
+        model, info = AutoModelForSequenceClassification.from_pretrained(folder, output_loading_info=True)
+        missing, unexpected = info["missing_keys"], info["unexpected_keys"]
     else:
         model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(folder))
         # shape each layer by surgery (which rows are kept does not matter: the weights are overwritten)
@@ -118,8 +137,9 @@ def load_encoder(folder):
                 state = torch.load(folder / INT8_WEIGHTS_FILE, map_location="cpu", weights_only=True)
             model.int8 = True
         else:
-            state = load_file(folder / "model.safetensors")
-        model.load_state_dict(state)
+            state = read_weights(folder)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    check_weights_match(folder, model, encoder_layers(model), state, missing, unexpected)
     model.pruning_plan = PruningPlan.from_dict(meta["plan"])
     tok = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
     return model.eval(), tok

@@ -51,7 +51,8 @@ def token_inputs(modules: dict, fn: Callable[[object, Tensor], None]) -> Iterato
         yield cell
 
 
-def _forward_all(model, tokenizer, df: pd.DataFrame, batch_size: int, max_length: int, cell: dict | None = None) -> None:
+def _forward_all(model, tokenizer, df: pd.DataFrame, batch_size: int, max_length: int,
+                 cell: dict | None = None) -> None:
     with torch.no_grad():
         for batch in batches(tokenizer, df, batch_size, max_length):
             if cell is not None:
@@ -61,7 +62,8 @@ def _forward_all(model, tokenizer, df: pd.DataFrame, batch_size: int, max_length
 
 def _moments(model, tokenizer, df, batch_size, max_length) -> dict:
     layers = encoder_layers(model)
-    modules = {(li, n): encoder_proj(l, n) for li, l in enumerate(layers) for n in (ENCODER_HEAD_INPUT, ENCODER_NEURON_INPUT)}
+    modules = {(li, n): encoder_proj(layer, n) for li, layer in enumerate(layers)
+               for n in (ENCODER_HEAD_INPUT, ENCODER_NEURON_INPUT)}
     stats = {k: Moments(m.in_features, m.weight.device) for k, m in modules.items()}
     with token_inputs(modules, lambda k, x: stats[k].add(x[None])) as cell:
         _forward_all(model, tokenizer, df, batch_size, max_length, cell)
@@ -108,7 +110,8 @@ def activation(model, tokenizer, df, batch_size=32, max_length=64, seed=0) -> Sc
 
 
 def fluctuation(model, tokenizer, df, batch_size=32, max_length=64, seed=0) -> Scores:
-    """Return FLAP scores: variance of input channel j over tokens x ||W[:, j]||^2 (heads: summed over their channels)."""
+    """Return FLAP scores: variance of input channel j over tokens x ||W[:, j]||^2
+    (heads: summed over their channels)."""
     stats = _moments(model, tokenizer, df, batch_size, max_length)
     return _from_channels(model, stats, lambda m, w: m.variance() * _col_norm(w) ** 2, "fluctuation")
 
@@ -143,7 +146,8 @@ def semantic(model, tokenizer, df, batch_size=32, max_length=64, seed=0) -> Scor
             per[h] = sum(F.kl_div(a, f, log_target=True, reduction="sum") for f, a in zip(full, ablated)) / len(df)
         heads.append(per)
     neurons = taylor(model, tokenizer, df, batch_size, max_length, seed).neurons
-    return Scores(heads, neurons, "semantic", {"heads": "KL of class distribution, one head masked", "neurons": "taylor"})
+    return Scores(heads, neurons, "semantic",
+                  {"heads": "KL of class distribution, one head masked", "neurons": "taylor"})
 
 
 ENCODER_CRITERIA: dict[str, Callable[..., Scores]] = {

@@ -102,7 +102,8 @@ def apply_plan(model, plan: PruningPlan):
     """Apply a plan in place (heads, neurons, then layers) after checking it fits the model; returns the model."""
     plan.validate()
     shapes = encoder_layer_shapes(model)
-    if [s.n_heads for s in shapes] != list(plan.base_heads) or [s.intermediate for s in shapes] != list(plan.base_intermediate):
+    if ([s.n_heads for s in shapes] != list(plan.base_heads)
+            or [s.intermediate for s in shapes] != list(plan.base_intermediate)):
         raise PlanMismatchError(f"the plan was made for an encoder with heads {plan.base_heads} and widths "
                                 f"{plan.base_intermediate}, this one has {[s.n_heads for s in shapes]} and "
                                 f"{[s.intermediate for s in shapes]}; recompute the plan on this model")

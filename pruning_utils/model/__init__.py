@@ -1,1 +1,2 @@
-"""Model plumbing: the architecture adapter, hooks, pruning plans, surgery, checkpoints, loading, layer-wise calibration."""
+"""Model plumbing: the architecture adapter, hooks, pruning plans, surgery, checkpoints, loading,
+layer-wise calibration."""

@@ -87,7 +87,8 @@ def batches(windows: Tensor, batch_size: int, device: torch.device | None = None
 
 
 def forward_until(model, ids: Tensor, last: nn.Module | None = None):
-    """Run the decoder stack (no LM head) on `ids`, stopping after module `last` when given; returns its output or None."""
+    """Run the decoder stack (no LM head) on `ids`, stopping after module `last` when given;
+    returns its output or None."""
     # the inner model skips lm_head: logits over a large vocabulary would cost as much as the layers
     specs = [(last, "forward", _stop)] if last is not None else []
     with hooks(*specs):
@@ -97,8 +98,9 @@ def forward_until(model, ids: Tensor, last: nn.Module | None = None):
             return None
 
 
-def stream_inputs(model, windows: Tensor, modules: Mapping[Hashable, nn.Module], add: Callable[[Hashable, Tensor], None],
-                  batch_size: int = 4, stop_after: nn.Module | None = None) -> None:
+def stream_inputs(model, windows: Tensor, modules: Mapping[Hashable, nn.Module],
+                  add: Callable[[Hashable, Tensor], None], batch_size: int = 4,
+                  stop_after: nn.Module | None = None) -> None:
     """Call `add(key, input)` with the input of every module in `modules` over full forward passes of the windows."""
     def hook(key):
         return lambda mod, args: add(key, args[0])
@@ -217,7 +219,8 @@ def walk_layers(model, windows: Tensor, batch_size: int = 4, last: int | None = 
 
 
 def iter_layer_grams(model, windows: Tensor, wanted: Mapping[int, Mapping[Hashable, nn.Linear]], batch_size: int = 4,
-                     device: torch.device | str | None = None) -> Iterator[tuple[int, nn.Module, dict[Hashable, GramStats]]]:
+                     device: torch.device | str | None = None
+                     ) -> Iterator[tuple[int, nn.Module, dict[Hashable, GramStats]]]:
     """Yield `(index, layer, {key: GramStats})` for layers 0..max(wanted), each right after the layer ran.
 
     The next layer's inputs are already computed when a layer is yielded, so a caller may refit that layer in

@@ -15,6 +15,12 @@ The plan file also says how the weights are stored, and `load_pruned` dispatches
   `{"<layer>.<projection>": {"kind": ..., "rank": r}}`; the loader builds them empty, then loads the safetensors
   (not stock-loadable: a stock loader would find no `q_proj.weight`);
 - `"weights": "int8"`: the dynamic INT8 format of `quantize` (`model_int8.bin` + `int8_checkpoint.json`), CPU only.
+
+Faults: `save_pruned` refuses a model holding NaN or inf weights and writes through `paths.atomic_folder`, which adds
+`manifest.json` (every file's size and sha256) last. Loaders first put back a copy an interrupted save left
+(`paths.recover_folder`), then check the manifest, config.json's layer count against the plan file and the weights,
+and refuse missing or unexpected weights, each with a `CheckpointError` naming the file. Checkpoints written before
+manifests load unchecked.
 """
 from __future__ import annotations
 
@@ -23,14 +29,21 @@ import os
 import warnings
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pruning_utils.model.arch import arch_of, decoder_layers, head_dim, layer_shape, layer_shapes, stock_config
 from pruning_utils.model.devices import resolve_device, resolve_dtype
 from pruning_utils.model.linears import MODULE_KINDS_BY_CLASS, check_int8_device, empty_module, quantize_linears
 from pruning_utils.model.plan import PruningPlan
 from pruning_utils.model.tiny import TinyTokenizer
-from pruning_utils.paths import atomic_folder, models_dir
+from pruning_utils.paths import (
+    atomic_folder,
+    folder_problem,
+    models_dir,
+    recover_folder,
+    write_manifest,
+    write_text_atomic,
+)
 
 PLAN_FILE = "pruning_plan.json"
 INT8_FILE = "int8_checkpoint.json"
@@ -43,10 +56,95 @@ class CheckpointError(ValueError):
     """Raised for a checkpoint folder that is missing, half-written or written by something else."""
 
 
+class NonFiniteWeightsError(ValueError):
+    """Raised instead of saving a model whose weights hold NaN or inf (the checkpoint already there stays as it was)."""
+
+
 def resolve_checkpoint_dir(dest: str | os.PathLike) -> Path:
     """Return the folder a bare name stands for (under models/), or the path itself."""
     p = Path(dest)
     return models_dir() / p if len(p.parts) == 1 and not p.is_absolute() else p
+
+
+def nonfinite_weights(model) -> list[str]:
+    """Return the names of the model's floating-point weights that hold a NaN or an inf."""
+    import torch
+
+    return [name for name, t in model.state_dict().items()
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def refuse_nonfinite(model, final: Path) -> None:
+    """Raise NonFiniteWeightsError naming the first weight holding NaN or inf, before anything is written to `final`."""
+    bad = nonfinite_weights(model)
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        kept = "the checkpoint already there is unchanged" if final.exists() else "nothing was written"
+        raise NonFiniteWeightsError(
+            f"refusing to save {final}: weight {bad[0]}{more} holds NaN or inf values; {kept}. Re-run the step that "
+            "produced the model (a diverged recovery, an overflowing half-precision dtype: try float32)")
+
+
+def verify_checkpoint(folder) -> Path:
+    """Return the checkpoint folder once a copy an interrupted save left is put back (`paths.recover_folder`) and its
+    manifest verifies; raises CheckpointError naming the file that is missing, truncated or changed."""
+    folder = resolve_checkpoint_dir(folder)
+    recover_folder(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"no checkpoint at {folder}: run the stage that writes it first (see run_all.sh)")
+    problem = folder_problem(folder)
+    if problem:
+        raise CheckpointError(f"checkpoint {folder} is damaged: {problem}; delete the folder and re-run the stage "
+                              "that wrote it (see run_all.sh)")
+    return folder
+
+
+def read_json(path: Path) -> dict:
+    """Return a checkpoint's JSON file, or raise CheckpointError naming it and the JSON problem."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{path} is missing; re-run the stage that wrote {path.parent}") from err
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); delete {path.parent} and re-run its stage") from err
+
+
+def check_layer_count(folder: Path, cfg: dict, recorded: list) -> None:
+    """Raise CheckpointError when config.json's layer count differs from the per-layer shapes the plan file records."""
+    if cfg.get("num_hidden_layers") != len(recorded):
+        raise CheckpointError(
+            f"{folder / 'config.json'} says num_hidden_layers={cfg.get('num_hidden_layers')} but {PLAN_FILE} records "
+            f"{len(recorded)} layers: config.json was edited or comes from another checkpoint; restore it or re-run "
+            "the stage that wrote the checkpoint")
+
+
+def read_weights(folder: Path, names_only: bool = False) -> dict:
+    """Return `{name: tensor}` from every safetensors file of a folder (`names_only`: `{name: None}`, headers only);
+    raises CheckpointError naming a file that is cut short or not safetensors."""
+    from safetensors import SafetensorError, safe_open
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(f, "pt") as reader:
+                out.update({k: None if names_only else reader.get_tensor(k) for k in reader.keys()})
+        except SafetensorError as err:
+            raise CheckpointError(f"{f} is not a whole safetensors file ({err}): it was cut short or overwritten; "
+                                  f"delete {folder} and re-run the stage that wrote it") from err
+    return out
+
+
+def check_weights_match(folder: Path, model, layers, names, missing, unexpected) -> None:
+    """Raise CheckpointError when the weights stored (`names`) and the structure built from config.json and the plan
+    file differ: missing or unexpected names, with both layer counts when those differ."""
+    if not (missing or unexpected):
+        return
+    prefix = next(n for n, m in model.named_modules() if m is layers) + "."  # found by identity: no path spelled
+    stored = len({n[len(prefix):].split(".", 1)[0] for n in names if n.startswith(prefix)})
+    what = (f"config.json builds {len(layers)} layers but the weights hold {stored}" if stored != len(layers)
+            else "the weights do not match the recorded shapes")
+    raise CheckpointError(f"{folder}: {what} (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); "
+                          "restore the files or re-run the stage that wrote the checkpoint")
 
 
 def _stock_config(model, plan: PruningPlan) -> tuple[dict, bool]:
@@ -83,11 +181,13 @@ def replaced_modules(model) -> dict[str, dict]:
 def save_pruned(model, tokenizer, dest, plan: PruningPlan | None = None, extra: dict | None = None) -> Path:
     """Write model, tokenizer, config and plan to `dest` atomically (temp folder, then rename); returns the folder.
 
+    A model holding NaN or inf weights is refused (NonFiniteWeightsError) before anything is written.
     A dynamic INT8 model (`quantize.quantize_int8`) is written in the INT8 format, a model with factorised
     projections with its `modules` record (see the module docstring).
     """
     arch_of(model)
     final = resolve_checkpoint_dir(dest)
+    refuse_nonfinite(model, final)
     plan = plan or getattr(model, "pruning_plan", None) or PruningPlan.identity(
         layer_shapes(model), getattr(model.config, "name_or_path", ""))
     with atomic_folder(final) as tmp:
@@ -126,22 +226,30 @@ def is_pruned_checkpoint(folder) -> bool:
 
 
 def read_checkpoint_meta(folder) -> dict:
-    """Return the plan file's contents, or raise CheckpointError saying what is wrong and what to do."""
-    folder = resolve_checkpoint_dir(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"no checkpoint at {folder}: run the stage that writes it first (see run_all.sh)")
+    """Return the plan file's contents once the folder verifies (`verify_checkpoint`), or raise CheckpointError saying
+    what is wrong and what to do."""
+    folder = verify_checkpoint(folder)
     path = folder / PLAN_FILE
     if not path.is_file():
         raise CheckpointError(
             f"{folder} has no {PLAN_FILE}: it was not written by semantic-llm-pruning; "
             "load it with load_model(path) as a plain model, or re-run the pruning stage"
         )
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}); delete {folder} and re-run its stage") from err
+    meta = read_json(path)
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}; re-run the stage that wrote it")
+        raise CheckpointError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}; "
+                              "re-run the stage that wrote it")
+    return meta
+
+
+def record_extra(folder, extra: dict) -> dict:
+    """Replace the `extra` record of a saved checkpoint's plan file (e.g. a row measured on the saved model) and
+    re-record the manifest, so the folder still verifies; returns the plan file's new contents."""
+    meta = read_checkpoint_meta(folder)
+    meta["extra"] = extra
+    folder = resolve_checkpoint_dir(folder)
+    write_text_atomic(folder / PLAN_FILE, json.dumps(meta, indent=1, default=str))
+    write_manifest(folder)  # a crash between the two leaves a folder that names the changed file, not a silent one
     return meta
 
 
@@ -186,6 +294,7 @@ def load_pruned(folder, device: str | None = None, dtype=None):
     """Return `(model, tokenizer)` from a pruned checkpoint, rebuilding per-layer shapes and replaced modules.
 
     INT8 checkpoints (`"weights": "int8"`) load on CPU only; another device raises `linears.NotApplicableError`.
+    Raises CheckpointError for a damaged folder (see the module docstring).
     """
     from transformers import AutoModelForCausalLM
 
@@ -194,30 +303,33 @@ def load_pruned(folder, device: str | None = None, dtype=None):
     dev = resolve_device(device)
     if meta.get("weights", "fp32") == "int8":
         check_int8_device(dev)
-        return load_quantized(folder)
+        return _load_int8(folder)
     dt = resolve_dtype(dtype, dev)
-    cfg = json.loads((folder / "config.json").read_text())
+    cfg = read_json(folder / "config.json")
+    check_layer_count(folder, cfg, meta["query_heads"])
     if cfg.get("per_layer_config") is None and not meta.get("modules"):
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt)
+        names = read_weights(folder, names_only=True)  # a cut-short file is named here, not deep in transformers
+        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, output_loading_info=True)
+        missing, unexpected = info["missing_keys"], info["unexpected_keys"]
     else:
         model = build_structure(cfg, meta, dt)
-        state = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            state.update(load_file(f))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        tied = model.config.tie_word_embeddings
-        missing = [k for k in missing if not (k == "lm_head.weight" and tied)]
-        if missing or unexpected:
-            raise CheckpointError(f"{folder}: weights do not match the recorded shapes (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        if tied:
+        names = read_weights(folder)
+        missing, unexpected = model.load_state_dict(names, strict=False)
+        missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+        if model.config.tie_word_embeddings:
             model.tie_weights()
+    check_weights_match(folder, model, decoder_layers(model), names, missing, unexpected)
     model.pruning_plan = PruningPlan.from_dict(meta["plan"])
     model = model.to(device=dev, dtype=dt).eval()
     return model, load_tokenizer(folder)
 
 
 def load_tokenizer(folder: Path):
-    """Return the tokenizer saved in a checkpoint folder (tiny or transformers), or None when none was saved."""
+    """Return the tokenizer saved in a checkpoint folder (tiny or transformers), or None when none was saved.
+
+    A checkpoint may be saved without a tokenizer (`save_pruned(model, None, ...)`); one whose tokenizer files the
+    manifest lists but are gone is refused earlier, by `verify_checkpoint`, naming the file.
+    """
     from transformers import AutoTokenizer
 
     if (folder / "tiny_tokenizer.json").exists():
@@ -240,7 +352,8 @@ def write_int8(model, folder: Path, plan: PruningPlan) -> None:
     shapes = layer_shapes(model)  # dynamic quantized Linear keeps in_features / out_features
     _, stock = stock_config(model.config.to_dict(), shapes, head_dim(model), plan.base_heads, plan.base_intermediate)
     torch.save(model.state_dict(), folder / INT8_WEIGHTS_FILE)
-    meta = {"format": INT8_FORMAT, "quantization": "dynamic int8: qint8 weights of every nn.Linear, activations per batch",
+    meta = {"format": INT8_FORMAT,
+            "quantization": "dynamic int8: qint8 weights of every nn.Linear, activations per batch",
             "per_channel": bool(getattr(model, "int8_per_channel", True)),
             "keep_fp32": list(getattr(model, "int8_keep_fp32", ())),
             "smoothing_alpha": getattr(model, "int8_smoothing", None),
@@ -263,18 +376,24 @@ def save_quantized(model, tokenizer, folder, plan: PruningPlan | None = None, ex
 
 def load_quantized(folder):
     """Return `(model, tokenizer)` from a folder written by `save_quantized` (on CPU)."""
+    return _load_int8(verify_checkpoint(folder))
+
+
+def _load_int8(folder: Path):
+    """Return `(model, tokenizer)` from an INT8 checkpoint folder that `verify_checkpoint` has passed."""
     import torch
 
-    folder = resolve_checkpoint_dir(folder)
     path = folder / INT8_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder} has no {INT8_FILE}: it is not an INT8 checkpoint of this project; "
                               "write one with checkpoint.save_quantized, or load a pruned checkpoint with load_pruned")
-    meta = json.loads(path.read_text())
+    meta = read_json(path)
     if meta.get("format") != INT8_FORMAT:
         raise CheckpointError(f"{path} has format {meta.get('format')!r}, expected {INT8_FORMAT!r}; re-save it")
     per_channel = bool(meta.get("per_channel", True))
-    structure = build_structure(json.loads((folder / "config.json").read_text()), meta, torch.float32)
+    cfg = read_json(folder / "config.json")
+    check_layer_count(folder, cfg, meta["query_heads"])
+    structure = build_structure(cfg, meta, torch.float32)
     if getattr(structure.config, "tie_word_embeddings", False):
         structure.tie_weights()
     keep_fp32 = tuple(meta.get("keep_fp32", ()))

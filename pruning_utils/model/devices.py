@@ -15,7 +15,8 @@ def resolve_device(device: str | None = None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """Return the dtype to use: an explicit one, else fp16 on CUDA without bf16 (T4/P100 included) or bf16, fp32 on CPU."""
+    """Return the dtype to use: an explicit one, else fp16 on CUDA without bf16 (T4/P100 included) or bf16,
+    fp32 on CPU."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in (None, "", "auto"):

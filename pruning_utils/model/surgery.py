@@ -65,7 +65,8 @@ def check_gqa_heads(kept: list[int], n_heads: int, n_kv: int, layer: int) -> Non
 
 
 def prune_heads(model, kept: dict[int, list[int]]):
-    """Keep only the given query heads per layer (slices q_proj rows and o_proj columns; K/V untouched); returns model."""
+    """Keep only the given query heads per layer (slices q_proj rows and o_proj columns; K/V untouched);
+    returns model."""
     arch_of(model)
     hd = head_dim(model)
     layers = decoder_layers(model)
@@ -131,7 +132,8 @@ def drop_layers(model, kept_layers: list[int]):
 
 
 def _sync_config(model) -> None:
-    """Write uniform shapes back into the config; non-uniform shapes stay in the weights (the checkpoint records them)."""
+    """Write uniform shapes back into the config; non-uniform shapes stay in the weights
+    (the checkpoint records them)."""
     shapes = layer_shapes(model)
     if is_uniform(shapes):
         model.config.num_attention_heads = shapes[0].n_heads
@@ -147,7 +149,8 @@ def apply_plan(model, plan: PruningPlan):
         raise PlanMismatchError(
             "the plan was made for a model with query heads per layer "
             f"{_short(plan.base_heads)} and MLP widths {_short(plan.base_intermediate)}, but this model has "
-            f"{_short(have_heads)} and {_short(have_width)}; recompute the plan on this model (or load the model it was made for)"
+            f"{_short(have_heads)} and {_short(have_width)}; recompute the plan on this model "
+            "(or load the model it was made for)"
         )
     return apply_removals(model, plan, prune_heads, prune_neurons, drop_layers)
 

@@ -80,7 +80,8 @@ PARAMS: dict[str, object] = {
 # model copies a stage holds at once: 02/03 keep the model while a (deep-copied, then sliced) variant is made and
 # measured; 06 keeps the baseline next to each variant; 04 counts the teacher through `teacher`
 _COPIES = {"00": 1, "02": 2, "03": 2, "04": 1, "05": 1, "06": 2, "prune_refit": 2}
-_STAGE_OPS = {"00": ("perplexity", "prefill", "importance_forward"), "02": ("perplexity", "prefill", "grams", "prune_refit"),
+_STAGE_OPS = {"00": ("perplexity", "prefill", "importance_forward"),
+              "02": ("perplexity", "prefill", "grams", "prune_refit"),
               "03": ("perplexity", "prefill", "grams", "prune_refit"), "04": ("lora_step", "perplexity", "prefill"),
               "05": ("perplexity", "prefill", "generate"), "06": ("perplexity", "prefill", "generate")}
 _STAGE_TARGETS = {"02": ("o_proj",), "03": ("o_proj", "down_proj")}
@@ -139,12 +140,16 @@ class MemoryPlan:
         rows = ["| part | kind | where | GiB |", "|---|---|---|---:|"]
         rows += [f"| {p['name']} | {p['kind']} | {p['on']} | {p['bytes'] / GB:.2f} |" for p in self.parts]
         rows.append(f"| reserve ({self.settings.get('reserve', 0):.0%}) | | device | {self.reserve_gb:.2f} |")
-        rows.append(f"| **total on {self.device}** | | | **{self.total_gb:.2f}** of {self.available_gb:.2f} available |")
+        rows.append(f"| **total on {self.device}** | | | **{self.total_gb:.2f}** of {self.available_gb:.2f} "
+                    "available |")
         if self.device != "cpu":
-            rows.append(f"| **total on the host** | | | **{self.host_gb:.2f}** of {self.host_available_gb:.2f} available |")
-        mode = ", offload mode: the model on the host, one layer at a time on the device" if self.settings.get("offload") else ""
+            rows.append(f"| **total on the host** | | | **{self.host_gb:.2f}** of {self.host_available_gb:.2f} "
+                        "available |")
+        mode = (", offload mode: the model on the host, one layer at a time on the device"
+                if self.settings.get("offload") else "")
         head = (f"Memory plan of stage {self.stage} ({self.dtype} on {self.device}{mode}, peak in "
-                f"`{self.peak_operation}`): {'fits' if self.fits else 'DOES NOT FIT'}. Statistics: {self.statistics_on}.")
+                f"`{self.peak_operation}`): {'fits' if self.fits else 'DOES NOT FIT'}. "
+                f"Statistics: {self.statistics_on}.")
         return head + "\n\n" + "\n".join(rows)
 
 
@@ -211,7 +216,8 @@ def _n_params(s: _Shape) -> int:
 
 
 def _owned_params(s: _Shape) -> int:
-    """Parameters some head or neuron owns (what Taylor needs gradients for): q rows, o columns, gate/up rows, down columns."""
+    """Parameters some head or neuron owns (what Taylor needs gradients for): q rows, o columns, gate/up rows,
+    down columns."""
     h, hd = s.hidden, s.head_dim
     return sum(2 * h * nh * hd + nh * hd * s.qkv_bias + 3 * h * i + 2 * i * s.mlp_bias for nh, _, i in s.layers)
 
@@ -345,7 +351,8 @@ def _op_parts(s: _Shape, op: str, p: dict, b: int, targets: tuple[str, ...], cud
     if op == "lora_step":
         B, S = p["lora_batch"], p["lora_seq_len"]
         r = p["lora_r"]
-        lora = sum(r * (2 * (h + nh * s.head_dim) + 2 * (h + nkv * s.head_dim) + 3 * (h + i)) for nh, nkv, i in s.layers)
+        lora = sum(r * (2 * (h + nh * s.head_dim) + 2 * (h + nkv * s.head_dim) + 3 * (h + i))
+                   for nh, nkv, i in s.layers)
         if p["grad_checkpointing"]:  # only layer inputs kept; one layer's activations recomputed at a time
             saved = L * B * S * h * b + max(_layer_saved(s, layer, B, S, b, True, cuda) for layer in s.layers)
         else:
@@ -447,11 +454,13 @@ def _plan(model_or_config, name: str, ops: tuple[str, ...], targets: tuple[str, 
     if p["offload"]:
         for op in _HOST_OPS:
             if op in options:
-                options[op] = [Part(x.name + " (on the host: offload mode)", x.kind, x.bytes, "host") for x in options[op]]
+                options[op] = [Part(x.name + " (on the host: offload mode)", x.kind, x.bytes, "host")
+                               for x in options[op]]
         whole = [_WHOLE_MODEL_OPS[op] for op in ops if op in _WHOLE_MODEL_OPS]
         if whole:
             blocked = (f"offload mode cannot run {' or '.join(whole)}: they need every layer on the device at once. "
-                       "Drop taylor, semantic and mix from CRITERIA, or use OFFLOAD='off' on a device that holds the model")
+                       "Drop taylor, semantic and mix from CRITERIA, or use OFFLOAD='off' on a device "
+                       "that holds the model")
     on_device = lambda parts: sum(x.bytes for x in parts if x.on == "device" or device.type == "cpu")  # noqa: E731
     peak = max(ops, key=lambda op: on_device(options[op]))
     working = [Part(f"{peak}: {x.name}", x.kind, x.bytes, x.on) for x in options[peak]]
@@ -488,7 +497,8 @@ def _plan(model_or_config, name: str, ops: tuple[str, ...], targets: tuple[str, 
 
 
 def plan_stage(config, stage: str, **params) -> MemoryPlan:
-    """Return the memory plan of pipeline stage '00' | '02' | '03' | '04' | '05' | '06' for a model config (see `PARAMS`)."""
+    """Return the memory plan of pipeline stage '00' | '02' | '03' | '04' | '05' | '06' for a model config
+    (see `PARAMS`)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage '{stage}'; known: {', '.join(STAGES)}")
     p = _params(params)
@@ -549,7 +559,8 @@ def check_plan(plan: MemoryPlan) -> MemoryPlan:
         raise MemoryPlanError(f"stage {plan.stage}: {plan.blocked}.")
     over_device = not plan.total_gb <= plan.available_gb
     where = "device" if over_device else "host"
-    parts = [p for p in plan.parts if (p["on"] == where or plan.device == "cpu") and not p["name"].startswith("loading")]
+    parts = [p for p in plan.parts
+             if (p["on"] == where or plan.device == "cpu") and not p["name"].startswith("loading")]
     parts.sort(key=lambda p: -p["bytes"])
     need, have = (plan.total_gb, plan.available_gb) if over_device else (plan.host_gb, plan.host_available_gb)
     biggest = "; ".join(f"{p['name']} {p['bytes'] / GB:.1f} GiB ({p['kind']})" for p in parts[:3])
@@ -602,7 +613,8 @@ class StageSettings:
 
     @property
     def hold_grams(self) -> bool:
-        """Return whether one Gram pass is kept for every one-shot refit of the stage (else each refit streams its own)."""
+        """Return whether one Gram pass is kept for every one-shot refit of the stage
+        (else each refit streams its own)."""
         return self.grams in ("all", "layerwise")
 
     @property
@@ -689,13 +701,18 @@ def choose(model_or_config, stage: str, params: dict, **names) -> StageSettings:
     first = tried[0][3]
     switched = []
     if len(tried) > 1:
-        need = f"the configured settings need ~{first.total_gb:.1f} GiB on {first.device} ({first.available_gb:.1f} free)"
+        need = (f"the configured settings need ~{first.total_gb:.1f} GiB on {first.device} "
+                f"({first.available_gb:.1f} free)")
         if first.total_gb <= first.available_gb and first.device != "cpu":
-            need = f"the configured settings need ~{first.host_gb:.1f} GiB on the host ({first.host_available_gb:.1f} free)"
+            need = (f"the configured settings need ~{first.host_gb:.1f} GiB on the host "
+                    f"({first.host_available_gb:.1f} free)")
         if grams != tried[0][1]:
-            switched.append(f"Grams {dict(all='held on the device', layerwise='held on the host', streamed='streamed one layer at a time per refit', sequential='sequential')[grams]} (GRAMS='auto')")
+            grams_where = dict(all="held on the device", layerwise="held on the host",
+                               streamed="streamed one layer at a time per refit", sequential="sequential")[grams]
+            switched.append(f"Grams {grams_where} (GRAMS='auto')")
         if build != tried[0][2]:
-            switched.append("variants built in place from a reloaded checkpoint, one model in memory (VARIANT_BUILD='auto')")
+            switched.append("variants built in place from a reloaded checkpoint, one model in memory "
+                            "(VARIANT_BUILD='auto')")
         if off and not tried[0][0]:
             switched.append(f"offload mode: the model on the host, one decoder layer at a time on {device.type} "
                             "(OFFLOAD='auto')")
@@ -705,7 +722,8 @@ def choose(model_or_config, stage: str, params: dict, **names) -> StageSettings:
 
 
 def describe_stage(model_or_config, stage: str, params: dict, **overrides) -> str:
-    """Return the markdown plan of a stage for a model, config or spec and the notebook's parameters (`globals()` will do).
+    """Return the markdown plan of a stage for a model, config or spec and the notebook's parameters
+    (`globals()` will do).
 
     Only notebook parameter names (`profiles.PARAMS`) are read from `params`; `overrides` are plan parameters.
     The settings are `choose`'s; a plan that does not fit ends with `check_plan`'s advice instead of raising, so

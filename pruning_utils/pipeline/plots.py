@@ -113,7 +113,8 @@ def scatter_trend(df: pd.DataFrame, x: str, y: str, hue: str = "controller", tit
     for key, part in df.groupby(hue, sort=False):
         keep = part[iqr_inliers(part[y])]
         dots = ax.scatter(keep[x], keep[y], s=22, alpha=0.75,
-                          label=f"{key} ({len(part) - len(keep)} outliers removed)" if len(keep) < len(part) else str(key))
+                          label=f"{key} ({len(part) - len(keep)} outliers removed)" if len(keep) < len(part)
+                          else str(key))
         if len(keep) >= 2 and keep[x].nunique() > 1:
             slope, icept = np.polyfit(keep[x], keep[y], 1)
             xs = np.linspace(keep[x].min(), keep[x].max(), 20)

@@ -3,12 +3,14 @@ override some of them, and which notebook reads which.
 
 `scripts/build_notebooks.py` writes every notebook's `parameters` cell from `DEFAULTS`, so a notebook opened by hand
 runs the default recipe; `stages.py` passes each notebook only the names in `NOTEBOOK_PARAMS`. Values typed on the
-command line or in `PRUNE_<NAME>` variables go through `parse_value`, programmatic ones through `coerce`.
+command line or in `PRUNE_<NAME>` variables go through `parse_value`, programmatic ones through `coerce`; both check
+the value against its range or words in `LIMITS`, so a value a stage would fail on stops the run before it starts.
 """
 from __future__ import annotations
 
 import difflib
 import json
+import re
 from dataclasses import dataclass
 
 
@@ -28,7 +30,89 @@ class Param:
 
 
 class ParameterError(ValueError):
-    """An unknown parameter name or a value of the wrong type; the message says which and what is expected."""
+    """An unknown parameter name or a value of the wrong type or out of range; the message says which and what is
+    expected."""
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The values a parameter takes beyond its type: a range (`low` / `high`, each bound included unless `*_open`),
+    a few words (`choices`, and words of the template `form`, where N and M stand for whole numbers, e.g. 'N:M'),
+    non-empty text. `each`: every item of a comma-separated list is checked (unless the whole value is one of
+    `choices`); `pair`: the list is two numbers 'low,high' with low <= high. `hint` says what the value is for."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] = ()
+    form: str = ""
+    each: bool = False
+    pair: bool = False
+    nonempty: bool = False
+    hint: str = ""
+
+    def bounds(self) -> str:
+        """Return the range as the messages spell it, e.g. '[0, 1)', '>= 1' or '> 0' ('' without one)."""
+        lo, hi = (f"{v:g}" if v is not None else None for v in (self.low, self.high))
+        if lo is not None and hi is not None:
+            return f"{'(' if self.low_open else '['}{lo}, {hi}{')' if self.high_open else ']'}"
+        if lo is not None:
+            return f"{'>' if self.low_open else '>='} {lo}"
+        return f"{'<' if self.high_open else '<='} {hi}" if hi is not None else ""
+
+    def describe(self) -> str:
+        """Return every value the limit accepts in words, e.g. 'one of none, bias, lstsq' or 'each [0, 1) or N:M'."""
+        words = " or ".join(x for x in (f"one of {', '.join(self.choices)}" if self.choices else "", self.form) if x)
+        if self.pair:
+            return f"'low,high' with low <= high, each {self.bounds()}" + (f"; or {words}" if words else "")
+        what = " or ".join(x for x in (self.bounds(), words) if x)
+        if self.each:
+            what = f"comma-separated items, each {what}"
+        if self.nonempty:
+            what = f"{what}, not empty" if what else "non-empty text"
+        return what
+
+    def problem(self, value: object) -> str | None:
+        """Return what is wrong with a value of the declared type (None: nothing)."""
+        if not isinstance(value, str):
+            return self._range_problem(value)
+        if not value.strip():
+            return "empty" if self.nonempty else None
+        if not (self.each or self.pair) or value in self.choices:
+            return self._item_problem(value)
+        items = [v.strip() for v in value.split(",")]
+        if self.pair:
+            if len(items) != 2:
+                return f"{len(items)} item(s) where it takes two"
+            try:
+                low, high = map(float, items)
+            except ValueError:
+                return "not two numbers"
+            return self._range_problem(low) or self._range_problem(high) or ("low > high" if low > high else None)
+        return next((f"item {v!r}: {why}" for v in items if (why := self._item_problem(v))), None)
+
+    def _item_problem(self, text: str) -> str | None:
+        form = re.escape(self.form).replace("N", r"\d+").replace("M", r"\d+")
+        if text in self.choices or (self.form and re.fullmatch(form, text)):
+            return None
+        if self.low is None and self.high is None:
+            if not self.choices and not self.form:
+                return None
+            close = difflib.get_close_matches(text, self.choices, n=1, cutoff=0.6)
+            return "not a known word" + (f", did you mean {close[0]}?" if close else "")
+        try:
+            number = float(text)
+        except ValueError:
+            return "not a number"
+        return self._range_problem(number)
+
+    def _range_problem(self, x: float) -> str | None:
+        if x != x:  # NaN (JSON's NaN parses) would pass every comparison
+            return "not a number"
+        below = self.low is not None and (x <= self.low if self.low_open else x < self.low)
+        above = self.high is not None and (x >= self.high if self.high_open else x > self.high)
+        return "out of range" if below or above else None
 
 
 _CRITERIA = "random,magnitude,activation,fluctuation,taylor,tfidf,tfidf_topic,semantic,mix"
@@ -38,15 +122,18 @@ PARAMS: dict[str, Param] = {
     # model, data, device
     "MODEL": Param("smollm2-135m", str, "embedded default; or a hub id such as Qwen/Qwen2.5-0.5B, or a local folder"),
     # embedded:0.75+selfgen:0.25: -22% fidelity PPL for +2.5% in-domain PPL on S3 (benchmarks/calibration_sources.py)
-    "TEXT_SOURCE": Param("embedded:0.75+selfgen:0.25", str, "embedded | wikitext2 | file.txt|.csv|.jsonl, mixed with selfgen: "
+    "TEXT_SOURCE": Param("embedded:0.75+selfgen:0.25", str,
+                         "embedded | wikitext2 | file.txt|.csv|.jsonl, mixed with selfgen: "
                          "'embedded:0.5+selfgen:0.5' (calibration mix; evaluation uses the text parts)"),
     "SELFGEN_TEMPERATURE": Param(1.0, float, "sampling temperature of the self-generated text (selfgen, fidelity)"),
     "SELFGEN_TOP_P": Param(0.95, float, "nucleus sampling of the self-generated text"),
-    "FIDELITY_TOKENS": Param(8192, int, "held-out self-generated tokens of the fidelity perplexity (256-token windows)"),
+    "FIDELITY_TOKENS": Param(8192, int,
+                             "held-out self-generated tokens of the fidelity perplexity (256-token windows)"),
     "DEVICE": Param("auto", str, "auto | cpu | cuda"),
     "DTYPE": Param("auto", str, "auto (fp16 on T4/P100, fp32 on CPU) | float32 | float16 | bfloat16"),
     "SEED": Param(0, int, "seed of the calibration sampling, random scores and LoRA init"),
-    # memory (pruning_utils/pipeline/memory_plan.py chooses 'auto' settings from the stage's memory plan; results do not change)
+    # memory (pruning_utils/pipeline/memory_plan.py chooses 'auto' settings from the stage's memory plan;
+    # results do not change)
     "OFFLOAD": Param("auto", str, "auto | off | on: model on the host, one layer at a time on the GPU (00-03)"),
     "GRAMS": Param("auto", str, "auto | device | host | streamed: where the refits' Gram statistics are kept"),
     "VARIANT_BUILD": Param("auto", str, "auto | copy | reload: variants as deep copies or in place from a reload"),
@@ -90,7 +177,8 @@ PARAMS: dict[str, Param] = {
     "RECOVERY_STEPS": Param(16, int, "optimizer steps (capped at one epoch of the training windows)"),
     "RECOVERY_LOSS": Param("distill", str, "lm | distill (KL to the unpruned model) | mix"),
     # selfdistill+text is the one recovery that raises semantic retention (benchmarks/recovery_sources.py)
-    "RECOVERY_DATA": Param("selfdistill+text", str, "text (calibration windows) | selfdistill (the unpruned model's answers to "
+    "RECOVERY_DATA": Param("selfdistill+text", str,
+                           "text (calibration windows) | selfdistill (the unpruned model's answers to "
                            "training prompts) | selfdistill+text"),
     "RECOVERY_BATCH": Param(4, int, "windows per optimizer micro-batch"),
     "RECOVERY_SEQ_LEN": Param(256, int, "tokens per training window"),
@@ -99,7 +187,8 @@ PARAMS: dict[str, Param] = {
     "LORA_ALPHA": Param(16, int, "LoRA scaling: the update is multiplied by alpha / r"),
     "LORA_LR": Param(2e-3, float, "LoRA learning rate (benchmarks/recovery_budget.py)"),
     "GRAD_CHECKPOINTING": Param(False, bool, "trade compute for activation memory"),
-    "INSTRUCTION_JSONL": Param("", str, "optional Dolly/Alpaca-style file (instruction/response) instead of plain text"),
+    "INSTRUCTION_JSONL": Param("", str,
+                               "optional Dolly/Alpaca-style file (instruction/response) instead of plain text"),
     # compression methods side by side (notebook 03b), at the mix_pruned checkpoint's non-embedding count
     "COMPRESS_TARGET_FROM": Param("mix_pruned", str, "checkpoint whose non-embedding parameter count the methods meet"),
     "COMPRESS_CALIB_WINDOWS": Param(16, int, "calibration windows (of CALIB_SEQ_LEN) for layer scores, Grams, refits"),
@@ -125,7 +214,8 @@ PARAMS: dict[str, Param] = {
     # runtime), so INT8 is the fast level; refit copies would take memory past the 1.3x aim, so the refit is opt-in
     "ADAPTIVE_LEVELS": Param("none,kv:16,ffn:0.25,int8", str,
                              "levels, least to most pruned, 'none' first: kv:WINDOW, heads:/ffn:/layers: removed "
-                             "fraction, joined with +; int8: the dynamic-INT8 unpruned model (CPU only, dropped on GPU)"),
+                             "fraction, joined with +; int8: the dynamic-INT8 unpruned model "
+                             "(CPU only, dropped on GPU)"),
     "ADAPTIVE_REFIT": Param(False, bool, "lstsq refit of o_proj / down_proj for every level width (one-shot Grams of "
                             "N_CALIB calibration windows; one [out, width] copy per layer and width, in memory())"),
     # plain dynamic INT8 loses most of the embedded model's quality to down_proj's token-specific activation outliers;
@@ -137,7 +227,8 @@ PARAMS: dict[str, Param] = {
     "ADAPTIVE_CRITERION": Param("fluctuation", str, "importance criterion (notebook 00) that orders heads and neurons"),
     "ADAPTIVE_NEW_TOKENS": Param(32, int, "greedy tokens per answer"),
     "ADAPTIVE_LOAD": Param("0.0,0.9", str, "simulated load range 'low,high' (seeded), or 'live' (psutil/pynvml)"),
-    "ADAPTIVE_TARGET": Param(0.8, float, "speed target of the reward, as a fraction of the unpruned tokens/s at no load"),
+    "ADAPTIVE_TARGET": Param(0.8, float,
+                             "speed target of the reward, as a fraction of the unpruned tokens/s at no load"),
     "ADAPTIVE_EPOCHS": Param(30, int, "bandit training passes over the training prompts"),
     "ADAPTIVE_ALPHA": Param(0.5, float, "LinUCB exploration bonus while training"),
     # the issue's reward (answer PPL only) makes INT8 dominant on every prompt although its greedy answers keep 82%
@@ -161,7 +252,8 @@ PARAMS: dict[str, Param] = {
     "ZERO_SHOT_TASKS": Param("arc_easy,hellaswag,winogrande,piqa,boolq,lambada_openai", str,
                              "zero-shot tasks, comma-separated"),
     "ZERO_SHOT_LIMIT": Param(None, int, "examples per task (None: all)", True),
-    # encoder classifiers (notebook 07, pruning_utils/encoder/surgery*.py); off in the default run (~20 min on 2 busy cores)
+    # encoder classifiers (notebook 07, pruning_utils/encoder/surgery*.py);
+    # off in the default run (~20 min on 2 busy cores)
     "ENCODER_STAGE": Param("off", str, "off | on | only: run notebook 07 too / alone (the `encoder` profile: only)"),
     "ENCODER_MODEL": Param("embedded", str, "embedded (all-MiniLM-L6-v2 + a head fine-tuned here) | tiny-bert | "
                            "a fine-tuned classifier folder or hub id"),
@@ -171,7 +263,8 @@ PARAMS: dict[str, Param] = {
     "ENCODER_MAX_EVAL": Param(500, int, "validation examples of every row"),
     "ENCODER_MAX_LENGTH": Param(48, int, "tokens per example (truncation)"),
     "ENCODER_BATCH": Param(32, int, "examples per batch (training, calibration, ms/batch)"),
-    "ENCODER_EPOCHS": Param(2.0, float, "fine-tuning epochs of the embedded baseline (cached under models/encoder-baseline)"),
+    "ENCODER_EPOCHS": Param(2.0, float,
+                            "fine-tuning epochs of the embedded baseline (cached under models/encoder-baseline)"),
     "ENCODER_LR": Param(1e-4, float, "fine-tuning learning rate of the baseline"),
     "ENCODER_CALIB": Param(128, int, "calibration examples (from the train split) of the criteria and refits"),
     "ENCODER_HEAD_RATE": Param(0.25, float, "fraction of heads removed in every layer"),
@@ -181,15 +274,59 @@ PARAMS: dict[str, Param] = {
     "ENCODER_LOWRANK_RATIO": Param(0.5, float, "fraction of each projection's weights its low-rank factors keep"),
     "ENCODER_VARIANTS": Param("baseline,random_pruned,l1_pruned,fluctuation_pruned,fluctuation_lstsq,"
                               "fluctuation_lstsq_recovered,baseline_int8,fluctuation_lstsq_recovered_int8,lowrank",
-                              str, "rows of encoder_glue.csv (pruning_utils/encoder/variants.VARIANT_SPECS), baseline first"),
+                              str, "rows of encoder_glue.csv (pruning_utils/encoder/variants.VARIANT_SPECS), "
+                              "baseline first"),
 }
 
 DEFAULTS: dict[str, object] = {name: p.default for name, p in PARAMS.items()}
-# parameters that take one of a few words (checked with the types, so a typo stops the run before it starts)
-CHOICES: dict[str, tuple[str, ...]] = {"OFFLOAD": ("auto", "off", "on"), "GRAMS": ("auto", "device", "host", "streamed"),
-                                       "VARIANT_BUILD": ("auto", "copy", "reload"), "KEEP_CHECKPOINTS": ("all", "needed"),
-                                       "ENCODER_STAGE": ("off", "on", "only"),
-                                       "ALLOCATION": ("uniform", "global", "search")}
+# What each value may be beyond its type (coerce checks it, so a value a stage would fail on stops the run before
+# it starts). Rates are fractions removed, [0, 1); counts >= 1 unless 0 means something (SEARCH_ITERATIONS 0: the
+# uniform start, COMPRESS_HYBRID_RANK 0: no low-rank fix, SEED 0). Word lists mirror the library's registries
+# (tests/test_bad_input.py keeps them equal).
+RATE = Limit(0, 1, high_open=True, hint="a fraction removed")
+FRACTION = Limit(0, 1)
+POSITIVE = Limit(0, low_open=True)
+COUNT = Limit(1)
+TEXT = Limit(nonempty=True)
+LIMITS: dict[str, Limit] = {
+    "MODEL": TEXT, "TEXT_SOURCE": TEXT, "SELFGEN_TEMPERATURE": POSITIVE, "SELFGEN_TOP_P": Limit(0, 1, low_open=True),
+    "FIDELITY_TOKENS": Limit(256, hint="one 256-token window at least"),
+    "DEVICE": Limit(choices=("auto", "cpu", "cuda"), form="cuda:N"),
+    "DTYPE": Limit(choices=("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")),
+    "SEED": Limit(0), "OFFLOAD": Limit(choices=("auto", "off", "on")),
+    "GRAMS": Limit(choices=("auto", "device", "host", "streamed")),
+    "VARIANT_BUILD": Limit(choices=("auto", "copy", "reload")),
+    "KEEP_CHECKPOINTS": Limit(choices=("all", "needed")),
+    "N_CALIB": COUNT, "CALIB_SEQ_LEN": Limit(2), "EVAL_SEQ_LEN": Limit(2, hint="perplexity predicts the next token"),
+    "EVAL_MAX_TOKENS": COUNT, "SWEEP_EVAL_MAX_TOKENS": COUNT, "LATENCY_BATCH": COUNT, "LATENCY_SEQ_LEN": COUNT,
+    "LATENCY_REPEATS": COUNT, "DECODE_TOKENS": COUNT, "CRITERIA": TEXT, "SEMANTIC_MAX_WINDOWS": COUNT,
+    "SEMANTIC_SEQ_LEN": Limit(2),
+    "HEAD_RATE": RATE, "HEAD_SWEEP": Limit(0, 1, high_open=True, each=True), "MLP_RATE": RATE,
+    "MLP_SWEEP": Limit(0, 1, high_open=True, each=True), "ALLOCATION": Limit(choices=("uniform", "global", "search")),
+    "SEARCH_ITERATIONS": Limit(0), "SEARCH_WINDOWS": COUNT, "SEARCH_GROUP": COUNT,
+    "RECONSTRUCTION": Limit(choices=("none", "bias", "lstsq")),
+    "RECON_OPTIONS": Limit(choices=("none", "bias", "lstsq"), each=True, nonempty=True), "RIDGE_RATIO": Limit(0),
+    "RECOVERY_STEPS": COUNT, "RECOVERY_LOSS": Limit(choices=("lm", "distill", "mix")),
+    "RECOVERY_DATA": Limit(choices=("text", "selfdistill", "selfdistill+text")), "RECOVERY_BATCH": COUNT,
+    "RECOVERY_SEQ_LEN": Limit(2), "GRAD_ACCUM": COUNT, "LORA_R": COUNT, "LORA_ALPHA": COUNT, "LORA_LR": POSITIVE,
+    "COMPRESS_TARGET_FROM": TEXT, "COMPRESS_CALIB_WINDOWS": COUNT,
+    "COMPRESS_DEPTH_CRITERIA": Limit(choices=("block_influence", "angular", "semantic"), each=True),
+    "COMPRESS_DEPTH_SEMANTIC_WINDOWS": COUNT,
+    "COMPRESS_LOWRANK_METHODS": Limit(choices=("plain", "asvd", "whiten"), each=True),
+    "COMPRESS_HYBRID_SPARSITY": Limit(0, 1, high_open=True, form="N:M", each=True), "COMPRESS_HYBRID_RANK": Limit(0),
+    "COMPRESS_INT8_ALPHA": FRACTION,
+    "ADAPTIVE_N_PROMPTS": Limit(2, hint="the 80/20 split needs a training and a test prompt"),
+    "ADAPTIVE_LEVELS": TEXT, "ADAPTIVE_INT8_ALPHA": FRACTION, "ADAPTIVE_CRITERION": TEXT, "ADAPTIVE_NEW_TOKENS": COUNT,
+    "ADAPTIVE_LOAD": Limit(0, 1, choices=("live",), pair=True), "ADAPTIVE_TARGET": POSITIVE, "ADAPTIVE_EPOCHS": COUNT,
+    "ADAPTIVE_ALPHA": Limit(0), "ADAPTIVE_MIN_RETENTION": FRACTION,
+    "VARIANTS": TEXT, "N_PROMPTS": COUNT, "MAX_NEW_TOKENS": COUNT, "ZERO_SHOT_LIMIT": COUNT,
+    "ENCODER_STAGE": Limit(choices=("off", "on", "only")), "ENCODER_MODEL": TEXT, "ENCODER_TASK": TEXT,
+    "ENCODER_MAX_TRAIN": Limit(1, hint="fine-tuning needs training examples"), "ENCODER_MAX_EVAL": COUNT,
+    "ENCODER_MAX_LENGTH": Limit(2), "ENCODER_BATCH": COUNT, "ENCODER_EPOCHS": POSITIVE, "ENCODER_LR": POSITIVE,
+    "ENCODER_CALIB": COUNT, "ENCODER_HEAD_RATE": RATE, "ENCODER_MLP_RATE": RATE, "ENCODER_RECOVERY_STEPS": COUNT,
+    "ENCODER_RECOVERY_LR": POSITIVE, "ENCODER_LOWRANK_RATIO": Limit(0, 1, low_open=True, hint="a fraction kept"),
+    "ENCODER_VARIANTS": TEXT,
+}
 
 _COMMON = ("PROFILE", "MODEL", "TEXT_SOURCE", "SELFGEN_TEMPERATURE", "SELFGEN_TOP_P", "FIDELITY_TOKENS", "DEVICE",
            "DTYPE", "SEED", "N_CALIB", "CALIB_SEQ_LEN", "EVAL_SEQ_LEN", "EVAL_MAX_TOKENS", "SWEEP_EVAL_MAX_TOKENS",
@@ -207,16 +344,18 @@ NOTEBOOK_PARAMS: dict[str, tuple[str, ...]] = {
         "MIX_RESCORE",),
     "03b_compression_methods.ipynb": tuple(n for n in _COMMON if n not in ("N_CALIB", "FIDELITY_TOKENS"))
     + ("OFFLOAD", "GRAMS", "VARIANT_BUILD") + tuple(n for n in PARAMS if n.startswith("COMPRESS_")),
-    "04_recovery_lora.ipynb": tuple(n for n in _COMMON if n not in ("N_CALIB", "CALIB_SEQ_LEN", "SWEEP_EVAL_MAX_TOKENS"))
+    "04_recovery_lora.ipynb": tuple(n for n in _COMMON
+                                    if n not in ("N_CALIB", "CALIB_SEQ_LEN", "SWEEP_EVAL_MAX_TOKENS"))
     + ("RECOVERY_MODELS", "RECOVERY_STEPS", "RECOVERY_LOSS", "RECOVERY_DATA", "RECOVERY_BATCH", "RECOVERY_SEQ_LEN",
        "GRAD_ACCUM", "LORA_R", "LORA_ALPHA", "LORA_LR", "GRAD_CHECKPOINTING", "INSTRUCTION_JSONL", "N_PROMPTS",
        "MAX_NEW_TOKENS"),
-    "05_adaptive_runtime.ipynb": ("PROFILE", "MODEL", "TEXT_SOURCE", "DEVICE", "DTYPE", "SEED", "N_CALIB", "CALIB_SEQ_LEN",
-                                  "EVAL_SEQ_LEN", "SWEEP_EVAL_MAX_TOKENS")
+    "05_adaptive_runtime.ipynb": ("PROFILE", "MODEL", "TEXT_SOURCE", "DEVICE", "DTYPE", "SEED", "N_CALIB",
+                                  "CALIB_SEQ_LEN", "EVAL_SEQ_LEN", "SWEEP_EVAL_MAX_TOKENS")
     + tuple(n for n in PARAMS if n.startswith("ADAPTIVE_")),
     "06_final_eval.ipynb": tuple(n for n in _COMMON if n not in ("N_CALIB", "CALIB_SEQ_LEN", "SWEEP_EVAL_MAX_TOKENS"))
     + ("VARIANTS", "EXTRA_VARIANTS", "N_PROMPTS", "MAX_NEW_TOKENS", "ZERO_SHOT", "ZERO_SHOT_TASKS", "ZERO_SHOT_LIMIT"),
-    "07_encoder_glue.ipynb": ("PROFILE", "SEED") + tuple(n for n in PARAMS if n.startswith("ENCODER_") and n != "ENCODER_STAGE"),
+    "07_encoder_glue.ipynb": ("PROFILE", "SEED")
+    + tuple(n for n in PARAMS if n.startswith("ENCODER_") and n != "ENCODER_STAGE"),
 }
 
 _SMOKE_CRITERIA = "random,magnitude,activation,fluctuation,taylor,tfidf,semantic,mix"
@@ -235,18 +374,21 @@ PROFILES: dict[str, dict] = {
                   N_PROMPTS=4, FIDELITY_TOKENS=256, COMPRESS_CALIB_WINDOWS=4, COMPRESS_DEPTH_SEMANTIC_WINDOWS=1,
                   COMPRESS_HYBRID_RANK=2, COMPRESS_LOWRANK_METHODS="plain,asvd,whiten",
                   EXTRA_VARIANTS=DEFAULTS["EXTRA_VARIANTS"], ADAPTIVE_N_PROMPTS=10, ADAPTIVE_NEW_TOKENS=4,
-                  ADAPTIVE_LEVELS="none,kv:4,heads:0.5+ffn:0.5+layers:0.34,int8", ADAPTIVE_REFIT=True, ADAPTIVE_EPOCHS=5,
+                  ADAPTIVE_LEVELS="none,kv:4,heads:0.5+ffn:0.5+layers:0.34,int8", ADAPTIVE_REFIT=True,
+                  ADAPTIVE_EPOCHS=5,
                   # the thorough recipe's path (obs heads, searched counts, non-uniform checkpoints downstream)
                   MAIN_HEAD_CRITERION="obs", ALLOCATION="search", SEARCH_ITERATIONS=6, SEARCH_WINDOWS=2, SEARCH_GROUP=8,
                   **_BOTH_RECOVERED),
     # Kaggle/Colab T4 or P100 (fp16), hub models, WikiText-2; LORA_LR 1e-3 is the rate these profiles were run with
-    "kaggle-qwen2.5-0.5b": dict(DEFAULTS, MODEL="Qwen/Qwen2.5-0.5B", TEXT_SOURCE="wikitext2:0.75+selfgen:0.25", N_CALIB=128,
+    "kaggle-qwen2.5-0.5b": dict(DEFAULTS, MODEL="Qwen/Qwen2.5-0.5B", TEXT_SOURCE="wikitext2:0.75+selfgen:0.25",
+                                N_CALIB=128,
                                 CALIB_SEQ_LEN=512, EVAL_SEQ_LEN=1024, EVAL_MAX_TOKENS=None, SWEEP_EVAL_MAX_TOKENS=65536,
                                 CRITERIA=_SMOKE_CRITERIA, HEAD_SWEEP="0.2,0.4", MLP_SWEEP="0.125,0.25,0.5",
                                 SEMANTIC_MAX_WINDOWS=16, LATENCY_SEQ_LEN=1024, LATENCY_REPEATS=10, DECODE_TOKENS=64,
                                 RECOVERY_STEPS=300, LORA_LR=1e-3, ZERO_SHOT=True, EXTRA_VARIANTS=_GPU_EXTRA,
                                 **_BOTH_RECOVERED),
-    "kaggle-qwen2.5-3b": dict(DEFAULTS, MODEL="Qwen/Qwen2.5-3B-Instruct", TEXT_SOURCE="wikitext2:0.75+selfgen:0.25", CALIB_SEQ_LEN=512,
+    "kaggle-qwen2.5-3b": dict(DEFAULTS, MODEL="Qwen/Qwen2.5-3B-Instruct", TEXT_SOURCE="wikitext2:0.75+selfgen:0.25",
+                              CALIB_SEQ_LEN=512,
                               EVAL_SEQ_LEN=1024, EVAL_MAX_TOKENS=131072, SWEEP_EVAL_MAX_TOKENS=32768,
                               CRITERIA="random,magnitude,activation,fluctuation,taylor,semantic,mix", HEAD_RATE=0.25,
                               HEAD_SWEEP="0.25", MLP_SWEEP="0.25", SEMANTIC_MAX_WINDOWS=8, LATENCY_SEQ_LEN=1024,
@@ -278,8 +420,21 @@ def check_name(name: str) -> Param:
 
 
 def coerce(name: str, value: object) -> object:
-    """Return `value` as the type declared for `name` (int -> float, lists -> 'a,b'); raises ParameterError."""
+    """Return `value` as the type declared for `name` (int -> float, lists -> 'a,b'), within its `LIMITS`; raises
+    ParameterError naming the parameter, the value, what it takes and what to do."""
     p = check_name(name)
+    value = _as_type(name, p, value)
+    limit = LIMITS.get(name)
+    why = limit.problem(value) if limit is not None and value is not None else None
+    if why:
+        hint = f" ({limit.hint})" if limit.hint else ""
+        raise ParameterError(f"parameter {name} expects {limit.describe()}{hint}, got {value!r} ({why}); give a value "
+                             f"that fits, e.g. -p {name} {p.default if p.default is not None else 'null'} "
+                             "(the default)")
+    return value
+
+
+def _as_type(name: str, p: Param, value: object) -> object:
     if value is None and p.optional:
         return None
     wrong = ParameterError(f"parameter {name} expects {p.type_name()}, got {value!r} ({type(value).__name__})")
@@ -307,8 +462,6 @@ def coerce(name: str, value: object) -> object:
         return str(value)
     if not isinstance(value, str):
         raise wrong
-    if name in CHOICES and value not in CHOICES[name]:
-        raise ParameterError(f"parameter {name} expects one of {', '.join(CHOICES[name])}, got {value!r}")
     return value
 
 
@@ -332,4 +485,5 @@ def check_parameters(params: dict) -> dict:
 for _name, _values in PROFILES.items():  # a typo in a profile fails at import, not in the middle of a run
     check_parameters(_values)
     if set(_values) != set(PARAMS):
-        raise ParameterError(f"profile {_name} sets {sorted(set(_values) - set(PARAMS))}, which PARAMS does not declare")
+        raise ParameterError(f"profile {_name} sets {sorted(set(_values) - set(PARAMS))}, "
+                             "which PARAMS does not declare")

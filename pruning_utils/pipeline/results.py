@@ -1,33 +1,18 @@
 """How results are written: atomic CSV/JSON, compact shapes, PNG plots (folders live in `paths`).
 
-Every write goes to a temporary file in the destination folder and is renamed into place, so an interrupted
-notebook never leaves a half-written table for the next stage to read.
+Every write goes through `paths.atomic_file` (a temporary file in the destination folder, flushed to disk and
+renamed into place), so an interrupted notebook or a full disk never leaves a half-written table for the next stage
+to read.
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import pandas as pd
 
-
-@contextmanager
-def _atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it onto `path` on success, delete it on error."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)  # same folder, same filesystem: the rename is atomic
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+from pruning_utils.paths import atomic_file, write_text_atomic
 
 
 def _frame(df_or_rows) -> pd.DataFrame:
@@ -36,7 +21,7 @@ def _frame(df_or_rows) -> pd.DataFrame:
 
 def write_csv(df_or_rows: pd.DataFrame | Iterable[dict], path: str | Path) -> Path:
     """Write a DataFrame or a list of row dicts to CSV atomically and return the path."""
-    with _atomic_path(path) as tmp:
+    with atomic_file(path) as tmp:
         _frame(df_or_rows).to_csv(tmp, index=False)
     return Path(path)
 
@@ -66,10 +51,9 @@ def _jsonable(obj):
 
 
 def write_json(obj, path: str | Path) -> Path:
-    """Write an object as indented JSON atomically (numpy/torch scalars, sets and paths converted) and return the path."""
-    with _atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n", encoding="utf-8")
-    return Path(path)
+    """Write an object as indented JSON atomically (numpy/torch scalars, sets and paths converted)
+    and return the path."""
+    return write_text_atomic(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
 
 
 def save_plot(fig, path: str | Path, dpi: int = 120) -> Path:
@@ -79,7 +63,7 @@ def save_plot(fig, path: str | Path, dpi: int = 120) -> Path:
     # savefig renders PNG through Agg whatever backend the notebook runs, so no global backend switch is needed
     # (switching would break inline display in notebooks).
     try:
-        with _atomic_path(path) as tmp:
+        with atomic_file(path) as tmp:
             fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)

@@ -1,11 +1,14 @@
 """Run the numbered notebooks in order with papermill, one profile for all, skipping finished stages.
 
-`python -m pruning_utils.pipeline.stages --profile default` is what `run_all.sh` calls. Every parameter is declared once in
-`pruning_utils/pipeline/profiles.py`; each notebook receives only the ones it reads. A stage is skipped when its stamp (a hash
-of its parameters, its notebook and the stamps of the stages before it) matches and all its outputs exist; `--force`
-re-runs. Bad usage (unknown stage, parameter or profile; a value of the wrong type) exits with code 2 before anything
-runs; a failed stage stops the run with exit code 1, naming the stage and its executed notebook, and the half-written
-checkpoint folders it left (`models/.tmp-*`) are removed.
+`python -m pruning_utils.pipeline.stages --profile default` is what `run_all.sh` calls. Every parameter is declared once
+in `pruning_utils/pipeline/profiles.py`; each notebook receives only the ones it reads. A stage is skipped when its
+stamp (a hash of its parameters, its notebook and the stamps of the stages before it) matches and all its outputs exist;
+`--force` re-runs. Bad usage (unknown stage, parameter or profile; a value of the wrong type or out of its range in
+`profiles.LIMITS`; `--only` naming a stage the profile leaves out) exits with code 2 before anything runs; a failed
+stage stops the run with exit code 1, naming the stage and its executed notebook, and the half-written checkpoint
+folders it left (`models/.tmp-*`) are removed (a checkpoint whose only complete copy is among them is put back
+under its name first). Stamps and the other records of `results/stages/` are written atomically (`paths.atomic_file`);
+one that is unreadable all the same (cut short by an older version) counts as absent: its stage re-runs, with a warning.
 
 Checkpoint disk budget (`KEEP_CHECKPOINTS='needed'`): the stage graph (`checkpoints_read` / `checkpoints_written`)
 says which checkpoints under models/ each stage reads and writes; once a stage has finished, every checkpoint the
@@ -24,12 +27,13 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pruning_utils.paths import discard_folder, recover_folder, stray_owner, strays_of, write_text_atomic
 from pruning_utils.pipeline.profiles import (
+    LIMITS,
     NOTEBOOK_PARAMS,
     PARAMS,
     PROFILES,
@@ -120,17 +124,28 @@ def _removed_path(results_dir: Path) -> Path:
     return results_dir / "stages" / "removed_checkpoints.json"
 
 
-def _read_removed(results_dir: Path) -> dict[str, str]:
-    path = _removed_path(results_dir)
-    return json.loads(path.read_text()) if path.exists() else {}
+def read_record(path: Path, log=print) -> dict | None:
+    """Return a JSON record of results/stages/ (a stage stamp, the removed checkpoints), or None when it is missing
+    or unreadable: a record a crash or a full disk cut short counts as absent (the stage re-runs), with a warning."""
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(record, dict):
+            raise ValueError(f"a JSON {type(record).__name__}, not an object")
+        return record
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        log(f"warning: {path} is unreadable ({err.__class__.__name__}: {err}), e.g. cut short by a full disk or a "
+            "crash; it counts as absent, so its stage re-runs")
+        return None
+
+
+def _read_removed(results_dir: Path, log=print) -> dict[str, str]:
+    return read_record(_removed_path(results_dir), log) or {}
 
 
 def _write_removed(results_dir: Path, removed: dict[str, str]) -> None:
-    path = _removed_path(results_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(removed, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_text_atomic(_removed_path(results_dir), json.dumps(removed, indent=1, sort_keys=True))
 
 
 def remove_checkpoint(models: Path, name: str) -> bool:
@@ -138,17 +153,24 @@ def remove_checkpoint(models: Path, name: str) -> bool:
     folder = models / name
     if not folder.exists():
         return False
-    trash = models / f".removed-{name}-{uuid.uuid4().hex[:8]}"
-    os.replace(folder, trash)  # from here on no reader sees half a checkpoint
-    shutil.rmtree(trash, ignore_errors=True)
+    for stray in strays_of(folder):  # first: a copy an interrupted save left would be put back by the next reader
+        discard_folder(stray)
+    discard_folder(folder)
     return True
 
 
 def remove_half_written(models: Path) -> list[str]:
-    """Delete the temporary folders an interrupted checkpoint write or removal leaves under models/; returns their names."""
+    """Delete the temporary folders interrupted checkpoint writes or removals left under models/; returns their names.
+
+    A checkpoint whose only complete copy is one of them (a save killed between its two renames) is first put back
+    under its name (`paths.recover_folder`), so the last complete copy is never deleted.
+    """
     if not models.is_dir():
         return []
-    left = [p for p in models.iterdir() if p.is_dir() and p.name.startswith((".tmp-", ".old-", ".removed-"))]
+    prefixes = (".tmp-", ".old-", ".removed-")
+    for owner in {stray_owner(p) for p in models.iterdir() if p.name.startswith(prefixes)} - {None}:
+        recover_folder(models / owner)
+    left = [p for p in models.iterdir() if p.is_dir() and p.name.startswith(prefixes)]
     for p in left:
         shutil.rmtree(p, ignore_errors=True)
     return sorted(p.name for p in left)
@@ -198,8 +220,9 @@ def resolve_parameters(profile: str, overrides: dict | None = None, environ=os.e
     return check_parameters(params)
 
 
-def parse_only(text: str | None) -> list[str] | None:
-    """Return the stage keys of `--only 02,03` (None: all); raises UsageError listing the known keys."""
+def parse_only(text: str | None, params: dict | None = None) -> list[str] | None:
+    """Return the stage keys of `--only 02,03` (None: all); raises UsageError listing the known keys, or, given the
+    run's `params`, naming a stage its ENCODER_STAGE leaves out and how to run it."""
     if text is None:
         return None
     keys = [k.strip() for k in text.split(",") if k.strip()]
@@ -208,6 +231,16 @@ def parse_only(text: str | None) -> list[str] | None:
     if unknown or not keys:
         raise UsageError(f"unknown stage key(s) {', '.join(repr(k) for k in unknown) or repr(text)} in --only; "
                          f"known: {', '.join(known)}")
+    left_out = [s for s in STAGES if s.key in keys and params is not None and profile_skips(s, params)]
+    if left_out:
+        mode, profile = params.get("ENCODER_STAGE", "off"), params.get("PROFILE", "default")
+        names = ", ".join(s.key for s in left_out)
+        how = ("run the encoder stage with `-p ENCODER_STAGE on` (after the decoder stages) or alone with "
+               "`--profile encoder`" if mode == "off" else
+               "run the decoder stages too with `-p ENCODER_STAGE on`, or choose a decoder profile (e.g. --profile "
+               "default)")
+        raise UsageError(f"--only {text}: stage(s) {names} would not run, because ENCODER_STAGE is '{mode}' in this "
+                         f"run (profile {profile}): {how}")
     return keys
 
 
@@ -287,20 +320,23 @@ def run(params: dict, root: Path | None = None, only: list[str] | None = None, f
     missing = sorted({n for s in STAGES for n in s.params} - set(params))
     if missing:
         raise ParameterError(f"parameters {missing} are missing; start from resolve_parameters(profile)")
+    if only is not None:
+        parse_only(",".join(only), params)  # a stage the profile leaves out: refused before anything is written
     dirs = output_dirs(root)
     out_dir = dirs["results"] / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     keep = params.get("KEEP_CHECKPOINTS", "all")
-    removed = _read_removed(dirs["results"])
+    removed = _read_removed(dirs["results"], log)
 
     def present(output: str) -> bool:  # a checkpoint removed by KEEP_CHECKPOINTS='needed' counts as written
         top, _, rest = output.partition("/")
         return _resolve(output, dirs).exists() or (top == "models" and rest.split("/")[0] in removed)
 
     def finished(stage: Stage, digest: str) -> bool:
-        stamp = _stamp_path(dirs["results"], stage)
-        return (stamp.exists() and json.loads(stamp.read_text()).get("digest") == digest
-                and all(present(o) for o in stage.outputs))
+        record = stamps.setdefault(stage.key, read_record(_stamp_path(dirs["results"], stage), log) or {})
+        return record.get("digest") == digest and all(present(o) for o in stage.outputs)
+
+    stamps: dict[str, dict] = {}  # read once per stage: an unreadable one warns once
 
     def wanted(stage: Stage, done: bool) -> bool:
         return (only is None or stage.key in only) and (force or not done) and not profile_skips(stage, params)
@@ -325,7 +361,8 @@ def run(params: dict, root: Path | None = None, only: list[str] | None = None, f
             done = finished(stage, digest)
             if not (wanted(stage, done) or stage.key in pulled):
                 why = ("finished, same parameters" if done else
-                       f"ENCODER_STAGE={params.get('ENCODER_STAGE', 'off')}" if profile_skips(stage, params) else "not selected")
+                       f"ENCODER_STAGE={params.get('ENCODER_STAGE', 'off')}" if profile_skips(stage, params) else
+                       "not selected")
                 log(f"[{stage.key}] skipped ({why})")
                 records.append({"stage": stage.key, "status": "skipped", "seconds": 0.0})
                 continue
@@ -354,9 +391,8 @@ def run(params: dict, root: Path | None = None, only: list[str] | None = None, f
             if absent:
                 raise StageFailed(f"stage {stage.key} finished but did not write {absent}; see {executed}")
             seconds = time.time() - t0
-            stamp.parent.mkdir(parents=True, exist_ok=True)
-            stamp.write_text(json.dumps({"digest": digest, "seconds": round(seconds, 1), "params": stage_params,
-                                         "commit": _git_commit(root)}, default=str))
+            write_text_atomic(stamp, json.dumps({"digest": digest, "seconds": round(seconds, 1),
+                                                 "params": stage_params, "commit": _git_commit(root)}, default=str))
             log(f"[{stage.key}] done in {seconds / 60:.1f} min")
             records.append({"stage": stage.key, "status": "ran", "seconds": seconds})
             if keep == "needed":
@@ -370,7 +406,9 @@ def run(params: dict, root: Path | None = None, only: list[str] | None = None, f
 
 def _parameter_table() -> str:
     users = {n: [nb[:2] for nb, names in NOTEBOOK_PARAMS.items() if n in names] for n in PARAMS}
-    return "\n".join(f"  {n:<22} {p.type_name():<12} default {p.default!r:<14} [{','.join(users[n]) or 'runner'}] {p.help}"
+    return "\n".join(f"  {n:<22} {p.type_name():<12} default {p.default!r:<14} "
+                     f"[{','.join(users[n]) or 'runner'}] {p.help}"
+                     + (f"; takes {LIMITS[n].describe()}" if n in LIMITS else "")
                      for n, p in PARAMS.items())
 
 
@@ -397,7 +435,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--profile", default=os.environ.get("PRUNE_PROFILE", "default"), choices=list(PROFILES),
                     help="parameter set (default: $PRUNE_PROFILE or 'default')")
     ap.add_argument("--only", default=None, metavar="KEYS",
-                    help="comma-separated stage keys to run, e.g. 02,03 (the others are skipped, not re-checked)")
+                    help="comma-separated stage keys to run, e.g. 02,03 (the others are skipped, not re-checked); "
+                         "07 runs only with the encoder stage on (-p ENCODER_STAGE on, or --profile encoder)")
     ap.add_argument("--force", action="store_true", help="re-run the selected stages even when finished")
     ap.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="override a parameter, e.g. -p MODEL Qwen/Qwen2.5-0.5B (repeatable; beats PRUNE_<NAME>)")
@@ -415,8 +454,9 @@ def main(argv: list[str] | None = None, root: Path | None = None) -> int:
         print(_parameter_table())
         return 0
     try:  # everything the user typed is checked before any stage starts or any folder is created
-        only = parse_only(args.only)
+        parse_only(args.only)  # an unknown key first, whatever the parameters
         params = resolve_parameters(args.profile, dict(args.p))
+        only = parse_only(args.only, params)
         if args.check:
             return 0
         root = Path(root or project_root())
@@ -433,9 +473,7 @@ def main(argv: list[str] | None = None, root: Path | None = None) -> int:
         return 1
     total = time.time() - t0
     summary = {"profile": args.profile, "minutes": round(total / 60, 2), "stages": records}
-    stages_dir = output_dirs(root)["results"] / "stages"
-    stages_dir.mkdir(parents=True, exist_ok=True)
-    (stages_dir / "last_run.json").write_text(json.dumps(summary, indent=1))
+    write_text_atomic(output_dirs(root)["results"] / "stages" / "last_run.json", json.dumps(summary, indent=1))
     write_run_time(root, args.profile, t0)
     print(f"all stages finished in {total / 60:.1f} min ({args.profile} profile)")
     return 0
@@ -468,8 +506,9 @@ def write_run_time(root: Path, profile: str, started: float) -> Path:
     path = dirs["results"] / "ablation_studies" / RUN_TIME_FILE
     previous = {}
     if path.exists():
-        with path.open() as f:
-            previous = {r["stage"]: r for r in csv.DictReader(f) if r.get("stage") not in ("total", None)}
+        with path.open(encoding="utf-8", errors="replace") as f:  # a row cut short (no minutes) is dropped
+            previous = {r["stage"]: r for r in csv.DictReader(f)
+                        if r.get("stage") not in ("total", None) and _is_number(r.get("minutes"))}
     commit = _git_commit(root)
     rows = []
     shell_start = os.environ.get("PRUNING_RUN_STARTED")
@@ -480,9 +519,8 @@ def write_run_time(root: Path, profile: str, started: float) -> Path:
         rows.append(("install", r["notebook"], float(r["minutes"]), r.get("profile") or profile,
                      r.get("commit") or "unknown"))
     for stage in STAGES:
-        stamp = _stamp_path(dirs["results"], stage)
-        if stamp.exists():
-            info = json.loads(stamp.read_text())
+        info = read_record(_stamp_path(dirs["results"], stage))
+        if info is not None:
             rows.append((stage.key, stage.notebook, info.get("seconds", float("nan")) / 60, profile,
                          info.get("commit", commit)))
         elif stage.key in previous:
@@ -491,11 +529,15 @@ def write_run_time(root: Path, profile: str, started: float) -> Path:
                          r.get("commit") or "unknown"))
     lines = ["stage,notebook,minutes,profile,commit"] + [f"{k},{nb},{m:.2f},{pr},{c}" for k, nb, m, pr, c in rows]
     lines.append(f"total,,{sum(m for _, _, m, _, _ in rows):.2f},{profile},")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)  # atomic: a reader never sees half a table
-    return path
+    return write_text_atomic(path, "\n".join(lines) + "\n")  # atomic: a reader never sees half a table
+
+
+def _is_number(text) -> bool:
+    try:
+        float(text)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def as_list(value, cast=str) -> list:

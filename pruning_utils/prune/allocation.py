@@ -51,40 +51,40 @@ def plan_heads(model, scores: Scores, rate: float = 0.0, allocation: str = "unif
     base = [s.n_heads for s in shapes]
     per_head = _head_cost(model)
     if target_non_embedding is not None:
-        rate = _rate_for_target(model, target_non_embedding, sum(base[l] for l in eligible), per_head, "heads")
-    n_eligible = sum(base[l] for l in eligible)
+        rate = _rate_for_target(model, target_non_embedding, sum(base[li] for li in eligible), per_head, "heads")
+    n_eligible = sum(base[li] for li in eligible)
     removed: dict[int, list[int]] = {}
     if rate > 0 and not eligible:
         raise ValueError("no layer is eligible for head pruning: loosen protect_first / protect_last / only_last")
     if rate > 0 and allocation == "uniform":
-        for l in eligible:
-            s = shapes[l]
+        for li in eligible:
+            s = shapes[li]
             g = s.n_heads // s.n_kv_heads
             r = round_half_up(g * rate)
             if g - r < min_per_group:
                 raise ValueError(
-                    f"head rate {rate:.3f} removes {r} of {g} query heads per KV group in layer {l}, leaving fewer than "
-                    f"min_per_group={min_per_group}; the largest allowed rate is {(g - min_per_group) / g:.3f}"
+                    f"head rate {rate:.3f} removes {r} of {g} query heads per KV group in layer {li}, leaving fewer "
+                    f"than min_per_group={min_per_group}; the largest allowed rate is {(g - min_per_group) / g:.3f}"
                 )
             if r:
-                removed[l] = [k * g + int(i) for k in range(s.n_kv_heads)
-                              for i in scores.heads[l].view(s.n_kv_heads, g).argsort(dim=1, stable=True)[k, :r]]
+                removed[li] = [k * g + int(i) for k in range(s.n_kv_heads)
+                              for i in scores.heads[li].view(s.n_kv_heads, g).argsort(dim=1, stable=True)[k, :r]]
     elif rate > 0:
         units = []
-        for l in eligible:
-            s = shapes[l]
+        for li in eligible:
+            s = shapes[li]
             g = s.n_heads // s.n_kv_heads
-            norm = _normalize(scores.heads[l], normalize).view(s.n_kv_heads, g)
+            norm = _normalize(scores.heads[li], normalize).view(s.n_kv_heads, g)
             order = norm.argsort(dim=1, stable=True)  # weakest first inside each group
             for k in range(g - min_per_group):
                 idx = tuple(int(grp * g + order[grp, k]) for grp in range(s.n_kv_heads))
-                units.append(_Unit(float(norm.gather(1, order[:, k:k + 1]).mean()), l, k, idx))
+                units.append(_Unit(float(norm.gather(1, order[:, k:k + 1]).mean()), li, k, idx))
         removed = _take_units(units, round_half_up(n_eligible * rate), "heads", rate, min_per_group, n_eligible)
     n_removed = sum(len(v) for v in removed.values())
     if rate > 0 and n_removed == 0:
         warnings.warn(f"head rate {rate:.3f} removes no head after rounding (effective rate 0.000); "
                       "raise the rate or use allocation='global'", stacklevel=2)
-    heads = {l: sorted(set(range(base[l])) - set(r)) for l, r in sorted(removed.items())}
+    heads = {li: sorted(set(range(base[li])) - set(r)) for li, r in sorted(removed.items())}
     return build_plan(model, scores, allocation, heads=heads, head_rate=rate, provenance={
         "kind": "heads", "requested_rate": rate, "effective_rate": n_removed / max(n_eligible, 1),
         "effective_rate_model": n_removed / sum(base), "removed": n_removed, "min_per_group": min_per_group,
@@ -106,44 +106,44 @@ def plan_neurons(model, scores: Scores, rate: float = 0.0, allocation: str = "un
     base = [s.intermediate for s in shapes]
     per_neuron = _neuron_cost(model)
     if target_non_embedding is not None:
-        rate = _rate_for_target(model, target_non_embedding, sum(base[l] for l in eligible), per_neuron, "neurons")
-    n_eligible = sum(base[l] for l in eligible)
+        rate = _rate_for_target(model, target_non_embedding, sum(base[li] for li in eligible), per_neuron, "neurons")
+    n_eligible = sum(base[li] for li in eligible)
     floor = max(min_per_layer, 1)
     removed: dict[int, list[int]] = {}
     if rate > 0 and not eligible:
         raise ValueError("no layer is eligible for neuron pruning: loosen protect_first / protect_last / only_last")
     if rate > 0 and allocation == "uniform":
-        for l in eligible:
-            width = base[l]
+        for li in eligible:
+            width = base[li]
             kept = width - round_half_up(width * rate)
             if kept != width:
                 kept = round_half_up(kept / multiple_of) * multiple_of
             if kept < floor:
                 largest = (width - math.ceil(floor / multiple_of) * multiple_of) / width
                 raise ValueError(
-                    f"neuron rate {rate:.3f} keeps {kept} of {width} neurons in layer {l}, fewer than "
+                    f"neuron rate {rate:.3f} keeps {kept} of {width} neurons in layer {li}, fewer than "
                     f"min_per_layer={floor}; the largest allowed rate is {max(largest, 0.0):.3f}"
                 )
             if kept < width:
-                removed[l] = scores.neurons[l].argsort(stable=True)[:width - kept].tolist()
+                removed[li] = scores.neurons[li].argsort(stable=True)[:width - kept].tolist()
     elif rate > 0:
         units = []
-        for l in eligible:
-            width = base[l]
-            norm = _normalize(scores.neurons[l], normalize)
+        for li in eligible:
+            width = base[li]
+            norm = _normalize(scores.neurons[li], normalize)
             order = norm.argsort(stable=True).tolist()
             # first unit trims the width down to a multiple; later units remove multiple_of each
             start, k = 0, 0
             step = width % multiple_of or multiple_of
             while width - (start + step) >= floor:
                 idx = order[start:start + step]
-                units.append(_Unit(float(norm[idx].mean()), l, k, tuple(idx)))
+                units.append(_Unit(float(norm[idx].mean()), li, k, tuple(idx)))
                 start, k, step = start + step, k + 1, multiple_of
         removed = _take_units(units, round_half_up(n_eligible * rate), "neurons", rate, floor, n_eligible)
     n_removed = sum(len(v) for v in removed.values())
     if rate > 0 and n_removed == 0:
         warnings.warn(f"neuron rate {rate:.4f} removes no neuron after rounding (effective rate 0.000)", stacklevel=2)
-    neurons = {l: sorted(set(range(base[l])) - set(r)) for l, r in sorted(removed.items())}
+    neurons = {li: sorted(set(range(base[li])) - set(r)) for li, r in sorted(removed.items())}
     return build_plan(model, scores, allocation, neurons=neurons, mlp_rate=rate, provenance={
         "kind": "neurons", "requested_rate": rate, "effective_rate": n_removed / max(n_eligible, 1),
         "effective_rate_model": n_removed / sum(base), "removed": n_removed, "min_per_layer": floor,
@@ -168,8 +168,8 @@ def plan_both(model, scores: Scores, head_rate: float = 0.0, mlp_rate: float = 0
     if target_non_embedding is not None:
         shapes = layer_shapes(model)
         eligible = _eligible(len(shapes), protect_first, protect_last, only_last)
-        prunable = sum(shapes[l].n_heads * _head_cost(model) + shapes[l].intermediate * _neuron_cost(model)
-                       for l in eligible)
+        prunable = sum(shapes[li].n_heads * _head_cost(model) + shapes[li].intermediate * _neuron_cost(model)
+                       for li in eligible)
         needed = _non_embedding(model) - target_non_embedding
         if not 0 <= needed < prunable:
             raise ValueError(f"target_non_embedding={target_non_embedding:,} needs removing {needed:,} parameters; "
@@ -216,7 +216,7 @@ def _eligible(n_layers: int, protect_first: int, protect_last: int, only_last: i
     """Return the layers that may be pruned."""
     layers = range(protect_first, n_layers - protect_last)
     if only_last is not None:
-        layers = [l for l in layers if l >= n_layers - only_last]
+        layers = [li for li in layers if li >= n_layers - only_last]
     return list(layers)
 
 
@@ -238,8 +238,8 @@ def _take_units(units: list[_Unit], target: int, kind: str, rate: float, floor: 
     capacity = sum(len(u.indices) for u in units)
     if target > capacity:
         raise ValueError(f"{kind} rate {rate:.3f} needs {target} of {n_eligible} removals but keeping at least {floor} "
-                         f"per {'KV group' if kind == 'heads' else 'layer'} allows only {capacity}; the largest allowed "
-                         f"rate is {capacity / n_eligible:.3f}")
+                         f"per {'KV group' if kind == 'heads' else 'layer'} allows only {capacity}; "
+                         f"the largest allowed rate is {capacity / n_eligible:.3f}")
     removed: dict[int, list[int]] = {}
     next_order: dict[int, int] = {}
     taken = 0
@@ -294,7 +294,8 @@ def _rate_for_target(model, target: int, n_eligible: int, cost: int, kind: str) 
 
 
 def build_plan(model, scores: Scores, allocation: str, heads=None, neurons=None, head_rate: float = 0.0,
-          mlp_rate: float = 0.0, criterion: str | None = None, provenance=None) -> PruningPlan:
+               mlp_rate: float = 0.0, criterion: str | None = None, provenance=None) -> PruningPlan:
+    """Return the PruningPlan of given kept heads / neurons, with the allocation and rates in its provenance."""
     shapes = layer_shapes(model)
     plan = PruningPlan(
         base_heads=[s.n_heads for s in shapes], base_intermediate=[s.intermediate for s in shapes],

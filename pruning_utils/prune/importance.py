@@ -36,7 +36,8 @@ def random(model, windows: Tensor, batch_size: int = 4, seed: int = 0, passes: P
 
 def magnitude(model, windows: Tensor, batch_size: int = 4, seed: int = 0, passes: Passes | None = None,
            **options) -> Scores:
-    """Return the L1 norm of the weights a head (q rows + bias, o columns) / neuron (gate, up rows + biases, down column) owns."""
+    """Return the L1 norm of the weights a head (q rows + bias, o columns) / neuron
+    (gate, up rows + biases, down column) owns."""
     hd = head_dim(model)
     heads, neurons = [], []
     with torch.no_grad():
@@ -49,7 +50,8 @@ def magnitude(model, windows: Tensor, batch_size: int = 4, seed: int = 0, passes
 
 def activation(model, windows: Tensor, batch_size: int = 4, seed: int = 0, passes: Passes | None = None,
            **options) -> Scores:
-    """Return Wanda-style structured scores: ||X_j||_2 over calibration tokens x ||W[:, j]||_2, summed over a head's channels."""
+    """Return Wanda-style structured scores: ||X_j||_2 over calibration tokens x ||W[:, j]||_2,
+    summed over a head's channels."""
     stats = _passes(model, windows, batch_size, seed, options, "activation", passes).forward_stats()
 
     def channel(m: Moments, weight: Tensor) -> Tensor:
@@ -60,7 +62,8 @@ def activation(model, windows: Tensor, batch_size: int = 4, seed: int = 0, passe
 
 def fluctuation(model, windows: Tensor, batch_size: int = 4, seed: int = 0, passes: Passes | None = None,
            **options) -> Scores:
-    """Return FLAP scores: variance of input channel j over calibration tokens x ||W[:, j]||^2, summed over a head's channels."""
+    """Return FLAP scores: variance of input channel j over calibration tokens x ||W[:, j]||^2,
+    summed over a head's channels."""
     stats = _passes(model, windows, batch_size, seed, options, "fluctuation", passes).forward_stats()
 
     def channel(m: Moments, weight: Tensor) -> Tensor:
@@ -71,7 +74,8 @@ def fluctuation(model, windows: Tensor, batch_size: int = 4, seed: int = 0, pass
 
 def tfidf(model, windows: Tensor, batch_size: int = 4, seed: int = 0, passes: Passes | None = None,
            **options) -> Scores:
-    """Return NeuronRank TF-IDF++ scores |W_j|^alpha * TF_j^beta * IDF_j^gamma over documents (or topics: tfidf_mode='topic').
+    """Return NeuronRank TF-IDF++ scores |W_j|^alpha * TF_j^beta * IDF_j^gamma over documents
+    (or topics: tfidf_mode='topic').
 
     Each calibration window is a document.
 
@@ -86,7 +90,8 @@ def tfidf(model, windows: Tensor, batch_size: int = 4, seed: int = 0, passes: Pa
     """
     mode, idf_kind = options.get("tfidf_mode", "doc"), options.get("tfidf_idf", "smooth")
     if mode not in ("doc", "topic") or idf_kind not in ("smooth", "raw"):
-        raise ValueError(f"tfidf_mode must be 'doc' or 'topic' (got {mode!r}); tfidf_idf 'smooth' or 'raw' (got {idf_kind!r})")
+        raise ValueError(f"tfidf_mode must be 'doc' or 'topic' (got {mode!r}); "
+                         f"tfidf_idf 'smooth' or 'raw' (got {idf_kind!r})")
     name = "tfidf_topic" if mode == "topic" else "tfidf"
     stats = _passes(model, windows, batch_size, seed, options, name, passes).forward_stats()
     alpha, beta, gamma = (float(options.get(k, d)) for k, d in
@@ -121,20 +126,23 @@ def tfidf(model, windows: Tensor, batch_size: int = 4, seed: int = 0, passes: Pa
 
 def tfidf_topic(model, windows: Tensor, batch_size: int = 4, seed: int = 0, passes: Passes | None = None,
            **options) -> Scores:
-    """Return TF-IDF++ scores where KMeans topics of the documents (on mean-pooled last hidden states) act as documents."""
+    """Return TF-IDF++ scores where KMeans topics of the documents (on mean-pooled last hidden states)
+    act as documents."""
     return tfidf(model, windows, batch_size, seed, passes, **{**options, "tfidf_mode": "topic"})
 
 
 def taylor(model, windows: Tensor, batch_size: int = 4, seed: int = 0, passes: Passes | None = None,
            **options) -> Scores:
-    """Return first-order LLM-Pruner scores |sum w * dL/dw| over the weights a head / neuron owns (gradients over all windows)."""
+    """Return first-order LLM-Pruner scores |sum w * dL/dw| over the weights a head / neuron owns
+    (gradients over all windows)."""
     heads, neurons = _passes(model, windows, batch_size, seed, options, "taylor", passes).grad_stats()["taylor"]
     return Scores(heads, neurons, "taylor")
 
 
 def semantic(model, windows: Tensor, batch_size: int = 4, seed: int = 0, passes: Passes | None = None,
            **options) -> Scores:
-    """Return semantic importance: heads by exact ablation (KL + max(dloss, 0), nats/token), neurons by |sum_tokens a * dL/da|.
+    """Return semantic importance: heads by exact ablation (KL + max(dloss, 0), nats/token),
+    neurons by |sum_tokens a * dL/da|.
 
     Heads: each head is zeroed in turn (`hooks.masked`) over the first `semantic_max_windows`
     windows; the score is the mean per-token KL(full || ablated) of the next-token distributions
@@ -156,14 +164,15 @@ DEFAULT_MIX = {"activation": 0.5, "taylor": 0.5}
 
 def mix(model, windows: Tensor, batch_size: int = 4, seed: int = 0, passes: Passes | None = None,
            **options) -> Scores:
-    """Return the weighted mean of per-layer rank-normalised scores of criteria (`mix_weights`; default activation+taylor)."""
+    """Return the weighted mean of per-layer rank-normalised scores of criteria
+    (`mix_weights`; default activation+taylor)."""
     weights = _mix_weights(options)
     passes = _passes(model, windows, batch_size, seed, options, "mix", passes)
     parts = {name: score(name, passes, options) for name in weights}
     total = sum(weights.values())
     shapes = layer_shapes(model)
-    heads = [sum(w * _rank01(parts[n].heads[l]) for n, w in weights.items()) / total for l in range(len(shapes))]
-    neurons = [sum(w * _rank01(parts[n].neurons[l]) for n, w in weights.items()) / total for l in range(len(shapes))]
+    heads = [sum(w * _rank01(parts[n].heads[li]) for n, w in weights.items()) / total for li in range(len(shapes))]
+    neurons = [sum(w * _rank01(parts[n].neurons[li]) for n, w in weights.items()) / total for li in range(len(shapes))]
     return Scores(heads, neurons, "mix", {"mix_weights": dict(weights)})
 
 

@@ -255,7 +255,8 @@ def layer_paths(model, grams: Mapping[tuple[int, str], GramStats], max_head_roun
             HEAD_INPUT: greedy_path(o.weight, o.bias, grams[(li, HEAD_INPUT)], heads, rounds, classes,
                                     ridge_ratio=ridge_ratio, metric=metric[HEAD_INPUT]),
             NEURON_INPUT: greedy_path(down.weight, down.bias, grams[(li, NEURON_INPUT)],
-                                      torch.arange(s.intermediate)[:, None], int(max_neuron_frac * s.intermediate) // step,
+                                      torch.arange(s.intermediate)[:, None],
+                                      int(max_neuron_frac * s.intermediate) // step,
                                       step=step, ridge_ratio=ridge_ratio, metric=metric[NEURON_INPUT]),
         }
     return out

@@ -42,7 +42,8 @@ from pruning_utils.progress import progress
 
 @dataclass
 class ForwardStats:
-    """Moments of the inputs of every layer's o_proj (`attn`) and down_proj (`mlp`), tokens and hidden sums per window."""
+    """Moments of the inputs of every layer's o_proj (`attn`) and down_proj (`mlp`),
+    tokens and hidden sums per window."""
 
     attn: list[Moments]
     mlp: list[Moments]
@@ -153,7 +154,8 @@ class Passes:
         doc_hidden = None
         last = len(shapes) - 1
         walk = calibration.walk_layers(model, self.windows, self.batch_size, device=dev)
-        for li, layer, hidden, calls in progress(walk, total=len(shapes), desc="importance: forward statistics (offload)",
+        for li, layer, hidden, calls in progress(walk, total=len(shapes),
+                                                  desc="importance: forward statistics (offload)",
                                                   disable=not self.show_progress):
             a, m = Moments(shapes[li].n_heads * hd, dev, nd), Moments(shapes[li].intermediate, dev, nd)
             current: dict[str, Tensor] = {}
@@ -200,7 +202,8 @@ class Passes:
                     x.register_hook(on_grad)
             return pre
 
-        specs = [(proj(layer, NEURON_INPUT), "pre", grab(acc)) for layer, acc in zip(layers, sem)] if self.neuron_grads else []
+        specs = ([(proj(layer, NEURON_INPUT), "pre", grab(acc)) for layer, acc in zip(layers, sem)]
+                 if self.neuron_grads else [])
         w = self.windows
         try:
             for p in params:

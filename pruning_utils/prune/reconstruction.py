@@ -173,7 +173,8 @@ def _check(model, plan: PruningPlan, mode: str, targets: Mapping[tuple[int, str]
         raise ReconstructionError(f"unknown reconstruction mode '{mode}'; known: {', '.join(MODES)}")
     plan.validate()
     shapes = layer_shapes(model)
-    if [s.n_heads for s in shapes] != list(plan.base_heads) or [s.intermediate for s in shapes] != list(plan.base_intermediate):
+    if ([s.n_heads for s in shapes] != list(plan.base_heads)
+            or [s.intermediate for s in shapes] != list(plan.base_intermediate)):
         raise PlanMismatchError("the plan was made for a model of other shapes than this one; "
                                 "recompute the plan on this model (or load the model it was made for)")
     if mode == "bias":
@@ -232,7 +233,8 @@ def reconstruct_in_place(model, plan: PruningPlan, windows: Tensor | None, mode:
                 "after the earlier layers were refit: pass sequential=False to reuse stats, or stats=None")
         missing = [key for key in targets if key not in stats]
         if missing:
-            raise ReconstructionError(f"stats lack {', '.join(map(str, missing[:3]))}{' ...' if len(missing) > 3 else ''}; "
+            raise ReconstructionError(f"stats lack {', '.join(map(str, missing[:3]))}"
+                                      f"{' ...' if len(missing) > 3 else ''}; "
                                       "collect them with collect_grams(model, windows) over all layers and targets")
     elif windows is None:
         raise ReconstructionError(f"mode '{mode}' needs calibration windows (or one-shot stats from collect_grams)")
@@ -271,7 +273,8 @@ def _paired_stats(layer: nn.Module, name: str, ref_layer: nn.Module, hidden: lis
     module, ref_module = target_module(layer, name), target_module(ref_layer, name)
     stats = GramStats.empty(module.in_features, module.weight.device)
     for h, h_ref, call in zip(hidden, ref_hidden, calls):
-        stats.add_paired(calibration.input_of(layer, module, h, call), calibration.input_of(ref_layer, ref_module, h_ref, call))
+        stats.add_paired(calibration.input_of(layer, module, h, call),
+                         calibration.input_of(ref_layer, ref_module, h_ref, call))
     return stats
 
 

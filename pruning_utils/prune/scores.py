@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import Tensor
 
+from pruning_utils.paths import atomic_file
+
 SCORES_FILE = "importance.safetensors"
 SUMMARY_FILE = "importance_summary.csv"
 
@@ -22,7 +24,8 @@ class Scores:
 
 
 def save_scores(scores: dict[str, Scores], folder: str | Path) -> Path:
-    """Write `importance.safetensors` (keys like `taylor.heads.3`) and a tidy per-layer summary CSV; return the folder."""
+    """Write `importance.safetensors` (keys like `taylor.heads.3`) and a tidy per-layer summary CSV;
+    return the folder."""
     import pandas as pd
     from safetensors.torch import save_file
 
@@ -38,8 +41,10 @@ def save_scores(scores: dict[str, Scores], folder: str | Path) -> Path:
                 flat[f"{name}.{kind}.{layer}"] = t
                 rows.append(dict(criterion=name, kind=kind, layer=layer, n=t.numel(), mean=t.mean().item(),
                                  std=t.std().item() if t.numel() > 1 else 0.0, min=t.min().item(), max=t.max().item()))
-    save_file(flat, str(folder / SCORES_FILE))
-    pd.DataFrame(rows).to_csv(folder / SUMMARY_FILE, index=False)
+    with atomic_file(folder / SCORES_FILE) as tmp:  # results: a full disk leaves the previous file, not half of one
+        save_file(flat, str(tmp))
+    with atomic_file(folder / SUMMARY_FILE) as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
     return folder
 
 
@@ -54,5 +59,6 @@ def load_scores(folder: str | Path) -> dict[str, Scores]:
     for key, t in load_file(str(path)).items():
         name, kind, layer = key.rsplit(".", 2)
         table.setdefault(name, {"heads": {}, "neurons": {}})[kind][int(layer)] = t
-    return {name: Scores([k["heads"][i] for i in sorted(k["heads"])], [k["neurons"][i] for i in sorted(k["neurons"])], name)
+    return {name: Scores([k["heads"][i] for i in sorted(k["heads"])],
+                         [k["neurons"][i] for i in sorted(k["neurons"])], name)
             for name, k in table.items()}

@@ -78,7 +78,8 @@ class SearchResult:
     counts: Counts = field(default_factory=lambda: Counts([], []))
 
 
-def kept_indices(scores: Scores, li: int, shape, heads_removed: int, neurons_removed: int) -> tuple[list[int], list[int]]:
+def kept_indices(scores: Scores, li: int, shape, heads_removed: int, neurons_removed: int
+                 ) -> tuple[list[int], list[int]]:
     """Return the kept query heads (the lowest-scored `heads_removed` of every KV group go) and kept neurons of a
     layer, sorted."""
     g = shape.n_heads // shape.n_kv_heads
@@ -92,7 +93,8 @@ def plan_from_counts(model, scores: Scores, counts: Counts, allocation_name: str
     """Return the plan removing, per layer, the lowest-scored heads of every KV group and the lowest neurons."""
     shapes = layer_shapes(model)
     if len(counts.heads) != len(shapes) or len(counts.neurons) != len(shapes):
-        raise SearchError(f"counts name {len(counts.heads)} / {len(counts.neurons)} layers, the model has {len(shapes)}")
+        raise SearchError(f"counts name {len(counts.heads)} / {len(counts.neurons)} layers, "
+                          f"the model has {len(shapes)}")
     heads, neurons = {}, {}
     for li, s in enumerate(shapes):
         g = s.n_heads // s.n_kv_heads
@@ -174,7 +176,8 @@ class _Candidates:
             if self.state[li] == want:
                 continue
             first = min(first, li)
-            for name, count, old in ((HEAD_INPUT, want[0], self.state[li][0]), (NEURON_INPUT, want[1], self.state[li][1])):
+            for name, count, old in ((HEAD_INPUT, want[0], self.state[li][0]),
+                                     (NEURON_INPUT, want[1], self.state[li][1])):
                 if count != old:
                     module = target_module(work_layers[li], name)
                     weight, bias = self._weight(li, name, count)
@@ -263,7 +266,8 @@ def search_budget(model, scores: Scores, grams: Mapping[tuple[int, str], GramSta
     uniform = allocation.plan_both(model, scores, head_rate=head_rate, mlp_rate=mlp_rate)
     start = counts_of(uniform, model)
     max_neurons = [max(int(max_neuron_frac * s.intermediate), n) for s, n in zip(shapes, start.neurons)]
-    missing = [(li, name) for li in range(len(shapes)) for name in (HEAD_INPUT, NEURON_INPUT) if (li, name) not in grams]
+    missing = [(li, name) for li in range(len(shapes)) for name in (HEAD_INPUT, NEURON_INPUT)
+               if (li, name) not in grams]
     if missing:
         raise SearchError(f"no Gram statistics for {missing[:3]}; collect them with reconstruction.collect_grams")
     budget = removed_params(model, start)

@@ -38,6 +38,7 @@ import torch
 
 from pruning_utils.model.checkpoint import load_pruned, resolve_checkpoint_dir, save_pruned
 from pruning_utils.model.loading import load_model
+from pruning_utils.paths import write_text_atomic
 from pruning_utils.recovery.lora import (
     RecoveryConfig,
     attach_lora,
@@ -64,7 +65,8 @@ def read_config(path: str | Path) -> tuple[dict[str, Any], RecoveryConfig]:
         if not run.get(key):
             raise ValueError(f"{path}: '{key}' is required")
     defaults = dict(text_source="embedded", instruction_jsonl=None, instruction_field="instruction",
-                    response_field="response", windows_path=None, heldout_path=None, n_windows=None, seed=0, n_heldout=8,
+                    response_field="response", windows_path=None, heldout_path=None, n_windows=None, seed=0,
+                    n_heldout=8,
                     heldout_seed=None, teacher_dir=None)
     run = {**defaults, **run}
     return run, RecoveryConfig.from_dict(run.get("recovery", {}))
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> Path:
         extra = {"recovery": cfg.to_dict(), "recovery_stats": summary, "recovered_from": str(run["model_dir"])}
         out = save_pruned(merged, tokenizer, out, plan=getattr(merged, "pruning_plan", None), extra=extra)
         write_history_csv(stats["history"], out / LOSS_FILE)
-        (out / STATS_FILE).write_text(json.dumps(summary, indent=1))
+        write_text_atomic(out / STATS_FILE, json.dumps(summary, indent=1))
         print(f"LoRA recovery: {stats['steps']} steps, held-out loss {stats['heldout_loss_before']:.4f} -> "
               f"{stats['heldout_loss_after']:.4f}, "
               f"{stats['tokens_per_s']:.0f} tokens/s; saved {out}")
@@ -150,7 +152,8 @@ def main(argv: list[str] | None = None) -> Path:
     return out
 
 
-def launch_command(config_path: str | Path, n_processes: int, launch_args: list[str] | tuple[str, ...] = ()) -> list[str]:
+def launch_command(config_path: str | Path, n_processes: int,
+                   launch_args: list[str] | tuple[str, ...] = ()) -> list[str]:
     """Return the `accelerate launch --multi_gpu` command that runs this module on `n_processes` ranks."""
     # this interpreter's accelerate, not whichever `accelerate` is first on PATH
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n_processes),
@@ -207,7 +210,8 @@ def recover_data_parallel(model_dir: str, out_name: str, cfg: RecoveryConfig, *,
                            f"Re-run by hand to debug: {' '.join(cmd)}")
     stats = json.loads((out / STATS_FILE).read_text())
     history = pd.read_csv(out / LOSS_FILE)
-    stats["history"] = [(int(s), float(loss), float(lr)) for s, loss, lr in history[["step", "loss", "lr"]].itertuples(index=False)]
+    stats["history"] = [(int(s), float(loss), float(lr))
+                        for s, loss, lr in history[["step", "loss", "lr"]].itertuples(index=False)]
     merged, _ = load_pruned(out, device=device, dtype=dtype)
     return merged, stats
 

@@ -8,7 +8,8 @@ lacks bf16, bf16 autocast where it has it, none on CPU) and accumulates gradient
 Divergence policy: when a loss (or, after a step, an adapter weight) is not finite, training stops,
 the adapter weights of the last good step are restored and `RecoveryDivergedError` is raised; the
 error carries the statistics so far (`err.stats`), so a caller that wants to go on catches it and
-uses the model, which then holds the last finite adapter weights.
+uses the model, which then holds the last finite adapter weights. A merge (`merge_lora`) that gives a
+non-finite weight raises the same error, naming the weight.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from pruning_utils.model.checkpoint import nonfinite_weights
+from pruning_utils.paths import atomic_file
 from pruning_utils.serialization import JsonMixin
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -96,7 +99,8 @@ class RecoveryConfig(JsonMixin):
 
 
 def attach_lora(model, cfg: RecoveryConfig):
-    """Return a `PeftModel` with LoRA adapters on `cfg.target_modules` (base weights frozen; works on per-layer shapes)."""
+    """Return a `PeftModel` with LoRA adapters on `cfg.target_modules`
+    (base weights frozen; works on per-layer shapes)."""
     from peft import LoraConfig, get_peft_model
 
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
@@ -114,9 +118,21 @@ def attach_lora(model, cfg: RecoveryConfig):
         return get_peft_model(model, lora)
 
 
-def merge_lora(peft_model):
-    """Return the base model with the adapters folded into its weights (peft's `merge_and_unload`), in eval mode."""
-    return peft_model.merge_and_unload().eval()
+def merge_lora(peft_model, stats: dict[str, Any] | None = None):
+    """Return the base model with the adapters folded into its weights (peft's `merge_and_unload`), in eval mode.
+
+    Finite adapters can still give a non-finite merged weight (a base already holding one, or a sum that overflows a
+    half-precision dtype): that raises RecoveryDivergedError naming the weight, carrying `stats` (the divergence
+    policy of the module docstring; the model is merged all the same).
+    """
+    merged = peft_model.merge_and_unload().eval()
+    bad = nonfinite_weights(merged)
+    if bad:
+        dtype = next(merged.parameters()).dtype
+        raise RecoveryDivergedError(
+            f"merging the LoRA adapters gave NaN or inf in {bad[0]}" + (f" and {len(bad) - 1} more" if bad[1:] else "")
+            + f" ({dtype}); the merged model is unusable: recover in float32, or with a lower lr", stats or {})
+    return merged
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -187,7 +203,8 @@ def _loss(model, teacher, ids: torch.Tensor, cfg: RecoveryConfig) -> torch.Tenso
     return kl if cfg.loss == "distill" else cfg.distill_alpha * kl + (1 - cfg.distill_alpha) * out.loss
 
 
-def heldout_loss(model, windows: torch.Tensor, cfg: RecoveryConfig, teacher=None, batch_size: int | None = None) -> float:
+def heldout_loss(model, windows: torch.Tensor, cfg: RecoveryConfig, teacher=None,
+                 batch_size: int | None = None) -> float:
     """Return the mean training loss (`cfg.loss`: lm, distill or mix) over fixed windows [n, seq_len], in eval mode.
 
     Every window weighs the same, batches are formed in order and nothing is sampled, so the same windows give
@@ -213,13 +230,13 @@ def heldout_loss(model, windows: torch.Tensor, cfg: RecoveryConfig, teacher=None
 
 
 def write_history_csv(history: list[tuple[int, float, float]], path: str | Path) -> Path:
-    """Write the loss curve (columns step, loss, lr) to a CSV file; returns its path."""
+    """Write the loss curve (columns step, loss, lr) to a CSV file atomically (a full disk leaves the previous one);
+    returns its path."""
     import pandas as pd
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(history, columns=["step", "loss", "lr"]).to_csv(path, index=False)
-    return path
+    with atomic_file(path) as tmp:
+        pd.DataFrame(history, columns=["step", "loss", "lr"]).to_csv(tmp, index=False)
+    return Path(path)
 
 
 def train_lora(model, train_windows: torch.Tensor, cfg: RecoveryConfig, teacher=None, accelerator=None,
@@ -243,7 +260,8 @@ def train_lora(model, train_windows: torch.Tensor, cfg: RecoveryConfig, teacher=
     if not isinstance(model, PeftModel):
         raise TypeError("train_lora needs a PeftModel: call attach_lora(model, cfg) first, or use recover(...)")
     if cfg.loss != "lm" and teacher is None:
-        raise ValueError(f"loss '{cfg.loss}' needs a teacher model (e.g. the unpruned model); pass teacher= or use loss='lm'")
+        raise ValueError(f"loss '{cfg.loss}' needs a teacher model (e.g. the unpruned model); "
+                         "pass teacher= or use loss='lm'")
     if train_windows.dim() != 2 or train_windows.dtype != torch.long:
         raise ValueError(f"train_windows must be a LongTensor [n, seq_len], got {train_windows.dtype} "
                          f"{tuple(train_windows.shape)}")
@@ -265,7 +283,8 @@ def train_lora(model, train_windows: torch.Tensor, cfg: RecoveryConfig, teacher=
     if total < 1:
         raise ValueError(
             f"{len(train_windows)} windows give no optimizer step with batch_size {cfg.batch_size} x grad_accum "
-            f"{cfg.grad_accum} x {accelerator.num_processes} process(es); give more windows or lower batch_size/grad_accum")
+            f"{cfg.grad_accum} x {accelerator.num_processes} process(es); "
+            "give more windows or lower batch_size/grad_accum")
     # Not prepared by accelerate: a prepared scheduler steps once per process, which would shorten the schedule.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, _lr_factor(cfg, total))
     if teacher is not None:
@@ -363,7 +382,7 @@ def recover(model, tokenizer, train_windows: torch.Tensor | None, cfg: RecoveryC
     try:
         stats = train_lora(peft_model, train_windows, cfg, teacher=teacher, accelerator=accelerator,
                            log_csv=log_csv, progress=progress, heldout_windows=heldout_windows)
-    except RecoveryDivergedError:
-        merge_lora(peft_model)  # fold in the last good adapters so the caller's model is usable, then re-raise
+    except RecoveryDivergedError as err:
+        merge_lora(peft_model, err.stats)  # fold in the last good adapters so the caller's model is usable; re-raise
         raise
-    return merge_lora(peft_model), stats
+    return merge_lora(peft_model, stats), stats

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
+from pruning_utils.data.files import DataFileError, jsonl_records
 from pruning_utils.data.selfgen import model_fingerprint
 from pruning_utils.data.sources import encode
 from pruning_utils.measure.evaluation import TRAIN_PROMPTS_FILE, generate_answers, load_instructions
-from pruning_utils.paths import models_dir
+from pruning_utils.paths import models_dir, write_text_atomic
 
 
 def instruction_windows(tokenizer, jsonl_path: str | Path, seq_len: int, instruction_field: str = "instruction",
@@ -22,24 +23,24 @@ def instruction_windows(tokenizer, jsonl_path: str | Path, seq_len: int, instruc
 
     Records are formatted with the tokenizer's chat template when it has one, else as
     "### Instruction / ### Response"; a non-empty context field (Dolly `context`, Alpaca `input`) is
-    appended to the instruction. Alpaca's answer field is `output`: pass response_field="output".
+    appended to the instruction. Alpaca's answer field is `output`: pass response_field="output". A line that is not
+    a JSON object, or a file that is not UTF-8, raises DataFileError naming the file and line.
     """
     path = Path(jsonl_path)
     if not path.is_file():
         raise FileNotFoundError(f"instruction file '{path}' does not exist; give a JSONL file with one record per line")
     pairs = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        rec = json.loads(line)
+    for line_no, rec in jsonl_records(path):
         if instruction_field not in rec or response_field not in rec:
-            raise ValueError(f"{path}:{line_no} lacks '{instruction_field}' or '{response_field}' (it has "
-                             f"{sorted(rec)}); pass instruction_field= / response_field= naming its fields")
+            raise DataFileError(f"{path}:{line_no} lacks '{instruction_field}' or '{response_field}' (it has "
+                                f"{sorted(rec)}); pass instruction_field= / response_field= naming its fields")
         prompt = str(rec[instruction_field])
         context = next((str(rec[f]) for f in context_fields if str(rec.get(f) or "").strip()), "")
         if context:
             prompt = f"{prompt}\n\n{context}"
         pairs.append((prompt, str(rec[response_field])))
+    if not pairs:
+        raise DataFileError(f"{path} holds no records: recovery needs at least one instruction/response line")
     return pack_dialogues(tokenizer, pairs, seq_len, what=str(path))
 
 
@@ -87,11 +88,9 @@ def selfdistill_windows(teacher, tokenizer, seq_len: int, prompts: list | None =
         answers = [json.loads(line)["response"] for line in path.read_text(encoding="utf-8").splitlines()]
     else:
         answers = generate_answers(teacher, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps({"instruction": t, "response": a}) + "\n" for t, a in zip(texts, answers)),
-                       encoding="utf-8")
-        tmp.replace(path)  # whole or absent: a crash never leaves half a cache
+        # whole or absent: a crash or a full disk never leaves half a cache
+        write_text_atomic(path, "".join(json.dumps({"instruction": t, "response": a}) + "\n"
+                                        for t, a in zip(texts, answers)))
     return pack_dialogues(tokenizer, list(zip(texts, answers)), seq_len, what="self-distillation answers")
 
 
@@ -111,3 +110,18 @@ def recovery_windows(data: str, tokenizer, n: int, seq_len: int, teacher, text_w
     half = min(len(own), n // 2)
     mixed = torch.cat([own[:half], text_windows(n - half)])
     return mixed[torch.randperm(len(mixed), generator=torch.Generator().manual_seed(seed))]
+
+
+def training_windows(data: str, tokenizer, text_source: str, n: int, seq_len: int, model, seed: int = 0,
+                     instruction_jsonl: str | Path | None = None, selfgen_kw: dict | None = None) -> torch.Tensor:
+    """Return the recovery training windows: the `instruction_jsonl` records when given, else `recovery_windows` of
+    `data` with `model` (the unpruned one) as teacher and calibration text drawn with seed + 1."""
+    if instruction_jsonl:
+        return instruction_windows(tokenizer, instruction_jsonl, seq_len)
+    from pruning_utils.data.sources import calibration_windows
+
+    def text_windows(k: int) -> torch.Tensor:  # other windows of the calibration split; selfgen parts: seed's samples
+        return calibration_windows(tokenizer, text_source, n_samples=k, seq_len=seq_len, seed=seed + 1, model=model,
+                                   selfgen_kw=selfgen_kw, selfgen_seed=seed)
+
+    return recovery_windows(data, tokenizer, n, seq_len, model, text_windows, seed=seed)

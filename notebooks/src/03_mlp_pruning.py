@@ -1,0 +1,87 @@
+# %% [markdown]
+# # 03 · MLP-neuron pruning, alone and on top of head pruning
+# Neurons are removed from `gate_proj`/`up_proj` rows and `down_proj` columns. Two starting points: the baseline (MLP
+# pruning alone → `models/mlp_pruned/`) and the head-pruned model (cumulative attention + MLP → `models/mix_pruned/`).
+
+# %%
+from pruning_utils.measure.mix import mix_variant
+from pruning_utils.measure.variants import criteria_sweep, measure_variant, pruned_copy, reconstruction_sweep
+from pruning_utils.model.checkpoint import read_checkpoint_meta, save_pruned
+from pruning_utils.pipeline import plots, results
+from pruning_utils.prune import reconstruction
+from pruning_utils.prune.search import main_plan
+
+# %% [markdown]
+# ## Criteria side by side on the baseline (plain removal)
+
+# %%
+ref = measure_variant(source.model, sweep_chunks, variant="baseline", source_model=MODEL,
+                      compute_device=RUN.compute_device, fidelity_chunks=sweep_fidelity)
+rows = criteria_sweep(source, scores, as_list(CRITERIA), as_list(MLP_SWEEP, float), "neurons", sweep_chunks,
+                      allocation=ALLOCATION, reference=ref, source_model=MODEL, compute_device=RUN.compute_device,
+                      fidelity_chunks=sweep_fidelity)
+sweep = pd.DataFrame(rows)
+sweep.pivot_table(index="criterion", columns="mlp_rate_requested", values="ppl").round(2)
+
+# %% [markdown]
+# ## Reconstruction options for the main criterion
+# One layer-wise calibration pass (the Gram matrices of the refit projections' inputs) serves every one-shot refit of
+# the unpruned model in this notebook, kept on the device or the host (`RUN.grams`); when memory is short each refit
+# instead collects its own, one layer at a time (`streamed`: the same refit, one calibration pass per variant).
+
+# %%
+grams = (reconstruction.collect_grams(source.model, windows, which=["o_proj", "down_proj"],
+                                      storage=RUN.grams_storage, device=RUN.compute_device)
+         if RUN.hold_grams else None)
+plan = main_plan(source.model, scores, mlp_criterion=MAIN_MLP_CRITERION, mlp_rate=MLP_RATE, grams=grams, **PLAN)
+recon_rows = reconstruction_sweep(source, plan, windows, as_list(RECON_OPTIONS), sweep_chunks, kind="neurons",
+                                  criterion=MAIN_MLP_CRITERION, rate=MLP_RATE, allocation=ALLOCATION,
+                                  reference=ref, source_model=MODEL, stats=grams, sequential=RECON_SEQUENTIAL,
+                                  ridge_ratio=RIDGE_RATIO, compute_device=RUN.compute_device,
+                                  fidelity_chunks=sweep_fidelity)
+rows += recon_rows
+pd.DataFrame(recon_rows)[["variant", "reconstruction", "intermediate", "ppl", "ppl_change_pct", "fidelity_ppl"]]
+
+# %% [markdown]
+# ## MLP pruning alone → `models/mlp_pruned/`
+
+# %%
+mlp_model = pruned_copy(source, plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL,
+                        ridge_ratio=RIDGE_RATIO, stats=grams, device=RUN.compute_device)
+row = measure_variant(mlp_model, chunks, variant="mlp_pruned", source_model=MODEL, reference=baseline,
+                      criterion=MAIN_MLP_CRITERION, allocation=ALLOCATION, reconstruction=RECONSTRUCTION,
+                      mlp_rate_requested=MLP_RATE, compute_device=RUN.compute_device, **SAVED)
+save_pruned(mlp_model, tok, "mlp_pruned", extra=row)
+rows.append(row)
+del mlp_model
+
+# %% [markdown]
+# ## Heads + MLP (the head-pruned model's heads, then neurons) → `models/mix_pruned/`
+# By default one plan on the unpruned model removes the head-pruned model's heads and this notebook's neurons, refit
+# one-shot from the Grams above (each refit matches the unpruned layer): the attention is then exactly the head-pruned
+# model's. `MIX_RESCORE = True` instead rescores the neurons on the head-pruned model and refits them there (it changes
+# what the MLPs see). The one-shot plan is the S3 recipe of `benchmarks/quality.py`, and it needs no second scoring or
+# calibration pass. With `ALLOCATION = 'search'` the mix is searched from the unpruned model at the joint budget
+# instead (heads and neurons together, trading one for the other).
+
+# %%
+head_row = read_checkpoint_meta("head_pruned")["extra"]
+mix = mix_variant(source, scores, plan, windows, head_row=head_row, mlp_criterion=MAIN_MLP_CRITERION, mlp_rate=MLP_RATE,
+                  plan_kw=PLAN, rescore=MIX_RESCORE, grams=grams, reconstruction=RECONSTRUCTION,
+                  sequential=RECON_SEQUENTIAL, ridge_ratio=RIDGE_RATIO, device=RUN.compute_device)
+row = measure_variant(mix, chunks, variant="mix_pruned", source_model=MODEL, reference=baseline,
+                      criterion=f"{head_row['criterion']}+{MAIN_MLP_CRITERION}", allocation=ALLOCATION,
+                      reconstruction=RECONSTRUCTION, head_rate_requested=head_row["head_rate_requested"],
+                      mlp_rate_requested=MLP_RATE, compute_device=RUN.compute_device, **SAVED)
+save_pruned(mix, tok, "mix_pruned", extra=row)
+rows.append(row)
+table = pd.DataFrame(rows)
+results.write_csv(table, OUT / "mlp_pruning.csv")
+table[["variant", "criterion", "reconstruction", "mlp_rate_requested", "mlp_frac_removed", "intermediate",
+       "reduction_pct", "flops_reduction_pct", "ppl", "ppl_change_pct", "fidelity_ppl", "kl_to_baseline"]].round(3)
+
+# %%
+fig = plots.metric_vs(sweep, "mlp_frac_removed", title="perplexity vs fraction of MLP channels removed")
+results.save_plot(fig, OUT / "mlp_pruning_ppl_vs_rate.png")
+fig = plots.metric_vs(sweep, "params_non_embedding", title="perplexity vs non-embedding params")
+results.save_plot(fig, OUT / "mlp_pruning_ppl_vs_params.png")

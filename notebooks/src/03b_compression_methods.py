@@ -1,0 +1,88 @@
+# %% [markdown]
+# # 03b · Other ways to compress, side by side
+# At the −25% non-embedding count of `models/mix_pruned/` (S3, read from its metadata): depth pruning (block influence
+# and bypass-damage layer scores, plain and with the stock-loadable `down_proj` refit), low-rank SVD (plain,
+# activation-aware, and the RMT rank as a row), Wanda unstructured / 2:4 sparsity with a low-rank residual fix, and
+# dynamic INT8 on the baseline and stacked on each pruned checkpoint (CPU only). Candidates are screened on the short
+# evaluation text; the best of each method is saved under `models/` and measured on the full text with latency and
+# memory → `compression_methods.csv`.
+
+# %%
+import time
+
+import pandas as pd
+
+from pruning_utils.compress import compare
+from pruning_utils.data import sources
+from pruning_utils.model.loading import load_model
+from pruning_utils.pipeline import plots, results
+from pruning_utils.pipeline.stages import as_list
+
+model, tok = load_model(MODEL, device=DEVICE, dtype=DTYPE)
+baseline = pd.read_csv(OUT / "baseline.csv").iloc[0].to_dict()
+windows = sources.calibration_windows(tok, TEXT_SOURCE, n_samples=COMPRESS_CALIB_WINDOWS, seq_len=CALIB_SEQ_LEN,
+                                      seed=SEED, model=model, selfgen_kw=SELFGEN)
+chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
+sweep_chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=SWEEP_EVAL_MAX_TOKENS)
+target = compare.target_params(COMPRESS_TARGET_FROM)
+SAVE = dict(reference=baseline, latency_kw=LATENCY, memory_kw=MEMORY)
+rows, t0 = [], time.time()
+print(f"target: {target:,} non-embedding parameters "
+      f"({100 * (1 - target / baseline['params_non_embedding']):.1f}% fewer)")
+
+# %% [markdown]
+# ## Depth pruning: whole decoder layers → `models/depth_pruned/` (stock `from_pretrained`)
+
+# %%
+cands = list(compare.depth_candidates(model, windows, sweep_chunks, target, as_list(COMPRESS_DEPTH_CRITERIA),
+                                      reference=baseline, semantic_windows=COMPRESS_DEPTH_SEMANTIC_WINDOWS))
+rows += [r for r, _ in cands]
+row, best = compare.best(cands)
+rows.append(compare.save_measured(best, tok, "depth_pruned", row, chunks, **SAVE))
+del cands, best
+pd.DataFrame(rows)[["variant", "layers", "params_non_embedding", "ppl", "eval_tokens", "note"]]
+
+# %% [markdown]
+# ## Low-rank SVD at the same count → `models/lowrank_pruned/` (reloads with `load_pruned`)
+
+# %%
+cands = list(compare.lowrank_candidates(model, windows, sweep_chunks, target, as_list(COMPRESS_LOWRANK_METHODS),
+                                        reference=baseline))
+rows += [r for r, _ in cands]
+row, best = compare.best([c for c in cands if c[0]["form"] != "rmt"])
+rows.append(compare.save_measured(best, tok, "lowrank_pruned", row, chunks, **SAVE))
+del cands, best
+pd.DataFrame(rows)[["variant", "params_non_embedding", "ppl", "eval_tokens", "note"]].tail(5)
+
+# %% [markdown]
+# ## Wanda sparsity + low-rank residual → `models/hybrid_pruned/`
+
+# %%
+cands = list(compare.hybrid_candidates(model, windows, sweep_chunks, as_list(COMPRESS_HYBRID_SPARSITY),
+                                       COMPRESS_HYBRID_RANK, reference=baseline))
+rows += [r for r, _ in cands]
+row, best = compare.best(cands)
+rows.append(compare.save_measured(best, tok, "hybrid_pruned", row, chunks, **SAVE))
+del cands, best
+pd.DataFrame(rows)[["variant", "nonzero_params_non_embedding", "ppl", "eval_tokens", "note"]].tail(3)
+
+# %% [markdown]
+# ## Dynamic INT8 on the baseline and stacked on each pruned model (CPU only) → `models/<base>_int8/`
+
+# %%
+int8_kw = dict(keep_fp32=as_list(COMPRESS_INT8_KEEP_FP32))
+if COMPRESS_INT8_ALPHA is not None:  # move activation outliers into the weights (16 of the calibration windows)
+    int8_kw.update(smooth_alpha=COMPRESS_INT8_ALPHA, smooth_windows=windows[:16])
+for base in as_list(COMPRESS_INT8_BASES):
+    kw = dict(model=model, tok=tok) if base == "baseline" else {}
+    rows.append(compare.int8_row(base, next(model.parameters()).device, chunks, **kw, **int8_kw, **SAVE))
+table = compare.table(rows)
+results.write_csv(table, OUT / "compression_methods.csv")
+print(f"{len(table)} rows in {(time.time() - t0) / 60:.1f} min")
+table[["variant", "saved", "params_non_embedding", "size_mb", "ppl", "eval_tokens", "prefill_ms", "decode_tok_s",
+       "peak_memory_mb"]].round(2)
+
+# %%
+saved = table[table["saved"].eq(True)]
+results.save_plot(plots.pareto(saved, "size_mb", "ppl", title="compression methods: quality vs size on disk"),
+                  OUT / "compression_methods.png")

@@ -1,0 +1,29 @@
+# %%
+import pandas as pd
+
+from pruning_utils import paths
+from pruning_utils.data import sources
+from pruning_utils.measure.variants import Unpruned
+from pruning_utils.pipeline.stages import as_list
+from pruning_utils.prune.scores import load_scores
+
+# the unpruned model: variants are deep copies beside it, or (RUN.build == "reload") it is pruned in place and
+# reloaded for the next variant; always reach it as source.model
+source = Unpruned(MODEL, device=RUN.load_device, dtype=RUN.dtype, build=RUN.build)
+tok = source.tokenizer
+scores = load_scores(paths.results_dir() / "importance")
+baseline = pd.read_csv(OUT / "baseline.csv").iloc[0].to_dict()
+windows = sources.calibration_windows(tok, TEXT_SOURCE, n_samples=N_CALIB, seq_len=CALIB_SEQ_LEN, seed=SEED,
+                                      model=source.model, selfgen_kw=SELFGEN)  # self-generated parts: cached by 00
+chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
+sweep_chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=SWEEP_EVAL_MAX_TOKENS)
+fidelity = sources.fidelity_chunks(source.model, tok, n_tokens=FIDELITY_TOKENS, seed=SEED, selfgen_kw=SELFGEN)
+sweep_fidelity = fidelity[:max(1, SWEEP_EVAL_MAX_TOKENS // fidelity.shape[1])]
+# saved variants: the full fidelity set, and KL to the baseline while the unpruned model stays in memory beside them
+SAVED = dict(fidelity_chunks=fidelity, reference_model=None if RUN.build == "reload" else source.model)
+# the main plans: ALLOCATION='search' searches per-layer counts by KL on held-out windows of every TEXT_SOURCE part
+PLAN = dict(allocation_name=ALLOCATION, tokenizer=tok, text_source=TEXT_SOURCE, seed=SEED, seq_len=CALIB_SEQ_LEN,
+            windows=SEARCH_WINDOWS, iterations=SEARCH_ITERATIONS, group=SEARCH_GROUP, ridge_ratio=RIDGE_RATIO,
+            selfgen_kw=SELFGEN)
+missing = [c for c in as_list(CRITERIA) if c not in scores]
+assert not missing, f"criteria {missing} were not computed in notebook 00; add them to its CRITERIA and re-run it"

@@ -1,0 +1,134 @@
+"""The steps of notebook 05 that are more than a call: the nested model its parameters describe, the featurized
+prompt split, the table of levels, the policy (with the retention weight) and the summary of the controllers."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pruning_utils.adaptive import controller
+from pruning_utils.adaptive.nested_model import NestedModel, parse_levels
+from pruning_utils.adaptive.telemetry import SimulatedLoad, read_telemetry
+from pruning_utils.prune.scores import Scores
+
+
+def build_nested(model, tokenizer, scores: Scores, levels: str, *, text_source: str, n_calib: int, seq_len: int,
+                 seed: int = 0, refit: bool = False, int8_keep_fp32: list[str] | None = None,
+                 int8_alpha: float | None = None) -> NestedModel:
+    """Return the `NestedModel` of `levels` on `model`: an int8 level is left out where dynamic INT8 cannot run,
+    a `layers:` level skips the layers of least block influence (4 windows of the text parts of `text_source`),
+    `refit` gives every level width the lstsq refit from `n_calib` calibration windows, and `int8_alpha` smooths
+    activation outliers into the INT8 weights (16 calibration windows)."""
+    from pruning_utils.compress import depth
+    from pruning_utils.data.sources import calibration_windows, text_parts
+    from pruning_utils.model import linears
+    from pruning_utils.prune.reconstruction import collect_grams
+
+    parsed = parse_levels(levels)
+    device = next(model.parameters()).device
+    if any(lv.int8 for lv in parsed) and not linears.int8_applicable(device):
+        parsed = [lv for lv in parsed if not lv.int8]
+        print(f"dynamic INT8 runs on CPU only: the int8 level is left out on {device}")
+    layer_scores = None
+    if any(lv.layers for lv in parsed):
+        windows = calibration_windows(tokenizer, text_parts(text_source), n_samples=4, seq_len=seq_len, seed=seed)
+        layer_scores = torch.tensor(depth.score_layers(model, windows, "block_influence").scores)
+    grams = None
+    if refit:  # one-shot Grams of o_proj / down_proj inputs
+        calib = calibration_windows(tokenizer, text_source, n_samples=n_calib, seq_len=seq_len, seed=seed, model=model)
+        grams = collect_grams(model, calib)
+    int8_kw = dict(keep_fp32=list(int8_keep_fp32 or []), progress=False)
+    if any(lv.int8 for lv in parsed) and int8_alpha is not None:
+        int8_kw.update(smooth_alpha=int8_alpha, smooth_windows=calibration_windows(
+            tokenizer, text_source, n_samples=16, seq_len=seq_len, seed=seed, model=model))
+    return NestedModel(model, scores, parsed, layer_scores=layer_scores, grams=grams, int8_kw=int8_kw)
+
+
+def split_prompts(pool: pd.DataFrame, tokenizer, model=None, seed: int = 0, n: int | None = None
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return the seeded 80/20 (train, test) split of `n` prompts of `pool`, featurized (`controller.featurize`;
+    with `model`, the first-token entropy too)."""
+    train, test = controller.split_prompts(pool, seed=seed, n=n)
+    return controller.featurize(train, tokenizer, model), controller.featurize(test, tokenizer, model)
+
+
+def level_table(nested: NestedModel, outcomes: pd.DataFrame, chunks: torch.Tensor, memory: dict,
+                refit: bool = False, switch_repeats: int = 50) -> pd.DataFrame:
+    """Return one row per level: what it removes, its layers, the perplexity of `chunks` (KV window not applied),
+    the means of its measured `outcomes` (answer perplexity, retention, tokens/s), its largest cache, the median of
+    `switch_repeats` switches and the memory overhead of the nesting (`memory`: `nested.memory()`)."""
+    from pruning_utils.measure.metrics import perplexity
+
+    switch_ms = {name: 1000 * float(np.median([nested.switch(name) for _ in range(switch_repeats)]))
+                 for name in nested.levels}
+    nested.restore()
+    rows = []
+    for name, lv in nested.levels.items():
+        nested.switch(name)
+        part = outcomes[outcomes["level"] == name]
+        rows.append(dict(level=name, heads_removed=lv.heads, ffn_removed=lv.ffn, layers_removed=lv.layers,
+                         kv_window=lv.kv, int8=lv.int8, refit=bool(refit) and not lv.int8,
+                         active_layers=len(nested.active_layers(lv)),
+                         chunk_ppl=perplexity(nested.active, chunks, progress=False)["ppl"],
+                         answer_ppl=part["ppl"].mean(), retention=part["retention"].mean(),
+                         tokens_per_s=part["tokens_per_s"].mean(), cache_bytes_max=part["cache_bytes_max"].max(),
+                         switch_ms_median=switch_ms[name], memory_overhead_ratio=memory["overhead_ratio"]))
+    nested.restore()
+    return pd.DataFrame(rows)
+
+
+def parse_load(text: str) -> tuple[float, float] | None:
+    """Return the simulated load range of 'low,high', or None for 'live' (the machine's own readings)."""
+    return None if text == "live" else tuple(float(v) for v in text.split(","))
+
+
+def held_out_loads(load_range: tuple[float, float] | None, n: int, seed: int) -> list[float]:
+    """Return `n` loads for the held-out prompts: seeded simulated ones in `load_range`, or live readings (None)."""
+    if load_range:
+        return SimulatedLoad(seed, *load_range).loads(n)
+    return [read_telemetry().load for _ in range(n)]
+
+
+def train_policy(outcomes: pd.DataFrame, prompts: pd.DataFrame, n_levels: int, tps_ref: float,
+                 min_retention: float | None = None, **train_kw
+                 ) -> tuple[controller.LinUCB, float, pd.DataFrame | None]:
+    """Return `(policy, retention_weight, grid)`: the bandit of the issue's reward (w = 0, no grid) when
+    `min_retention` is None, else `controller.fit_retention_weight`'s smallest w that keeps it on the training
+    prompts, with its grid."""
+    if min_retention is None:
+        return controller.train_bandit(outcomes, prompts, n_levels, tps_ref, **train_kw), 0.0, None
+    return controller.fit_retention_weight(outcomes, prompts, n_levels, tps_ref, min_retention, **train_kw)
+
+
+def controllers(n_levels: int, train: pd.DataFrame, policy: controller.Controller) -> list[controller.Controller]:
+    """Return the controllers compared on the held-out prompts: always 'none' first (the reference of retention),
+    always the last level, the rule table fitted to the training complexities, and the trained `policy`."""
+    return [controller.Fixed(n_levels, 0, "always_none"), controller.Fixed(n_levels, -1, "always_max"),
+            controller.RuleController(n_levels).fit(train["complexity"]), policy]
+
+
+def summary_table(runtime: pd.DataFrame, retention_weight: float, simulated_load: bool) -> pd.DataFrame:
+    """Return `controller.summarize(runtime)` with whether each controller beats both fixed ones on reward, whether
+    the load was simulated, and the retention weight."""
+    summary = controller.summarize(runtime)
+    ends = summary.set_index("controller").loc[["always_none", "always_max"]]
+    summary["beats_fixed_on_reward"] = summary["reward"] > ends["reward"].max()
+    summary["simulated_load"] = simulated_load
+    summary["retention_weight"] = retention_weight
+    return summary
+
+
+def training_rewards(policy: controller.LinUCB) -> pd.DataFrame:
+    """Return the bandit's mean training reward per epoch (one row, one column per epoch)."""
+    history = pd.DataFrame(policy.history, columns=["epoch", "id", "load", "level_index", "reward"])
+    return history.groupby("epoch")["reward"].mean().round(3).to_frame("mean training reward").T
+
+
+def verdict(summary: pd.DataFrame, retention_weight: float) -> str:
+    """Return one line comparing the learned controller with the fixed ones (reward) and with the issue's targets:
+    >= 95% of the unpruned answers' meaning kept, >= +15% tokens/s."""
+    by = summary.set_index("controller")
+    learned, ends = by.loc["learned"], by.loc[["always_none", "always_max"]]
+    return (f"learned (w = {retention_weight}): reward {learned['reward']:.3f} vs fixed "
+            f"{ends['reward'].round(3).to_dict()}; retention {learned['retention_pct']:.1f}% of baseline "
+            f"(target >= 95), tokens/s {learned['speedup_pct']:+.1f}% (target >= +15)")

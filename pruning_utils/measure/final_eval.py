@@ -1,0 +1,46 @@
+"""The table of notebook 06, final_eval.csv: every variant measured the same way in one run, one row each."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from pruning_utils.measure import evaluation
+from pruning_utils.measure.metrics import checkpoint_size_mb
+from pruning_utils.measure.variants import PROVENANCE_COLUMNS, measure_variant
+from pruning_utils.model.checkpoint import read_checkpoint_meta, resolve_checkpoint_dir
+
+BASELINE = "baseline"  # the variant every other one is compared with: the unpruned model, first in the table
+
+
+def final_row(name: str, model, tokenizer, chunks: torch.Tensor, *, source_model: str, recorded_baseline: dict,
+              reference: dict | None, prompts: Sequence[str | dict], judge=None,
+              reference_answers: Sequence[str] | None = None, max_new_tokens: int = 48, memory_kw: dict | None = None,
+              zero_shot_tasks: Sequence[str] | None = None, zero_shot_limit: int | float | None = None,
+              **measure_kw: Any) -> tuple[dict, list[str]]:
+    """Return `(row, answers)` of variant `name`: its `measure_variant` row plus provenance, checkpoint size,
+    semantic retention of its greedy answers and, unless `zero_shot_tasks` is None, zero-shot accuracy (`zs_<task>`).
+
+    Perplexity is deterministic: the value the variant's stage recorded on the same chunks is reused (the checkpoint's
+    metadata; `recorded_baseline`, the row of baseline.csv, for the baseline), while cost is measured here.
+    `reference` is the baseline's row of this run (None for the baseline itself), `reference_answers` its answers
+    (None for the baseline: its own answers are the reference). `memory_kw` (without `spec`, which is set to the
+    checkpoint) and `measure_kw` (latency_kw, fidelity_chunks, reference_model, ...) go to `measure_variant`."""
+    is_baseline = name == BASELINE
+    meta = recorded_baseline if is_baseline else read_checkpoint_meta(name)["extra"]
+    memory = None if memory_kw is None else dict(spec=source_model if is_baseline else name, **memory_kw)
+    row = measure_variant(model, chunks, variant=name, source_model=source_model, reference=reference, known=meta,
+                          memory_kw=memory, **measure_kw)
+    row.update({k: meta[k] for k in PROVENANCE_COLUMNS if k in meta and not is_baseline})
+    if not is_baseline:
+        row["size_mb"] = checkpoint_size_mb(resolve_checkpoint_dir(name))
+    answers = evaluation.generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, cache=True)
+    ret = evaluation.semantic_retention(answers if reference_answers is None else reference_answers, answers, judge)
+    row.update(semantic_cosine=ret["cosine_mean"], semantic_ci_low=ret["cosine_ci_low"],
+               semantic_ci_high=ret["cosine_ci_high"], semantic_cosine_min=ret["cosine_min"],
+               exact_match=ret["exact_match"], first_sentence_match=ret["first_sentence_match"],
+               n_prompts=len(prompts))
+    if zero_shot_tasks is not None:
+        zs = evaluation.zero_shot(model, tokenizer, zero_shot_tasks, limit=zero_shot_limit)
+        row.update({f"zs_{k}": v for k, v in zs.items()})
+    return row, answers
