@@ -23,7 +23,8 @@ cd "$(dirname "$0")"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 for arg in "$@"; do
   case "$arg" in
-    -h|--help|--list-params) exec python3 -m pruning_utils.pipeline.stages "$@" ;;  # no install needed to read the help
+    # no install needed to read the help or to check a command line
+    -h|--help|--list-params|--check) exec python3 -m pruning_utils.pipeline.stages "$@" ;;
   esac
 done
 # the command line is checked first (standard library only): a typo fails here, not after the install
