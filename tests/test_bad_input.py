@@ -104,7 +104,7 @@ def _full_disk(monkeypatch, cls, method: str, when=lambda target: True):
 
 
 def test_atomic_writes_keep_the_previous_file_on_a_full_disk(tmp_path, monkeypatch):
-    from pruning_utils.paths import write_text_atomic
+    from pruning_utils.atomic import write_text_atomic
     from pruning_utils.recovery.lora import write_history_csv
 
     stamp, history = tmp_path / "stages" / "00.json", tmp_path / "lora" / "loss_history.csv"
@@ -227,7 +227,7 @@ def test_results_stamps_and_histories_are_written_atomically(tmp_path):
         bad += [f"{module}:{hit}" for hit in _unguarded_writes(path)
                 if f"{module}:{hit.split(':')[0]}" not in ALLOWED_WRITES and f"{module}:*" not in ALLOWED_WRITES]
     assert not bad, ("files written in place (a full disk or a crash leaves them truncated): write through "
-                     f"pruning_utils.paths.atomic_file / write_text_atomic, or say why not in ALLOWED_WRITES: {bad}")
+                     f"pruning_utils.atomic.atomic_file / write_text_atomic, or say why not in ALLOWED_WRITES: {bad}")
 
 
 # ------------------------------------------------------------------------------------------ data files

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import pruning_utils.model.checkpoint as ck
-from pruning_utils import paths
+from pruning_utils import atomic
 from pruning_utils.encoder import checkpoint as enc
 from pruning_utils.model.checkpoint import CheckpointError, NonFiniteWeightsError, load_pruned, save_pruned
 from pruning_utils.model.loading import ModelSpecError, embedded_model_dir, load_model
@@ -74,7 +74,7 @@ def test_a_replace_killed_at_any_step_leaves_a_complete_copy_that_loads(models_d
         final = models / "ckpt"
         gap_seen |= not final.exists()
         # at every instant a complete copy exists: under the name, or moved aside between the two renames
-        assert paths.is_complete(final) or any(paths.is_complete(p) for p in paths.strays_of(final, ("old",))), step
+        assert atomic.is_complete(final) or any(atomic.is_complete(p) for p in atomic.strays_of(final, ("old",))), step
         for reader in ("loader", "cleanup", "next save"):
             copy = tmp_path / f"{reader}-{step}"
             shutil.copytree(models, copy)
@@ -84,7 +84,7 @@ def test_a_replace_killed_at_any_step_leaves_a_complete_copy_that_loads(models_d
                 assert isinstance(tok, TinyTokenizer)
             elif reader == "cleanup":
                 stages.remove_half_written(copy)
-                assert _strays(copy) == [] and paths.is_complete(copy / "ckpt"), step
+                assert _strays(copy) == [] and atomic.is_complete(copy / "ckpt"), step
                 assert any(torch.equal(_embed(copy / "ckpt"), c) for c in contents), step
             else:
                 save_pruned(tiny_model("llama", seed=2), None, copy / "ckpt")
@@ -108,11 +108,11 @@ def test_cleanup_puts_back_the_last_complete_copy_before_deleting_strays(models_
 def test_strays_belong_to_their_own_name_only(models_dir):
     save_pruned(tiny_model("mistral"), None, "a-b")
     os.replace(models_dir / "a-b", models_dir / ".old-a-b-0123abcd")  # "a-b"'s copy, not "a"'s
-    assert paths.stray_owner(models_dir / ".old-a-b-0123abcd") == "a-b"
-    assert not paths.recover_folder(models_dir / "a") and not (models_dir / "a").exists()
+    assert atomic.stray_owner(models_dir / ".old-a-b-0123abcd") == "a-b"
+    assert not atomic.recover_folder(models_dir / "a") and not (models_dir / "a").exists()
     save_pruned(tiny_model("mistral"), None, "a")  # a save of "a" leaves "a-b"'s copy alone
     assert (models_dir / ".old-a-b-0123abcd").is_dir()
-    assert paths.recover_folder(models_dir / "a-b") and paths.is_complete(models_dir / "a-b")
+    assert atomic.recover_folder(models_dir / "a-b") and atomic.is_complete(models_dir / "a-b")
 
 
 def test_a_full_disk_leaves_the_previous_checkpoint_intact(models_dir):
@@ -128,7 +128,7 @@ def test_a_full_disk_leaves_the_previous_checkpoint_intact(models_dir):
             save_pruned(tiny_model("llama", seed=2), None, "ckpt")
         assert err.value.errno == errno.ENOSPC, step
         assert sorted(p.name for p in models_dir.iterdir()) == ["ckpt"], step  # nothing half-written stays
-        assert paths.is_complete(models_dir / "ckpt") and torch.equal(_embed(models_dir / "ckpt"), before), step
+        assert atomic.is_complete(models_dir / "ckpt") and torch.equal(_embed(models_dir / "ckpt"), before), step
 
 
 def test_truncated_weights_are_named(models_dir):
@@ -139,7 +139,7 @@ def test_truncated_weights_are_named(models_dir):
     with pytest.raises(CheckpointError, match=rf"model\.safetensors is truncated or was changed: {size // 2} of the "
                                               rf"{size} bytes written.*re-run the stage that wrote it"):
         load_pruned("ckpt")
-    (folder / paths.MANIFEST_FILE).unlink()  # a checkpoint from before manifests: safetensors' own check, named
+    (folder / atomic.MANIFEST_FILE).unlink()  # a checkpoint from before manifests: safetensors' own check, named
     with pytest.raises(CheckpointError, match=r"model\.safetensors is not a whole safetensors file .*cut short"):
         load_pruned("ckpt")
     enc_folder = enc.save_encoder(tiny_encoder(), None, models_dir / "enc")
@@ -157,7 +157,7 @@ def test_an_edited_layer_count_is_refused_naming_both_numbers(models_dir):
     _edit_json(folder / "config.json", num_hidden_layers=2)
     with pytest.raises(CheckpointError, match=r"config\.json was changed after it was written"):
         load_pruned("ckpt")
-    (folder / paths.MANIFEST_FILE).unlink()
+    (folder / atomic.MANIFEST_FILE).unlink()
     with pytest.raises(CheckpointError, match=r"num_hidden_layers=2 but pruning_plan\.json records 3 layers"):
         load_pruned("ckpt")
     meta = json.loads((folder / ck.PLAN_FILE).read_text())
@@ -174,7 +174,7 @@ def test_an_edited_layer_count_is_refused_naming_both_numbers(models_dir):
     with pytest.raises(CheckpointError, match=r"weights do not match.*missing \['model\.layers\.1\.mlp\.up_proj"):
         load_pruned("ckpt")  # a weight gone: stock from_pretrained would have initialised it at random
     enc_folder = enc.save_encoder(tiny_encoder(), None, models_dir / "enc")
-    (enc_folder / paths.MANIFEST_FILE).unlink()
+    (enc_folder / atomic.MANIFEST_FILE).unlink()
     _edit_json(enc_folder / "config.json", num_hidden_layers=2)
     with pytest.raises(CheckpointError, match=r"num_hidden_layers=2 but pruning_plan\.json records 3 layers"):
         enc.load_encoder(enc_folder)
@@ -192,7 +192,7 @@ def test_a_deleted_tokenizer_is_named_and_one_never_saved_is_none(models_dir):
 def test_checkpoints_from_before_manifests_still_load(models_dir, monkeypatch):
     model = tiny_model("mistral")
     folder = save_pruned(model, TinyTokenizer(), "old-style")
-    (folder / paths.MANIFEST_FILE).unlink()
+    (folder / atomic.MANIFEST_FILE).unlink()
     loaded, tok = load_pruned("old-style")
     assert torch.equal(loaded.state_dict()[EMBED], model.state_dict()[EMBED]) and tok is not None
     import pruning_utils.model.loading as loading
@@ -204,7 +204,7 @@ def test_checkpoints_from_before_manifests_still_load(models_dir, monkeypatch):
     cache = models_dir / "smollm2-135m-instruct"
     model.save_pretrained(cache)  # an embedded-model cache written before manifests
     assert embedded_model_dir(models_dir) == cache
-    paths.write_manifest(cache)
+    atomic.write_manifest(cache)
     (cache / "model.safetensors").write_bytes(b"")  # a damaged cache is converted again, not loaded
     with pytest.raises(AssertionError, match="converted again"):
         embedded_model_dir(models_dir)
@@ -218,7 +218,7 @@ def test_a_broken_config_json_is_named_not_blamed_on_the_network(models_dir, tmp
         load_model(str(plain))
     assert "network" not in str(err.value)
     folder = save_pruned(tiny_model("llama"), None, "ckpt")
-    (folder / paths.MANIFEST_FILE).unlink()
+    (folder / atomic.MANIFEST_FILE).unlink()
     (folder / "config.json").write_text("{")
     with pytest.raises(CheckpointError, match=r"ckpt/config\.json is not valid JSON"):
         load_model("ckpt")

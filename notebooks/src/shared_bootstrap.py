@@ -6,6 +6,7 @@
 import importlib
 import importlib.util
 import os
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +18,16 @@ if importlib.util.find_spec("pruning_utils") is None:
         root = Path("semantic-llm-pruning").resolve()
         if not root.exists():
             subprocess.run(["git", "clone", "--depth", "1", REPO_URL, str(root)], check=True)
-    # install.sh adds the missing requirements and never reinstalls a preinstalled torch
+    # install.sh adds the missing requirements, never reinstalls a preinstalled torch, and installs the project
+    # editable into this kernel's interpreter
     subprocess.run(["bash", str(root / "scripts" / "install.sh")], check=True,
                    env=dict(os.environ, PYTHON=sys.executable))
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", str(root)], check=True)
+    # The editable install took effect through a .pth file, which Python reads at start-up only: read it now, so
+    # this same kernel imports the project (no restart, "Run all" works the first time)
+    for folder in site.getsitepackages() + [site.getusersitepackages()]:
+        if os.path.isdir(folder):
+            site.addsitedir(folder)
     importlib.invalidate_caches()
     if importlib.util.find_spec("pruning_utils") is None:
-        raise RuntimeError(f"installed {root} (editable); restart the kernel and run all cells again to import it")
+        raise RuntimeError(f"installed {root} (editable) into {sys.executable}, but this kernel still cannot import "
+                           "pruning_utils; restart the kernel and run all cells again")

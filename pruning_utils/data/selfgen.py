@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from pruning_utils.paths import atomic_file, models_dir
+from pruning_utils.atomic import atomic_file
+from pruning_utils.paths import models_dir
 
 # Openings that pick no domain: the bare BOS plus a few generic starts (the model continues in its own voice).
 NEUTRAL_PROMPTS = ("", "The", "In", "Today", "Here is", "Question:", "Once upon a time", "1.")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from pruning_utils.atomic import atomic_folder
 from pruning_utils.encoder.arch import (
     encoder_arch_of,
     encoder_layer_shapes,
@@ -34,7 +35,6 @@ from pruning_utils.model.checkpoint import (
 )
 from pruning_utils.model.linears import MODULE_KINDS_BY_CLASS, empty_module, quantize_linears
 from pruning_utils.model.plan import PruningPlan
-from pruning_utils.paths import atomic_folder
 
 FORMAT = "semantic-llm-pruning-encoder/1"
 PLAN_FILE = "pruning_plan.json"

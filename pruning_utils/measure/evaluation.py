@@ -71,8 +71,9 @@ def generate_answers(model, tokenizer, prompts: Sequence[str | dict], max_new_to
         return _generate(model, tokenizer, prompts, max_new_tokens, batch_size)
     import hashlib
 
+    from pruning_utils.atomic import write_text_atomic
     from pruning_utils.data.selfgen import model_fingerprint
-    from pruning_utils.paths import models_dir, write_text_atomic
+    from pruning_utils.paths import models_dir
 
     param = next(model.parameters())
     key = json.dumps([model_fingerprint(model), _prompt_texts(prompts), max_new_tokens, param.device.type,

@@ -16,9 +16,9 @@ The plan file also says how the weights are stored, and `load_pruned` dispatches
   (not stock-loadable: a stock loader would find no `q_proj.weight`);
 - `"weights": "int8"`: the dynamic INT8 format of `quantize` (`model_int8.bin` + `int8_checkpoint.json`), CPU only.
 
-Faults: `save_pruned` refuses a model holding NaN or inf weights and writes through `paths.atomic_folder`, which adds
+Faults: `save_pruned` refuses a model holding NaN or inf weights and writes through `atomic.atomic_folder`, which adds
 `manifest.json` (every file's size and sha256) last. Loaders first put back a copy an interrupted save left
-(`paths.recover_folder`), then check the manifest, config.json's layer count against the plan file and the weights,
+(`atomic.recover_folder`), then check the manifest, config.json's layer count against the plan file and the weights,
 and refuse missing or unexpected weights, each with a `CheckpointError` naming the file. Checkpoints written before
 manifests load unchecked.
 """
@@ -31,19 +31,13 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from pruning_utils.atomic import atomic_folder, folder_problem, recover_folder, write_manifest, write_text_atomic
 from pruning_utils.model.arch import arch_of, decoder_layers, head_dim, layer_shape, layer_shapes, stock_config
 from pruning_utils.model.devices import resolve_device, resolve_dtype
 from pruning_utils.model.linears import MODULE_KINDS_BY_CLASS, check_int8_device, empty_module, quantize_linears
 from pruning_utils.model.plan import PruningPlan
 from pruning_utils.model.tiny import TinyTokenizer
-from pruning_utils.paths import (
-    atomic_folder,
-    folder_problem,
-    models_dir,
-    recover_folder,
-    write_manifest,
-    write_text_atomic,
-)
+from pruning_utils.paths import models_dir
 
 PLAN_FILE = "pruning_plan.json"
 INT8_FILE = "int8_checkpoint.json"
@@ -86,7 +80,7 @@ def refuse_nonfinite(model, final: Path) -> None:
 
 
 def verify_checkpoint(folder) -> Path:
-    """Return the checkpoint folder once a copy an interrupted save left is put back (`paths.recover_folder`) and its
+    """Return the checkpoint folder once a copy an interrupted save left is put back (`atomic.recover_folder`) and its
     manifest verifies; raises CheckpointError naming the file that is missing, truncated or changed."""
     folder = resolve_checkpoint_dir(folder)
     recover_folder(folder)

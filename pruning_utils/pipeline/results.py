@@ -1,6 +1,6 @@
 """How results are written: atomic CSV/JSON, compact shapes, PNG plots (folders live in `paths`).
 
-Every write goes through `paths.atomic_file` (a temporary file in the destination folder, flushed to disk and
+Every write goes through `atomic.atomic_file` (a temporary file in the destination folder, flushed to disk and
 renamed into place), so an interrupted notebook or a full disk never leaves a half-written table for the next stage
 to read.
 """
@@ -12,7 +12,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from pruning_utils.paths import atomic_file, write_text_atomic
+from pruning_utils.atomic import atomic_file, write_text_atomic
 
 
 def _frame(df_or_rows) -> pd.DataFrame:

@@ -7,7 +7,7 @@ stamp (a hash of its parameters, its notebook and the stamps of the stages befor
 `profiles.LIMITS`; `--only` naming a stage the profile leaves out) exits with code 2 before anything runs; a failed
 stage stops the run with exit code 1, naming the stage and its executed notebook, and the half-written checkpoint
 folders it left (`models/.tmp-*`) are removed (a checkpoint whose only complete copy is among them is put back
-under its name first). Stamps and the other records of `results/stages/` are written atomically (`paths.atomic_file`);
+under its name first). Stamps and the other records of `results/stages/` are written atomically (`atomic.atomic_file`);
 one that is unreadable all the same (cut short by an older version) counts as absent: its stage re-runs, with a warning.
 
 Checkpoint disk budget (`KEEP_CHECKPOINTS='needed'`): the stage graph (`checkpoints_read` / `checkpoints_written`)
@@ -26,12 +26,13 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pruning_utils.paths import discard_folder, recover_folder, stray_owner, strays_of, write_text_atomic
+from pruning_utils.atomic import discard_folder, recover_folder, stray_owner, strays_of, write_text_atomic
 from pruning_utils.pipeline.profiles import (
     LIMITS,
     NOTEBOOK_PARAMS,
@@ -163,7 +164,7 @@ def remove_half_written(models: Path) -> list[str]:
     """Delete the temporary folders interrupted checkpoint writes or removals left under models/; returns their names.
 
     A checkpoint whose only complete copy is one of them (a save killed between its two renames) is first put back
-    under its name (`paths.recover_folder`), so the last complete copy is never deleted.
+    under its name (`atomic.recover_folder`), so the last complete copy is never deleted.
     """
     if not models.is_dir():
         return []
@@ -291,6 +292,26 @@ def _kernel_env(values: dict[str, str]):
                 os.environ[k] = v
 
 
+KERNEL_NAME = "semantic-llm-pruning"  # scripts/install.sh registers the same name for notebooks opened by hand
+
+
+@contextlib.contextmanager
+def private_kernel(python: str = sys.executable) -> Iterator[str]:
+    """Yield the name of a kernel spec that runs `python`, seen only by the kernels started inside (JUPYTER_PATH).
+
+    papermill starts a notebook's kernel by name; a name looked up among the user's kernel specs (`python3`) may
+    point at another environment's interpreter, so every stage would run with whichever environment registered it
+    last. The spec lives in a temporary folder: nothing of the user's is read or changed.
+    """
+    with tempfile.TemporaryDirectory(prefix="pruning-kernel-") as folder:
+        spec = {"argv": [python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": f"Python ({KERNEL_NAME})", "language": "python"}
+        write_text_atomic(Path(folder) / "kernels" / KERNEL_NAME / "kernel.json", json.dumps(spec, indent=1))
+        path = os.pathsep.join(p for p in (folder, os.environ.get("JUPYTER_PATH", "")) if p)
+        with _kernel_env({"JUPYTER_PATH": path}):
+            yield KERNEL_NAME
+
+
 def kernel_environment(root: Path) -> dict[str, str]:
     """Return the variables the notebook kernels get: where the project and its outputs are, log-style progress."""
     dirs = output_dirs(root)
@@ -354,7 +375,7 @@ def run(params: dict, root: Path | None = None, only: list[str] | None = None, f
             grew = bool(needed - pulled - {None})
             pulled |= needed - {None}
     records = []
-    with _kernel_env(kernel_environment(root)):
+    with _kernel_env(kernel_environment(root)), private_kernel() as kernel_name:
         for stage, digest in zip(STAGES, digests):
             stage_params = {n: params[n] for n in stage.params}
             stamp = _stamp_path(dirs["results"], stage)
@@ -374,7 +395,7 @@ def run(params: dict, root: Path | None = None, only: list[str] | None = None, f
             stamp.unlink(missing_ok=True)
             try:
                 pm.execute_notebook(str(root / "notebooks" / stage.notebook), str(executed), parameters=stage_params,
-                                    cwd=str(root / "notebooks"), kernel_name="python3", progress_bar=False,
+                                    cwd=str(root / "notebooks"), kernel_name=kernel_name, progress_bar=False,
                                     log_output=False)
             except Exception as err:  # papermill raises PapermillExecutionError with the cell's traceback
                 left = remove_half_written(dirs["models"])  # the kernel is gone: nothing else is writing these

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from pruning_utils.paths import atomic_file
+from pruning_utils.atomic import atomic_file
 
 SCORES_FILE = "importance.safetensors"
 SUMMARY_FILE = "importance_summary.csv"

@@ -36,9 +36,9 @@ from typing import Any
 
 import torch
 
+from pruning_utils.atomic import write_text_atomic
 from pruning_utils.model.checkpoint import load_pruned, resolve_checkpoint_dir, save_pruned
 from pruning_utils.model.loading import load_model
-from pruning_utils.paths import write_text_atomic
 from pruning_utils.recovery.lora import (
     RecoveryConfig,
     attach_lora,

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from pruning_utils.atomic import atomic_file
 from pruning_utils.model.checkpoint import nonfinite_weights
-from pruning_utils.paths import atomic_file
 from pruning_utils.serialization import JsonMixin
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

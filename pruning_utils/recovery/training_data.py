@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch
 
+from pruning_utils.atomic import write_text_atomic
 from pruning_utils.data.files import DataFileError, jsonl_records
 from pruning_utils.data.selfgen import model_fingerprint
 from pruning_utils.data.sources import encode
 from pruning_utils.measure.evaluation import TRAIN_PROMPTS_FILE, generate_answers, load_instructions
-from pruning_utils.paths import models_dir, write_text_atomic
+from pruning_utils.paths import models_dir
 
 
 def instruction_windows(tokenizer, jsonl_path: str | Path, seq_len: int, instruction_field: str = "instruction",
