@@ -5,10 +5,12 @@ otherwise be stored, frame by frame, in every executed notebook.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterable
 
+LOOPS_ENV = "PRUNING_STEPS_FILE"  # the stage runner's profile: one JSON line per finished bar is appended here
 LOG_INTERVAL_S = 60.0  # log mode: at most one line a minute per bar, plus its first and last
 
 
@@ -18,7 +20,27 @@ def log_mode() -> bool:
 
 
 def progress(iterable: Iterable | None = None, total: int | None = None, desc: str | None = None, **kw):
-    """Return a tqdm bar over `iterable` (or a manual one of `total` steps) suited to where the code runs."""
+    """Return a tqdm bar over `iterable` (or a manual one of `total` steps) suited to where the code runs; when the
+    stage runner asks for a profile (`PRUNING_STEPS_FILE`), the bar's count and seconds are recorded as it closes."""
+    return _recorded(_bar(iterable, total, desc, **kw))
+
+
+def _recorded(bar):
+    if not os.environ.get(LOOPS_ENV) or bar.disable:  # a disabled bar keeps no count or time
+        return bar
+    close = bar.close
+
+    def close_and_record() -> None:  # tqdm closes a bar once its loop ends (or on an explicit close)
+        if not getattr(bar, "_pruning_recorded", False):
+            bar._pruning_recorded = True
+            record_loop(bar.desc, bar.n, bar.unit, bar.format_dict.get("elapsed", 0.0))
+        close()
+
+    bar.close = close_and_record
+    return bar
+
+
+def _bar(iterable, total, desc, **kw):
     if log_mode():
         from tqdm.std import tqdm
 
@@ -33,3 +55,13 @@ def progress(iterable: Iterable | None = None, total: int | None = None, desc: s
     from tqdm.auto import tqdm  # widgets in Jupyter when ipywidgets is installed, text in a terminal
 
     return tqdm(iterable, total=total, desc=desc, **kw)
+
+
+def record_loop(desc: str, n: int, unit: str, seconds: float) -> None:
+    """Append one finished loop (its bar's name, count, unit and seconds) to `PRUNING_STEPS_FILE`, when set."""
+    target = os.environ.get(LOOPS_ENV)
+    if not target:
+        return
+    line = json.dumps({"desc": str(desc or "").rstrip(": "), "n": int(n), "unit": unit, "seconds": seconds})
+    with open(target, "a", encoding="utf-8") as f:  # one short line per append: whole lines on every platform
+        f.write(line + "\n")

@@ -1,31 +1,57 @@
-"""The README's result tables, rendered from the committed CSVs: one function per table, one place that fills them in.
+"""README.md, docs/RESULTS.md and docs/BENCHMARKS.md, rendered from the committed CSVs/JSONs: one function per table
+or generated sentence, one place that fills them in.
 
-README.md holds each table between `<!-- table:NAME -->` and `<!-- /table:NAME -->`; `render_readme` replaces what
-is between the markers with `TABLES[NAME]()`, and `tests/test_readme.py` fails when the README and the CSVs
-disagree. Run from the repository root after `bash run_all.sh`: `python3 -m scripts.render_readme` rewrites the README
-(`--check`: exit 1 and name the tables that disagree, changing nothing).
+Each file holds its generated parts between `<!-- table:NAME -->` / `<!-- /table:NAME -->` (a table) or
+`<!-- text:NAME -->` / `<!-- /text:NAME -->` (prose whose figures come from a result file); `render_text` replaces what
+is between the markers with `TABLES[NAME]()` or `TEXTS[NAME]()`. Under every benchmark table a `stamp-NAME` table says
+which commit, device and versions the result file records, and flags it stale when the benchmark's own module (or a
+`pruning_utils` module it imports) changed in a later commit. `tests/test_readme.py` fails when a committed file and
+its rendering disagree; `tests/test_prose_numbers.py` fails on a figure in the prose that no result file holds.
+Run from the repository root after `bash run_all.sh`: `python3 -m scripts.render_readme` rewrites the three files
+(`--check`: exit 1 and name the files that disagree, changing nothing). A missing result file renders as a note.
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import json
 import re
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
-from pruning_utils.paths import PROJECT_ROOT, ablation_dir
+from pruning_utils.paths import PROJECT_ROOT, ablation_dir, results_dir
+from pruning_utils.pipeline.profiles import DEFAULTS, PROFILES
 from pruning_utils.pipeline.stages import STAGES
 
-MARKER = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
+MARKER = re.compile(r"(?P<open><!-- (?P<kind>table|text):(?P<name>[\w-]+) -->\n)(?P<body>.*?)"
+                    r"(?P<close><!-- /(?P=kind):(?P=name) -->)", re.S)
+DOCS = ("README.md", "docs/RESULTS.md", "docs/BENCHMARKS.md")
+
+
+def _shown(path: Path) -> str:
+    """Return `path` relative to the project root when it lies inside it (the rendering must not name a checkout)."""
+    try:
+        return str(path.relative_to(PROJECT_ROOT))
+    except ValueError:
+        return path.name
 
 
 def _csv(name: str) -> pd.DataFrame:
     path = ablation_dir() / f"{name}.csv"
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run `bash run_all.sh` (or the benchmark that writes it) first")
+        raise FileNotFoundError(f"`{_shown(path)}` is missing: run `bash run_all.sh` (or the benchmark that writes it)")
     return pd.read_csv(path)
+
+
+def _json(path: Path) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"`{_shown(path)}` is missing: run the benchmark that writes it")
+    return json.loads(path.read_text())
 
 
 def _md(df: pd.DataFrame, digits: int = 2) -> str:
@@ -105,7 +131,7 @@ def final_eval() -> str:
 def final_cost() -> str:
     """Return the final table's speed and memory columns (timing columns: they vary from run to run)."""
     cols = ["variant", "prefill_ms", "prefill_ms_iqr", "decode_tok_s", "latency_noisy", "peak_memory_mb"]
-    return _md(_csv("final_eval")[cols], 1)
+    return _md(_present(_csv("final_eval"), cols), 1)
 
 
 def calibration_sources() -> str:
@@ -125,12 +151,23 @@ def recovery_sources() -> str:
         return "_No `recovery_sources.csv` yet: `python3 -m benchmarks.recovery_sources` writes it._\n"
     cols = ["model", "loss", "data", "ppl", "fidelity_ppl", "kl_to_baseline", "semantic_cosine", "semantic_ci_low",
             "semantic_ci_high", "first_sentence_match", "tokens_seen"]
-    return _md(_csv("recovery_sources")[cols], 3)
+    return _md(_present(_csv("recovery_sources"), cols), 3)
 
 
 def run_time() -> str:
     """Return the measured minutes of the install and of each stage."""
-    return _md(_csv("run_time")[["stage", "notebook", "minutes"]], 1)
+    return _md(_present(_csv("run_time"), ["stage", "notebook", "minutes"]), 1)
+
+
+def stage_steps() -> str:
+    """Return the profile of the recorded run: each stage's costliest notebook cells and the loops inside them
+    (stage_steps.csv; loops nest inside cells, so only the cells add up to a stage)."""
+    df = _csv("stage_steps")
+    cells = df[df["kind"] == "cell"].sort_values("seconds", ascending=False).groupby("stage", sort=False).head(3)
+    loops = df[df["kind"] == "loop"].sort_values("seconds", ascending=False).groupby("stage", sort=False).head(3)
+    shown = pd.concat([cells, loops]).sort_values(["stage", "kind", "seconds"], ascending=[True, True, False])
+    shown = shown.assign(minutes=shown["seconds"] / 60)
+    return _md(_present(shown, ["stage", "kind", "step", "minutes", "items", "unit"]), 2)
 
 
 def quality_benchmark() -> str:
@@ -154,12 +191,7 @@ def recovery_budget() -> str:
 
 
 def _memory_json() -> dict:
-    import json
-
-    path = PROJECT_ROOT / "results" / "benchmarks" / "memory_scale.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run `python3 -m benchmarks.memory_scale` first")
-    return json.loads(path.read_text())
+    return _json(results_dir() / "benchmarks" / "memory_scale.json")
 
 
 def memory_scale() -> str:
@@ -190,7 +222,7 @@ def compression_methods() -> str:
     df = _csv("compression_methods")
     cols = ["variant", "method", "base", "form", "saved", "params_non_embedding", "nonzero_params_non_embedding",
             "size_mb", "ppl", "eval_tokens", "prefill_ms", "decode_tok_s", "peak_memory_mb", "applicable"]
-    return _md(df[cols], 2)
+    return _md(_present(df, cols), 2)
 
 
 def _optional(name: str, stage: str, cols: list[str], digits: int = 3) -> str:
@@ -265,36 +297,305 @@ def encoder_glue() -> str:
         "ms_per_batch", "samples_per_s"])
 
 
+def final_short() -> str:
+    """Return the README's final table: each variant's size, speed and quality, as `final_eval.csv` has them."""
+    df = _present(_csv("final_eval"), ["variant", "reduction_pct", "size_mb", "decode_tok_s", "prefill_ms", "ppl",
+                                       "fidelity_ppl", "semantic_cosine"])
+    return _md(df.round({"reduction_pct": 1, "size_mb": 1, "decode_tok_s": 1, "prefill_ms": 1}), 2)
+
+
+def profiles() -> str:
+    """Return the runner's profiles: model, text source, encoder stage and how many parameters each overrides."""
+    def changed(values: dict) -> str:
+        names = [k for k in values if k != "PROFILE" and values[k] != DEFAULTS.get(k)]
+        return ", ".join(names[:8]) + (f", … ({len(names)} in all)" if len(names) > 8 else "") or "—"
+
+    rows = [{"profile": name, "MODEL": values["MODEL"], "TEXT_SOURCE": values["TEXT_SOURCE"],
+             "ENCODER_STAGE": values.get("ENCODER_STAGE", ""), "parameters changed from default": changed(values)}
+            for name, values in PROFILES.items()]
+    return pd.DataFrame(rows).to_markdown(index=False) + "\n"
+
+
+def _scalars(path: Path) -> str:
+    """Return a JSON result's top-level numbers and strings as a two-column table (its `env` stamp is shown apart)."""
+    data = _json(path)
+    rows = [{"key": k, "value": f"{v:.4g}" if isinstance(v, float) else str(v)} for k, v in data.items()
+            if isinstance(v, (int, float, str)) and k != "env"]
+    return pd.DataFrame(rows).to_markdown(index=False) + "\n"
+
+
+def prefill_speedup() -> str:
+    """Return `benchmarks/prefill_speedup.py`'s figures (prefill time vs FLOP reduction of the S3 shape)."""
+    return _scalars(results_dir() / "benchmarks" / "prefill_speedup.json")
+
+
+def importance_cost() -> str:
+    """Return `benchmarks/importance_cost.py`'s figures (criterion pass cost relative to a plain forward pass)."""
+    return _scalars(results_dir() / "benchmarks" / "importance_cost.json")
+
+
+def encoder_int8_speed() -> str:
+    """Return `benchmarks/encoder_int8_speed.py`'s figures (dynamic INT8 of the encoder classifier)."""
+    return _scalars(results_dir() / "benchmarks" / "encoder_int8_speed.json")
+
+
+# ---- benchmark stamps: what a result file says about where it was measured, and whether its code moved on since
+
+# benchmark module (benchmarks/NAME.py) -> the result files it writes, relative to results/
+BENCHMARK_FILES: dict[str, tuple[str, ...]] = {
+    "quality": ("ablation_studies/quality_benchmark.csv", "ablation_studies/quality_benchmark.json"),
+    "search_heldout": ("ablation_studies/search_heldout.csv",),
+    "thorough_profile": ("ablation_studies/thorough_profile.csv",),
+    "int8_smoothing": ("ablation_studies/int8_smoothing.csv",),
+    "calibration_size": ("ablation_studies/calibration_size.csv",),
+    "calibration_sources": ("ablation_studies/calibration_sources.csv",),
+    "recovery_sources": ("ablation_studies/recovery_sources.csv",),
+    "recovery_budget": ("ablation_studies/recovery_budget.csv",),
+    "prefill_speedup": ("benchmarks/prefill_speedup.json",),
+    "importance_cost": ("benchmarks/importance_cost.json",),
+    "encoder_int8_speed": ("benchmarks/encoder_int8_speed.json",),
+    "memory_scale": ("benchmarks/memory_scale.json",),
+}
+VERSION_KEYS = ("torch", "transformers", "peft", "python")
+
+
+@dataclass
+class Stamp:
+    """What one result file records about its measurement: commits, device and library versions (empty: not
+    recorded)."""
+
+    file: str
+    commits: list[str]
+    device: str
+    versions: str
+    missing: bool = False
+
+
+def _distinct(values) -> list[str]:
+    return sorted({str(v) for v in values if isinstance(v, str) or (v == v and v is not None)})
+
+
+def read_stamp(rel: str) -> Stamp:
+    """Return the stamp a result file (path relative to results/) carries: a CSV's `commit` / `device*` / version
+    columns, a JSON's `env` (or top-level) keys."""
+    path = results_dir() / rel
+    if not path.exists():
+        return Stamp(rel, [], "", "", missing=True)
+    if path.suffix == ".csv":
+        df = pd.read_csv(path)
+        col = lambda *names: next((_distinct(df[n]) for n in names if n in df.columns), [])  # noqa: E731
+        versions = [f"{k} {', '.join(col(k))}" for k in VERSION_KEYS if col(k)]
+        return Stamp(rel, col("commit", "git_commit"), ", ".join(col("device_name", "device")), "; ".join(versions))
+    data = json.loads(path.read_text())
+    env = {**{k: v for k, v in data.items() if not isinstance(v, (dict, list))}, **(data.get("env") or {})}
+    commits = [str(env[k]) for k in ("git_commit", "commit") if env.get(k)][:1]
+    device = " ".join(str(env[k]) for k in ("device_name", "device") if env.get(k))
+    return Stamp(rel, commits, device, "; ".join(f"{k} {env[k]}" for k in VERSION_KEYS if env.get(k)))
+
+
+def _git(*args: str) -> subprocess.CompletedProcess | None:
+    try:
+        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, check=False)
+    except OSError:  # no git on this machine
+        return None
+
+
+def last_commit(paths: list[str]) -> str | None:
+    """Return the full hash of the last commit touching any of `paths` (None: no git history here)."""
+    out = _git("log", "-1", "--format=%H", "--", *paths)
+    return out.stdout.strip() or None if out is not None and out.returncode == 0 else None
+
+
+def is_ancestor(older: str, newer: str) -> bool | None:
+    """Return whether commit `older` is contained in `newer` (None: git does not know one of them)."""
+    out = _git("merge-base", "--is-ancestor", older, newer)
+    return None if out is None or out.returncode not in (0, 1) else out.returncode == 0
+
+
+def commit_date(commit: str) -> str:
+    """Return a commit's date (YYYY-MM-DD) or 'unknown to git'."""
+    out = _git("show", "-s", "--format=%cs", commit)
+    return out.stdout.strip() if out is not None and out.returncode == 0 and out.stdout.strip() else "unknown to git"
+
+
+def benchmark_sources(name: str) -> list[str]:
+    """Return `benchmarks/NAME.py` and the repository modules it imports (pruning_utils, benchmarks), as paths."""
+    own = f"benchmarks/{name}.py"
+    tree = ast.parse((PROJECT_ROOT / own).read_text())
+    modules = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules.update(f"{node.module}.{a.name}" for a in node.names)
+            modules.add(node.module)
+    paths = {own}
+    for m in modules:
+        if not m.startswith(("pruning_utils", "benchmarks")):
+            continue
+        base = PROJECT_ROOT / m.replace(".", "/")
+        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+            if candidate.exists() and m not in ("pruning_utils", "benchmarks"):
+                paths.add(_shown(candidate))
+    return sorted(paths)
+
+
+def staleness(commits: list[str], code_commit: str | None,
+              ancestor: Callable[[str, str], bool | None] = is_ancestor) -> str:
+    """Return a result's status: 'not stamped', 'stale: ...' when the code's last commit `code_commit` is not
+    contained in every stamped commit, else 'current (...)'."""
+    if not commits:
+        return "not stamped"
+    if code_commit is None:
+        return "unknown: no git history here"
+    unknown = [c for c in commits if ancestor(code_commit, c) is None]
+    old = [c for c in commits if ancestor(code_commit, c) is False]
+    if unknown:
+        return f"unknown: commit {', '.join(unknown)} is not in this repository's history"
+    if old:
+        return f"**stale**: its code changed in {code_commit[:7]}, after {', '.join(old)}"
+    return f"current (code last changed in {code_commit[:7]})"
+
+
+def stamp_table(name: str) -> str:
+    """Return the stamp table printed under benchmark NAME's table: per result file, commit, commit date, device,
+    versions and status."""
+    code = last_commit(benchmark_sources(name))
+    rows = []
+    for rel in BENCHMARK_FILES[name]:
+        st = read_stamp(rel)
+        if st.missing:
+            rows.append({"file": f"results/{rel}", "commit": "", "commit date (git)": "", "device": "", "versions": "",
+                         "status": "missing: run `python3 -m benchmarks." + name + "`"})
+            continue
+        rows.append({"file": f"results/{rel}", "commit": ", ".join(st.commits) or "not stamped",
+                     "commit date (git)": ", ".join(commit_date(c) for c in st.commits),
+                     "device": st.device or "not stamped", "versions": st.versions or "not stamped",
+                     "status": staleness(st.commits, code)})
+    return pd.DataFrame(rows).to_markdown(index=False) + "\n"
+
+
+# ---- generated sentences: every figure in them is a cell of a result file, named in the sentence
+
+def run_time_summary() -> str:
+    """Return how long the default run took and on what machine (run_time.csv; the machine from a column of it, else
+    from the baseline JSON stamped at the same commit)."""
+    df = _csv("run_time")
+    total = df[df["stage"].astype(str) == "total"]
+    stages = df[~df["stage"].astype(str).isin(["total", "install"])]["stage"].astype(str).tolist()
+    minutes = f"{total['minutes'].iloc[0]:.1f}" if len(total) else f"{df['minutes'].sum():.1f} (sum of its rows)"
+    commits = _distinct(df["commit"]) if "commit" in df else []
+    profile = ", ".join(_distinct(df["profile"])) if "profile" in df else "not recorded"
+    machine_cols = [c for c in ("machine", "device_name", "device") if c in df.columns]
+    if machine_cols:
+        machine = ", ".join(_distinct(df[machine_cols[0]])) + f" (column `{machine_cols[0]}` of `run_time.csv`)"
+    else:
+        machine = "a machine `run_time.csv` does not record"
+        for name in ("perplexity_baseline.json", "latency_baseline.json"):
+            path = ablation_dir() / name
+            env = json.loads(path.read_text()).get("env", {}) if path.exists() else {}
+            if env and env.get("git_commit") in commits:
+                machine = (f"{env.get('device_name', env.get('device'))}, {env.get('cpu_count')} CPU cores, "
+                           f"{env.get('threads')} threads, {env.get('dtype')} (the `env` stamp of `{name}`, written at "
+                           f"the same commit)")
+                break
+    return (f"The {profile} profile's run of stages {', '.join(stages)} took **{minutes} minutes** (row `total` of "
+            f"`results/ablation_studies/run_time.csv`, commit {', '.join(f'`{c}`' for c in commits) or 'not stamped'}) "
+            f"on {machine}.\n")
+
+
+def final_readings() -> str:
+    """Return which smaller variant keeps the lowest perplexity and which decodes fastest (final_eval.csv)."""
+    df = _csv("final_eval")
+    base = df[df["variant"] == "baseline"]
+    smaller = df[df["reduction_pct"] > 0]
+    if base.empty or smaller.empty:
+        return "_`final_eval.csv` has no baseline row or no smaller variant to compare._\n"
+    b, best, fast = base.iloc[0], smaller.loc[smaller["ppl"].idxmin()], df.loc[df["decode_tok_s"].idxmax()]
+    return (f"Of the variants with fewer non-embedding parameters, `{best['variant']}` keeps the lowest perplexity: "
+            f"{best['ppl']:.2f} against the baseline's {b['ppl']:.2f}, with {best['reduction_pct']:.1f}% fewer "
+            f"non-embedding parameters. The fastest decode is `{fast['variant']}`'s, {fast['decode_tok_s']:.1f} tok/s "
+            f"against {b['decode_tok_s']:.1f} (rows `{best['variant']}`, `{fast['variant']}` and `baseline` of "
+            f"`results/ablation_studies/final_eval.csv`).\n")
+
+
+def _sweep_readings(name: str, rate: str) -> str:
+    df = _csv(name)
+    sweep = df[df["variant"].str.count("-").eq(2)]
+    lines = []
+    for r, rows in sweep.groupby(rate):
+        best = rows.loc[rows["ppl"].idxmin()]
+        rand = rows[rows["criterion"] == "random"]
+        vs = f"; `random` {rand['ppl'].iloc[0]:.1f}" if len(rand) else ""
+        lines.append(f"- `{rate}` {r:g}: lowest screen perplexity `{best['criterion']}` ({best['ppl']:.1f}){vs}.")
+    return "\n".join(lines) + f"\n\n(From the criteria-sweep rows of `results/ablation_studies/{name}.csv`.)\n"
+
+
+def head_sweep_readings() -> str:
+    """Return the best head criterion at each swept rate, next to `random` (head_pruning.csv)."""
+    return _sweep_readings("head_pruning", "head_rate_requested")
+
+
+def mlp_sweep_readings() -> str:
+    """Return the best MLP criterion at each swept rate, next to `random` (mlp_pruning.csv)."""
+    return _sweep_readings("mlp_pruning", "mlp_rate_requested")
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "baseline": baseline, "head_sweep": head_sweep, "mlp_sweep": mlp_sweep, "head_pruning": head_pruning,
     "mlp_pruning": mlp_pruning, "recovery": recovery, "final_eval": final_eval, "final_cost": final_cost,
-    "run_time": run_time, "quality_benchmark": quality_benchmark, "recovery_budget": recovery_budget,
+    "run_time": run_time, "stage_steps": stage_steps, "quality_benchmark": quality_benchmark,
+    "recovery_budget": recovery_budget,
     "memory_scale": memory_scale, "memory_extrapolation": memory_extrapolation,
     "calibration_sources": calibration_sources, "recovery_sources": recovery_sources,
     "compression_methods": compression_methods, "adaptive_summary": adaptive_summary,
     "adaptive_levels": adaptive_levels, "encoder_glue": encoder_glue, "calibration_size": calibration_size,
     "int8_smoothing": int8_smoothing, "search_heldout": search_heldout,
-    "thorough_profile": thorough_profile,
+    "thorough_profile": thorough_profile, "final_short": final_short, "profiles": profiles,
+    "prefill_speedup": prefill_speedup, "importance_cost": importance_cost, "encoder_int8_speed": encoder_int8_speed,
+    **{f"stamp-{name}": (lambda name=name: stamp_table(name)) for name in BENCHMARK_FILES},
 }
-# tables whose numbers are timings: they change with every run, so the agreement test does not pin them
-TIMING_TABLES = ("final_cost", "run_time", "compression_methods", "adaptive_summary", "adaptive_levels", "encoder_glue",
-                 "calibration_size", "int8_smoothing", "search_heldout", "thorough_profile")
+TEXTS: dict[str, Callable[[], str]] = {
+    "run_time_summary": run_time_summary, "final_readings": final_readings,
+    "head_sweep_readings": head_sweep_readings, "mlp_sweep_readings": mlp_sweep_readings,
+}
 
 
-def render_readme(text: str) -> str:
-    """Return the README text with every marked table re-rendered from the CSVs (unknown names raise)."""
+def render_text(text: str) -> str:
+    """Return a document with every marked table and text re-rendered from the result files (unknown names raise;
+    a missing result file or column renders as a note saying so)."""
     def fill(m: re.Match) -> str:
+        known = TABLES if m.group("kind") == "table" else TEXTS
         name = m.group("name")
-        if name not in TABLES:
-            raise KeyError(f"README marks an unknown table '{name}'; known: {', '.join(TABLES)}")
-        return m.group(1) + TABLES[name]() + m.group(4)
+        if name not in known:
+            raise KeyError(f"unknown {m.group('kind')} '{name}'; known: {', '.join(known)}")
+        try:
+            body = known[name]()
+        except FileNotFoundError as e:
+            body = f"_Not rendered: {e}._\n"
+        except KeyError as e:  # a result file written before (or after) a column existed
+            body = f"_Not rendered: the result file has no column {e}._\n"
+        return m.group("open") + body + m.group("close")
 
     return MARKER.sub(fill, text)
 
 
-def marked_tables(text: str) -> dict[str, str]:
-    """Return `{name: body}` of every marked table in a README text."""
+render_readme = render_text  # the name the README-only renderer had
+
+
+def marked(text: str) -> dict[str, str]:
+    """Return `{name: body}` of every marked table and text in a document."""
     return {m.group("name"): m.group("body") for m in MARKER.finditer(text)}
+
+
+def marked_tables(text: str) -> dict[str, str]:
+    """Return `{name: body}` of every marked table (not text) in a document."""
+    return {m.group("name"): m.group("body") for m in MARKER.finditer(text) if m.group("kind") == "table"}
+
+
+def doc_paths() -> list[Path]:
+    """Return the rendered documents: README.md, docs/RESULTS.md, docs/BENCHMARKS.md."""
+    return [PROJECT_ROOT / d for d in DOCS]
 
 
 def readme_path() -> Path:
@@ -303,20 +604,22 @@ def readme_path() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Rewrite README.md (or only compare it, with --check); returns the exit code."""
+    """Rewrite README.md and the docs (or only compare them, with --check); returns the exit code."""
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--check", action="store_true", help="only report the tables that differ from the CSVs")
+    ap.add_argument("--check", action="store_true", help="only report the files that differ from their rendering")
     args = ap.parse_args(argv)
-    path = readme_path()
-    text = path.read_text()
-    new = render_readme(text)
-    stale = [n for n, body in marked_tables(new).items() if marked_tables(text).get(n) != body]
+    stale = []
+    for path in doc_paths():
+        text = path.read_text()
+        new = render_text(text)
+        if new != text:
+            stale.append(_shown(path))
+            if not args.check:
+                path.write_text(new)
     if args.check:
-        print("README tables agree with the CSVs" if not stale else f"stale README tables: {', '.join(stale)}")
+        print("README and docs agree with the result files" if not stale else f"stale: {', '.join(stale)}")
         return 1 if stale else 0
-    path.write_text(new)
-    print(f"rendered {len(marked_tables(new))} tables into {path}"
-          + (f" (changed: {', '.join(stale)})" if stale else ""))
+    print(f"rendered {', '.join(DOCS)}" + (f" (changed: {', '.join(stale)})" if stale else " (unchanged)"))
     return 0
 
 

@@ -174,3 +174,49 @@ def test_smoothed_int8_row_saves_what_it_measured(models_dir, windows, tokens):
     assert back.int8_keep_fp32 == ("down_proj",) or list(back.int8_keep_fp32) == ["down_proj"]
     assert torch.equal(_logits(back, tokens), _logits(quantize_int8(model, progress=False, **kw), tokens))
     assert not torch.equal(_logits(back, tokens), _logits(quantize_int8(model), tokens))  # not the plain INT8
+
+
+def test_int8_of_a_tied_model_counts_the_parameters_of_its_fp32_source():
+    model = tiny_model("mistral", tie_word_embeddings=True)
+    q = quantize_int8(model, progress=False)
+    assert type(q.lm_head).__name__ != "Linear" or hasattr(q.lm_head, "_packed_params")  # the head was quantized
+    assert count_params(q) == count_params(model)  # the packed head is the embedding matrix, counted once
+
+
+def test_int8_of_a_saved_variant_carries_its_source_rates_and_count(models_dir, windows):
+    from pruning_utils.measure.variants import PROVENANCE_COLUMNS, measure_variant
+    from pruning_utils.prune import allocation, importance
+
+    model = tiny_model("mistral", tie_word_embeddings=True)
+    reference = measure_variant(model, windows[:2], variant="baseline")
+    scores = importance.compute_importance(model, windows, ["magnitude"], progress=False)
+    pruned = apply_plan(model, allocation.plan_heads(model, scores["magnitude"], 0.25))
+    src = measure_variant(pruned, windows[:2], variant="head_pruned", reference=reference, criterion="magnitude",
+                          allocation="uniform", reconstruction="lstsq", head_rate_requested=0.25)
+    save_pruned(pruned, TinyTokenizer(), "head_pruned", extra=src)
+    row = compare.int8_row("head_pruned", "cpu", windows[:2], reference=reference, source_model="tiny",
+                           fidelity_chunks=windows[2:4],
+                           reference_model=tiny_model("mistral", tie_word_embeddings=True))
+    assert {k: row[k] for k in PROVENANCE_COLUMNS} == dict(
+        criterion="magnitude+int8", allocation="uniform", reconstruction="lstsq", head_rate_requested=0.25,
+        mlp_rate_requested=0.0)
+    assert row["params_total"] == src["params_total"] and row["head_frac_removed"] == src["head_frac_removed"]
+    assert row["source_model"] == "tiny" and row["fidelity_tokens"] > 0 and row["fidelity_reference"] == ""
+    assert read_checkpoint_meta("head_pruned_int8")["extra"]["head_rate_requested"] == 0.25  # what notebook 06 reads
+
+
+def test_depth_screens_request_the_layer_fraction_and_the_saved_row_keeps_the_refit(models_dir, windows):
+    model = tiny_model("llama", num_hidden_layers=4)
+    target = count_params(model)["non_embedding"] * 3 // 4
+    reference = compare.measure_variant(model, windows[:2], variant="baseline")
+    cands = list(compare.depth_candidates(model, windows, windows[:2], target, ["block_influence"],
+                                          reference=reference, source_model="tiny", fidelity_chunks=windows[2:4]))
+    for row, _ in cands:
+        assert row["head_rate_requested"] == row["mlp_rate_requested"] == pytest.approx(row["head_frac_removed"])
+        assert row["head_rate_requested"] > 0
+        assert row["source_model"] == "tiny" and row["fidelity_tokens"] > 0
+    row, best = [c for c in cands if c[0]["form"].endswith("+refit")][0]
+    saved = compare.save_measured(best, TinyTokenizer(), "depth_pruned", row, windows[:2], reference=reference,
+                                  latency_kw=None, memory_kw=None, source_model="tiny")
+    assert (saved["reconstruction"], saved["allocation"]) == ("lstsq", "depth")
+    assert saved["head_rate_requested"] == row["head_rate_requested"] and saved["source_model"] == "tiny"

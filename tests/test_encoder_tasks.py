@@ -94,3 +94,14 @@ def test_lstsq_refit_beats_plain_cut(tokenizer, task):
         with torch.no_grad():
             errs[mode] = float((m(**batch).logits - want).pow(2).mean())
     assert errs["lstsq"] < errs["none"]
+
+
+def test_variant_row_has_one_throughput_and_says_where_it_was_timed(tokenizer, task):
+    from pruning_utils.encoder import variants as ev
+
+    model = tiny_encoder("bert", vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id,
+                         type_vocab_size=2)
+    row = ev.measure("baseline", model, tokenizer, task, batch_size=8, max_length=16)
+    assert list(row) == list(ev.ENCODER_COLUMNS)
+    assert row["samples_per_s"] == pytest.approx(8 * 1000 / row["ms_per_batch"])  # the same median batch
+    assert row["load_avg"] >= 0 and isinstance(row["latency_noisy"], bool) and row["device"] and row["commit"]

@@ -27,8 +27,10 @@ LAYERS: dict[str, set[str]] = {
     "pipeline": {"adaptive", "encoder", "recovery", "compress", "measure", "prune", "model", "data"},
 }
 # pipeline/ runs before anything is installed (run_all.sh checks the command line first): these stay stdlib-only
-STDLIB_ONLY = ("pipeline/__init__.py", "pipeline/profiles.py", "pipeline/stages.py", "paths.py", "atomic.py")
-STDLIB_PACKAGE_MODULES = ("pruning_utils.pipeline.profiles", "pruning_utils.paths", "pruning_utils.atomic")
+STDLIB_ONLY = ("pipeline/__init__.py", "pipeline/profiles.py", "pipeline/stages.py", "pipeline/timing.py", "paths.py",
+               "atomic.py", "progress.py")
+STDLIB_PACKAGE_MODULES = ("pruning_utils.pipeline.profiles", "pruning_utils.pipeline.timing", "pruning_utils.paths",
+                          "pruning_utils.atomic", "pruning_utils.progress")
 
 
 def module_name(path: Path) -> str:

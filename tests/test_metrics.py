@@ -125,7 +125,7 @@ def _timer_from(prefill_s: list[float]):
 
 
 def test_latency_repeats_until_the_spread_is_acceptable_or_flags_it(monkeypatch):
-    monkeypatch.setattr(metrics, "_load_avg", lambda: 0.0)
+    monkeypatch.setattr(metrics, "load_avg", lambda: 0.0)
     model = tiny_model("llama")
     kw = dict(seq_len=4, new_tokens=1, warmup=1, repeats=4)
     # steady timings: no extra repeat, not noisy
@@ -144,8 +144,8 @@ def test_latency_repeats_until_the_spread_is_acceptable_or_flags_it(monkeypatch)
 
 
 def test_high_load_flags_latency_as_noisy(monkeypatch):
-    monkeypatch.setattr(metrics, "_load_avg", lambda: 64.0)
-    monkeypatch.setattr(metrics, "_cores", lambda: 2)
+    monkeypatch.setattr(metrics, "load_avg", lambda: 64.0)
+    monkeypatch.setattr(metrics, "usable_cores", lambda: 2)
     timer, _ = _timer_from([1.0] * 10)
     out = metrics.latency(tiny_model("llama"), seq_len=4, new_tokens=1, warmup=1, repeats=3, timer=timer)
     assert out["load_avg"] == 64.0 and out["latency_noisy"] is True and out["prefill_ms_iqr"] == 0

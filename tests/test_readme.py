@@ -1,33 +1,87 @@
-"""The README's result tables are the committed CSVs, rendered: a table edited by hand or left stale fails here."""
+"""README.md, docs/RESULTS.md and docs/BENCHMARKS.md are the committed result files, rendered: a table or generated
+sentence edited by hand or left stale fails here, and so does a benchmark stamp whose staleness is judged wrongly."""
+import subprocess
+
+import pandas as pd
 import pytest
 
 from scripts import render_readme as report
 
 
 @pytest.fixture(scope="module")
-def readme() -> str:
-    return report.readme_path().read_text()
+def docs() -> dict[str, str]:
+    return {str(p.relative_to(report.PROJECT_ROOT)): p.read_text() for p in report.doc_paths()}
 
 
-def test_readme_marks_every_table(readme):
-    assert set(report.marked_tables(readme)) == set(report.TABLES)
+def test_every_table_is_marked_once(docs):
+    tables = [n for text in docs.values() for n in report.marked_tables(text)]
+    assert sorted(tables) == sorted(set(tables)), "a table is marked in more than one place"
+    names = {n for text in docs.values() for n in report.marked(text)}  # a sentence may recur (README and RESULTS)
+    assert names == set(report.TABLES) | set(report.TEXTS)
 
 
-def test_readme_tables_agree_with_csvs(readme):
-    rendered = report.marked_tables(report.render_readme(readme))
-    stale = [name for name, body in report.marked_tables(readme).items()
-             if name not in report.TIMING_TABLES and body != rendered[name]]
-    assert not stale, f"README tables {stale} differ from the CSVs: run `python3 -m scripts.render_readme`"
+@pytest.mark.parametrize("doc", report.DOCS)
+def test_committed_doc_equals_its_rendering(doc, docs):
+    assert report.render_text(docs[doc]) == docs[doc], f"{doc} differs from the result files: run " \
+        "`python3 -m scripts.render_readme`"
 
 
-def test_timing_tables_have_the_csv_rows(readme):
-    # timings change from run to run, but the rows (variants, stages) must be the CSV's
-    rendered = report.marked_tables(report.render_readme(readme))
-    for name in report.TIMING_TABLES:
-        first_col = lambda body: [line.split("|")[1].strip() for line in body.splitlines()[2:]]  # noqa: E731
-        assert first_col(report.marked_tables(readme)[name]) == first_col(rendered[name]), name
+def test_a_changed_csv_changes_the_rendering(docs, tmp_path, monkeypatch):
+    src = report.ablation_dir() / "final_eval.csv"
+    df = pd.read_csv(src)
+    df.loc[df["variant"] == "baseline", "ppl"] = 999.25
+    (tmp_path / "final_eval.csv").write_text(df.to_csv(index=False))
+    monkeypatch.setattr(report, "ablation_dir", lambda: tmp_path)
+    new = report.render_text(docs["README.md"])
+    assert new != docs["README.md"] and "999.25" in report.marked(new)["final_short"]
+
+
+def test_a_missing_result_file_renders_a_note(docs, tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "ablation_dir", lambda: tmp_path)
+    monkeypatch.setattr(report, "results_dir", lambda: tmp_path)
+    for doc, text in docs.items():
+        new = report.render_text(text)  # must not raise
+        assert "_Not rendered: `" in new or doc == "docs/BENCHMARKS.md"
+    assert "missing: run `python3 -m benchmarks.quality`" in report.stamp_table("quality")
 
 
 def test_unknown_marker_is_refused():
     with pytest.raises(KeyError, match="unknown table 'nope'"):
-        report.render_readme("<!-- table:nope -->\nx\n<!-- /table:nope -->")
+        report.render_text("<!-- table:nope -->\nx\n<!-- /table:nope -->")
+
+
+def test_staleness_with_injected_history():
+    # history: a -> b -> c; the benchmark's code last changed in b
+    order = {"a": 0, "b": 1, "c": 2}
+    ancestor = lambda old, new: (order[old] <= order[new]) if old in order and new in order else None  # noqa: E731
+    assert report.staleness(["a"], "b", ancestor).startswith("**stale**")
+    assert report.staleness(["b"], "b", ancestor).startswith("current")
+    assert report.staleness(["c", "b"], "b", ancestor).startswith("current")
+    assert report.staleness(["c", "a"], "b", ancestor) == "**stale**: its code changed in b, after a"
+    assert report.staleness([], "b", ancestor) == "not stamped"
+    assert report.staleness(["zzz"], "b", ancestor).startswith("unknown")
+
+
+def test_staleness_on_a_real_git_repo(tmp_path, monkeypatch):
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True,  # noqa: E731
+                                    text=True).stdout.strip()
+    git("init", "-q")
+    git("config", "user.email", "t@t")
+    git("config", "user.name", "t")
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "pruning_utils").mkdir()
+    (tmp_path / "benchmarks" / "b.py").write_text("from pruning_utils import m\n")
+    (tmp_path / "pruning_utils" / "m.py").write_text("x = 1\n")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    measured = git("rev-parse", "HEAD")
+    (tmp_path / "README").write_text("unrelated\n")
+    git("add", ".")
+    git("commit", "-qm", "two")
+    monkeypatch.setattr(report, "PROJECT_ROOT", tmp_path)
+    sources = report.benchmark_sources("b")
+    assert sources == ["benchmarks/b.py", "pruning_utils/m.py"]
+    assert report.staleness([measured[:7]], report.last_commit(sources)).startswith("current")
+    (tmp_path / "pruning_utils" / "m.py").write_text("x = 2\n")  # an imported module changes after the measurement
+    git("commit", "-qam", "three")
+    assert report.staleness([measured[:7]], report.last_commit(sources)).startswith("**stale**")

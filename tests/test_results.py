@@ -12,15 +12,15 @@ from pruning_utils.pipeline import results
 
 
 def test_write_csv_from_rows_and_frame(tmp_path):
-    path = results.write_csv([{"a": 1, "b": "x"}, {"a": 2, "b": "y"}], tmp_path / "sub" / "t.csv")
+    path = results.write_csv([{"a": 1, "b": "x"}, {"a": 2, "b": "y"}], tmp_path / "sub" / "t.csv", stamp=False)
     assert pd.read_csv(path).to_dict("records") == [{"a": 1, "b": "x"}, {"a": 2, "b": "y"}]
-    results.write_csv(pd.DataFrame({"c": [3]}), path)
-    assert list(pd.read_csv(path).columns) == ["c"]
+    results.write_csv(pd.DataFrame({"c": [3]}), path, device="cpu")
+    assert list(pd.read_csv(path).columns) == ["c", "commit", "device"]  # stamped where it was measured
     assert [p.name for p in path.parent.iterdir()] == ["t.csv"]  # no temporary left behind
 
 
 def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
-    path = results.write_csv([{"a": 1}], tmp_path / "t.csv")
+    path = results.write_csv([{"a": 1}], tmp_path / "t.csv", stamp=False)
 
     def broken(self, target, **kw):
         open(target, "w").write("half a ta")

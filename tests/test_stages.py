@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pruning_utils.pipeline import profiles, stages
+from pruning_utils.pipeline import profiles, stages, timing
 from pruning_utils.pipeline.profiles import ParameterError, coerce, parse_value
 from pruning_utils.pipeline.stages import STAGES, UsageError, main, parse_only, resolve_parameters, run, stage_digests
 
@@ -143,7 +143,9 @@ def test_run_passes_declared_parameters_and_skips_finished_stages(tmp_path, monk
     assert "PRUNING_PROJECT_ROOT" not in os.environ, "the kernel's variables must not leak into the caller"
     lines = []
     assert [r["status"] for r in run(params, root=root, log=lines.append)] == ["skipped"] * len(STAGES)
-    assert all("finished, same parameters" in line for line in lines)
+    skipped = [line for line in lines if line.startswith("[")]
+    assert skipped and all("finished, same parameters" in line for line in skipped)
+    assert lines[0].startswith("estimate"), "the estimate comes before the first stage"
     calls.clear()
     run(dict(params, ZERO_SHOT_LIMIT=3), root=root, log=lambda *_: None)
     assert [c[0] for c in calls] == ["06"]
@@ -292,10 +294,11 @@ def test_run_time_table_keeps_the_stages_a_partial_run_did_not_measure(tmp_path,
                      "05,05_adaptive_runtime.ipynb,8.00,default,abc1234\ntotal,,19.30,default,\n")
     stamp = tmp_path / "results" / "stages" / "05.json"
     stamp.parent.mkdir(parents=True)
-    stamp.write_text(json.dumps({"digest": "x", "seconds": 120.0, "commit": "def5678"}))
+    stamp.write_text(json.dumps({"digest": "x", "seconds": 120.0, "commit": "def5678", "speed_s": 0.5}))
     stages.write_run_time(tmp_path, "default", 0.0)
     rows = {r.split(",")[0]: r.split(",") for r in table.read_text().splitlines()[1:]}
-    assert rows["00"][2:] == ["11.00", "default", "abc1234"]  # not re-run here: kept, with where it was measured
-    assert rows["install"][2:] == ["0.30", "default", "abc1234"]
-    assert rows["05"][2:] == ["2.00", "default", "def5678"]  # measured by this checkout's run
+    machine = timing.machine_name()
+    assert rows["00"][2:6] == ["11.00", "default", "abc1234", ""]  # not re-run here: kept, with where it was measured
+    assert rows["install"][2:6] == ["0.30", "default", "abc1234", ""]
+    assert rows["05"][2:] == ["2.00", "default", "def5678", "0.500", "", machine]  # measured by this checkout's run
     assert rows["total"][2] == "13.30" and "03" not in rows

@@ -11,6 +11,7 @@ from pruning_utils.measure.variants import (
     pruned_copy,
     reconstruction_sweep,
     removed_fractions,
+    screens,
 )
 from pruning_utils.model.arch import layer_shapes
 from pruning_utils.model.tiny import tiny_model
@@ -70,6 +71,23 @@ def test_reconstruction_sweep_shares_one_gram_pass(setup):
     assert [r["variant"] for r in rows] == ["mlp-random-0.5-none", "mlp-random-0.5-lstsq"]
     assert rows[1]["ppl"] != rows[0]["ppl"]  # the refit changed the model (its error is tested in test_reconstruction)
     assert math.isclose(rows[1]["ppl"], fresh[0]["ppl"], rel_tol=1e-5)
+
+
+def test_screens_measure_the_reference_then_both_sweeps_against_it(setup):
+    model, windows, chunks, scores = setup
+    plan = allocation.plan_heads(model, scores["activation"], 0.25)
+    grams = collect_grams(model, windows, which=["o_proj"])
+    ref, crit_rows, recon_rows = screens(model, scores, "heads", ["random", "activation"], [0.25], plan, windows,
+                                         ["none", "lstsq"], chunks, criterion="activation", rate=0.25, stats=grams,
+                                         source_model="tiny", fidelity_chunks=windows[:2])
+    assert ref["variant"] == "baseline" and ref["ppl_change_pct"] == 0.0 and ref["fidelity_tokens"] > 0
+    again = criteria_sweep(model, scores, ["random", "activation"], [0.25], "heads", chunks, reference=ref,
+                           progress=False)
+    assert [(r["variant"], r["ppl"]) for r in crit_rows] == [(r["variant"], r["ppl"]) for r in again]
+    assert [r["reconstruction"] for r in recon_rows] == ["none", "lstsq"]
+    assert all(r["ppl_reference"] == crit_rows[0]["ppl_reference"] for r in recon_rows), "one reference for all"
+    # the plain 'none' refit of the main plan is the criteria sweep's own row for that criterion and rate
+    assert math.isclose(recon_rows[0]["ppl"], crit_rows[1]["ppl"], rel_tol=1e-9)
 
 
 def test_rows_report_achieved_fractions_next_to_requested_rates():

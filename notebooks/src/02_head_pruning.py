@@ -5,26 +5,20 @@
 # `models/head_pruned/`.
 
 # %%
-from pruning_utils.measure.variants import criteria_sweep, measure_variant, pruned_copy, reconstruction_sweep
+from pruning_utils.measure.variants import (
+    SWEEP_KEY,
+    measure_variant,
+    pruned_copy,
+    screens,
+)
 from pruning_utils.model.checkpoint import save_pruned
 from pruning_utils.pipeline import plots, results
 from pruning_utils.prune import reconstruction
 from pruning_utils.prune.search import main_plan
 
 # %% [markdown]
-# ## Criteria side by side (plain removal, no reconstruction)
-
-# %%
-ref = measure_variant(source.model, sweep_chunks, variant="baseline", source_model=MODEL,
-                      compute_device=RUN.compute_device, fidelity_chunks=sweep_fidelity)
-rows = criteria_sweep(source, scores, as_list(CRITERIA), as_list(HEAD_SWEEP, float), "heads", sweep_chunks,
-                      allocation=ALLOCATION, reference=ref, source_model=MODEL, compute_device=RUN.compute_device,
-                      fidelity_chunks=sweep_fidelity)
-sweep = pd.DataFrame(rows)
-sweep.pivot_table(index="criterion", columns="head_rate_requested", values="ppl").round(2)
-
-# %% [markdown]
-# ## Reconstruction options for the main criterion
+# ## Screens: criteria side by side (plain removal), then reconstruction options for the main criterion
+# Both on the short text (`SWEEP_EVAL_MAX_TOKENS`): a ranking screen; the saved model below is measured in full.
 # One layer-wise calibration pass (the Gram matrices of the refit projections' inputs) serves every one-shot refit of
 # the unpruned model in this notebook, kept on the device or the host (`RUN.grams`); when memory is short each refit
 # instead collects its own, one layer at a time (`streamed`: the same refit, one calibration pass per variant).
@@ -35,12 +29,14 @@ grams = (reconstruction.collect_grams(source.model, windows,
                                       storage=RUN.grams_storage, device=RUN.compute_device)
          if RUN.hold_grams else None)
 plan = main_plan(source.model, scores, head_criterion=MAIN_HEAD_CRITERION, head_rate=HEAD_RATE, grams=grams, **PLAN)
-recon_rows = reconstruction_sweep(source, plan, windows, as_list(RECON_OPTIONS), sweep_chunks, kind="heads",
-                                  criterion=MAIN_HEAD_CRITERION, rate=HEAD_RATE, allocation=ALLOCATION,
-                                  reference=ref, source_model=MODEL, stats=grams, sequential=RECON_SEQUENTIAL,
-                                  ridge_ratio=RIDGE_RATIO, compute_device=RUN.compute_device,
-                                  fidelity_chunks=sweep_fidelity)
+ref, rows, recon_rows = screens(source, scores, "heads", as_list(CRITERIA), as_list(HEAD_SWEEP, float), plan, windows,
+                                as_list(RECON_OPTIONS), sweep_chunks, criterion=MAIN_HEAD_CRITERION, rate=HEAD_RATE,
+                                stats=grams, **SCREEN)
+sweep = pd.DataFrame(rows)
 rows += recon_rows
+sweep.pivot_table(index="criterion", columns="head_rate_requested", values="ppl").round(2)
+
+# %%
 pd.DataFrame(recon_rows)[["variant", "reconstruction", "query_heads", "ppl", "ppl_change_pct", "fidelity_ppl"]]
 
 # %% [markdown]
@@ -55,7 +51,7 @@ row = measure_variant(main, chunks, variant="head_pruned", source_model=MODEL, r
                       head_rate_requested=HEAD_RATE, compute_device=RUN.compute_device, **SAVED)
 folder = save_pruned(main, tok, "head_pruned", extra=row)
 rows.append(row)
-table = pd.DataFrame(rows)
+table = results.unique_rows(rows, SWEEP_KEY)  # the refit sweep's 'none' row is the criteria sweep's row
 results.write_csv(table, OUT / "head_pruning.csv")
 table[["variant", "criterion", "reconstruction", "head_rate_requested", "head_frac_removed", "query_heads",
        "reduction_pct", "ppl", "ppl_change_pct", "fidelity_ppl", "kl_to_baseline"]].round(3)

@@ -5,41 +5,38 @@
 
 # %%
 from pruning_utils.measure.mix import mix_variant
-from pruning_utils.measure.variants import criteria_sweep, measure_variant, pruned_copy, reconstruction_sweep
+from pruning_utils.measure.variants import (
+    SWEEP_KEY,
+    measure_variant,
+    pruned_copy,
+    screens,
+)
 from pruning_utils.model.checkpoint import read_checkpoint_meta, save_pruned
 from pruning_utils.pipeline import plots, results
 from pruning_utils.prune import reconstruction
 from pruning_utils.prune.search import main_plan
 
 # %% [markdown]
-# ## Criteria side by side on the baseline (plain removal)
-
-# %%
-ref = measure_variant(source.model, sweep_chunks, variant="baseline", source_model=MODEL,
-                      compute_device=RUN.compute_device, fidelity_chunks=sweep_fidelity)
-rows = criteria_sweep(source, scores, as_list(CRITERIA), as_list(MLP_SWEEP, float), "neurons", sweep_chunks,
-                      allocation=ALLOCATION, reference=ref, source_model=MODEL, compute_device=RUN.compute_device,
-                      fidelity_chunks=sweep_fidelity)
-sweep = pd.DataFrame(rows)
-sweep.pivot_table(index="criterion", columns="mlp_rate_requested", values="ppl").round(2)
-
-# %% [markdown]
-# ## Reconstruction options for the main criterion
+# ## Screens: criteria side by side on the baseline (plain removal), then reconstruction options for the main criterion
+# Both on the short text (`SWEEP_EVAL_MAX_TOKENS`): a ranking screen; the saved model below is measured in full.
 # One layer-wise calibration pass (the Gram matrices of the refit projections' inputs) serves every one-shot refit of
 # the unpruned model in this notebook, kept on the device or the host (`RUN.grams`); when memory is short each refit
 # instead collects its own, one layer at a time (`streamed`: the same refit, one calibration pass per variant).
 
 # %%
-grams = (reconstruction.collect_grams(source.model, windows, which=["o_proj", "down_proj"],
+grams = (reconstruction.collect_grams(source.model, windows,
+                                      which=["o_proj", "down_proj"],
                                       storage=RUN.grams_storage, device=RUN.compute_device)
          if RUN.hold_grams else None)
 plan = main_plan(source.model, scores, mlp_criterion=MAIN_MLP_CRITERION, mlp_rate=MLP_RATE, grams=grams, **PLAN)
-recon_rows = reconstruction_sweep(source, plan, windows, as_list(RECON_OPTIONS), sweep_chunks, kind="neurons",
-                                  criterion=MAIN_MLP_CRITERION, rate=MLP_RATE, allocation=ALLOCATION,
-                                  reference=ref, source_model=MODEL, stats=grams, sequential=RECON_SEQUENTIAL,
-                                  ridge_ratio=RIDGE_RATIO, compute_device=RUN.compute_device,
-                                  fidelity_chunks=sweep_fidelity)
+ref, rows, recon_rows = screens(source, scores, "neurons", as_list(CRITERIA), as_list(MLP_SWEEP, float), plan, windows,
+                                as_list(RECON_OPTIONS), sweep_chunks, criterion=MAIN_MLP_CRITERION, rate=MLP_RATE,
+                                stats=grams, **SCREEN)
+sweep = pd.DataFrame(rows)
 rows += recon_rows
+sweep.pivot_table(index="criterion", columns="mlp_rate_requested", values="ppl").round(2)
+
+# %%
 pd.DataFrame(recon_rows)[["variant", "reconstruction", "intermediate", "ppl", "ppl_change_pct", "fidelity_ppl"]]
 
 # %% [markdown]
@@ -75,7 +72,7 @@ row = measure_variant(mix, chunks, variant="mix_pruned", source_model=MODEL, ref
                       mlp_rate_requested=MLP_RATE, compute_device=RUN.compute_device, **SAVED)
 save_pruned(mix, tok, "mix_pruned", extra=row)
 rows.append(row)
-table = pd.DataFrame(rows)
+table = results.unique_rows(rows, SWEEP_KEY)  # the refit sweep's 'none' row is the criteria sweep's row
 results.write_csv(table, OUT / "mlp_pruning.csv")
 table[["variant", "criterion", "reconstruction", "mlp_rate_requested", "mlp_frac_removed", "intermediate",
        "reduction_pct", "flops_reduction_pct", "ppl", "ppl_change_pct", "fidelity_ppl", "kl_to_baseline"]].round(3)

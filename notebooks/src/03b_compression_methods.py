@@ -24,8 +24,14 @@ windows = sources.calibration_windows(tok, TEXT_SOURCE, n_samples=COMPRESS_CALIB
                                       seed=SEED, model=model, selfgen_kw=SELFGEN)
 chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
 sweep_chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=SWEEP_EVAL_MAX_TOKENS)
+# the fidelity set notebook 00 measured the baseline on (cached there): windows of 256 tokens, 255 scored in each
+fidelity = sources.fidelity_chunks(model, tok, n_tokens=int(baseline["fidelity_tokens"]) // 255 * 256, seed=SEED,
+                                   selfgen_kw=SELFGEN)
 target = compare.target_params(COMPRESS_TARGET_FROM)
-SAVE = dict(reference=baseline, latency_kw=LATENCY, memory_kw=MEMORY)
+# screens: the short fidelity set as notebook 02's sweeps; saved variants: the full set and KL to the baseline
+SCREEN = dict(source_model=MODEL, fidelity_chunks=fidelity[:max(1, SWEEP_EVAL_MAX_TOKENS // fidelity.shape[1])])
+SAVE = dict(reference=baseline, latency_kw=LATENCY, memory_kw=MEMORY, source_model=MODEL, fidelity_chunks=fidelity,
+            reference_model=model)
 rows, t0 = [], time.time()
 print(f"target: {target:,} non-embedding parameters "
       f"({100 * (1 - target / baseline['params_non_embedding']):.1f}% fewer)")
@@ -35,7 +41,7 @@ print(f"target: {target:,} non-embedding parameters "
 
 # %%
 cands = list(compare.depth_candidates(model, windows, sweep_chunks, target, as_list(COMPRESS_DEPTH_CRITERIA),
-                                      reference=baseline, semantic_windows=COMPRESS_DEPTH_SEMANTIC_WINDOWS))
+                                      reference=baseline, semantic_windows=COMPRESS_DEPTH_SEMANTIC_WINDOWS, **SCREEN))
 rows += [r for r, _ in cands]
 row, best = compare.best(cands)
 rows.append(compare.save_measured(best, tok, "depth_pruned", row, chunks, **SAVE))
@@ -47,7 +53,7 @@ pd.DataFrame(rows)[["variant", "layers", "params_non_embedding", "ppl", "eval_to
 
 # %%
 cands = list(compare.lowrank_candidates(model, windows, sweep_chunks, target, as_list(COMPRESS_LOWRANK_METHODS),
-                                        reference=baseline))
+                                        reference=baseline, **SCREEN))
 rows += [r for r, _ in cands]
 row, best = compare.best([c for c in cands if c[0]["form"] != "rmt"])
 rows.append(compare.save_measured(best, tok, "lowrank_pruned", row, chunks, **SAVE))
@@ -59,7 +65,7 @@ pd.DataFrame(rows)[["variant", "params_non_embedding", "ppl", "eval_tokens", "no
 
 # %%
 cands = list(compare.hybrid_candidates(model, windows, sweep_chunks, as_list(COMPRESS_HYBRID_SPARSITY),
-                                       COMPRESS_HYBRID_RANK, reference=baseline))
+                                       COMPRESS_HYBRID_RANK, reference=baseline, **SCREEN))
 rows += [r for r, _ in cands]
 row, best = compare.best(cands)
 rows.append(compare.save_measured(best, tok, "hybrid_pruned", row, chunks, **SAVE))

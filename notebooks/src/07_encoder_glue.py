@@ -43,7 +43,8 @@ for name in names:
         name, base, tok, task, calib, ENCODER_HEAD_RATE, ENCODER_MLP_RATE, ENCODER_RECOVERY_STEPS, ENCODER_RECOVERY_LR,
         ENCODER_LOWRANK_RATIO, seed=SEED, scores_cache=scores, **RUN)
     rows.append(ev.measure(name, model, tok, task, reference=rows[0] if rows else None, recipe=recipe, **RUN))
-    print(name, {k: round(rows[-1][k], 4) for k in ("accuracy", "f1", "ms_per_batch", "size_mb", "reduction_pct")})
+    print(name, {k: round(rows[-1][k], 4) for k in ("accuracy", "f1", "ms_per_batch", "size_mb", "reduction_pct",
+                                                    "load_avg")}, "(timed under load)" * rows[-1]["latency_noisy"])
 table = pd.DataFrame(rows)[list(ev.ENCODER_COLUMNS)]
 results.write_csv(table, OUT / "encoder_glue.csv")
 display(Markdown(table.round(4).to_markdown(index=False)))

@@ -19,6 +19,9 @@ chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=
 sweep_chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=SWEEP_EVAL_MAX_TOKENS)
 fidelity = sources.fidelity_chunks(source.model, tok, n_tokens=FIDELITY_TOKENS, seed=SEED, selfgen_kw=SELFGEN)
 sweep_fidelity = fidelity[:max(1, SWEEP_EVAL_MAX_TOKENS // fidelity.shape[1])]
+# the screens (short text, short fidelity set) of notebooks 02 and 03: `variants.screens`
+SCREEN = dict(source_model=MODEL, allocation=ALLOCATION, compute_device=RUN.compute_device,
+              fidelity_chunks=sweep_fidelity, sequential=RECON_SEQUENTIAL, ridge_ratio=RIDGE_RATIO)
 # saved variants: the full fidelity set, and KL to the baseline while the unpruned model stays in memory beside them
 SAVED = dict(fidelity_chunks=fidelity, reference_model=None if RUN.build == "reload" else source.model)
 # the main plans: ALLOCATION='search' searches per-layer counts by KL on held-out windows of every TEXT_SOURCE part

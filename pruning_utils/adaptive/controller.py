@@ -46,6 +46,7 @@ from pruning_utils.adaptive.complexity import (
 )
 from pruning_utils.adaptive.nested_model import NestedModel, decode, prefill
 from pruning_utils.data.files import read_csv
+from pruning_utils.measure.metrics import load_avg
 
 SPEED_WEIGHT, PPL_WEIGHT, PPL_SCALE = 0.6, 0.4, 10.0
 BINS = ("low", "mid", "high")
@@ -402,7 +403,8 @@ def measure_outcomes(nested: NestedModel, tokenizer, prompts: pd.DataFrame, max_
                              tokens_per_s=out["tokens_per_s"], seconds=out["seconds"], new_tokens=len(out["ids"]),
                              ppl=answer_ppl(nested.active, ids, reference, nested.kv_window(), shared),
                              cache_tokens_max=out["cache_tokens_max"], cache_bytes_max=out["cache_bytes_max"],
-                             answer=tokenizer.decode(out["ids"], skip_special_tokens=True).strip()))
+                             answer=tokenizer.decode(out["ids"], skip_special_tokens=True).strip(),
+                             load_avg=load_avg()))
         nested.restore()
     table = pd.DataFrame(rows)
     if judge is not None:
@@ -463,7 +465,8 @@ def evaluate(controllers: list[Controller], nested: NestedModel, tokenizer, prom
                              level_index=index, decide_ms=decide_ms, switch_ms=switch_ms, overhead_ms=overhead_ms,
                              latency_s=latency, new_tokens=len(out["ids"]), tokens_per_s=tps,
                              cache_tokens_max=out["cache_tokens_max"], cache_bytes_max=out["cache_bytes_max"],
-                             ids=out["ids"], answer=tokenizer.decode(out["ids"], skip_special_tokens=True).strip()))
+                             ids=out["ids"], answer=tokenizer.decode(out["ids"], skip_special_tokens=True).strip(),
+                             load_avg=load_avg()))  # the machine's own load, beside the simulated `load`
             nested.restore()  # reversible: every prompt starts from the unpruned model
     table = pd.DataFrame(rows)
     reference = table[table["controller"] == controllers[0].name].set_index("id")
@@ -497,7 +500,8 @@ def summarize(table: pd.DataFrame, baseline: str = "always_none") -> pd.DataFram
                 retention=("retention", "mean"), ppl=("ppl", "mean"), reward=("reward", "mean"),
                 reward_ppl_only=("reward_ppl_only", "mean"),
                 switch_ms_mean=("switch_ms", "mean"), switch_ms_max=("switch_ms", "max"),
-                overhead_ms=("overhead_ms", "mean"), cache_bytes_max=("cache_bytes_max", "max")).reset_index()
+                overhead_ms=("overhead_ms", "mean"), cache_bytes_max=("cache_bytes_max", "max"),
+                **({"load_avg": ("load_avg", "mean")} if "load_avg" in table.columns else {})).reset_index()
     out["level_counts"] = [";".join(f"{k}={v}" for k, v in part["level"].value_counts().sort_index().items())
                            for _, part in g]
     base = out.set_index("controller").loc[baseline]

@@ -72,7 +72,8 @@ def level_table(nested: NestedModel, outcomes: pd.DataFrame, chunks: torch.Tenso
                          chunk_ppl=perplexity(nested.active, chunks, progress=False)["ppl"],
                          answer_ppl=part["ppl"].mean(), retention=part["retention"].mean(),
                          tokens_per_s=part["tokens_per_s"].mean(), cache_bytes_max=part["cache_bytes_max"].max(),
-                         switch_ms_median=switch_ms[name], memory_overhead_ratio=memory["overhead_ratio"]))
+                         switch_ms_median=switch_ms[name], memory_overhead_ratio=memory["overhead_ratio"],
+                         load_avg=part["load_avg"].mean() if "load_avg" in part else float("nan")))
     nested.restore()
     return pd.DataFrame(rows)
 

@@ -9,6 +9,11 @@ named variants and tidy rows. Rows carry `VARIANT_COLUMNS` plus `COMPRESSION_COL
   and memory), False for a screen row (SWEEP_EVAL_MAX_TOKENS perplexity only);
 - nonzero_params_non_embedding: non-zero non-embedding weights (below params_non_embedding only for sparsity);
 - applicable, note: False and the reason when a method cannot run on this device (INT8 on CUDA).
+
+Provenance (`PROVENANCE_COLUMNS`): a saved variant carries its screen row's; an INT8 variant its source's (the
+baseline row or the saved checkpoint's), `+int8` appended to the criterion. Depth pruning requests the fraction of
+layers it removes as both rates (a removed layer takes all its heads and channels). `measure_kw` of the candidate
+functions, `save_measured` and `int8_row` (source_model, fidelity_chunks, reference_model) go to `measure_variant`.
 """
 from __future__ import annotations
 
@@ -18,8 +23,8 @@ import torch
 
 from pruning_utils.compress import depth, lowrank, sparse_lowrank
 from pruning_utils.compress.quantize import quantize_int8
-from pruning_utils.measure.metrics import checkpoint_size_mb, count_params
-from pruning_utils.measure.variants import VARIANT_COLUMNS, measure_variant
+from pruning_utils.measure.metrics import checkpoint_size_mb, count_params, nonzero_params_non_embedding
+from pruning_utils.measure.variants import PROVENANCE_COLUMNS, VARIANT_COLUMNS, measure_variant
 from pruning_utils.model.arch import PROJECTIONS, decoder_layers, proj
 from pruning_utils.model.checkpoint import (
     PLAN_FILE,
@@ -28,7 +33,7 @@ from pruning_utils.model.checkpoint import (
     resolve_checkpoint_dir,
     save_pruned,
 )
-from pruning_utils.model.linears import NotApplicableError, SparseLowRankLinear, check_int8_device, int8_applicable
+from pruning_utils.model.linears import NotApplicableError, check_int8_device, int8_applicable
 from pruning_utils.model.surgery import apply_plan
 
 COMPRESSION_COLUMNS = ["method", "base", "form", "saved", "nonzero_params_non_embedding", "applicable", "note"]
@@ -44,24 +49,21 @@ def target_params(name: str = "mix_pruned") -> int:
 
 def _row(model, chunks, variant: str, method: str, base: str, form: str, reference: dict, **kw) -> dict:
     row = measure_variant(model, chunks, variant=variant, reference=reference, criterion=form, **kw)
-    nonzero = row["params_non_embedding"]
-    for layer in decoder_layers(model):
-        for name in PROJECTIONS:
-            m = proj(layer, name)
-            if isinstance(m, SparseLowRankLinear):
-                nonzero -= int((m.weight == 0).sum())
-    row.update(method=method, base=base, form=form, saved=False, nonzero_params_non_embedding=nonzero,
+    row.update(method=method, base=base, form=form, saved=False,
+               nonzero_params_non_embedding=nonzero_params_non_embedding(model),
                applicable=True, note="")
     return row
 
 
 def save_measured(model, tok, name: str, row: dict, chunks, *, reference: dict, latency_kw: dict | None,
-                  memory_kw: dict | None) -> dict:
+                  memory_kw: dict | None, **measure_kw) -> dict:
     """Save `model` as checkpoint `name`, measure it on the full `chunks` (latency, memory in a fresh process,
-    size on disk) and record the row in its plan file; returns the row."""
+    size on disk) and record the row, with the provenance of its screen `row`, in its plan file; returns the row."""
     folder = save_pruned(model, tok, name)
-    full = measure_variant(model, chunks, variant=name, reference=reference, criterion=row["form"],
-                           latency_kw=latency_kw, memory_kw=None if memory_kw is None else dict(spec=name, **memory_kw))
+    provenance = {k: row[k] for k in PROVENANCE_COLUMNS if k in row}
+    full = measure_variant(model, chunks, variant=name, reference=reference, latency_kw=latency_kw,
+                           memory_kw=None if memory_kw is None else dict(spec=name, **memory_kw),
+                           **{"criterion": row["form"], **provenance, **measure_kw})
     full.update({k: row[k] for k in COMPRESSION_COLUMNS}, saved=True, size_mb=round(checkpoint_size_mb(folder), 2))
     full["nonzero_params_non_embedding"] = row["nonzero_params_non_embedding"] - row["params_non_embedding"] + \
         full["params_non_embedding"]
@@ -70,13 +72,15 @@ def save_measured(model, tok, name: str, row: dict, chunks, *, reference: dict, 
 
 
 def depth_candidates(model, windows, chunks, target: int, criteria: list[str], *, reference: dict, refit: bool = True,
-                     semantic_windows: int = 2, batch_size: int = 4):
+                     semantic_windows: int = 2, batch_size: int = 4, **measure_kw):
     """Yield `(row, model)` screens of depth pruning at `target` per layer criterion, plain and with the refit."""
+    n_layers = len(decoder_layers(model))
     for crit in criteria:
         kw = {"max_windows": semantic_windows} if crit == "semantic" else {}
         scores = depth.score_layers(model, windows, crit, batch_size, **kw)
         plan = depth.plan_layers(scores, target_non_embedding=target)
         removed = plan.provenance["removed_layers"]
+        rate = len(removed) / n_layers
         for do_refit in ([False, True] if refit else [False]):
             pruned = copy.deepcopy(model)
             if do_refit:
@@ -84,7 +88,8 @@ def depth_candidates(model, windows, chunks, target: int, criteria: list[str], *
             apply_plan(pruned, plan)
             form = f"{crit}+refit" if do_refit else crit
             row = _row(pruned, chunks, f"depth-{form}", "depth", "baseline", form, reference,
-                       reconstruction="lstsq" if do_refit else "none", allocation="depth")
+                       reconstruction="lstsq" if do_refit else "none", allocation="depth", head_rate_requested=rate,
+                       mlp_rate_requested=rate, **measure_kw)
             row["note"] = f"removed layers {removed}"
             yield row, pruned
 
@@ -99,35 +104,39 @@ def lowrank_ratio(model, target: int, projections=PROJECTIONS) -> float:
 
 
 def lowrank_candidates(model, windows, chunks, target: int, methods: list[str], *, reference: dict, rmt: bool = True,
-                       batch_size: int = 4):
+                       batch_size: int = 4, **measure_kw):
     """Yield `(row, model)` screens of low-rank factorisation at `target` per method, and at the RMT rank (plain)."""
     ratio = lowrank_ratio(model, target)
     forms = [(m, dict(param_ratio=ratio, method=m)) for m in methods] + ([("rmt", dict(rank="rmt"))] if rmt else [])
     for form, kw in forms:
         low = copy.deepcopy(model)
         ranks = lowrank.lowrank_model(low, windows=windows, batch_size=batch_size, **kw)
-        row = _row(low, chunks, f"lowrank-{form}", "lowrank", "baseline", form, reference, allocation="lowrank")
+        row = _row(low, chunks, f"lowrank-{form}", "lowrank", "baseline", form, reference, allocation="lowrank",
+                   reconstruction="none", **measure_kw)
         row["note"] = f"ranks {min(ranks.values())}..{max(ranks.values())}"
         yield row, low
 
 
 def hybrid_candidates(model, windows, chunks, sparsities: list[str], rank: int, *, reference: dict,
-                      batch_size: int = 4):
+                      batch_size: int = 4, **measure_kw):
     """Yield `(row, model)` screens of Wanda sparsity (a fraction or '2:4') plus a rank-`rank` residual SVD."""
     for sp in sparsities:
         sparsity = sp if sp == "2:4" else float(sp)
         hyb = copy.deepcopy(model)
         sparse_lowrank.hybrid_model(hyb, windows, sparsity=sparsity, rank=rank, batch_size=batch_size)
         form = f"wanda{sp}+r{rank}"
-        row = _row(hyb, chunks, f"hybrid-{form}", "hybrid", "baseline", form, reference, allocation="hybrid")
+        row = _row(hyb, chunks, f"hybrid-{form}", "hybrid", "baseline", form, reference, allocation="hybrid",
+                   reconstruction="none", **measure_kw)
         row["note"] = "zeros stored densely: dense kernels run at full cost"
         yield row, hyb
 
 
 def int8_row(base_name: str, device, chunks, *, reference: dict, model=None, tok=None, latency_kw=None,
              memory_kw=None, per_channel: bool = True, smooth_windows=None, smooth_alpha: float | None = None,
-             keep_fp32=()) -> dict:
+             keep_fp32=(), **measure_kw) -> dict:
     """Return the measured row of `<base>_int8` (saved under models/), or a not-applicable row off the CPU.
+
+    The row carries the provenance of its source: `reference` for the baseline, else the checkpoint's recorded row.
 
     `smooth_windows` / `smooth_alpha` / `keep_fp32`: SmoothQuant-style smoothing and projections left in fp32
     (`quantize.quantize_int8`; benchmarks/int8_smoothing.py measures what they buy).
@@ -147,11 +156,20 @@ def int8_row(base_name: str, device, chunks, *, reference: dict, model=None, tok
     params = count_params(q)["non_embedding"]
     how = [f"smoothed (alpha {q.int8_smoothing})"] if q.int8_smoothing is not None else []
     how += [f"{', '.join(keep_fp32)} kept fp32"] if keep_fp32 else []
-    row = dict(method="int8", base=base_name, form="int8" if per_channel else "int8-per-tensor", saved=True,
-               nonzero_params_non_embedding=params, params_non_embedding=params, applicable=True,
+    form = "int8" if per_channel else "int8-per-tensor"
+    source = reference if base_name == "baseline" else read_checkpoint_meta(base_name)["extra"]
+    provenance = {k: source[k] for k in PROVENANCE_COLUMNS if k in source and not _missing(source[k])}
+    provenance["criterion"] = "+".join([str(provenance["criterion"]), form]) if provenance.get("criterion") else form
+    row = dict(method="int8", base=base_name, form=form, saved=True, nonzero_params_non_embedding=params,
+               params_non_embedding=params, applicable=True, **provenance,
                note="weights qint8 per output row, activations quantized per tensor at run time"
                     + (f"; {'; '.join(how)}" if how else ""))
-    return save_measured(q, tok, name, row, chunks, reference=reference, latency_kw=latency_kw, memory_kw=memory_kw)
+    return save_measured(q, tok, name, row, chunks, reference=reference, latency_kw=latency_kw, memory_kw=memory_kw,
+                         **measure_kw)
+
+
+def _missing(value) -> bool:
+    return value is None or value == "" or (isinstance(value, float) and value != value)  # NaN: an empty CSV cell
 
 
 def best(rows_models: list[tuple[dict, object]]) -> tuple[dict, object]:

@@ -3,9 +3,12 @@ one row each.
 
 `ENCODER_COLUMNS` documents the table `results/ablation_studies/encoder_glue.csv` (notebook 07):
 variant, task, accuracy, f1 (binary F1 of class 1, macro for more classes), task_metric (the task's GLUE metric),
-ms_per_batch (median forward time of one validation batch), samples_per_s, size_mb (weight file on disk), params
-(all parameters, INT8 packed weights counted), params_non_embedding, reduction_pct (of params_non_embedding),
-and the recipe: criterion, reconstruction, recovery_steps, int8, lowrank_ratio.
+ms_per_batch (median forward time of one validation batch), samples_per_s (the same median batch: batch size /
+ms_per_batch, one definition of throughput), size_mb (weight file on disk), params (all parameters, INT8 packed
+weights counted), params_non_embedding, reduction_pct (of params_non_embedding), the recipe: criterion,
+reconstruction, recovery_steps, int8, lowrank_ratio; and where it was timed: load_avg (the 1-minute load average,
+the highest seen before and after timing), latency_noisy (that load above the cores this process may use: other
+work competed, re-measure before comparing), device, commit.
 """
 from __future__ import annotations
 
@@ -20,11 +23,18 @@ import torch
 from pruning_utils.encoder import checkpoint, surgery
 from pruning_utils.encoder import importance as ei
 from pruning_utils.encoder import tasks as et
-from pruning_utils.measure.metrics import checkpoint_size_mb
+from pruning_utils.measure.metrics import (
+    checkpoint_size_mb,
+    device_name,
+    git_commit,
+    is_noisy,
+    load_avg,
+    usable_cores,
+)
 
 ENCODER_COLUMNS = ("variant", "task", "accuracy", "f1", "task_metric", "ms_per_batch", "samples_per_s", "size_mb",
                    "params", "params_non_embedding", "reduction_pct", "criterion", "reconstruction", "recovery_steps",
-                   "int8", "lowrank_ratio")
+                   "int8", "lowrank_ratio", "load_avg", "latency_noisy", "device", "commit")
 
 # name -> recipe; `criterion` prunes heads and neurons at the profile's rates, then the optional steps in order
 VARIANT_SPECS: dict[str, dict] = {
@@ -153,12 +163,22 @@ def measure(name: str, model, tokenizer, task: et.Task, batch_size: int, max_len
             reference: dict | None = None, recipe: dict | None = None) -> dict:
     """Return the table row of one variant (columns: `ENCODER_COLUMNS`)."""
     torch.manual_seed(0)
+    load = load_avg()
     m = et.evaluate(model, tokenizer, task, batch_size, max_length)
+    load = max(load, load_avg())
     counts = surgery.parameter_counts(model)
+    ms = m["ms_per_batch"]
     row = dict(variant=name, task=task.name, accuracy=m["accuracy"], f1=m["f1"], task_metric=m["task_metric"],
-               ms_per_batch=m["ms_per_batch"], samples_per_s=m["samples_per_s"], size_mb=size_mb(model),
-               params=counts["total"], params_non_embedding=counts["non_embedding"])
+               ms_per_batch=ms, samples_per_s=1000 * min(batch_size, len(task.validation)) / ms,
+               size_mb=size_mb(model), params=counts["total"], params_non_embedding=counts["non_embedding"])
     ref = reference["params_non_embedding"] if reference else counts["non_embedding"]
     row["reduction_pct"] = 100.0 * (1 - counts["non_embedding"] / ref)
     row.update(recipe or dict(criterion="", reconstruction="", recovery_steps=0, int8=False, lowrank_ratio=None))
+    row.update(load_avg=load, latency_noisy=is_noisy([ms], load, usable_cores()), device=device_name(_device(model)),
+               commit=git_commit())
     return row
+
+
+def _device(model) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")

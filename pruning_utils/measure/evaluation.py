@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -62,8 +63,11 @@ def format_prompt(tokenizer, prompt: str) -> str:
 
 
 def generate_answers(model, tokenizer, prompts: Sequence[str | dict], max_new_tokens: int = 48,
-                     batch_size: int = 8, cache: bool = False) -> list[str]:
+                     batch_size: int = 32, cache: bool = False) -> list[str]:
     """Return the greedy continuation (new text only, stripped) of each prompt, batched with left padding.
+
+    `batch_size` is the largest batch: the prompts go in the fewest batches of at most that many, of equal sizes
+    (66 prompts: 3 x 22), since a last batch of 2 would cost a whole batch's decoding steps.
 
     `cache=True` keeps the answers on disk (models/_cache/answers), keyed by the model's weights, the prompts and
     the length: greedy answers are deterministic, so a later stage judging the same model reuses them."""
@@ -86,6 +90,14 @@ def generate_answers(model, tokenizer, prompts: Sequence[str | dict], max_new_to
     return answers
 
 
+def balanced_batch(n: int, largest: int) -> int:
+    """Return the batch size that splits `n` items into the fewest batches of at most `largest`, sizes within one."""
+    if largest < 1:
+        raise ValueError(f"batch size must be >= 1, got {largest}")
+    batches = max(1, math.ceil(n / largest))
+    return max(1, math.ceil(n / batches))
+
+
 @torch.no_grad()
 def _generate(model, tokenizer, prompts: Sequence[str | dict], max_new_tokens: int, batch_size: int) -> list[str]:
     from pruning_utils.progress import progress
@@ -99,6 +111,7 @@ def _generate(model, tokenizer, prompts: Sequence[str | dict], max_new_tokens: i
     if old_pad is None:
         tokenizer.pad_token = tokenizer.eos_token
     answers = []
+    batch_size = balanced_batch(len(texts), batch_size)
     try:
         for start in progress(range(0, len(texts), batch_size), desc="generate", unit="batch"):
             # A chat template already carries its special tokens; adding BOS again would shift the prompt.

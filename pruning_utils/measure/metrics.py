@@ -53,7 +53,8 @@ def _packed_numel(m) -> int:
 def count_params(model) -> dict[str, int]:
     """Return `total` parameters (tied embeddings counted once) and `non_embedding` (without embedding and lm_head).
 
-    Dynamic INT8 linears count their packed weights (the same numbers as in fp32, stored in one byte each).
+    Dynamic INT8 linears count their packed weights (the same numbers as in fp32, stored in one byte each), so an
+    INT8 model counts what its fp32 source does.
     """
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
     embed = model.get_input_embeddings()
@@ -64,7 +65,22 @@ def count_params(model) -> dict[str, int]:
     packed = {id(m): _packed_numel(m) for m in packed_linears(model)}
     total += sum(packed.values())
     head_packed = packed.get(id(head), 0) if head is not None else 0
+    if head_packed and getattr(model.config, "tie_word_embeddings", False):
+        # quantizing a tied lm_head packs a copy of the embedding matrix, which parameters() already counted once:
+        # the fp32 source counts that matrix once, and so does its INT8 variant
+        total -= head_packed
+        head_packed = 0
     return {"total": total, "non_embedding": total - sum(p.numel() for p in excluded.values()) - head_packed}
+
+
+def nonzero_params_non_embedding(model) -> int:
+    """Return the non-embedding parameters less the zeros a sparse + low-rank linear stores in its dense weight (its
+    2:4 or unstructured sparsity): below `count_params(model)['non_embedding']` only for sparse models."""
+    from pruning_utils.model.linears import SparseLowRankLinear
+
+    zeros = sum(int((m.weight == 0).sum()) for layer in decoder_layers(model) for name in PROJECTIONS
+                if isinstance(m := proj(layer, name), SparseLowRankLinear))
+    return count_params(model)["non_embedding"] - zeros
 
 
 def _linear_macs(module) -> int:
@@ -118,7 +134,10 @@ OFFLOAD_WINDOWS = 32  # windows per layer walk of an offloaded perplexity: bound
 def perplexity(model, chunks: torch.Tensor, batch_size: int = 4, desc: str = "perplexity",
                progress: bool = True, device: torch.device | str | None = None, reference=None) -> dict[str, float]:
     """Return `ppl`, mean `nll` and `tokens` scored over token chunks [n, seq_len], each chunk scored on its own;
-    with a `reference` model also `kl`, the mean per-token KL(reference || model) on the same tokens.
+    with a `reference` model also `kl`, the mean per-token KL(reference || model) on the same tokens; `reference` may
+    also be the `reference.ReferenceOutputs` of the unpruned model on these chunks in these batches (the same KL
+    without its full forward). `reference=model` measures the unpruned model itself: KL 0, and its outputs are kept
+    (`models/_cache/reference/`) for the KL of every variant measured later on the same chunks.
 
     `device` (offload mode): the model stays where it is and each decoder layer runs on `device` in turn, over
     `OFFLOAD_WINDOWS` chunks at a time; the same figures as a plain forward (no `reference` then).
@@ -130,23 +149,28 @@ def perplexity(model, chunks: torch.Tensor, batch_size: int = 4, desc: str = "pe
     if device is not None:
         return _perplexity_offloaded(model, chunks, batch_size, device, desc, progress)
     device = _device(model)
+    itself = reference is model  # the unpruned model itself: KL 0, and its outputs kept for its variants' KL
+    if reference is not None and not hasattr(reference, "logits"):
+        from pruning_utils.measure.reference import reference_outputs
+
+        reference = reference_outputs(reference, chunks, batch_size)  # its forwards once per run, not per variant
     total_nll, total_kl, total_tokens = 0.0, 0.0, 0
     with torch.inference_mode():
         for start in bar(range(0, len(chunks), batch_size), desc=desc, disable=not progress, leave=False):
             ids = chunks[start:start + batch_size].to(device)
             # Summed in float32: bf16 logits lose the small differences perplexity is meant to show.
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            logits = (reference.logits(start, ids) if itself
+                      else model(input_ids=ids, use_cache=False).logits)[:, :-1].float()
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
             total_nll += nll.item()
             total_tokens += ids[:, 1:].numel()
-            if reference is not None:
-                ref = reference(input_ids=ids.to(_device(reference)), use_cache=False).logits[:, :-1].float()
-                ref_logp = F.log_softmax(ref.to(device), -1)
+            if reference is not None and not itself:
+                ref_logp = F.log_softmax(reference.logits(start, ids)[:, :-1].float().to(device), -1)
                 total_kl += F.kl_div(F.log_softmax(logits, -1), ref_logp, log_target=True, reduction="sum").item()
     mean = total_nll / total_tokens
     out = {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens}
     if reference is not None:
-        out["kl"] = total_kl / total_tokens
+        out["kl"] = 0.0 if itself else total_kl / total_tokens
     return out
 
 
@@ -191,7 +215,7 @@ def _spread(values: list[float], prefix: str) -> dict[str, float]:
             f"{prefix}_max": max(values), f"{prefix}_iqr": qs[2] - qs[0]}
 
 
-def _load_avg() -> float:
+def load_avg() -> float:
     """Return the 1-minute load average (runnable threads, this process's included), NaN where unknown."""
     try:
         return os.getloadavg()[0]
@@ -199,7 +223,7 @@ def _load_avg() -> float:
         return math.nan
 
 
-def _cores() -> int:
+def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))  # the cores this process may use (a container's share)
     except AttributeError:
@@ -238,7 +262,7 @@ def latency(model, batch_size: int = 1, seq_len: int = 512, new_tokens: int = 32
     prompt = torch.randint(0, vocab, (batch_size, seq_len), generator=gen).to(device)
     prefill_ms, decode_tps = [], []
     limit = max(repeats, max_repeats if max_repeats is not None else 3 * repeats)
-    load = _load_avg()
+    load = load_avg()
     with torch.inference_mode():
         i = 0
         while i < warmup + repeats or (i < warmup + limit and _too_wide(prefill_ms, max_rel_iqr)):
@@ -258,10 +282,10 @@ def latency(model, batch_size: int = 1, seq_len: int = 512, new_tokens: int = 32
                 prefill_ms.append((t1 - t0) * 1000)
                 if new_tokens:
                     decode_tps.append(batch_size * new_tokens / max(t2 - t1, 1e-9))
-    load = max(load, _load_avg())
+    load = max(load, load_avg())
     result = {"batch_size": batch_size, "seq_len": seq_len, "new_tokens": new_tokens, "repeats": len(prefill_ms)}
     result.update(_spread(prefill_ms, "prefill_ms"))
-    result.update(load_avg=load, latency_noisy=is_noisy(prefill_ms, load, _cores(), max_rel_iqr))
+    result.update(load_avg=load, latency_noisy=is_noisy(prefill_ms, load, usable_cores(), max_rel_iqr))
     if decode_tps:
         result.update(_spread(decode_tps, "decode_tok_s"))
         result["decode_ms_per_token"] = 1000 * batch_size / result["decode_tok_s_median"]

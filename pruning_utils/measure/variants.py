@@ -9,16 +9,20 @@ Columns of a variant row (every ablation CSV uses them):
 - query_heads, kv_heads, intermediate (compact per-layer shapes, `compact_shape`), layers.
 - params_total, params_non_embedding, reduction_pct (non-embedding, vs the reference), flops_per_token,
   flops_reduction_pct, size_mb (weights as a checkpoint stores them).
-- ppl, ppl_change_pct, eval_tokens: perplexity on the evaluation text (the calibration domain's held-out part).
-- fidelity_ppl, fidelity_change_pct, fidelity_tokens: perplexity on held-out text sampled from the unpruned model
-  (`data.fidelity_chunks`), its cross-entropy against the original's own distribution: domain-neutral.
+- ppl, ppl_change_pct, ppl_reference, eval_tokens: perplexity on the evaluation text (the calibration domain's
+  held-out part); the change is against `ppl_reference`, '<variant>@<eval_tokens>' of the reference row (a 2k-token
+  screen and the full text have different baselines), the row itself without a reference.
+- fidelity_ppl, fidelity_change_pct, fidelity_reference, fidelity_tokens: perplexity on held-out text sampled from
+  the unpruned model (`data.fidelity_chunks`), its cross-entropy against the original's own distribution:
+  domain-neutral; the change is against `fidelity_reference` ('<variant>@<fidelity_tokens>', empty without one).
 - kl_to_baseline: mean per-token KL(unpruned || variant) on the evaluation windows (NaN without a reference model).
-- prefill_ms, prefill_ms_iqr, decode_tok_s, load_avg, latency_noisy (`metrics.latency`; NaN / empty without
-  `latency_kw`). A row with latency_noisy True was timed while the CPU was busy or the repeats disagreed.
+- prefill_ms, prefill_ms_iqr, decode_tok_s, latency_noisy (`metrics.latency`; NaN / empty without `latency_kw`).
+  A row with latency_noisy True was timed while the CPU was busy or the repeats disagreed. load_avg: the 1-minute
+  load average while timing (the highest seen), else when the row was measured.
 - peak_memory_mb (NaN without `memory_kw`): this model's own memory, weights + the peak extra memory of one
   prefill forward, measured alone (`metrics.variant_peak_memory_mb`; on CPU in a fresh process), so a model
   that keeps fewer weights shows less whatever else the notebook holds.
-- device, dtype.
+- device, dtype, commit: where and at which commit of this repository the row was measured.
 """
 from __future__ import annotations
 
@@ -31,7 +35,9 @@ from pruning_utils.measure.metrics import (
     count_params,
     device_name,
     flops_per_token,
+    git_commit,
     latency,
+    load_avg,
     perplexity,
     variant_peak_memory_mb,
 )
@@ -42,12 +48,14 @@ VARIANT_COLUMNS = [
     "variant", "source_model", "criterion", "allocation", "reconstruction", "head_rate_requested",
     "mlp_rate_requested", "head_frac_removed", "mlp_frac_removed", "query_heads", "kv_heads", "intermediate",
     "layers", "params_total", "params_non_embedding", "reduction_pct", "flops_per_token", "flops_reduction_pct",
-    "size_mb", "ppl", "ppl_change_pct", "eval_tokens", "fidelity_ppl", "fidelity_change_pct", "fidelity_tokens",
-    "kl_to_baseline", "prefill_ms", "prefill_ms_iqr", "decode_tok_s", "load_avg",
-    "latency_noisy", "peak_memory_mb", "device", "dtype",
+    "size_mb", "ppl", "ppl_change_pct", "ppl_reference", "eval_tokens", "fidelity_ppl", "fidelity_change_pct",
+    "fidelity_reference", "fidelity_tokens", "kl_to_baseline", "prefill_ms", "prefill_ms_iqr", "decode_tok_s",
+    "load_avg", "latency_noisy", "peak_memory_mb", "device", "dtype", "commit",
 ]
 # how a variant was made: what a later stage copies from the row of the model it starts from
 PROVENANCE_COLUMNS = ("criterion", "allocation", "reconstruction", "head_rate_requested", "mlp_rate_requested")
+# one configuration measured on one evaluation text: a sweep table holds it once
+SWEEP_KEY = ("criterion", "allocation", "reconstruction", "head_rate_requested", "mlp_rate_requested", "eval_tokens")
 
 
 def compact_shape(values: list[int]) -> str:
@@ -125,7 +133,7 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
         ppl = {"ppl": float(known["ppl"]), "tokens": predicted, "kl": known.get("kl_to_baseline")}
     else:
         ppl = perplexity(model, chunks, batch_size=batch_size, desc=f"ppl {variant}", device=compute_device,
-                         reference=None if is_reference else reference_model)
+                         reference=reference_model)  # itself: its outputs kept for the KL of its variants
     kl = 0.0 if reference_model is model else ppl.get("kl", float("nan"))
     fidelity = {"ppl": float("nan"), "tokens": 0}
     if fidelity_chunks is not None:
@@ -137,6 +145,7 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
                                   device=compute_device)
     param = next(model.parameters())
     head_frac, mlp_frac = removed_fractions(model, reference)
+    own_reference = f"{variant}@{ppl['tokens']}"
     row = dict(
         variant=variant, source_model=source_model, criterion=criterion, allocation=allocation,
         reconstruction=reconstruction, head_rate_requested=head_rate_requested, mlp_rate_requested=mlp_rate_requested,
@@ -145,18 +154,22 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
         intermediate=compact_shape([s.intermediate for s in shapes]), layers=len(shapes),
         params_total=params["total"], params_non_embedding=params["non_embedding"], reduction_pct=0.0,
         flops_per_token=flops, flops_reduction_pct=0.0, size_mb=round(weight_size_mb(model), 2),
-        ppl=ppl["ppl"], ppl_change_pct=0.0, eval_tokens=ppl["tokens"], fidelity_ppl=fidelity["ppl"],
-        fidelity_change_pct=float("nan"), fidelity_tokens=fidelity["tokens"],
-        kl_to_baseline=float("nan") if kl is None else float(kl), prefill_ms=float("nan"),
-        prefill_ms_iqr=float("nan"), decode_tok_s=float("nan"), load_avg=float("nan"), latency_noisy=None,
-        peak_memory_mb=float("nan"), device=device_name(param.device), dtype=str(param.dtype).replace("torch.", ""),
+        ppl=ppl["ppl"], ppl_change_pct=0.0, ppl_reference=own_reference, eval_tokens=ppl["tokens"],
+        fidelity_ppl=fidelity["ppl"], fidelity_change_pct=float("nan"), fidelity_reference="",
+        fidelity_tokens=fidelity["tokens"], kl_to_baseline=float("nan") if kl is None else float(kl),
+        prefill_ms=float("nan"), prefill_ms_iqr=float("nan"), decode_tok_s=float("nan"), load_avg=load_avg(),
+        latency_noisy=None, peak_memory_mb=float("nan"), device=device_name(param.device),
+        dtype=str(param.dtype).replace("torch.", ""), commit=git_commit(),
     )
     if reference is not None:
+        name = reference.get("variant") or "reference"
         row["reduction_pct"] = 100 * (1 - params["non_embedding"] / reference["params_non_embedding"])
         row["flops_reduction_pct"] = 100 * (1 - flops / reference["flops_per_token"])
         row["ppl_change_pct"] = 100 * (ppl["ppl"] / reference["ppl"] - 1)
+        row["ppl_reference"] = f"{name}@{_tokens(reference.get('eval_tokens'))}"
         if _finite(reference.get("fidelity_ppl")) and _finite(fidelity["ppl"]):
             row["fidelity_change_pct"] = 100 * (fidelity["ppl"] / float(reference["fidelity_ppl"]) - 1)
+            row["fidelity_reference"] = f"{name}@{_tokens(reference.get('fidelity_tokens'))}"
     if latency_kw is not None:
         lat = latency(model, **latency_kw)
         row.update(prefill_ms=lat["prefill_ms_median"], prefill_ms_iqr=lat["prefill_ms_iqr"],
@@ -165,6 +178,10 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
     if memory_kw is not None:
         row["peak_memory_mb"] = variant_peak_memory_mb(model, **memory_kw)["peak_memory_mb"]
     return row
+
+
+def _tokens(value) -> str:
+    return str(int(value)) if _finite(value) else "?"
 
 
 def _finite(value) -> bool:
@@ -310,3 +327,20 @@ def reconstruction_sweep(model, plan, windows: torch.Tensor, modes: list[str], c
                                     fidelity_chunks=fidelity_chunks, **{rate_col: rate}))
         del pruned
     return rows
+
+
+def screens(model, scores: dict, kind: str, criteria: list[str], rates: list[float], plan, windows: torch.Tensor,
+            modes: list[str], chunks: torch.Tensor, *, criterion: str, rate: float, source_model: str = "",
+            allocation: str = "uniform", stats: dict | None = None, compute_device: str | None = None,
+            fidelity_chunks: torch.Tensor | None = None, **recon_kw) -> tuple[dict, list[dict], list[dict]]:
+    """Return `(reference, criteria_rows, reconstruction_rows)`: the screens of notebooks 02 and 03 on the short
+    `chunks` — the unpruned model's row, every criterion x rate removed plainly (`criteria_sweep`), then `plan` (the
+    main criterion at the main rate) under every reconstruction mode (`reconstruction_sweep`, sharing `stats`)."""
+    source = _source(model)
+    measure = dict(source_model=source_model, compute_device=compute_device, fidelity_chunks=fidelity_chunks)
+    reference = measure_variant(source.model, chunks, variant="baseline", **measure)
+    criteria_rows = criteria_sweep(source, scores, criteria, rates, kind, chunks, allocation=allocation,
+                                   reference=reference, **measure)
+    recon_rows = reconstruction_sweep(source, plan, windows, modes, chunks, criterion=criterion, rate=rate, kind=kind,
+                                      allocation=allocation, reference=reference, stats=stats, **measure, **recon_kw)
+    return reference, criteria_rows, recon_rows

@@ -401,6 +401,22 @@ PROFILES: dict[str, dict] = {
 # (benchmarks/calibration_size.py: S3 obs 17.54 at ridge 1e-2, 16.72 at 1e-4)
 PROFILES["thorough"] = dict(DEFAULTS, MAIN_HEAD_CRITERION="obs", MAIN_MLP_CRITERION="obs", ALLOCATION="search",
                             N_CALIB=448, RIDGE_RATIO=1e-4)
+# a demonstration of the whole chain on the embedded model in minutes: fewer windows, prompts, criteria and variants.
+# Its numbers are not the reference ones: it writes to results/quick/ and models/quick/ (DEMONSTRATIONS), never over
+# the committed results.
+PROFILES["quick"] = dict(DEFAULTS, TEXT_SOURCE="embedded", N_CALIB=16, CALIB_SEQ_LEN=128, EVAL_SEQ_LEN=256,
+                         EVAL_MAX_TOKENS=4096, RECOVERY_SEQ_LEN=128, RECOVERY_BATCH=2,
+                         SWEEP_EVAL_MAX_TOKENS=1024, FIDELITY_TOKENS=1024,
+                         CRITERIA="magnitude,activation,fluctuation,semantic", SEMANTIC_MAX_WINDOWS=1,
+                         SEMANTIC_SEQ_LEN=64, HEAD_SWEEP="0.2", MLP_SWEEP="0.25", LATENCY_SEQ_LEN=128,
+                         LATENCY_REPEATS=2, DECODE_TOKENS=8, RECOVERY_STEPS=4, RECOVERY_DATA="text", N_PROMPTS=8,
+                         MAX_NEW_TOKENS=24, COMPRESS_CALIB_WINDOWS=4, COMPRESS_DEPTH_CRITERIA="block_influence",
+                         COMPRESS_LOWRANK_METHODS="plain", COMPRESS_HYBRID_SPARSITY="2:4",
+                         COMPRESS_INT8_BASES="mix_pruned",
+                         EXTRA_VARIANTS="mix_pruned_int8,depth_pruned,lowrank_pruned,hybrid_pruned",
+                         ADAPTIVE_N_PROMPTS=10, ADAPTIVE_NEW_TOKENS=8, ADAPTIVE_EPOCHS=5,
+                         ADAPTIVE_LEVELS="none,ffn:0.25,int8")
+DEMONSTRATIONS = ("quick",)  # profiles whose results go to results/<name>/ and models/<name>/
 # encoders: notebook 07 alone on the embedded task (`encoder`); the smoke run takes a tiny random BERT through it
 PROFILES["encoder"] = dict(DEFAULTS, ENCODER_STAGE="only")
 PROFILES["smoke"].update(ENCODER_STAGE="on", ENCODER_MODEL="tiny-bert", ENCODER_MAX_TRAIN=64, ENCODER_MAX_EVAL=32,

@@ -32,8 +32,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pruning_utils.pipeline.timing as timing
 from pruning_utils.atomic import discard_folder, recover_folder, stray_owner, strays_of, write_text_atomic
 from pruning_utils.pipeline.profiles import (
+    DEMONSTRATIONS,
     LIMITS,
     NOTEBOOK_PARAMS,
     PARAMS,
@@ -42,6 +44,7 @@ from pruning_utils.pipeline.profiles import (
     check_parameters,
     parse_value,
 )
+from pruning_utils.progress import LOOPS_ENV
 
 
 @dataclass(frozen=True)
@@ -272,6 +275,21 @@ def output_dirs(root: Path) -> dict[str, Path]:
             "models": Path(os.environ.get("PRUNING_MODELS_DIR") or root / "models")}
 
 
+def demonstration_dirs(root: Path, profile: str) -> dict[str, Path]:
+    """Point this process's outputs at results/<profile>/ and models/<profile>/ (unless PRUNING_*_DIR are set) and
+    label them: a demonstration profile's numbers never land beside the reference results."""
+    os.environ.setdefault("PRUNING_RESULTS_DIR", str(root / "results" / profile))
+    os.environ.setdefault("PRUNING_MODELS_DIR", str(root / "models" / profile))
+    dirs = output_dirs(root)
+    write_text_atomic(dirs["results"] / "DEMONSTRATION.md",
+                      f"# Results of the `{profile}` profile: a demonstration\n\nFewer windows, prompts, criteria and "
+                      "variants than the default profile (pruning_utils/pipeline/profiles.py): these numbers show the "
+                      "chain working, they are not the reference results (results/ablation_studies/).\n")
+    print(f"{profile} profile: a demonstration, not the reference numbers; results in {dirs['results']}, "
+          f"checkpoints in {dirs['models']}")
+    return dirs
+
+
 def _resolve(output: str, dirs: dict[str, Path]) -> Path:
     top, _, rest = output.partition("/")
     return dirs[top] / rest
@@ -375,6 +393,12 @@ def run(params: dict, root: Path | None = None, only: list[str] | None = None, f
             grew = bool(needed - pulled - {None})
             pulled |= needed - {None}
     records = []
+    selected = [s.key for s in STAGES if (only is None or s.key in only) and not profile_skips(s, params)]
+    speed, machine = timing.machine_speed_s(), timing.machine_name()
+    recorded, recorded_speed = timing.recorded_minutes(dirs["results"] / "ablation_studies" / RUN_TIME_FILE)
+    planned = timing.estimate(recorded, recorded_speed, speed, selected)
+    log(timing.estimate_text(planned, speed, recorded_speed) + " (stages finished with the same parameters are "
+        "skipped and take no time)")
     with _kernel_env(kernel_environment(root)), private_kernel() as kernel_name:
         for stage, digest in zip(STAGES, digests):
             stage_params = {n: params[n] for n in stage.params}
@@ -393,10 +417,14 @@ def run(params: dict, root: Path | None = None, only: list[str] | None = None, f
             log(f"[{stage.key}] running {stage.notebook} -> {executed}")
             t0 = time.time()
             stamp.unlink(missing_ok=True)
+            loops = dirs["results"] / "stages" / f"{stage.key}.loops.jsonl"
+            loops.parent.mkdir(parents=True, exist_ok=True)
+            loops.unlink(missing_ok=True)
             try:
-                pm.execute_notebook(str(root / "notebooks" / stage.notebook), str(executed), parameters=stage_params,
-                                    cwd=str(root / "notebooks"), kernel_name=kernel_name, progress_bar=False,
-                                    log_output=False)
+                with _kernel_env({LOOPS_ENV: str(loops)}):
+                    pm.execute_notebook(str(root / "notebooks" / stage.notebook), str(executed),
+                                        parameters=stage_params, cwd=str(root / "notebooks"), kernel_name=kernel_name,
+                                        progress_bar=False, log_output=False)
             except Exception as err:  # papermill raises PapermillExecutionError with the cell's traceback
                 left = remove_half_written(dirs["models"])  # the kernel is gone: nothing else is writing these
                 raise StageFailed(
@@ -412,16 +440,25 @@ def run(params: dict, root: Path | None = None, only: list[str] | None = None, f
             if absent:
                 raise StageFailed(f"stage {stage.key} finished but did not write {absent}; see {executed}")
             seconds = time.time() - t0
-            write_text_atomic(stamp, json.dumps({"digest": digest, "seconds": round(seconds, 1),
-                                                 "params": stage_params, "commit": _git_commit(root)}, default=str))
-            log(f"[{stage.key}] done in {seconds / 60:.1f} min")
+            commit = _git_commit(root)
+            load = timing.load_avg()
+            write_text_atomic(stamp, json.dumps({"digest": digest, "seconds": round(seconds, 1), "speed_s": speed,
+                                                 "load_avg": load, "params": stage_params, "commit": commit},
+                                                default=str))
+            timing.write_stage_steps(dirs["results"] / "ablation_studies" / timing.STEPS_FILE, stage.key,
+                                     timing.step_rows(stage.key, executed, loops, commit, load, machine))
+            loops.unlink(missing_ok=True)
             records.append({"stage": stage.key, "status": "ran", "seconds": seconds})
+            log(f"[{stage.key}] done in {seconds / 60:.1f} min; "
+                + timing.remaining_text(planned, [r["stage"] for r in records]))
             if keep == "needed":
                 gone = sorted(n for n in not_needed_after(stage.key, params) if remove_checkpoint(dirs["models"], n))
                 removed.update({n: _producer(n, params) for n in gone})
                 _write_removed(dirs["results"], removed)
                 if gone:
                     log(f"[{stage.key}] KEEP_CHECKPOINTS=needed: removed {', '.join(gone)} (no later stage reads them)")
+    if any(r["status"] == "ran" for r in records):
+        log(timing.summary_text(planned, records))
     return records
 
 
@@ -482,6 +519,8 @@ def main(argv: list[str] | None = None, root: Path | None = None) -> int:
             return 0
         root = Path(root or project_root())
         check_kernel_can_import(root)
+        if args.profile in DEMONSTRATIONS:
+            demonstration_dirs(root, args.profile)
     except ValueError as err:
         print(f"run_all.sh: error: {err}", file=sys.stderr)
         return 2
@@ -530,27 +569,36 @@ def write_run_time(root: Path, profile: str, started: float) -> Path:
         with path.open(encoding="utf-8", errors="replace") as f:  # a row cut short (no minutes) is dropped
             previous = {r["stage"]: r for r in csv.DictReader(f)
                         if r.get("stage") not in ("total", None) and _is_number(r.get("minutes"))}
-    commit = _git_commit(root)
-    rows = []
+    commit, machine = _git_commit(root), timing.machine_name()
+    rows = []  # (stage, notebook, minutes, profile, commit, speed_s, load_avg, device)
     shell_start = os.environ.get("PRUNING_RUN_STARTED")
     if shell_start:  # set by run_all.sh before scripts/install.sh: what preceded the stages is the install
-        rows.append(("install", "scripts/install.sh", max(0.0, started - float(shell_start)) / 60, profile, commit))
+        rows.append(("install", "scripts/install.sh", max(0.0, started - float(shell_start)) / 60, profile, commit, "",
+                     _speed(timing.load_avg()), machine))
     elif "install" in previous:
-        r = previous["install"]
-        rows.append(("install", r["notebook"], float(r["minutes"]), r.get("profile") or profile,
-                     r.get("commit") or "unknown"))
+        rows.append(_kept_row("install", previous["install"]["notebook"], previous["install"], profile))
     for stage in STAGES:
         info = read_record(_stamp_path(dirs["results"], stage))
-        if info is not None:
+        if info is not None:  # measured by this checkout's runs, on this machine
             rows.append((stage.key, stage.notebook, info.get("seconds", float("nan")) / 60, profile,
-                         info.get("commit", commit)))
+                         info.get("commit", commit), _speed(info.get("speed_s")), _speed(info.get("load_avg")),
+                         machine))
         elif stage.key in previous:
-            r = previous[stage.key]
-            rows.append((stage.key, stage.notebook, float(r["minutes"]), r.get("profile") or profile,
-                         r.get("commit") or "unknown"))
-    lines = ["stage,notebook,minutes,profile,commit"] + [f"{k},{nb},{m:.2f},{pr},{c}" for k, nb, m, pr, c in rows]
-    lines.append(f"total,,{sum(m for _, _, m, _, _ in rows):.2f},{profile},")
+            rows.append(_kept_row(stage.key, stage.notebook, previous[stage.key], profile))
+    lines = ["stage,notebook,minutes,profile,commit,speed_s,load_avg,device"] + [
+        f"{k},{nb},{m:.2f},{pr},{c},{sp},{ld},{dev}" for k, nb, m, pr, c, sp, ld, dev in rows]
+    lines.append(f"total,,{sum(r[2] for r in rows):.2f},{profile},{commit},,{_speed(timing.load_avg())},{machine}")
     return write_text_atomic(path, "\n".join(lines) + "\n")  # atomic: a reader never sees half a table
+
+
+def _kept_row(key: str, notebook: str, r: dict, profile: str) -> tuple:
+    """Return a row of an earlier run_time.csv as it was measured (its commit, machine and load)."""
+    return (key, notebook, float(r["minutes"]), r.get("profile") or profile, r.get("commit") or "unknown",
+            _speed(r.get("speed_s")), _speed(r.get("load_avg")), r.get("device") or "unknown")
+
+
+def _speed(value) -> str:
+    return f"{float(value):.3f}" if _is_number(value) and float(value) == float(value) else ""
 
 
 def _is_number(text) -> bool:

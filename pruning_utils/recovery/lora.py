@@ -229,13 +229,17 @@ def heldout_loss(model, windows: torch.Tensor, cfg: RecoveryConfig, teacher=None
     return total / len(windows)
 
 
-def write_history_csv(history: list[tuple[int, float, float]], path: str | Path) -> Path:
-    """Write the loss curve (columns step, loss, lr) to a CSV file atomically (a full disk leaves the previous one);
-    returns its path."""
+def write_history_csv(history: list[tuple[int, float, float]], path: str | Path, device: str = "cpu") -> Path:
+    """Write the loss curve (columns step, loss, lr, stamped with the device and commit) to a CSV file atomically
+    (a full disk leaves the previous one); returns its path."""
     import pandas as pd
 
+    from pruning_utils.measure.metrics import device_name, git_commit
+
+    frame = pd.DataFrame(history, columns=["step", "loss", "lr"])
+    frame["device"], frame["commit"] = device_name(device), git_commit()
     with atomic_file(path) as tmp:
-        pd.DataFrame(history, columns=["step", "loss", "lr"]).to_csv(tmp, index=False)
+        frame.to_csv(tmp, index=False)
     return Path(path)
 
 
@@ -360,7 +364,7 @@ def train_lora(model, train_windows: torch.Tensor, cfg: RecoveryConfig, teacher=
             unwrapped.gradient_checkpointing_disable()
         unwrapped.eval()
         if log_csv is not None and accelerator.is_main_process:
-            write_history_csv(history, log_csv)
+            write_history_csv(history, log_csv, device=next(model.parameters()).device)
     return stats()
 
 

@@ -24,4 +24,4 @@ def recovery_row(name: str, stats: dict[str, Any], before: dict[str, Any], after
                 ppl_before=before["ppl"], ppl_after=after["ppl"],
                 damage_recovered_pct=100 * (before["ppl"] - after["ppl"]) / damage if damage > 0 else float("nan"),
                 minutes=stats["minutes"], train_tokens_per_s=stats["tokens_per_s"], device=after["device"],
-                dtype=after["dtype"])
+                dtype=after["dtype"], load_avg=after.get("load_avg"))  # measured just after the training

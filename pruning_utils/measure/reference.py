@@ -1,0 +1,86 @@
+"""The unpruned model's outputs on the evaluation chunks, computed once per run and reused by every KL measure.
+
+`kl_to_baseline` needs the unpruned model's logits on the same tokens as the variant's. Every stage measures
+several variants against the same unpruned model on the same chunks, so its full forward would be repeated for
+each. The LM head's *input* (the final hidden states, `[tokens, hidden]`: 576 floats a token for SmolLM2-135M, not
+a vocabulary's 49k) is kept instead, in memory and under `models/_cache/reference/`; the logits are then the LM head
+applied to it — the same module on the same tensor in the same batch shapes, so the same numbers bit for bit, at
+the cost of the LM head alone. The first batch checks that claim (a family whose logits are post-processed after
+the head, e.g. soft-capped, falls back to full forwards).
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from pruning_utils.atomic import atomic_file
+from pruning_utils.data.selfgen import model_fingerprint
+from pruning_utils.paths import models_dir
+
+
+class ReferenceOutputs:
+    """The unpruned `model`'s logits on `chunks` in batches of `batch_size`: `logits(start, ids)` returns those of
+    rows `start:start + len(ids)`, from the cached LM-head input when it is known, else from one forward that fills
+    the cache. Once every batch is known the cache is written to `cache_dir` for later stages."""
+
+    def __init__(self, model, chunks: torch.Tensor, batch_size: int, cache_dir: str | Path | None = None,
+                 digest: str | None = None):
+        self.model, self.batch_size = model, batch_size
+        self.head = model.get_output_embeddings()
+        self.device = next(model.parameters()).device
+        self.digest = digest or _digest(model, chunks, batch_size)
+        self.path = Path(cache_dir or models_dir() / "_cache" / "reference") / f"{self.digest}.pt"
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.exact: bool | None = None  # unknown until the first forward compares head(input) with the logits
+        self.n_batches = (len(chunks) + batch_size - 1) // batch_size
+        if self.path.exists():
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+            if saved.get("digest") == self.digest:
+                self.hidden, self.exact = dict(saved["hidden"]), True
+
+    def logits(self, start: int, ids: torch.Tensor) -> torch.Tensor:
+        """Return the reference logits `[len(ids), seq, vocab]` of rows `start:start + len(ids)` of the chunks."""
+        if start in self.hidden and self.exact:
+            with torch.inference_mode():
+                return self.head(self.hidden[start].to(self.device))
+        captured = {}
+
+        def keep_input(_module, args, _output) -> None:  # returns None: the head's output stays as it is
+            captured["x"] = args[0]
+
+        handle = self.head.register_forward_hook(keep_input)
+        try:
+            logits = self.model(input_ids=ids.to(self.device), use_cache=False).logits
+        finally:
+            handle.remove()
+        if self.exact is None:
+            self.exact = bool(torch.equal(self.head(captured["x"]), logits))
+        if self.exact:
+            self.hidden[start] = captured["x"].detach().to("cpu")
+            if len(self.hidden) == self.n_batches and not self.path.exists():
+                with atomic_file(self.path) as tmp:
+                    torch.save({"digest": self.digest, "hidden": self.hidden}, tmp)
+        return logits
+
+
+_OPEN: dict[str, ReferenceOutputs] = {}
+
+
+def reference_outputs(model, chunks: torch.Tensor, batch_size: int) -> ReferenceOutputs:
+    """Return the `ReferenceOutputs` of `model` on `chunks`, the same object for every call with the same weights,
+    chunks and batch size (a model pruned in place since gets a new fingerprint, hence new outputs)."""
+    digest = _digest(model, chunks, batch_size)
+    if digest not in _OPEN:
+        _OPEN.clear()  # one unpruned model and one set of chunks per stage: keep the memory of one
+        _OPEN[digest] = ReferenceOutputs(model, chunks, batch_size, digest=digest)
+    return _OPEN[digest]
+
+
+def _digest(model, chunks: torch.Tensor, batch_size: int) -> str:
+    param = next(model.parameters())
+    tokens = hashlib.sha256(chunks.to(torch.int64).contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
+    fields = [model_fingerprint(model), tokens, tuple(chunks.shape), batch_size, param.device.type, str(param.dtype),
+              torch.__version__]
+    return hashlib.sha256(repr(fields).encode()).hexdigest()[:20]
