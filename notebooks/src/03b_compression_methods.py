@@ -14,6 +14,7 @@ import pandas as pd
 
 from pruning_utils.compress import compare
 from pruning_utils.data import sources
+from pruning_utils.measure.variants import measure_variant
 from pruning_utils.model.loading import load_model
 from pruning_utils.pipeline import plots, results
 from pruning_utils.pipeline.stages import as_list
@@ -30,6 +31,8 @@ fidelity = sources.fidelity_chunks(model, tok, n_tokens=int(baseline["fidelity_t
 target = compare.target_params(COMPRESS_TARGET_FROM)
 # screens: the short fidelity set as notebook 02's sweeps; saved variants: the full set and KL to the baseline
 SCREEN = dict(source_model=MODEL, fidelity_chunks=fidelity[:max(1, SWEEP_EVAL_MAX_TOKENS // fidelity.shape[1])])
+# the screens' changes are against the unpruned model on the same short text, the saved rows' against the full one
+SCREEN["reference"] = measure_variant(model, sweep_chunks, variant="baseline", **SCREEN)
 SAVE = dict(reference=baseline, latency_kw=LATENCY, memory_kw=MEMORY, source_model=MODEL, fidelity_chunks=fidelity,
             reference_model=model)
 rows, t0 = [], time.time()
@@ -41,7 +44,7 @@ print(f"target: {target:,} non-embedding parameters "
 
 # %%
 cands = list(compare.depth_candidates(model, windows, sweep_chunks, target, as_list(COMPRESS_DEPTH_CRITERIA),
-                                      reference=baseline, semantic_windows=COMPRESS_DEPTH_SEMANTIC_WINDOWS, **SCREEN))
+                                      semantic_windows=COMPRESS_DEPTH_SEMANTIC_WINDOWS, **SCREEN))
 rows += [r for r, _ in cands]
 row, best = compare.best(cands)
 rows.append(compare.save_measured(best, tok, "depth_pruned", row, chunks, **SAVE))
@@ -53,7 +56,7 @@ pd.DataFrame(rows)[["variant", "layers", "params_non_embedding", "ppl", "eval_to
 
 # %%
 cands = list(compare.lowrank_candidates(model, windows, sweep_chunks, target, as_list(COMPRESS_LOWRANK_METHODS),
-                                        reference=baseline, **SCREEN))
+                                        **SCREEN))
 rows += [r for r, _ in cands]
 row, best = compare.best([c for c in cands if c[0]["form"] != "rmt"])
 rows.append(compare.save_measured(best, tok, "lowrank_pruned", row, chunks, **SAVE))
@@ -65,7 +68,7 @@ pd.DataFrame(rows)[["variant", "params_non_embedding", "ppl", "eval_tokens", "no
 
 # %%
 cands = list(compare.hybrid_candidates(model, windows, sweep_chunks, as_list(COMPRESS_HYBRID_SPARSITY),
-                                       COMPRESS_HYBRID_RANK, reference=baseline, **SCREEN))
+                                       COMPRESS_HYBRID_RANK, **SCREEN))
 rows += [r for r, _ in cands]
 row, best = compare.best(cands)
 rows.append(compare.save_measured(best, tok, "hybrid_pruned", row, chunks, **SAVE))

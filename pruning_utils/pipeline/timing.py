@@ -86,7 +86,9 @@ def estimate_text(planned: dict[str, float], speed: float, recorded_speed: float
     if not known:
         return "estimate: no recorded run yet (run_time.csv); this run records one"
     scale = (f"this machine's speed probe {speed:.2f} s vs {recorded_speed:.2f} s recorded"
-             if _finite(speed) and _finite(recorded_speed) else "no speed probe: the recorded minutes as they are")
+             if _finite(speed) and _finite(recorded_speed) else
+             "the recorded run has no speed probe: its minutes as they are" if _finite(speed) else
+             "no speed probe here: the recorded minutes as they are")
     parts = ", ".join(f"{k} {m:.1f}" if _finite(m) else f"{k} ?" for k, m in planned.items())
     return f"estimate ({scale}): {parts} min; total about {sum(known):.0f} min"
 
