@@ -110,7 +110,7 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     assert [h[0] for h in stats["history"]] == [1, 2, 3, 4]
     assert lm_loss(merged, ids) < before - 0.01
     lines = (tmp_path / "loss.csv").read_text().splitlines()
-    assert lines[0] == "step,loss,lr" and len(lines) == 5
+    assert lines[0] == "step,loss,lr,device,commit" and len(lines) == 5
 
 
 def test_heldout_loss_is_deterministic_and_scores_the_same_windows_before_and_after(tmp_path):
@@ -234,9 +234,11 @@ def test_script_single_process(tmp_path):
 def test_recover_data_parallel_writes_the_config_launches_and_reads_back(tmp_path, models_dir, monkeypatch):
     save_pruned(pruned_tiny(), TinyTokenizer(), "pruned")  # a bare name: under models/
     cfg = fast_cfg(max_steps=2)
-    launched = {}
+    launched, real_run = {}, subprocess.run
 
-    def fake_run(cmd, env=None):  # stands in for accelerate: runs the entry point in this process
+    def fake_run(cmd, env=None, **kw):  # stands in for accelerate: runs the entry point in this process
+        if "accelerate.commands.launch" not in cmd:  # anything else (git stamping a result) runs for real
+            return real_run(cmd, env=env, **kw)
         launched["cmd"] = cmd
         config = cmd[cmd.index("--config") + 1]
         launched["run"] = json.loads(Path(config).read_text())

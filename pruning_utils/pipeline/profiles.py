@@ -121,7 +121,7 @@ PARAMS: dict[str, Param] = {
     "PROFILE": Param("default", str, "name of the profile these values come from (set by --profile, informational)"),
     # model, data, device
     "MODEL": Param("smollm2-135m", str, "embedded default; or a hub id such as Qwen/Qwen2.5-0.5B, or a local folder"),
-    # embedded:0.75+selfgen:0.25: -22% fidelity PPL for +2.5% in-domain PPL on S3 (benchmarks/calibration_sources.py)
+    # the mixture with the best fidelity per in-domain cost: calibration_sources.csv (benchmarks/calibration_sources.py)
     "TEXT_SOURCE": Param("embedded:0.75+selfgen:0.25", str,
                          "embedded | wikitext2 | file.txt|.csv|.jsonl, mixed with selfgen: "
                          "'embedded:0.5+selfgen:0.5' (calibration mix; evaluation uses the text parts)"),
@@ -166,14 +166,14 @@ PARAMS: dict[str, Param] = {
     "RECONSTRUCTION": Param("lstsq", str, "none | bias | lstsq: refit o_proj / down_proj on calibration activations"),
     "RECON_OPTIONS": Param("none,lstsq", str, "reconstructions compared for the main criterion, comma-separated"),
     "RECON_SEQUENTIAL": Param(False, bool, "True: calibrate each layer on the already-pruned earlier layers (slower)"),
-    # 1e-2 is the knee at 64 windows; at 448 windows 1e-4 pays (S3 obs 17.54 -> 16.72, benchmarks/calibration_size.py)
+    # the knee at 64 windows; more windows pay a smaller ridge: calibration_size.csv (benchmarks/calibration_size.py)
     "RIDGE_RATIO": Param(1e-2, float, "ridge of the lstsq refit and of obs selection: ratio x mean diagonal of "
                          "the Gram"),
     "MIX_RESCORE": Param(False, bool, "True: rescore + refit neurons on the head-pruned model instead of one plan"),
     # recovery (notebook 04)
-    # the default run recovers the S3 model only: a second 16k-token distillation costs ~4 min on 2 CPU cores
+    # the default run recovers the S3 model only: each recovered model adds a distillation (stage_steps.csv, stage 04)
     "RECOVERY_MODELS": Param("mix_pruned", str, "checkpoints under models/ to recover, comma-separated"),
-    # 16 steps at 2e-3 bring S3 to <= 16 PPL (benchmarks/recovery_budget.py)
+    # steps and rate: recovery_budget.csv (benchmarks/recovery_budget.py)
     "RECOVERY_STEPS": Param(16, int, "optimizer steps (capped at one epoch of the training windows)"),
     "RECOVERY_LOSS": Param("distill", str, "lm | distill (KL to the unpruned model) | mix"),
     # selfdistill+text is the one recovery that raises semantic retention (benchmarks/recovery_sources.py)
@@ -198,8 +198,8 @@ PARAMS: dict[str, Param] = {
     "COMPRESS_LOWRANK_METHODS": Param("plain,whiten", str, "low-rank SVD metrics: plain | asvd | whiten (SVD-LLM)"),
     "COMPRESS_HYBRID_SPARSITY": Param("0.5,2:4", str, "Wanda sparsities of the sparse + low-rank hybrid"),
     "COMPRESS_HYBRID_RANK": Param(16, int, "rank of the hybrid's residual SVD"),
-    # plain dynamic INT8 costs the embedded model 42 vs 11.7 PPL (down_proj's activation outliers); smoothing +
-    # down_proj in fp32 is the best quality per speed of benchmarks/int8_smoothing.py, as for notebook 05's int8 level
+    # plain dynamic INT8 loses much quality to down_proj's activation outliers; smoothing + down_proj in fp32 is the
+    # best quality per speed of int8_smoothing.csv (benchmarks/int8_smoothing.py), as for notebook 05's int8 level
     "COMPRESS_INT8_ALPHA": Param(0.65, float, "SmoothQuant-style migration strength of the INT8 rows (calibration "
                                  "windows of the notebook; None: plain dynamic INT8)", True),
     "COMPRESS_INT8_KEEP_FP32": Param("down_proj", str, "projections the INT8 rows leave in fp32, comma-separated "
@@ -210,8 +210,8 @@ PARAMS: dict[str, Param] = {
     "ADAPTIVE_PROMPTS": Param("", str, "prompt CSV with a `prompt` column ('': the packaged prompts, written to "
                               "results/ablation_studies/adaptive_prompts.csv); seeded 80/20 train/test split"),
     "ADAPTIVE_N_PROMPTS": Param(100, int, "prompts drawn from the CSV (seeded) before the 80/20 split"),
-    # on CPU a width cut buys little decode speed for much quality while INT8 buys more for less (README, adaptive
-    # runtime), so INT8 is the fast level; refit copies would take memory past the 1.3x aim, so the refit is opt-in
+    # on CPU a width cut buys little decode speed for much quality while INT8 buys more for less (adaptive_levels.csv),
+    # so INT8 is the fast level; refit copies would take memory past the memory aim, so the refit is opt-in
     "ADAPTIVE_LEVELS": Param("none,kv:16,ffn:0.25,int8", str,
                              "levels, least to most pruned, 'none' first: kv:WINDOW, heads:/ffn:/layers: removed "
                              "fraction, joined with +; int8: the dynamic-INT8 unpruned model "
@@ -219,7 +219,7 @@ PARAMS: dict[str, Param] = {
     "ADAPTIVE_REFIT": Param(False, bool, "lstsq refit of o_proj / down_proj for every level width (one-shot Grams of "
                             "N_CALIB calibration windows; one [out, width] copy per layer and width, in memory())"),
     # plain dynamic INT8 loses most of the embedded model's quality to down_proj's token-specific activation outliers;
-    # smoothing + down_proj in fp32 is the best quality per speed of benchmarks/int8_smoothing.py (README)
+    # smoothing + down_proj in fp32 is the best quality per speed of int8_smoothing.csv
     "ADAPTIVE_INT8_ALPHA": Param(0.65, float, "SmoothQuant-style migration strength of the int8 level (16 calibration "
                                  "windows; None: plain dynamic INT8)", True),
     "ADAPTIVE_INT8_KEEP_FP32": Param("down_proj", str, "projections the int8 level leaves in fp32, comma-separated "
@@ -237,7 +237,7 @@ PARAMS: dict[str, Param] = {
                                     "training prompts; sets the reward's retention weight (None: the issue's reward, "
                                     "no retention term)", True),
     # the unpruned model's uncertainty is the one feature that predicts how far INT8's greedy answer drifts
-    # (correlation -0.2 with its retention on the training prompts); its prompt forward is counted in the latency
+    # (adaptive_outcomes.csv, the training prompts); its prompt forward is counted in the latency
     "ADAPTIVE_ENTROPY": Param(True, bool, "first-token entropy feature (one unpruned forward per prompt, counted in "
                               "the latency)"),
     # final evaluation (notebook 06)
@@ -253,7 +253,7 @@ PARAMS: dict[str, Param] = {
                              "zero-shot tasks, comma-separated"),
     "ZERO_SHOT_LIMIT": Param(None, int, "examples per task (None: all)", True),
     # encoder classifiers (notebook 07, pruning_utils/encoder/surgery*.py);
-    # off in the default run (~20 min on 2 busy cores)
+    # off in the default run (its time: run_time.csv of an encoder run)
     "ENCODER_STAGE": Param("off", str, "off | on | only: run notebook 07 too / alone (the `encoder` profile: only)"),
     "ENCODER_MODEL": Param("embedded", str, "embedded (all-MiniLM-L6-v2 + a head fine-tuned here) | tiny-bert | "
                            "a fine-tuned classifier folder or hub id"),
@@ -395,10 +395,9 @@ PROFILES: dict[str, dict] = {
                               LATENCY_REPEATS=5, DECODE_TOKENS=64, RECOVERY_STEPS=200, RECOVERY_LOSS="lm",
                               LORA_LR=1e-3, ZERO_SHOT=True, EXTRA_VARIANTS=_GPU_EXTRA, **_BOTH_RECOVERED),
 }
-# the best quality at equal size of benchmarks/search_heldout.py, at the cost of obs scores (~2 min here) and a
-# search per saved model (~5-7 min each on this CPU): obs heads and neurons, per-layer counts searched by KL; and
-# 448 calibration windows (112k tokens: the Grams ~3 min a pass here) with the ridge they need
-# (benchmarks/calibration_size.py: S3 obs 17.54 at ridge 1e-2, 16.72 at 1e-4)
+# the best quality at equal size of search_heldout.csv (benchmarks/search_heldout.py), at the cost of obs scores and
+# a search per saved model (thorough_profile.csv has the minutes): obs heads and neurons, per-layer counts searched
+# by KL; and 448 calibration windows with the ridge they need (calibration_size.csv)
 PROFILES["thorough"] = dict(DEFAULTS, MAIN_HEAD_CRITERION="obs", MAIN_MLP_CRITERION="obs", ALLOCATION="search",
                             N_CALIB=448, RIDGE_RATIO=1e-4)
 # a demonstration of the whole chain on the embedded model in minutes: fewer windows, prompts, criteria and variants.
