@@ -1,5 +1,6 @@
 """README.md, docs/RESULTS.md and docs/BENCHMARKS.md are the committed result files, rendered: a table or generated
 sentence edited by hand or left stale fails here, and so does a benchmark stamp whose staleness is judged wrongly."""
+import re
 import subprocess
 
 import pandas as pd
@@ -21,9 +22,25 @@ def test_every_table_is_marked_once(docs):
 
 
 @pytest.mark.parametrize("doc", report.DOCS)
+def _full_history() -> bool:
+    """Return True in a checkout with its whole git history (the stamp tables date and age commits from it)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--is-shallow-repository"], cwd=report.PROJECT_ROOT,
+                             capture_output=True, text=True, check=False)
+    except OSError:  # no git on this machine
+        return False
+    return out.returncode == 0 and out.stdout.strip() == "false"
+
+
+def _without_stamps(text: str) -> str:
+    return re.sub(r"(<!-- table:stamp-[\w-]+ -->).*?(<!-- /table:stamp-[\w-]+ -->)", r"\1\2", text, flags=re.S)
+
+
 def test_committed_doc_equals_its_rendering(doc, docs):
-    assert report.render_text(docs[doc]) == docs[doc], f"{doc} differs from the result files: run " \
-        "`python3 -m scripts.render_readme`"
+    rendered, committed = report.render_text(docs[doc]), docs[doc]
+    if not _full_history():  # a shallow clone cannot date or age the stamped commits: all but those tables
+        rendered, committed = _without_stamps(rendered), _without_stamps(committed)
+    assert rendered == committed, f"{doc} differs from the result files: run `python3 -m scripts.render_readme`"
 
 
 def test_a_changed_csv_changes_the_rendering(docs, tmp_path, monkeypatch):
