@@ -174,11 +174,6 @@ def measure(name: str, model, tokenizer, task: et.Task, batch_size: int, max_len
     ref = reference["params_non_embedding"] if reference else counts["non_embedding"]
     row["reduction_pct"] = 100.0 * (1 - counts["non_embedding"] / ref)
     row.update(recipe or dict(criterion="", reconstruction="", recovery_steps=0, int8=False, lowrank_ratio=None))
-    row.update(load_avg=load, latency_noisy=is_noisy([ms], load, usable_cores()), device=device_name(_device(model)),
-               commit=git_commit())
+    row.update(load_avg=load, latency_noisy=is_noisy([ms], load, usable_cores()),
+               device=device_name(next(model.parameters()).device), commit=git_commit())
     return row
-
-
-def _device(model) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")

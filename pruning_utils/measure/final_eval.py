@@ -11,18 +11,6 @@ from pruning_utils.measure.variants import PROVENANCE_COLUMNS, measure_variant
 from pruning_utils.model.checkpoint import read_checkpoint_meta, resolve_checkpoint_dir
 
 BASELINE = "baseline"  # the variant every other one is compared with: the unpruned model, first in the table
-# a variant named <source><suffix> is its source transformed without pruning more: it keeps the source's rates
-DERIVED_SUFFIXES = ("_int8", "_lora")
-RATE_COLUMNS = ("head_rate_requested", "mlp_rate_requested")
-
-
-def derived_source(name: str) -> str | None:
-    """Return the variant `name` was derived from without further pruning (`mix_pruned_int8` -> `mix_pruned`), or
-    None."""
-    for suffix in DERIVED_SUFFIXES:
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return None
 
 
 def final_row(name: str, model, tokenizer, chunks: torch.Tensor, *, source_model: str, recorded_baseline: dict,
@@ -34,8 +22,8 @@ def final_row(name: str, model, tokenizer, chunks: torch.Tensor, *, source_model
     semantic retention of its greedy answers and, unless `zero_shot_tasks` is None, zero-shot accuracy (`zs_<task>`).
 
     Perplexity is deterministic: the value the variant's stage recorded on the same chunks is reused (the checkpoint's
-    metadata; `recorded_baseline`, the row of baseline.csv, for the baseline), while cost is measured here. A variant
-    derived without more pruning (`derived_source`: INT8, LoRA) carries its source's requested rates.
+    metadata; `recorded_baseline`, the row of baseline.csv, for the baseline), while cost is measured here. So is the
+    provenance (`PROVENANCE_COLUMNS`): a variant derived without more pruning (INT8, LoRA) recorded its source's.
     `reference` is the baseline's row of this run (None for the baseline itself), `reference_answers` its answers
     (None for the baseline: its own answers are the reference). `memory_kw` (without `spec`, which is set to the
     checkpoint) and `measure_kw` (latency_kw, fidelity_chunks, reference_model, ...) go to `measure_variant`."""
@@ -45,10 +33,6 @@ def final_row(name: str, model, tokenizer, chunks: torch.Tensor, *, source_model
     row = measure_variant(model, chunks, variant=name, source_model=source_model, reference=reference, known=meta,
                           memory_kw=memory, **measure_kw)
     row.update({k: meta[k] for k in PROVENANCE_COLUMNS if k in meta and not is_baseline})
-    source = None if is_baseline else derived_source(name)
-    if source is not None:  # the requested rates are the source's, whatever an older checkpoint recorded
-        src = recorded_baseline if source == BASELINE else read_checkpoint_meta(source)["extra"]
-        row.update({k: src[k] for k in RATE_COLUMNS if k in src})
     if not is_baseline:
         row["size_mb"] = checkpoint_size_mb(resolve_checkpoint_dir(name))
     row["nonzero_params_non_embedding"] = nonzero_params_non_embedding(model)  # below the count only when sparse
