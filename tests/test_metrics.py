@@ -86,6 +86,24 @@ def test_perplexity_matches_the_model_loss():
         metrics.perplexity(model, chunks[:, :1])
 
 
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_token_scores_equal_the_whole_batch_cross_entropy_and_kl(monkeypatch, rows):
+    """The row-stepped sums are the whole-batch F.cross_entropy / F.kl_div of before, to float rounding."""
+    import torch.nn.functional as F
+
+    monkeypatch.setattr(metrics, "SCORE_ROWS", rows)
+    g = torch.Generator().manual_seed(0)
+    logits, ref = torch.randn(3, 7, 50, generator=g) * 4, torch.randn(3, 7, 50, generator=g) * 4
+    targets = torch.randint(0, 50, (3, 7), generator=g)
+    nll, kl = metrics.token_scores(logits, targets, ref)
+    assert nll == pytest.approx(F.cross_entropy(logits.reshape(-1, 50), targets.reshape(-1), reduction="sum").item(),
+                                rel=1e-6)
+    assert kl == pytest.approx(F.kl_div(F.log_softmax(logits, -1), F.log_softmax(ref, -1), log_target=True,
+                                        reduction="sum").item(), rel=1e-6)
+    assert metrics.token_scores(logits, targets)[1] == 0.0
+    assert metrics.token_scores(logits, targets, logits)[1] == pytest.approx(0.0, abs=1e-9)
+
+
 def test_latency_on_tiny_model_gives_positive_medians():
     out = metrics.latency(tiny_model("llama"), seq_len=16, new_tokens=3, warmup=1, repeats=3)
     assert out["prefill_ms_median"] > 0 and out["decode_tok_s_median"] > 0

@@ -3,7 +3,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pruning_utils.measure import metrics, reference
 from pruning_utils.measure.reference import ReferenceOutputs, reference_outputs
@@ -16,10 +15,9 @@ def _kl_by_full_forwards(model, ref_model, chunks, batch_size):
     with torch.inference_mode():
         for start in range(0, len(chunks), batch_size):
             ids = chunks[start:start + batch_size]
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            ref = ref_model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            total += F.kl_div(F.log_softmax(logits, -1), F.log_softmax(ref, -1), log_target=True,
-                              reduction="sum").item()
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+            ref = ref_model(input_ids=ids, use_cache=False).logits[:, :-1]
+            total += metrics.token_scores(logits, ids[:, 1:], ref)[1]
             tokens += ids[:, 1:].numel()
     return total / tokens
 

@@ -8,8 +8,9 @@ A = Σ½ Vᵀ T⁻¹, B = U Σ½):
 - `whiten` (SVD-LLM): T with T Tᵀ = G, the input second moment E[x xᵀ] (SVD-LLM takes its Cholesky factor), which
   makes the truncation minimise the output error E‖(W − B A) x‖² exactly.
 Statistics are streamed Grams (`stats.GramStats`), one layer at a time (`layer_grams`). The rank is given, derived
-from a parameter budget (`rank_for_params`), or read off the spectrum (`rmt_rank`: singular values above the
-Marchenko–Pastur bulk edge of a noise fit).
+from a parameter budget (`rank_for_params`), or read off the spectrum by a rule of `RANK_RULES` (`choose_rank`):
+`rmt` (`edge_rank`: singular values above the Marchenko–Pastur bulk edge of a noise fit), `gavish_donoho` (their
+optimal hard threshold for unknown noise) or `energy` (the fraction of Σ s² kept), each with a `k_min` floor.
 
 A factorised projection is a `LowRankLinear` (an `nn.Sequential` that still reports in/out features, so shape
 readers keep working); it is not loadable by a stock config: evaluate it in memory, or save its state dict.
@@ -75,6 +76,96 @@ def rmt_rank(weight: Tensor) -> int:
     return edge_rank(torch.linalg.svdvals(weight.detach().double().cpu()), tuple(weight.shape))
 
 
+def _values(singular_values) -> Tensor:
+    """Return singular values (a tensor, array or list) as a 1-D float64 CPU tensor."""
+    s = (singular_values.detach().double().cpu() if isinstance(singular_values, Tensor)
+         else torch.as_tensor(np.asarray(singular_values, dtype=np.float64)))
+    if s.ndim != 1 or s.numel() == 0:
+        raise ValueError(f"singular values must be a non-empty 1-D sequence, got shape {tuple(s.shape)}")
+    return s
+
+
+def energy_rank(singular_values, threshold: float = 0.995) -> int:
+    """Return the smallest r whose top-r singular values hold `threshold` of Σ s² (at least 1)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 < threshold <= 1:
+        raise ValueError(f"energy threshold {threshold} is invalid: choose a fraction in (0, 1] of Σ s² to keep "
+                         "(1.0 keeps the full numerical rank)")
+    s = _values(singular_values).sort(descending=True).values
+    cum = (s * s).cumsum(0)
+    # cum is non-decreasing, so the values still short of the target are a prefix; the rank is one past it
+    return max(1, min(int((cum < threshold * cum[-1]).sum()) + 1, s.numel()))
+
+
+def gd_omega(beta: float) -> float:
+    """Return Gavish & Donoho's (2014) published fit of ω(β), the hard threshold over the median singular value."""
+    return 0.56 * beta ** 3 - 0.95 * beta ** 2 + 1.82 * beta + 1.43
+
+
+def gavish_donoho_rank(singular_values, shape: tuple[int, int]) -> int:
+    """Return how many singular values of an m x n matrix exceed ω(β)·median(s), β = min/max (at least 1).
+
+    The optimal hard threshold for unknown noise (Gavish & Donoho 2014); `singular_values` must be all min(m, n)
+    of them, since the noise level is read off their median.
+    """
+    s = _values(singular_values)
+    m, n = sorted(int(d) for d in shape)
+    tau = gd_omega(m / n) * float(np.median(s.numpy()))  # numpy's median averages the middle pair, as theirs does
+    return max(1, min(int((s > tau).sum()), s.numel()))
+
+
+def apply_k_min(rank: int, k_min: int, full: int) -> int:
+    """Return `rank` raised to at least `k_min`, or raise when `k_min` is not in [1, full]."""
+    if isinstance(k_min, bool) or not isinstance(k_min, numbers.Integral) or not 1 <= k_min <= full:
+        raise ValueError(f"k_min={k_min} is invalid: choose an integer in [1, {full}] (the full rank)")
+    return max(int(rank), int(k_min))
+
+
+def _rule_energy(s: Tensor, shape: tuple[int, int], threshold: float) -> int:
+    return energy_rank(s, threshold)
+
+
+def _rule_gavish_donoho(s: Tensor, shape: tuple[int, int], threshold: float) -> int:
+    return gavish_donoho_rank(s, shape)
+
+
+def _rule_rmt(s: Tensor, shape: tuple[int, int], threshold: float) -> int:
+    return edge_rank(s, shape)
+
+
+RANK_RULES: dict[str, Callable[[Tensor, tuple[int, int], float], int]] = {
+    "energy": _rule_energy, "gavish_donoho": _rule_gavish_donoho, "gd": _rule_gavish_donoho, "rmt": _rule_rmt,
+}
+
+
+def choose_rank(weight_or_singular_values, rule: str, shape: tuple[int, int] | None = None,
+                threshold: float = 0.995, k_min: int = 1) -> int:
+    """Return the rank a rule of `RANK_RULES` reads off a matrix (or its singular values), at least `k_min`.
+
+    A 2-D input is the matrix itself (`shape`, if given, must match); a 1-D input is all min(m, n) singular values of an
+    m x n matrix, and needs `shape`. `threshold` is the energy rule's fraction of Σ s².
+    """
+    if rule not in RANK_RULES:
+        raise ValueError(f"unknown rank rule '{rule}'; known: {', '.join(RANK_RULES)}")
+    x = weight_or_singular_values
+    x = x.detach().double().cpu() if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x, dtype=np.float64))
+    if x.ndim == 2:
+        if shape is not None and tuple(shape) != tuple(x.shape):
+            raise ValueError(f"shape {tuple(shape)} does not match the matrix's shape {tuple(x.shape)}")
+        shape, s = tuple(x.shape), torch.linalg.svdvals(x)
+    elif x.ndim == 1:
+        if shape is None:
+            raise ValueError("singular values alone need the matrix's shape (m, n): pass shape=")
+        shape, s = (int(shape[0]), int(shape[1])), _values(x)
+        if s.numel() != min(shape):
+            raise ValueError(f"got {s.numel()} singular values for a {shape[0]}x{shape[1]} matrix: give all "
+                             f"{min(shape)} (the noise rules read their median)")
+    else:
+        raise ValueError(f"give a matrix [out, in] or its singular values, got a {x.ndim}-D input")
+    full = min(shape)
+    apply_k_min(1, k_min, full)  # a bad k_min fails before the rule runs
+    return apply_k_min(RANK_RULES[rule](s, shape, threshold), k_min, full)
+
+
 # ------------------------------------------------------------------------------------------ input scalings
 
 
@@ -118,18 +209,20 @@ def svd_factors(weight: Tensor, rank: int | str, method: str = "plain", gram: Gr
                 ) -> tuple[Tensor, Tensor]:
     """Return `(A [r, in], B [out, r])` with W ≈ B A, truncated in the metric of `method` (see `SCALINGS`).
 
-    `rank="rmt"` takes `edge_rank` of W's own spectrum (for `plain`, from the same SVD: one SVD per matrix).
+    A rank rule of `RANK_RULES` ("rmt", "energy" at its default threshold, "gd") is read off W's own spectrum
+    (for `plain`, from the same SVD: one SVD per matrix).
     """
     if method not in SCALINGS:
         raise ValueError(f"unknown low-rank method '{method}'; known: {', '.join(SCALINGS)}")
-    if rank == "rmt" and method != "plain":
-        rank = rmt_rank(weight)  # the noise model holds for W, not for W·T
-    if rank != "rmt":
+    rule = rank if isinstance(rank, str) and rank in RANK_RULES else None
+    if rule is None:
         rank = check_rank(rank, *weight.shape)
+    elif method != "plain":
+        rank = choose_rank(weight, rule)  # the noise models hold for W, not for W·T
     t, t_inv = SCALINGS[method](gram, weight.shape[1])
     u, s, vh = torch.linalg.svd(weight.detach().double().cpu() @ t, full_matrices=False)
-    if rank == "rmt":
-        rank = edge_rank(s, tuple(weight.shape))
+    if rule is not None and method == "plain":
+        rank = choose_rank(s, rule, tuple(weight.shape))
     root = s[:rank].sqrt()
     a = (root[:, None] * vh[:rank]) @ t_inv  # undo the scaling in the first factor
     b = u[:, :rank] * root
@@ -138,7 +231,7 @@ def svd_factors(weight: Tensor, rank: int | str, method: str = "plain", gram: Gr
 
 def factorize(linear: nn.Linear, rank: int | str, method: str = "plain", gram: GramStats | None = None
               ) -> LowRankLinear:
-    """Return a `LowRankLinear` of the given rank (or "rmt") approximating `linear` (bias kept on the second factor)."""
+    """Return a `LowRankLinear` of the given rank (or a rule of `RANK_RULES`) approximating `linear` (bias kept)."""
     a, b = svd_factors(linear.weight, rank, method, gram)
     w = linear.weight
     first = nn.Linear(a.shape[1], a.shape[0], bias=False, device=w.device, dtype=w.dtype)

@@ -40,37 +40,31 @@ def _dtype(model) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------- size and cost
 
 
-def packed_linears(model) -> list[torch.nn.Module]:
-    """Return the dynamic INT8 linears of a model: their weights are packed, not `parameters()`."""
-    return [m for m in model.modules() if callable(getattr(m, "weight", None)) and hasattr(m, "_packed_params")]
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Return the bytes a tensor stores: a torchao INT8 weight counts its int8 data and scales, not its logical dtype."""
+    from pruning_utils.model.linears import is_int8_tensor
 
-
-def _packed_numel(m) -> int:
-    bias = m.bias()
-    return m.weight().numel() + (bias.numel() if bias is not None else 0)
+    if is_int8_tensor(t):
+        return sum(tensor_bytes(getattr(t, n)) for n in t.tensor_data_names) + sum(
+            tensor_bytes(x) for n in (getattr(t, "optional_tensor_data_names", None) or [])
+            if (x := getattr(t, n, None)) is not None)
+    return t.numel() * t.element_size()
 
 
 def count_params(model) -> dict[str, int]:
     """Return `total` parameters (tied embeddings counted once) and `non_embedding` (without embedding and lm_head).
 
-    Dynamic INT8 linears count their packed weights (the same numbers as in fp32, stored in one byte each), so an
-    INT8 model counts what its fp32 source does.
+    INT8 weights (torchao) count their logical values, so an INT8 model counts what its fp32 source does.
     """
-    total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    excluded = {id(p): p for p in embed.parameters()}
-    if head is not None:
-        excluded.update({id(p): p for p in head.parameters()})
-    packed = {id(m): _packed_numel(m) for m in packed_linears(model)}
-    total += sum(packed.values())
-    head_packed = packed.get(id(head), 0) if head is not None else 0
-    if head_packed and getattr(model.config, "tie_word_embeddings", False):
-        # quantizing a tied lm_head packs a copy of the embedding matrix, which parameters() already counted once:
-        # the fp32 source counts that matrix once, and so does its INT8 variant
-        total -= head_packed
-        head_packed = 0
-    return {"total": total, "non_embedding": total - sum(p.numel() for p in excluded.values()) - head_packed}
+    # an INT8 lm_head quantized apart from its tied fp32 table is a copy of that table: the fp32 source counts it once
+    copy = head is not None and getattr(model.config, "tie_word_embeddings", False) and head.weight is not embed.weight
+    skip = {id(head.weight)} if copy else set()
+    params = [p for p in model.parameters() if id(p) not in skip]  # parameters() yields a tied tensor once
+    excluded = {id(p) for m in (embed, head) if m is not None for p in m.parameters()}
+    total = sum(p.numel() for p in params)
+    return {"total": total, "non_embedding": total - sum(p.numel() for p in params if id(p) in excluded)}
 
 
 def nonzero_params_non_embedding(model) -> int:
@@ -129,6 +123,30 @@ def checkpoint_size_mb(folder: str | Path) -> float:
 
 
 OFFLOAD_WINDOWS = 32  # windows per layer walk of an offloaded perplexity: bounds the hidden states on the device
+SCORE_ROWS = 32  # token rows per log-softmax: [rows, vocab] of a 49k vocabulary stays in cache (3x faster than a batch)
+
+
+def token_scores(logits: torch.Tensor, targets: torch.Tensor, ref_logits: torch.Tensor | None = None
+                 ) -> tuple[float, float]:
+    """Return the summed next-token NLL of `targets` [b, s] under `logits` [b, s, vocab] and, given the reference
+    model's `ref_logits`, the summed KL(reference || model) over the same tokens (0.0 without).
+
+    Each row's log-softmax is the same computation as over the whole batch (bit for bit); the sums are taken in
+    float64, in `SCORE_ROWS`-row steps that never materialise a [batch, seq, vocab] float32 copy (cheaper on a CPU,
+    and what keeps a 150k vocabulary's logits inside a GPU's memory). Scores are float32: bf16 logits lose the small
+    differences perplexity is meant to show.
+    """
+    nll = torch.zeros((), dtype=torch.float64, device=logits.device)
+    kl = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for b in range(logits.shape[0]):
+        for i in range(0, logits.shape[1], SCORE_ROWS):
+            logp = F.log_softmax(logits[b, i:i + SCORE_ROWS].float(), -1)
+            nll -= logp.gather(-1, targets[b, i:i + SCORE_ROWS, None]).sum(dtype=torch.float64)
+            if ref_logits is not None:
+                ref = F.log_softmax(ref_logits[b, i:i + SCORE_ROWS].float(), -1)
+                kl += (ref.exp() * (ref - logp)).sum(dtype=torch.float64)
+    return nll.item(), kl.item()
+
 
 
 def perplexity(model, chunks: torch.Tensor, batch_size: int = 4, desc: str = "perplexity",
@@ -158,15 +176,12 @@ def perplexity(model, chunks: torch.Tensor, batch_size: int = 4, desc: str = "pe
     with torch.inference_mode():
         for start in bar(range(0, len(chunks), batch_size), desc=desc, disable=not progress, leave=False):
             ids = chunks[start:start + batch_size].to(device)
-            # Summed in float32: bf16 logits lose the small differences perplexity is meant to show.
-            logits = (reference.logits(start, ids) if itself
-                      else model(input_ids=ids, use_cache=False).logits)[:, :-1].float()
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-            total_nll += nll.item()
+            logits = reference.logits(start, ids) if itself else model(input_ids=ids, use_cache=False).logits
+            ref_logits = reference.logits(start, ids).to(device) if reference is not None and not itself else None
+            nll, kl = token_scores(logits[:, :-1], ids[:, 1:], None if ref_logits is None else ref_logits[:, :-1])
+            total_nll += nll
+            total_kl += kl
             total_tokens += ids[:, 1:].numel()
-            if reference is not None and not itself:
-                ref_logp = F.log_softmax(reference.logits(start, ids)[:, :-1].float().to(device), -1)
-                total_kl += F.kl_div(F.log_softmax(logits, -1), ref_logp, log_target=True, reduction="sum").item()
     mean = total_nll / total_tokens
     out = {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens}
     if reference is not None:
@@ -191,10 +206,7 @@ def _perplexity_offloaded(model, chunks: torch.Tensor, batch_size: int, device, 
             with on_device(final_norm(model), device) as norm, on_device(lm_head(model), device) as head:
                 for b, h in zip(range(0, len(group), batch_size), hidden):
                     ids = group[b:b + batch_size].to(device)
-                    logits = head(norm(h))[:, :-1]
-                    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
-                                          reduction="sum")
-                    total_nll += nll.item()
+                    total_nll += token_scores(head(norm(h))[:, :-1], ids[:, 1:])[0]
                     total_tokens += ids[:, 1:].numel()
     mean = total_nll / total_tokens
     return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens}
@@ -399,21 +411,17 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str) -> dict:
 
 
 def model_bytes(model) -> int:
-    """Return the bytes held by a model's parameters and buffers (a tensor shared by two names counted once)."""
+    """Return the bytes held by a model's parameters and buffers (a tensor shared by two names counted once; INT8
+    weights by their stored bytes)."""
+    from pruning_utils.model.linears import is_int8_tensor
+
     seen, total = set(), 0
     for t in [*model.parameters(), *model.buffers()]:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total + sum(packed_bytes(m) for m in packed_linears(model))
-
-
-def packed_bytes(m) -> int:
-    """Return the bytes of a dynamic INT8 linear's packed weight (1 per value, plus per-row scales) and fp32 bias."""
-    w, bias = m.weight(), m.bias()
-    scales = w.q_per_channel_scales().numel() * 12 if w.qscheme() in (torch.per_channel_affine,
-                                                                      torch.per_channel_symmetric) else 12
-    return w.numel() + scales + (bias.numel() * bias.element_size() if bias is not None else 0)
+        key = id(t) if is_int8_tensor(t) else t.data_ptr()  # a wrapper subclass has no storage of its own
+        if key not in seen:
+            seen.add(key)
+            total += tensor_bytes(t)
+    return total
 
 
 def _prefill(model, batch_size: int, seq_len: int) -> None:

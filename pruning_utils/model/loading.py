@@ -11,6 +11,7 @@ from pruning_utils.atomic import atomic_folder, folder_problem, recover_folder
 from pruning_utils.model.arch import arch_of
 from pruning_utils.model.checkpoint import is_pruned_checkpoint, load_pruned
 from pruning_utils.model.devices import resolve_device, resolve_dtype
+from pruning_utils.model.shapes import SHAPES, shape_model
 from pruning_utils.model.tiny import TINY_MODELS, TinyTokenizer, tiny_model
 from pruning_utils.paths import models_dir
 
@@ -66,13 +67,18 @@ def embedded_model_dir(cache_root: Path | None = None) -> Path:
 
 
 def load_model(spec: str = EMBEDDED_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None):
-    """Return `(model, tokenizer)` for a spec: `smollm2-135m`, `tiny-<family>`, a local folder,
+    """Return `(model, tokenizer)` for a spec: `smollm2-135m`, `tiny-<family>`, `shape:<name>`, a local folder,
     a pruned checkpoint or a hub id."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if spec in TINY_MODELS:
         model = tiny_model(spec.split("-", 1)[1]).to(device=dev, dtype=dt)
         return model.eval(), TinyTokenizer(model.config.vocab_size)
+    if spec.startswith("shape:"):
+        name = spec.split(":", 1)[1]
+        if name not in SHAPES:
+            raise ModelSpecError(f"unknown shape '{name}' in '{spec}'; known: {', '.join(SHAPES)} (use 'shape:<name>')")
+        return shape_model(name, dtype=dt, device=dev)
     folder = None
     if spec == EMBEDDED_MODEL:
         folder = embedded_model_dir()
@@ -85,12 +91,20 @@ def load_model(spec: str = EMBEDDED_MODEL, device: str | None = None, dtype: str
             return load_pruned(folder, device=str(dev), dtype=dt)
         check_config(folder)
         return _from_pretrained(str(folder), dev, dt)
-    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+    if is_hub_id(spec):
         return _from_pretrained(spec, dev, dt)  # a hub id: the path Kaggle/Colab users take
     raise ModelSpecError(
         f"unknown model spec '{spec}': use '{EMBEDDED_MODEL}' (embedded default), one of {', '.join(TINY_MODELS)}, "
+        f"'shape:<name>' (random weights of a real model's shape; {', '.join(SHAPES)}), "
         f"a folder under {models_dir()}, a local HF folder, or a hub id such as 'Qwen/Qwen2.5-0.5B'"
     )
+
+
+def is_hub_id(spec: str) -> bool:
+    """Return whether `load_model` would take `spec` from the Hugging Face Hub ('owner/name', no local folder)."""
+    spec = str(spec)
+    return (spec.count("/") == 1 and not spec.startswith((".", "/")) and not Path(spec).is_dir()
+            and not (models_dir() / spec).is_dir())
 
 
 def check_config(folder: Path) -> None:
