@@ -1,10 +1,12 @@
-"""Dynamic INT8 of the embedded model: plain, SmoothQuant-style smoothed, and with projections left in fp32.
+"""torchao INT8 of the embedded model: weight-only, and dynamic (activations too) plain, SmoothQuant-style smoothed
+and with projections left in fp32.
 
-Plain dynamic INT8 quantizes each activation tensor with one scale; SmolLM2's down_proj inputs carry outliers of
+Dynamic INT8 quantizes each activation row with one scale; SmolLM2's down_proj inputs carry outliers of
 orders of magnitude above the other channels, which costs the embedded model most of its quality. This script
-measures, on the same evaluation windows, the perplexity and greedy decode tokens/s of each option (weights per
-output row throughout; smoothing statistics from calibration windows of the profile's text source) and writes
-results/ablation_studies/int8_smoothing.csv. Notebook 05's int8 level takes its defaults from here.
+measures, on the same evaluation windows, the perplexity, greedy decode tokens/s and checkpoint size of each
+option (weights per output row throughout; smoothing statistics from calibration windows of the profile's text
+source) and writes results/ablation_studies/int8_smoothing.csv. The INT8 defaults of the profiles
+(COMPRESS_INT8_*, ADAPTIVE_INT8_*) are taken from here.
 
 Usage:
     python3 -m benchmarks.int8_smoothing [--alphas 0.5,0.65,0.8] [--eval-tokens 8192] [--calib-windows 16]
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -21,6 +25,7 @@ import torch
 from pruning_utils.compress.quantize import activation_maxima, quantize_int8
 from pruning_utils.data import sources
 from pruning_utils.measure import metrics
+from pruning_utils.model.checkpoint import save_pruned
 from pruning_utils.model.loading import load_model
 from pruning_utils.paths import ablation_dir
 from pruning_utils.pipeline.profiles import DEFAULTS
@@ -43,19 +48,22 @@ def main() -> None:
     peaks = [float(d["down_proj"].max()) for d in activation_maxima(model, windows, progress=False)]
     print(f"down_proj input max |x| per layer: {', '.join(f'{p:.0f}' for p in peaks)}")
     alphas = [float(a) for a in args.alphas.split(",")]
-    options = [("fp32", None, None, ())] + [("int8", None, None, ())] + \
-        [(f"int8 smooth {a}", a, windows, ()) for a in alphas] + \
-        [("int8 down_proj fp32", None, None, ("down_proj",))] + \
-        [(f"int8 smooth {a} + down_proj fp32", a, windows, ("down_proj",)) for a in alphas]
+    options = [("fp32", "", None, None, ()), ("int8 weight-only", "weight_only", None, None, ()),
+               ("int8 dynamic", "dynamic", None, None, ())] + \
+        [(f"int8 dynamic smooth {a}", "dynamic", a, windows, ()) for a in alphas] + \
+        [("int8 dynamic down_proj fp32", "dynamic", None, None, ("down_proj",))] + \
+        [(f"int8 dynamic smooth {a} + down_proj fp32", "dynamic", a, windows, ("down_proj",)) for a in alphas]
     rows = []
-    for name, alpha, win, keep in options:
+    for name, mode, alpha, win, keep in options:
         t0 = time.time()
-        m = model if name == "fp32" else quantize_int8(model, smooth_windows=win, smooth_alpha=alpha,
+        m = model if name == "fp32" else quantize_int8(model, mode=mode, smooth_windows=win, smooth_alpha=alpha,
                                                         keep_fp32=keep, progress=False)
         build_s = time.time() - t0
+        with tempfile.TemporaryDirectory() as d:  # the checkpoint as written: INT8 data, scales, embedding table
+            size_mb = metrics.checkpoint_size_mb(save_pruned(m, None, Path(d) / "m"))
         ppl = metrics.perplexity(m, chunks, progress=False)["ppl"]
         lat = metrics.latency(m, seq_len=128, new_tokens=32)
-        rows.append(dict(option=name, smooth_alpha=alpha, keep_fp32=",".join(keep), ppl=ppl,
+        rows.append(dict(option=name, mode=mode, smooth_alpha=alpha, keep_fp32=",".join(keep), ppl=ppl, size_mb=size_mb,
                          decode_tok_s=lat["decode_tok_s_median"], prefill_ms=lat["prefill_ms_median"],
                          build_s=build_s, eval_tokens=chunks.numel(), load_avg=os.getloadavg()[0],
                          latency_noisy=lat["latency_noisy"], torch=torch.__version__))

@@ -285,9 +285,10 @@ def thorough_profile() -> str:
 
 
 def int8_smoothing() -> str:
-    """Return `benchmarks/int8_smoothing.py`: dynamic INT8 of the embedded model, plain / smoothed / down_proj fp32."""
+    """Return `benchmarks/int8_smoothing.py`: torchao INT8 of the embedded model, weight-only and dynamic (plain /
+    smoothed / down_proj fp32)."""
     df = _csv("int8_smoothing")
-    return _md(_present(df, ["option", "ppl", "ppl_change_pct", "decode_tok_s", "speedup", "build_s"]), 2)
+    return _md(_present(df, ["option", "ppl", "ppl_change_pct", "decode_tok_s", "speedup", "size_mb", "build_s"]), 2)
 
 
 def encoder_glue() -> str:
@@ -314,6 +315,20 @@ def profiles() -> str:
              "ENCODER_STAGE": values.get("ENCODER_STAGE", ""), "parameters changed from default": changed(values)}
             for name, values in PROFILES.items()]
     return pd.DataFrame(rows).to_markdown(index=False) + "\n"
+
+
+def kaggle_plans() -> str:
+    """Return the memory plan per stage of each kaggle-* profile on Kaggle's T4 machine (GiB on the GPU / the host,
+    `memory_plan.profile_plan_table` from the committed shape configs; 'no': it does not fit)."""
+    from pruning_utils.pipeline.memory_plan import profile_plan_table
+
+    columns = {}
+    for name in (n for n in PROFILES if n.startswith("kaggle-")):
+        table = profile_plan_table(name)
+        columns[name] = [f"{r.device_gb:.1f} / {r.host_gb:.1f}" + ("" if r.fits else " (no)") + (" offload" if r.offload
+                         else "") for r in table.itertuples()]
+    frame = pd.DataFrame(columns, index=pd.Index(list(table["stage"]), name="stage"))
+    return frame.to_markdown() + "\n"
 
 
 def _scalars(path: Path) -> str:
@@ -552,6 +567,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "adaptive_levels": adaptive_levels, "encoder_glue": encoder_glue, "calibration_size": calibration_size,
     "int8_smoothing": int8_smoothing, "search_heldout": search_heldout,
     "thorough_profile": thorough_profile, "final_short": final_short, "profiles": profiles,
+    "kaggle_plans": kaggle_plans,
     "prefill_speedup": prefill_speedup, "importance_cost": importance_cost, "encoder_int8_speed": encoder_int8_speed,
     **{f"stamp-{name}": (lambda name=name: stamp_table(name)) for name in BENCHMARK_FILES},
 }

@@ -68,6 +68,7 @@ def test_run_all_check_exits_2_before_anything_is_installed():
 def test_limits_mirror_the_library_registries():
     from pruning_utils.compress.depth import LAYER_CRITERIA
     from pruning_utils.compress.lowrank import SCALINGS
+    from pruning_utils.encoder.variants import LOWRANK_RULES, LOWRANK_SCOPES
     from pruning_utils.model.devices import DTYPES
     from pruning_utils.pipeline.memory_plan import BUILD_CHOICES, GRAMS_CHOICES, OFFLOAD_MODES
     from pruning_utils.prune.allocation import ALLOCATIONS
@@ -83,6 +84,7 @@ def test_limits_mirror_the_library_registries():
     assert words["DTYPE"] == set(DTYPES) | {"auto"} and words["ALLOCATION"] == set(ALLOCATIONS) | {"search"}
     assert words["GRAMS"] == set(GRAMS_CHOICES) and words["VARIANT_BUILD"] == set(BUILD_CHOICES)
     assert words["OFFLOAD"] == set(OFFLOAD_MODES)
+    assert words["ENCODER_LOWRANK_RULE"] == set(LOWRANK_RULES) and words["ENCODER_LOWRANK_SCOPE"] == set(LOWRANK_SCOPES)
     assert set(profiles.LIMITS) <= set(profiles.PARAMS)
 
 

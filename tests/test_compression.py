@@ -1,5 +1,7 @@
-"""Other ways to compress: depth pruning, dynamic INT8, low-rank factors and sparse + low-rank, on tiny models."""
+"""Other ways to compress: depth pruning, torchao INT8, low-rank factors and sparse + low-rank, on tiny models."""
 import math
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -10,11 +12,18 @@ from pruning_utils.compress.lowrank import factorize, lowrank_model, rmt_rank, s
 from pruning_utils.compress.quantize import quantize_int8
 from pruning_utils.compress.sparse_lowrank import hybrid_model, nm_mask, sparse_lowrank, wanda_mask
 from pruning_utils.measure.metrics import checkpoint_size_mb as size_mb
-from pruning_utils.measure.metrics import count_params
+from pruning_utils.measure.metrics import count_params, model_bytes
+from pruning_utils.model import linears
 from pruning_utils.model.arch import decoder_layers, layer_shapes, proj
 from pruning_utils.model.checkpoint import load_quantized, save_pruned, save_quantized
 from pruning_utils.model.hooks import hooks, masked
-from pruning_utils.model.linears import LowRankLinear, NotApplicableError, SparseLowRankLinear, check_int8_device
+from pruning_utils.model.linears import (
+    LowRankLinear,
+    NotApplicableError,
+    SparseLowRankLinear,
+    check_int8_device,
+    is_int8_tensor,
+)
 from pruning_utils.model.plan import PruningPlan
 from pruning_utils.model.stats import GramStats
 from pruning_utils.model.surgery import apply_plan, drop_layers
@@ -151,38 +160,75 @@ def test_span_map_fits_better_than_dropping_and_reduces_to_it(windows, tokens):
 # ---------------------------------------------------------------------------------------------- INT8
 
 
-@pytest.mark.parametrize("per_channel", [True, False])
-def test_int8_runs_generates_and_round_trips(tmp_path, tokens, per_channel):
+@pytest.mark.parametrize("mode,tol", [("weight_only", 0.02), ("dynamic", 0.05)])
+def test_int8_runs_generates_and_round_trips(tmp_path, tokens, mode, tol):
     model = tiny_model("llama")
     plan = PruningPlan.identity(layer_shapes(model), "tiny-llama")
     plan.heads = {1: [0, 1, 4, 5]}  # per-layer shapes: the loader must rebuild them
     apply_plan(model, plan)
     fp32_dir = save_pruned(model, TinyTokenizer(), tmp_path / "fp32")
-    q = quantize_int8(model, per_channel=per_channel)
-    assert proj(decoder_layers(model)[0], "q_proj").__class__ is torch.nn.Linear  # the input model is left alone
+    q = quantize_int8(model, mode=mode)
+    assert not is_int8_tensor(proj(decoder_layers(model)[0], "q_proj").weight)  # the input model is left alone
+    assert is_int8_tensor(proj(decoder_layers(q)[0], "q_proj").weight)
+    assert len(linears.int8_tables(q)) == 2  # the embedding and (untied) lm_head tables are INT8 on disk
     logits = _logits(q, tokens)
     assert logits.shape == (2, 16, 128) and torch.isfinite(logits).all()
-    assert (logits - _logits(model, tokens)).abs().max() < 0.1  # int8 error, not a different model
+    # INT8 rounding error only, well below the logits' own scale (max |logit| ~0.5 on this tiny model)
+    assert (logits - _logits(model, tokens)).abs().max() < tol
     out = q.generate(tokens[:1], max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 21) and int(out.max()) < 128
     folder = save_quantized(q, TinyTokenizer(), tmp_path / "int8")
+    assert not list(folder.glob("*.bin")) and (folder / "model_int8.safetensors").is_file()  # plain tensors, no pickle
     back, tok = load_quantized(folder)
     assert isinstance(tok, TinyTokenizer) and back.pruning_plan.heads == {1: [0, 1, 4, 5]}
-    assert back.int8_per_channel is per_channel
+    assert back.int8_mode == mode and back.int8_embedding
     assert [s.n_heads for s in layer_shapes(back)] == [8, 4, 8]
     assert torch.equal(_logits(back, tokens), logits)
-    assert size_mb(folder) < size_mb(fp32_dir)
+    assert size_mb(folder) < size_mb(fp32_dir) / 2.5  # int8 data + per-row scales, embedding table included
 
 
-def test_int8_refuses_cuda(monkeypatch):
-    with pytest.raises(NotApplicableError, match="CPU-only.*not applicable"):
-        check_int8_device("cuda")
+def test_weight_only_int8_is_close_to_fp32_and_stores_the_tied_table_once(tmp_path, tokens):
+    model = tiny_model("llama", tie_word_embeddings=True)
+    q = quantize_int8(model)  # the default mode
+    assert q.int8_mode == "weight_only" and q.get_input_embeddings().weight is q.lm_head.weight  # still tied
+    ref = _logits(model, tokens)
+    err = (_logits(q, tokens) - ref).abs().max() / ref.abs().max()
+    assert err < 0.02  # per-row weight rounding: about 1% of the largest logit
+    assert model_bytes(q) < model_bytes(model) / 2.5  # projections 1 byte per weight in memory too
+    table, scales = q.lm_head.weight, linears.int8_tables(q)[id(q.lm_head.weight)]
+    step = (table - model.lm_head.weight).abs() / scales[:, None]
+    # the fp32 table in memory holds its INT8 values: half a rounding step from the source at most
+    assert float(step.detach().max()) <= 0.5 + 1e-4
+    folder = save_pruned(q, None, tmp_path / "q")
+    names = linears.int8_state_dict(q)
+    assert "lm_head.weight:qdata" not in names and names["model.embed_tokens.weight:qdata"].dtype == torch.int8
+    plain = quantize_int8(model, embedding=False)
+    assert torch.equal(plain.lm_head.weight, model.lm_head.weight) and not linears.int8_tables(plain)
+    assert size_mb(folder) < size_mb(save_pruned(plain, None, tmp_path / "plain"))
+
+
+def test_int8_names_what_cannot_run(monkeypatch):
+    with pytest.raises(NotApplicableError, match="CPU and CUDA.*not applicable"):
+        check_int8_device("mps")
+    check_int8_device("cuda")  # torchao runs on CUDA too: nothing to refuse
     model = tiny_model("qwen2")
-    monkeypatch.setattr(model, "parameters", lambda: iter([SimpleNamespace(device=torch.device("cuda", 0))]))
-    with pytest.raises(NotApplicableError, match="cuda:0"):
+    monkeypatch.setattr(model, "parameters", lambda: iter([SimpleNamespace(device=torch.device("meta"))]))
+    with pytest.raises(NotApplicableError, match="meta"):
         quantize_int8(model)
+    with pytest.raises(ValueError, match="unknown INT8 mode 'int4'; known: weight_only, dynamic"):
+        quantize_int8(tiny_model("qwen2"), mode="int4")
     with pytest.raises(ValueError, match="quantize it first"):
         save_quantized(tiny_model("qwen2"), None, "unused")
+    monkeypatch.setattr(linears, "_torchao_missing", lambda: True)
+    with pytest.raises(NotApplicableError, match="pip install"):
+        check_int8_device("cpu")
+
+
+def test_no_torch_ao_quantization_left_in_the_package():
+    package = Path(linears.__file__).parents[1]
+    used = re.compile(r"^\s*(from|import) torch\.ao\b|torch\.ao\.quantization\.\w+\(", re.M)
+    users = [str(p.relative_to(package)) for p in package.rglob("*.py") if used.search(p.read_text())]
+    assert not users, f"the deprecated torch.ao quantization path is still used in {users}; use torchao"
 
 
 # ------------------------------------------------------------------------------------------ low rank

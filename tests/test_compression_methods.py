@@ -12,9 +12,9 @@ from pruning_utils.compress.lowrank import lowrank_model
 from pruning_utils.compress.quantize import quantize_int8
 from pruning_utils.compress.sparse_lowrank import hybrid_model
 from pruning_utils.measure.metrics import count_params, flops_per_token
-from pruning_utils.model.arch import decoder_layers
+from pruning_utils.model.arch import decoder_layers, proj
 from pruning_utils.model.checkpoint import PLAN_FILE, load_pruned, read_checkpoint_meta, save_pruned
-from pruning_utils.model.linears import NotApplicableError
+from pruning_utils.model.linears import NotApplicableError, is_int8_tensor
 from pruning_utils.model.surgery import apply_plan
 from pruning_utils.model.tiny import TinyTokenizer, tiny_model
 
@@ -86,18 +86,18 @@ def test_factorised_checkpoints_reload_through_load_pruned(tmp_path, tokens, win
     torch.testing.assert_close(_logits(back, tokens), _logits(model, tokens), atol=1e-5, rtol=0)
 
 
-def test_int8_checkpoint_reloads_through_load_pruned_on_cpu_only(tmp_path, tokens):
+def test_int8_checkpoint_reloads_through_load_pruned(tmp_path, tokens):
     model = tiny_model("llama")
     q = quantize_int8(model)
-    assert count_params(q) == count_params(model)  # packed INT8 weights are counted
+    assert count_params(q) == count_params(model)  # INT8 weights count their values
     assert flops_per_token(q) == flops_per_token(model)
     folder = save_pruned(q, TinyTokenizer(), tmp_path / "int8")
     meta = read_checkpoint_meta(folder)
     assert meta["weights"] == "int8" and not meta["stock_loadable"]
     back, _ = load_pruned(folder)
     assert getattr(back, "int8", False) and torch.equal(_logits(back, tokens), _logits(q, tokens))
-    with pytest.raises(NotApplicableError, match="CPU-only"):
-        load_pruned(folder, device="cuda")
+    with pytest.raises(NotApplicableError, match="CPU and CUDA"):
+        load_pruned(folder, device="mps")
 
 
 def test_low_rank_flops_and_params_follow_the_rank():
@@ -117,15 +117,18 @@ def test_lowrank_ratio_meets_the_target_and_refuses_an_impossible_one():
         compare.lowrank_ratio(tiny_model("llama"), 10)
 
 
-def test_int8_on_cuda_is_a_not_applicable_row_and_writes_nothing(models_dir, windows):
+def test_int8_where_torchao_cannot_run_is_a_not_applicable_row_and_writes_nothing(models_dir, windows, monkeypatch):
+    from pruning_utils.model import linears
+
     chunks = windows[:2]
-    row = compare.int8_row("baseline", "cuda", chunks, reference={}, model=tiny_model("llama"),
-                               tok=TinyTokenizer())
-    assert row["applicable"] is False and "CPU-only" in row["note"] and row["saved"] is False
+    assert compare.available_variants(["baseline", "baseline_int8"], "cuda") == ["baseline", "baseline_int8"]
+    assert compare.available_variants(["baseline", "baseline_int8"], "cpu") == ["baseline", "baseline_int8"]
+    monkeypatch.setattr(linears, "_torchao_missing", lambda: True)  # an environment without torchao
+    row = compare.int8_row("baseline", "cpu", chunks, reference={}, model=tiny_model("llama"), tok=TinyTokenizer())
+    assert row["applicable"] is False and "pip install" in row["note"] and row["saved"] is False
     assert not (models_dir / "baseline_int8").exists()
     assert compare.available_variants(["baseline", "baseline_int8", "depth_pruned"], "cuda") == [
         "baseline", "depth_pruned"]
-    assert compare.available_variants(["baseline", "baseline_int8"], "cpu") == ["baseline", "baseline_int8"]
 
 
 def test_a_depth_target_removing_every_layer_fails_before_any_surgery(windows):
@@ -179,8 +182,9 @@ def test_smoothed_int8_row_saves_what_it_measured(models_dir, windows, tokens):
 def test_int8_of_a_tied_model_counts_the_parameters_of_its_fp32_source():
     model = tiny_model("mistral", tie_word_embeddings=True)
     q = quantize_int8(model, progress=False)
-    assert type(q.lm_head).__name__ != "Linear" or hasattr(q.lm_head, "_packed_params")  # the head was quantized
-    assert count_params(q) == count_params(model)  # the packed head is the embedding matrix, counted once
+    assert is_int8_tensor(proj(decoder_layers(q)[0], "up_proj").weight)
+    assert q.get_output_embeddings().weight is q.get_input_embeddings().weight  # still one (INT8-valued) table
+    assert count_params(q) == count_params(model)  # the tied INT8 table is the embedding matrix, counted once
 
 
 def test_int8_of_a_saved_variant_carries_its_source_rates_and_count(models_dir, windows):

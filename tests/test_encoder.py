@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from pruning_utils.encoder import checkpoint, surgery
-from pruning_utils.encoder.arch import encoder_layer_shapes
+from pruning_utils.encoder.arch import encoder_layer_shapes, encoder_layers, encoder_proj
+from pruning_utils.measure.metrics import checkpoint_size_mb
 from pruning_utils.model.arch import UnsupportedArchitectureError
+from pruning_utils.model.linears import int8_tables, is_int8_tensor
 from pruning_utils.model.plan import PruningPlan
 from pruning_utils.model.tiny import tiny_encoder, tiny_model
 
@@ -81,10 +83,15 @@ def test_int8_and_lowrank_variants_run_and_reload(tmp_path):
     model, batch = tiny_encoder(hidden_size=128, intermediate_size=256), _batch()
     base = _logits(model, batch)
     q = surgery.quantize_encoder(model)
+    assert q.int8_mode == surgery.ENCODER_INT8_MODE and id(q.get_input_embeddings().weight) in int8_tables(q)
+    assert is_int8_tensor(encoder_proj(encoder_layers(q)[0], "query").weight)
     assert (_logits(q, batch) - base).abs().max() < 0.1
-    loaded, _ = checkpoint.load_encoder(checkpoint.save_encoder(q, None, tmp_path / "q"))
-    assert torch.allclose(_logits(loaded, batch), _logits(q, batch), atol=1e-6)
-    assert surgery.parameter_counts(q) == surgery.parameter_counts(model)  # packed weights counted, 1 byte each
+    folder = checkpoint.save_encoder(q, None, tmp_path / "q")
+    loaded, _ = checkpoint.load_encoder(folder)
+    assert torch.equal(_logits(loaded, batch), _logits(q, batch))
+    fp32 = checkpoint.save_encoder(model, None, tmp_path / "fp32")
+    assert checkpoint_size_mb(folder) < checkpoint_size_mb(fp32) / 2.5
+    assert surgery.parameter_counts(q) == surgery.parameter_counts(model)  # INT8 weights count their values
     ranks = surgery.lowrank_encoder(model, param_ratio=0.5)
     assert set(ranks.values()) <= {32, 42}  # 128x128: 8192 // 256; 256x128: 16384 // 384
     out = _logits(model, batch)

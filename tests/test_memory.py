@@ -158,7 +158,8 @@ def test_unknown_names_are_refused():
 def test_describe_stage_reads_notebook_parameters():
     from pruning_utils.pipeline.profiles import PROFILES
 
-    params = {**PROFILES["kaggle-qwen2.5-3b"], "DEVICE": "cuda", "DTYPE": "float16", "os": object(), "model": None}
+    params = {**PROFILES["kaggle-qwen2.5-3b"], "DEVICE": "cuda", "DTYPE": "float16", "GRAMS": "auto", "os": object(),
+              "model": None}  # the profile streams its Grams (tests/test_kaggle_plans.py); here 'auto' chooses
     text = memory_plan.describe_stage(QWEN25_3B, "03", params, available_gb=15.0, host_available_gb=29.0)
     # the 3B profile fits a T4 by the automatic switches: no Grams held, one model in memory
     assert text.startswith("Memory plan of stage 03 (float16 on cuda") and ": fits." in text

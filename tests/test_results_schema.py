@@ -64,10 +64,11 @@ SCHEMAS: dict[str, TableSchema] = {
         _variants(calibration_source="text?", shape="text", build_s="float"), ("variant",),
         _LATENCY + ("build_s",), variants=True),
     "encoder_glue.csv": TableSchema(_t(
-        "variant:text task:text accuracy:float f1:float task_metric:float ms_per_batch:float samples_per_s:float "
-        "size_mb:float params:int params_non_embedding:int reduction_pct:float criterion:text? reconstruction:text? "
-        "recovery_steps:int int8:bool lowrank_ratio:float? load_avg:float latency_noisy:bool device:text "
-        "commit:text"), ("variant", "task"), ("ms_per_batch", "samples_per_s")),
+        "variant:text task:text accuracy:float f1:float task_metric:float ms_per_batch:float ms_per_batch_iqr:float "
+        "samples_per_s:float size_mb:float params:int params_non_embedding:int reduction_pct:float criterion:text? "
+        "reconstruction:text? recovery_steps:int int8:bool runtime:text lowrank_ratio:float? lowrank_rule:text? "
+        "load_avg:float latency_noisy:bool device:text commit:text"), ("variant", "task", "device"),
+        ("ms_per_batch", "samples_per_s")),
     "adaptive_levels.csv": TableSchema(_t(
         "level:text heads_removed:float ffn_removed:float layers_removed:float kv_window:int int8:bool refit:bool "
         "active_layers:int chunk_ppl:float answer_ppl:float retention:float tokens_per_s:float cache_bytes_max:int "
@@ -371,6 +372,12 @@ def test_measured_rows_pass_the_variant_schema(tiny_rows):
     assert results.check_table(df, schema) == []
     df.loc[1, "head_rate_requested"] = 0.0  # what the derived rows of the old tables said
     assert results.check_table(df, schema) != []
+
+
+def test_encoder_schema_declares_the_columns_notebook_07_writes():
+    from pruning_utils.encoder.variants import ENCODER_COLUMNS
+
+    assert list(SCHEMAS["encoder_glue.csv"].columns) == list(ENCODER_COLUMNS)
 
 
 def test_written_and_read_back_rows_still_pass(tiny_rows, tmp_path):

@@ -29,8 +29,9 @@ pd.Series(env)
 chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
 # held-out text sampled from this model (cached for later stages): the domain-neutral fidelity measure
 fidelity = sources.fidelity_chunks(model, tok, n_tokens=FIDELITY_TOKENS, seed=SEED, selfgen_kw=SELFGEN)
-row = measure_variant(model, chunks, variant="baseline", source_model=MODEL, memory_kw=dict(spec=MODEL, **MEMORY),
-                      compute_device=RUN.compute_device, fidelity_chunks=fidelity, reference_model=model)
+row = measure_variant(model, chunks, variant="baseline", source_model=MODEL,
+                      memory_kw=MEMORY and dict(spec=MODEL, **MEMORY), compute_device=RUN.compute_device,
+                      fidelity_chunks=fidelity, reference_model=model, logits_rows=RUN.logits_rows)
 lat = metrics.latency(model, **LATENCY)
 row.update(prefill_ms=lat["prefill_ms_median"], prefill_ms_iqr=lat["prefill_ms_iqr"],
            decode_tok_s=lat["decode_tok_s_median"], load_avg=lat["load_avg"], latency_noisy=lat["latency_noisy"])

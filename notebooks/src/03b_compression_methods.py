@@ -3,9 +3,9 @@
 # At the −25% non-embedding count of `models/mix_pruned/` (S3, read from its metadata): depth pruning (block influence
 # and bypass-damage layer scores, plain and with the stock-loadable `down_proj` refit), low-rank SVD (plain,
 # activation-aware, and the RMT rank as a row), Wanda unstructured / 2:4 sparsity with a low-rank residual fix, and
-# dynamic INT8 on the baseline and stacked on each pruned checkpoint (CPU only). Candidates are screened on the short
-# evaluation text; the best of each method is saved under `models/` and measured on the full text with latency and
-# memory → `compression_methods.csv`.
+# torchao INT8 (COMPRESS_INT8_MODE) on the baseline and stacked on each pruned checkpoint. Candidates are screened on
+# the short evaluation text; the best of each method is saved under `models/` and measured on the full text with
+# latency and memory → `compression_methods.csv`.
 
 # %%
 import time
@@ -76,10 +76,10 @@ del cands, best
 pd.DataFrame(rows)[["variant", "nonzero_params_non_embedding", "ppl", "eval_tokens", "note"]].tail(3)
 
 # %% [markdown]
-# ## Dynamic INT8 on the baseline and stacked on each pruned model (CPU only) → `models/<base>_int8/`
+# ## INT8 (torchao) on the baseline and stacked on each pruned model → `models/<base>_int8/`
 
 # %%
-int8_kw = dict(keep_fp32=as_list(COMPRESS_INT8_KEEP_FP32))
+int8_kw = dict(mode=COMPRESS_INT8_MODE, keep_fp32=as_list(COMPRESS_INT8_KEEP_FP32))
 if COMPRESS_INT8_ALPHA is not None:  # move activation outliers into the weights (16 of the calibration windows)
     int8_kw.update(smooth_alpha=COMPRESS_INT8_ALPHA, smooth_windows=windows[:16])
 for base in as_list(COMPRESS_INT8_BASES):

@@ -56,7 +56,7 @@ for name in as_list(RECOVERY_MODELS):
         merged, stats = lora.recover(model, tok, train, cfg, teacher=teacher, log_csv=OUT / f"recovery_{name}_loss.csv",
                                      heldout_windows=heldout)
     after = variants.measure_variant(merged, chunks, variant=f"{name}_lora", source_model=MODEL, reference=baseline,
-                                     fidelity_chunks=fidelity, reference_model=base_model,
+                                     fidelity_chunks=fidelity, reference_model=base_model, logits_rows=RUN.logits_rows,
                                      **{k: before[k] for k in variants.PROVENANCE_COLUMNS if k in before})
     kept_after = evaluation.answer_retention(merged, tok, prompts, **RETENTION)
     if kept_after["cosine_mean"] < kept_before["cosine_mean"]:

@@ -3,8 +3,9 @@
 # One set of weights serves every level: heads (within each KV group) and MLP neurons are reordered by importance so
 # each level is a prefix slice, switched in about a millisecond and restored after every prompt
 # (`pruning_utils/adaptive/nested_model.py`). A controller picks the level from the prompt's complexity score and the
-# machine load (simulated and seeded unless `ADAPTIVE_LOAD='live'`): a rule table, a LinUCB contextual bandit trained on
-# 80% of a prompt CSV, and the fixed extremes. Reward = 0.6 x tokens/s (normalised to a speed target) -
+# machine load (simulated and seeded unless `ADAPTIVE_LOAD='live'`): a rule table, a LinUCB contextual bandit and a DQN
+# (`pruning_utils/adaptive/dqn.py`, or the saved policy `ADAPTIVE_DQN_POLICY`) trained on 80% of a prompt CSV, and the
+# fixed extremes. Reward = 0.6 x tokens/s (normalised to a speed target) -
 # 0.4 x perplexity / 10 - w x (1 - semantic retention), where w is the smallest weight whose trained policy keeps
 # `ADAPTIVE_MIN_RETENTION` of the unpruned answers' meaning on the training prompts (w = 0: the issue's reward;
 # `pruning_utils/adaptive/controller.py`). Everything is measured on the held-out 20%.
@@ -28,10 +29,9 @@ chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=
 base_ppl = metrics.perplexity(model, chunks)["ppl"]
 scores = load_scores(paths.results_dir() / "importance")[ADAPTIVE_CRITERION]
 nested = experiment.build_nested(model, tok, scores, ADAPTIVE_LEVELS, text_source=TEXT_SOURCE, n_calib=N_CALIB,
-                                 seq_len=CALIB_SEQ_LEN, seed=SEED, refit=ADAPTIVE_REFIT,
+                                 seq_len=CALIB_SEQ_LEN, seed=SEED, refit=ADAPTIVE_REFIT, int8_mode=ADAPTIVE_INT8_MODE,
                                  int8_keep_fp32=as_list(ADAPTIVE_INT8_KEEP_FP32), int8_alpha=ADAPTIVE_INT8_ALPHA)
-memory = nested.memory()
-print(f"{len(nested.levels)} levels; refit {nested.refit_s:.1f} s; memory {memory}")
+print(f"{len(nested.levels)} levels; refit {nested.refit_s:.1f} s; memory {nested.memory()}")
 
 # %% [markdown]
 # ## The prompt set and its seeded 80/20 split
@@ -52,14 +52,13 @@ t0 = time.time()
 judge = evaluation.SemanticJudge()  # retention of every level's answer vs the unpruned one
 outcomes = controller.measure_outcomes(nested, tok, train, max_new_tokens=ADAPTIVE_NEW_TOKENS, judge=judge)
 results.write_csv(outcomes, OUT / "adaptive_outcomes.csv")  # (training prompt, level): what the bandit learns from
-levels_table = experiment.level_table(nested, outcomes, chunks, memory, refit=ADAPTIVE_REFIT)
+levels_table = experiment.level_table(nested, outcomes, chunks, refit=ADAPTIVE_REFIT)
 results.write_csv(levels_table, OUT / "adaptive_levels.csv")
-print(f"outcomes of {len(outcomes)} (prompt, level) pairs in {(time.time() - t0) / 60:.1f} min; "
-      f"unpruned chunk ppl {base_ppl:.2f}")
+print(f"{len(outcomes)} (prompt, level) outcomes in {(time.time() - t0) / 60:.1f} min; base chunk ppl {base_ppl:.2f}")
 levels_table.round(3)
 
 # %% [markdown]
-# ## Controllers: fixed extremes, rules, a bandit trained on the 80%
+# ## Controllers: fixed extremes, rules, a bandit and a DQN trained on the 80%
 
 # %%
 tps_ref = float(outcomes[outcomes["level"] == "none"]["tokens_per_s"].median())
@@ -71,10 +70,13 @@ policy, retention_weight, grid = experiment.train_policy(
 if grid is not None:
     results.write_csv(grid, OUT / "adaptive_retention_weight.csv")
     display(Markdown(grid.round(3).to_markdown(index=False)))
-print(f"retention weight w = {retention_weight}")
-controllers = experiment.controllers(len(nested.levels), train, policy)
+# the DQN learns the same reward (w included) from the same outcomes; ADAPTIVE_DQN_POLICY: load it instead
+dqn = experiment.dqn_policy(outcomes, train, nested.levels, tps_ref, retention_weight, ADAPTIVE_DQN,
+                            ADAPTIVE_DQN_POLICY, ADAPTIVE_DQN_EPOCHS, SEED, load_range, ADAPTIVE_TARGET)
+print(f"retention weight w = {retention_weight}; DQN policy: {dqn.path if dqn else 'off'}")
+controllers = experiment.controllers(len(nested.levels), train, policy, dqn)
 loads = experiment.held_out_loads(load_range, len(test), seed=SEED + 1)
-experiment.training_rewards(policy)
+experiment.training_rewards(policy, dqn)
 
 # %% [markdown]
 # ## Held-out 20%: latency, tokens/s, level, semantic retention, perplexity, reward

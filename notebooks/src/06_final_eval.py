@@ -37,8 +37,8 @@ for name in names:
         name, model, t, chunks, source_model=MODEL, recorded_baseline=recorded_baseline,
         reference=rows[0] if rows else None, prompts=prompts, judge=judge, reference_answers=answers.get("baseline"),
         max_new_tokens=MAX_NEW_TOKENS, memory_kw=MEMORY, latency_kw=LATENCY, fidelity_chunks=fidelity,
-        reference_model=base_model, zero_shot_tasks=as_list(ZERO_SHOT_TASKS) if ZERO_SHOT else None,
-        zero_shot_limit=ZERO_SHOT_LIMIT)
+        reference_model=base_model, logits_rows=RUN.logits_rows,
+        zero_shot_tasks=as_list(ZERO_SHOT_TASKS) if ZERO_SHOT else None, zero_shot_limit=ZERO_SHOT_LIMIT)
     rows.append(row)
     if name != "baseline":
         del model

@@ -21,9 +21,11 @@ fidelity = sources.fidelity_chunks(source.model, tok, n_tokens=FIDELITY_TOKENS, 
 sweep_fidelity = fidelity[:max(1, SWEEP_EVAL_MAX_TOKENS // fidelity.shape[1])]
 # the screens (short text, short fidelity set) of notebooks 02 and 03: `variants.screens`
 SCREEN = dict(source_model=MODEL, allocation=ALLOCATION, compute_device=RUN.compute_device,
-              fidelity_chunks=sweep_fidelity, sequential=RECON_SEQUENTIAL, ridge_ratio=RIDGE_RATIO)
+              fidelity_chunks=sweep_fidelity, sequential=RECON_SEQUENTIAL, ridge_ratio=RIDGE_RATIO,
+              logits_rows=RUN.logits_rows)
 # saved variants: the full fidelity set, and KL to the baseline while the unpruned model stays in memory beside them
-SAVED = dict(fidelity_chunks=fidelity, reference_model=None if RUN.build == "reload" else source.model)
+SAVED = dict(fidelity_chunks=fidelity, reference_model=None if RUN.build == "reload" else source.model,
+             logits_rows=RUN.logits_rows)
 # the main plans: ALLOCATION='search' searches per-layer counts by KL on held-out windows of every TEXT_SOURCE part
 PLAN = dict(allocation_name=ALLOCATION, tokenizer=tok, text_source=TEXT_SOURCE, seed=SEED, seq_len=CALIB_SEQ_LEN,
             windows=SEARCH_WINDOWS, iterations=SEARCH_ITERATIONS, group=SEARCH_GROUP, ridge_ratio=RIDGE_RATIO,

@@ -136,7 +136,9 @@ def context(features: PromptFeatures, score: float, load: float) -> np.ndarray:
                      features.entropy or 0.0])
 
 
-CONTEXT_DIM = 8 + len(LOAD_KNOTS)
+CONTEXT_NAMES = ("bias", "complexity", "load", *(f"load_over_{k}" for k in LOAD_KNOTS), "complexity_x_load",
+                 "n_tokens_128", "code", "math", "entropy")  # the order of `context`'s entries (saved DQN policies)
+CONTEXT_DIM = len(CONTEXT_NAMES)
 
 
 class Controller:
@@ -234,10 +236,20 @@ class LinUCB(Controller):
         return int(np.argmax(self.scores(context(features, score, load), explore=False)))
 
 
-def _outcome_table(outcomes: pd.DataFrame) -> dict:
+def outcome_table(outcomes: pd.DataFrame) -> dict:
+    """Return `{(prompt id, level index): (tokens/s, ppl, retention)}` of measured outcomes (retention 1 without the
+    column): what every trained policy learns from."""
     has_retention = "retention" in outcomes.columns
     return {(r.id, int(r.level_index)): (r.tokens_per_s, r.ppl, r.retention if has_retention else 1.0)
             for r in outcomes.itertuples()}
+
+
+def outcome_reward(table: dict, prompt_id, level: int, load: float, tps_ref: float, target: float = 0.8,
+                   retention_weight: float = 0.0) -> float:
+    """Return the `reward` of answering `prompt_id` at `level` under `load`, from an `outcome_table`: the one reward
+    the bandit and the DQN (dqn.py) both train on."""
+    tps, ppl, ret = table[(prompt_id, level)]
+    return reward(tps, ppl, load, tps_ref, target, ret, retention_weight)
 
 
 def train_bandit(outcomes: pd.DataFrame, prompts: pd.DataFrame, n_levels: int, tps_ref: float, epochs: int = 30,
@@ -252,7 +264,7 @@ def train_bandit(outcomes: pd.DataFrame, prompts: pd.DataFrame, n_levels: int, t
     """
     from pruning_utils.adaptive.telemetry import SimulatedLoad
 
-    table = _outcome_table(outcomes)
+    table = outcome_table(outcomes)
     rng = np.random.default_rng(seed)
     load = SimulatedLoad(seed, *load_range)
     policy = LinUCB(n_levels, alpha=alpha)
@@ -262,8 +274,7 @@ def train_bandit(outcomes: pd.DataFrame, prompts: pd.DataFrame, n_levels: int, t
             row, lo = prompts.iloc[i], load().load
             x = context(feats[i], row["complexity"], lo)
             arm = int(np.argmax(policy.scores(x, explore=True)))
-            tps, ppl, ret = table[(row["id"], arm)]
-            r = reward(tps, ppl, lo, tps_ref, target, ret, retention_weight)
+            r = outcome_reward(table, row["id"], arm, lo, tps_ref, target, retention_weight)
             policy.update(x, arm, r)
             policy.history.append((epoch, row["id"], lo, arm, r))
     return policy
@@ -287,7 +298,7 @@ def fit_retention_weight(outcomes: pd.DataFrame, prompts: pd.DataFrame, n_levels
     if "retention" not in outcomes.columns:
         raise ValueError("fit_retention_weight needs outcomes with a 'retention' column "
                          "(measure_outcomes(..., judge=evaluation.SemanticJudge()))")
-    table = _outcome_table(outcomes)
+    table = outcome_table(outcomes)
     seed, load_range = train_kw.get("seed", 0), train_kw.get("load_range", (0.0, 0.9))
     loads = SimulatedLoad(seed + 7, *load_range).loads(len(prompts) * loads_per_prompt)
     feats = [features_from_row(r) for _, r in prompts.iterrows()]
@@ -427,12 +438,17 @@ def evaluate(controllers: list[Controller], nested: NestedModel, tokenizer, prom
     prefill then counts as overhead). A fixed controller needs no features: it prefills only when its level shares
     the cache. Latency counts what a controller costs on top of generation: text features (`feature_ms`), decision,
     switch. The first controller must be 'always none': its answers are the reference of semantic retention.
+    `energy_j` is the energy counter's joules over each decode (NaN without one; `energy_source`: 'rapl', 'nvml'
+    or 'n/a', `telemetry.EnergyMeter`).
     """
     import dataclasses
 
+    from pruning_utils.adaptive.telemetry import EnergyMeter
     from pruning_utils.measure.evaluation import semantic_retention
 
     rows = []
+    device = next(nested.model.parameters()).device
+    meter = EnergyMeter(prefer_gpu=device.type == "cuda", gpu_index=device.index or 0)
     eos = getattr(tokenizer, "eos_token_id", None)
     names = list(nested.levels)
     for ctrl in controllers:
@@ -455,8 +471,9 @@ def evaluate(controllers: list[Controller], nested: NestedModel, tokenizer, prom
                 extra_ms += 1000 * pre["seconds"]  # prefilled for the feature only
                 pre = None
             switch_ms = 1000 * nested.switch(names[index])
-            out = decode(nested.active, ids, max_new_tokens, kv_window=nested.kv_window(), eos_token_id=eos,
-                         prefilled=pre)
+            with meter.measure() as energy:
+                out = decode(nested.active, ids, max_new_tokens, kv_window=nested.kv_window(), eos_token_id=eos,
+                             prefilled=pre)
             overhead_ms = (p["feature_ms"] if ctrl.uses_features else 0.0) + extra_ms + decide_ms + switch_ms
             latency = out["seconds"] + overhead_ms / 1000
             tps = len(out["ids"]) / latency
@@ -466,7 +483,9 @@ def evaluate(controllers: list[Controller], nested: NestedModel, tokenizer, prom
                              latency_s=latency, new_tokens=len(out["ids"]), tokens_per_s=tps,
                              cache_tokens_max=out["cache_tokens_max"], cache_bytes_max=out["cache_bytes_max"],
                              ids=out["ids"], answer=tokenizer.decode(out["ids"], skip_special_tokens=True).strip(),
-                             load_avg=load_avg()))  # the machine's own load, beside the simulated `load`
+                             load_avg=load_avg(),  # the machine's own load, beside the simulated `load`
+                             energy_j=float("nan") if energy.joules is None else energy.joules,
+                             energy_source=energy.source))
             nested.restore()  # reversible: every prompt starts from the unpruned model
     table = pd.DataFrame(rows)
     reference = table[table["controller"] == controllers[0].name].set_index("id")
@@ -501,7 +520,8 @@ def summarize(table: pd.DataFrame, baseline: str = "always_none") -> pd.DataFram
                 reward_ppl_only=("reward_ppl_only", "mean"),
                 switch_ms_mean=("switch_ms", "mean"), switch_ms_max=("switch_ms", "max"),
                 overhead_ms=("overhead_ms", "mean"), cache_bytes_max=("cache_bytes_max", "max"),
-                **({"load_avg": ("load_avg", "mean")} if "load_avg" in table.columns else {})).reset_index()
+                **({"load_avg": ("load_avg", "mean")} if "load_avg" in table.columns else {}),
+                **({"energy_j": ("energy_j", "mean")} if "energy_j" in table.columns else {})).reset_index()
     out["level_counts"] = [";".join(f"{k}={v}" for k, v in part["level"].value_counts().sort_index().items())
                            for _, part in g]
     base = out.set_index("controller").loc[baseline]

@@ -1,12 +1,15 @@
 """The steps of notebook 05 that are more than a call: the nested model its parameters describe, the featurized
-prompt split, the table of levels, the policy (with the retention weight) and the summary of the controllers."""
+prompt split, the table of levels, the policies (the bandit with the retention weight, the DQN) and the summary of
+the controllers."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import torch
 
+from pruning_utils import paths
 from pruning_utils.adaptive import controller
+from pruning_utils.adaptive.dqn import DQNController, train_dqn
 from pruning_utils.adaptive.nested_model import NestedModel, parse_levels
 from pruning_utils.adaptive.telemetry import SimulatedLoad, read_telemetry
 from pruning_utils.prune.scores import Scores
@@ -14,8 +17,9 @@ from pruning_utils.prune.scores import Scores
 
 def build_nested(model, tokenizer, scores: Scores, levels: str, *, text_source: str, n_calib: int, seq_len: int,
                  seed: int = 0, refit: bool = False, int8_keep_fp32: list[str] | None = None,
-                 int8_alpha: float | None = None) -> NestedModel:
-    """Return the `NestedModel` of `levels` on `model`: an int8 level is left out where dynamic INT8 cannot run,
+                 int8_alpha: float | None = None, int8_mode: str = "weight_only") -> NestedModel:
+    """Return the `NestedModel` of `levels` on `model`: an int8 level (torchao, `int8_mode`) is left out where
+    torchao INT8 cannot run,
     a `layers:` level skips the layers of least block influence (4 windows of the text parts of `text_source`),
     `refit` gives every level width the lstsq refit from `n_calib` calibration windows, and `int8_alpha` smooths
     activation outliers into the INT8 weights (16 calibration windows)."""
@@ -28,7 +32,7 @@ def build_nested(model, tokenizer, scores: Scores, levels: str, *, text_source: 
     device = next(model.parameters()).device
     if any(lv.int8 for lv in parsed) and not linears.int8_applicable(device):
         parsed = [lv for lv in parsed if not lv.int8]
-        print(f"dynamic INT8 runs on CPU only: the int8 level is left out on {device}")
+        print(f"torchao INT8 cannot run on {device} (or torchao is missing): the int8 level is left out")
     layer_scores = None
     if any(lv.layers for lv in parsed):
         windows = calibration_windows(tokenizer, text_parts(text_source), n_samples=4, seq_len=seq_len, seed=seed)
@@ -37,7 +41,7 @@ def build_nested(model, tokenizer, scores: Scores, levels: str, *, text_source: 
     if refit:  # one-shot Grams of o_proj / down_proj inputs
         calib = calibration_windows(tokenizer, text_source, n_samples=n_calib, seq_len=seq_len, seed=seed, model=model)
         grams = collect_grams(model, calib)
-    int8_kw = dict(keep_fp32=list(int8_keep_fp32 or []), progress=False)
+    int8_kw = dict(mode=int8_mode, keep_fp32=list(int8_keep_fp32 or []), progress=False)
     if any(lv.int8 for lv in parsed) and int8_alpha is not None:
         int8_kw.update(smooth_alpha=int8_alpha, smooth_windows=calibration_windows(
             tokenizer, text_source, n_samples=16, seq_len=seq_len, seed=seed, model=model))
@@ -52,12 +56,14 @@ def split_prompts(pool: pd.DataFrame, tokenizer, model=None, seed: int = 0, n: i
     return controller.featurize(train, tokenizer, model), controller.featurize(test, tokenizer, model)
 
 
-def level_table(nested: NestedModel, outcomes: pd.DataFrame, chunks: torch.Tensor, memory: dict,
+def level_table(nested: NestedModel, outcomes: pd.DataFrame, chunks: torch.Tensor, memory: dict | None = None,
                 refit: bool = False, switch_repeats: int = 50) -> pd.DataFrame:
     """Return one row per level: what it removes, its layers, the perplexity of `chunks` (KV window not applied),
     the means of its measured `outcomes` (answer perplexity, retention, tokens/s), its largest cache, the median of
-    `switch_repeats` switches and the memory overhead of the nesting (`memory`: `nested.memory()`)."""
+    `switch_repeats` switches and the memory overhead of the nesting (`memory`: `nested.memory()`, read when None)."""
     from pruning_utils.measure.metrics import perplexity
+
+    memory = memory or nested.memory()
 
     switch_ms = {name: 1000 * float(np.median([nested.switch(name) for _ in range(switch_repeats)]))
                  for name in nested.levels}
@@ -101,11 +107,34 @@ def train_policy(outcomes: pd.DataFrame, prompts: pd.DataFrame, n_levels: int, t
     return controller.fit_retention_weight(outcomes, prompts, n_levels, tps_ref, min_retention, **train_kw)
 
 
-def controllers(n_levels: int, train: pd.DataFrame, policy: controller.Controller) -> list[controller.Controller]:
+def controllers(n_levels: int, train: pd.DataFrame, policy: controller.Controller,
+                *extra: controller.Controller | None) -> list[controller.Controller]:
     """Return the controllers compared on the held-out prompts: always 'none' first (the reference of retention),
-    always the last level, the rule table fitted to the training complexities, and the trained `policy`."""
+    always the last level, the rule table fitted to the training complexities, the trained `policy`, then each
+    `extra` policy that is not None (the DQN)."""
     return [controller.Fixed(n_levels, 0, "always_none"), controller.Fixed(n_levels, -1, "always_max"),
-            controller.RuleController(n_levels).fit(train["complexity"]), policy]
+            controller.RuleController(n_levels).fit(train["complexity"]), policy, *(p for p in extra if p is not None)]
+
+
+DQN_FOLDER = "adaptive_dqn"  # under models/: the policy a later run loads with ADAPTIVE_DQN_POLICY
+
+
+def dqn_policy(outcomes: pd.DataFrame, prompts: pd.DataFrame, levels, tps_ref: float, retention_weight: float,
+               enabled: bool = True, policy_path: str = "", epochs: int = 30, seed: int = 0,
+               load_range: tuple[float, float] | None = None, target: float = 0.8) -> DQNController | None:
+    """Return the DQN controller (None when not `enabled`): the saved policy at `policy_path`, checked against
+    `levels`; or, with '', one trained by `dqn.train_dqn` on the same outcomes and reward as the bandit (`load_range`
+    None: the bandit's default simulated range) and saved atomically to models/adaptive_dqn. Its `path` says which."""
+    if not enabled:
+        return None
+    levels = list(levels)
+    if policy_path:
+        return DQNController.load(policy_path, n_levels=len(levels), levels=levels)
+    policy = train_dqn(outcomes, prompts, len(levels), tps_ref, epochs=epochs, seed=seed,
+                       load_range=load_range or (0.0, 0.9), target=target, retention_weight=retention_weight,
+                       levels=levels)
+    policy.save(paths.models_dir() / DQN_FOLDER)
+    return policy
 
 
 def summary_table(runtime: pd.DataFrame, retention_weight: float, simulated_load: bool) -> pd.DataFrame:
@@ -119,10 +148,15 @@ def summary_table(runtime: pd.DataFrame, retention_weight: float, simulated_load
     return summary
 
 
-def training_rewards(policy: controller.LinUCB) -> pd.DataFrame:
-    """Return the bandit's mean training reward per epoch (one row, one column per epoch)."""
-    history = pd.DataFrame(policy.history, columns=["epoch", "id", "load", "level_index", "reward"])
-    return history.groupby("epoch")["reward"].mean().round(3).to_frame("mean training reward").T
+def training_rewards(policy: controller.Controller, *extra: controller.Controller | None) -> pd.DataFrame:
+    """Return each trained policy's mean training reward per epoch (one row per policy with a `history`, named
+    after it; one column per epoch)."""
+    rows = {}
+    for p in (policy, *extra):
+        if p is not None and getattr(p, "history", None):
+            history = pd.DataFrame(p.history, columns=["epoch", "id", "load", "level_index", "reward"])
+            rows[f"{p.name}: mean training reward"] = history.groupby("epoch")["reward"].mean().round(3)
+    return pd.DataFrame(rows).T
 
 
 def verdict(summary: pd.DataFrame, retention_weight: float) -> str:

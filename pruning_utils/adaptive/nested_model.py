@@ -27,9 +27,9 @@ o_proj / down_proj width a level uses gets its own least-squares refit of the ke
 logits equal those of `reconstruction.prune_and_reconstruct` with the same kept indices; the memory it costs is in
 `memory()`.
 
-INT8 level (`int8`, CPU only): a dynamic-INT8 copy of the unpruned model (`quantize.quantize_int8`) with its MLP
-neurons in the nested order; the input embedding and the MLP projections it keeps in fp32 (`keep_fp32`) share the
-fp32 model's storage. Switching to it only changes which model `active` returns.
+INT8 level (`int8`, CPU or CUDA): a torchao INT8 copy of the unpruned model (`quantize.quantize_int8`, weight-only
+or dynamic) with its MLP neurons in the nested order; the input embedding and the MLP projections it keeps in fp32
+(`keep_fp32`) share the fp32 model's storage. Switching to it only changes which model `active` returns.
 """
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ from pruning_utils.model.arch import (
     set_proj,
     set_query_heads,
 )
+from pruning_utils.model.linears import is_int8_tensor
 from pruning_utils.prune.scores import Scores
 
 KV_SINK_TOKENS = 4  # first tokens every window keeps: attention mass piles up on them (StreamingLLM)
@@ -221,7 +222,8 @@ class NestedModel:
                 lin.weight.data = lin.weight.data.index_select(dim, order)
                 if dim == 0 and lin.bias is not None:
                     lin.bias.data = lin.bias.data.index_select(0, order)
-        m8 = quantize_int8(m8, inplace=True, **int8_kw)  # smoothing / fp32 projections
+        # the lookup table stays the fp32 model's (shared below), so only the linears are quantized
+        m8 = quantize_int8(m8, inplace=True, **{"embedding": False, **int8_kw})  # mode / smoothing / fp32 projections
         m8.set_input_embeddings(self.model.get_input_embeddings())  # shared, not copied
         return m8
 
@@ -230,7 +232,7 @@ class NestedModel:
         for layer8, layer in zip(decoder_layers(self.int8_model), self.layers):
             for name in ("gate_proj", "up_proj", "down_proj"):
                 lin8 = proj(layer8, name)
-                if type(lin8) is nn.Linear:
+                if not is_int8_tensor(lin8.weight):
                     yield lin8, proj(layer, name)
 
     @torch.no_grad()
@@ -406,7 +408,7 @@ class NestedModel:
 
             shared = {p.data_ptr() for p in self.model.parameters()}
             int8 = model_bytes(self.int8_model) - sum(p.numel() * p.element_size() for p in self.int8_model.parameters()
-                                                      if p.data_ptr() in shared)
+                                                      if not is_int8_tensor(p) and p.data_ptr() in shared)
         total = sum(params.values())
         return {"param_bytes": total, "nesting_bytes": extra, "refit_bytes": refit, "int8_bytes": int8,
                 "overhead_ratio": (total + extra + refit + int8) / total}

@@ -1,14 +1,15 @@
-"""Compression methods side by side (notebook 03b): depth pruning, low-rank, sparse + low-rank and dynamic INT8,
+"""Compression methods side by side (notebook 03b): depth pruning, low-rank, sparse + low-rank and torchao INT8,
 each built at a parameter target (S3's non-embedding count), screened, saved and measured like every variant.
 
 The methods themselves live in `depth`, `lowrank`, `hybrid` and `quantize`; this module only turns them into
 named variants and tidy rows. Rows carry `VARIANT_COLUMNS` plus `COMPRESSION_COLUMNS`:
 - method: depth | lowrank | hybrid | int8; base: the model it was cut from (baseline or a saved checkpoint);
-- form: how it was made (e.g. `block_influence+refit`, `whiten`, `rmt`, `2:4+r16`, `int8`);
+- form: how it was made (e.g. `block_influence+refit`, `whiten`, `rmt`, `2:4+r16`, `int8` (weight-only),
+  `int8-dynamic`);
 - saved: True when the variant is a checkpoint under models/ measured on the full evaluation chunks (with latency
   and memory), False for a screen row (SWEEP_EVAL_MAX_TOKENS perplexity only);
 - nonzero_params_non_embedding: non-zero non-embedding weights (below params_non_embedding only for sparsity);
-- applicable, note: False and the reason when a method cannot run on this device (INT8 on CUDA).
+- applicable, note: False and the reason when a method cannot run here (INT8 without torchao, or off CPU / CUDA).
 
 Provenance (`PROVENANCE_COLUMNS`): a saved variant carries its screen row's; an INT8 variant its source's (the
 baseline row or the saved checkpoint's), `+int8` appended to the criterion. Depth pruning requests the fraction of
@@ -18,8 +19,6 @@ functions, `save_measured` and `int8_row` (source_model, fidelity_chunks, refere
 from __future__ import annotations
 
 import copy
-
-import torch
 
 from pruning_utils.compress import depth, lowrank, sparse_lowrank
 from pruning_utils.compress.quantize import quantize_int8
@@ -36,6 +35,8 @@ from pruning_utils.model.checkpoint import (
 from pruning_utils.model.linears import NotApplicableError, check_int8_device, int8_applicable
 from pruning_utils.model.surgery import apply_plan
 
+INT8_NOTES = {"weight_only": "int8 weights (one scale per output row), fp32 activations",
+              "dynamic": "int8 weights (one scale per output row), activations int8 per token at run time"}
 COMPRESSION_COLUMNS = ["method", "base", "form", "saved", "nonzero_params_non_embedding", "applicable", "note"]
 
 
@@ -132,14 +133,15 @@ def hybrid_candidates(model, windows, chunks, sparsities: list[str], rank: int, 
 
 
 def int8_row(base_name: str, device, chunks, *, reference: dict, model=None, tok=None, latency_kw=None,
-             memory_kw=None, per_channel: bool = True, smooth_windows=None, smooth_alpha: float | None = None,
-             keep_fp32=(), **measure_kw) -> dict:
-    """Return the measured row of `<base>_int8` (saved under models/), or a not-applicable row off the CPU.
+             memory_kw=None, mode: str = "weight_only", smooth_windows=None, smooth_alpha: float | None = None,
+             keep_fp32=(), embedding: bool = True, **measure_kw) -> dict:
+    """Return the measured row of `<base>_int8` (saved under models/, measured on `device`), or a not-applicable row
+    where torchao INT8 cannot run.
 
     The row carries the provenance of its source: `reference` for the baseline, else the checkpoint's recorded row.
 
-    `smooth_windows` / `smooth_alpha` / `keep_fp32`: SmoothQuant-style smoothing and projections left in fp32
-    (`quantize.quantize_int8`; benchmarks/int8_smoothing.py measures what they buy).
+    `mode` (weight_only | dynamic), `embedding`, `smooth_windows` / `smooth_alpha` / `keep_fp32`: see
+    `quantize.quantize_int8` (benchmarks/int8_torchao.py measures what each buys).
     """
     from pruning_utils.model.checkpoint import load_pruned
 
@@ -150,19 +152,20 @@ def int8_row(base_name: str, device, chunks, *, reference: dict, model=None, tok
         return dict(variant=name, method="int8", base=base_name, form="int8", saved=False, applicable=False,
                     note=str(err))
     if model is None:
-        model, tok = load_pruned(base_name, device="cpu", dtype=torch.float32)
-    q = quantize_int8(model, per_channel=per_channel, smooth_windows=smooth_windows, smooth_alpha=smooth_alpha,
-                      keep_fp32=keep_fp32, progress=False)
+        # on CUDA in the device's dtype (activations stay fp16 / bf16 there), on CPU in fp32
+        model, tok = load_pruned(base_name, device=str(device))
+    q = quantize_int8(model, mode=mode, smooth_windows=smooth_windows, smooth_alpha=smooth_alpha,
+                      keep_fp32=keep_fp32, embedding=embedding, progress=False).to(device)
     params = count_params(q)["non_embedding"]
     how = [f"smoothed (alpha {q.int8_smoothing})"] if q.int8_smoothing is not None else []
     how += [f"{', '.join(keep_fp32)} kept fp32"] if keep_fp32 else []
-    form = "int8" if per_channel else "int8-per-tensor"
+    form = "int8" if mode == "weight_only" else f"int8-{mode}"
     source = reference if base_name == "baseline" else read_checkpoint_meta(base_name)["extra"]
     provenance = {k: source[k] for k in PROVENANCE_COLUMNS if k in source and not _missing(source[k])}
     provenance["criterion"] = "+".join([str(provenance["criterion"]), form]) if provenance.get("criterion") else form
     row = dict(method="int8", base=base_name, form=form, saved=True, nonzero_params_non_embedding=params,
                params_non_embedding=params, applicable=True, **provenance,
-               note="weights qint8 per output row, activations quantized per tensor at run time"
+               note=f"torchao {INT8_NOTES[mode]}" + ("; embedding table int8" if embedding else "")
                     + (f"; {'; '.join(how)}" if how else ""))
     return save_measured(q, tok, name, row, chunks, reference=reference, latency_kw=latency_kw, memory_kw=memory_kw,
                          **measure_kw)
@@ -186,7 +189,7 @@ def available_variants(names: list[str], device) -> list[str]:
         return list(names)
     dropped = [n for n in names if n.endswith("_int8")]
     if dropped:
-        print(f"not measured on {device}: {', '.join(dropped)} (dynamic INT8 is CPU-only)")
+        print(f"not measured on {device}: {', '.join(dropped)} (torchao INT8 runs on CPU and CUDA, with torchao)")
     return [n for n in names if n not in dropped]
 
 

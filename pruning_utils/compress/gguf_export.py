@@ -23,7 +23,7 @@ quantizer (`gguf.quants.quantize`). What a GGUF reader expects, and so what is w
   (`gguf.SpecialVocab`); the pre-tokenizer name llama.cpp splits text by is recognised from tokenizer.json's
   pre-tokenizer (`bpe_pre_tokenizer`). A checkpoint without tokenizer.json (the tiny test models) gets no vocabulary
   (`tokenizer.ggml.model = no_vocab`); another tokenizer kind (SentencePiece with byte fallback) is refused.
-Refused as well: dynamic-INT8 and factorised (low-rank) checkpoints (export the fp32 pruned one), and rope scaling
+Refused as well: INT8 (torchao) and factorised (low-rank) checkpoints (export the fp32 pruned one), and rope scaling
 other than the default (Llama 3.1+ `llama3` scaling).
 """
 from __future__ import annotations
@@ -268,7 +268,7 @@ def export_gguf(model_or_folder, out_path, out_type: str = "f16", tokenizer=None
         raise GGUFExportError(f"unknown GGUF type '{out_type}'; known: {', '.join(OUT_TYPES)}")
     model, tokenizer, folder = load_for_export(model_or_folder, tokenizer)
     if getattr(model, "int8", False):
-        raise GGUFExportError("a dynamic-INT8 model cannot be exported: export the fp32 pruned checkpoint, with "
+        raise GGUFExportError("an INT8 (torchao) model cannot be exported: export the fp32 pruned checkpoint, with "
                               "--type q8_0 for 8-bit weights")
     arch, permute_qk = gguf_architecture(model.config)
     check_uniform(layer_shapes(model))

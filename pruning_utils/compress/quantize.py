@@ -1,21 +1,27 @@
-"""Dynamic INT8 quantization of every `nn.Linear` (CPU only), and an INT8 checkpoint format that reloads.
+"""INT8 through torchao (CPU and CUDA): weight-only or dynamic-activation INT8 of every `nn.Linear`, optionally the
+embedding table, with SmoothQuant-style smoothing and projections left in fp32 as options.
 
-`torch.ao.quantization.quantize_dynamic` stores weights as qint8 (per-row scales by default) and quantizes activations
-per batch at run time; its kernels (fbgemm / qnnpack) exist only on CPU, so a CUDA model is refused and the
-variant is reported as not applicable there. torch marks `torch.ao.quantization` deprecated in favour of
-torchao, but it still ships with torch and needs no extra package, which is why it is used here.
+`linears.quantize_linears` swaps each chosen weight for a torchao `Int8Tensor` (int8 rows, one fp32 scale per row);
+the module stays an `nn.Linear`. Modes (`linears.INT8_MODES`):
+- `weight_only`: activations stay fp32 and weights are dequantized in the matmul; quality is that of per-row weight
+  rounding, and decode (memory-bound) reads a quarter of the bytes;
+- `dynamic`: activations are also quantized (one scale per token row, per call) for int8 x int8 matmuls; it is
+  sensitive to activation outliers (SmolLM2's down_proj inputs), which `smooth_windows` moves into the weights
+  (`smooth_for_int8`) and `keep_fp32` sidesteps.
 
 INT8 checkpoint folder (written and read by `checkpoint`: `save_pruned` / `load_pruned` dispatch on the model and
 the plan file; `checkpoint.save_quantized` / `load_quantized` are the INT8-only entry points):
 - `config.json`: the fp32 structure, written by the same rules as a pruned checkpoint (`arch.stock_config`);
 - `pruning_plan.json`: the project's plan file with `"weights": "int8"` and the variant's measured row;
-- `model_int8.bin`: `torch.save(model.state_dict())` of the quantized model (packed qint8 weights, fp32 rest),
-  readable with `torch.load(weights_only=True)`;
-- `int8_checkpoint.json`: format tag, the cumulative pruning plan, per-layer shapes and the torch version;
+- `model_int8.safetensors`: plain tensors only (`linears.int8_state_dict`): each INT8 weight as `<name>:qdata`
+  (int8) and `<name>:scale` (fp32), everything else as in an fp32 checkpoint, a tied table once;
+- `int8_checkpoint.json`: format tag, mode, kept-fp32 projections, smoothing, the cumulative plan, per-layer shapes;
 - the tokenizer files.
-Loading builds the fp32 structure from the config (per-layer shapes rebuilt as `checkpoint.load_pruned` does),
-quantizes it the same way, then loads the state dict. The format is tied to torch's packed-params layout: reload
-it with the torch version recorded in the meta file.
+Why plain tensors rather than `torch.save` of the torchao state dict: safetensors stores no pickled classes, so the
+file loads without trusting code, does not depend on torchao's class layout between versions, and is read the same
+way as every other checkpoint (manifest, `read_weights`). Loading builds the fp32 structure from the config,
+quantizes it with the recorded mode (which recreates the same tensor subclasses) and copies the stored int8 data and
+scales into them (`linears.load_int8_state_dict`): the reloaded model computes exactly what was saved.
 """
 from __future__ import annotations
 
@@ -24,43 +30,48 @@ import copy
 import torch
 
 from pruning_utils.model.arch import PROJECTIONS
-from pruning_utils.model.linears import check_int8_device, quantize_linears
+from pruning_utils.model.linears import INT8_MODES, check_int8_device, quantize_linears
+
+INT8_MODE = "weight_only"  # the default: quality first (results/int8_torchao.csv compares the modes)
 
 
-def quantize_int8(model, inplace: bool = False, per_channel: bool = True, smooth_windows: torch.Tensor | None = None,
+def quantize_int8(model, inplace: bool = False, mode: str = INT8_MODE, smooth_windows: torch.Tensor | None = None,
                   smooth_alpha: float | None = None, keep_fp32: tuple[str, ...] | list[str] = (),
-                  progress: bool = True):
-    """Return the model with every `nn.Linear` (projections and lm_head) replaced by a dynamic INT8 one (CPU only).
+                  embedding: bool = True, progress: bool = True):
+    """Return the model with every `nn.Linear` (projections and lm_head) holding torchao INT8 weights (CPU: fp32
+    activations; CUDA: the model's dtype).
 
-    `per_channel`: one weight scale per output row (default) instead of one per matrix. Activations are quantized
-    per tensor at run time, so models with massive activation outliers (SmolLM2's down_proj inputs, for one) lose
-    much more than weight-only INT8 would; `smooth_windows` (calibration token windows) first moves those ranges
-    into the weights with `smooth_for_int8` at `smooth_alpha` (default `SMOOTH_ALPHA`). `keep_fp32`: projection
-    names (e.g. `down_proj`) left in fp32 everywhere, trading speed for the quality lost where outliers are
-    token-specific.
+    `mode`: `weight_only` or `dynamic` (module docstring). `embedding`: also store the input-embedding table as
+    INT8 (with tied embeddings the lm_head's table serves both). `smooth_windows` (calibration token windows) first
+    moves activation outlier ranges into the weights with `smooth_for_int8` at `smooth_alpha` (default
+    `SMOOTH_ALPHA`); `keep_fp32`: projection names (e.g. `down_proj`) left in fp32 everywhere.
     """
     keep_fp32 = tuple(keep_fp32)
     unknown = [k for k in keep_fp32 if k not in PROJECTIONS + ("lm_head",)]
     if unknown:
         raise ValueError(f"keep_fp32: unknown projection(s) {unknown}; known: {', '.join(PROJECTIONS + ('lm_head',))}")
-    check_int8_device(next(model.parameters()).device)
+    if mode not in INT8_MODES:
+        raise ValueError(f"unknown INT8 mode '{mode}'; known: {', '.join(INT8_MODES)}")
+    device = next(model.parameters()).device
+    check_int8_device(device)
     plan = getattr(model, "pruning_plan", None)
     if not inplace:
         model = copy.deepcopy(model)
-    model = model.float().eval()
+    # activations stay in the model's dtype on CUDA (fp16 / bf16 there); CPU kernels want fp32
+    model = (model.float() if device.type == "cpu" else model).eval()
     if smooth_windows is not None:
         smooth_alpha = SMOOTH_ALPHA if smooth_alpha is None else smooth_alpha
         smooth_for_int8(model, smooth_windows, alpha=smooth_alpha, progress=progress, skip=keep_fp32)
-    model = quantize_linears(model, per_channel, keep_fp32)
+    model = quantize_linears(model, mode, keep_fp32, embedding=embedding)
     if plan is not None:
         model.pruning_plan = plan
-    model.int8, model.int8_per_channel = True, per_channel
+    model.int8, model.int8_mode, model.int8_embedding = True, mode, embedding
     model.int8_smoothing = smooth_alpha if smooth_windows is not None else None
     model.int8_keep_fp32 = keep_fp32
     return model
 
 
-# SmoothQuant-style smoothing (Xiao et al., 2023): dynamic INT8 quantizes each activation tensor with one scale, so a
+# SmoothQuant-style smoothing (Xiao et al., 2023): dynamic INT8 quantizes each activation row with one scale, so a
 # few channels of huge magnitude (SmolLM2's down_proj inputs: benchmarks/int8_smoothing.py prints them) flatten every
 # other channel to a handful of levels. Dividing those input channels by s and multiplying the matching weight
 # columns by s moves the range into the weights, which are quantized per output row and absorb it. The division is

@@ -27,6 +27,8 @@ def model_fingerprint(model) -> str:
     h = hashlib.sha256(str(getattr(model.config, "name_or_path", "")).encode())
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if type(p) not in (torch.Tensor, torch.nn.Parameter):  # an INT8 (torchao) weight: checksum its values
+                p = p.dequantize()
             h.update(f"{name}{tuple(p.shape)}:{p.double().sum().item():.10e}:{p.double().abs().sum().item():.10e}".encode())
     return h.hexdigest()[:16]
 

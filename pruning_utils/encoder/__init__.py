@@ -1,1 +1,1 @@
-"""Encoder classifiers (BERT family): adapter, surgery, checkpoints, tasks, importance, variants."""
+"""Encoder classifiers (BERT family): adapter, surgery, checkpoints, tasks, importance, variants, ONNX export."""

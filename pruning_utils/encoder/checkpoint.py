@@ -1,4 +1,4 @@
-"""Encoder checkpoints: safetensors (or INT8 state dict), config, tokenizer and the plan file, written atomically.
+"""Encoder checkpoints: safetensors (fp32, or INT8 data + scales), config, tokenizer and plan file, written atomically.
 
 BERT's attention derives its head size as hidden_size / num_attention_heads, so a config cannot say
 "9 heads of 32" for hidden 384. Neuron- and layer-pruned encoders with uniform widths are written as stock configs
@@ -9,10 +9,7 @@ loader refuses them with a size mismatch rather than computing something else).
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
-
-import torch
 
 from pruning_utils.atomic import atomic_folder
 from pruning_utils.encoder.arch import (
@@ -22,7 +19,7 @@ from pruning_utils.encoder.arch import (
     encoder_proj,
     set_encoder_proj,
 )
-from pruning_utils.encoder.surgery import identity_plan, prune_heads, prune_neurons, quantize_embeddings
+from pruning_utils.encoder.surgery import identity_plan, prune_heads, prune_neurons
 from pruning_utils.model.checkpoint import (
     CheckpointError,
     check_layer_count,
@@ -33,12 +30,18 @@ from pruning_utils.model.checkpoint import (
     resolve_checkpoint_dir,
     verify_checkpoint,
 )
-from pruning_utils.model.linears import MODULE_KINDS_BY_CLASS, empty_module, quantize_linears
+from pruning_utils.model.linears import (
+    MODULE_KINDS_BY_CLASS,
+    empty_module,
+    int8_state_dict,
+    load_int8_state_dict,
+    quantize_linears,
+)
 from pruning_utils.model.plan import PruningPlan
 
 FORMAT = "semantic-llm-pruning-encoder/1"
 PLAN_FILE = "pruning_plan.json"
-INT8_WEIGHTS_FILE = "model_int8.bin"
+INT8_WEIGHTS_FILE = "model_int8.safetensors"  # plain int8 data + scales, as `checkpoint` writes decoders
 
 
 def replaced_modules(model) -> dict[str, dict]:
@@ -54,7 +57,7 @@ def replaced_modules(model) -> dict[str, dict]:
 
 
 def save_encoder(model, tokenizer, dest, extra: dict | None = None) -> Path:
-    """Write weights (safetensors, or INT8 state dict), config, tokenizer and plan file atomically;
+    """Write weights (safetensors: fp32, or INT8 data + scales), config, tokenizer and plan file atomically;
     returns the folder."""
     from safetensors.torch import save_file
 
@@ -68,7 +71,7 @@ def save_encoder(model, tokenizer, dest, extra: dict | None = None) -> Path:
     uniform = len({s.intermediate for s in shapes}) == 1
     with atomic_folder(final) as tmp:
         if int8:
-            torch.save(model.state_dict(), tmp / INT8_WEIGHTS_FILE)
+            save_file(int8_state_dict(model), tmp / INT8_WEIGHTS_FILE, metadata={"format": "pt"})
         else:
             state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
             save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
@@ -81,6 +84,7 @@ def save_encoder(model, tokenizer, dest, extra: dict | None = None) -> Path:
         meta = {"format": FORMAT, "stock_loadable": uniform and not heads_cut and not int8 and not modules,
                 "weights": "int8" if int8 else "fp32", "modules": modules,
                 "int8_embeddings": bool(getattr(model, "int8_embeddings", False)),
+                "int8_mode": getattr(model, "int8_mode", None),
                 "heads": [s.n_heads for s in shapes], "intermediate": [s.intermediate for s in shapes],
                 "plan": plan.to_dict(), "extra": extra or {}}
         (tmp / PLAN_FILE).write_text(json.dumps(meta, indent=1, default=str))
@@ -128,17 +132,16 @@ def load_encoder(folder):
             li, name = key.split(".", 1)
             set_encoder_proj(layers[int(li)], name, empty_module(rec["kind"], int(rec["rank"]),
                                                                   encoder_proj(layers[int(li)], name)))
+        state = read_weights(folder)
         if meta["weights"] == "int8":
-            model = quantize_linears(model.eval(), True)
-            if meta.get("int8_embeddings"):
-                quantize_embeddings(model)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                state = torch.load(folder / INT8_WEIGHTS_FILE, map_location="cpu", weights_only=True)
-            model.int8 = True
+            if not meta.get("int8_mode"):
+                raise CheckpointError(f"{folder} holds a torch.ao INT8 encoder (an older version of this project), "
+                                      "which is no longer read; re-run the encoder stage (notebook 07) to re-save it")
+            model = quantize_linears(model.eval(), meta["int8_mode"], embedding=bool(meta.get("int8_embeddings")))
+            missing, unexpected = load_int8_state_dict(model, state)
+            model.int8, model.int8_mode, model.int8_embeddings = True, meta["int8_mode"], meta.get("int8_embeddings")
         else:
-            state = read_weights(folder)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+            missing, unexpected = model.load_state_dict(state, strict=False)
     check_weights_match(folder, model, encoder_layers(model), state, missing, unexpected)
     model.pruning_plan = PruningPlan.from_dict(meta["plan"])
     tok = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None

@@ -8,7 +8,6 @@ Checkpoints: `encoder.checkpoint`.
 """
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
@@ -167,45 +166,31 @@ def lowrank_encoder(model, param_ratio: float | None = None, rank: int | str | N
     return ranks
 
 
-def quantize_encoder(model, embeddings: bool = True):
-    """Return a dynamic INT8 copy of an encoder classifier (every nn.Linear; CPU only: `quantize.quantize_int8`).
+ENCODER_INT8_MODE = "dynamic"
 
-    `embeddings`: also store the embedding tables as INT8 (weight-only, one scale per row): in a small encoder
+
+def quantize_encoder(model, embeddings: bool = True, mode: str = ENCODER_INT8_MODE):
+    """Return a torchao INT8 copy of an encoder classifier (every nn.Linear, `quantize.quantize_int8`; CPU or CUDA).
+
+    `embeddings`: also store the word-embedding table as INT8 (weight-only, one scale per row): in a small encoder
     such as MiniLM the vocabulary table is half the weights, so INT8 linears alone shrink the file ~1.5x only.
+    `mode`: `dynamic` by default, since a classifier's batched forward is compute-bound (int8 x int8 matmuls), where
+    weight-only INT8 mainly saves memory traffic (decode).
     """
     from pruning_utils.compress.quantize import quantize_int8
 
     encoder_arch_of(model)
-    q = quantize_int8(model)
-    if embeddings:
-        quantize_embeddings(q)
+    q = quantize_int8(model, mode=mode, embedding=embeddings)
     q.int8_embeddings = embeddings
     return q
 
 
-def quantize_embeddings(model) -> None:
-    """Store the word-embedding table as INT8 (weight-only, one scale per row), in place."""
-    from torch.ao.quantization import float_qparams_weight_only_qconfig
-
-    # the word table only: position / token-type lookups use expanded (non-contiguous) index buffers, which the
-    # quantized embedding kernel refuses, and they are small
-    table = model.get_input_embeddings()
-    name = next(n for n, m in model.named_modules() if m is table)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao's move-to-torchao notices
-        torch.ao.quantization.quantize_dynamic(model, {name: float_qparams_weight_only_qconfig},
-                                               dtype=torch.quint8, inplace=True)
-
-
 def parameter_counts(model) -> dict[str, int]:
-    """Return `total` and `non_embedding` parameters of an encoder classifier, INT8-packed weights included."""
+    """Return `total` and `non_embedding` parameters of an encoder classifier (INT8 weights count their values)."""
     total, embedding = 0, 0
     for m in model.modules():
-        w = getattr(m, "weight", None)
         own = [p for p in m.parameters(recurse=False)]
         n = sum(p.numel() for p in own)
-        if callable(w) and hasattr(m, "_packed_params"):  # dynamic INT8 linear / embedding: packed, not parameters
-            n += w().numel() + (m.bias().numel() if callable(getattr(m, "bias", None)) and m.bias() is not None else 0)
         total += n
         if "Embedding" in type(m).__name__:
             embedding += n

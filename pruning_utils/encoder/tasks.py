@@ -225,26 +225,63 @@ def predict(model, tokenizer, df: pd.DataFrame, batch_size: int = 32, max_length
             ) -> tuple[list[int], list[float]]:
     """Return the predicted class of every row and the wall time (ms) of each batch's forward."""
     model.eval()
+    device = model_device(model)
     preds, times = [], []
     for batch in batches(tokenizer, df, batch_size, max_length):
+        inputs = {k: v.to(device) for k, v in inputs_only(batch).items()}
         t0 = time.perf_counter()
-        logits = model(**inputs_only(batch)).logits
+        logits = model(**inputs).logits
+        _sync(device)
         times.append((time.perf_counter() - t0) * 1000)
         preds += logits.argmax(-1).tolist()
     return preds, times
 
 
-def evaluate(model, tokenizer, task: Task, batch_size: int = 32, max_length: int = 64, warmup: int = 1) -> dict:
-    """Return accuracy, F1, the task metric, ms per batch (median over batches) and samples per second."""
+def model_device(model) -> torch.device:
+    """Return the device a classifier's inputs go to (CPU for a model without parameters, e.g. an ONNX session)."""
+    params = getattr(model, "parameters", None)
+    first = next(params(), None) if callable(params) else None
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
+        torch.cuda.synchronize(device)
+
+
+def timing(call, warmup: int = 10, iters: int = 50, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Return `median` and `iqr` (ms) of `iters` timed calls of `call()` after `warmup` untimed ones."""
+    if warmup < 0 or iters < 1:
+        raise ValueError(f"timing needs warmup >= 0 and iters >= 1, got warmup={warmup}, iters={iters}")
+    device = torch.device(device)
+    for _ in range(warmup):  # first calls allocate and pick kernels
+        call()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        call()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1000)
+    s = pd.Series(times)
+    return {"median": float(s.median()), "iqr": float(s.quantile(0.75) - s.quantile(0.25))}
+
+
+def evaluate(model, tokenizer, task: Task, batch_size: int = 32, max_length: int = 64, warmup: int = 10,
+             iters: int = 50) -> dict:
+    """Return accuracy, F1, the task metric, and the timing protocol on the first validation batch: `ms_per_batch`
+    (median of `iters` forwards after `warmup` untimed ones), `ms_per_batch_iqr` and `samples_per_s` (batch / median).
+    """
     df = task.validation
-    with torch.no_grad():  # warm-up batches: first calls allocate and pick kernels
-        for batch, _ in zip(batches(tokenizer, df, batch_size, max_length), range(warmup)):
-            model(**inputs_only(batch))
-    preds, times = predict(model, tokenizer, df, batch_size, max_length)
+    preds, _ = predict(model, tokenizer, df, batch_size, max_length)
     out = classification_metrics(df["label"], preds, task.num_labels)
     out["task_metric"] = out[task.metric]
-    out["ms_per_batch"] = float(pd.Series(times).median())
-    out["samples_per_s"] = float(len(df) / (sum(times) / 1000))
+    device = model_device(model)
+    first = {k: v.to(device) for k, v in inputs_only(next(batches(tokenizer, df, batch_size, max_length))).items()}
+    with torch.no_grad():
+        t = timing(lambda: model(**first), warmup, iters, device)
+    out["ms_per_batch"], out["ms_per_batch_iqr"] = t["median"], t["iqr"]
+    out["samples_per_s"] = 1000 * len(first["input_ids"]) / t["median"]
     return out
 
 

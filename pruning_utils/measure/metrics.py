@@ -41,7 +41,7 @@ def _dtype(model) -> torch.dtype:
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
-    """Return the bytes a tensor stores: a torchao INT8 weight counts its int8 data and scales, not its logical dtype."""
+    """Return the bytes a tensor stores: a torchao INT8 weight its int8 data and scales, not its logical dtype."""
     from pruning_utils.model.linears import is_int8_tensor
 
     if is_int8_tensor(t):
@@ -124,6 +124,7 @@ def checkpoint_size_mb(folder: str | Path) -> float:
 
 OFFLOAD_WINDOWS = 32  # windows per layer walk of an offloaded perplexity: bounds the hidden states on the device
 SCORE_ROWS = 32  # token rows per log-softmax: [rows, vocab] of a 49k vocabulary stays in cache (3x faster than a batch)
+HEAD_ROWS = 512  # token rows per LM-head product in perplexity(logits_rows=): [512, 152k] fp16 is 0.15 GiB
 
 
 def token_scores(logits: torch.Tensor, targets: torch.Tensor, ref_logits: torch.Tensor | None = None
@@ -150,7 +151,8 @@ def token_scores(logits: torch.Tensor, targets: torch.Tensor, ref_logits: torch.
 
 
 def perplexity(model, chunks: torch.Tensor, batch_size: int = 4, desc: str = "perplexity",
-               progress: bool = True, device: torch.device | str | None = None, reference=None) -> dict[str, float]:
+               progress: bool = True, device: torch.device | str | None = None, reference=None,
+               logits_rows: int | None = None) -> dict[str, float]:
     """Return `ppl`, mean `nll` and `tokens` scored over token chunks [n, seq_len], each chunk scored on its own;
     with a `reference` model also `kl`, the mean per-token KL(reference || model) on the same tokens; `reference` may
     also be the `reference.ReferenceOutputs` of the unpruned model on these chunks in these batches (the same KL
@@ -159,6 +161,10 @@ def perplexity(model, chunks: torch.Tensor, batch_size: int = 4, desc: str = "pe
 
     `device` (offload mode): the model stays where it is and each decoder layer runs on `device` in turn, over
     `OFFLOAD_WINDOWS` chunks at a time; the same figures as a plain forward (no `reference` then).
+
+    `logits_rows` (off by default): the decoder body runs once per batch and the LM head (the reference's too) is
+    applied `logits_rows` token rows at a time, so no [batch, seq, vocab] tensor exists; the same figures up to the
+    rounding of a smaller matrix product (what a 150k vocabulary needs on a 15 GiB GPU, see memory_plan).
     """
     from pruning_utils.progress import progress as bar
 
@@ -176,6 +182,12 @@ def perplexity(model, chunks: torch.Tensor, batch_size: int = 4, desc: str = "pe
     with torch.inference_mode():
         for start in bar(range(0, len(chunks), batch_size), desc=desc, disable=not progress, leave=False):
             ids = chunks[start:start + batch_size].to(device)
+            if logits_rows:  # itself: the body's output is kept for the KL of the variants measured later
+                ref = None if reference is None or itself else (reference.head, reference.head_input(start, ids))
+                nll, kl = _head_scores(model, ids, logits_rows, reference.head_input(start, ids) if itself else None,
+                                       ref)
+                total_nll, total_kl, total_tokens = total_nll + nll, total_kl + kl, total_tokens + ids[:, 1:].numel()
+                continue
             logits = reference.logits(start, ids) if itself else model(input_ids=ids, use_cache=False).logits
             ref_logits = reference.logits(start, ids).to(device) if reference is not None and not itself else None
             nll, kl = token_scores(logits[:, :-1], ids[:, 1:], None if ref_logits is None else ref_logits[:, :-1])
@@ -187,6 +199,25 @@ def perplexity(model, chunks: torch.Tensor, batch_size: int = 4, desc: str = "pe
     if reference is not None:
         out["kl"] = 0.0 if itself else total_kl / total_tokens
     return out
+
+
+def _head_scores(model, ids: torch.Tensor, rows: int, hidden: torch.Tensor | None, reference: tuple | None
+                 ) -> tuple[float, float]:
+    """Return `token_scores` of a batch with the LM head applied `rows` token rows at a time to the decoder body's
+    output `hidden` (computed when None), and the reference `(head, head_input)`'s likewise: the logits of a batch
+    never exist whole."""
+    from pruning_utils.model.arch import base_model, lm_head
+
+    if hidden is None:
+        hidden = base_model(model)(input_ids=ids, use_cache=False).last_hidden_state
+    head, nll, kl = lm_head(model), 0.0, 0.0
+    for b in range(ids.shape[0]):
+        for i in range(0, ids.shape[1] - 1, rows):
+            j = min(i + rows, ids.shape[1] - 1)  # the last position predicts nothing
+            ref = None if reference is None else reference[0](reference[1][b:b + 1, i:j])
+            n, k = token_scores(head(hidden[b:b + 1, i:j]), ids[b:b + 1, i + 1:j + 1], ref)
+            nll, kl = nll + n, kl + k
+    return nll, kl
 
 
 def _perplexity_offloaded(model, chunks: torch.Tensor, batch_size: int, device, desc: str, progress: bool) -> dict:

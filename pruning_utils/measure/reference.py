@@ -40,6 +40,26 @@ class ReferenceOutputs:
             if saved.get("digest") == self.digest:
                 self.hidden, self.exact = dict(saved["hidden"]), True
 
+    def head_input(self, start: int, ids: torch.Tensor) -> torch.Tensor:
+        """Return the LM head's input `[len(ids), seq, hidden]` of rows `start:start + len(ids)`: the cached one, else
+        the decoder body's output (no logits computed), cached (`metrics.perplexity(logits_rows=)` applies the head
+        a few rows at a time)."""
+        if start not in self.hidden or self.exact is False:
+            from pruning_utils.model.arch import base_model
+
+            with torch.inference_mode():
+                body = base_model(self.model)(input_ids=ids.to(self.device), use_cache=False)
+            if self.exact is False:  # logits post-processed after the head: nothing to cache
+                return body.last_hidden_state
+            self._keep(start, body.last_hidden_state)
+        return self.hidden[start].to(self.device)
+
+    def _keep(self, start: int, hidden: torch.Tensor) -> None:
+        self.hidden[start] = hidden.detach().to("cpu")
+        if len(self.hidden) == self.n_batches and not self.path.exists():
+            with atomic_file(self.path) as tmp:
+                torch.save({"digest": self.digest, "hidden": self.hidden}, tmp)
+
     def logits(self, start: int, ids: torch.Tensor) -> torch.Tensor:
         """Return the reference logits `[len(ids), seq, vocab]` of rows `start:start + len(ids)` of the chunks."""
         if start in self.hidden and self.exact:
@@ -58,10 +78,7 @@ class ReferenceOutputs:
         if self.exact is None:
             self.exact = bool(torch.equal(self.head(captured["x"]), logits))
         if self.exact:
-            self.hidden[start] = captured["x"].detach().to("cpu")
-            if len(self.hidden) == self.n_batches and not self.path.exists():
-                with atomic_file(self.path) as tmp:
-                    torch.save({"digest": self.digest, "hidden": self.hidden}, tmp)
+            self._keep(start, captured["x"])
         return logits
 
 

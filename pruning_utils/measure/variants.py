@@ -80,10 +80,9 @@ def expand_shape(text: str) -> list[int]:
 
 def weight_size_mb(model) -> float:
     """Return the size of the model's weights in MiB as a checkpoint stores them (tied tensors once)."""
-    from pruning_utils.measure.metrics import packed_bytes, packed_linears
+    from pruning_utils.measure.metrics import tensor_bytes
 
-    dense = sum(p.numel() * p.element_size() for p in model.parameters())
-    return (dense + sum(packed_bytes(m) for m in packed_linears(model))) / 2**20
+    return sum(tensor_bytes(p) for p in model.parameters()) / 2**20
 
 
 def removed_fractions(model, reference: dict | None = None) -> tuple[float, float]:
@@ -109,7 +108,8 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
                     head_rate_requested: float = 0.0, mlp_rate_requested: float = 0.0, latency_kw: dict | None = None,
                     memory_kw: dict | None = None, batch_size: int = 4, flops_seq_len: int = 512,
                     known: dict | None = None, compute_device: str | None = None,
-                    fidelity_chunks: torch.Tensor | None = None, reference_model=None) -> dict:
+                    fidelity_chunks: torch.Tensor | None = None, reference_model=None,
+                    logits_rows: int | None = None) -> dict:
     """Return a variant row (columns in the module docstring): shapes, size and cost, perplexity on `chunks`,
     latency unless `latency_kw` is None, own peak memory unless `memory_kw` is None.
 
@@ -120,6 +120,7 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
     `compute_device` (offload mode): perplexity runs one decoder layer at a time there.
     `fidelity_chunks` (held-out samples of the unpruned model) give `fidelity_ppl`; `reference_model` (the
     unpruned model) gives `kl_to_baseline` on `chunks`, in the same pass as the perplexity (not in offload mode).
+    `logits_rows` (`StageSettings.logits_rows`): the LM heads run that many token rows at a time (`perplexity`).
     """
     shapes = layer_shapes(model)
     params = count_params(model)
@@ -133,7 +134,7 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
         ppl = {"ppl": float(known["ppl"]), "tokens": predicted, "kl": known.get("kl_to_baseline")}
     else:
         ppl = perplexity(model, chunks, batch_size=batch_size, desc=f"ppl {variant}", device=compute_device,
-                         reference=reference_model)  # itself: its outputs kept for the KL of its variants
+                         reference=reference_model, logits_rows=logits_rows)  # itself: outputs kept for its variants
     kl = 0.0 if reference_model is model else ppl.get("kl", float("nan"))
     fidelity = {"ppl": float("nan"), "tokens": 0}
     if fidelity_chunks is not None:
@@ -142,7 +143,7 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
             fidelity = {"ppl": float(known["fidelity_ppl"]), "tokens": f_tokens}
         else:
             fidelity = perplexity(model, fidelity_chunks, batch_size=batch_size, desc=f"fidelity {variant}",
-                                  device=compute_device)
+                                  device=compute_device, logits_rows=logits_rows)
     param = next(model.parameters())
     head_frac, mlp_frac = removed_fractions(model, reference)
     own_reference = f"{variant}@{ppl['tokens']}"
@@ -270,7 +271,7 @@ _SWEEP_KINDS = {"heads": ("plan_heads", "head_rate_requested", "heads"),
 def criteria_sweep(model, scores: dict, criteria: list[str], rates: list[float], kind: str, chunks: torch.Tensor, *,
                    allocation: str = "uniform", reference: dict | None = None, source_model: str = "",
                    progress: bool = True, compute_device: str | None = None,
-                   fidelity_chunks: torch.Tensor | None = None) -> list[dict]:
+                   fidelity_chunks: torch.Tensor | None = None, logits_rows: int | None = None) -> list[dict]:
     """Return one variant row per criterion x rate: `kind` ('heads' | 'neurons') removed plainly, no refit.
 
     Every variant is cut from `model` (a model, left intact, or an `Unpruned` source) and measured on `chunks`
@@ -294,7 +295,7 @@ def criteria_sweep(model, scores: dict, criteria: list[str], rates: list[float],
         rows.append(measure_variant(pruned, chunks, variant=f"{prefix}-{crit}-{rate}", source_model=source_model,
                                     reference=reference, criterion=crit, allocation=allocation,
                                     reconstruction="none", compute_device=compute_device,
-                                    fidelity_chunks=fidelity_chunks, **{rate_col: rate}))
+                                    fidelity_chunks=fidelity_chunks, logits_rows=logits_rows, **{rate_col: rate}))
         del pruned
     return rows
 
@@ -303,7 +304,8 @@ def reconstruction_sweep(model, plan, windows: torch.Tensor, modes: list[str], c
                          criterion: str, rate: float, kind: str, allocation: str = "uniform",
                          reference: dict | None = None, source_model: str = "", stats: dict | None = None,
                          sequential: bool = False, compute_device: str | None = None,
-                         fidelity_chunks: torch.Tensor | None = None, **recon_kw) -> list[dict]:
+                         fidelity_chunks: torch.Tensor | None = None, logits_rows: int | None = None,
+                         **recon_kw) -> list[dict]:
     """Return one variant row per reconstruction mode for one plan, measured on `chunks`.
 
     `model` is a model or an `Unpruned` source. `stats` (one-shot Grams of `model` from
@@ -324,7 +326,7 @@ def reconstruction_sweep(model, plan, windows: torch.Tensor, modes: list[str], c
         rows.append(measure_variant(pruned, chunks, variant=f"{prefix}-{criterion}-{rate}-{mode}",
                                     source_model=source_model, reference=reference, criterion=criterion,
                                     allocation=allocation, reconstruction=mode, compute_device=compute_device,
-                                    fidelity_chunks=fidelity_chunks, **{rate_col: rate}))
+                                    fidelity_chunks=fidelity_chunks, logits_rows=logits_rows, **{rate_col: rate}))
         del pruned
     return rows
 
@@ -332,12 +334,14 @@ def reconstruction_sweep(model, plan, windows: torch.Tensor, modes: list[str], c
 def screens(model, scores: dict, kind: str, criteria: list[str], rates: list[float], plan, windows: torch.Tensor,
             modes: list[str], chunks: torch.Tensor, *, criterion: str, rate: float, source_model: str = "",
             allocation: str = "uniform", stats: dict | None = None, compute_device: str | None = None,
-            fidelity_chunks: torch.Tensor | None = None, **recon_kw) -> tuple[dict, list[dict], list[dict]]:
+            fidelity_chunks: torch.Tensor | None = None, logits_rows: int | None = None,
+            **recon_kw) -> tuple[dict, list[dict], list[dict]]:
     """Return `(reference, criteria_rows, reconstruction_rows)`: the screens of notebooks 02 and 03 on the short
     `chunks` — the unpruned model's row, every criterion x rate removed plainly (`criteria_sweep`), then `plan` (the
     main criterion at the main rate) under every reconstruction mode (`reconstruction_sweep`, sharing `stats`)."""
     source = _source(model)
-    measure = dict(source_model=source_model, compute_device=compute_device, fidelity_chunks=fidelity_chunks)
+    measure = dict(source_model=source_model, compute_device=compute_device, fidelity_chunks=fidelity_chunks,
+                   logits_rows=logits_rows)
     reference = measure_variant(source.model, chunks, variant="baseline", **measure)
     criteria_rows = criteria_sweep(source, scores, criteria, rates, kind, chunks, allocation=allocation,
                                    reference=reference, **measure)

@@ -14,7 +14,7 @@ The plan file also says how the weights are stored, and `load_pruned` dispatches
 - `"modules"`: projections replaced by a factorised form (`linears.LowRankLinear`, `linears.SparseLowRankLinear`),
   `{"<layer>.<projection>": {"kind": ..., "rank": r}}`; the loader builds them empty, then loads the safetensors
   (not stock-loadable: a stock loader would find no `q_proj.weight`);
-- `"weights": "int8"`: the dynamic INT8 format of `quantize` (`model_int8.bin` + `int8_checkpoint.json`), CPU only.
+- `"weights": "int8"`: the torchao INT8 format of `quantize` (`model_int8.safetensors` + `int8_checkpoint.json`).
 
 Faults: `save_pruned` refuses a model holding NaN or inf weights and writes through `atomic.atomic_folder`, which adds
 `manifest.json` (every file's size and sha256) last. Loaders first put back a copy an interrupted save left
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -34,15 +33,23 @@ from safetensors.torch import save_file
 from pruning_utils.atomic import atomic_folder, folder_problem, recover_folder, write_manifest, write_text_atomic
 from pruning_utils.model.arch import arch_of, decoder_layers, head_dim, layer_shape, layer_shapes, stock_config
 from pruning_utils.model.devices import resolve_device, resolve_dtype
-from pruning_utils.model.linears import MODULE_KINDS_BY_CLASS, check_int8_device, empty_module, quantize_linears
+from pruning_utils.model.linears import (
+    MODULE_KINDS_BY_CLASS,
+    check_int8_device,
+    empty_module,
+    int8_state_dict,
+    is_int8_tensor,
+    load_int8_state_dict,
+    quantize_linears,
+)
 from pruning_utils.model.plan import PruningPlan
 from pruning_utils.model.tiny import TinyTokenizer
 from pruning_utils.paths import models_dir
 
 PLAN_FILE = "pruning_plan.json"
 INT8_FILE = "int8_checkpoint.json"
-INT8_WEIGHTS_FILE = "model_int8.bin"  # .bin: `metrics.checkpoint_size_mb` counts it as a weight file
-INT8_FORMAT = "semantic-llm-pruning-int8/1"
+INT8_WEIGHTS_FILE = "model_int8.safetensors"  # plain int8 data + scales (`quantize`'s docstring says why)
+INT8_FORMAT = "semantic-llm-pruning-int8/2"  # /1 was torch.ao's pickled packed params, no longer read
 FORMAT = "semantic-llm-pruning/1"
 
 
@@ -64,7 +71,13 @@ def nonfinite_weights(model) -> list[str]:
     """Return the names of the model's floating-point weights that hold a NaN or an inf."""
     import torch
 
-    return [name for name, t in model.state_dict().items()
+    from pruning_utils.model.linears import int8_parts
+
+    # an INT8 weight is checked through its parts (its scales): torchao defines no isfinite on the wrapper
+    flat = [(f"{name}:{p}", getattr(t, p)) for name, t in model.state_dict().items() if is_int8_tensor(t)
+            for p in int8_parts(t)]
+    flat += [(name, t) for name, t in model.state_dict().items() if not is_int8_tensor(t)]
+    return [name for name, t in flat
             if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
@@ -176,7 +189,7 @@ def save_pruned(model, tokenizer, dest, plan: PruningPlan | None = None, extra: 
     """Write model, tokenizer, config and plan to `dest` atomically (temp folder, then rename); returns the folder.
 
     A model holding NaN or inf weights is refused (NonFiniteWeightsError) before anything is written.
-    A dynamic INT8 model (`quantize.quantize_int8`) is written in the INT8 format, a model with factorised
+    An INT8 model (`quantize.quantize_int8`) is written in the INT8 format, a model with factorised
     projections with its `modules` record (see the module docstring).
     """
     arch_of(model)
@@ -287,7 +300,8 @@ def build_structure(cfg: dict, meta: dict, dtype):
 def load_pruned(folder, device: str | None = None, dtype=None):
     """Return `(model, tokenizer)` from a pruned checkpoint, rebuilding per-layer shapes and replaced modules.
 
-    INT8 checkpoints (`"weights": "int8"`) load on CPU only; another device raises `linears.NotApplicableError`.
+    INT8 checkpoints (`"weights": "int8"`) load on CPU or CUDA (fp32 activations); another device, or no torchao,
+    raises `linears.NotApplicableError`.
     Raises CheckpointError for a damaged folder (see the module docstring).
     """
     from transformers import AutoModelForCausalLM
@@ -297,7 +311,8 @@ def load_pruned(folder, device: str | None = None, dtype=None):
     dev = resolve_device(device)
     if meta.get("weights", "fp32") == "int8":
         check_int8_device(dev)
-        return _load_int8(folder)
+        model, tok = _load_int8(folder)
+        return model.to(dev), tok
     dt = resolve_dtype(dtype, dev)
     cfg = read_json(folder / "config.json")
     check_layer_count(folder, cfg, meta["query_heads"])
@@ -336,21 +351,23 @@ def load_tokenizer(folder: Path):
     return tok
 
 
-# ------------------------------------------------------------------------------------- dynamic INT8 format
+# ------------------------------------------------------------------------------------- INT8 format
 
 
 def write_int8(model, folder: Path, plan: PruningPlan) -> None:
-    """Write an INT8 model's quantized state dict and its meta file into `folder` (`save_pruned` calls it)."""
+    """Write an INT8 model's weights (plain int8 data + scales, safetensors) and its meta file into `folder`."""
     import torch
 
-    shapes = layer_shapes(model)  # dynamic quantized Linear keeps in_features / out_features
+    shapes = layer_shapes(model)  # an INT8 nn.Linear keeps in_features / out_features
     _, stock = stock_config(model.config.to_dict(), shapes, head_dim(model), plan.base_heads, plan.base_intermediate)
-    torch.save(model.state_dict(), folder / INT8_WEIGHTS_FILE)
+    save_file(int8_state_dict(model), folder / INT8_WEIGHTS_FILE, metadata={"format": "pt"})
     meta = {"format": INT8_FORMAT,
-            "quantization": "dynamic int8: qint8 weights of every nn.Linear, activations per batch",
-            "per_channel": bool(getattr(model, "int8_per_channel", True)),
+            "quantization": "torchao int8: per-row symmetric int8 weights of every nn.Linear",
+            "mode": getattr(model, "int8_mode", "weight_only"),
+            "embedding": bool(getattr(model, "int8_embedding", False)),
             "keep_fp32": list(getattr(model, "int8_keep_fp32", ())),
             "smoothing_alpha": getattr(model, "int8_smoothing", None),
+            "dtype": str(next(t for t in model.parameters() if not is_int8_tensor(t)).dtype).replace("torch.", ""),
             "torch": torch.__version__, "fp32_stock_loadable": stock, "query_heads": [s.n_heads for s in shapes],
             "intermediate": [s.intermediate for s in shapes], "plan": plan.to_dict()}
     (folder / INT8_FILE).write_text(json.dumps(meta, indent=1, default=str))
@@ -374,7 +391,7 @@ def load_quantized(folder):
 
 
 def _load_int8(folder: Path):
-    """Return `(model, tokenizer)` from an INT8 checkpoint folder that `verify_checkpoint` has passed."""
+    """Return `(model, tokenizer)` from an INT8 checkpoint folder that `verify_checkpoint` has passed (on CPU)."""
     import torch
 
     path = folder / INT8_FILE
@@ -383,20 +400,19 @@ def _load_int8(folder: Path):
                               "write one with checkpoint.save_quantized, or load a pruned checkpoint with load_pruned")
     meta = read_json(path)
     if meta.get("format") != INT8_FORMAT:
-        raise CheckpointError(f"{path} has format {meta.get('format')!r}, expected {INT8_FORMAT!r}; re-save it")
-    per_channel = bool(meta.get("per_channel", True))
+        raise CheckpointError(f"{path} has format {meta.get('format')!r}, expected {INT8_FORMAT!r}: written by an "
+                              "older version of this project; re-run the INT8 stage (notebook 03b) to re-save it")
     cfg = read_json(folder / "config.json")
     check_layer_count(folder, cfg, meta["query_heads"])
-    structure = build_structure(cfg, meta, torch.float32)
+    structure = build_structure(cfg, meta, getattr(torch, meta.get("dtype", "float32")))
     if getattr(structure.config, "tie_word_embeddings", False):
         structure.tie_weights()
-    keep_fp32 = tuple(meta.get("keep_fp32", ()))
-    model = quantize_linears(structure.eval(), per_channel, keep_fp32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torch's own TypedStorage notice while unpacking qint8 params
-        state = torch.load(folder / INT8_WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    model.pruning_plan, model.int8, model.int8_per_channel = PruningPlan.from_dict(meta["plan"]), True, per_channel
+    keep_fp32, mode, embedding = tuple(meta.get("keep_fp32", ())), meta["mode"], bool(meta.get("embedding"))
+    model = quantize_linears(structure.eval(), mode, keep_fp32, embedding=embedding)
+    state = read_weights(folder)
+    missing, unexpected = load_int8_state_dict(model, state)
+    check_weights_match(folder, model, decoder_layers(model), state, missing, unexpected)
+    model.pruning_plan, model.int8, model.int8_mode = PruningPlan.from_dict(meta["plan"]), True, mode
     # smoothed norm / up_proj weights are ordinary fp32 entries of the state dict, so they came back with it
-    model.int8_smoothing, model.int8_keep_fp32 = meta.get("smoothing_alpha"), keep_fp32
+    model.int8_smoothing, model.int8_keep_fp32, model.int8_embedding = meta.get("smoothing_alpha"), keep_fp32, embedding
     return model, load_tokenizer(folder)

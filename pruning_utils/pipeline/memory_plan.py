@@ -11,12 +11,19 @@ How the figures are made (b = bytes per element of the model dtype; B x S = batc
   parts + the largest operation's working parts. Model weights are counted exactly from the config (the same
   rules the families' modules follow: biases, QK-norm, tied embeddings), so the figure is the real parameter bytes.
 - Inference is one layer at a time: the working set is the residual stream plus one layer's projections and
-  attention scores, or, at the LM head, the logits chain perplexity builds (logits, a reshaped copy, fp32 up-cast,
-  fp32 log-softmax). With vocabularies of 150k the logits, not the layers, are what grows with B x S.
+  attention scores, or, at the LM head, the logits perplexity scores: the model's [B, S, vocab] logits in the model
+  dtype (and, for the KL, the unpruned model's, its LM head applied to the cached head input), which
+  `metrics.token_scores` log-softmaxes `SCORE_ROWS` rows at a time in fp32 (no full fp32 copy). With vocabularies
+  of 150k the logits, not the layers, are what grows with B x S: `logits_rows` (chosen by `choose` from
+  `LARGE_VOCAB` tokens on a GPU) runs the decoder body and applies the LM heads that many rows at a time
+  (`metrics.perplexity(logits_rows=)`), so no [B, S, vocab] tensor exists. Generation keeps the last position's
+  logits only.
 - Backward keeps every layer's saved activations until the gradient reaches it, so it grows with depth x B x S;
   Taylor also keeps a gradient (model dtype) for every parameter a head or neuron owns (`arch.owned_parameters`),
   accumulated over batches: from the second batch on they sit next to the saved activations, while in a single
-  batch backward frees each layer's activations as it writes that layer's gradients. LoRA keeps fp32 adapters +
+  batch backward frees each layer's activations as it writes that layer's gradients (too much for a 3B model on a
+  T4: the kaggle-qwen2.5-3b profile drops taylor and mix from its CRITERIA). LoRA trains on the frozen base in the
+  model dtype and keeps fp32 adapters +
   their gradient + two AdamW moments (16 bytes each; peft keeps adapters in fp32) and the dropout copy (and mask)
   of each wrapped module's input.
 - Loading holds, next to the weights made so far, the tensor being initialised or read (the embedding counts).
@@ -72,11 +79,15 @@ PARAMS: dict[str, object] = {
     "lora_r": 8, "lora_batch": 4, "lora_seq_len": 256, "grad_checkpointing": False,
     "teacher": True,  # stage 04: the unpruned model is loaded next to the student (notebook 04 always loads it)
     "distill": False,  # stage 04: the loss needs the teacher's logits (RECOVERY_LOSS distill | mix)
+    "kl": True,  # perplexity also scores the KL to the unpruned model (its logits beside the variant's; not stage 00)
+    "logits_rows": None,  # LM head applied this many token rows at a time (None: whole batches; see LARGE_VOCAB)
     "copies": None,  # model copies held at once (None: the stage's own count, see _COPIES)
     "offload": False,  # the model on the host, one decoder layer at a time on the device
     "available_gb": None, "host_available_gb": None,  # None: measured on this machine
     "reserve": 0.1,
 }
+LARGE_VOCAB = 100_000  # from this vocabulary size on a GPU, `choose` applies the LM heads in row blocks
+_ROWS_STAGES = ("00", "02", "03", "04", "06")  # the notebooks that pass RUN.logits_rows to measure_variant
 # model copies a stage holds at once: 02/03 keep the model while a (deep-copied, then sliced) variant is made and
 # measured; 06 keeps the baseline next to each variant; 04 counts the teacher through `teacher`
 _COPIES = {"00": 1, "02": 2, "03": 2, "04": 1, "05": 1, "06": 2, "prune_refit": 2}
@@ -247,10 +258,15 @@ def _layer_saved(s: _Shape, layer: tuple[int, int, int], B: int, S: int, b: int,
     return saved
 
 
-def _logits_eval(s: _Shape, B: int, S: int, b: int) -> float:
-    """Perplexity's logits chain: logits, then the fp32 up-cast of the shifted copy (the copy itself in fp32), and
-    the fp32 log-softmax of it."""
-    return B * S * s.vocab * (b + max(b, 4) + 4)
+def _logits_eval(s: _Shape, B: int, S: int, b: int, p: dict) -> float:
+    """Perplexity's logits: the model's [B, S, vocab] in its dtype (and the reference's for the KL), or `logits_rows`
+    rows of each with `logits_rows`; plus `token_scores`' fp32 steps of `SCORE_ROWS` rows (up-cast and log-softmax,
+    and for the KL the reference's, its exp and the difference)."""
+    from pruning_utils.measure.metrics import SCORE_ROWS
+
+    models = 1 + bool(p["kl"])
+    rows = min(p["logits_rows"] or B * S, B * S)
+    return rows * s.vocab * b * models + min(SCORE_ROWS, S) * s.vocab * 4 * (2 + 3 * (models - 1))
 
 
 def _logits_train(s: _Shape, B: int, S: int, b: int) -> float:
@@ -298,11 +314,15 @@ def _op_parts(s: _Shape, op: str, p: dict, b: int, targets: tuple[str, ...], cud
             return [Part(f"hidden states of {OFFLOAD_WINDOWS} windows (in + out)", "activations",
                          2 * OFFLOAD_WINDOWS * S * h * b),
                     Part("final norm + LM head weights (offload mode)", "weights", (s.vocab + 1) * h * b),
-                    Part("logits chain (or one layer, if larger)", "activations",
-                         max(_logits_eval(s, B, S, b), _layer_transient(s, B, S, b)))]
-        return [Part("hidden states", "activations", B * S * h * b),
-                Part("logits chain (or one layer, if larger)", "activations",
-                     max(_logits_eval(s, B, S, b), _layer_transient(s, B, S, b)))]
+                    Part("logits, row-stepped scores (or one layer, if larger)", "activations",
+                         max(_logits_eval(s, B, S, b, dict(p, kl=False, logits_rows=None)),
+                             _layer_transient(s, B, S, b)))]
+        what = (f"LM heads on {p['logits_rows']} rows at a time" if p["logits_rows"] else "logits") + \
+            (" (model + reference for the KL)" if p["kl"] else "")
+        return [Part("hidden states" + (" (model + reference)" if p["kl"] and p["logits_rows"] else ""),
+                     "activations", B * S * h * b * (1 + bool(p["kl"] and p["logits_rows"]))),
+                Part(f"{what}, row-stepped scores (or one layer, if larger)", "activations",
+                     max(_logits_eval(s, B, S, b, p), _layer_transient(s, B, S, b)))]
     if op == "prefill":
         B, S = p["latency_batch"], p["latency_seq_len"]
         return [Part("KV cache", "activations", _kv_cache(s, B, S + p["decode_tokens"], b)),
@@ -310,7 +330,8 @@ def _op_parts(s: _Shape, op: str, p: dict, b: int, targets: tuple[str, ...], cud
     if op == "generate":
         B, S = p["gen_batch"], p["gen_prompt_len"]
         return [Part("KV cache", "activations", _kv_cache(s, B, S + p["new_tokens"], b)),
-                Part("one layer", "activations", _layer_transient(s, B, S, b))]
+                Part("one layer", "activations", _layer_transient(s, B, S, b)),
+                Part("last position's logits (fp32)", "activations", B * s.vocab * 4)]
     B, S = p["calib_batch"], p["calib_seq_len"]
     if op == "importance_forward":
         docs = 2 * p["n_calib"] if {"tfidf", "tfidf_topic"} & _criteria(p) else 0
@@ -502,6 +523,8 @@ def plan_stage(config, stage: str, **params) -> MemoryPlan:
     if stage not in STAGES:
         raise ValueError(f"unknown stage '{stage}'; known: {', '.join(STAGES)}")
     p = _params(params)
+    # 00 measures the unpruned model itself, 05 no KL at all; offload mode has no second model to compare with
+    p["kl"] = p["kl"] and stage not in ("00", "05") and not p["offload"]
     ops = _STAGE_OPS[stage]
     if stage == "00":
         crit = _criteria(p)
@@ -526,13 +549,21 @@ def _advice(plan: MemoryPlan, largest: list[dict]) -> list[str]:
         out.append("Gram statistics do not shrink with fewer tokens: keep them on the host (GRAMS='host', "
                    "`collect_grams(..., storage='cpu')`) if the host has room, or hold one layer's at a time "
                    "(GRAMS='streamed', or the sequential refit RECON_SEQUENTIAL=True)")
+    if "activations" in kinds and stage == "04":
+        out.append("GRAD_CHECKPOINTING=True (each layer's input kept, its activations recomputed in backward), "
+                   "RECOVERY_BATCH=1 with GRAD_ACCUM=4 (the same windows per step: the LM loss's fp32 logits grow "
+                   "with the micro-batch) and RECOVERY_LOSS='lm' (distillation adds the teacher's logits), as the "
+                   "kaggle-qwen2.5-3b profile does")
     if "activations" in kinds:
         out.append("use a smaller batch or sequence length (EVAL_SEQ_LEN, CALIB_SEQ_LEN, RECOVERY_BATCH, "
-                   "RECOVERY_SEQ_LEN, LATENCY_SEQ_LEN; the logits grow with batch x sequence x vocabulary)"
-                   + ("; GRAD_CHECKPOINTING=True" if stage == "04" else ""))
+                   "RECOVERY_SEQ_LEN, LATENCY_SEQ_LEN; the logits grow with batch x sequence x vocabulary)")
+    if any("logits" in p["name"] for p in largest) and not plan.settings.get("logits_rows"):
+        out.append(f"apply the LM heads a few rows at a time (logits_rows=, `metrics.perplexity(logits_rows=)`: what "
+                   f"`choose` picks for vocabularies of {LARGE_VOCAB:,} tokens and more on a GPU)")
     if "optimizer" in kinds:
-        out.append("drop taylor/mix from CRITERIA (their gradients cover every head and neuron weight)" if stage == "00"
-                   else "use a smaller LORA_R")
+        out.append("drop taylor and mix from CRITERIA (their gradients cover every head and neuron weight; the "
+                   "kaggle-qwen2.5-3b profile runs CRITERIA='random,magnitude,activation,fluctuation,semantic')"
+                   if stage == "00" else "use a smaller LORA_R")
     if plan.dtype == "float32":
         out.append("load in fp16/bf16 (DTYPE=float16): weights and activations halve")
     if plan.settings.get("copies", 1) > 1 or stage == "04":
@@ -612,6 +643,11 @@ class StageSettings:
         return self.plan.dtype
 
     @property
+    def logits_rows(self) -> int | None:
+        """Return `perplexity`'s `logits_rows`: the LM heads' token rows at a time (None: whole batches)."""
+        return self.plan.settings.get("logits_rows")
+
+    @property
     def hold_grams(self) -> bool:
         """Return whether one Gram pass is kept for every one-shot refit of the stage
         (else each refit streams its own)."""
@@ -668,6 +704,11 @@ def choose(model_or_config, stage: str, params: dict, **names) -> StageSettings:
     grams_choice = GRAMS_CHOICES[_choice(params, "GRAMS", tuple(GRAMS_CHOICES))]
     build_choice = _choice(params, "VARIANT_BUILD", BUILD_CHOICES)
     device = resolve_device(base.get("device", "auto"))
+    if (base.get("logits_rows") is None and device.type == "cuda" and stage in _ROWS_STAGES
+            and _shape(config).vocab >= LARGE_VOCAB):
+        from pruning_utils.measure.metrics import HEAD_ROWS
+
+        base["logits_rows"] = HEAD_ROWS  # a [batch, seq, vocab] of 150k is 1.2 GiB in fp16 per model at 4 x 1024
     if offload == "on" and device.type == "cpu":
         raise ValueError("OFFLOAD='on' keeps the model on the host and moves one layer at a time to a GPU, but the "
                          "device is the CPU: set DEVICE=cuda on a machine with a GPU, or OFFLOAD='off'")
@@ -687,7 +728,7 @@ def choose(model_or_config, stage: str, params: dict, **names) -> StageSettings:
             for grams in grams_options:
                 if off and grams == "all" and "layerwise" in grams_options:
                     continue  # offloaded Grams go to the host: 'all' is 'layerwise' there
-                kw = dict(base, grams=grams, offload=off, **({"copies": 1} if build == "reload" else {}))
+                kw = dict(base, grams=grams, offload=off, **({"copies": 1, "kl": False} if build == "reload" else {}))
                 tried.append((off, grams, build, plan_stage(config, stage, **kw)))
                 if tried[-1][3].fits:
                     break
@@ -730,3 +771,57 @@ def describe_stage(model_or_config, stage: str, params: dict, **overrides) -> st
     the notebook goes on to try.
     """
     return choose(model_or_config, stage, dict(params, _plan=overrides)).describe()
+
+
+# ------------------------------------------------------------------------------------------------- profiles
+
+KAGGLE_T4 = dict(device="cuda", dtype="float16", available_gb=15.0, host_available_gb=29.0)  # Kaggle's T4 machine
+
+
+def profile_shape(profile: str) -> str:
+    """Return the committed shape (`model.shapes`) of a profile's MODEL: the longest `_source` it starts with."""
+    from pruning_utils.model.shapes import SHAPES, shape_json
+    from pruning_utils.pipeline.profiles import PROFILES
+
+    model = str(PROFILES[profile]["MODEL"]).lower()
+    found = sorted((len(src), name) for name in SHAPES if model.startswith(src := shape_json(name)["_source"].lower()))
+    if not found:
+        raise ValueError(f"profile '{profile}' runs {PROFILES[profile]['MODEL']}, which has no committed shape; "
+                         f"known shapes: {', '.join(SHAPES)} (pruning_utils/model/shapes/)")
+    return found[-1][1]
+
+
+def profile_plan_table(profile: str, machine: dict | None = None):
+    """Return a pandas DataFrame, one row per stage of `profile` on `machine` (plan parameters; `KAGGLE_T4`): the
+    settings `choose` runs it with (offload, Grams, build, LM-head rows), the peak operation, GiB on the device
+    and the host, and whether it fits (`blocked`: an operation those settings cannot run)."""
+    import pandas as pd
+
+    from pruning_utils.model.shapes import shape_config
+    from pruning_utils.pipeline.profiles import PROFILES
+
+    config = shape_config(profile_shape(profile))
+    rows = []
+    for stage in STAGES:
+        run = choose(config, stage, dict(PROFILES[profile], _plan=dict(machine or KAGGLE_T4)))
+        plan = run.plan
+        rows.append(dict(stage=stage, device_gb=round(plan.total_gb, 2), available_gb=plan.available_gb,
+                         host_gb=round(plan.host_gb, 2), host_available_gb=plan.host_available_gb,
+                         peak=plan.peak_operation, offload=run.offload, grams=run.grams if stage in _STAGE_TARGETS
+                         else "", build=run.build if stage in ("02", "03") else "", logits_rows=run.logits_rows,
+                         fits=plan.fits, blocked=plan.blocked))
+    return pd.DataFrame(rows)
+
+
+if __name__ == "__main__":  # python -m pruning_utils.pipeline.memory_plan --profile kaggle-qwen2.5-3b
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Print the memory plan per stage of profiles on Kaggle's T4 machine.")
+    ap.add_argument("--profile", action="append", help="profile name (repeatable; default: every kaggle-* one)")
+    args = ap.parse_args()
+    from pruning_utils.pipeline.profiles import PROFILES
+
+    for name in args.profile or [n for n in PROFILES if n.startswith("kaggle-")]:
+        print(f"## {name} ({profile_shape(name)}, T4 {KAGGLE_T4['available_gb']:g} GiB + host "
+              f"{KAGGLE_T4['host_available_gb']:g} GiB)\n")
+        print(profile_plan_table(name).to_markdown(index=False), "\n")

@@ -127,6 +127,8 @@ PARAMS: dict[str, Param] = {
                          "'embedded:0.5+selfgen:0.5' (calibration mix; evaluation uses the text parts)"),
     "SELFGEN_TEMPERATURE": Param(1.0, float, "sampling temperature of the self-generated text (selfgen, fidelity)"),
     "SELFGEN_TOP_P": Param(0.95, float, "nucleus sampling of the self-generated text"),
+    "SELFGEN_BATCH": Param(32, int, "samples generated together; each batch is its own seeded stream, so another size "
+                                    "samples another text"),
     "FIDELITY_TOKENS": Param(8192, int,
                              "held-out self-generated tokens of the fidelity perplexity (256-token windows)"),
     "DEVICE": Param("auto", str, "auto | cpu | cuda"),
@@ -146,6 +148,8 @@ PARAMS: dict[str, Param] = {
     "LATENCY_BATCH": Param(1, int, "batch size of the latency measurement"),
     "LATENCY_SEQ_LEN": Param(512, int, "prompt length of the prefill latency"),
     "LATENCY_REPEATS": Param(3, int, "timed repeats (the median is reported)"),
+    "PEAK_MEMORY": Param(True, bool, "measure each saved variant's own peak memory (on CPU in a fresh process: a few "
+                                     "seconds per variant; off: peak_memory_mb is left empty)"),
     "DECODE_TOKENS": Param(32, int, "generated tokens of the decode-speed measurement"),
     # importance (notebook 00)
     "CRITERIA": Param(_CRITERIA, str, "importance criteria, comma-separated"),
@@ -198,31 +202,35 @@ PARAMS: dict[str, Param] = {
     "COMPRESS_LOWRANK_METHODS": Param("plain,whiten", str, "low-rank SVD metrics: plain | asvd | whiten (SVD-LLM)"),
     "COMPRESS_HYBRID_SPARSITY": Param("0.5,2:4", str, "Wanda sparsities of the sparse + low-rank hybrid"),
     "COMPRESS_HYBRID_RANK": Param(16, int, "rank of the hybrid's residual SVD"),
-    # plain dynamic INT8 loses much quality to down_proj's activation outliers; smoothing + down_proj in fp32 is the
-    # best quality per speed of int8_smoothing.csv (benchmarks/int8_smoothing.py), as for notebook 05's int8 level
-    "COMPRESS_INT8_ALPHA": Param(0.65, float, "SmoothQuant-style migration strength of the INT8 rows (calibration "
-                                 "windows of the notebook; None: plain dynamic INT8)", True),
-    "COMPRESS_INT8_KEEP_FP32": Param("down_proj", str, "projections the INT8 rows leave in fp32, comma-separated "
+    # quality first: weight-only INT8 loses the least perplexity of int8_smoothing.csv (benchmarks/int8_smoothing.py)
+    # and needs no calibration; dynamic INT8 (activations too) prefills faster on CPU but loses more to down_proj's
+    # activation outliers, less once smoothed: smoothing and fp32 projections are options of the dynamic mode
+    "COMPRESS_INT8_MODE": Param("weight_only", str, "torchao INT8 of the INT8 rows (CPU or CUDA): weight_only (int8 "
+                                "weights, activations in the model's dtype) | dynamic (activations int8 too)"),
+    "COMPRESS_INT8_ALPHA": Param(None, float, "SmoothQuant-style migration strength of dynamic INT8 rows "
+                                 "(calibration windows of the notebook; None: no smoothing)", True),
+    "COMPRESS_INT8_KEEP_FP32": Param("", str, "projections the INT8 rows leave in fp32, comma-separated "
                                      "('': quantize every nn.Linear)"),
     "COMPRESS_INT8_BASES": Param("baseline,head_pruned,mlp_pruned,mix_pruned", str,
-                                 "models quantized to dynamic INT8 (CPU only), comma-separated"),
+                                 "models quantized to INT8 (torchao, CPU or CUDA), comma-separated"),
     # adaptive runtime (notebook 05): nested levels of the unpruned model, chosen per prompt
     "ADAPTIVE_PROMPTS": Param("", str, "prompt CSV with a `prompt` column ('': the packaged prompts, written to "
                               "results/ablation_studies/adaptive_prompts.csv); seeded 80/20 train/test split"),
     "ADAPTIVE_N_PROMPTS": Param(100, int, "prompts drawn from the CSV (seeded) before the 80/20 split"),
-    # on CPU a width cut buys little decode speed for much quality while INT8 buys more for less (adaptive_levels.csv),
-    # so INT8 is the fast level; refit copies would take memory past the memory aim, so the refit is opt-in
+    # what each level buys in decode speed and costs in quality on this machine is adaptive_levels.csv; refit copies
+    # would take memory past the memory aim, so the refit is opt-in
     "ADAPTIVE_LEVELS": Param("none,kv:16,ffn:0.25,int8", str,
                              "levels, least to most pruned, 'none' first: kv:WINDOW, heads:/ffn:/layers: removed "
-                             "fraction, joined with +; int8: the dynamic-INT8 unpruned model "
-                             "(CPU only, dropped on GPU)"),
+                             "fraction, joined with +; int8: the INT8 unpruned model (torchao, "
+                             "ADAPTIVE_INT8_MODE; dropped where torchao cannot run)"),
     "ADAPTIVE_REFIT": Param(False, bool, "lstsq refit of o_proj / down_proj for every level width (one-shot Grams of "
                             "N_CALIB calibration windows; one [out, width] copy per layer and width, in memory())"),
-    # plain dynamic INT8 loses most of the embedded model's quality to down_proj's token-specific activation outliers;
-    # smoothing + down_proj in fp32 is the best quality per speed of int8_smoothing.csv
-    "ADAPTIVE_INT8_ALPHA": Param(0.65, float, "SmoothQuant-style migration strength of the int8 level (16 calibration "
-                                 "windows; None: plain dynamic INT8)", True),
-    "ADAPTIVE_INT8_KEEP_FP32": Param("down_proj", str, "projections the int8 level leaves in fp32, comma-separated "
+    # as for notebook 03b's rows: weight-only first (int8_smoothing.csv); smoothing and fp32 projections serve dynamic
+    "ADAPTIVE_INT8_MODE": Param("weight_only", str, "torchao INT8 of the int8 level: weight_only | dynamic "
+                                "(activations int8 too)"),
+    "ADAPTIVE_INT8_ALPHA": Param(None, float, "SmoothQuant-style migration strength of a dynamic int8 level (16 "
+                                 "calibration windows; None: no smoothing)", True),
+    "ADAPTIVE_INT8_KEEP_FP32": Param("", str, "projections the int8 level leaves in fp32, comma-separated "
                                      "('': quantize every nn.Linear)"),
     "ADAPTIVE_CRITERION": Param("fluctuation", str, "importance criterion (notebook 00) that orders heads and neurons"),
     "ADAPTIVE_NEW_TOKENS": Param(32, int, "greedy tokens per answer"),
@@ -240,6 +248,11 @@ PARAMS: dict[str, Param] = {
     # (adaptive_outcomes.csv, the training prompts); its prompt forward is counted in the latency
     "ADAPTIVE_ENTROPY": Param(True, bool, "first-token entropy feature (one unpruned forward per prompt, counted in "
                               "the latency)"),
+    "ADAPTIVE_DQN": Param(True, bool, "a DQN controller (pruning_utils/adaptive/dqn.py) beside the bandit, trained "
+                          "on the same outcomes and reward"),
+    "ADAPTIVE_DQN_EPOCHS": Param(30, int, "DQN training passes over the training prompts"),
+    "ADAPTIVE_DQN_POLICY": Param("", str, "saved DQN policy folder to load instead of training ('': train it and "
+                                 "save it under models/adaptive_dqn)"),
     # final evaluation (notebook 06)
     "VARIANTS": Param("baseline,head_pruned,mlp_pruned,mix_pruned,mix_pruned_lora", str,
                       "variants compared, comma-separated, baseline first"),
@@ -271,9 +284,24 @@ PARAMS: dict[str, Param] = {
     "ENCODER_MLP_RATE": Param(0.25, float, "fraction of intermediate neurons removed in every layer"),
     "ENCODER_RECOVERY_STEPS": Param(25, int, "fine-tuning steps of the recovered variants"),
     "ENCODER_RECOVERY_LR": Param(5e-5, float, "learning rate of the recovery fine-tuning"),
-    "ENCODER_LOWRANK_RATIO": Param(0.5, float, "fraction of each projection's weights its low-rank factors keep"),
+    "ENCODER_LOWRANK_RATIO": Param(0.5, float, "fraction of each projection's weights its low-rank factors keep "
+                                   "(rule ratio)"),
+    "ENCODER_LOWRANK_RULE": Param("ratio", str, "rank of each factorised projection: ratio (ENCODER_LOWRANK_RATIO) | "
+                                  "energy (ENCODER_LOWRANK_ENERGY of the squared singular values) | gavish_donoho "
+                                  "(optimal hard threshold) | rmt (above the Marchenko-Pastur edge)"),
+    "ENCODER_LOWRANK_ENERGY": Param(0.995, float, "fraction of the squared singular values the energy rule keeps"),
+    "ENCODER_LOWRANK_KMIN": Param(1, int, "smallest rank any rule may give"),
+    "ENCODER_LOWRANK_SCOPE": Param("all", str, "projections the low-rank row factorises: all | ffn | attention"),
+    "ENCODER_LOWRANK_LAYERS": Param("", str, "layers the low-rank row factorises: empty for all, or comma-separated "
+                                    "indices such as 0,2"),
+    "ENCODER_TIMING_WARMUP": Param(10, int, "untimed forwards of the timed batch before measuring (every row)"),
+    "ENCODER_TIMING_ITERS": Param(50, int, "timed forwards of one batch: ms_per_batch is their median, "
+                                  "ms_per_batch_iqr their interquartile range"),
+    "ENCODER_GPU_PAIR": Param(True, bool, "with a GPU present, measure the fp32 PyTorch rows on the GPU too "
+                              "(a second row each, its device column the GPU)"),
     "ENCODER_VARIANTS": Param("baseline,random_pruned,l1_pruned,fluctuation_pruned,fluctuation_lstsq,"
-                              "fluctuation_lstsq_recovered,baseline_int8,fluctuation_lstsq_recovered_int8,lowrank",
+                              "heads_only_pruned,mlp_only_pruned,fluctuation_lstsq_recovered,baseline_int8,"
+                              "fluctuation_lstsq_recovered_int8,lowrank,onnx_fp32,onnx_int8",
                               str, "rows of encoder_glue.csv (pruning_utils/encoder/variants.VARIANT_SPECS), "
                               "baseline first"),
 }
@@ -290,6 +318,7 @@ COUNT = Limit(1)
 TEXT = Limit(nonempty=True)
 LIMITS: dict[str, Limit] = {
     "MODEL": TEXT, "TEXT_SOURCE": TEXT, "SELFGEN_TEMPERATURE": POSITIVE, "SELFGEN_TOP_P": Limit(0, 1, low_open=True),
+    "SELFGEN_BATCH": COUNT,
     "FIDELITY_TOKENS": Limit(256, hint="one 256-token window at least"),
     "DEVICE": Limit(choices=("auto", "cpu", "cuda"), form="cuda:N"),
     "DTYPE": Limit(choices=("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")),
@@ -314,23 +343,30 @@ LIMITS: dict[str, Limit] = {
     "COMPRESS_DEPTH_SEMANTIC_WINDOWS": COUNT,
     "COMPRESS_LOWRANK_METHODS": Limit(choices=("plain", "asvd", "whiten"), each=True),
     "COMPRESS_HYBRID_SPARSITY": Limit(0, 1, high_open=True, form="N:M", each=True), "COMPRESS_HYBRID_RANK": Limit(0),
-    "COMPRESS_INT8_ALPHA": FRACTION,
+    "COMPRESS_INT8_ALPHA": FRACTION, "COMPRESS_INT8_MODE": Limit(choices=("weight_only", "dynamic")),
     "ADAPTIVE_N_PROMPTS": Limit(2, hint="the 80/20 split needs a training and a test prompt"),
-    "ADAPTIVE_LEVELS": TEXT, "ADAPTIVE_INT8_ALPHA": FRACTION, "ADAPTIVE_CRITERION": TEXT, "ADAPTIVE_NEW_TOKENS": COUNT,
+    "ADAPTIVE_LEVELS": TEXT, "ADAPTIVE_INT8_ALPHA": FRACTION,
+    "ADAPTIVE_INT8_MODE": Limit(choices=("weight_only", "dynamic")), "ADAPTIVE_CRITERION": TEXT,
+    "ADAPTIVE_NEW_TOKENS": COUNT,
     "ADAPTIVE_LOAD": Limit(0, 1, choices=("live",), pair=True), "ADAPTIVE_TARGET": POSITIVE, "ADAPTIVE_EPOCHS": COUNT,
-    "ADAPTIVE_ALPHA": Limit(0), "ADAPTIVE_MIN_RETENTION": FRACTION,
+    "ADAPTIVE_ALPHA": Limit(0), "ADAPTIVE_MIN_RETENTION": FRACTION, "ADAPTIVE_DQN_EPOCHS": COUNT,
     "VARIANTS": TEXT, "N_PROMPTS": COUNT, "MAX_NEW_TOKENS": COUNT, "ZERO_SHOT_LIMIT": COUNT,
     "ENCODER_STAGE": Limit(choices=("off", "on", "only")), "ENCODER_MODEL": TEXT, "ENCODER_TASK": TEXT,
     "ENCODER_MAX_TRAIN": Limit(1, hint="fine-tuning needs training examples"), "ENCODER_MAX_EVAL": COUNT,
     "ENCODER_MAX_LENGTH": Limit(2), "ENCODER_BATCH": COUNT, "ENCODER_EPOCHS": POSITIVE, "ENCODER_LR": POSITIVE,
     "ENCODER_CALIB": COUNT, "ENCODER_HEAD_RATE": RATE, "ENCODER_MLP_RATE": RATE, "ENCODER_RECOVERY_STEPS": COUNT,
     "ENCODER_RECOVERY_LR": POSITIVE, "ENCODER_LOWRANK_RATIO": Limit(0, 1, low_open=True, hint="a fraction kept"),
+    "ENCODER_LOWRANK_RULE": Limit(choices=("ratio", "energy", "gavish_donoho", "rmt")),
+    "ENCODER_LOWRANK_ENERGY": Limit(0, 1, low_open=True, hint="a fraction of the energy kept"),
+    "ENCODER_LOWRANK_KMIN": COUNT, "ENCODER_LOWRANK_SCOPE": Limit(choices=("all", "ffn", "attention")),
+    "ENCODER_TIMING_WARMUP": Limit(0), "ENCODER_TIMING_ITERS": COUNT,
     "ENCODER_VARIANTS": TEXT,
 }
 
-_COMMON = ("PROFILE", "MODEL", "TEXT_SOURCE", "SELFGEN_TEMPERATURE", "SELFGEN_TOP_P", "FIDELITY_TOKENS", "DEVICE",
-           "DTYPE", "SEED", "N_CALIB", "CALIB_SEQ_LEN", "EVAL_SEQ_LEN", "EVAL_MAX_TOKENS", "SWEEP_EVAL_MAX_TOKENS",
-           "LATENCY_BATCH", "LATENCY_SEQ_LEN", "LATENCY_REPEATS", "DECODE_TOKENS")
+_COMMON = ("PROFILE", "MODEL", "TEXT_SOURCE", "SELFGEN_TEMPERATURE", "SELFGEN_TOP_P", "SELFGEN_BATCH",
+           "FIDELITY_TOKENS", "DEVICE", "DTYPE", "SEED", "N_CALIB", "CALIB_SEQ_LEN", "EVAL_SEQ_LEN",
+           "EVAL_MAX_TOKENS", "SWEEP_EVAL_MAX_TOKENS", "LATENCY_BATCH", "LATENCY_SEQ_LEN", "LATENCY_REPEATS",
+           "DECODE_TOKENS", "PEAK_MEMORY")
 _SWEEP = ("ALLOCATION", "SEARCH_ITERATIONS", "SEARCH_WINDOWS", "SEARCH_GROUP", "RECONSTRUCTION", "RECON_OPTIONS",
           "RECON_SEQUENTIAL", "RIDGE_RATIO", "OFFLOAD", "GRAMS", "VARIANT_BUILD")
 
@@ -360,7 +396,9 @@ NOTEBOOK_PARAMS: dict[str, tuple[str, ...]] = {
 
 _SMOKE_CRITERIA = "random,magnitude,activation,fluctuation,taylor,tfidf,semantic,mix"
 
-_GPU_EXTRA = "depth_pruned,lowrank_pruned,hybrid_pruned"  # dynamic INT8 is CPU-only: 03b writes a not-applicable row
+_GPU_EXTRA = "baseline_int8,mix_pruned_int8,depth_pruned,lowrank_pruned,hybrid_pruned"  # torchao INT8 runs on CUDA
+# an offloaded 8B model has no device copy to quantize, and an fp32 host copy would not fit Kaggle's RAM: no INT8 rows
+_OFFLOAD_EXTRA = "depth_pruned,lowrank_pruned,hybrid_pruned"
 _BOTH_RECOVERED = dict(RECOVERY_MODELS="head_pruned,mix_pruned",
                        VARIANTS="baseline,head_pruned,mlp_pruned,mix_pruned,head_pruned_lora,mix_pruned_lora")
 
@@ -387,13 +425,30 @@ PROFILES: dict[str, dict] = {
                                 SEMANTIC_MAX_WINDOWS=16, LATENCY_SEQ_LEN=1024, LATENCY_REPEATS=10, DECODE_TOKENS=64,
                                 RECOVERY_STEPS=300, LORA_LR=1e-3, ZERO_SHOT=True, EXTRA_VARIANTS=_GPU_EXTRA,
                                 **_BOTH_RECOVERED),
+    # fits a T4 stage by stage (`python -m pruning_utils.pipeline.memory_plan`, tests/test_kaggle_plans.py): no
+    # taylor / mix (their gradients of every head and neuron weight are 5 GiB beside 9 GiB of saved activations),
+    # Grams streamed (one layer's at a time), LoRA on the frozen fp16 base with gradient checkpointing, one window
+    # per micro-batch (the fp32 logits of the LM loss grow with it) and the plain LM loss (distillation would add
+    # the teacher's logits)
     "kaggle-qwen2.5-3b": dict(DEFAULTS, MODEL="Qwen/Qwen2.5-3B-Instruct", TEXT_SOURCE="wikitext2:0.75+selfgen:0.25",
                               CALIB_SEQ_LEN=512,
                               EVAL_SEQ_LEN=1024, EVAL_MAX_TOKENS=131072, SWEEP_EVAL_MAX_TOKENS=32768,
-                              CRITERIA="random,magnitude,activation,fluctuation,taylor,semantic,mix", HEAD_RATE=0.25,
+                              CRITERIA="random,magnitude,activation,fluctuation,semantic", HEAD_RATE=0.25,
                               HEAD_SWEEP="0.25", MLP_SWEEP="0.25", SEMANTIC_MAX_WINDOWS=8, LATENCY_SEQ_LEN=1024,
                               LATENCY_REPEATS=5, DECODE_TOKENS=64, RECOVERY_STEPS=200, RECOVERY_LOSS="lm",
+                              GRAMS="streamed", GRAD_CHECKPOINTING=True, RECOVERY_BATCH=1, GRAD_ACCUM=4,
                               LORA_LR=1e-3, ZERO_SHOT=True, EXTRA_VARIANTS=_GPU_EXTRA, **_BOTH_RECOVERED),
+    # stages 00-03 in offload mode (16 GiB of fp16 weights stay on the host, one layer at a time on the T4), so no
+    # gradient criteria; see tests/test_kaggle_plans.py for what 04 / 06 need
+    "kaggle-llama-3.1-8b": dict(DEFAULTS, MODEL="meta-llama/Llama-3.1-8B-Instruct",
+                                TEXT_SOURCE="wikitext2:0.75+selfgen:0.25", CALIB_SEQ_LEN=512, EVAL_SEQ_LEN=1024,
+                                EVAL_MAX_TOKENS=65536, SWEEP_EVAL_MAX_TOKENS=16384,
+                                CRITERIA="random,magnitude,activation,fluctuation", HEAD_RATE=0.25, HEAD_SWEEP="0.25",
+                                MLP_SWEEP="0.25", LATENCY_SEQ_LEN=1024, LATENCY_REPEATS=3, DECODE_TOKENS=32,
+                                OFFLOAD="on", GRAMS="streamed", VARIANT_BUILD="reload", RECOVERY_STEPS=100,
+                                RECOVERY_LOSS="lm", GRAD_CHECKPOINTING=True, RECOVERY_BATCH=1, GRAD_ACCUM=4,
+                                LORA_LR=1e-3, ZERO_SHOT=True, EXTRA_VARIANTS=_OFFLOAD_EXTRA,
+                                COMPRESS_INT8_BASES="", **_BOTH_RECOVERED),
 }
 # the best quality at equal size of search_heldout.csv (benchmarks/search_heldout.py), at the cost of obs scores and
 # a search per saved model (thorough_profile.csv has the minutes): obs heads and neurons, per-layer counts searched
@@ -405,7 +460,7 @@ PROFILES["thorough"] = dict(DEFAULTS, MAIN_HEAD_CRITERION="obs", MAIN_MLP_CRITER
 # the committed results.
 PROFILES["quick"] = dict(DEFAULTS, TEXT_SOURCE="embedded", N_CALIB=16, CALIB_SEQ_LEN=128, EVAL_SEQ_LEN=256,
                          EVAL_MAX_TOKENS=4096, RECOVERY_SEQ_LEN=128, RECOVERY_BATCH=2,
-                         SWEEP_EVAL_MAX_TOKENS=1024, FIDELITY_TOKENS=1024,
+                         SWEEP_EVAL_MAX_TOKENS=1024, FIDELITY_TOKENS=1024, SELFGEN_BATCH=4, PEAK_MEMORY=False,
                          CRITERIA="magnitude,activation,fluctuation,semantic", SEMANTIC_MAX_WINDOWS=1,
                          SEMANTIC_SEQ_LEN=64, HEAD_SWEEP="0.2", MLP_SWEEP="0.25", LATENCY_SEQ_LEN=128,
                          LATENCY_REPEATS=2, DECODE_TOKENS=8, RECOVERY_STEPS=4, RECOVERY_DATA="text", N_PROMPTS=8,
@@ -420,7 +475,8 @@ DEMONSTRATIONS = ("quick",)  # profiles whose results go to results/<name>/ and 
 PROFILES["encoder"] = dict(DEFAULTS, ENCODER_STAGE="only")
 PROFILES["smoke"].update(ENCODER_STAGE="on", ENCODER_MODEL="tiny-bert", ENCODER_MAX_TRAIN=64, ENCODER_MAX_EVAL=32,
                          ENCODER_MAX_LENGTH=24, ENCODER_BATCH=16, ENCODER_EPOCHS=1.0, ENCODER_LR=1e-3, ENCODER_CALIB=16,
-                         ENCODER_RECOVERY_STEPS=2)
+                         ENCODER_RECOVERY_STEPS=2, ENCODER_LOWRANK_SCOPE="ffn", ENCODER_LOWRANK_LAYERS="0,1",
+                         ENCODER_TIMING_WARMUP=2, ENCODER_TIMING_ITERS=5)
 for _name, _values in PROFILES.items():
     _values["PROFILE"] = _name
 
