@@ -72,6 +72,7 @@ def main() -> None:
             del m
     table = pd.DataFrame(rows)
     table["ppl_change_pct"] = 100 * (table["ppl"] / table.loc[0, "ppl"] - 1)
+    table["ppl_reference"] = f"{table.loc[0, 'option']}@{int(table.loc[0, 'eval_tokens'])}"  # '<row>@<tokens>' 
     table["speedup"] = table["decode_tok_s"] / table.loc[0, "decode_tok_s"]
     write_csv(table, ablation_dir() / "int8_smoothing.csv")
 

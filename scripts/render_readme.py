@@ -354,6 +354,16 @@ def encoder_int8_speed() -> str:
     return _scalars(results_dir() / "benchmarks" / "encoder_int8_speed.json")
 
 
+def llamacpp_speed() -> str:
+    """Return `benchmarks/llamacpp_speed.py`'s table: each variant's GGUF in llama.cpp (agreement, speed, limit)."""
+    path = results_dir() / "benchmarks" / "llamacpp_speed.csv"
+    if not path.exists():
+        return "_No `llamacpp_speed.csv` yet: `python3 -m benchmarks.llamacpp_speed` writes it._\n"
+    cols = ["variant", "type", "params_non_embedding", "file_mb", "logit_max_abs_diff", "agree_prompts",
+            "agree_prefix", "pp_tok_s", "tg_tok_s", "tg_speedup_x", "limit_x", "of_limit"]
+    return _md(_present(pd.read_csv(path), cols), 3)
+
+
 # ---- benchmark stamps: what a result file says about where it was measured, and whether its code moved on since
 
 # benchmark module (benchmarks/NAME.py) -> the result files it writes, relative to results/
@@ -370,6 +380,7 @@ BENCHMARK_FILES: dict[str, tuple[str, ...]] = {
     "importance_cost": ("benchmarks/importance_cost.json",),
     "encoder_int8_speed": ("benchmarks/encoder_int8_speed.json",),
     "memory_scale": ("benchmarks/memory_scale.json",),
+    "llamacpp_speed": ("benchmarks/llamacpp_speed.csv",),
 }
 VERSION_KEYS = ("torch", "transformers", "peft", "python")
 
@@ -569,6 +580,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "thorough_profile": thorough_profile, "final_short": final_short, "profiles": profiles,
     "kaggle_plans": kaggle_plans,
     "prefill_speedup": prefill_speedup, "importance_cost": importance_cost, "encoder_int8_speed": encoder_int8_speed,
+    "llamacpp_speed": llamacpp_speed,
     **{f"stamp-{name}": (lambda name=name: stamp_table(name)) for name in BENCHMARK_FILES},
 }
 TEXTS: dict[str, Callable[[], str]] = {

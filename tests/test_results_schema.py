@@ -84,17 +84,18 @@ SCHEMAS: dict[str, TableSchema] = {
         "retention_weight:float train_retention:float train_speed_ratio:float train_reward:float "
         "share_level_0:float share_level_1:float share_level_2:float share_level_3:float device:text commit:text"),
         ("retention_weight",)),
+    # energy_source is 'n/a' on a machine without an energy counter, which pandas reads back as empty
     "adaptive_runtime.csv": TableSchema(_t(
         "controller:text id:text complexity:float load:float level:text level_index:int decide_ms:float "
         "switch_ms:float overhead_ms:float latency_s:float new_tokens:int tokens_per_s:float cache_tokens_max:int "
         "cache_bytes_max:int answer:text? ppl:float retention:float reward:float reward_ppl_only:float "
-        "load_avg:float device:text commit:text"), ("controller", "id"),
+        "energy_j:float? energy_source:text? load_avg:float device:text commit:text"), ("controller", "id"),
         ("decide_ms", "switch_ms", "overhead_ms", "latency_s", "tokens_per_s")),
     "adaptive_summary.csv": TableSchema(_t(
         "controller:text n_prompts:int latency_s:float tokens_per_s:float retention:float ppl:float reward:float "
         "reward_ppl_only:float switch_ms_mean:float switch_ms_max:float overhead_ms:float cache_bytes_max:int "
         "level_counts:text speedup_pct:float retention_pct:float beats_fixed_on_reward:bool simulated_load:bool "
-        "retention_weight:float load_avg:float device:text commit:text"), ("controller",),
+        "retention_weight:float energy_j:float? load_avg:float device:text commit:text"), ("controller",),
         ("latency_s", "tokens_per_s", "switch_ms_mean", "overhead_ms")),
     "calibration_size.csv": TableSchema(_t(
         "shape:text criterion:text calibration_source:text calib_tokens:int windows:int ppl:float fidelity_ppl:float "
@@ -112,7 +113,8 @@ SCHEMAS: dict[str, TableSchema] = {
         ("shape", "calibration_source", "calib_tokens", "ridge_ratio", "allocation", "kl_windows", "n_kl_windows",
          "trade", "order"), ("search_s", "refit_s"), merges_runs=True),
     "int8_smoothing.csv": TableSchema(_t(
-        "option:text smooth_alpha:float? keep_fp32:text? ppl:float decode_tok_s:float prefill_ms:float build_s:float "
+        "option:text mode:text smooth_alpha:float? keep_fp32:text? ppl:float size_mb:float decode_tok_s:float "
+        "prefill_ms:float build_s:float "
         "eval_tokens:int load_avg:float latency_noisy:bool torch:text ppl_change_pct:float ppl_reference:text "
         "speedup:float device:text commit:text"), ("option",), ("decode_tok_s", "prefill_ms", "build_s")),
     "quality_benchmark.csv": TableSchema(_t(
@@ -195,16 +197,12 @@ NOT_REGENERATED: dict[str, tuple[str, tuple[str, ...]]] = {
     "calibration_sources.csv": ("python3 -m benchmarks.calibration_sources",
                                 ("columns", "change_references", "stamps")),
     "encoder_glue.csv": ("bash run_all.sh --profile encoder", ("columns", "stamps")),
-    "int8_smoothing.csv": ("python3 -m benchmarks.int8_smoothing", ("columns", "change_references", "stamps")),
     "quality_benchmark.csv": ("python3 -m benchmarks.quality", ("columns", "stamps")),
     "recovery_budget.csv": ("python3 -m benchmarks.recovery_budget", ("columns", "stamps")),
     "recovery_sources.csv": ("python3 -m benchmarks.recovery_sources", ("columns", "stamps")),
     "search_heldout.csv": ("python3 -m benchmarks.search_heldout", ("columns", "stamps")),
     "thorough_profile.csv": ("bash run_all.sh --profile thorough --only 00,02,03 and the default run again",
                              ("columns", "change_references", "stamps", "one_commit")),
-    # notebook 03b's screens were measured against the full-text baseline row; the notebook now measures its own
-    # screen baseline, and the next run of stage 03b rewrites the file
-    "compression_methods.csv": ("bash run_all.sh --only 03b,06 --force", ("change_references",)),
 }
 
 
