@@ -113,7 +113,7 @@ SCHEMAS: dict[str, TableSchema] = {
         ("shape", "calibration_source", "calib_tokens", "ridge_ratio", "allocation", "kl_windows", "n_kl_windows",
          "trade", "order"), ("search_s", "refit_s"), merges_runs=True),
     "int8_smoothing.csv": TableSchema(_t(
-        "option:text mode:text smooth_alpha:float? keep_fp32:text? ppl:float size_mb:float decode_tok_s:float "
+        "option:text mode:text? smooth_alpha:float? keep_fp32:text? ppl:float size_mb:float decode_tok_s:float "
         "prefill_ms:float build_s:float "
         "eval_tokens:int load_avg:float latency_noisy:bool torch:text ppl_change_pct:float ppl_reference:text "
         "speedup:float device:text commit:text"), ("option",), ("decode_tok_s", "prefill_ms", "build_s")),
