@@ -144,6 +144,9 @@ SCHEMAS: dict[str, TableSchema] = {
     # stages this checkout never ran keep their row from an earlier run, with the commit it was measured at
     "run_time.csv": TableSchema(_t("stage:text notebook:text? minutes:float profile:text commit:text speed_s:float? "
                                    "load_avg:float device:text"), ("stage",), ("minutes",), merges_runs=True),
+    "run_time_encoder.csv": TableSchema(_t("stage:text notebook:text? minutes:float profile:text commit:text "
+                                           "speed_s:float? load_avg:float device:text"), ("stage",), ("minutes",),
+                                        merges_runs=True),
     # the profile of the last default run: notebook cells and, nested inside them, progress-bar loops
     "stage_steps.csv": TableSchema(_t("stage:text kind:text index:int step:text seconds:float items:int? unit:text? "
                                       "load_avg:float device:text commit:text"), ("stage", "kind", "index"),
@@ -196,7 +199,6 @@ NOT_REGENERATED: dict[str, tuple[str, tuple[str, ...]]] = {
     "calibration_size.csv": ("python3 -m benchmarks.calibration_size", ("columns", "stamps")),
     "calibration_sources.csv": ("python3 -m benchmarks.calibration_sources",
                                 ("columns", "change_references", "stamps")),
-    "encoder_glue.csv": ("bash run_all.sh --profile encoder", ("columns", "stamps")),
     "quality_benchmark.csv": ("python3 -m benchmarks.quality", ("columns", "stamps")),
     "recovery_budget.csv": ("python3 -m benchmarks.recovery_budget", ("columns", "stamps")),
     "recovery_sources.csv": ("python3 -m benchmarks.recovery_sources", ("columns", "stamps")),

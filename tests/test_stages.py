@@ -302,3 +302,19 @@ def test_run_time_table_keeps_the_stages_a_partial_run_did_not_measure(tmp_path,
     assert rows["install"][2:6] == ["0.30", "default", "abc1234", ""]
     assert rows["05"][2:] == ["2.00", "default", "def5678", "0.500", "", machine]  # measured by this checkout's run
     assert rows["total"][2] == "13.30" and "03" not in rows
+
+
+def test_an_encoder_run_times_itself_apart_from_the_default_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("PRUNING_RUN_STARTED", raising=False)
+    results = tmp_path / "results"
+    (results / "stages").mkdir(parents=True)
+    for key, seconds in (("00", 600.0), ("07", 300.0)):
+        (results / "stages" / f"{key}.json").write_text(json.dumps({"digest": "x", "seconds": seconds,
+                                                                   "commit": "abc1234"}))
+    encoder = stages.write_run_time(tmp_path, "encoder", 0.0, {"ENCODER_STAGE": "only"})
+    default = stages.write_run_time(tmp_path, "default", 0.0, {"ENCODER_STAGE": "off"})
+    assert encoder.name == stages.ENCODER_RUN_TIME_FILE and default.name == stages.RUN_TIME_FILE
+    enc_rows = {r.split(",")[0]: r.split(",") for r in encoder.read_text().splitlines()[1:]}
+    dec_rows = {r.split(",")[0]: r.split(",") for r in default.read_text().splitlines()[1:]}
+    assert set(enc_rows) == {"07", "total"} and enc_rows["total"][2] == "5.00"
+    assert set(dec_rows) == {"00", "total"} and dec_rows["total"][2] == "10.00"

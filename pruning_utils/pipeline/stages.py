@@ -395,7 +395,7 @@ def run(params: dict, root: Path | None = None, only: list[str] | None = None, f
     records = []
     selected = [s.key for s in STAGES if (only is None or s.key in only) and not profile_skips(s, params)]
     speed, machine = timing.machine_speed_s(), timing.machine_name()
-    recorded, recorded_speed = timing.recorded_minutes(dirs["results"] / "ablation_studies" / RUN_TIME_FILE)
+    recorded, recorded_speed = timing.recorded_minutes(dirs["results"] / "ablation_studies" / run_time_file(params))
     planned = timing.estimate(recorded, recorded_speed, speed, selected)
     log(timing.estimate_text(planned, speed, recorded_speed) + " (stages finished with the same parameters are "
         "skipped and take no time)")
@@ -534,12 +534,13 @@ def main(argv: list[str] | None = None, root: Path | None = None) -> int:
     total = time.time() - t0
     summary = {"profile": args.profile, "minutes": round(total / 60, 2), "stages": records}
     write_text_atomic(output_dirs(root)["results"] / "stages" / "last_run.json", json.dumps(summary, indent=1))
-    write_run_time(root, args.profile, t0)
+    write_run_time(root, args.profile, t0, params)
     print(f"all stages finished in {total / 60:.1f} min ({args.profile} profile)")
     return 0
 
 
 RUN_TIME_FILE = "run_time.csv"
+ENCODER_RUN_TIME_FILE = "run_time_encoder.csv"  # an encoder-only run (ENCODER_STAGE only) times itself apart
 
 
 def _git_commit(root: Path) -> str:
@@ -553,17 +554,25 @@ def _git_commit(root: Path) -> str:
         return "unknown"
 
 
-def write_run_time(root: Path, profile: str, started: float) -> Path:
+def run_time_file(params: dict) -> str:
+    """Return the run-time table of a run with these parameters (an encoder-only run keeps its own)."""
+    return ENCODER_RUN_TIME_FILE if params.get("ENCODER_STAGE") == "only" else RUN_TIME_FILE
+
+
+def write_run_time(root: Path, profile: str, started: float, params: dict | None = None) -> Path:
     """Write `results/ablation_studies/run_time.csv`: the install and each stage's last measured minutes.
 
     Stages measured in this checkout (their stamps) carry this commit; a stage this checkout never ran (an `--only`
     run, a fresh clone) keeps its row from the existing table with the commit it was measured at, so a partial run
-    never erases the other stages' times.
+    never erases the other stages' times. Only the stages the run's `params` select count (the decoder pipeline by
+    default); an encoder-only run (ENCODER_STAGE only) writes `run_time_encoder.csv`, so its time never joins the
+    default run's total.
     """
     import csv
 
+    params = params or {}
     dirs = output_dirs(root)
-    path = dirs["results"] / "ablation_studies" / RUN_TIME_FILE
+    path = dirs["results"] / "ablation_studies" / run_time_file(params)
     previous = {}
     if path.exists():
         with path.open(encoding="utf-8", errors="replace") as f:  # a row cut short (no minutes) is dropped
@@ -578,6 +587,8 @@ def write_run_time(root: Path, profile: str, started: float) -> Path:
     elif "install" in previous:
         rows.append(_kept_row("install", previous["install"]["notebook"], previous["install"], profile))
     for stage in STAGES:
+        if profile_skips(stage, params):
+            continue
         info = read_record(_stamp_path(dirs["results"], stage))
         if info is not None:  # measured by this checkout's runs, on this machine
             rows.append((stage.key, stage.notebook, info.get("seconds", float("nan")) / 60, profile,
