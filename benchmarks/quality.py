@@ -57,8 +57,8 @@ PEERS = {"S1": {"FLAP": 14.1, "Taylor": 15.0}, "S2": {"FLAP": 26.6},
          "S3": {"FLAP": 35.7, "LLM-Pruner": 50.1}}
 TARGETS = {"S1": 13.5, "S2": 20.0, "S3": 25.0}
 TP_PREFIX = "torch-pruning:"  # criterion of the Torch-Pruning peer rows, e.g. torch-pruning:taylor
-CRITERIA = ["random", "magnitude", "activation", "fluctuation", "taylor", "tfidf", "tfidf_topic", "semantic", "mix",
-            "obs"]
+CRITERIA = ["random", "magnitude", "activation", "fluctuation", "taylor", "tfidf", "tfidf_topic", "semantic",
+            "semantic_refit", "mix", "obs"]
 COLUMNS = ["shape", "criterion", "reconstruction", "allocation", "order", "ridge_ratio", "role", "screen",
            "eval_tokens", "ppl", "fidelity_ppl", "kl_heldout", "params_non_embedding", "reduction_pct", "target_ppl",
            "build_s", "eval_s", "prefill_ms", "decode_tokens_per_s", "calibration_source"]
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         scores, missing, score_source = {}, wanted, "computed"
     if missing:
         scores.update(importance.compute_importance(model, windows, missing, semantic_max_windows=2,
-                                                    semantic_seq_len=128, progress=False))
+                                                    semantic_seq_len=128, refit_ridge=args.ridge, progress=False))
         score_source = f"{score_source} + computed {missing}" if score_source != "computed" else "computed"
     scores_s = time.perf_counter() - t0
     obs_s = 0.0

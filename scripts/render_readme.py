@@ -81,7 +81,7 @@ def _sweep(name: str, rate: str, frac: str) -> str:
 def baseline() -> str:
     """Return the baseline row: size, cost and quality (its speed and memory are in `final_cost`)."""
     cols = ["variant", "params_total", "params_non_embedding", "flops_per_token", "size_mb", "ppl", "eval_tokens",
-            "fidelity_ppl", "fidelity_tokens"]
+            "fidelity_ppl", "fidelity_tokens", "heldout_ppl", "heldout_tokens"]
     return _md(_present(_csv("baseline"), cols))
 
 
@@ -98,7 +98,8 @@ def mlp_sweep() -> str:
 def _saved(name: str) -> str:
     df = _csv(name)
     cols = ["variant", "criterion", "reconstruction", "query_heads", "intermediate", "reduction_pct",
-            "flops_reduction_pct", "ppl", "ppl_change_pct", "eval_tokens", "fidelity_ppl", "kl_to_baseline"]
+            "flops_reduction_pct", "ppl", "ppl_change_pct", "eval_tokens", "fidelity_ppl", "heldout_ppl",
+            "kl_to_baseline"]
     return _md(_present(df[df["variant"].str.count("-").ne(2)], cols), 3)
 
 
@@ -115,7 +116,8 @@ def mlp_pruning() -> str:
 def recovery() -> str:
     """Return the LoRA recovery rows: held-out loss and perplexity before / after (its timings stay in the CSV)."""
     cols = ["model", "steps", "tokens_seen", "loss", "data", "heldout_loss_before", "heldout_loss_after", "ppl_before",
-            "ppl_after", "damage_recovered_pct", "fidelity_before", "fidelity_after", "semantic_before",
+            "ppl_after", "damage_recovered_pct", "fidelity_before", "fidelity_after", "heldout_ppl_before",
+            "heldout_ppl_after", "semantic_before",
             "semantic_after"]
     return _md(_present(_csv("recovery"), cols), 3)
 
@@ -123,7 +125,7 @@ def recovery() -> str:
 def final_eval() -> str:
     """Return the final table: every variant measured the same way."""
     cols = ["variant", "params_non_embedding", "reduction_pct", "head_frac_removed", "mlp_frac_removed",
-            "flops_reduction_pct", "size_mb", "ppl", "ppl_change_pct", "fidelity_ppl", "kl_to_baseline",
+            "flops_reduction_pct", "size_mb", "ppl", "ppl_change_pct", "fidelity_ppl", "heldout_ppl", "kl_to_baseline",
             "semantic_cosine", "semantic_ci_low", "semantic_ci_high", "first_sentence_match"]
     return _md(_present(_csv("final_eval"), cols), 3)
 
@@ -301,7 +303,7 @@ def encoder_glue() -> str:
 def final_short() -> str:
     """Return the README's final table: each variant's size, speed and quality, as `final_eval.csv` has them."""
     df = _present(_csv("final_eval"), ["variant", "reduction_pct", "size_mb", "decode_tok_s", "prefill_ms", "ppl",
-                                       "fidelity_ppl", "semantic_cosine"])
+                                       "fidelity_ppl", "heldout_ppl", "semantic_cosine"])
     return _md(df.round({"reduction_pct": 1, "size_mb": 1, "decode_tok_s": 1, "prefill_ms": 1}), 2)
 
 
@@ -542,7 +544,18 @@ def final_readings() -> str:
             f"{best['ppl']:.2f} against the baseline's {b['ppl']:.2f}, with {best['reduction_pct']:.1f}% fewer "
             f"non-embedding parameters. The fastest decode is `{fast['variant']}`'s, {fast['decode_tok_s']:.1f} tok/s "
             f"against {b['decode_tok_s']:.1f} (rows `{best['variant']}`, `{fast['variant']}` and `baseline` of "
-            f"`results/ablation_studies/final_eval.csv`).\n")
+            f"`results/ablation_studies/final_eval.csv`).{_heldout_reading(df, b)}\n")
+
+
+def _heldout_reading(df, b) -> str:
+    """Return the held-out English perplexity of the baseline and of each recovered (`*_lora`) variant (a ratio
+    would be a figure no result file holds: tests/test_prose_numbers.py)."""
+    if "heldout_ppl" not in df or not (b["heldout_ppl"] > 0):
+        return ""
+    rows = df[df["variant"].str.endswith("_lora") & (df["heldout_ppl"] > 0)]
+    parts = [f"`{r['variant']}` {r['heldout_ppl']:.2f}" for _, r in rows.iterrows()]
+    return (f" On held-out English prose (`heldout_ppl`) the baseline scores {b['heldout_ppl']:.2f}"
+            + (f"; after recovery {', '.join(parts)}." if parts else "."))
 
 
 def _sweep_readings(name: str, rate: str) -> str:

@@ -368,3 +368,12 @@ def test_recovery_row_reports_quality_before_and_after_and_the_damage_won_back()
     assert (row["ppl_baseline"], row["ppl_before"], row["ppl_after"], row["steps"]) == (10.0, 14.0, 12.0, 4)
     no_damage = recovery_row("x", stats, dict(ppl=9.0), after, dict(ppl=10.0), *kept, loss="lm", data="text")
     assert math.isnan(no_damage["damage_recovered_pct"]) and no_damage["fidelity_before"] is None
+
+
+def test_a_recovery_that_lowers_retention_is_flagged(capsys):
+    from pruning_utils.recovery.report import warn_if_retention_fell
+
+    assert warn_if_retention_fell("m", {"cosine_mean": 0.8}, {"cosine_mean": 0.7}, "text", "lm")
+    assert "LOWERED semantic retention 0.800 -> 0.700" in capsys.readouterr().out
+    assert not warn_if_retention_fell("m", {"cosine_mean": 0.7}, {"cosine_mean": 0.8}, "text", "lm")
+    assert capsys.readouterr().out == ""

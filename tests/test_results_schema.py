@@ -26,7 +26,8 @@ _VARIANT_TYPES = {
     "params_total": "int", "params_non_embedding": "int", "reduction_pct": "float", "flops_per_token": "float",
     "flops_reduction_pct": "float", "size_mb": "float", "ppl": "float", "ppl_change_pct": "float",
     "ppl_reference": "text", "eval_tokens": "int", "fidelity_ppl": "float", "fidelity_change_pct": "float?",
-    "fidelity_reference": "text?", "fidelity_tokens": "int", "kl_to_baseline": "float?", "prefill_ms": "float?",
+    "fidelity_reference": "text?", "fidelity_tokens": "int", "heldout_ppl": "float?", "heldout_change_pct": "float?",
+    "heldout_reference": "text?", "heldout_tokens": "int", "kl_to_baseline": "float?", "prefill_ms": "float?",
     "prefill_ms_iqr": "float?", "decode_tok_s": "float?", "load_avg": "float", "latency_noisy": "bool?",
     "peak_memory_mb": "float?", "device": "text", "dtype": "text", "commit": "text",
 }
@@ -38,7 +39,7 @@ def _variants(**overrides) -> dict[str, str]:
     return {**_VARIANT_TYPES, **overrides}
 
 
-_SAVED = dict(kl_to_baseline="float", prefill_ms="float", prefill_ms_iqr="float", decode_tok_s="float",
+_SAVED = dict(heldout_ppl="float", kl_to_baseline="float", prefill_ms="float", prefill_ms_iqr="float", decode_tok_s="float",
               latency_noisy="bool", peak_memory_mb="float")
 _SEMANTIC = {c: "float" for c in ("semantic_cosine", "semantic_ci_low", "semantic_ci_high", "semantic_cosine_min",
                                   "exact_match", "first_sentence_match")}
@@ -126,7 +127,8 @@ SCHEMAS: dict[str, TableSchema] = {
          "calibration_source", "eval_tokens"), ("build_s", "eval_s", "prefill_ms", "decode_tokens_per_s")),
     "recovery.csv": TableSchema(_t(
         "model:text steps:int tokens_seen:int loss:text data:text fidelity_before:float fidelity_after:float "
-        "kl_before:float kl_after:float semantic_before:float semantic_after:float heldout_loss_before:float "
+        "heldout_ppl_before:float heldout_ppl_after:float kl_before:float kl_after:float semantic_before:float "
+        "semantic_after:float heldout_loss_before:float "
         "heldout_loss_after:float train_loss_first:float train_loss_last:float ppl_baseline:float ppl_before:float "
         "ppl_after:float damage_recovered_pct:float minutes:float train_tokens_per_s:float device:text dtype:text "
         "load_avg:float commit:text"), ("model",), ("minutes", "train_tokens_per_s")),

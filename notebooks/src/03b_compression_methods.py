@@ -25,16 +25,16 @@ windows = sources.calibration_windows(tok, TEXT_SOURCE, n_samples=COMPRESS_CALIB
                                       seed=SEED, model=model, selfgen_kw=SELFGEN)
 chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
 sweep_chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=SWEEP_EVAL_MAX_TOKENS)
-# the fidelity set notebook 00 measured the baseline on (cached there): windows of 256 tokens, 255 scored in each
-fidelity = sources.fidelity_chunks(model, tok, n_tokens=int(baseline["fidelity_tokens"]) // 255 * 256, seed=SEED,
-                                   selfgen_kw=SELFGEN)
+# the fidelity set and held-out prose notebook 00 measured the baseline on: short for the screens (as notebook 02's
+# sweeps), whole for the saved variants (with KL to the baseline)
+screen_sets, saved_sets = compare.baseline_sets(model, tok, baseline, seed=SEED, selfgen_kw=SELFGEN,
+                                                screen_tokens=SWEEP_EVAL_MAX_TOKENS)
 target = compare.target_params(COMPRESS_TARGET_FROM)
-# screens: the short fidelity set as notebook 02's sweeps; saved variants: the full set and KL to the baseline
-SCREEN = dict(source_model=MODEL, fidelity_chunks=fidelity[:max(1, SWEEP_EVAL_MAX_TOKENS // fidelity.shape[1])])
+SCREEN = dict(source_model=MODEL, **screen_sets)
 # the screens' changes are against the unpruned model on the same short text, the saved rows' against the full one
 SCREEN["reference"] = measure_variant(model, sweep_chunks, variant="baseline", **SCREEN)
-SAVE = dict(reference=baseline, latency_kw=LATENCY, memory_kw=MEMORY, source_model=MODEL, fidelity_chunks=fidelity,
-            reference_model=model)
+SAVE = dict(reference=baseline, latency_kw=LATENCY, memory_kw=MEMORY, source_model=MODEL, reference_model=model,
+            **saved_sets)
 rows, t0 = [], time.time()
 print(f"target: {target:,} non-embedding parameters "
       f"({100 * (1 - target / baseline['params_non_embedding']):.1f}% fewer)")

@@ -8,7 +8,7 @@
 # %%
 import pandas as pd
 
-from pruning_utils.data import sources
+from pruning_utils.data import heldout, sources
 from pruning_utils.measure import evaluation, variants
 from pruning_utils.model.checkpoint import load_pruned, read_checkpoint_meta, save_pruned
 from pruning_utils.model.loading import load_model
@@ -27,9 +27,10 @@ n_windows = RECOVERY_STEPS * RECOVERY_BATCH * GRAD_ACCUM
 train = training_data.training_windows(RECOVERY_DATA, tok, TEXT_SOURCE, n_windows, RECOVERY_SEQ_LEN, base_model,
                                        seed=SEED, instruction_jsonl=INSTRUCTION_JSONL, selfgen_kw=SELFGEN)
 # held out: text windows no training batch holds (seed + 2), never the model's samples
-heldout = sources.calibration_windows(tok, sources.text_parts(TEXT_SOURCE), n_samples=8, seq_len=RECOVERY_SEQ_LEN,
-                                      seed=SEED + 2)
+held_windows = sources.calibration_windows(tok, sources.text_parts(TEXT_SOURCE), n_samples=8,
+                                           seq_len=RECOVERY_SEQ_LEN, seed=SEED + 2)
 fidelity = sources.fidelity_chunks(base_model, tok, n_tokens=FIDELITY_TOKENS, seed=SEED, selfgen_kw=SELFGEN)
+prose = heldout.heldout_chunks(tok, n_tokens=HELDOUT_TOKENS)  # general English: measured, never trained on
 teacher = base_model if RECOVERY_LOSS != "lm" else None
 n_gpus = torch.cuda.device_count()
 prompts = evaluation.load_instructions()[:N_PROMPTS]
@@ -50,18 +51,16 @@ for name in as_list(RECOVERY_MODELS):
             name, f"{name}_lora", cfg, text_source=TEXT_SOURCE, seed=SEED + 1, n_windows=n_windows,
             teacher_dir=MODEL if teacher is not None else None, n_gpus=n_gpus,
             instruction_jsonl=INSTRUCTION_JSONL or None, config_path=OUT / f"recovery_{name}_config.json",
-            n_heldout=len(heldout), heldout_seed=SEED + 2, device=DEVICE, dtype=DTYPE,
-            windows=None if INSTRUCTION_JSONL else train, heldout_windows=heldout)
+            n_heldout=len(held_windows), heldout_seed=SEED + 2, device=DEVICE, dtype=DTYPE,
+            windows=None if INSTRUCTION_JSONL else train, heldout_windows=held_windows)
     else:
         merged, stats = lora.recover(model, tok, train, cfg, teacher=teacher, log_csv=OUT / f"recovery_{name}_loss.csv",
-                                     heldout_windows=heldout)
+                                     heldout_windows=held_windows)
     after = variants.measure_variant(merged, chunks, variant=f"{name}_lora", source_model=MODEL, reference=baseline,
-                                     fidelity_chunks=fidelity, reference_model=base_model, logits_rows=RUN.logits_rows,
-                                     **{k: before[k] for k in variants.PROVENANCE_COLUMNS if k in before})
+                                     fidelity_chunks=fidelity, heldout_chunks=prose, reference_model=base_model,
+                                     logits_rows=RUN.logits_rows, **variants.provenance(before))
     kept_after = evaluation.answer_retention(merged, tok, prompts, **RETENTION)
-    if kept_after["cosine_mean"] < kept_before["cosine_mean"]:
-        print(f"WARNING: recovery of {name} LOWERED semantic retention {kept_before['cosine_mean']:.3f} -> "
-              f"{kept_after['cosine_mean']:.3f} (RECOVERY_DATA={RECOVERY_DATA}, RECOVERY_LOSS={RECOVERY_LOSS})")
+    report.warn_if_retention_fell(name, kept_before, kept_after, RECOVERY_DATA, RECOVERY_LOSS)
     save_pruned(merged, tok, f"{name}_lora", extra=after)
     rows.append(report.recovery_row(name, stats, before, after, baseline, kept_before, kept_after, RECOVERY_LOSS,
                                     RECOVERY_DATA))

@@ -9,7 +9,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from pruning_utils.compress import compare
-from pruning_utils.data import sources
+from pruning_utils.data import heldout, sources
 from pruning_utils.measure import evaluation, final_eval
 from pruning_utils.model.checkpoint import load_pruned, read_checkpoint_meta
 from pruning_utils.model.loading import load_model
@@ -26,6 +26,7 @@ judge = evaluation.SemanticJudge()
 base_model, tok = load_model(MODEL, device=DEVICE, dtype=DTYPE)
 chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
 fidelity = sources.fidelity_chunks(base_model, tok, n_tokens=FIDELITY_TOKENS, seed=SEED, selfgen_kw=SELFGEN)
+prose = heldout.heldout_chunks(tok, n_tokens=HELDOUT_TOKENS)  # general English prose (pruning_utils/data/heldout.py)
 assert names[0] == "baseline", "VARIANTS must start with 'baseline' (the reference of every comparison)"
 
 # %%
@@ -37,7 +38,7 @@ for name in names:
         name, model, t, chunks, source_model=MODEL, recorded_baseline=recorded_baseline,
         reference=rows[0] if rows else None, prompts=prompts, judge=judge, reference_answers=answers.get("baseline"),
         max_new_tokens=MAX_NEW_TOKENS, memory_kw=MEMORY, latency_kw=LATENCY, fidelity_chunks=fidelity,
-        reference_model=base_model, logits_rows=RUN.logits_rows,
+        heldout_chunks=prose, reference_model=base_model, logits_rows=RUN.logits_rows,
         zero_shot_tasks=as_list(ZERO_SHOT_TASKS) if ZERO_SHOT else None, zero_shot_limit=ZERO_SHOT_LIMIT)
     rows.append(row)
     if name != "baseline":
@@ -45,7 +46,8 @@ for name in names:
 final = pd.DataFrame(rows)
 results.write_csv(final, OUT / "final_eval.csv")
 cols = ["variant", "params_non_embedding", "reduction_pct", "head_frac_removed", "mlp_frac_removed",
-        "flops_reduction_pct", "size_mb", "ppl", "ppl_change_pct", "fidelity_ppl", "kl_to_baseline", "semantic_cosine",
+        "flops_reduction_pct", "size_mb", "ppl", "ppl_change_pct", "fidelity_ppl", "heldout_ppl", "kl_to_baseline",
+        "semantic_cosine",
         "semantic_ci_low", "semantic_ci_high", "first_sentence_match", "prefill_ms", "decode_tok_s",
         "latency_noisy", "peak_memory_mb"]
 cols += [c for c in final.columns if c.startswith("zs_")]
@@ -63,8 +65,8 @@ results.save_plot(plots.pareto(final, "params_non_embedding", "fidelity_ppl",
 results.save_plot(plots.pareto(final, "prefill_ms", "ppl", title="quality vs prefill latency"),
                   PLOTS / "pareto_latency.png")
 results.save_plot(plots.pareto(final, "size_mb", "ppl", title="quality vs size on disk"), PLOTS / "pareto_size.png")
-results.save_plot(plots.stage_bars(final, ["ppl", "fidelity_ppl", "semantic_cosine", "params_non_embedding",
-                                           "prefill_ms", "decode_tok_s"]),
+results.save_plot(plots.stage_bars(final, ["ppl", "fidelity_ppl", "heldout_ppl", "semantic_cosine",
+                                           "params_non_embedding", "prefill_ms", "decode_tok_s"]),
                   PLOTS / "stage_bars.png")
 
 # %% [markdown]

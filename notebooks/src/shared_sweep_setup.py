@@ -2,7 +2,7 @@
 import pandas as pd
 
 from pruning_utils import paths
-from pruning_utils.data import sources
+from pruning_utils.data import heldout, sources
 from pruning_utils.measure.variants import Unpruned
 from pruning_utils.pipeline.stages import as_list
 from pruning_utils.prune.scores import load_scores
@@ -19,13 +19,15 @@ chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=
 sweep_chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=SWEEP_EVAL_MAX_TOKENS)
 fidelity = sources.fidelity_chunks(source.model, tok, n_tokens=FIDELITY_TOKENS, seed=SEED, selfgen_kw=SELFGEN)
 sweep_fidelity = fidelity[:max(1, SWEEP_EVAL_MAX_TOKENS // fidelity.shape[1])]
+prose = heldout.heldout_chunks(tok, n_tokens=HELDOUT_TOKENS)  # general English, never calibrated or selected on
+sweep_prose = prose[:max(1, SWEEP_EVAL_MAX_TOKENS // prose.shape[1])]
 # the screens (short text, short fidelity set) of notebooks 02 and 03: `variants.screens`
 SCREEN = dict(source_model=MODEL, allocation=ALLOCATION, compute_device=RUN.compute_device,
-              fidelity_chunks=sweep_fidelity, sequential=RECON_SEQUENTIAL, ridge_ratio=RIDGE_RATIO,
-              logits_rows=RUN.logits_rows)
+              fidelity_chunks=sweep_fidelity, heldout_chunks=sweep_prose, sequential=RECON_SEQUENTIAL,
+              ridge_ratio=RIDGE_RATIO, logits_rows=RUN.logits_rows)
 # saved variants: the full fidelity set, and KL to the baseline while the unpruned model stays in memory beside them
-SAVED = dict(fidelity_chunks=fidelity, reference_model=None if RUN.build == "reload" else source.model,
-             logits_rows=RUN.logits_rows)
+SAVED = dict(fidelity_chunks=fidelity, heldout_chunks=prose, logits_rows=RUN.logits_rows,
+             reference_model=None if RUN.build == "reload" else source.model)
 # the main plans: ALLOCATION='search' searches per-layer counts by KL on held-out windows of every TEXT_SOURCE part
 PLAN = dict(allocation_name=ALLOCATION, tokenizer=tok, text_source=TEXT_SOURCE, seed=SEED, seq_len=CALIB_SEQ_LEN,
             windows=SEARCH_WINDOWS, iterations=SEARCH_ITERATIONS, group=SEARCH_GROUP, ridge_ratio=RIDGE_RATIO,

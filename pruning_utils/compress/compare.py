@@ -24,6 +24,7 @@ from pruning_utils.compress import depth, lowrank, sparse_lowrank
 from pruning_utils.compress.quantize import quantize_int8
 from pruning_utils.measure.metrics import checkpoint_size_mb, count_params, nonzero_params_non_embedding
 from pruning_utils.measure.variants import PROVENANCE_COLUMNS, VARIANT_COLUMNS, measure_variant
+from pruning_utils.measure.variants import provenance as variant_provenance
 from pruning_utils.model.arch import PROJECTIONS, decoder_layers, proj
 from pruning_utils.model.checkpoint import (
     PLAN_FILE,
@@ -38,6 +39,22 @@ from pruning_utils.model.surgery import apply_plan
 INT8_NOTES = {"weight_only": "int8 weights (one scale per output row), fp32 activations",
               "dynamic": "int8 weights (one scale per output row), activations int8 per token at run time"}
 COMPRESSION_COLUMNS = ["method", "base", "form", "saved", "nonzero_params_non_embedding", "applicable", "note"]
+
+
+def baseline_sets(model, tokenizer, baseline: dict, *, seed: int, selfgen_kw: dict | None,
+                  screen_tokens: int) -> tuple[dict, dict]:
+    """Return `(screen, saved)` keywords of `measure_variant`: the fidelity set and held-out prose notebook 00
+    measured the baseline on (rebuilt from the row's token counts, 256-token windows of 255 scored tokens; the
+    fidelity samples are cached there), the screens' share the first windows up to `screen_tokens`."""
+    from pruning_utils.data import sources
+    from pruning_utils.data.heldout import heldout_chunks
+
+    fidelity = sources.fidelity_chunks(model, tokenizer, n_tokens=int(baseline["fidelity_tokens"]) // 255 * 256,
+                                       seed=seed, selfgen_kw=selfgen_kw)
+    prose = heldout_chunks(tokenizer, n_tokens=int(baseline["heldout_tokens"]) // 255 * 256)
+    screen = {"fidelity_chunks": fidelity[:max(1, screen_tokens // fidelity.shape[1])],
+              "heldout_chunks": prose[:max(1, screen_tokens // prose.shape[1])]}
+    return screen, {"fidelity_chunks": fidelity, "heldout_chunks": prose}
 
 
 def target_params(name: str = "mix_pruned") -> int:
@@ -61,7 +78,7 @@ def save_measured(model, tok, name: str, row: dict, chunks, *, reference: dict, 
     """Save `model` as checkpoint `name`, measure it on the full `chunks` (latency, memory in a fresh process,
     size on disk) and record the row, with the provenance of its screen `row`, in its plan file; returns the row."""
     folder = save_pruned(model, tok, name)
-    provenance = {k: row[k] for k in PROVENANCE_COLUMNS if k in row}
+    provenance = variant_provenance(row)
     full = measure_variant(model, chunks, variant=name, reference=reference, latency_kw=latency_kw,
                            memory_kw=None if memory_kw is None else dict(spec=name, **memory_kw),
                            **{"criterion": row["form"], **provenance, **measure_kw})

@@ -15,6 +15,8 @@ Columns of a variant row (every ablation CSV uses them):
 - fidelity_ppl, fidelity_change_pct, fidelity_reference, fidelity_tokens: perplexity on held-out text sampled from
   the unpruned model (`data.fidelity_chunks`), its cross-entropy against the original's own distribution:
   domain-neutral; the change is against `fidelity_reference` ('<variant>@<fidelity_tokens>', empty without one).
+- heldout_ppl, heldout_change_pct, heldout_reference, heldout_tokens: perplexity on general English prose no stage
+  calibrates, searches or selects on (`data.heldout`: State of the Union addresses), NaN / 0 without it.
 - kl_to_baseline: mean per-token KL(unpruned || variant) on the evaluation windows (NaN without a reference model).
 - prefill_ms, prefill_ms_iqr, decode_tok_s, latency_noisy (`metrics.latency`; NaN / empty without `latency_kw`).
   A row with latency_noisy True was timed while the CPU was busy or the repeats disagreed. load_avg: the 1-minute
@@ -49,7 +51,8 @@ VARIANT_COLUMNS = [
     "mlp_rate_requested", "head_frac_removed", "mlp_frac_removed", "query_heads", "kv_heads", "intermediate",
     "layers", "params_total", "params_non_embedding", "reduction_pct", "flops_per_token", "flops_reduction_pct",
     "size_mb", "ppl", "ppl_change_pct", "ppl_reference", "eval_tokens", "fidelity_ppl", "fidelity_change_pct",
-    "fidelity_reference", "fidelity_tokens", "kl_to_baseline", "prefill_ms", "prefill_ms_iqr", "decode_tok_s",
+    "fidelity_reference", "fidelity_tokens", "heldout_ppl", "heldout_change_pct", "heldout_reference",
+    "heldout_tokens", "kl_to_baseline", "prefill_ms", "prefill_ms_iqr", "decode_tok_s",
     "load_avg", "latency_noisy", "peak_memory_mb", "device", "dtype", "commit",
 ]
 # how a variant was made: what a later stage copies from the row of the model it starts from
@@ -109,7 +112,7 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
                     memory_kw: dict | None = None, batch_size: int = 4, flops_seq_len: int = 512,
                     known: dict | None = None, compute_device: str | None = None,
                     fidelity_chunks: torch.Tensor | None = None, reference_model=None,
-                    logits_rows: int | None = None) -> dict:
+                    logits_rows: int | None = None, heldout_chunks: torch.Tensor | None = None) -> dict:
     """Return a variant row (columns in the module docstring): shapes, size and cost, perplexity on `chunks`,
     latency unless `latency_kw` is None, own peak memory unless `memory_kw` is None.
 
@@ -118,7 +121,8 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
     token count matches `chunks`, instead of another full pass. `memory_kw` goes to
     `metrics.variant_peak_memory_mb` (e.g. `spec=` the checkpoint name, so a CPU child loads it directly).
     `compute_device` (offload mode): perplexity runs one decoder layer at a time there.
-    `fidelity_chunks` (held-out samples of the unpruned model) give `fidelity_ppl`; `reference_model` (the
+    `fidelity_chunks` (held-out samples of the unpruned model) give `fidelity_ppl`, `heldout_chunks` (general English,
+    `data.heldout.heldout_chunks`) `heldout_ppl`; `reference_model` (the
     unpruned model) gives `kl_to_baseline` on `chunks`, in the same pass as the perplexity (not in offload mode).
     `logits_rows` (`StageSettings.logits_rows`): the LM heads run that many token rows at a time (`perplexity`).
     """
@@ -136,14 +140,9 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
         ppl = perplexity(model, chunks, batch_size=batch_size, desc=f"ppl {variant}", device=compute_device,
                          reference=reference_model, logits_rows=logits_rows)  # itself: outputs kept for its variants
     kl = 0.0 if reference_model is model else ppl.get("kl", float("nan"))
-    fidelity = {"ppl": float("nan"), "tokens": 0}
-    if fidelity_chunks is not None:
-        f_tokens = fidelity_chunks.shape[0] * (fidelity_chunks.shape[1] - 1)
-        if known is not None and known.get("fidelity_tokens") == f_tokens and _finite(known.get("fidelity_ppl")):
-            fidelity = {"ppl": float(known["fidelity_ppl"]), "tokens": f_tokens}
-        else:
-            fidelity = perplexity(model, fidelity_chunks, batch_size=batch_size, desc=f"fidelity {variant}",
-                                  device=compute_device, logits_rows=logits_rows)
+    side = dict(known=known, batch_size=batch_size, device=compute_device, logits_rows=logits_rows, variant=variant)
+    fidelity = _side_perplexity(model, fidelity_chunks, "fidelity", **side)
+    heldout = _side_perplexity(model, heldout_chunks, "heldout", **side)
     param = next(model.parameters())
     head_frac, mlp_frac = removed_fractions(model, reference)
     own_reference = f"{variant}@{ppl['tokens']}"
@@ -157,7 +156,9 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
         flops_per_token=flops, flops_reduction_pct=0.0, size_mb=round(weight_size_mb(model), 2),
         ppl=ppl["ppl"], ppl_change_pct=0.0, ppl_reference=own_reference, eval_tokens=ppl["tokens"],
         fidelity_ppl=fidelity["ppl"], fidelity_change_pct=float("nan"), fidelity_reference="",
-        fidelity_tokens=fidelity["tokens"], kl_to_baseline=float("nan") if kl is None else float(kl),
+        fidelity_tokens=fidelity["tokens"], heldout_ppl=heldout["ppl"], heldout_change_pct=float("nan"),
+        heldout_reference="", heldout_tokens=heldout["tokens"],
+        kl_to_baseline=float("nan") if kl is None else float(kl),
         prefill_ms=float("nan"), prefill_ms_iqr=float("nan"), decode_tok_s=float("nan"), load_avg=load_avg(),
         latency_noisy=None, peak_memory_mb=float("nan"), device=device_name(param.device),
         dtype=str(param.dtype).replace("torch.", ""), commit=git_commit(),
@@ -168,9 +169,10 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
         row["flops_reduction_pct"] = 100 * (1 - flops / reference["flops_per_token"])
         row["ppl_change_pct"] = 100 * (ppl["ppl"] / reference["ppl"] - 1)
         row["ppl_reference"] = f"{name}@{_tokens(reference.get('eval_tokens'))}"
-        if _finite(reference.get("fidelity_ppl")) and _finite(fidelity["ppl"]):
-            row["fidelity_change_pct"] = 100 * (fidelity["ppl"] / float(reference["fidelity_ppl"]) - 1)
-            row["fidelity_reference"] = f"{name}@{_tokens(reference.get('fidelity_tokens'))}"
+        for kind, measured in (("fidelity", fidelity), ("heldout", heldout)):
+            if _finite(reference.get(f"{kind}_ppl")) and _finite(measured["ppl"]):
+                row[f"{kind}_change_pct"] = 100 * (measured["ppl"] / float(reference[f"{kind}_ppl"]) - 1)
+                row[f"{kind}_reference"] = f"{name}@{_tokens(reference.get(f'{kind}_tokens'))}"
     if latency_kw is not None:
         lat = latency(model, **latency_kw)
         row.update(prefill_ms=lat["prefill_ms_median"], prefill_ms_iqr=lat["prefill_ms_iqr"],
@@ -179,6 +181,23 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
     if memory_kw is not None:
         row["peak_memory_mb"] = variant_peak_memory_mb(model, **memory_kw)["peak_memory_mb"]
     return row
+
+
+def provenance(row: dict) -> dict:
+    """Return how a variant was made (`PROVENANCE_COLUMNS` that `row` has): what a variant derived from it copies."""
+    return {k: row[k] for k in PROVENANCE_COLUMNS if k in row}
+
+
+def _side_perplexity(model, chunks: torch.Tensor | None, kind: str, *, known: dict | None, variant: str,
+                     **kw) -> dict:
+    """Return `{ppl, tokens}` of `model` on a second text (`kind`: fidelity | heldout), reused from `known` when it
+    was measured on as many tokens; NaN / 0 without the text."""
+    if chunks is None:
+        return {"ppl": float("nan"), "tokens": 0}
+    tokens = chunks.shape[0] * (chunks.shape[1] - 1)
+    if known is not None and known.get(f"{kind}_tokens") == tokens and _finite(known.get(f"{kind}_ppl")):
+        return {"ppl": float(known[f"{kind}_ppl"]), "tokens": tokens}
+    return perplexity(model, chunks, desc=f"{kind} {variant}", **kw)
 
 
 def _tokens(value) -> str:
@@ -271,7 +290,8 @@ _SWEEP_KINDS = {"heads": ("plan_heads", "head_rate_requested", "heads"),
 def criteria_sweep(model, scores: dict, criteria: list[str], rates: list[float], kind: str, chunks: torch.Tensor, *,
                    allocation: str = "uniform", reference: dict | None = None, source_model: str = "",
                    progress: bool = True, compute_device: str | None = None,
-                   fidelity_chunks: torch.Tensor | None = None, logits_rows: int | None = None) -> list[dict]:
+                   fidelity_chunks: torch.Tensor | None = None, logits_rows: int | None = None,
+                   heldout_chunks: torch.Tensor | None = None) -> list[dict]:
     """Return one variant row per criterion x rate: `kind` ('heads' | 'neurons') removed plainly, no refit.
 
     Every variant is cut from `model` (a model, left intact, or an `Unpruned` source) and measured on `chunks`
@@ -295,7 +315,8 @@ def criteria_sweep(model, scores: dict, criteria: list[str], rates: list[float],
         rows.append(measure_variant(pruned, chunks, variant=f"{prefix}-{crit}-{rate}", source_model=source_model,
                                     reference=reference, criterion=crit, allocation=allocation,
                                     reconstruction="none", compute_device=compute_device,
-                                    fidelity_chunks=fidelity_chunks, logits_rows=logits_rows, **{rate_col: rate}))
+                                    fidelity_chunks=fidelity_chunks, heldout_chunks=heldout_chunks,
+                                    logits_rows=logits_rows, **{rate_col: rate}))
         del pruned
     return rows
 
@@ -305,7 +326,7 @@ def reconstruction_sweep(model, plan, windows: torch.Tensor, modes: list[str], c
                          reference: dict | None = None, source_model: str = "", stats: dict | None = None,
                          sequential: bool = False, compute_device: str | None = None,
                          fidelity_chunks: torch.Tensor | None = None, logits_rows: int | None = None,
-                         **recon_kw) -> list[dict]:
+                         heldout_chunks: torch.Tensor | None = None, **recon_kw) -> list[dict]:
     """Return one variant row per reconstruction mode for one plan, measured on `chunks`.
 
     `model` is a model or an `Unpruned` source. `stats` (one-shot Grams of `model` from
@@ -326,7 +347,8 @@ def reconstruction_sweep(model, plan, windows: torch.Tensor, modes: list[str], c
         rows.append(measure_variant(pruned, chunks, variant=f"{prefix}-{criterion}-{rate}-{mode}",
                                     source_model=source_model, reference=reference, criterion=criterion,
                                     allocation=allocation, reconstruction=mode, compute_device=compute_device,
-                                    fidelity_chunks=fidelity_chunks, logits_rows=logits_rows, **{rate_col: rate}))
+                                    fidelity_chunks=fidelity_chunks, heldout_chunks=heldout_chunks,
+                                    logits_rows=logits_rows, **{rate_col: rate}))
         del pruned
     return rows
 
@@ -335,13 +357,13 @@ def screens(model, scores: dict, kind: str, criteria: list[str], rates: list[flo
             modes: list[str], chunks: torch.Tensor, *, criterion: str, rate: float, source_model: str = "",
             allocation: str = "uniform", stats: dict | None = None, compute_device: str | None = None,
             fidelity_chunks: torch.Tensor | None = None, logits_rows: int | None = None,
-            **recon_kw) -> tuple[dict, list[dict], list[dict]]:
+            heldout_chunks: torch.Tensor | None = None, **recon_kw) -> tuple[dict, list[dict], list[dict]]:
     """Return `(reference, criteria_rows, reconstruction_rows)`: the screens of notebooks 02 and 03 on the short
     `chunks` — the unpruned model's row, every criterion x rate removed plainly (`criteria_sweep`), then `plan` (the
     main criterion at the main rate) under every reconstruction mode (`reconstruction_sweep`, sharing `stats`)."""
     source = _source(model)
     measure = dict(source_model=source_model, compute_device=compute_device, fidelity_chunks=fidelity_chunks,
-                   logits_rows=logits_rows)
+                   heldout_chunks=heldout_chunks, logits_rows=logits_rows)
     reference = measure_variant(source.model, chunks, variant="baseline", **measure)
     criteria_rows = criteria_sweep(source, scores, criteria, rates, kind, chunks, allocation=allocation,
                                    reference=reference, **measure)

@@ -454,7 +454,8 @@ def _params(given: dict) -> dict:
 # operations offload mode runs on the host (the model is there) and those it cannot run (every layer at once)
 _OFFLOAD_STAGES = ("00", "02", "03")  # the stages whose notebooks read OFFLOAD
 _HOST_OPS = ("load", "prefill", "generate")
-_WHOLE_MODEL_OPS = {"taylor": "taylor (CRITERIA: taylor, mix)", "semantic": "semantic (CRITERIA: semantic, mix)",
+_WHOLE_MODEL_OPS = {"taylor": "taylor (CRITERIA: taylor, mix, semantic_refit)",
+                    "semantic": "semantic (CRITERIA: semantic, semantic_refit)",
                     "lora_step": "LoRA recovery (stage 04)"}
 
 
@@ -525,12 +526,15 @@ def plan_stage(config, stage: str, **params) -> MemoryPlan:
     p = _params(params)
     # 00 measures the unpruned model itself, 05 no KL at all; offload mode has no second model to compare with
     p["kl"] = p["kl"] and stage not in ("00", "05") and not p["offload"]
-    ops = _STAGE_OPS[stage]
-    if stage == "00":
+    ops, targets = _STAGE_OPS[stage], _STAGE_TARGETS.get(stage, ())
+    if stage == "00":  # semantic_refit: the gradient pass (down_proj weights), the head ablations and the Grams
         crit = _criteria(p)
-        ops += ("taylor",) * ("taylor" in crit) + ("semantic",) * ("semantic" in crit)
+        refit = "semantic_refit" in crit
+        ops += ("taylor",) * ("taylor" in crit or refit) + ("semantic",) * ("semantic" in crit or refit)
+        if refit:  # its Grams go to the host layer by layer (`Passes.grams`)
+            ops, targets, p = ops + ("grams",), ("o_proj", "down_proj"), dict(p, grams="layerwise")
     copies = p["copies"] if p["copies"] is not None else _COPIES[stage]
-    return _plan(config, stage, ops, _STAGE_TARGETS.get(stage, ()), copies, stage == "04" and p["teacher"], p)
+    return _plan(config, stage, ops, targets, copies, stage == "04" and p["teacher"], p)
 
 
 def plan_operation(config, op: str, targets: tuple[str, ...] = ("o_proj", "down_proj"), **params) -> MemoryPlan:

@@ -115,7 +115,7 @@ class Limit:
         return "out of range" if below or above else None
 
 
-_CRITERIA = "random,magnitude,activation,fluctuation,taylor,tfidf,tfidf_topic,semantic,mix"
+_CRITERIA = "random,magnitude,activation,fluctuation,taylor,tfidf,tfidf_topic,semantic,semantic_refit,mix"
 
 PARAMS: dict[str, Param] = {
     "PROFILE": Param("default", str, "name of the profile these values come from (set by --profile, informational)"),
@@ -131,6 +131,8 @@ PARAMS: dict[str, Param] = {
                                     "samples another text"),
     "FIDELITY_TOKENS": Param(8192, int,
                              "held-out self-generated tokens of the fidelity perplexity (256-token windows)"),
+    "HELDOUT_TOKENS": Param(4096, int, "tokens of general English prose (data/heldout.py) of the heldout perplexity "
+                                       "(256-token windows); never calibrated, searched or selected on"),
     "DEVICE": Param("auto", str, "auto | cpu | cuda"),
     "DTYPE": Param("auto", str, "auto (fp16 on T4/P100, fp32 on CPU) | float32 | float16 | bfloat16"),
     "SEED": Param(0, int, "seed of the calibration sampling, random scores and LoRA init"),
@@ -155,6 +157,8 @@ PARAMS: dict[str, Param] = {
     "CRITERIA": Param(_CRITERIA, str, "importance criteria, comma-separated"),
     "SEMANTIC_MAX_WINDOWS": Param(2, int, "calibration windows used by the exact per-head ablations of `semantic`"),
     "SEMANTIC_SEQ_LEN": Param(128, int, "... and their length: cost is (number of heads) x (tokens)"),
+    "SEMANTIC_REFIT_WINDOWS": Param(8, int, "calibration windows (of SEMANTIC_SEQ_LEN tokens) of `semantic_refit`'s "
+                                            "exact per-head removals with refit"),
     # pruning (notebooks 02, 03)
     "HEAD_RATE": Param(0.2, float, "main rate: fraction of query heads, rounded per KV group"),
     "HEAD_SWEEP": Param("0.2,0.5", str, "head rates of the criteria sweep, comma-separated"),
@@ -320,6 +324,7 @@ LIMITS: dict[str, Limit] = {
     "MODEL": TEXT, "TEXT_SOURCE": TEXT, "SELFGEN_TEMPERATURE": POSITIVE, "SELFGEN_TOP_P": Limit(0, 1, low_open=True),
     "SELFGEN_BATCH": COUNT,
     "FIDELITY_TOKENS": Limit(256, hint="one 256-token window at least"),
+    "HELDOUT_TOKENS": Limit(256, hint="one 256-token window at least (the eight speeches hold about 200)"),
     "DEVICE": Limit(choices=("auto", "cpu", "cuda"), form="cuda:N"),
     "DTYPE": Limit(choices=("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")),
     "SEED": Limit(0), "OFFLOAD": Limit(choices=("auto", "off", "on")),
@@ -329,6 +334,7 @@ LIMITS: dict[str, Limit] = {
     "N_CALIB": COUNT, "CALIB_SEQ_LEN": Limit(2), "EVAL_SEQ_LEN": Limit(2, hint="perplexity predicts the next token"),
     "EVAL_MAX_TOKENS": COUNT, "SWEEP_EVAL_MAX_TOKENS": COUNT, "LATENCY_BATCH": COUNT, "LATENCY_SEQ_LEN": COUNT,
     "LATENCY_REPEATS": COUNT, "DECODE_TOKENS": COUNT, "CRITERIA": TEXT, "SEMANTIC_MAX_WINDOWS": COUNT,
+    "SEMANTIC_REFIT_WINDOWS": COUNT,
     "SEMANTIC_SEQ_LEN": Limit(2),
     "HEAD_RATE": RATE, "HEAD_SWEEP": Limit(0, 1, high_open=True, each=True), "MLP_RATE": RATE,
     "MLP_SWEEP": Limit(0, 1, high_open=True, each=True), "ALLOCATION": Limit(choices=("uniform", "global", "search")),
@@ -364,7 +370,7 @@ LIMITS: dict[str, Limit] = {
 }
 
 _COMMON = ("PROFILE", "MODEL", "TEXT_SOURCE", "SELFGEN_TEMPERATURE", "SELFGEN_TOP_P", "SELFGEN_BATCH",
-           "FIDELITY_TOKENS", "DEVICE", "DTYPE", "SEED", "N_CALIB", "CALIB_SEQ_LEN", "EVAL_SEQ_LEN",
+           "FIDELITY_TOKENS", "HELDOUT_TOKENS", "DEVICE", "DTYPE", "SEED", "N_CALIB", "CALIB_SEQ_LEN", "EVAL_SEQ_LEN",
            "EVAL_MAX_TOKENS", "SWEEP_EVAL_MAX_TOKENS", "LATENCY_BATCH", "LATENCY_SEQ_LEN", "LATENCY_REPEATS",
            "DECODE_TOKENS", "PEAK_MEMORY")
 _SWEEP = ("ALLOCATION", "SEARCH_ITERATIONS", "SEARCH_WINDOWS", "SEARCH_GROUP", "RECONSTRUCTION", "RECON_OPTIONS",
@@ -374,11 +380,12 @@ _SWEEP = ("ALLOCATION", "SEARCH_ITERATIONS", "SEARCH_WINDOWS", "SEARCH_GROUP", "
 # only these, and a stage's digest hashes only these, so e.g. a new ZERO_SHOT_LIMIT re-runs notebook 06 alone.
 NOTEBOOK_PARAMS: dict[str, tuple[str, ...]] = {
     "00-setup-01-baseline-and-importance.ipynb": tuple(n for n in _COMMON if n != "SWEEP_EVAL_MAX_TOKENS") + (
-        "CRITERIA", "SEMANTIC_MAX_WINDOWS", "SEMANTIC_SEQ_LEN", "OFFLOAD"),
+        "CRITERIA", "SEMANTIC_MAX_WINDOWS", "SEMANTIC_REFIT_WINDOWS", "SEMANTIC_SEQ_LEN", "RIDGE_RATIO", "OFFLOAD"),
     "02_head_pruning.ipynb": _COMMON + ("CRITERIA", "HEAD_RATE", "HEAD_SWEEP", "MAIN_HEAD_CRITERION") + _SWEEP,
     "03_mlp_pruning.ipynb": _COMMON + ("CRITERIA", "MLP_RATE", "MLP_SWEEP", "MAIN_MLP_CRITERION") + _SWEEP + (
         "MIX_RESCORE",),
-    "03b_compression_methods.ipynb": tuple(n for n in _COMMON if n not in ("N_CALIB", "FIDELITY_TOKENS"))
+    "03b_compression_methods.ipynb": tuple(n for n in _COMMON if n not in ("N_CALIB", "FIDELITY_TOKENS",
+                                                                          "HELDOUT_TOKENS"))
     + ("OFFLOAD", "GRAMS", "VARIANT_BUILD") + tuple(n for n in PARAMS if n.startswith("COMPRESS_")),
     "04_recovery_lora.ipynb": tuple(n for n in _COMMON
                                     if n not in ("N_CALIB", "CALIB_SEQ_LEN", "SWEEP_EVAL_MAX_TOKENS"))
@@ -394,7 +401,7 @@ NOTEBOOK_PARAMS: dict[str, tuple[str, ...]] = {
     + tuple(n for n in PARAMS if n.startswith("ENCODER_") and n != "ENCODER_STAGE"),
 }
 
-_SMOKE_CRITERIA = "random,magnitude,activation,fluctuation,taylor,tfidf,semantic,mix"
+_SMOKE_CRITERIA = "random,magnitude,activation,fluctuation,taylor,tfidf,semantic,semantic_refit,mix"
 
 _GPU_EXTRA = "baseline_int8,mix_pruned_int8,depth_pruned,lowrank_pruned,hybrid_pruned"  # torchao INT8 runs on CUDA
 # an offloaded 8B model has no device copy to quantize, and an fp32 host copy would not fit Kaggle's RAM: no INT8 rows
@@ -409,7 +416,8 @@ PROFILES: dict[str, dict] = {
     "smoke": dict(DEFAULTS, MODEL="tiny-llama", N_CALIB=8, CALIB_SEQ_LEN=32, EVAL_SEQ_LEN=64, EVAL_MAX_TOKENS=1024,
                   SWEEP_EVAL_MAX_TOKENS=512, CRITERIA=_SMOKE_CRITERIA, HEAD_RATE=0.25, HEAD_SWEEP="0.25,0.5",
                   SEMANTIC_SEQ_LEN=16, LATENCY_SEQ_LEN=32, LATENCY_REPEATS=2, DECODE_TOKENS=4, RECOVERY_STEPS=4,
-                  N_PROMPTS=4, FIDELITY_TOKENS=256, COMPRESS_CALIB_WINDOWS=4, COMPRESS_DEPTH_SEMANTIC_WINDOWS=1,
+                  N_PROMPTS=4, FIDELITY_TOKENS=256, HELDOUT_TOKENS=256, COMPRESS_CALIB_WINDOWS=4,
+                  COMPRESS_DEPTH_SEMANTIC_WINDOWS=1,
                   COMPRESS_HYBRID_RANK=2, COMPRESS_LOWRANK_METHODS="plain,asvd,whiten",
                   EXTRA_VARIANTS=DEFAULTS["EXTRA_VARIANTS"], ADAPTIVE_N_PROMPTS=10, ADAPTIVE_NEW_TOKENS=4,
                   ADAPTIVE_LEVELS="none,kv:4,heads:0.5+ffn:0.5+layers:0.34,int8", ADAPTIVE_REFIT=True,
@@ -460,7 +468,8 @@ PROFILES["thorough"] = dict(DEFAULTS, MAIN_HEAD_CRITERION="obs", MAIN_MLP_CRITER
 # the committed results.
 PROFILES["quick"] = dict(DEFAULTS, TEXT_SOURCE="embedded", N_CALIB=16, CALIB_SEQ_LEN=128, EVAL_SEQ_LEN=256,
                          EVAL_MAX_TOKENS=4096, RECOVERY_SEQ_LEN=128, RECOVERY_BATCH=2,
-                         SWEEP_EVAL_MAX_TOKENS=1024, FIDELITY_TOKENS=1024, SELFGEN_BATCH=4, PEAK_MEMORY=False,
+                         SWEEP_EVAL_MAX_TOKENS=1024, FIDELITY_TOKENS=1024, HELDOUT_TOKENS=1024, SELFGEN_BATCH=4,
+                         PEAK_MEMORY=False,
                          CRITERIA="magnitude,activation,fluctuation,semantic", SEMANTIC_MAX_WINDOWS=1,
                          SEMANTIC_SEQ_LEN=64, HEAD_SWEEP="0.2", MLP_SWEEP="0.25", LATENCY_SEQ_LEN=128,
                          LATENCY_REPEATS=2, DECODE_TOKENS=8, RECOVERY_STEPS=4, RECOVERY_DATA="text", N_PROMPTS=8,

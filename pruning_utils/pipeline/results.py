@@ -127,7 +127,7 @@ class TableSchema:
 
 
 # the token count a change's reference must have been measured on: like compared with like
-_REFERENCE_TOKENS = {"ppl": "eval_tokens", "fidelity": "fidelity_tokens"}
+_REFERENCE_TOKENS = {"ppl": "eval_tokens", "fidelity": "fidelity_tokens", "heldout": "heldout_tokens"}
 _TYPES = ("text", "int", "float", "bool")
 
 

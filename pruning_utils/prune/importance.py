@@ -159,6 +159,60 @@ def semantic(model, windows: Tensor, batch_size: int = 4, seed: int = 0, passes:
                                                 "semantic_seq_len": passes.semantic_seq_len})
 
 
+def semantic_refit(model, windows: Tensor, batch_size: int = 4, seed: int = 0, passes: Passes | None = None,
+                   **options) -> Scores:
+    """Return post-refit semantic importance: how far removing a part moves the model's next-token predictions
+    (KL(full || pruned), nats per predicted token) AFTER the lstsq refit that follows it (`refit_ridge`, default
+    1e-2: the pipeline's RIDGE_RATIO).
+
+    Heads, exactly: each head is removed in turn and its layer's o_proj refit in closed form from the calibration
+    Grams (the `reconstruction.reconstruct_linear` solution for a plan removing only that head), the following layers
+    replayed, over the first `refit_windows` windows (default 8) cut to `semantic_seq_len` tokens.
+    Neurons, to second order: removing channel j of down_proj and refitting the rest changes its output on token t
+    by Δy_t = -w_j (h_jᵀ a_t) / H_jj, with H = (G + λI)⁻¹ (G the down_proj Gram, w_j column j, h_j column j of H),
+    so the KL is about ½ E[(w_jᵀ g)²] E[(h_jᵀ a)²] / H_jj² (Gauss-Newton with the loss gradient g at the output
+    standing in for the KL's Fisher, Kronecker-factored). A down_proj bias (refit jointly) is left out of it.
+    """
+    passes = _passes(model, windows, batch_size, seed, options, "semantic_refit", passes)
+    ridge = float(options.get("refit_ridge", 1e-2))
+    n_windows = int(options.get("refit_windows", 8))
+    if n_windows < 1:
+        raise ValueError(f"refit_windows must be >= 1, got {n_windows}")
+    heads = passes.semantic_refit_heads(lambda li: _head_refits(passes, li, ridge), (ridge, n_windows), n_windows)
+    grads, grams = passes.grad_stats(), passes.grams()
+    n_tokens = passes.windows.shape[0] * (passes.windows.shape[1] - 1)
+    neurons = []
+    for li, layer in enumerate(decoder_layers(model)):
+        w = proj(layer, NEURON_INPUT).weight.detach().double().cpu()
+        g = grams[(li, NEURON_INPUT)].gram.double().cpu()
+        h = torch.cholesky_inverse(torch.linalg.cholesky(
+            g + ridge * torch.diagonal(g).mean() * torch.eye(g.shape[0], dtype=g.dtype)))
+        fisher = grads["down_fisher"][li] * n_tokens  # per-token mean of g gᵀ (g: per-token loss gradient)
+        out_term = (w * (fisher @ w)).sum(0)  # E[(w_jᵀ g)²]
+        in_term = (h * (g @ h)).sum(0) / n_tokens / torch.diagonal(h) ** 2  # E[(h_jᵀ a)²] / H_jj²
+        neurons.append((0.5 * out_term * in_term).float())
+    return Scores(heads, neurons, "semantic_refit", {"refit_windows": min(n_windows, len(passes.windows)),
+                                                      "semantic_seq_len": passes.semantic_seq_len,
+                                                      "refit_ridge": ridge})
+
+
+def _head_refits(passes: Passes, li: int, ridge_ratio: float) -> list[tuple[Tensor, Tensor | None]]:
+    """Return, per head of layer `li`, the full-width o_proj (weight, bias) after removing that head and refitting:
+    the head's columns zero, the kept ones `reconstruct_linear`'s lstsq solution (exactly what the refit of a plan
+    removing only that head writes)."""
+    from pruning_utils.prune.reconstruction import reconstruct_linear
+
+    hd, o = head_dim(passes.model), proj(decoder_layers(passes.model)[li], HEAD_INPUT)
+    stats, out = passes.grams()[(li, HEAD_INPUT)], []
+    for h in range(o.in_features // hd):
+        keep = torch.cat([torch.arange(0, h * hd), torch.arange((h + 1) * hd, o.in_features)])
+        new_w, new_b = reconstruct_linear(o.weight, o.bias, keep, stats, "lstsq", ridge_ratio)
+        full = torch.zeros_like(o.weight)
+        full[:, keep.to(full.device)] = new_w
+        out.append((full, new_b))
+    return out
+
+
 DEFAULT_MIX = {"activation": 0.5, "taylor": 0.5}
 
 
@@ -206,6 +260,7 @@ def _obs(passes: Passes, options: dict, fisher: dict | None = None) -> Scores:
     from pruning_utils.prune.obs import obs_scores
     from pruning_utils.prune.reconstruction import collect_grams
 
+    # on the device (the progressive selection solves with them many times), unlike `Passes.grams` on the host
     grams = collect_grams(passes.model, passes.windows, batch_size=passes.batch_size,
                           device=options.get("compute_device"))
     return obs_scores(passes.model, grams, ridge_ratio=options.get("obs_ridge", 1e-2), step=options.get("obs_step", 8),
@@ -221,6 +276,7 @@ CRITERIA: dict[str, Callable[..., Scores]] = {
     "tfidf_topic": tfidf_topic,
     "taylor": taylor,
     "semantic": semantic,
+    "semantic_refit": semantic_refit,
     "mix": mix,
     "obs": obs,
     "obs_fisher": obs_fisher,
@@ -228,7 +284,7 @@ CRITERIA: dict[str, Callable[..., Scores]] = {
 
 OPTIONS = ("tfidf_mode", "n_topics", "tfidf_alpha", "tfidf_beta", "tfidf_gamma", "tfidf_idf",
            "semantic_max_windows", "semantic_seq_len", "mix_weights", "obs_ridge", "obs_step", "obs_fisher_windows",
-           "progress", "compute_device")
+           "refit_ridge", "refit_windows", "progress", "compute_device")
 
 
 def compute_importance(model, windows: Tensor, criteria: list[str] | str, batch_size: int = 4, seed: int = 0,
@@ -255,6 +311,7 @@ def make_passes(model, windows: Tensor, batch_size: int, seed: int, options: dic
     return Passes(model, windows, batch_size, seed, docs=bool(criteria & {"tfidf", "tfidf_topic"}),
                   hidden="tfidf_topic" in criteria or options.get("tfidf_mode") == "topic",
                   taylor="taylor" in criteria, neuron_grads="semantic" in criteria,
+                  down_fisher="semantic_refit" in criteria,
                   semantic_max_windows=options.get("semantic_max_windows", 16),
                   semantic_seq_len=options.get("semantic_seq_len"), show_progress=bool(options.get("progress", True)),
                   compute_device=options.get("compute_device"))

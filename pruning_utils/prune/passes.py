@@ -4,7 +4,10 @@
   moments (and per-window sums for TF-IDF): activation, fluctuation, tfidf, tfidf_topic.
 - `grad_stats()`: ONE backward pass over the windows: Taylor (w · dL/dw over what a head / neuron owns) and the
   first-order neuron half of semantic (a · dL/da at the input of `down_proj`).
-- `semantic_heads()`: exact per-head ablations, replaying only the layers after the ablated one.
+- `semantic_heads()`: exact per-head ablations, replaying only the layers after the ablated one;
+  `semantic_refit_heads()` the same with each head's removal followed by the closed-form lstsq refit of its o_proj.
+- `grams()`: the one-shot o_proj / down_proj Grams of the windows (as `reconstruction.collect_grams`), on the host,
+  for semantic_refit.
 - `backward_batches()`: the backward pass itself, shared with `fisher.output_fisher`.
 
 A criterion receives the `Passes` object explicitly (`importance.compute_importance` builds one).
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +71,7 @@ class Passes:
     hidden: bool = False
     taylor: bool = False
     neuron_grads: bool = False
+    down_fisher: bool = False  # the loss's Fisher at every down_proj output (semantic_refit's neurons)
     semantic_max_windows: int | None = 16
     semantic_seq_len: int | None = None
     show_progress: bool = True
@@ -75,6 +80,8 @@ class Passes:
     _forward: ForwardStats | None = None
     _grad: dict | None = None
     _semantic_heads: list[Tensor] | None = None
+    _refit_heads: dict = field(default_factory=dict)  # (ridge_ratio, windows) -> per-layer post-refit KL
+    _grams: dict | None = None
 
     def __post_init__(self):
         if self.windows.dim() != 2:
@@ -182,10 +189,11 @@ class Passes:
     # -- gradient pass ------------------------------------------------------------------------
 
     def grad_stats(self) -> dict:
-        """Return {'taylor': (heads, neurons)} and/or {'semantic': neurons} from one backward pass over the windows."""
+        """Return {'taylor': (heads, neurons)}, {'semantic': neurons} and/or {'down_fisher': per-layer Fisher} from one
+        backward pass over the windows."""
         if self._grad is not None:
             return self._grad
-        self.refuse_offload("the gradient pass", "taylor, semantic and mix")
+        self.refuse_offload("the gradient pass", "taylor, semantic, semantic_refit and mix")
         model, dev = self.model, self.device
         layers, shapes, hd = decoder_layers(model), layer_shapes(model), head_dim(model)
         owned = [p for layer in layers for p in owned_parameters(layer)]
@@ -204,6 +212,21 @@ class Passes:
 
         specs = ([(proj(layer, NEURON_INPUT), "pre", grab(acc)) for layer, acc in zip(layers, sem)]
                  if self.neuron_grads else [])
+        fisher: list[Tensor | None] = [None] * len(layers)
+
+        def out_grad(li: int):  # Σ g gᵀ of the gradient at the down_proj output (the loss's Fisher there)
+            def fwd(mod, args, y):
+                def on_grad(g: Tensor) -> None:
+                    g = g.reshape(-1, g.shape[-1]).double()
+                    if fisher[li] is None:
+                        fisher[li] = torch.zeros(g.shape[1], g.shape[1], dtype=torch.float64, device=g.device)
+                    fisher[li].addmm_(g.T, g)
+                if y.requires_grad:
+                    y.register_hook(on_grad)
+            return fwd
+
+        if self.down_fisher:
+            specs += [(proj(layer, NEURON_INPUT), "forward", out_grad(li)) for li, layer in enumerate(layers)]
         w = self.windows
         try:
             for p in params:
@@ -217,6 +240,8 @@ class Passes:
                 result["taylor"] = _taylor_from_grads(layers, hd)
             if self.neuron_grads:
                 result["semantic"] = [s.abs().cpu() for s in sem]
+            if self.down_fisher:  # gradients of the MEAN loss: sums of g gᵀ / tokens²
+                result["down_fisher"] = [f.cpu() for f in fisher]
         finally:
             for p, grad in saved:
                 p.grad = grad
@@ -228,34 +253,92 @@ class Passes:
     @torch.inference_mode()
     def semantic_heads(self) -> list[Tensor]:
         """Return per-head KL + max(dloss, 0) (nats per predicted token) from one ablated pass per head."""
-        if self._semantic_heads is not None:
-            return self._semantic_heads
-        self.refuse_offload("the exact head ablations", "semantic and mix")
+        if self._semantic_heads is None:
+            kl, dloss = self._head_ablations(None, self.n_semantic_windows)
+            self._semantic_heads = [(k + d.clamp(min=0)).float() for k, d in zip(kl, dloss)]
+        return self._semantic_heads
+
+    def semantic_refit_heads(self, layer_refits: Callable[[int], list[tuple[Tensor, Tensor | None]]], key,
+                             n_windows: int) -> list[Tensor]:
+        """Return per-head KL(full || removed) per predicted token with each head's o_proj replaced in turn by
+        `layer_refits(layer)[head]` (weight, bias): the head removed and the rest refit (`importance.semantic_refit`),
+        over the first `n_windows` windows cut to `semantic_seq_len`; cached under `key`."""
+        if key not in self._refit_heads:
+            self._refit_heads[key] = [k.float() for k in self._head_ablations(layer_refits, n_windows)[0]]
+        return self._refit_heads[key]
+
+    def grams(self) -> dict:
+        """Return the one-shot GramStats of every o_proj / down_proj input over the windows (computed once), kept on
+        the host: the device holds one layer's at a time (a 0.5B model's are 4 GiB in fp64)."""
+        if self._grams is None:
+            wanted = {li: {name: proj(layer, name) for name in (HEAD_INPUT, NEURON_INPUT)}
+                      for li, layer in enumerate(decoder_layers(self.model))}
+            self._grams = calibration.layerwise_grams(self.model, self.windows, wanted, self.batch_size, "cpu",
+                                                      self.compute_device)
+        return self._grams
+
+    @torch.inference_mode()
+    def _head_ablations(self, layer_refits, n_windows: int) -> tuple[list[Tensor], list[Tensor]]:
+        """Return per-head (KL, dloss) per predicted token (float64) over the first `n_windows` windows;
+        `layer_refits` None: the head zeroed; else its o_proj replaced by `layer_refits(layer)[head]`."""
+        what = "semantic" if layer_refits is None else "semantic_refit"
+        self.refuse_offload("the exact head ablations", f"{what} and mix")
         model, dev = self.model, self.device
         shapes = layer_shapes(model)
         # one ablated replay per head: cost is heads x tokens, so CPU runs bound the tokens (semantic_seq_len)
-        w = self.windows[:self.n_semantic_windows, :self.semantic_seq_len or None]
+        w = self.windows[:max(1, min(n_windows, len(self.windows))), :self.semantic_seq_len or None]
         kl = [torch.zeros(s.n_heads, dtype=torch.float64) for s in shapes]
         dloss = [torch.zeros(s.n_heads, dtype=torch.float64) for s in shapes]
         total = sum(s.n_heads for s in shapes) * math.ceil(len(w) / self.batch_size)
-        with progress(total=total, desc="importance: head ablations", disable=not self.show_progress) as bar:
+        layers = decoder_layers(model)
+        with progress(total=total, desc=f"importance: head ablations ({what})", disable=not self.show_progress) as bar:
             for ids in calibration.batches(w, self.batch_size, dev):
                 clean, inputs = calibration.capture_batch(model, ids)
-                clean_lp = torch.log_softmax(clean[:, :-1].float(), -1)
+                clean_lp = _log_probs(clean[:, :-1])
                 clean_p = clean_lp.exp()
                 targets = ids[:, 1:]
                 clean_nll = -clean_lp.gather(-1, targets[..., None]).sum()
                 del clean
                 for li, s in enumerate(shapes):
+                    # one layer's refit weights at a time: memory is one o_proj per head, not the whole model's
+                    refits = None if layer_refits is None else layer_refits(li)
                     for h in range(s.n_heads):
-                        with masked(model, heads={li: [h]}):
-                            lp = torch.log_softmax(calibration.replay(model, inputs, li)[:, :-1].float(), -1)
+                        if refits is None:
+                            with masked(model, heads={li: [h]}):
+                                logits = calibration.replay(model, inputs, li)
+                        else:
+                            with _swapped(proj(layers[li], HEAD_INPUT), *refits[h]):
+                                logits = calibration.replay(model, inputs, li)
+                        lp = _log_probs(logits[:, :-1])
                         dloss[li][h] += float(-lp.gather(-1, targets[..., None]).sum() - clean_nll)
                         kl[li][h] += float((clean_p * (clean_lp - lp)).sum())
                         bar.update(1)
         n = len(w) * (w.shape[1] - 1)
-        self._semantic_heads = [(k / n + (d / n).clamp(min=0)).float() for k, d in zip(kl, dloss)]
-        return self._semantic_heads
+        return [k / n for k in kl], [d / n for d in dloss]
+
+def _log_probs(logits: Tensor) -> Tensor:
+    """Return log-softmax in at least fp32 (fp16 / bf16 logits are promoted; a float64 model stays float64)."""
+    return torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), -1)
+
+
+class _swapped:
+    """Context: a linear layer's weight (and bias, when given) replaced, then restored."""
+
+    def __init__(self, module, weight: Tensor, bias: Tensor | None):
+        self.module, self.weight, self.bias = module, weight, bias
+
+    def __enter__(self):
+        self.saved = (self.module.weight.data, None if self.module.bias is None else self.module.bias.data)
+        self.module.weight.data = self.weight
+        if self.bias is not None:
+            self.module.bias.data = self.bias
+        return self.module
+
+    def __exit__(self, *exc):
+        self.module.weight.data = self.saved[0]
+        if self.saved[1] is not None:
+            self.module.bias.data = self.saved[1]
+        return False
 
 
 def _taylor_from_grads(layers, hd: int) -> tuple[list[Tensor], list[Tensor]]:

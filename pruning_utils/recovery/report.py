@@ -5,6 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 
+def warn_if_retention_fell(name: str, before: dict[str, Any], after: dict[str, Any], data: str, loss: str) -> bool:
+    """Print a warning and return True when recovery LOWERED the semantic retention (`cosine_mean`) of model `name`."""
+    fell = after["cosine_mean"] < before["cosine_mean"]
+    if fell:
+        print(f"WARNING: recovery of {name} LOWERED semantic retention {before['cosine_mean']:.3f} -> "
+              f"{after['cosine_mean']:.3f} (RECOVERY_DATA={data}, RECOVERY_LOSS={loss})")
+    return fell
+
+
 def recovery_row(name: str, stats: dict[str, Any], before: dict[str, Any], after: dict[str, Any],
                  baseline: dict[str, Any], retention_before: dict[str, Any], retention_after: dict[str, Any],
                  loss: str, data: str) -> dict[str, Any]:
@@ -17,6 +26,7 @@ def recovery_row(name: str, stats: dict[str, Any], before: dict[str, Any], after
     damage = before["ppl"] - baseline["ppl"]
     return dict(model=name, steps=stats["steps"], tokens_seen=stats["tokens_seen"], loss=loss, data=data,
                 fidelity_before=before.get("fidelity_ppl"), fidelity_after=after["fidelity_ppl"],
+                heldout_ppl_before=before.get("heldout_ppl"), heldout_ppl_after=after.get("heldout_ppl"),
                 kl_before=before.get("kl_to_baseline"), kl_after=after["kl_to_baseline"],
                 semantic_before=retention_before["cosine_mean"], semantic_after=retention_after["cosine_mean"],
                 heldout_loss_before=stats["heldout_loss_before"], heldout_loss_after=stats["heldout_loss_after"],
