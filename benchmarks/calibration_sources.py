@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from pruning_utils import paths
-from pruning_utils.data import sources
+from pruning_utils.data import heldout, sources
 from pruning_utils.measure.variants import measure_variant, pruned_copy
 from pruning_utils.model.loading import load_model
 from pruning_utils.pipeline import results
@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--eval-max-tokens", type=int, default=32768)
     ap.add_argument("--fidelity-tokens", type=int, default=8192)
     ap.add_argument("--fidelity-seq-len", type=int, default=256)
+    ap.add_argument("--heldout-tokens", type=int, default=4096, help="general English prose (data/heldout.py)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(paths.ablation_dir() / "calibration_sources.csv"))
     args = ap.parse_args()
@@ -64,8 +65,9 @@ def main() -> None:
     chunks = sources.eval_chunks(tok, args.text, seq_len=args.eval_seq_len, max_tokens=args.eval_max_tokens)
     held = sources.fidelity_chunks(model, tok, n_tokens=args.fidelity_tokens, seq_len=args.fidelity_seq_len,
                                 seed=args.seed)
+    prose = heldout.heldout_chunks(tok, n_tokens=args.heldout_tokens)  # general English, never calibrated on
     base = measure_variant(model, chunks, variant="baseline", source_model=args.model, fidelity_chunks=held,
-                           reference_model=model)
+                           heldout_chunks=prose, reference_model=model)
     rows = [dict(base, calibration_source="", shape="baseline", build_s=0.0)]
     for source in args.sources.split(";"):
         t0 = time.perf_counter()
@@ -83,7 +85,7 @@ def main() -> None:
                                   criterion=args.criterion, reconstruction=args.reconstruction,
                                   head_rate_requested=SHAPES[shape]["head_rate"],
                                   mlp_rate_requested=SHAPES[shape]["mlp_rate"], fidelity_chunks=held,
-                                  reference_model=model)
+                                  heldout_chunks=prose, reference_model=model)
             rows.append(dict(row, calibration_source=source, shape=shape, build_s=round(build_s, 1)))
             results.write_csv(pd.DataFrame(rows), args.out)  # after every row: a stopped run keeps what it measured
             print(f"{shape} {source:32s} ppl {row['ppl']:7.2f}  fidelity {row['fidelity_ppl']:7.2f}  "

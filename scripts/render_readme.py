@@ -140,10 +140,21 @@ def calibration_sources() -> str:
     """Return `benchmarks/calibration_sources.py`: per calibration source and shape, in-domain / fidelity PPL, KL."""
     df = _csv("calibration_sources")
     df["calibration_source"] = df["calibration_source"].fillna("").replace("", "(unpruned)")
-    table = df.pivot_table(index="calibration_source", columns="shape",
-                           values=["ppl", "fidelity_ppl", "kl_to_baseline"], sort=False)
+    metrics = [m for m in ("ppl", "fidelity_ppl", "heldout_ppl", "kl_to_baseline") if m in df]
+    table = df.pivot_table(index="calibration_source", columns="shape", values=metrics, sort=False)
     table.columns = [f"{shape} {metric}" for metric, shape in table.columns]
-    order = [f"{s} {m}" for s in ("baseline", "S1", "S2", "S3") for m in ("ppl", "fidelity_ppl", "kl_to_baseline")]
+    order = [f"{s} {m}" for s in ("baseline", "S1", "S2", "S3") for m in metrics]
+    return _md(table[[c for c in order if c in table.columns]].reset_index(), 3)
+
+
+def semantic_refit() -> str:
+    """Return `benchmarks/semantic_refit.py`: per head (S1: neuron) criterion and shape, in-domain / fidelity /
+    held-out English perplexity after the default refit."""
+    df = _csv("semantic_refit")
+    table = df.pivot_table(index="criterion", columns="shape", values=["ppl", "fidelity_ppl", "heldout_ppl"],
+                           sort=False)
+    table.columns = [f"{shape} {metric}" for metric, shape in table.columns]
+    order = [f"{s} {m}" for s in ("baseline", "S1", "S2", "S3") for m in ("ppl", "fidelity_ppl", "heldout_ppl")]
     return _md(table[[c for c in order if c in table.columns]].reset_index(), 3)
 
 
@@ -378,6 +389,7 @@ BENCHMARK_FILES: dict[str, tuple[str, ...]] = {
     "calibration_sources": ("ablation_studies/calibration_sources.csv",),
     "recovery_sources": ("ablation_studies/recovery_sources.csv",),
     "recovery_budget": ("ablation_studies/recovery_budget.csv",),
+    "semantic_refit": ("ablation_studies/semantic_refit.csv",),
     "prefill_speedup": ("benchmarks/prefill_speedup.json",),
     "importance_cost": ("benchmarks/importance_cost.json",),
     "encoder_int8_speed": ("benchmarks/encoder_int8_speed.json",),
@@ -558,6 +570,28 @@ def _heldout_reading(df, b) -> str:
             + (f"; after recovery {', '.join(parts)}." if parts else "."))
 
 
+def semantic_refit_readings() -> str:
+    """Return whether `semantic_refit` is at least as good as the default head criterion in-domain AND on fidelity at
+    S2 and S3 (issue 34's rule for making it the saved recipe's), from semantic_refit.csv."""
+    df = _csv("semantic_refit")
+    default = DEFAULTS["MAIN_HEAD_CRITERION"]
+    lines, wins = [], True
+    for shape in ("S2", "S3"):
+        rows = df[df["shape"] == shape].set_index("variant")
+        new, old = rows.loc[f"{shape}-semantic_refit"], rows.loc[f"{shape}-{default}"]
+        ok = new["ppl"] <= old["ppl"] and new["fidelity_ppl"] <= old["fidelity_ppl"]
+        wins = wins and ok
+        lines.append(f"- {shape}: `semantic_refit` in-domain {new['ppl']:.2f}, fidelity {new['fidelity_ppl']:.2f}, "
+                     f"held-out English {new['heldout_ppl']:.2f}; `{default}` {old['ppl']:.2f}, "
+                     f"{old['fidelity_ppl']:.2f}, {old['heldout_ppl']:.2f}: "
+                     + ("at least as good on both." if ok else "not at least as good on both."))
+    verdict = (f"`semantic_refit` meets the rule: it should be the saved recipe's head criterion (MAIN_HEAD_CRITERION "
+               f"is `{default}`)." if wins else
+               f"`semantic_refit` does not meet the rule at both shapes, so the saved recipe keeps `{default}` "
+               "(MAIN_HEAD_CRITERION).")
+    return "\n".join(lines) + f"\n\n{verdict} (Rows of `results/ablation_studies/semantic_refit.csv`.)\n"
+
+
 def _sweep_readings(name: str, rate: str) -> str:
     df = _csv(name)
     sweep = df[df["variant"].str.count("-").eq(2)]
@@ -587,6 +621,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "recovery_budget": recovery_budget,
     "memory_scale": memory_scale, "memory_extrapolation": memory_extrapolation,
     "calibration_sources": calibration_sources, "recovery_sources": recovery_sources,
+    "semantic_refit": semantic_refit,
     "compression_methods": compression_methods, "adaptive_summary": adaptive_summary,
     "adaptive_levels": adaptive_levels, "encoder_glue": encoder_glue, "calibration_size": calibration_size,
     "int8_smoothing": int8_smoothing, "search_heldout": search_heldout,
@@ -599,6 +634,7 @@ TABLES: dict[str, Callable[[], str]] = {
 TEXTS: dict[str, Callable[[], str]] = {
     "run_time_summary": run_time_summary, "final_readings": final_readings,
     "head_sweep_readings": head_sweep_readings, "mlp_sweep_readings": mlp_sweep_readings,
+    "semantic_refit_readings": semantic_refit_readings,
 }
 
 

@@ -39,7 +39,8 @@ def _variants(**overrides) -> dict[str, str]:
     return {**_VARIANT_TYPES, **overrides}
 
 
-_SAVED = dict(heldout_ppl="float", kl_to_baseline="float", prefill_ms="float", prefill_ms_iqr="float", decode_tok_s="float",
+_SAVED = dict(heldout_ppl="float", kl_to_baseline="float", prefill_ms="float", prefill_ms_iqr="float",
+              decode_tok_s="float",
               latency_noisy="bool", peak_memory_mb="float")
 _SEMANTIC = {c: "float" for c in ("semantic_cosine", "semantic_ci_low", "semantic_ci_high", "semantic_cosine_min",
                                   "exact_match", "first_sentence_match")}
@@ -61,6 +62,8 @@ SCHEMAS: dict[str, TableSchema] = {
         {"variant": "text", **_t("method:text base:text form:text saved:bool nonzero_params_non_embedding:int "
                                  "applicable:bool note:text?"), **_variants()},
         ("variant", "eval_tokens"), _LATENCY, variants=True),
+    "semantic_refit.csv": TableSchema(_variants(heldout_ppl="float", kl_to_baseline="float", shape="text",
+                                                build_s="float"), ("variant",), ("build_s",), variants=True),
     "calibration_sources.csv": TableSchema(
         _variants(calibration_source="text?", shape="text", build_s="float"), ("variant",),
         _LATENCY + ("build_s",), variants=True),
