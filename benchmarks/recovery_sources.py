@@ -25,6 +25,7 @@ import torch
 
 from pruning_utils import paths
 from pruning_utils.data import sources
+from pruning_utils.data.heldout import heldout_chunks
 from pruning_utils.measure import evaluation
 from pruning_utils.measure.variants import measure_variant
 from pruning_utils.model.checkpoint import load_pruned, read_checkpoint_meta
@@ -54,6 +55,7 @@ def main() -> None:
     seq_len, batch = D["RECOVERY_SEQ_LEN"], D["RECOVERY_BATCH"]
     chunks = sources.eval_chunks(tok, args.text_source, seq_len=D["EVAL_SEQ_LEN"], max_tokens=D["EVAL_MAX_TOKENS"])
     fidelity = sources.fidelity_chunks(base, tok, n_tokens=D["FIDELITY_TOKENS"], seed=args.seed, selfgen_kw=selfgen_kw)
+    prose = heldout_chunks(tok, n_tokens=D["HELDOUT_TOKENS"])  # general English, never trained on
     text_windows = lambda n: sources.calibration_windows(  # noqa: E731  the windows of notebook 04
         tok, args.text_source, n_samples=n, seq_len=seq_len, seed=args.seed + 1, model=base, selfgen_kw=selfgen_kw,
         selfgen_seed=args.seed)
@@ -67,17 +69,19 @@ def main() -> None:
 
     def measure(model, name: str, loss: str, source: str, stats: dict | None, known: dict | None = None) -> None:
         row = measure_variant(model, chunks, variant=name, source_model=args.model, reference=baseline,
-                              fidelity_chunks=fidelity, reference_model=base, known=known)
+                              fidelity_chunks=fidelity, heldout_chunks=prose, reference_model=base, known=known)
         answers = evaluation.generate_answers(model, tok, prompts, max_new_tokens=D["MAX_NEW_TOKENS"], cache=True)
         kept = evaluation.semantic_retention(reference, answers, judge)
         rows.append(dict(model=name, loss=loss, data=source, ppl=row["ppl"], fidelity_ppl=row["fidelity_ppl"],
+                         heldout_ppl=row["heldout_ppl"],
                          kl_to_baseline=row["kl_to_baseline"], semantic_cosine=kept["cosine_mean"],
                          semantic_ci_low=kept["cosine_ci_low"], semantic_ci_high=kept["cosine_ci_high"],
                          first_sentence_match=kept["first_sentence_match"], n_prompts=len(prompts),
                          steps=stats["steps"] if stats else 0, tokens_seen=stats["tokens_seen"] if stats else 0,
                          heldout_loss_before=stats["heldout_loss_before"] if stats else float("nan"),
                          heldout_loss_after=stats["heldout_loss_after"] if stats else float("nan"),
-                         train_minutes=stats["minutes"] if stats else 0.0))
+                         train_minutes=stats["minutes"] if stats else 0.0, load_avg=row["load_avg"],
+                         device=row["device"], commit=row["commit"]))
         print(pd.DataFrame(rows[-1:]).round(3).to_string(index=False), flush=True)
         results.write_csv(pd.DataFrame(rows), args.out)  # after every row: a stopped sweep keeps what it measured
 

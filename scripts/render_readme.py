@@ -162,8 +162,8 @@ def recovery_sources() -> str:
     """Return `benchmarks/recovery_sources.py`: each recovery (loss on data) by perplexity, fidelity and retention."""
     if not (ablation_dir() / "recovery_sources.csv").exists():
         return "_No `recovery_sources.csv` yet: `python3 -m benchmarks.recovery_sources` writes it._\n"
-    cols = ["model", "loss", "data", "ppl", "fidelity_ppl", "kl_to_baseline", "semantic_cosine", "semantic_ci_low",
-            "semantic_ci_high", "first_sentence_match", "tokens_seen"]
+    cols = ["model", "loss", "data", "ppl", "fidelity_ppl", "heldout_ppl", "kl_to_baseline", "semantic_cosine",
+            "semantic_ci_low", "semantic_ci_high", "first_sentence_match", "tokens_seen"]
     return _md(_present(_csv("recovery_sources"), cols), 3)
 
 

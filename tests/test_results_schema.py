@@ -142,9 +142,10 @@ SCHEMAS: dict[str, TableSchema] = {
         ("train_minutes", "total_minutes", "train_tokens_per_s")),
     "recovery_mix_pruned_loss.csv": TableSchema(_t("step:int loss:float lr:float device:text commit:text"), ("step",)),
     "recovery_sources.csv": TableSchema(_t(
-        "model:text loss:text data:text ppl:float fidelity_ppl:float kl_to_baseline:float semantic_cosine:float "
-        "semantic_ci_low:float semantic_ci_high:float first_sentence_match:float n_prompts:int steps:int "
-        "tokens_seen:int heldout_loss_before:float? heldout_loss_after:float? train_minutes:float load_avg:float "
+        "model:text loss:text data:text ppl:float fidelity_ppl:float heldout_ppl:float kl_to_baseline:float "
+        "semantic_cosine:float semantic_ci_low:float semantic_ci_high:float first_sentence_match:float n_prompts:int "
+        "steps:int tokens_seen:int heldout_loss_before:float? heldout_loss_after:float? train_minutes:float "
+        "load_avg:float "
         "device:text commit:text"), ("model", "loss", "data"), ("train_minutes",)),
     # stages this checkout never ran keep their row from an earlier run, with the commit it was measured at
     "run_time.csv": TableSchema(_t("stage:text notebook:text? minutes:float profile:text commit:text speed_s:float? "

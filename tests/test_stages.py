@@ -318,3 +318,12 @@ def test_an_encoder_run_times_itself_apart_from_the_default_run(tmp_path, monkey
     dec_rows = {r.split(",")[0]: r.split(",") for r in default.read_text().splitlines()[1:]}
     assert set(enc_rows) == {"07", "total"} and enc_rows["total"][2] == "5.00"
     assert set(dec_rows) == {"00", "total"} and dec_rows["total"][2] == "10.00"
+
+
+def test_one_parameter_chooses_the_saved_recipes_criterion():
+    params = stages.resolve_parameters("default", {"MAIN_HEAD_CRITERION": "semantic_refit"}, environ={})
+    assert stages.as_list(params["CRITERIA"])[-1] == "semantic_refit"  # notebook 00 computes it
+    default = stages.resolve_parameters("default", {}, environ={})
+    assert default["CRITERIA"] == stages.PROFILES["default"]["CRITERIA"]  # already there: unchanged
+    thorough = stages.resolve_parameters("thorough", {}, environ={})
+    assert "obs" not in stages.as_list(thorough["CRITERIA"])  # obs comes from the Grams of 02 / 03

@@ -221,7 +221,19 @@ def resolve_parameters(profile: str, overrides: dict | None = None, environ=os.e
         if name == "PROFILE":
             raise ParameterError("PROFILE is set by --profile, not as a parameter")
         params[name] = parse_value(name, value) if isinstance(value, str) else value
-    return check_parameters(params)
+    return check_parameters(with_main_criteria(params))
+
+
+def with_main_criteria(params: dict) -> dict:
+    """Return `params` with the saved recipe's criteria (MAIN_HEAD_CRITERION, MAIN_MLP_CRITERION) added to CRITERIA
+    when missing, so one parameter chooses them (`-p MAIN_HEAD_CRITERION semantic_refit`): notebook 00 then computes
+    them. `obs` is computed by notebooks 02 / 03 from their Grams and never added."""
+    if "CRITERIA" not in params:
+        return params
+    crit = as_list(params["CRITERIA"])
+    extra = [params.get(n) for n in ("MAIN_HEAD_CRITERION", "MAIN_MLP_CRITERION")]
+    extra = [c for c in dict.fromkeys(extra) if isinstance(c, str) and c and c != "obs" and c not in crit]
+    return dict(params, CRITERIA=",".join(crit + extra)) if extra else params
 
 
 def parse_only(text: str | None, params: dict | None = None) -> list[str] | None:
