@@ -147,9 +147,14 @@ def calibration_sources() -> str:
     return _md(table[[c for c in order if c in table.columns]].reset_index(), 3)
 
 
+_NO_SEMANTIC_REFIT = "_No `semantic_refit.csv` yet: `python3 -m benchmarks.semantic_refit` writes it._\n"
+
+
 def semantic_refit() -> str:
     """Return `benchmarks/semantic_refit.py`: per head (S1: neuron) criterion and shape, in-domain / fidelity /
     held-out English perplexity after the default refit."""
+    if not (ablation_dir() / "semantic_refit.csv").exists():
+        return _NO_SEMANTIC_REFIT
     df = _csv("semantic_refit")
     table = df.pivot_table(index="criterion", columns="shape", values=["ppl", "fidelity_ppl", "heldout_ppl"],
                            sort=False)
@@ -573,6 +578,8 @@ def _heldout_reading(df, b) -> str:
 def semantic_refit_readings() -> str:
     """Return whether `semantic_refit` is at least as good as the default head criterion in-domain AND on fidelity at
     S2 and S3 (issue 34's rule for making it the saved recipe's), from semantic_refit.csv."""
+    if not (ablation_dir() / "semantic_refit.csv").exists():
+        return _NO_SEMANTIC_REFIT
     df = _csv("semantic_refit")
     default = DEFAULTS["MAIN_HEAD_CRITERION"]
     lines, wins = [], True
