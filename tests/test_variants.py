@@ -204,3 +204,12 @@ def test_mix_variant_keeps_the_head_pruned_heads_one_shot_or_rescored(setup, mod
     expected = prune_in_place(head_model, allocation.plan_neurons(head_model, head_scores, 0.5))
     assert layer_shapes(rescored) == layer_shapes(expected)
     assert all(torch.equal(a, b) for a, b in zip(rescored.parameters(), expected.parameters()))
+
+
+def test_first_windows_keep_whole_windows_up_to_the_token_budget():
+    from pruning_utils.measure.variants import first_windows
+
+    chunks = torch.arange(40).reshape(5, 8)
+    assert torch.equal(first_windows(chunks, 20), chunks[:2])
+    assert torch.equal(first_windows(chunks, 3), chunks[:1])  # one window at least
+    assert torch.equal(first_windows(chunks, 10 ** 6), chunks)

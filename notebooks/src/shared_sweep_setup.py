@@ -3,7 +3,7 @@ import pandas as pd
 
 from pruning_utils import paths
 from pruning_utils.data import heldout, sources
-from pruning_utils.measure.variants import Unpruned
+from pruning_utils.measure.variants import Unpruned, first_windows
 from pruning_utils.pipeline.stages import as_list
 from pruning_utils.prune.scores import load_scores
 
@@ -18,12 +18,11 @@ windows = sources.calibration_windows(tok, TEXT_SOURCE, n_samples=N_CALIB, seq_l
 chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
 sweep_chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=SWEEP_EVAL_MAX_TOKENS)
 fidelity = sources.fidelity_chunks(source.model, tok, n_tokens=FIDELITY_TOKENS, seed=SEED, selfgen_kw=SELFGEN)
-sweep_fidelity = fidelity[:max(1, SWEEP_EVAL_MAX_TOKENS // fidelity.shape[1])]
 prose = heldout.heldout_chunks(tok, n_tokens=HELDOUT_TOKENS)  # general English, never calibrated or selected on
-sweep_prose = prose[:max(1, SWEEP_EVAL_MAX_TOKENS // prose.shape[1])]
 # the screens (short text, short fidelity set) of notebooks 02 and 03: `variants.screens`
 SCREEN = dict(source_model=MODEL, allocation=ALLOCATION, compute_device=RUN.compute_device,
-              fidelity_chunks=sweep_fidelity, heldout_chunks=sweep_prose, sequential=RECON_SEQUENTIAL,
+              fidelity_chunks=first_windows(fidelity, SWEEP_EVAL_MAX_TOKENS),
+              heldout_chunks=first_windows(prose, SWEEP_EVAL_MAX_TOKENS), sequential=RECON_SEQUENTIAL,
               ridge_ratio=RIDGE_RATIO, logits_rows=RUN.logits_rows)
 # saved variants: the full fidelity set, and KL to the baseline while the unpruned model stays in memory beside them
 SAVED = dict(fidelity_chunks=fidelity, heldout_chunks=prose, logits_rows=RUN.logits_rows,

@@ -23,7 +23,7 @@ import copy
 from pruning_utils.compress import depth, lowrank, sparse_lowrank
 from pruning_utils.compress.quantize import quantize_int8
 from pruning_utils.measure.metrics import checkpoint_size_mb, count_params, nonzero_params_non_embedding
-from pruning_utils.measure.variants import PROVENANCE_COLUMNS, VARIANT_COLUMNS, measure_variant
+from pruning_utils.measure.variants import PROVENANCE_COLUMNS, VARIANT_COLUMNS, first_windows, measure_variant
 from pruning_utils.measure.variants import provenance as variant_provenance
 from pruning_utils.model.arch import PROJECTIONS, decoder_layers, proj
 from pruning_utils.model.checkpoint import (
@@ -52,8 +52,8 @@ def baseline_sets(model, tokenizer, baseline: dict, *, seed: int, selfgen_kw: di
     fidelity = sources.fidelity_chunks(model, tokenizer, n_tokens=int(baseline["fidelity_tokens"]) // 255 * 256,
                                        seed=seed, selfgen_kw=selfgen_kw)
     prose = heldout_chunks(tokenizer, n_tokens=int(baseline["heldout_tokens"]) // 255 * 256)
-    screen = {"fidelity_chunks": fidelity[:max(1, screen_tokens // fidelity.shape[1])],
-              "heldout_chunks": prose[:max(1, screen_tokens // prose.shape[1])]}
+    screen = {"fidelity_chunks": first_windows(fidelity, screen_tokens),
+              "heldout_chunks": first_windows(prose, screen_tokens)}
     return screen, {"fidelity_chunks": fidelity, "heldout_chunks": prose}
 
 

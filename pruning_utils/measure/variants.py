@@ -183,6 +183,12 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
     return row
 
 
+def first_windows(chunks: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    """Return the first windows of `chunks` [n, seq_len] holding at most `max_tokens` tokens (one at least): the
+    short sets a screen is measured on."""
+    return chunks[:max(1, max_tokens // chunks.shape[1])]
+
+
 def provenance(row: dict) -> dict:
     """Return how a variant was made (`PROVENANCE_COLUMNS` that `row` has): what a variant derived from it copies."""
     return {k: row[k] for k in PROVENANCE_COLUMNS if k in row}
