@@ -498,7 +498,8 @@ def staleness(commits: list[str], code_commit: str | None,
     if unknown:
         return f"unknown: commit {', '.join(unknown)} is not in this repository's history"
     if old:
-        return f"**stale**: its code changed in {code_commit[:7]}, after {', '.join(old)}"
+        # The newest code commit is not named: the page must not change with every later commit to the code.
+        return f"**stale**: its code changed after {', '.join(old)}"
     return f"current (code last changed in {code_commit[:7]})"
 
 
