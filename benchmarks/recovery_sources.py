@@ -10,7 +10,8 @@ rate, at most one epoch, merged) on a fresh copy of `models/<name>/`:
 Each merged model is measured like every variant: in-domain perplexity, fidelity perplexity (held-out samples of
 the unpruned model), KL to the unpruned model on the evaluation windows, and semantic retention of its greedy
 answers to the judge's held-out prompts (all-MiniLM-L6-v2 cosine to the unpruned model's answers, 95% bootstrap
-interval). The row `none` is the model before recovery.
+interval; ROUGE-L F1 and BERTScore F1 on the same MiniLM, `evaluation.answer_overlap`). The row `none` is the model
+before recovery.
 
 Writes results/ablation_studies/recovery_sources.csv. Usage:
     python3 -m benchmarks.recovery_sources --names mix_pruned,head_pruned [--configs lm:text,distill:selfdistill]
@@ -72,11 +73,13 @@ def main() -> None:
                               fidelity_chunks=fidelity, heldout_chunks=prose, reference_model=base, known=known)
         answers = evaluation.generate_answers(model, tok, prompts, max_new_tokens=D["MAX_NEW_TOKENS"], cache=True)
         kept = evaluation.semantic_retention(reference, answers, judge)
+        overlap = evaluation.answer_overlap(reference, answers)
         rows.append(dict(model=name, loss=loss, data=source, ppl=row["ppl"], fidelity_ppl=row["fidelity_ppl"],
                          heldout_ppl=row["heldout_ppl"],
                          kl_to_baseline=row["kl_to_baseline"], semantic_cosine=kept["cosine_mean"],
                          semantic_ci_low=kept["cosine_ci_low"], semantic_ci_high=kept["cosine_ci_high"],
-                         first_sentence_match=kept["first_sentence_match"], n_prompts=len(prompts),
+                         first_sentence_match=kept["first_sentence_match"],
+                         **{c: overlap[c] for c in evaluation.OVERLAP_COLUMNS}, n_prompts=len(prompts),
                          steps=stats["steps"] if stats else 0, tokens_seen=stats["tokens_seen"] if stats else 0,
                          heldout_loss_before=stats["heldout_loss_before"] if stats else float("nan"),
                          heldout_loss_after=stats["heldout_loss_after"] if stats else float("nan"),

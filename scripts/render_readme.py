@@ -254,7 +254,8 @@ def _optional(name: str, stage: str, cols: list[str], digits: int = 3) -> str:
 def adaptive_summary() -> str:
     """Return the adaptive-runtime controllers on the held-out prompts (notebook 05)."""
     return _optional("adaptive_summary", "05", [
-        "controller", "n_prompts", "reward", "reward_ppl_only", "tokens_per_s", "speedup_pct", "latency_s", "retention",
+        "controller", "simulated_load", "load", "n_prompts", "reward", "reward_ppl_only", "tokens_per_s", "speedup_pct",
+        "latency_s", "retention",
         "retention_pct",
         "ppl", "switch_ms_max", "overhead_ms", "level_counts", "beats_fixed_on_reward"])
 

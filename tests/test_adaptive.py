@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pruning_utils.adaptive import controller, nested_model
+from pruning_utils.adaptive import controller, nested_model, telemetry
 from pruning_utils.adaptive.complexity import complexity, prompt_features
 from pruning_utils.adaptive.telemetry import SimulatedLoad, read_telemetry
 from pruning_utils.model import surgery
@@ -408,7 +408,7 @@ def test_build_nested_follows_the_notebook_parameters(monkeypatch, capsys):
     assert "the int8 level is left out" in capsys.readouterr().out
 
 
-def test_experiment_steps_split_tabulate_train_and_summarize(tiny_run):
+def test_experiment_steps_split_tabulate_train_and_summarize(tiny_run, monkeypatch):
     from pruning_utils.adaptive import experiment
 
     nested, tok, train, test, outcomes = tiny_run
@@ -435,7 +435,7 @@ def test_experiment_steps_split_tabulate_train_and_summarize(tiny_run):
     assert experiment.training_rewards(policy).shape == (1, 3)  # one mean reward per epoch
     assert experiment.parse_load("live") is None and experiment.parse_load("0.1,0.5") == (0.1, 0.5)
     assert experiment.held_out_loads((0.1, 0.5), 3, seed=1) == SimulatedLoad(1, 0.1, 0.5).loads(3)
-    assert all(0 <= v <= 1 for v in experiment.held_out_loads(None, 2, seed=1))  # live readings
+    assert experiment.held_out_loads(None, 2, seed=1) is None  # live: evaluate reads the machine per prompt
     ctrls = experiment.controllers(n, train, policy)
     assert [c.name for c in ctrls] == ["always_none", "always_max", "rules", "learned"]
     runtime = controller.evaluate(ctrls, nested, tok, test, [0.5] * len(test), tps_ref, max_new_tokens=3,
@@ -445,4 +445,13 @@ def test_experiment_steps_split_tabulate_train_and_summarize(tiny_run):
     pd.testing.assert_frame_equal(summary[plain.columns], plain)
     assert summary["beats_fixed_on_reward"].tolist() == (plain["reward"] > plain["reward"][:2].max()).tolist()
     assert summary["simulated_load"].all() and (summary["retention_weight"] == 0.0).all()
-    assert experiment.verdict(summary, 0.0).startswith("learned (w = 0.0): reward ")
+    assert experiment.verdict(summary, 0.0).startswith("simulated load: learned (w = 0.0): reward ")
+    readings = iter([0.25, 0.75] * len(ctrls) * len(test))  # the live run reads telemetry just before each prompt
+    monkeypatch.setattr(telemetry, "read_telemetry", lambda: telemetry.Telemetry(cpu=next(readings), memory=0.1))
+    live, live_summary = experiment.live_evaluation(ctrls, nested, tok, test, tps_ref, 0.0, max_new_tokens=3,
+                                                    judge=_Judge())
+    assert live["load"].tolist() == [0.25, 0.75] * (len(live) // 2) and len(live) == len(runtime)
+    assert not live_summary["simulated_load"].any() and np.allclose(
+        live_summary["load"], live.groupby("controller", sort=False)["load"].mean())
+    both = pd.concat([summary, live_summary], ignore_index=True)
+    assert experiment.verdict(both, 0.0).splitlines()[1].startswith("live load: learned")

@@ -1,5 +1,6 @@
 """Compression methods as saved variants (notebook 03b): checkpoints that reload, the depth refit, targets,
-bad input."""
+bad input; the two forms of the Wanda hybrid (`residual`: sparse weight + residual SVD; `svd`, Wanda+SVD: the
+truncated SVD of the pruned weight replaces it, at the low-rank method's parameter target) and their screen rows."""
 import json
 
 import pytest
@@ -8,13 +9,13 @@ from transformers import AutoModelForCausalLM
 
 from pruning_utils.compress import compare
 from pruning_utils.compress.depth import plan_layers, refit_before_spans, score_layers
-from pruning_utils.compress.lowrank import lowrank_model
+from pruning_utils.compress.lowrank import layer_grams, lowrank_model
 from pruning_utils.compress.quantize import quantize_int8
-from pruning_utils.compress.sparse_lowrank import hybrid_model
+from pruning_utils.compress.sparse_lowrank import channel_norms, hybrid_model, nm_mask, wanda_mask
 from pruning_utils.measure.metrics import count_params, flops_per_token
-from pruning_utils.model.arch import decoder_layers, proj
+from pruning_utils.model.arch import PROJECTIONS, decoder_layers, proj
 from pruning_utils.model.checkpoint import PLAN_FILE, load_pruned, read_checkpoint_meta, save_pruned
-from pruning_utils.model.linears import NotApplicableError, is_int8_tensor
+from pruning_utils.model.linears import LowRankLinear, NotApplicableError, SparseLowRankLinear, is_int8_tensor
 from pruning_utils.model.surgery import apply_plan
 from pruning_utils.model.tiny import TinyTokenizer, tiny_model
 
@@ -224,3 +225,152 @@ def test_depth_screens_request_the_layer_fraction_and_the_saved_row_keeps_the_re
                                   latency_kw=None, memory_kw=None, source_model="tiny")
     assert (saved["reconstruction"], saved["allocation"]) == ("lstsq", "depth")
     assert saved["head_rate_requested"] == row["head_rate_requested"] and saved["source_model"] == "tiny"
+
+
+# ------------------------------------------------------------------ the hybrid's forms: residual | svd
+
+
+def _fresh(family: str = "llama"):
+    torch.manual_seed(0)
+    return tiny_model(family)
+
+
+def _layer0_masks(model, windows, sparsity) -> dict[str, torch.Tensor]:
+    """Wanda keep-masks of layer 0 (its inputs do not depend on any compression) on the unchanged model."""
+    _, layer, grams = next(layer_grams(model, windows, [0], PROJECTIONS))
+    out = {}
+    for name in PROJECTIONS:
+        w, norms = proj(layer, name).weight, channel_norms(grams[name])
+        out[name] = nm_mask(w, norms) if sparsity == "2:4" else wanda_mask(w, norms, sparsity)
+    return out
+
+
+@pytest.mark.parametrize("sparsity", [0.5, "2:4"])
+def test_svd_form_factors_are_the_truncated_svd_of_the_wanda_pruned_weight(windows, sparsity):
+    rank = 5
+    original = _fresh()
+    keeps = _layer0_masks(original, windows, sparsity)
+    weights = {n: proj(decoder_layers(original)[0], n).weight.detach().double() for n in PROJECTIONS}
+    model = _fresh()
+    achieved = hybrid_model(model, windows, sparsity=sparsity, rank=rank, form="svd")
+    assert achieved[(0, "q_proj")] == pytest.approx(0.5, abs=1e-6)
+    for name in PROJECTIONS:
+        low = proj(decoder_layers(model)[0], name)
+        assert isinstance(low, LowRankLinear) and low.rank == rank
+        masked = weights[name] * keeps[name]
+        u, s, vh = torch.linalg.svd(masked, full_matrices=False)
+        expected = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
+        product = low[1].weight.detach().double() @ low[0].weight.detach().double()
+        torch.testing.assert_close(product, expected, atol=1e-5, rtol=1e-5)
+        # not the SVD of the unpruned weight: the mask shaped the factors
+        u, s, vh = torch.linalg.svd(weights[name], full_matrices=False)
+        assert (product - u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]).abs().max() > 1e-3
+    # every layer is factorised, the bias kept on the second factor
+    assert all(isinstance(proj(layer, n), LowRankLinear) for layer in decoder_layers(model) for n in PROJECTIONS)
+    q0 = proj(decoder_layers(model)[0], "q_proj")
+    assert torch.equal(q0[1].bias, proj(decoder_layers(original)[0], "q_proj").bias)
+
+
+def test_svd_form_at_sparsity_zero_and_full_rank_reproduces_the_model(family, windows, tokens):
+    original = tiny_model(family)
+    model = tiny_model(family)
+    model.load_state_dict(original.state_dict())
+    # one full rank per projection shape: a call per group of projections sharing it
+    groups = {}
+    for name in PROJECTIONS:
+        groups.setdefault(min(proj(decoder_layers(model)[0], name).weight.shape), []).append(name)
+    for full, names in groups.items():
+        achieved = hybrid_model(model, windows, sparsity=0.0, rank=full, projections=names, form="svd")
+        assert set(achieved.values()) == {0.0}
+    assert all(isinstance(proj(layer, n), LowRankLinear) for layer in decoder_layers(model) for n in PROJECTIONS)
+    torch.testing.assert_close(_logits(model, tokens), _logits(original, tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_svd_variant_counts_what_its_row_reports_and_meets_the_target_as_lowrank_does(windows):
+    model = _fresh()
+    ne = count_params(model)["non_embedding"]
+    target = int(0.75 * ne)
+    reference = compare.measure_variant(model, windows[:2], variant="baseline")
+    (row, hyb), = compare.hybrid_candidates(model, windows, windows[:2], ["0.5"], 2, reference=reference,
+                                            forms=["svd"], target=target)
+    assert row["variant"] == "hybrid-svd-wanda0.5" and row["form"] == "svd-wanda0.5" and row["method"] == "hybrid"
+    counted = count_params(hyb)["non_embedding"]
+    assert row["params_non_embedding"] == counted <= target
+    assert row["nonzero_params_non_embedding"] <= counted
+    low = _fresh()
+    lowrank_model(low, param_ratio=compare.lowrank_ratio(low, target))
+    assert counted == count_params(low)["non_embedding"]
+    # the same rank per projection as the low-rank method, as its note says
+    assert compare.replaced_modules_of(hyb) == compare.replaced_modules_of(low)
+    ranks = [m["rank"] for m in compare.replaced_modules_of(hyb).values()]
+    assert f"ranks {min(ranks)}..{max(ranks)}" in row["note"]
+    assert count_params(model)["non_embedding"] == ne  # the screened model is a copy
+
+
+def test_each_sparsity_and_form_is_its_own_row(windows):
+    model = _fresh()
+    target = int(0.75 * count_params(model)["non_embedding"])
+    reference = compare.measure_variant(model, windows[:2], variant="baseline")
+    cands = list(compare.hybrid_candidates(model, windows, windows[:2], ["0.3", "0.5", "2:4"], 2,
+                                           reference=reference, forms=["residual", "svd"], target=target))
+    rows = [r for r, _ in cands]
+    assert [r["variant"] for r in rows] == [
+        "hybrid-wanda0.3+r2", "hybrid-wanda0.5+r2", "hybrid-wanda2:4+r2",
+        "hybrid-svd-wanda0.3", "hybrid-svd-wanda0.5", "hybrid-svd-wanda2:4"]
+    table = compare.table(rows)
+    assert not table.duplicated(["variant", "eval_tokens"]).any()
+    by = {r["variant"]: r for r in rows}
+    # 0.3 keeps more non-zero weights than 0.5, and the two screens differ in quality
+    assert by["hybrid-wanda0.3+r2"]["nonzero_params_non_embedding"] > by["hybrid-wanda0.5+r2"][
+        "nonzero_params_non_embedding"]
+    assert by["hybrid-wanda0.3+r2"]["ppl"] != by["hybrid-wanda0.5+r2"]["ppl"]
+    assert by["hybrid-svd-wanda0.3"]["ppl"] != by["hybrid-svd-wanda0.5"]["ppl"]
+    # residual rows keep the sparse module (and add the residual's parameters); svd rows meet the target
+    kinds = {r["variant"]: type(proj(decoder_layers(m)[0], "q_proj")) for r, m in cands}
+    assert kinds["hybrid-wanda0.3+r2"] is SparseLowRankLinear and kinds["hybrid-svd-wanda0.3"] is LowRankLinear
+    assert all(r["params_non_embedding"] <= target for r in rows if r["form"].startswith("svd-"))
+    assert all(r["params_non_embedding"] > target for r in rows if not r["form"].startswith("svd-"))
+    # `screen` returns the same rows and picks the lowest perplexity, as `best` does
+    screened, (best_row, best_model) = compare.screen(iter(cands))
+    assert screened == rows and best_row is compare.best(cands)[0] and best_model is compare.best(cands)[1]
+
+
+def test_the_saved_svd_hybrid_reloads_through_load_pruned(tmp_path, windows, tokens):
+    model = _fresh("qwen2")
+    hybrid_model(model, windows, sparsity="2:4", param_ratio=0.5, form="svd")
+    folder = save_pruned(model, TinyTokenizer(), tmp_path / "hybrid")
+    meta = read_checkpoint_meta(folder)
+    assert meta["stock_loadable"] is False and {m["kind"] for m in meta["modules"].values()} == {"lowrank"}
+    back, _ = load_pruned(folder, device="cpu", dtype=torch.float32)
+    assert compare.replaced_modules_of(back) == compare.replaced_modules_of(model)
+    torch.testing.assert_close(_logits(back, tokens), _logits(model, tokens), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(form="svdd", rank=2), "unknown hybrid form 'svdd'; known: residual, svd"),
+    (dict(form="svd"), "form 'svd' needs exactly one of rank"),
+    (dict(form="svd", rank=2, param_ratio=0.5), "form 'svd' needs exactly one of rank"),
+    (dict(form="svd", rank=40), "rank 40 is invalid"),  # above k_proj's full rank (32x64)
+    (dict(form="svd", param_ratio=1.5), "param_ratio=1.5 must be in"),
+    (dict(form="svd", rank=2, method="whiten"), "form 'svd' takes the plain SVD"),
+    (dict(form="residual", rank=2, param_ratio=0.5), "form 'residual' takes rank"),
+])
+def test_bad_hybrid_input_fails_before_any_change(windows, tokens, kw, match):
+    model = _fresh()
+    before = _logits(model, tokens)
+    with pytest.raises(ValueError, match=match):
+        hybrid_model(model, windows, sparsity=0.5, **kw)
+    assert not compare.replaced_modules_of(model) and torch.equal(_logits(model, tokens), before)
+
+
+def test_bad_candidate_input_names_what_to_give(windows):
+    model = _fresh()
+    with pytest.raises(ValueError, match=r"unknown hybrid form\(s\) \['bogus'\]; known: residual, svd"):
+        next(compare.hybrid_candidates(model, windows, windows[:2], ["0.5"], 2, reference=None,
+                                       forms=["residual", "bogus"]))
+    with pytest.raises(ValueError, match="give target="):
+        next(compare.hybrid_candidates(model, windows, windows[:2], ["0.5"], 2, reference=None, forms=["svd"]))
+    with pytest.raises(ValueError, match="repeat a value"):
+        next(compare.hybrid_candidates(model, windows, windows[:2], ["0.5", "0.50"], 2, reference=None))
+    with pytest.raises(ValueError, match="no candidates"):
+        compare.screen(iter([]))

@@ -133,6 +133,18 @@ def test_lowrank_rules_scope_and_layers():
     assert not isinstance(encoder_proj(encoder_layers(model)[2], "query"), LowRankLinear)
     with pytest.raises(ValueError, match=r"indices in \[0, 3\)"):
         ev.lowrank(tiny_encoder(), ev.LowRankOptions(layers="3"))
+    with pytest.raises(ValueError, match=r"down to -3"):
+        ev.lowrank(tiny_encoder(), ev.LowRankOptions(layers="-4"))
+    assert ev.lowrank_layers("-1,-2", 3) == [1, 2] and ev.lowrank_layers("0,-3", 3) == [0]
+    # the rows with their own rule: energy / Gavish-Donoho with a floor / FFN of the last layers
+    for name, want in (("lowrank_energy", "energy 0.995 k_min 1, all, layers all"),
+                       ("lowrank_gavish_donoho", "gavish_donoho k_min 8, all, layers all"),
+                       ("lowrank_ffn_last_layers", "ratio 0.5 k_min 1, ffn, layers -3,-2,-1")):
+        model, recipe = ev.build(name, tiny_encoder(), None, None, None, 0.25, 0.25, 1, 1e-4, 0.5, 8, 16, 0)
+        assert recipe["lowrank_rule"] == want
+    last = {li for li, layer in enumerate(encoder_layers(model))
+            if isinstance(encoder_proj(layer, "output"), LowRankLinear)}
+    assert last == {0, 1, 2} and not isinstance(encoder_proj(encoder_layers(model)[0], "query"), LowRankLinear)
     with pytest.raises(ValueError, match="unknown low-rank scope 'mlp'; known: all, attention, ffn"):
         ev.lowrank(tiny_encoder(), ev.LowRankOptions(scope="mlp"))
 

@@ -54,6 +54,14 @@ def test_packaged_instructions_are_varied_and_well_formed():
     assert len({it["category"] for it in items}) >= 6
     assert {"knowledge", "reasoning", "code"} <= {it["category"] for it in items}
     assert all(it["prompt"].strip() for it in items)
+    # summarization last, so the first prompts (and their cached answers) stay as they were; short enough passages
+    # for a small model's answer, and the default N_PROMPTS judges them all
+    from pruning_utils.pipeline.profiles import PARAMS
+
+    summaries = [i for i, it in enumerate(items) if it["category"] == "summarization"]
+    assert len(summaries) >= 6 and summaries == list(range(len(items) - len(summaries), len(items)))
+    assert all(len(items[i]["prompt"].split()) < 120 and "Summarize" in items[i]["prompt"] for i in summaries)
+    assert PARAMS["N_PROMPTS"].default == len(items)
     # the prompts self-data distillation trains on never include a judge prompt
     train = ev.load_instructions(ev.TRAIN_PROMPTS_FILE)
     assert len(train) >= 64 and not {it["prompt"] for it in train} & {it["prompt"] for it in items}
@@ -210,5 +218,7 @@ def test_answer_retention_judges_the_cached_greedy_answers(models_dir):
     assert same["cosine_mean"] == 1.0 and same["exact_match"] == 1.0
     assert len(list((models_dir / "_cache" / "answers").glob("*.json"))) == 1  # notebook 06 reuses them
     other = ev.answer_retention(model, tok, ["abc", "de"], [answers[0], answers[1] + "!"], Judge(), max_new_tokens=4)
-    assert other == ev.semantic_retention([answers[0], answers[1] + "!"], answers, Judge())
-    assert other["cosine_mean"] == 0.75
+    judged = ev.semantic_retention([answers[0], answers[1] + "!"], answers, Judge())
+    assert {k: other[k] for k in judged if k != "per_item"} == {k: v for k, v in judged.items() if k != "per_item"}
+    assert [{k: it[k] for k in judged["per_item"][0]} for it in other["per_item"]] == judged["per_item"]
+    assert other["cosine_mean"] == 0.75 and set(ev.OVERLAP_COLUMNS) <= other.keys()  # plus ROUGE-L and BERTScore

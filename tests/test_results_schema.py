@@ -51,6 +51,13 @@ def _t(spec: str) -> dict[str, str]:
     return dict(item.split(":") for item in spec.split())
 
 
+_ADAPTIVE_RUNTIME = TableSchema(_t(
+    "controller:text id:text complexity:float load:float level:text level_index:int decide_ms:float "
+    "switch_ms:float overhead_ms:float latency_s:float new_tokens:int tokens_per_s:float cache_tokens_max:int "
+    "cache_bytes_max:int answer:text? ppl:float retention:float reward:float reward_ppl_only:float "
+    "energy_j:float? energy_source:text? load_avg:float device:text commit:text"), ("controller", "id"),
+    ("decide_ms", "switch_ms", "overhead_ms", "latency_s", "tokens_per_s"))
+
 SCHEMAS: dict[str, TableSchema] = {
     "baseline.csv": TableSchema(_variants(**_SAVED), ("variant",), _LATENCY, variants=True),
     "head_pruning.csv": TableSchema(_variants(), SWEEP_KEY, _LATENCY, variants=True),
@@ -84,20 +91,18 @@ SCHEMAS: dict[str, TableSchema] = {
                                         ("id",)),
     "adaptive_retention_weight.csv": TableSchema(_t(
         "retention_weight:float train_retention:float train_speed_ratio:float train_reward:float "
-        "share_level_0:float share_level_1:float share_level_2:float share_level_3:float device:text commit:text"),
+        "share_level_0:float share_level_1:float share_level_2:float share_level_3:float share_level_4:float "
+        "device:text commit:text"),
         ("retention_weight",)),
     # energy_source is 'n/a' on a machine without an energy counter, which pandas reads back as empty
-    "adaptive_runtime.csv": TableSchema(_t(
-        "controller:text id:text complexity:float load:float level:text level_index:int decide_ms:float "
-        "switch_ms:float overhead_ms:float latency_s:float new_tokens:int tokens_per_s:float cache_tokens_max:int "
-        "cache_bytes_max:int answer:text? ppl:float retention:float reward:float reward_ppl_only:float "
-        "energy_j:float? energy_source:text? load_avg:float device:text commit:text"), ("controller", "id"),
-        ("decide_ms", "switch_ms", "overhead_ms", "latency_s", "tokens_per_s")),
+    "adaptive_runtime.csv": _ADAPTIVE_RUNTIME,
+    "adaptive_runtime_live.csv": _ADAPTIVE_RUNTIME,  # the same controllers under the machine's live load
     "adaptive_summary.csv": TableSchema(_t(
         "controller:text n_prompts:int latency_s:float tokens_per_s:float retention:float ppl:float reward:float "
         "reward_ppl_only:float switch_ms_mean:float switch_ms_max:float overhead_ms:float cache_bytes_max:int "
         "level_counts:text speedup_pct:float retention_pct:float beats_fixed_on_reward:bool simulated_load:bool "
-        "retention_weight:float energy_j:float? load_avg:float device:text commit:text"), ("controller",),
+        "retention_weight:float energy_j:float? load:float load_avg:float device:text commit:text"),
+        ("controller", "simulated_load"),
         ("latency_s", "tokens_per_s", "switch_ms_mean", "overhead_ms")),
     "calibration_size.csv": TableSchema(_t(
         "shape:text criterion:text calibration_source:text calib_tokens:int windows:int ppl:float fidelity_ppl:float "

@@ -56,9 +56,13 @@ windows = sources.calibration_windows(tok, TEXT_SOURCE, n_samples=N_CALIB, seq_l
                                       model=model, selfgen_kw=SELFGEN)
 print(f"calibration windows ({TEXT_SOURCE}) in {time.time() - t0:.0f} s")
 t0 = time.time()
+# NeuronRank TF-IDF++ (tfidf, tfidf_topic): |W_j|^alpha * TF_j^beta * IDF_j^gamma, topics as documents; the scores'
+# provenance (saved with them) records the settings, and the sweep rows of 02 / 03 show them (criterion_options)
 scores = importance.compute_importance(model, windows, as_list(CRITERIA), seed=SEED, compute_device=RUN.compute_device,
                                        semantic_max_windows=SEMANTIC_MAX_WINDOWS, semantic_seq_len=SEMANTIC_SEQ_LEN,
-                                       refit_windows=SEMANTIC_REFIT_WINDOWS, refit_ridge=RIDGE_RATIO)
+                                       refit_windows=SEMANTIC_REFIT_WINDOWS, refit_ridge=RIDGE_RATIO,
+                                       tfidf_alpha=TFIDF_ALPHA, tfidf_beta=TFIDF_BETA, tfidf_gamma=TFIDF_GAMMA,
+                                       n_topics=TFIDF_TOPICS)
 seconds = time.time() - t0
 folder = save_scores(scores, paths.results_dir() / "importance")
 results.write_json({"criteria": as_list(CRITERIA), "seconds": seconds, "windows": list(windows.shape),

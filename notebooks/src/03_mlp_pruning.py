@@ -8,6 +8,7 @@ from pruning_utils.measure.mix import mix_variant
 from pruning_utils.measure.variants import (
     SWEEP_KEY,
     measure_variant,
+    neuronrank_screens,
     pruned_copy,
     screens,
 )
@@ -38,6 +39,23 @@ sweep.pivot_table(index="criterion", columns="mlp_rate_requested", values="ppl")
 
 # %%
 pd.DataFrame(recon_rows)[["variant", "reconstruction", "intermediate", "ppl", "ppl_change_pct", "fidelity_ppl"]]
+
+# %% [markdown]
+# ## NeuronRank options (screens, plain removal)
+# `MLP_PRUNING_LAST`: `MLP_RATE` of the neurons of only the last N decoder layers (`MAIN_MLP_CRITERION`), the earlier
+# layers untouched. `LM_HEAD_RATE`: that fraction of the output matrix's rows removed (smallest L2 norm) with the
+# vocabulary mapping kept: a removed token has probability 0, so the perplexity is infinite as soon as one evaluation
+# target is such a token (`lm_head_unreachable_pct`). A model with tied embeddings keeps its whole input embedding and
+# stores more parameters than before (`params_total`). Its decode speed is timed beside the unpruned model's.
+
+# %%
+neuronrank = neuronrank_screens(source, scores, sweep_chunks, criterion=MAIN_MLP_CRITERION, rate=MLP_RATE,
+                                pruning_last=as_list(MLP_PRUNING_LAST, int), lm_head_rates=as_list(LM_HEAD_RATE, float),
+                                reference=ref, latency_kw=LATENCY, **SCREEN)
+rows += neuronrank
+pd.DataFrame(neuronrank).reindex(columns=[
+    "variant", "criterion_options", "intermediate", "params_total", "params_non_embedding", "flops_reduction_pct",
+    "ppl", "ppl_change_pct", "lm_head_unreachable_pct", "decode_tok_s", "reference_decode_tok_s", "decode_change_pct"])
 
 # %% [markdown]
 # ## MLP pruning alone → `models/mlp_pruned/`

@@ -2,10 +2,10 @@
 # # 03b · Other ways to compress, side by side
 # At the −25% non-embedding count of `models/mix_pruned/` (S3, read from its metadata): depth pruning (block influence
 # and bypass-damage layer scores, plain and with the stock-loadable `down_proj` refit), low-rank SVD (plain,
-# activation-aware, and the RMT rank as a row), Wanda unstructured / 2:4 sparsity with a low-rank residual fix, and
-# torchao INT8 (COMPRESS_INT8_MODE) on the baseline and stacked on each pruned checkpoint. Candidates are screened on
-# the short evaluation text; the best of each method is saved under `models/` and measured on the full text with
-# latency and memory → `compression_methods.csv`.
+# activation-aware, and the RMT rank as a row), Wanda unstructured / 2:4 sparsity with a low-rank residual fix or
+# a truncated SVD of the pruned weight (Wanda+SVD), and torchao INT8 (COMPRESS_INT8_MODE) on the baseline and stacked
+# on each pruned checkpoint. Candidates are screened on the short evaluation text; the best of each method is saved
+# under `models/` and measured on the full text with latency and memory → `compression_methods.csv`.
 
 # %%
 import time
@@ -64,16 +64,19 @@ del cands, best
 pd.DataFrame(rows)[["variant", "params_non_embedding", "ppl", "eval_tokens", "note"]].tail(5)
 
 # %% [markdown]
-# ## Wanda sparsity + low-rank residual → `models/hybrid_pruned/`
+# ## Wanda sparsity + low-rank → `models/hybrid_pruned/` (the best screen of either form)
+# `residual`: the sparse weight plus a low-rank SVD of what the sparsity removed (adds parameters); `svd`
+# (Wanda+SVD): the truncated SVD of the pruned weight replaces it, at the count above.
 
 # %%
-cands = list(compare.hybrid_candidates(model, windows, sweep_chunks, as_list(COMPRESS_HYBRID_SPARSITY),
-                                       COMPRESS_HYBRID_RANK, **SCREEN))
-rows += [r for r, _ in cands]
-row, best = compare.best(cands)
+hyb_rows, (row, best) = compare.screen(compare.hybrid_candidates(
+    model, windows, sweep_chunks, as_list(COMPRESS_HYBRID_SPARSITY), COMPRESS_HYBRID_RANK,
+    forms=as_list(COMPRESS_HYBRID_FORMS), target=target, **SCREEN))
+rows += hyb_rows
 rows.append(compare.save_measured(best, tok, "hybrid_pruned", row, chunks, **SAVE))
-del cands, best
-pd.DataFrame(rows)[["variant", "nonzero_params_non_embedding", "ppl", "eval_tokens", "note"]].tail(3)
+del best
+pd.DataFrame(rows)[["variant", "params_non_embedding", "nonzero_params_non_embedding", "ppl", "eval_tokens",
+                    "note"]].tail(len(hyb_rows) + 1)
 
 # %% [markdown]
 # ## INT8 (torchao) on the baseline and stacked on each pruned model → `models/<base>_int8/`

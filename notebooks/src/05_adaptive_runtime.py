@@ -82,11 +82,11 @@ experiment.training_rewards(policy, dqn)
 # ## Held-out 20%: latency, tokens/s, level, semantic retention, perplexity, reward
 
 # %%
-runtime = controller.evaluate(controllers, nested, tok, test, loads, tps_ref, max_new_tokens=ADAPTIVE_NEW_TOKENS,
-                              target=ADAPTIVE_TARGET, judge=judge, retention_weight=retention_weight)
-results.write_csv(runtime, OUT / "adaptive_runtime.csv")
-summary = experiment.summary_table(runtime, retention_weight, simulated_load=load_range is not None)
-results.write_csv(summary, OUT / "adaptive_summary.csv")
+runtime, summary, live = experiment.held_out_evaluation(
+    controllers, nested, tok, test, loads, tps_ref, retention_weight, live=ADAPTIVE_LIVE_EVAL,
+    max_new_tokens=ADAPTIVE_NEW_TOKENS, target=ADAPTIVE_TARGET, judge=judge)
+for name, table in (("adaptive_runtime", runtime), ("adaptive_summary", summary), ("adaptive_runtime_live", live)):
+    table is None or results.write_csv(table, OUT / f"{name}.csv")  # live: ADAPTIVE_LIVE_EVAL, simulated load
 display(Markdown(summary.round(3).to_markdown(index=False)))
 print(experiment.verdict(summary, retention_weight))
 

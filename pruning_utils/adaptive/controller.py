@@ -427,12 +427,14 @@ def measure_outcomes(nested: NestedModel, tokenizer, prompts: pd.DataFrame, max_
     return table
 
 
-def evaluate(controllers: list[Controller], nested: NestedModel, tokenizer, prompts: pd.DataFrame, loads: list[float],
+def evaluate(controllers: list[Controller], nested: NestedModel, tokenizer, prompts: pd.DataFrame,
+             loads: list[float] | None,
              tps_ref: float, max_new_tokens: int = 32, target: float = 0.8, judge=None,
              retention_weight: float = 0.0) -> pd.DataFrame:
     """Return one row per (controller, test prompt): chosen level, latency, tokens/s, perplexity, reward, retention.
 
-    `prompts` is featurized (`featurize`); every controller sees the same load per prompt. Serving a prompt: the
+    `prompts` is featurized (`featurize`); every controller sees the same load per prompt (`loads`), or, with `loads`
+    None, the machine's live load read just before each prompt (`telemetry.read_telemetry`). Serving a prompt: the
     unpruned model prefills it (its last logits give the entropy feature), the controller chooses, the level decodes
     on from that cache (`NestedModel.shares_prefill`; a level that skips layers prefills again, and the first
     prefill then counts as overhead). A fixed controller needs no features: it prefills only when its level shares
@@ -443,7 +445,7 @@ def evaluate(controllers: list[Controller], nested: NestedModel, tokenizer, prom
     """
     import dataclasses
 
-    from pruning_utils.adaptive.telemetry import EnergyMeter
+    from pruning_utils.adaptive.telemetry import EnergyMeter, read_telemetry
     from pruning_utils.measure.evaluation import semantic_retention
 
     rows = []
@@ -452,7 +454,8 @@ def evaluate(controllers: list[Controller], nested: NestedModel, tokenizer, prom
     eos = getattr(tokenizer, "eos_token_id", None)
     names = list(nested.levels)
     for ctrl in controllers:
-        for (_, p), load in zip(prompts.iterrows(), loads):
+        for i, (_, p) in enumerate(prompts.iterrows()):
+            load = read_telemetry().load if loads is None else loads[i]
             ids = _prompt_ids(tokenizer, p["prompt"])
             nested.restore()
             features, pre, extra_ms = features_from_row(p), None, 0.0
@@ -517,7 +520,7 @@ def summarize(table: pd.DataFrame, baseline: str = "always_none") -> pd.DataFram
     g = table.groupby("controller", sort=False)
     out = g.agg(n_prompts=("id", "size"), latency_s=("latency_s", "mean"), tokens_per_s=("tokens_per_s", "mean"),
                 retention=("retention", "mean"), ppl=("ppl", "mean"), reward=("reward", "mean"),
-                reward_ppl_only=("reward_ppl_only", "mean"),
+                reward_ppl_only=("reward_ppl_only", "mean"), load=("load", "mean"),
                 switch_ms_mean=("switch_ms", "mean"), switch_ms_max=("switch_ms", "max"),
                 overhead_ms=("overhead_ms", "mean"), cache_bytes_max=("cache_bytes_max", "max"),
                 **({"load_avg": ("load_avg", "mean")} if "load_avg" in table.columns else {}),

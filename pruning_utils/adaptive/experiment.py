@@ -89,11 +89,13 @@ def parse_load(text: str) -> tuple[float, float] | None:
     return None if text == "live" else tuple(float(v) for v in text.split(","))
 
 
-def held_out_loads(load_range: tuple[float, float] | None, n: int, seed: int) -> list[float]:
-    """Return `n` loads for the held-out prompts: seeded simulated ones in `load_range`, or live readings (None)."""
+def held_out_loads(load_range: tuple[float, float] | None, n: int, seed: int) -> list[float] | None:
+    """Return `n` seeded simulated loads in `load_range` for the held-out prompts, or None for live telemetry
+    (`load_range` None): `controller.evaluate` then reads the machine just before each prompt is served."""
     if load_range:
         return SimulatedLoad(seed, *load_range).loads(n)
-    return [read_telemetry().load for _ in range(n)]
+    read_telemetry()  # primes psutil's CPU counter: the first prompt's reading then spans this call to it
+    return None
 
 
 def train_policy(outcomes: pd.DataFrame, prompts: pd.DataFrame, n_levels: int, tps_ref: float,
@@ -148,6 +150,32 @@ def summary_table(runtime: pd.DataFrame, retention_weight: float, simulated_load
     return summary
 
 
+def held_out_evaluation(controllers: list[controller.Controller], nested: NestedModel, tokenizer, test: pd.DataFrame,
+                        loads: list[float] | None, tps_ref: float, retention_weight: float, live: bool = False,
+                        **evaluate_kw) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
+    """Return `(runtime, summary, live_runtime)` of the trained controllers on the held-out prompts: under `loads`
+    (None: live telemetry), then, with `live` and simulated `loads`, once more under the machine's live load
+    (`live_evaluation`; its summary rows follow, `simulated_load` False; `live_runtime` None without it)."""
+    runtime = controller.evaluate(controllers, nested, tokenizer, test, loads, tps_ref,
+                                  retention_weight=retention_weight, **evaluate_kw)
+    summary = summary_table(runtime, retention_weight, simulated_load=loads is not None)
+    if not (live and loads is not None):
+        return runtime, summary, None
+    live_runtime, live_summary = live_evaluation(controllers, nested, tokenizer, test, tps_ref, retention_weight,
+                                                 **evaluate_kw)
+    return runtime, pd.concat([summary, live_summary], ignore_index=True), live_runtime
+
+
+def live_evaluation(controllers: list[controller.Controller], nested: NestedModel, tokenizer, test: pd.DataFrame,
+                    tps_ref: float, retention_weight: float, **evaluate_kw) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return `(runtime, summary)` of the same trained controllers served once more on the same test prompts, each
+    reading the machine's live load (CPU since the previous reading, memory, GPU with pynvml) just before its prompt:
+    the run beside the simulated one. The summary's `simulated_load` is False; the runtime rows keep every reading."""
+    runtime = controller.evaluate(controllers, nested, tokenizer, test, held_out_loads(None, len(test), 0), tps_ref,
+                                  retention_weight=retention_weight, **evaluate_kw)
+    return runtime, summary_table(runtime, retention_weight, simulated_load=False)
+
+
 def training_rewards(policy: controller.Controller, *extra: controller.Controller | None) -> pd.DataFrame:
     """Return each trained policy's mean training reward per epoch (one row per policy with a `history`, named
     after it; one column per epoch)."""
@@ -162,8 +190,13 @@ def training_rewards(policy: controller.Controller, *extra: controller.Controlle
 def verdict(summary: pd.DataFrame, retention_weight: float) -> str:
     """Return one line comparing the learned controller with the fixed ones (reward) and with the issue's targets:
     >= 95% of the unpruned answers' meaning kept, >= +15% tokens/s."""
-    by = summary.set_index("controller")
-    learned, ends = by.loc["learned"], by.loc[["always_none", "always_max"]]
-    return (f"learned (w = {retention_weight}): reward {learned['reward']:.3f} vs fixed "
-            f"{ends['reward'].round(3).to_dict()}; retention {learned['retention_pct']:.1f}% of baseline "
-            f"(target >= 95), tokens/s {learned['speedup_pct']:+.1f}% (target >= +15)")
+    lines = []
+    for simulated, part in summary.groupby("simulated_load", sort=False) if "simulated_load" in summary else [
+            (True, summary)]:
+        by = part.set_index("controller")
+        learned, ends = by.loc["learned"], by.loc[["always_none", "always_max"]]
+        lines.append(f"{'simulated' if simulated else 'live'} load: learned (w = {retention_weight}): reward "
+                     f"{learned['reward']:.3f} vs fixed {ends['reward'].round(3).to_dict()}; retention "
+                     f"{learned['retention_pct']:.1f}% of baseline (target >= 95), tokens/s "
+                     f"{learned['speedup_pct']:+.1f}% (target >= +15)")
+    return "\n".join(lines)

@@ -4,8 +4,8 @@ each built at a parameter target (S3's non-embedding count), screened, saved and
 The methods themselves live in `depth`, `lowrank`, `hybrid` and `quantize`; this module only turns them into
 named variants and tidy rows. Rows carry `VARIANT_COLUMNS` plus `COMPRESSION_COLUMNS`:
 - method: depth | lowrank | hybrid | int8; base: the model it was cut from (baseline or a saved checkpoint);
-- form: how it was made (e.g. `block_influence+refit`, `whiten`, `rmt`, `2:4+r16`, `int8` (weight-only),
-  `int8-dynamic`);
+- form: how it was made (e.g. `block_influence+refit`, `whiten`, `rmt`, `wanda2:4+r16` (sparse weight + residual
+  SVD), `svd-wanda0.5` (the truncated SVD of the Wanda-pruned weight), `int8` (weight-only), `int8-dynamic`);
 - saved: True when the variant is a checkpoint under models/ measured on the full evaluation chunks (with latency
   and memory), False for a screen row (SWEEP_EVAL_MAX_TOKENS perplexity only);
 - nonzero_params_non_embedding: non-zero non-embedding weights (below params_non_embedding only for sparsity);
@@ -136,17 +136,36 @@ def lowrank_candidates(model, windows, chunks, target: int, methods: list[str], 
 
 
 def hybrid_candidates(model, windows, chunks, sparsities: list[str], rank: int, *, reference: dict,
-                      batch_size: int = 4, **measure_kw):
-    """Yield `(row, model)` screens of Wanda sparsity (a fraction or '2:4') plus a rank-`rank` residual SVD."""
-    for sp in sparsities:
-        sparsity = sp if sp == "2:4" else float(sp)
-        hyb = copy.deepcopy(model)
-        sparse_lowrank.hybrid_model(hyb, windows, sparsity=sparsity, rank=rank, batch_size=batch_size)
-        form = f"wanda{sp}+r{rank}"
-        row = _row(hyb, chunks, f"hybrid-{form}", "hybrid", "baseline", form, reference, allocation="hybrid",
-                   reconstruction="none", **measure_kw)
-        row["note"] = "zeros stored densely: dense kernels run at full cost"
-        yield row, hyb
+                      forms: list[str] = ("residual",), target: int | None = None, batch_size: int = 4,
+                      **measure_kw):
+    """Yield `(row, model)` screens of Wanda sparsity (a fraction or '2:4') per form of `sparse_lowrank.HYBRID_FORMS`:
+    `residual` (a rank-`rank` residual SVD: `hybrid-wanda<sparsity>+r<rank>`) and `svd` (the pruned weight's
+    truncated SVD at the low-rank method's ranks for `target`: `hybrid-svd-wanda<sparsity>`)."""
+    forms = list(forms)
+    unknown = [f for f in forms if f not in sparse_lowrank.HYBRID_FORMS]
+    if unknown:
+        raise ValueError(f"unknown hybrid form(s) {unknown}; known: {', '.join(sparse_lowrank.HYBRID_FORMS)}")
+    if "svd" in forms and target is None:
+        raise ValueError("hybrid form 'svd' meets a parameter target: give target= (compare.target_params)")
+    values = [sp if sp == "2:4" else float(sp) for sp in sparsities]
+    if len(set(values)) < len(values):
+        raise ValueError(f"sparsities {list(sparsities)} repeat a value: each names one row")
+    ratio = lowrank_ratio(model, target) if "svd" in forms else None
+    for kind in forms:
+        for sp, sparsity in zip(sparsities, values):
+            kw = dict(rank=rank) if kind == "residual" else dict(param_ratio=ratio)
+            hyb = copy.deepcopy(model)
+            sparse_lowrank.hybrid_model(hyb, windows, sparsity=sparsity, batch_size=batch_size, form=kind, **kw)
+            form = f"wanda{sp}+r{rank}" if kind == "residual" else f"svd-wanda{sp}"
+            row = _row(hyb, chunks, f"hybrid-{form}", "hybrid", "baseline", form, reference, allocation="hybrid",
+                       reconstruction="none", **measure_kw)
+            if kind == "residual":
+                row["note"] = "zeros stored densely: dense kernels run at full cost"
+            else:
+                ranks = [m["rank"] for m in replaced_modules_of(hyb).values()]
+                row["note"] = f"Wanda mask, then a truncated SVD of the pruned weight: ranks {min(ranks)}..{max(ranks)}"
+            yield row, hyb
+            del hyb  # with a consumer keeping only the best (`screen`), one candidate beside it while the next is built
 
 
 def int8_row(base_name: str, device, chunks, *, reference: dict, model=None, tok=None, latency_kw=None,
@@ -195,6 +214,20 @@ def _missing(value) -> bool:
 def best(rows_models: list[tuple[dict, object]]) -> tuple[dict, object]:
     """Return the `(row, model)` of lowest perplexity."""
     return min(rows_models, key=lambda rm: rm[0]["ppl"])
+
+
+def screen(candidates) -> tuple[list[dict], tuple[dict, object]]:
+    """Return the rows of `(row, model)` candidates and the `(row, model)` of lowest perplexity (as `best`), holding
+    no model but the best one and the newest while the candidates are built."""
+    rows, top = [], None
+    for row, cand in candidates:
+        rows.append(row)
+        if top is None or row["ppl"] < top[0]["ppl"]:
+            top = (row, cand)
+        del cand
+    if top is None:
+        raise ValueError("no candidates to screen: give at least one sparsity and form")
+    return rows, top
 
 
 def available_variants(names: list[str], device) -> list[str]:

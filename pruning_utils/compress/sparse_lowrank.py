@@ -6,6 +6,10 @@ residual R = W − W_sparse is then approximated by U Vᵀ of rank r (a truncate
 input Gram as in `lowrank`), as LS-PRISM-style sparse-plus-low-rank methods do, so a `SparseLowRankLinear`
 computes W_sparse x + U (Vᵀ x) + b.
 
+That is the `residual` form, which adds the factors' parameters to the sparse weight. The `svd` form (Wanda+SVD)
+instead replaces W·keep by its truncated SVD, a `LowRankLinear` of the rank `lowrank` gives it (a rank, or the
+fraction of the matrix's weights the factors may hold), so a checkpoint reloads as `lowrank`'s do.
+
 The zeros are stored densely: on dense kernels unstructured sparsity saves neither time nor memory (it only
 shows what the sparsity costs in quality); 2:4 runs faster only on kernels that support it (e.g. Ampere+
 sparse tensor cores via `torch.sparse.to_sparse_semi_structured`), which this module does not use.
@@ -18,7 +22,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from pruning_utils.compress.lowrank import check_rank, layer_grams, svd_factors
+from pruning_utils.compress.lowrank import check_rank, layer_grams, lowrank_model, svd_factors
 from pruning_utils.model.arch import PROJECTIONS, decoder_layers, proj, set_proj
 from pruning_utils.model.linears import SparseLowRankLinear
 from pruning_utils.model.stats import GramStats
@@ -66,27 +70,59 @@ def sparse_lowrank(linear: nn.Linear, keep: Tensor, rank: int, gram: GramStats |
     return SparseLowRankLinear(sparse.clone(), bias, u.to(w.device), v.to(w.device))
 
 
-def hybrid_model(model, windows: Tensor, sparsity: float | str = 0.5, rank: int = 0,
-                 projections: Iterable[str] = PROJECTIONS, layers: Iterable[int] | None = None,
-                 method: str = "plain", batch_size: int = 4) -> dict[tuple[int, str], float]:
-    """Sparsify the chosen projections (of every layer, or of `layers`) in place (Wanda `sparsity` in [0, 1), or "2:4")
-    with a rank-`rank` residual fix.
+HYBRID_FORMS = ("residual", "svd")
 
-    Returns the achieved sparsity of each `(layer, projection)`. Statistics are taken layer by layer on the inputs
-    the already-sparsified earlier layers produce (`lowrank.layer_grams`; Wanda's paper takes them one-shot).
+
+def hybrid_model(model, windows: Tensor, sparsity: float | str = 0.5, rank: int | None = None,
+                 projections: Iterable[str] = PROJECTIONS, layers: Iterable[int] | None = None,
+                 method: str = "plain", batch_size: int = 4, form: str = "residual",
+                 param_ratio: float | None = None) -> dict[tuple[int, str], float]:
+    """Sparsify the chosen projections (of every layer, or of `layers`) in place (Wanda `sparsity` in [0, 1), or "2:4")
+    and return the achieved sparsity of each `(layer, projection)`.
+
+    `form` (`HYBRID_FORMS`): `residual` keeps W·keep plus a rank-`rank` SVD of the residual (none when `rank` is
+    None or 0; `method`: plain, or whiten); `svd` replaces W·keep by its plain truncated SVD of rank `rank`, or of the
+    rank `lowrank.lowrank_model` gives `param_ratio` (give one of the two). Statistics are taken layer by layer on
+    the inputs the already-compressed earlier layers produce (`lowrank.layer_grams`; Wanda's paper takes them
+    one-shot).
     """
+    if form not in HYBRID_FORMS:
+        raise ValueError(f"unknown hybrid form '{form}'; known: {', '.join(HYBRID_FORMS)}")
     if isinstance(sparsity, str) and sparsity != "2:4":
         raise ValueError(f"sparsity '{sparsity}' is not a pattern; give a fraction in [0, 1) or '2:4'")
-    if rank < 0:
-        raise ValueError(f"rank={rank} must be >= 0 (0: no low-rank correction)")
     projections = list(projections)
+    chosen = range(len(decoder_layers(model))) if layers is None else [int(i) for i in layers]
+    if form == "residual":
+        if param_ratio is not None:
+            raise ValueError("param_ratio sizes the factors of form 'svd'; form 'residual' takes rank (of its "
+                             "residual SVD)")
+        if rank is not None and rank < 0:
+            raise ValueError(f"rank={rank} must be >= 0 (0: no low-rank correction)")
+    else:
+        if (rank is None) == (param_ratio is None):
+            raise ValueError("form 'svd' needs exactly one of rank (of the factors) or param_ratio (the fraction of "
+                             "each matrix's weights they may hold)")
+        if method != "plain":
+            raise ValueError(f"method '{method}' whitens the residual of form 'residual'; form 'svd' takes the plain "
+                             "SVD of the pruned weight")
+        if param_ratio is not None and not 0 < param_ratio <= 1:
+            raise ValueError(f"param_ratio={param_ratio} must be in (0, 1]: the fraction of each matrix's weights kept")
+        all_layers = decoder_layers(model)
+        if rank is not None:  # a bad rank fails before any projection changes
+            for lin in (proj(all_layers[li], name) for li in chosen for name in projections):
+                check_rank(rank, lin.out_features, lin.in_features)
     achieved = {}
-    chosen = range(len(decoder_layers(model))) if layers is None else layers
     for li, layer, grams in layer_grams(model, windows, chosen, projections, batch_size):
         for name in projections:
             lin, gram = proj(layer, name), grams[name]
             norms = channel_norms(gram)
             keep = nm_mask(lin.weight, norms) if sparsity == "2:4" else wanda_mask(lin.weight, norms, sparsity)
-            set_proj(layer, name, sparse_lowrank(lin, keep, rank, gram, method))
             achieved[(li, name)] = 1 - float(keep.float().mean())
+            if form == "residual":
+                set_proj(layer, name, sparse_lowrank(lin, keep, rank or 0, gram, method))
+            else:
+                with torch.no_grad():  # Wanda-pruned in place, then factorised below
+                    lin.weight.mul_(keep.to(lin.weight.device, lin.weight.dtype))
+        if form == "svd":  # the pruned weights' truncated SVD, at the ranks the low-rank method gives them
+            lowrank_model(model, projections, [li], rank=rank, param_ratio=param_ratio)
     return achieved

@@ -16,6 +16,7 @@ the fp32 PyTorch rows are measured on both, `devices`), commit.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import tempfile
@@ -57,6 +58,10 @@ VARIANT_SPECS: dict[str, dict] = {
     "baseline_int8": dict(int8=True),
     "fluctuation_lstsq_recovered_int8": dict(criterion="fluctuation", reconstruction="lstsq", recover=True, int8=True),
     "lowrank": dict(lowrank=True),
+    # the other rank rules as rows of their own: each overrides these fields of the profile's LowRankOptions
+    "lowrank_energy": dict(lowrank=dict(rule="energy")),
+    "lowrank_gavish_donoho": dict(lowrank=dict(rule="gavish_donoho", k_min=8)),
+    "lowrank_ffn_last_layers": dict(lowrank=dict(scope="ffn", layers="-3,-2,-1")),
     "heads_only_pruned": dict(criterion="fluctuation", reconstruction="lstsq", parts="heads"),
     "mlp_only_pruned": dict(criterion="fluctuation", reconstruction="lstsq", parts="mlp"),
     "onnx_fp32": dict(onnx="fp32"),
@@ -95,13 +100,14 @@ def lowrank_layers(spec: str, n_layers: int) -> list[int]:
     if not str(spec).strip():
         return list(range(n_layers))
     try:
-        chosen = sorted({int(x) for x in str(spec).split(",") if x.strip()})
+        given = {int(x) for x in str(spec).split(",") if x.strip()}
     except ValueError:
         raise ValueError(f"low-rank layers '{spec}' must be comma-separated integers, e.g. '0,2', or '' for all"
                          ) from None
-    if not chosen or chosen[0] < 0 or chosen[-1] >= n_layers:
-        raise ValueError(f"low-rank layers '{spec}' must be indices in [0, {n_layers}) or '' for all")
-    return chosen
+    if not given or min(given) < -n_layers or max(given) >= n_layers:
+        raise ValueError(f"low-rank layers '{spec}' must be indices in [0, {n_layers}) (or counted from the end, "
+                         f"-1 the last, down to -{n_layers}) or '' for all")
+    return sorted({i % n_layers for i in given})
 
 
 def lowrank(model, options: LowRankOptions) -> dict[tuple[int, str], int]:
@@ -232,6 +238,8 @@ def build(name: str, base, tokenizer, task: et.Task, calib, head_rate: float, ml
     check_variants([name])
     spec, model = VARIANT_SPECS[name], copy.deepcopy(base)
     low = lowrank_options or LowRankOptions(ratio=lowrank_ratio)
+    if isinstance(spec.get("lowrank"), dict):  # a row with its own rule / floor / scope / layers
+        low = dataclasses.replace(low, **spec["lowrank"])
     recipe = dict(criterion=spec.get("criterion", ""), reconstruction=spec.get("reconstruction", ""),
                   recovery_steps=recovery_steps if spec.get("recover") else 0,
                   int8=bool(spec.get("int8")) or spec.get("onnx") == "int8",

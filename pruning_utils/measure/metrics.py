@@ -103,8 +103,8 @@ def flops_per_token(model, seq_len: int = 512) -> float:
         macs += sum(_linear_macs(proj(layer, name)) for name in PROJECTIONS)
         macs += 2 * shape.n_heads * hd * context  # q.k scores and the weighted sum of values
     head = model.get_output_embeddings()
-    if head is not None:
-        macs += head.in_features * head.out_features
+    if head is not None:  # the Linears it multiplies by: a pruned LM head (`prune.lm_head`) its kept rows only
+        macs += sum(_linear_macs(m) for m in head.modules() if isinstance(m, torch.nn.Linear))
     return 2.0 * macs
 
 
@@ -139,13 +139,20 @@ def token_scores(logits: torch.Tensor, targets: torch.Tensor, ref_logits: torch.
     """
     nll = torch.zeros((), dtype=torch.float64, device=logits.device)
     kl = torch.zeros((), dtype=torch.float64, device=logits.device)
+    # tokens a model cannot emit (-inf logits, a pruned LM head): a target among them costs +inf, as does any
+    # reference mass on them (the KL term p log(p / 0) is +inf even where p underflows, and 0 where p is 0 too)
+    masked = ref_logits is not None and bool(torch.isneginf(logits).any())
     for b in range(logits.shape[0]):
         for i in range(0, logits.shape[1], SCORE_ROWS):
             logp = F.log_softmax(logits[b, i:i + SCORE_ROWS].float(), -1)
             nll -= logp.gather(-1, targets[b, i:i + SCORE_ROWS, None]).sum(dtype=torch.float64)
             if ref_logits is not None:
                 ref = F.log_softmax(ref_logits[b, i:i + SCORE_ROWS].float(), -1)
-                kl += (ref.exp() * (ref - logp)).sum(dtype=torch.float64)
+                terms = ref.exp() * (ref - logp)
+                if masked:
+                    gone = torch.isneginf(logp)
+                    terms = terms.masked_fill(gone, float("inf")).masked_fill(gone & torch.isneginf(ref), 0.0)
+                kl += terms.sum(dtype=torch.float64)
     return nll.item(), kl.item()
 
 
@@ -195,10 +202,15 @@ def perplexity(model, chunks: torch.Tensor, batch_size: int = 4, desc: str = "pe
             total_kl += kl
             total_tokens += ids[:, 1:].numel()
     mean = total_nll / total_tokens
-    out = {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens}
+    out = {"ppl": _exp(mean), "nll": mean, "tokens": total_tokens}
     if reference is not None:
         out["kl"] = 0.0 if itself else total_kl / total_tokens
     return out
+
+
+def _exp(nll: float) -> float:
+    """Return exp(mean NLL): inf where it overflows (a target the model cannot emit has an infinite NLL)."""
+    return math.inf if nll >= 709.0 else math.exp(nll)  # NaN stays NaN
 
 
 def _head_scores(model, ids: torch.Tensor, rows: int, hidden: torch.Tensor | None, reference: tuple | None
@@ -240,7 +252,7 @@ def _perplexity_offloaded(model, chunks: torch.Tensor, batch_size: int, device, 
                     total_nll += token_scores(head(norm(h))[:, :-1], ids[:, 1:])[0]
                     total_tokens += ids[:, 1:].numel()
     mean = total_nll / total_tokens
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens}
+    return {"ppl": _exp(mean), "nll": mean, "tokens": total_tokens}
 
 
 # ---------------------------------------------------------------------------------------------- speed

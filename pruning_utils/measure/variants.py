@@ -25,6 +25,17 @@ Columns of a variant row (every ablation CSV uses them):
   prefill forward, measured alone (`metrics.variant_peak_memory_mb`; on CPU in a fresh process), so a model
   that keeps fewer weights shows less whatever else the notebook holds.
 - device, dtype, commit: where and at which commit of this repository the row was measured.
+
+Screen rows (`screens`, `neuronrank_screens`) add:
+- criterion_options: the settings the criterion's scores were computed with, from their provenance
+  (`importance.criterion_options`: 'alpha=1,beta=1,gamma=1.5,idf=smooth' for tfidf, ',topics=8' more for
+  tfidf_topic; empty for criteria without settings), then what else the row's removal was told: 'last=N' (only the
+  MLPs of the last N decoder layers pruned, NeuronRank's pruning_last), 'lm_head=R' (rows of the output matrix
+  removed instead of neurons). Part of `SWEEP_KEY`.
+- LM-head rows (`lm_head_sweep`) also: lm_head_rate_requested, vocab_kept (rows the output matrix keeps),
+  lm_head_unreachable_pct (share of the row's evaluation targets whose row was removed: with any, `ppl` is inf),
+  reference_decode_tok_s (the unpruned model's decode speed, timed in the same run just before) and
+  decode_change_pct against it (decode_reference names it).
 """
 from __future__ import annotations
 
@@ -58,7 +69,8 @@ VARIANT_COLUMNS = [
 # how a variant was made: what a later stage copies from the row of the model it starts from
 PROVENANCE_COLUMNS = ("criterion", "allocation", "reconstruction", "head_rate_requested", "mlp_rate_requested")
 # one configuration measured on one evaluation text: a sweep table holds it once
-SWEEP_KEY = ("criterion", "allocation", "reconstruction", "head_rate_requested", "mlp_rate_requested", "eval_tokens")
+SWEEP_KEY = ("criterion", "allocation", "reconstruction", "head_rate_requested", "mlp_rate_requested", "eval_tokens",
+             "criterion_options")
 
 
 def compact_shape(values: list[int]) -> str:
@@ -310,6 +322,8 @@ def criteria_sweep(model, scores: dict, criteria: list[str], rates: list[float],
     missing = [c for c in criteria if c not in scores]
     if missing:
         raise KeyError(f"no scores for {missing}; known: {', '.join(scores)}. Compute them in notebook 00 first")
+    from pruning_utils.prune.importance import criterion_options
+
     planner, rate_col, prefix = _SWEEP_KINDS[kind]
     if allocation == "search":  # a search per criterion and rate would cost minutes each: screens are uniform
         allocation = "uniform"
@@ -323,6 +337,7 @@ def criteria_sweep(model, scores: dict, criteria: list[str], rates: list[float],
                                     reconstruction="none", compute_device=compute_device,
                                     fidelity_chunks=fidelity_chunks, heldout_chunks=heldout_chunks,
                                     logits_rows=logits_rows, **{rate_col: rate}))
+        rows[-1]["criterion_options"] = criterion_options(scores[crit])
         del pruned
     return rows
 
@@ -332,8 +347,10 @@ def reconstruction_sweep(model, plan, windows: torch.Tensor, modes: list[str], c
                          reference: dict | None = None, source_model: str = "", stats: dict | None = None,
                          sequential: bool = False, compute_device: str | None = None,
                          fidelity_chunks: torch.Tensor | None = None, logits_rows: int | None = None,
-                         heldout_chunks: torch.Tensor | None = None, **recon_kw) -> list[dict]:
-    """Return one variant row per reconstruction mode for one plan, measured on `chunks`.
+                         heldout_chunks: torch.Tensor | None = None, criterion_options: str | None = None,
+                         **recon_kw) -> list[dict]:
+    """Return one variant row per reconstruction mode for one plan, measured on `chunks` (with a
+    `criterion_options` column when given: `screens` gives its criteria rows' value, so the 'none' row matches).
 
     `model` is a model or an `Unpruned` source. `stats` (one-shot Grams of `model` from
     `reconstruction.collect_grams`) lets every mode share one calibration pass; without them a one-shot refit
@@ -355,6 +372,8 @@ def reconstruction_sweep(model, plan, windows: torch.Tensor, modes: list[str], c
                                     allocation=allocation, reconstruction=mode, compute_device=compute_device,
                                     fidelity_chunks=fidelity_chunks, heldout_chunks=heldout_chunks,
                                     logits_rows=logits_rows, **{rate_col: rate}))
+        if criterion_options is not None:
+            rows[-1]["criterion_options"] = criterion_options
         del pruned
     return rows
 
@@ -373,6 +392,90 @@ def screens(model, scores: dict, kind: str, criteria: list[str], rates: list[flo
     reference = measure_variant(source.model, chunks, variant="baseline", **measure)
     criteria_rows = criteria_sweep(source, scores, criteria, rates, kind, chunks, allocation=allocation,
                                    reference=reference, **measure)
+    from pruning_utils.prune.importance import criterion_options
+
+    options = criterion_options(scores[criterion]) if criterion in scores else ""
     recon_rows = reconstruction_sweep(source, plan, windows, modes, chunks, criterion=criterion, rate=rate, kind=kind,
-                                      allocation=allocation, reference=reference, stats=stats, **measure, **recon_kw)
+                                      allocation=allocation, reference=reference, stats=stats,
+                                      criterion_options=options, **measure, **recon_kw)
     return reference, criteria_rows, recon_rows
+
+
+def pruning_last_sweep(model, scores: dict, criterion: str, rate: float, lasts: list[int], chunks: torch.Tensor, *,
+                       reference: dict | None = None, source_model: str = "", compute_device: str | None = None,
+                       fidelity_chunks: torch.Tensor | None = None, logits_rows: int | None = None,
+                       heldout_chunks: torch.Tensor | None = None) -> list[dict]:
+    """Return one row per N of `lasts` (NeuronRank's pruning_last): `rate` of the MLP neurons of each of the last N
+    decoder layers removed by `criterion`, plainly (no refit), the earlier layers untouched; variant
+    'mlp-<criterion>-last<N>-<rate>'. Raises ValueError for an N outside 1..(decoder layers)."""
+    from pruning_utils.prune import allocation as alloc
+    from pruning_utils.prune.importance import criterion_options
+
+    source = _source(model)
+    n_layers = len(layer_shapes(source.model))
+    bad = [n for n in lasts if not 1 <= int(n) <= n_layers]
+    if bad:
+        raise ValueError(f"pruning_last {bad} outside the model's 1..{n_layers} decoder layers; set MLP_PRUNING_LAST "
+                         f"to layer counts from 1 to {n_layers}, comma-separated ('' for no such rows)")
+    if lasts and criterion not in scores:
+        raise KeyError(f"no scores for '{criterion}'; known: {', '.join(scores)}. Compute them in notebook 00 first")
+    rows = []
+    for n in lasts:
+        plan = alloc.plan_neurons(source.model, scores[criterion], rate, allocation="uniform", only_last=int(n))
+        pruned = source.variant(plan)
+        rows.append(measure_variant(pruned, chunks, variant=f"mlp-{criterion}-last{n}-{rate}",
+                                    source_model=source_model, reference=reference, criterion=criterion,
+                                    allocation="uniform", reconstruction="none", mlp_rate_requested=rate,
+                                    compute_device=compute_device, fidelity_chunks=fidelity_chunks,
+                                    heldout_chunks=heldout_chunks, logits_rows=logits_rows))
+        rows[-1]["criterion_options"] = ",".join(x for x in (criterion_options(scores[criterion]), f"last={n}") if x)
+        del pruned
+    return rows
+
+
+def lm_head_sweep(model, rates: list[float], chunks: torch.Tensor, *, reference: dict | None = None,
+                  latency_kw: dict | None = None, source_model: str = "", compute_device: str | None = None,
+                  fidelity_chunks: torch.Tensor | None = None, logits_rows: int | None = None,
+                  heldout_chunks: torch.Tensor | None = None) -> list[dict]:
+    """Return one row per rate (NeuronRank's LM-head pruning, `prune.lm_head`): that fraction of the output matrix's
+    rows removed by the magnitude rule (smallest L2 norm), variant 'lm-head-magnitude-<rate>', with the LM-head
+    columns of the module docstring. With `latency_kw` the unpruned model is timed first, then each row (not in
+    offload mode: its model is on the host, so a timing would not say how the device decodes)."""
+    from pruning_utils.model.plan import PruningPlan
+    from pruning_utils.prune.lm_head import plan_lm_head, prune_lm_head, unreachable_fraction
+
+    source = _source(model)
+    timed = latency_kw is not None and compute_device is None and bool(rates)
+    base_decode = latency(source.model, **latency_kw).get("decode_tok_s_median", float("nan")) if timed else None
+    rows = []
+    for rate in rates:
+        plan = plan_lm_head(source.model, rate)
+        pruned = prune_lm_head(source.variant(PruningPlan.identity(layer_shapes(source.model))), plan)
+        row = measure_variant(pruned, chunks, variant=f"lm-head-magnitude-{rate}", source_model=source_model,
+                              reference=reference, criterion="magnitude", allocation="", reconstruction="none",
+                              latency_kw=latency_kw if timed else None, compute_device=compute_device,
+                              fidelity_chunks=fidelity_chunks, heldout_chunks=heldout_chunks, logits_rows=logits_rows)
+        row.update(criterion_options=f"lm_head={rate:g}", lm_head_rate_requested=rate, vocab_kept=len(plan.kept),
+                   lm_head_unreachable_pct=100 * unreachable_fraction(plan, chunks))
+        if timed:
+            row.update(reference_decode_tok_s=base_decode,
+                       decode_change_pct=100 * (row["decode_tok_s"] / base_decode - 1),
+                       decode_reference="baseline, timed in the same run")
+        rows.append(row)
+        del pruned
+    return rows
+
+
+def neuronrank_screens(model, scores: dict, chunks: torch.Tensor, *, criterion: str, rate: float,
+                       pruning_last: list[int], lm_head_rates: list[float], reference: dict | None = None,
+                       latency_kw: dict | None = None, source_model: str = "", compute_device: str | None = None,
+                       fidelity_chunks: torch.Tensor | None = None, logits_rows: int | None = None,
+                       heldout_chunks: torch.Tensor | None = None, allocation: str = "uniform",
+                       **refit_kw) -> list[dict]:
+    """Return the NeuronRank option rows of notebook 03's screens: `pruning_last_sweep` then `lm_head_sweep`, on the
+    same short `chunks` and against the same `reference` row as `screens`. They remove plainly with uniform counts,
+    so `allocation` and the refit settings (`refit_kw`) that the notebooks' screen settings carry are not used."""
+    measure = dict(reference=reference, source_model=source_model, compute_device=compute_device,
+                   fidelity_chunks=fidelity_chunks, heldout_chunks=heldout_chunks, logits_rows=logits_rows)
+    return (pruning_last_sweep(model, scores, criterion, rate, pruning_last, chunks, **measure)
+            + lm_head_sweep(model, lm_head_rates, chunks, latency_kw=latency_kw, **measure))

@@ -161,6 +161,11 @@ PARAMS: dict[str, Param] = {
     "SEMANTIC_SEQ_LEN": Param(128, int, "... and their length: cost is (number of heads) x (tokens)"),
     "SEMANTIC_REFIT_WINDOWS": Param(8, int, "calibration windows (of SEMANTIC_SEQ_LEN tokens) of `semantic_refit`'s "
                                             "exact per-head removals with refit"),
+    # NeuronRank TF-IDF++ (criteria tfidf, tfidf_topic): score = |W_j|^alpha * TF_j^beta * IDF_j^gamma
+    "TFIDF_ALPHA": Param(1.0, float, "NeuronRank exponent of the weight column norm |W_j|"),
+    "TFIDF_BETA": Param(1.0, float, "NeuronRank exponent of the term frequency TF_j"),
+    "TFIDF_GAMMA": Param(1.5, float, "NeuronRank exponent of the inverse document frequency IDF_j"),
+    "TFIDF_TOPICS": Param(8, int, "KMeans topics of tfidf_topic (topics play the role of documents)"),
     # pruning (notebooks 02, 03)
     "HEAD_RATE": Param(0.2, float, "main rate: fraction of query heads, rounded per KV group"),
     "HEAD_SWEEP": Param("0.2,0.5", str, "head rates of the criteria sweep, comma-separated"),
@@ -179,6 +184,12 @@ PARAMS: dict[str, Param] = {
     # the knee at 64 windows; more windows pay a smaller ridge: calibration_size.csv (benchmarks/calibration_size.py)
     "RIDGE_RATIO": Param(1e-2, float, "ridge of the lstsq refit and of obs selection: ratio x mean diagonal of "
                          "the Gram"),
+    "MLP_PRUNING_LAST": Param("15", str, "NeuronRank's pruning_last: screen rows of notebook 03 that remove MLP_RATE "
+                              "of the neurons of only the last N layers (MAIN_MLP_CRITERION), comma-separated "
+                              "('': none)"),
+    "LM_HEAD_RATE": Param("0.1", str, "NeuronRank's LM-head pruning: screen rows of notebook 03 that remove this "
+                          "fraction of the output matrix's rows (smallest L2 norm), the vocabulary mapping kept, "
+                          "comma-separated ('': none)"),
     "MIX_RESCORE": Param(False, bool, "True: rescore + refit neurons on the head-pruned model instead of one plan"),
     # recovery (notebook 04)
     # the default run recovers the S3 model only: each recovered model adds a distillation (stage_steps.csv, stage 04)
@@ -206,7 +217,10 @@ PARAMS: dict[str, Param] = {
                                      "layer scores: block_influence | angular | semantic (bypass damage)"),
     "COMPRESS_DEPTH_SEMANTIC_WINDOWS": Param(2, int, "calibration windows of the exact bypass-damage score"),
     "COMPRESS_LOWRANK_METHODS": Param("plain,whiten", str, "low-rank SVD metrics: plain | asvd | whiten (SVD-LLM)"),
-    "COMPRESS_HYBRID_SPARSITY": Param("0.5,2:4", str, "Wanda sparsities of the sparse + low-rank hybrid"),
+    "COMPRESS_HYBRID_SPARSITY": Param("0.3,0.5,2:4", str, "Wanda sparsities of the sparse + low-rank hybrid"),
+    "COMPRESS_HYBRID_FORMS": Param("residual,svd", str, "hybrid forms: residual (Wanda-sparse weight + rank "
+                                   "COMPRESS_HYBRID_RANK SVD of the residual: adds parameters) | svd (Wanda-prune, "
+                                   "then a truncated SVD of the pruned weight replaces it)"),
     "COMPRESS_HYBRID_RANK": Param(16, int, "rank of the hybrid's residual SVD"),
     # quality first: weight-only INT8 loses the least perplexity of int8_smoothing.csv (benchmarks/int8_smoothing.py)
     # and needs no calibration; dynamic INT8 (activations too) prefills faster on CPU but loses more to down_proj's
@@ -225,7 +239,7 @@ PARAMS: dict[str, Param] = {
     "ADAPTIVE_N_PROMPTS": Param(100, int, "prompts drawn from the CSV (seeded) before the 80/20 split"),
     # what each level buys in decode speed and costs in quality on this machine is adaptive_levels.csv; refit copies
     # would take memory past the memory aim, so the refit is opt-in
-    "ADAPTIVE_LEVELS": Param("none,kv:16,ffn:0.25,int8", str,
+    "ADAPTIVE_LEVELS": Param("none,kv:16,ffn:0.25,heads:0.25+layers:0.1,int8", str,
                              "levels, least to most pruned, 'none' first: kv:WINDOW, heads:/ffn:/layers: removed "
                              "fraction, joined with +; int8: the INT8 unpruned model (torchao, "
                              "ADAPTIVE_INT8_MODE; dropped where torchao cannot run)"),
@@ -259,13 +273,17 @@ PARAMS: dict[str, Param] = {
     "ADAPTIVE_DQN_EPOCHS": Param(30, int, "DQN training passes over the training prompts"),
     "ADAPTIVE_DQN_POLICY": Param("", str, "saved DQN policy folder to load instead of training ('': train it and "
                                  "save it under models/adaptive_dqn)"),
+    "ADAPTIVE_LIVE_EVAL": Param(True, bool, "with a simulated ADAPTIVE_LOAD, evaluate the trained controllers a second "
+                                "time on the same test prompts under the machine's live load (psutil/pynvml): "
+                                "adaptive_runtime_live.csv, and summary rows whose simulated_load is False"),
     # final evaluation (notebook 06)
     "VARIANTS": Param("baseline,head_pruned,mlp_pruned,mix_pruned,mix_pruned_lora", str,
                       "variants compared, comma-separated, baseline first"),
     # the compression methods of notebook 03b (INT8 checkpoints exist on CPU runs only: the GPU profiles drop them)
     "EXTRA_VARIANTS": Param("baseline_int8,mix_pruned_int8,depth_pruned,lowrank_pruned,hybrid_pruned", str,
                             "any other checkpoints under models/ with a plan file, comma-separated"),
-    "N_PROMPTS": Param(66, int, "held-out prompts of the semantic-retention judge (66 packaged)"),
+    "N_PROMPTS": Param(72, int, "held-out prompts of the semantic-retention judge (72 packaged, 6 of them "
+                                "summarization)"),
     "MAX_NEW_TOKENS": Param(48, int, "greedy answer length"),
     "ZERO_SHOT": Param(False, bool, "lm-evaluation-harness tasks (needs `pip install lm-eval` and the hub)"),
     "ZERO_SHOT_TASKS": Param("arc_easy,hellaswag,winogrande,piqa,boolq,lambada_openai", str,
@@ -307,7 +325,8 @@ PARAMS: dict[str, Param] = {
                               "(a second row each, its device column the GPU)"),
     "ENCODER_VARIANTS": Param("baseline,random_pruned,l1_pruned,fluctuation_pruned,fluctuation_lstsq,"
                               "heads_only_pruned,mlp_only_pruned,fluctuation_lstsq_recovered,baseline_int8,"
-                              "fluctuation_lstsq_recovered_int8,lowrank,onnx_fp32,onnx_int8",
+                              "fluctuation_lstsq_recovered_int8,lowrank,lowrank_energy,lowrank_gavish_donoho,"
+                              "lowrank_ffn_last_layers,onnx_fp32,onnx_int8",
                               str, "rows of encoder_glue.csv (pruning_utils/encoder/variants.VARIANT_SPECS), "
                               "baseline first"),
 }
@@ -336,7 +355,9 @@ LIMITS: dict[str, Limit] = {
     "N_CALIB": COUNT, "CALIB_SEQ_LEN": Limit(2), "EVAL_SEQ_LEN": Limit(2, hint="perplexity predicts the next token"),
     "EVAL_MAX_TOKENS": COUNT, "SWEEP_EVAL_MAX_TOKENS": COUNT, "LATENCY_BATCH": COUNT, "LATENCY_SEQ_LEN": COUNT,
     "LATENCY_REPEATS": COUNT, "DECODE_TOKENS": COUNT, "CRITERIA": TEXT, "SEMANTIC_MAX_WINDOWS": COUNT,
-    "SEMANTIC_REFIT_WINDOWS": COUNT,
+    "SEMANTIC_REFIT_WINDOWS": COUNT, "TFIDF_ALPHA": Limit(0), "TFIDF_BETA": Limit(0), "TFIDF_GAMMA": Limit(0),
+    "TFIDF_TOPICS": COUNT,
+    "MLP_PRUNING_LAST": Limit(1, each=True), "LM_HEAD_RATE": Limit(0, 1, low_open=True, high_open=True, each=True),
     "SEMANTIC_SEQ_LEN": Limit(2),
     "HEAD_RATE": RATE, "HEAD_SWEEP": Limit(0, 1, high_open=True, each=True), "MLP_RATE": RATE,
     "MLP_SWEEP": Limit(0, 1, high_open=True, each=True), "ALLOCATION": Limit(choices=("uniform", "global", "search")),
@@ -351,6 +372,7 @@ LIMITS: dict[str, Limit] = {
     "COMPRESS_DEPTH_SEMANTIC_WINDOWS": COUNT,
     "COMPRESS_LOWRANK_METHODS": Limit(choices=("plain", "asvd", "whiten"), each=True),
     "COMPRESS_HYBRID_SPARSITY": Limit(0, 1, high_open=True, form="N:M", each=True), "COMPRESS_HYBRID_RANK": Limit(0),
+    "COMPRESS_HYBRID_FORMS": Limit(choices=("residual", "svd"), each=True, nonempty=True),
     "COMPRESS_INT8_ALPHA": FRACTION, "COMPRESS_INT8_MODE": Limit(choices=("weight_only", "dynamic")),
     "ADAPTIVE_N_PROMPTS": Limit(2, hint="the 80/20 split needs a training and a test prompt"),
     "ADAPTIVE_LEVELS": TEXT, "ADAPTIVE_INT8_ALPHA": FRACTION,
@@ -382,10 +404,11 @@ _SWEEP = ("ALLOCATION", "SEARCH_ITERATIONS", "SEARCH_WINDOWS", "SEARCH_GROUP", "
 # only these, and a stage's digest hashes only these, so e.g. a new ZERO_SHOT_LIMIT re-runs notebook 06 alone.
 NOTEBOOK_PARAMS: dict[str, tuple[str, ...]] = {
     "00-setup-01-baseline-and-importance.ipynb": tuple(n for n in _COMMON if n != "SWEEP_EVAL_MAX_TOKENS") + (
-        "CRITERIA", "SEMANTIC_MAX_WINDOWS", "SEMANTIC_REFIT_WINDOWS", "SEMANTIC_SEQ_LEN", "RIDGE_RATIO", "OFFLOAD"),
+        "CRITERIA", "SEMANTIC_MAX_WINDOWS", "SEMANTIC_REFIT_WINDOWS", "SEMANTIC_SEQ_LEN", "RIDGE_RATIO", "OFFLOAD",
+        "TFIDF_ALPHA", "TFIDF_BETA", "TFIDF_GAMMA", "TFIDF_TOPICS"),
     "02_head_pruning.ipynb": _COMMON + ("CRITERIA", "HEAD_RATE", "HEAD_SWEEP", "MAIN_HEAD_CRITERION") + _SWEEP,
     "03_mlp_pruning.ipynb": _COMMON + ("CRITERIA", "MLP_RATE", "MLP_SWEEP", "MAIN_MLP_CRITERION") + _SWEEP + (
-        "MIX_RESCORE",),
+        "MIX_RESCORE", "MLP_PRUNING_LAST", "LM_HEAD_RATE"),
     "03b_compression_methods.ipynb": tuple(n for n in _COMMON if n not in ("N_CALIB", "FIDELITY_TOKENS",
                                                                           "HELDOUT_TOKENS"))
     + ("OFFLOAD", "GRAMS", "VARIANT_BUILD") + tuple(n for n in PARAMS if n.startswith("COMPRESS_")),
@@ -423,7 +446,7 @@ PROFILES: dict[str, dict] = {
                   COMPRESS_HYBRID_RANK=2, COMPRESS_LOWRANK_METHODS="plain,asvd,whiten",
                   EXTRA_VARIANTS=DEFAULTS["EXTRA_VARIANTS"], ADAPTIVE_N_PROMPTS=10, ADAPTIVE_NEW_TOKENS=4,
                   ADAPTIVE_LEVELS="none,kv:4,heads:0.5+ffn:0.5+layers:0.34,int8", ADAPTIVE_REFIT=True,
-                  ADAPTIVE_EPOCHS=5,
+                  ADAPTIVE_EPOCHS=5, MLP_PRUNING_LAST="1", LM_HEAD_RATE="0.25", TFIDF_TOPICS=2,
                   # the thorough recipe's path (obs heads, searched counts, non-uniform checkpoints downstream)
                   MAIN_HEAD_CRITERION="obs", ALLOCATION="search", SEARCH_ITERATIONS=6, SEARCH_WINDOWS=2, SEARCH_GROUP=8,
                   **_BOTH_RECOVERED),
@@ -480,7 +503,8 @@ PROFILES["quick"] = dict(DEFAULTS, TEXT_SOURCE="embedded", N_CALIB=16, CALIB_SEQ
                          COMPRESS_INT8_BASES="mix_pruned",
                          EXTRA_VARIANTS="mix_pruned_int8,depth_pruned,lowrank_pruned,hybrid_pruned",
                          ADAPTIVE_N_PROMPTS=10, ADAPTIVE_NEW_TOKENS=8, ADAPTIVE_EPOCHS=5,
-                         ADAPTIVE_LEVELS="none,ffn:0.25,int8")
+                         ADAPTIVE_LEVELS="none,ffn:0.25,int8", ADAPTIVE_LIVE_EVAL=False, MLP_PRUNING_LAST="",
+                         LM_HEAD_RATE="", COMPRESS_HYBRID_FORMS="residual")
 DEMONSTRATIONS = ("quick",)  # profiles whose results go to results/<name>/ and models/<name>/
 # encoders: notebook 07 alone on the embedded task (`encoder`); the smoke run takes a tiny random BERT through it
 PROFILES["encoder"] = dict(DEFAULTS, ENCODER_STAGE="only")

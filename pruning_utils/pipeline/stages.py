@@ -77,6 +77,7 @@ STAGES = (
     Stage("04", "04_recovery_lora.ipynb", ("results/ablation_studies/recovery.csv",)),
     Stage("05", "05_adaptive_runtime.ipynb", (
         "results/ablation_studies/adaptive_runtime.csv", "results/ablation_studies/adaptive_summary.csv",
+        "results/ablation_studies/adaptive_runtime_live.csv",
         "results/ablation_studies/adaptive_levels.csv", "results/ablation_studies/inference_time_vs_complexity.png",
         "results/ablation_studies/quality_vs_complexity.png", "results/ablation_studies/adaptive_pareto.png")),
     Stage("06", "06_final_eval.ipynb", (

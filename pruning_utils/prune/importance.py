@@ -131,6 +131,19 @@ def tfidf_topic(model, windows: Tensor, batch_size: int = 4, seed: int = 0, pass
     return tfidf(model, windows, batch_size, seed, passes, **{**options, "tfidf_mode": "topic"})
 
 
+def criterion_options(scores: Scores) -> str:
+    """Return the settings a result row names beside the criterion, from the scores' provenance: TF-IDF++'s
+    exponents and IDF form, plus the topic count of tfidf_topic ('alpha=1,beta=1,gamma=1.5,idf=smooth,topics=8');
+    '' for criteria without such settings, 'unrecorded' for TF-IDF scores stored without their provenance."""
+    p = scores.provenance
+    if scores.criterion not in ("tfidf", "tfidf_topic") and "tfidf_mode" not in p:
+        return ""
+    if not {"alpha", "beta", "gamma", "idf"} <= set(p):
+        return "unrecorded"
+    text = ",".join(f"{k}={float(p[k]):g}" for k in ("alpha", "beta", "gamma")) + f",idf={p['idf']}"
+    return text + (f",topics={p['n_topics']}" if p.get("tfidf_mode") == "topic" else "")
+
+
 def taylor(model, windows: Tensor, batch_size: int = 4, seed: int = 0, passes: Passes | None = None,
            **options) -> Scores:
     """Return first-order LLM-Pruner scores |sum w * dL/dw| over the weights a head / neuron owns
