@@ -100,7 +100,29 @@ def _saved(name: str) -> str:
     cols = ["variant", "criterion", "reconstruction", "query_heads", "intermediate", "reduction_pct",
             "flops_reduction_pct", "ppl", "ppl_change_pct", "eval_tokens", "fidelity_ppl", "heldout_ppl",
             "kl_to_baseline"]
-    return _md(_present(df[df["variant"].str.count("-").ne(2)], cols), 3)
+    return _md(_present(df[df["variant"].str.count("-").ne(2) & ~_neuronrank_rows(df)], cols), 3)
+
+
+def _neuronrank_rows(df: pd.DataFrame) -> pd.Series:
+    """Return the rows of NeuronRank's removal options (pruning_last, LM-head rows): criterion_options says."""
+    if "criterion_options" not in df:
+        return pd.Series(False, index=df.index)
+    return df["criterion_options"].fillna("").str.contains(r"(?:^|,)(?:last|lm_head)=")
+
+
+def neuronrank() -> str:
+    """Return notebook 03's NeuronRank rows: the TF-IDF criteria with their exponents, pruning_last and the LM head
+    (screen text, plain removal), beside the main criterion's row at the same rate."""
+    df = _csv("mlp_pruning")
+    sweep = df["variant"].str.count("-").eq(2) & df["criterion"].isin(["tfidf", "tfidf_topic"])
+    options = _neuronrank_rows(df)
+    rates = set(df.loc[options, "mlp_rate_requested"])
+    main = df["variant"].str.count("-").eq(2) & df["criterion"].isin(set(df.loc[options, "criterion"])) & df[
+        "mlp_rate_requested"].isin(rates)
+    cols = ["variant", "criterion", "criterion_options", "intermediate", "params_total", "params_non_embedding",
+            "flops_reduction_pct", "ppl", "heldout_ppl", "lm_head_unreachable_pct", "vocab_kept", "decode_tok_s",
+            "reference_decode_tok_s", "decode_change_pct"]
+    return _md(_present(df[sweep | options | main], cols), 3)
 
 
 def head_pruning() -> str:
@@ -118,7 +140,8 @@ def recovery() -> str:
     cols = ["model", "steps", "tokens_seen", "loss", "data", "heldout_loss_before", "heldout_loss_after", "ppl_before",
             "ppl_after", "damage_recovered_pct", "fidelity_before", "fidelity_after", "heldout_ppl_before",
             "heldout_ppl_after", "semantic_before",
-            "semantic_after"]
+            "semantic_after", "rouge_l_f1_before", "rouge_l_f1_after", "bertscore_f1_minilm_l6_before",
+            "bertscore_f1_minilm_l6_after"]
     return _md(_present(_csv("recovery"), cols), 3)
 
 
@@ -126,7 +149,8 @@ def final_eval() -> str:
     """Return the final table: every variant measured the same way."""
     cols = ["variant", "params_non_embedding", "reduction_pct", "head_frac_removed", "mlp_frac_removed",
             "flops_reduction_pct", "size_mb", "ppl", "ppl_change_pct", "fidelity_ppl", "heldout_ppl", "kl_to_baseline",
-            "semantic_cosine", "semantic_ci_low", "semantic_ci_high", "first_sentence_match"]
+            "semantic_cosine", "semantic_ci_low", "semantic_ci_high", "first_sentence_match", "rouge_l_f1",
+            "bertscore_f1_minilm_l6"]
     return _md(_present(_csv("final_eval"), cols), 3)
 
 
@@ -625,7 +649,8 @@ def mlp_sweep_readings() -> str:
 
 TABLES: dict[str, Callable[[], str]] = {
     "baseline": baseline, "head_sweep": head_sweep, "mlp_sweep": mlp_sweep, "head_pruning": head_pruning,
-    "mlp_pruning": mlp_pruning, "recovery": recovery, "final_eval": final_eval, "final_cost": final_cost,
+    "mlp_pruning": mlp_pruning, "neuronrank": neuronrank, "recovery": recovery, "final_eval": final_eval,
+    "final_cost": final_cost,
     "run_time": run_time, "stage_steps": stage_steps, "quality_benchmark": quality_benchmark,
     "recovery_budget": recovery_budget,
     "memory_scale": memory_scale, "memory_extrapolation": memory_extrapolation,

@@ -42,6 +42,7 @@ def _variants(**overrides) -> dict[str, str]:
 _SAVED = dict(heldout_ppl="float", kl_to_baseline="float", prefill_ms="float", prefill_ms_iqr="float",
               decode_tok_s="float",
               latency_noisy="bool", peak_memory_mb="float")
+_OVERLAP = {"rouge_l_f1": "float", "bertscore_f1_minilm_l6": "float"}  # each answer against the baseline's
 _SEMANTIC = {c: "float" for c in ("semantic_cosine", "semantic_ci_low", "semantic_ci_high", "semantic_cosine_min",
                                   "exact_match", "first_sentence_match")}
 
@@ -60,9 +61,14 @@ _ADAPTIVE_RUNTIME = TableSchema(_t(
 
 SCHEMAS: dict[str, TableSchema] = {
     "baseline.csv": TableSchema(_variants(**_SAVED), ("variant",), _LATENCY, variants=True),
-    "head_pruning.csv": TableSchema(_variants(), SWEEP_KEY, _LATENCY, variants=True),
-    "mlp_pruning.csv": TableSchema(_variants(), SWEEP_KEY, _LATENCY, variants=True),
-    "final_eval.csv": TableSchema(_variants(**_SAVED, **_SEMANTIC, n_prompts="int", nonzero_params_non_embedding="int"),
+    "head_pruning.csv": TableSchema(_variants(criterion_options="text?"), SWEEP_KEY, _LATENCY, variants=True),
+    # NeuronRank's options: pruning_last rows (criterion_options last=N) and LM-head rows with their own columns
+    "mlp_pruning.csv": TableSchema(_variants(criterion_options="text?", lm_head_rate_requested="float?",
+                                             vocab_kept="int?", lm_head_unreachable_pct="float?",
+                                             reference_decode_tok_s="float?", decode_change_pct="float?",
+                                             decode_reference="text?"), SWEEP_KEY, _LATENCY, variants=True),
+    "final_eval.csv": TableSchema(_variants(**_SAVED, **_SEMANTIC, **_OVERLAP, n_prompts="int",
+                                            nonzero_params_non_embedding="int"),
                                   ("variant",), _LATENCY,
                                   variants=True),
     "compression_methods.csv": TableSchema(
@@ -134,7 +140,8 @@ SCHEMAS: dict[str, TableSchema] = {
     "recovery.csv": TableSchema(_t(
         "model:text steps:int tokens_seen:int loss:text data:text fidelity_before:float fidelity_after:float "
         "heldout_ppl_before:float heldout_ppl_after:float kl_before:float kl_after:float semantic_before:float "
-        "semantic_after:float heldout_loss_before:float "
+        "semantic_after:float rouge_l_f1_before:float rouge_l_f1_after:float bertscore_f1_minilm_l6_before:float "
+        "bertscore_f1_minilm_l6_after:float heldout_loss_before:float "
         "heldout_loss_after:float train_loss_first:float train_loss_last:float ppl_baseline:float ppl_before:float "
         "ppl_after:float damage_recovered_pct:float minutes:float train_tokens_per_s:float device:text dtype:text "
         "load_avg:float commit:text"), ("model",), ("minutes", "train_tokens_per_s")),
@@ -303,6 +310,12 @@ def test_params_fail_above_the_source_below_non_embedding_and_for_an_int8_counte
     sparse = _planted({(1, "params_total"): 120, (1, "params_non_embedding"): 100}).assign(
         nonzero_params_non_embedding=[80, 60, 60], base="baseline")
     assert results.check_params(sparse.iloc[:2]) == []
+    # a pruned LM head of a tied model stores its kept rows beside the full input embedding: more in total is true,
+    # more non-embedding parameters is not
+    head = _planted({(1, "params_total"): 120}).assign(lm_head_rate_requested=[None, 0.1, None])
+    assert results.check_params(head.iloc[:2]) == []
+    head.loc[1, "params_non_embedding"] = 81
+    assert results.check_params(head.iloc[:2]) != []
 
 
 def test_provenance_fails_when_removed_with_nothing_requested_or_a_derived_row_forgets_its_source():

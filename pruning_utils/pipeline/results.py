@@ -249,7 +249,12 @@ def check_params(df: pd.DataFrame, sources: dict[str, dict] | None = None) -> li
             continue
         nonzero = _number(row.get("nonzero_params_non_embedding"))
         stored = total - non_emb + nonzero if nonzero is not None and not math.isnan(nonzero) else total
-        if stored > _number(src["params_total"]):
+        untied = _number(row.get("lm_head_rate_requested"))
+        if untied is not None and untied > 0:  # a pruned LM head of a tied model is stored beside the full input
+            if non_emb > _number(src["params_non_embedding"]):  # embedding: only the non-embedding count is bounded
+                bad.append(f"row {i} ({row.get('variant')}): {non_emb:.0f} non-embedding parameters, more than its "
+                           f"source {source_of(row)} ({_number(src['params_non_embedding']):.0f})")
+        elif stored > _number(src["params_total"]):
             bad.append(f"row {i} ({row.get('variant')}): {stored:.0f} parameters, more than its source "
                        f"{source_of(row)} ({_number(src['params_total']):.0f})")
         if str(row.get("variant", "")).endswith("_int8") and total != _number(src["params_total"]):
