@@ -75,6 +75,9 @@ SCHEMAS: dict[str, TableSchema] = {
         {"variant": "text", **_t("method:text base:text form:text saved:bool nonzero_params_non_embedding:int "
                                  "applicable:bool note:text?"), **_variants()},
         ("variant", "eval_tokens"), _LATENCY, variants=True),
+    # benchmarks/semantic_refit.py: the main head criterion against semantic_refit, per shape
+    "semantic_refit.csv": TableSchema(_variants(heldout_ppl="float", kl_to_baseline="float", shape="text",
+                                                build_s="float"), ("variant",), ("build_s",), variants=True),
     "calibration_sources.csv": TableSchema(
         _variants(calibration_source="text?", shape="text", build_s="float"), ("variant",),
         _LATENCY + ("build_s",), variants=True),
@@ -153,7 +156,8 @@ SCHEMAS: dict[str, TableSchema] = {
     "recovery_mix_pruned_loss.csv": TableSchema(_t("step:int loss:float lr:float device:text commit:text"), ("step",)),
     "recovery_sources.csv": TableSchema(_t(
         "model:text loss:text data:text ppl:float fidelity_ppl:float heldout_ppl:float kl_to_baseline:float "
-        "semantic_cosine:float semantic_ci_low:float semantic_ci_high:float first_sentence_match:float n_prompts:int "
+        "semantic_cosine:float semantic_ci_low:float semantic_ci_high:float first_sentence_match:float rouge_l_f1:float "
+        "bertscore_f1_minilm_l6:float n_prompts:int "
         "steps:int tokens_seen:int heldout_loss_before:float? heldout_loss_after:float? train_minutes:float "
         "load_avg:float "
         "device:text commit:text"), ("model", "loss", "data"), ("train_minutes",)),
@@ -217,7 +221,6 @@ NOT_REGENERATED: dict[str, tuple[str, tuple[str, ...]]] = {
                                 ("columns", "change_references", "stamps")),
     "quality_benchmark.csv": ("python3 -m benchmarks.quality", ("columns", "stamps")),
     "recovery_budget.csv": ("python3 -m benchmarks.recovery_budget", ("columns", "stamps")),
-    "recovery_sources.csv": ("python3 -m benchmarks.recovery_sources", ("columns", "stamps")),
     "search_heldout.csv": ("python3 -m benchmarks.search_heldout", ("columns", "stamps")),
     "thorough_profile.csv": ("bash run_all.sh --profile thorough --only 00,02,03 and the default run again",
                              ("columns", "change_references", "stamps", "one_commit")),
