@@ -22,17 +22,12 @@ import argparse
 import copy
 
 import pandas as pd
-import torch
 
 from pruning_utils import paths
-from pruning_utils.data import sources
-from pruning_utils.data.heldout import heldout_chunks
-from pruning_utils.measure import evaluation
-from pruning_utils.measure.variants import measure_variant
 from pruning_utils.model.checkpoint import load_pruned, read_checkpoint_meta
-from pruning_utils.model.loading import load_model
 from pruning_utils.pipeline import profiles, results
-from pruning_utils.recovery import lora, training_data
+from pruning_utils.recovery import lora
+from pruning_utils.recovery.bench import RecoveryBench, recovery_config
 
 CONFIGS = "lm:text,distill:text,distill:selfdistill,distill:selfdistill+text"
 D = profiles.DEFAULTS
@@ -50,41 +45,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=D["SEED"])
     ap.add_argument("--out", default=str(paths.ablation_dir() / "recovery_sources.csv"))
     args = ap.parse_args()
-    torch.manual_seed(args.seed)
-    selfgen_kw = dict(temperature=D["SELFGEN_TEMPERATURE"], top_p=D["SELFGEN_TOP_P"])
-    base, tok = load_model(args.model, device="cpu", dtype="float32")
-    seq_len, batch = D["RECOVERY_SEQ_LEN"], D["RECOVERY_BATCH"]
-    chunks = sources.eval_chunks(tok, args.text_source, seq_len=D["EVAL_SEQ_LEN"], max_tokens=D["EVAL_MAX_TOKENS"])
-    fidelity = sources.fidelity_chunks(base, tok, n_tokens=D["FIDELITY_TOKENS"], seed=args.seed, selfgen_kw=selfgen_kw)
-    prose = heldout_chunks(tok, n_tokens=D["HELDOUT_TOKENS"])  # general English, never trained on
-    text_windows = lambda n: sources.calibration_windows(  # noqa: E731  the windows of notebook 04
-        tok, args.text_source, n_samples=n, seq_len=seq_len, seed=args.seed + 1, model=base, selfgen_kw=selfgen_kw,
-        selfgen_seed=args.seed)
-    heldout = sources.calibration_windows(tok, sources.text_parts(args.text_source), n_samples=8, seq_len=seq_len,
-                                       seed=args.seed + 2)
-    prompts = evaluation.load_instructions()[:args.n_prompts]
-    judge = evaluation.SemanticJudge()
-    reference = evaluation.generate_answers(base, tok, prompts, max_new_tokens=D["MAX_NEW_TOKENS"], cache=True)
-    baseline = pd.read_csv(paths.ablation_dir() / "baseline.csv").iloc[0].to_dict()
+    bench = RecoveryBench(args.model, args.text_source, args.n_prompts, args.seed)
     rows = []
 
     def measure(model, name: str, loss: str, source: str, stats: dict | None, known: dict | None = None) -> None:
-        row = measure_variant(model, chunks, variant=name, source_model=args.model, reference=baseline,
-                              fidelity_chunks=fidelity, heldout_chunks=prose, reference_model=base, known=known)
-        answers = evaluation.generate_answers(model, tok, prompts, max_new_tokens=D["MAX_NEW_TOKENS"], cache=True)
-        kept = evaluation.semantic_retention(reference, answers, judge)
-        overlap = evaluation.answer_overlap(reference, answers)
-        rows.append(dict(model=name, loss=loss, data=source, ppl=row["ppl"], fidelity_ppl=row["fidelity_ppl"],
-                         heldout_ppl=row["heldout_ppl"],
-                         kl_to_baseline=row["kl_to_baseline"], semantic_cosine=kept["cosine_mean"],
-                         semantic_ci_low=kept["cosine_ci_low"], semantic_ci_high=kept["cosine_ci_high"],
-                         first_sentence_match=kept["first_sentence_match"],
-                         **{c: overlap[c] for c in evaluation.OVERLAP_COLUMNS}, n_prompts=len(prompts),
-                         steps=stats["steps"] if stats else 0, tokens_seen=stats["tokens_seen"] if stats else 0,
-                         heldout_loss_before=stats["heldout_loss_before"] if stats else float("nan"),
-                         heldout_loss_after=stats["heldout_loss_after"] if stats else float("nan"),
-                         train_minutes=stats["minutes"] if stats else 0.0, load_avg=row["load_avg"],
-                         device=row["device"], commit=row["commit"]))
+        rows.append(dict(model=name, loss=loss, data=source, **bench.measure(model, name, stats, known)))
         print(pd.DataFrame(rows[-1:]).round(3).to_string(index=False), flush=True)
         results.write_csv(pd.DataFrame(rows), args.out)  # after every row: a stopped sweep keeps what it measured
 
@@ -93,12 +58,10 @@ def main() -> None:
         measure(pruned, name, "none", "none", None, known=read_checkpoint_meta(name)["extra"])
         for pair in args.configs.split(","):
             loss, source = pair.split(":")
-            cfg = lora.RecoveryConfig(r=D["LORA_R"], alpha=D["LORA_ALPHA"], lr=args.lr, max_steps=args.steps,
-                                          batch_size=batch, seq_len=seq_len, loss=loss, seed=args.seed)
-            train = training_data.recovery_windows(source, tok, args.steps * batch, seq_len, base, text_windows,
-                                              seed=args.seed)
-            merged, stats = lora.recover(copy.deepcopy(pruned), tok, train, cfg,
-                                             teacher=None if loss == "lm" else base, heldout_windows=heldout)
+            cfg = recovery_config(args.steps, args.lr, loss, args.seed)
+            train = bench.windows(source)(args.steps * cfg.batch_size)
+            merged, stats = lora.recover(copy.deepcopy(pruned), bench.tok, train, cfg,
+                                         teacher=None if loss == "lm" else bench.base, heldout_windows=bench.heldout)
             measure(merged, name, loss, source, stats)
             del merged
     print(pd.DataFrame(rows).round(3).to_markdown(index=False))

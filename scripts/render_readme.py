@@ -227,9 +227,11 @@ def quality_benchmark() -> str:
 
 
 def recovery_budget() -> str:
-    """Return `benchmarks/recovery_budget.py`'s rows (its timings stay in the CSV)."""
+    """Return `benchmarks/recovery_budget.py`'s curve: quality against training steps (timings stay in the CSV)."""
     df = _csv("recovery_budget")
-    return _md(df[[c for c in df.columns if not c.endswith(("_minutes", "_per_s"))]], 3)
+    cols = ["model", "data", "lr", "steps", "tokens_seen", "ppl", "fidelity_ppl", "heldout_ppl", "kl_to_baseline",
+            "semantic_cosine", "rouge_l_f1", "bertscore_f1_minilm_l6"]
+    return _md(_present(df, cols), 3)
 
 
 def _memory_json() -> dict:

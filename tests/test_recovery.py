@@ -377,3 +377,24 @@ def test_a_recovery_that_lowers_retention_is_flagged(capsys):
     assert "LOWERED semantic retention 0.800 -> 0.700" in capsys.readouterr().out
     assert not warn_if_retention_fell("m", {"cosine_mean": 0.7}, {"cosine_mean": 0.8}, "text", "lm")
     assert capsys.readouterr().out == ""
+
+
+def test_budget_curve_rows_reproduce_with_the_seed_and_leave_the_pruned_model_alone():
+    from pruning_utils.recovery.bench import budget_curve
+
+    pruned, teacher = pruned_tiny(), tiny_model("llama")
+    ids = windows(64)
+    state = {k: v.clone() for k, v in pruned.state_dict().items()}
+
+    def curve(seed: int) -> list[dict]:
+        def measure(model, stats):
+            return dict(steps=stats["steps"] if stats else 0, loss=lm_loss(model, ids[:8]))
+        return budget_curve(pruned, teacher, lambda n: ids[:n], [2, 6],
+                            lambda n: fast_cfg(max_steps=n, loss="distill", seed=seed), measure, progress=False)
+
+    first, again, other = curve(0), curve(0), curve(1)
+    assert [r["steps"] for r in first] == [0, 2, 6]
+    assert first == again  # bit for bit: windows, LoRA initialisation and order are seeded
+    assert first[0] == other[0] and first[1:] != other[1:]  # the seed reaches the runs, not the unrecovered row
+    assert first[2]["loss"] != first[1]["loss"]  # each budget is its own run
+    assert all(torch.equal(v, state[k]) for k, v in pruned.state_dict().items())
