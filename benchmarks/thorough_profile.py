@@ -1,12 +1,17 @@
 """The saved models of notebooks 02/03 under the default and the `thorough` profile, side by side (issue 15).
 
 The thorough profile (obs heads and neurons, per-layer counts searched by KL, 448 calibration windows, ridge 1e-4)
-runs into a scratch results folder, so the committed default results stay those of the default run:
+runs into scratch results and models folders, so the committed default results and the default checkpoints stay
+those of the default run (the caches are shared: they are keyed by what they hold):
 
-    mkdir -p /tmp/thorough/ablation_studies && cp -r results/importance /tmp/thorough/
+    mkdir -p /tmp/thorough/ablation_studies /tmp/thorough/models && cp -r results/importance /tmp/thorough/
     cp results/ablation_studies/baseline.csv /tmp/thorough/ablation_studies/
-    PRUNING_RESULTS_DIR=/tmp/thorough bash run_all.sh --profile thorough --only 02,03
+    ln -s "$PWD/models/_cache" /tmp/thorough/models/_cache
+    PRUNING_RESULTS_DIR=/tmp/thorough PRUNING_MODELS_DIR=/tmp/thorough/models \
+        bash run_all.sh --profile thorough --only 02,03
     python3 -m benchmarks.thorough_profile --thorough /tmp/thorough
+
+The table merges two runs (the default run's rows keep their commit, the thorough rows get theirs).
 
 This reads head_pruned / mlp_pruned / mix_pruned from each folder's head_pruning.csv and mlp_pruning.csv, the
 minutes of stages 02 and 03 from its run_time.csv and the calibration tokens and ridge from its stage stamps
@@ -31,7 +36,8 @@ VARIANTS = {"head_pruned": ("head_pruning.csv", "02"), "mlp_pruned": ("mlp_pruni
             "mix_pruned": ("mlp_pruning.csv", "03")}
 COLUMNS = ["profile", "variant", "criterion", "allocation", "reconstruction", "calib_tokens", "ridge_ratio",
            "query_heads", "intermediate", "params_non_embedding", "reduction_pct", "ppl", "ppl_change_pct",
-           "fidelity_ppl", "kl_to_baseline", "eval_tokens", "stage_minutes", "commit"]
+           "ppl_reference", "fidelity_ppl", "kl_to_baseline", "eval_tokens", "stage_minutes", "load_avg", "device",
+           "commit"]
 
 
 def _stage_params(folder: Path, stage: str, profile: str) -> dict:

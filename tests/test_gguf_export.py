@@ -15,7 +15,9 @@ from pruning_utils.compress.gguf_export import (
     GGUFExportError,
     bpe_pre_tokenizer,
     export_gguf,
+    export_variants,
     main,
+    parse_exports,
     write_tokenizer,
 )
 from pruning_utils.model.arch import decoder_layers, proj
@@ -168,6 +170,26 @@ def test_command_line(tmp_path, models_dir, capsys):
     prune_neurons(model, {0: list(range(64))})
     assert main([str(save_pruned(model, None, "ragged")), str(tmp_path / "r.gguf")]) == 2
     assert "MLP width 64" in capsys.readouterr().err
+
+
+def test_notebook_exports_list_each_file_or_why_it_was_refused(tmp_path, models_dir):
+    assert parse_exports(" mix:q8_0, baseline ,,") == [("mix", "q8_0"), ("baseline", "f16")]
+    with pytest.raises(GGUFExportError, match="unknown GGUF type 'q4' in 'mix:q4'"):
+        parse_exports("mix:q4")
+    save_pruned(pruned("llama"), None, "uniform")
+    ragged = tiny_model("llama")
+    prune_neurons(ragged, {0: list(range(64))})
+    save_pruned(ragged, None, "ragged")
+    rows = export_variants("uniform:q8_0,ragged", "unused", tmp_path / "gguf")
+    assert [(r["variant"], r["type"]) for r in rows] == [("uniform", "q8_0"), ("ragged", "f16")]
+    assert rows[0]["refused"] == "" and rows[0]["size_mib"] > 0
+    assert fields(rows[0]["file"])[0]["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert "MLP width 64" in rows[1]["refused"] and rows[1]["file"] == ""
+    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == ["uniform-q8_0.gguf"]  # nothing half-written
+    from pruning_utils.model.loading import ModelSpecError
+
+    with pytest.raises(ModelSpecError, match="unknown model spec 'nosuch'.*a folder under"):
+        export_variants("nosuch", "unused", tmp_path / "gguf")
 
 
 # ---------------------------------------------------------------------------------------------- rotary layout

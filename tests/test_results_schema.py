@@ -176,7 +176,8 @@ SCHEMAS: dict[str, TableSchema] = {
         "profile:text variant:text criterion:text allocation:text reconstruction:text calib_tokens:int "
         "ridge_ratio:float query_heads:text intermediate:text params_non_embedding:int reduction_pct:float ppl:float "
         "ppl_change_pct:float ppl_reference:text fidelity_ppl:float kl_to_baseline:float eval_tokens:int "
-        "stage_minutes:float commit:text load_avg:float device:text"), ("profile", "variant"), ("stage_minutes",)),
+        "stage_minutes:float commit:text load_avg:float device:text"), ("profile", "variant"), ("stage_minutes",),
+        merges_runs=True),  # the default run's rows beside a thorough run's, each stamped with its own commit
 }
 
 
@@ -223,8 +224,8 @@ NOT_REGENERATED: dict[str, tuple[str, tuple[str, ...]]] = {
     "quality_benchmark.csv": ("python3 -m benchmarks.quality", ("columns", "stamps")),
     "recovery_budget.csv": ("python3 -m benchmarks.recovery_budget", ("columns", "stamps")),
     "search_heldout.csv": ("python3 -m benchmarks.search_heldout", ("columns", "stamps")),
-    "thorough_profile.csv": ("bash run_all.sh --profile thorough --only 00,02,03 and the default run again",
-                             ("columns", "change_references", "stamps", "one_commit")),
+    "thorough_profile.csv": ("the steps of benchmarks/thorough_profile.py's docstring",
+                             ("columns", "change_references", "stamps")),
 }
 
 

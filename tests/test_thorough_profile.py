@@ -13,7 +13,8 @@ def _folder(root, ppl: float, stamp: dict | None = None, variants=("head_pruned"
     table.mkdir(parents=True)
     base = dict(criterion="obs", allocation="search", reconstruction="lstsq", query_heads="6x30",
                 intermediate="1152x30", params_non_embedding=1, reduction_pct=1.0, ppl_change_pct=0.0,
-                fidelity_ppl=2 * ppl, kl_to_baseline=0.1, eval_tokens=100)
+                fidelity_ppl=2 * ppl, kl_to_baseline=0.1, eval_tokens=100, ppl_reference="baseline@100",
+                load_avg=0.5, device="cpu")
     rows = [dict(base, variant=v, ppl=ppl + i) for i, v in enumerate(variants)]
     heads = [r for r in rows if r["variant"] == "head_pruned"]
     pd.DataFrame([dict(base, variant="heads-obs-0.2-none", ppl=99.0)] + heads).to_csv(table / "head_pruning.csv",

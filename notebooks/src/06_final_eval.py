@@ -8,17 +8,19 @@
 import pandas as pd
 from IPython.display import Markdown, display
 
-from pruning_utils.compress import compare
+from pruning_utils.compress import compare, gguf_export
 from pruning_utils.data import heldout, sources
 from pruning_utils.measure import evaluation, final_eval
 from pruning_utils.model.checkpoint import load_pruned, read_checkpoint_meta
 from pruning_utils.model.loading import load_model
+from pruning_utils.paths import models_dir
 from pruning_utils.pipeline import plots, results
 from pruning_utils.pipeline.stages import as_list
 
 names = compare.available_variants(as_list(VARIANTS) + as_list(EXTRA_VARIANTS), DEVICE)
 for name in names[1:]:
     read_checkpoint_meta(name)  # a missing variant fails here, naming the stage that writes it
+gguf_export.parse_exports(GGUF_EXPORT)  # a bad GGUF type fails here, before any work
 if ZERO_SHOT:
     evaluation.require_lm_eval()  # fails early with the install command when lm-eval is missing
 prompts = evaluation.load_instructions()[:N_PROMPTS]
@@ -75,3 +77,14 @@ results.save_plot(plots.stage_bars(final, ["ppl", "fidelity_ppl", "heldout_ppl",
 # %%
 last = names[-1]
 evaluation.retention_table(prompts, answers["baseline"], answers[last], n=5)
+
+# %% [markdown]
+# ## Leaving Python: GGUF files for llama.cpp and Ollama
+# `GGUF_EXPORT` names the variants to write (empty: none), e.g. `mix_pruned_lora:q8_0`. GGUF holds one head count and
+# one MLP width for all layers: a non-uniform plan, an INT8 or a low-rank checkpoint is listed with the reason it was
+# refused. `benchmarks/llamacpp_speed.py` runs such files in llama.cpp and times them.
+
+# %%
+if GGUF_EXPORT:
+    exported = pd.DataFrame(gguf_export.export_variants(GGUF_EXPORT, MODEL, models_dir() / "gguf"))
+    display(Markdown(exported.to_markdown(index=False)))

@@ -291,6 +291,40 @@ def export_gguf(model_or_folder, out_path, out_type: str = "f16", tokenizer=None
     return out
 
 
+def parse_exports(spec: str) -> list[tuple[str, str]]:
+    """Return the (variant, GGUF type) pairs of `spec`, e.g. 'mix_pruned_lora:q8_0,baseline' -> [('mix_pruned_lora',
+    'q8_0'), ('baseline', 'f16')] (f16 where no type is named); an unknown type raises GGUFExportError."""
+    pairs = []
+    for item in (part.strip() for part in str(spec or "").split(",")):
+        if not item:
+            continue
+        name, _, out_type = item.partition(":")
+        out_type = out_type.strip() or "f16"
+        if out_type not in OUT_TYPES:
+            raise GGUFExportError(f"unknown GGUF type '{out_type}' in '{item}'; known: {', '.join(OUT_TYPES)} "
+                                  "(write name or name:type, comma-separated)")
+        pairs.append((name.strip(), out_type))
+    return pairs
+
+
+def export_variants(spec: str, baseline, out_dir) -> list[dict]:
+    """Export the variants of `spec` (`parse_exports`) to `out_dir`/<variant>-<type>.gguf and return a row per
+    variant: its file and size, or in `refused` why GGUF cannot hold it (a non-uniform plan, an INT8 model, a family
+    GGUF's llama / qwen2 architectures do not cover). `baseline` (a model spec or folder) is what 'baseline' names;
+    any other name is a checkpoint under models/ (a missing one raises, naming the stage that writes it)."""
+    rows = []
+    for name, out_type in parse_exports(spec):
+        path = Path(out_dir) / f"{name}-{out_type}.gguf"
+        try:
+            export_gguf(baseline if name == "baseline" else name, path, out_type)
+        except GGUFExportError as err:
+            rows.append(dict(variant=name, type=out_type, file="", size_mib=float("nan"), refused=str(err)))
+            continue
+        rows.append(dict(variant=name, type=out_type, file=str(path), size_mib=round(path.stat().st_size / 2**20, 1),
+                         refused=""))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     """Export a checkpoint folder or model spec to GGUF from the command line; returns the exit code."""
     ap = argparse.ArgumentParser(prog="python3 -m pruning_utils.compress.gguf_export",

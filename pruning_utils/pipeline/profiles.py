@@ -289,6 +289,9 @@ PARAMS: dict[str, Param] = {
     "ZERO_SHOT_TASKS": Param("arc_easy,hellaswag,winogrande,piqa,boolq,lambada_openai", str,
                              "zero-shot tasks, comma-separated"),
     "ZERO_SHOT_LIMIT": Param(None, int, "examples per task (None: all)", True),
+    "GGUF_EXPORT": Param("", str, "variants written as GGUF files for llama.cpp / Ollama under models/gguf, "
+                         "comma-separated, each name or name:type (f16, q8_0 or f32), e.g. mix_pruned_lora:q8_0; "
+                         "empty: none"),
     # encoder classifiers (notebook 07, pruning_utils/encoder/surgery*.py);
     # off in the default run (its time: run_time.csv of an encoder run)
     "ENCODER_STAGE": Param("off", str, "off | on | only: run notebook 07 too / alone (the `encoder` profile: only)"),
@@ -421,7 +424,8 @@ NOTEBOOK_PARAMS: dict[str, tuple[str, ...]] = {
                                   "CALIB_SEQ_LEN", "EVAL_SEQ_LEN", "SWEEP_EVAL_MAX_TOKENS")
     + tuple(n for n in PARAMS if n.startswith("ADAPTIVE_")),
     "06_final_eval.ipynb": tuple(n for n in _COMMON if n not in ("N_CALIB", "CALIB_SEQ_LEN", "SWEEP_EVAL_MAX_TOKENS"))
-    + ("VARIANTS", "EXTRA_VARIANTS", "N_PROMPTS", "MAX_NEW_TOKENS", "ZERO_SHOT", "ZERO_SHOT_TASKS", "ZERO_SHOT_LIMIT"),
+    + ("VARIANTS", "EXTRA_VARIANTS", "N_PROMPTS", "MAX_NEW_TOKENS", "ZERO_SHOT", "ZERO_SHOT_TASKS", "ZERO_SHOT_LIMIT",
+       "GGUF_EXPORT"),
     "07_encoder_glue.ipynb": ("PROFILE", "SEED")
     + tuple(n for n in PARAMS if n.startswith("ENCODER_") and n != "ENCODER_STAGE"),
 }

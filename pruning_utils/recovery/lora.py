@@ -164,8 +164,14 @@ def mixed_precision(cfg: RecoveryConfig) -> str:
 def make_accelerator(cfg: RecoveryConfig):
     """Return an `Accelerator` with the config's mixed precision and gradient accumulation (CPU when no GPU)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg),
+    precision = mixed_precision(cfg)
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
+        # accelerate keeps one precision per process: a second recovery with another precision in the same kernel
+        # (a notebook re-run with other settings) would be refused; the process group (PartialState) is kept
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision,
                        gradient_accumulation_steps=cfg.grad_accum)
 
 
