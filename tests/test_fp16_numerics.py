@@ -59,7 +59,8 @@ def test_moments_of_activations_near_the_fp16_maximum_are_finite_and_exact():
 
 
 def _wanted(model) -> dict:
-    return {li: {"o": proj(layer, "o_proj"), "down": proj(layer, "down_proj")} for li, layer in enumerate(decoder_layers(model))}
+    return {li: {"o": proj(layer, "o_proj"), "down": proj(layer, "down_proj")}
+            for li, layer in enumerate(decoder_layers(model))}
 
 
 def test_calibration_grams_from_an_fp16_model_agree_with_fp32():
