@@ -10,21 +10,30 @@ calibration, search or training ever sees), KL to the unpruned model, semantic r
 the judge's prompts (all-MiniLM-L6-v2 cosine with its 95% bootstrap interval, ROUGE-L, BERTScore on the same MiniLM).
 A run is reproducible from `--seed` (the windows, the LoRA initialisation and the order are seeded).
 
-Writes results/ablation_studies/recovery_budget.csv (after every budget: a stopped sweep keeps what it measured).
+Writes results/ablation_studies/recovery_budget.csv (after every budget: a stopped sweep keeps what it measured)
+and its curve, results/benchmarks/recovery_budget.png.
 Usage: python3 -m benchmarks.recovery_budget [--name mix_pruned] [--steps 16,64,256] [--lr 2e-3]
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pandas as pd
 
 from pruning_utils import paths
 from pruning_utils.model.checkpoint import load_pruned, read_checkpoint_meta
-from pruning_utils.pipeline import profiles, results
+from pruning_utils.pipeline import plots, profiles, results
 from pruning_utils.recovery.bench import RecoveryBench, budget_curve, recovery_config
 
 D = profiles.DEFAULTS
+PLOT = "recovery_budget.png"
+
+
+def save_curve(table: pd.DataFrame) -> Path:
+    """Save the curve of a recovery_budget table (the unpruned model from baseline.csv); return its path."""
+    baseline = pd.read_csv(paths.ablation_dir() / "baseline.csv").iloc[0].to_dict()
+    return results.save_plot(plots.budget_curve(table, baseline), paths.results_dir() / "benchmarks" / PLOT)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,7 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-prompts", type=int, default=D["N_PROMPTS"])
     ap.add_argument("--seed", type=int, default=D["SEED"])
     ap.add_argument("--out", default=str(paths.ablation_dir() / "recovery_budget.csv"))
+    ap.add_argument("--plot-only", action="store_true", help="redraw the curve of the written table, train nothing")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        print(f"wrote {save_curve(pd.read_csv(args.out))}")
+        return
     steps = [int(s) for s in args.steps.split(",")]
     if not steps or min(steps) < 1:
         raise SystemExit(f"--steps must be positive step counts, e.g. 16,64,256 (got '{args.steps}')")
@@ -59,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     budget_curve(pruned, bench.base, bench.windows(args.data), steps,
                  lambda n: recovery_config(n, args.lr, args.loss, args.seed), measure, heldout_windows=bench.heldout)
     table = pd.DataFrame(rows)
+    print(f"wrote {save_curve(table)}")
     print(table[["steps", "tokens_seen", "ppl", "fidelity_ppl", "heldout_ppl", "semantic_cosine",
                  "train_minutes"]].round(3).to_markdown(index=False))
 

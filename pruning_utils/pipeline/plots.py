@@ -99,6 +99,30 @@ def loss_curve(history: pd.DataFrame, title: str = ""):
     return fig
 
 
+def budget_curve(df: pd.DataFrame, baseline: dict | None = None, x: str = "steps"):
+    """Return a recovery budget curve: perplexities (in-domain, fidelity, held-out; the unpruned model's dashed)
+    and semantic retention (with its interval) against `x`, the training steps (0: before recovery)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    df = df.sort_values(x)
+    for col, label in (("ppl", "in-domain"), ("fidelity_ppl", "fidelity"), ("heldout_ppl", "held-out prose")):
+        if col not in df:
+            continue
+        line = left.plot(df[x], df[col], marker="o", label=label)[0]
+        if baseline and baseline.get(col) == baseline.get(col):  # NaN-safe
+            left.axhline(baseline[col], ls="--", color=line.get_color(), alpha=0.6)
+    left.set_ylabel("perplexity (dashed: unpruned)")
+    right.plot(df[x], df["semantic_cosine"], marker="o", color="black", label="semantic cosine")
+    if {"semantic_ci_low", "semantic_ci_high"} <= set(df.columns):
+        right.fill_between(df[x], df["semantic_ci_low"], df["semantic_ci_high"], alpha=0.2, color="gray")
+    right.set_ylabel("semantic retention (95% interval)")
+    for ax in (left, right):
+        ax.set_xscale("symlog", linthresh=16)
+        ax.set_xlabel(f"{x} (0: before recovery)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig
+
+
 def iqr_inliers(values, k: float = 1.5) -> np.ndarray:
     """Return a boolean mask of the values inside [Q1 - k IQR, Q3 + k IQR] (Tukey's fences)."""
     v = np.asarray(values, dtype=float)
