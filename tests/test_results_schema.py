@@ -153,7 +153,7 @@ SCHEMAS: dict[str, TableSchema] = {
         "semantic_cosine:float semantic_ci_low:float semantic_ci_high:float first_sentence_match:float "
         "rouge_l_f1:float bertscore_f1_minilm_l6:float n_prompts:int steps:int tokens_seen:int "
         "heldout_loss_before:float? heldout_loss_after:float? train_minutes:float load_avg:float device:text "
-        "commit:text"), ("model", "loss", "data", "lr", "steps"), ("train_minutes",)),
+        "commit:text"), ("model", "loss", "data", "lr", "steps"), ("train_minutes",), merges_runs=True),
     "recovery_mix_pruned_loss.csv": TableSchema(_t("step:int loss:float lr:float device:text commit:text"), ("step",)),
     "recovery_sources.csv": TableSchema(_t(
         "model:text loss:text data:text ppl:float fidelity_ppl:float heldout_ppl:float kl_to_baseline:float "
