@@ -627,6 +627,28 @@ def semantic_refit_readings() -> str:
     return "\n".join(lines) + f"\n\n{verdict} (Rows of `results/ablation_studies/semantic_refit.csv`.)\n"
 
 
+def recovery_budget_readings() -> str:
+    """Return what recovery_budget.csv says of the default budget against no recovery and the longest budget."""
+    if not (ablation_dir() / "recovery_budget.csv").exists():
+        return "Not measured yet: run `python3 -m benchmarks.recovery_budget`.\n"
+    df = _csv("recovery_budget").sort_values("steps")
+    b = _csv("baseline").iloc[0]
+
+    def figures(r) -> str:
+        return (f"in-domain {r['ppl']:.2f}, fidelity {r['fidelity_ppl']:.2f}, held-out English {r['heldout_ppl']:.2f}, "
+                f"semantic cosine {r['semantic_cosine']:.2f}")
+
+    default = df[df["steps"] == DEFAULTS["RECOVERY_STEPS"]]
+    parts = [f"before recovery {figures(df.iloc[0])}"]
+    if len(default):
+        parts.append(f"at the default budget (RECOVERY_STEPS, {int(default.iloc[0]['steps'])} steps) "
+                     f"{figures(default.iloc[0])}")
+    parts.append(f"after the longest budget measured ({int(df.iloc[-1]['steps'])} steps) {figures(df.iloc[-1])}")
+    return (f"{df.iloc[0]['model']}: " + "; ".join(parts) + f". The unpruned model: in-domain {b['ppl']:.2f}, "
+            f"fidelity {b['fidelity_ppl']:.2f}, held-out English {b['heldout_ppl']:.2f}. (Rows of "
+            "`results/ablation_studies/recovery_budget.csv` and `baseline.csv`.)\n")
+
+
 def _sweep_readings(name: str, rate: str) -> str:
     df = _csv(name)
     sweep = df[df["variant"].str.count("-").eq(2)]
@@ -670,7 +692,7 @@ TABLES: dict[str, Callable[[], str]] = {
 TEXTS: dict[str, Callable[[], str]] = {
     "run_time_summary": run_time_summary, "final_readings": final_readings,
     "head_sweep_readings": head_sweep_readings, "mlp_sweep_readings": mlp_sweep_readings,
-    "semantic_refit_readings": semantic_refit_readings,
+    "semantic_refit_readings": semantic_refit_readings, "recovery_budget_readings": recovery_budget_readings,
 }
 
 
