@@ -222,7 +222,6 @@ NOT_REGENERATED: dict[str, tuple[str, tuple[str, ...]]] = {
     "calibration_sources.csv": ("python3 -m benchmarks.calibration_sources",
                                 ("columns", "change_references", "stamps")),
     "quality_benchmark.csv": ("python3 -m benchmarks.quality", ("columns", "stamps")),
-    "recovery_budget.csv": ("python3 -m benchmarks.recovery_budget", ("columns", "stamps")),
     "search_heldout.csv": ("python3 -m benchmarks.search_heldout", ("columns", "stamps")),
     "thorough_profile.csv": ("the steps of benchmarks/thorough_profile.py's docstring",
                              ("columns", "change_references", "stamps")),
