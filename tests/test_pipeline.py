@@ -101,6 +101,8 @@ def test_csvs_have_documented_columns_and_finite_values(smoke_run):
         assert row["allocation"] == "search", variant
         assert "search" in read_plan(root / "models" / variant).provenance, variant
     assert pd.read_csv(out / "head_pruning.csv").set_index("variant").loc["head_pruned", "criterion"] == "obs"
+    # notebook 06's GGUF cell: the uniform baseline is written, the searched (non-uniform) plan refused, not written
+    assert sorted(p.name for p in (root / "models" / "gguf").iterdir()) == ["baseline-q8_0.gguf"]
     recovery = pd.read_csv(out / "recovery.csv")
     _finite(recovery, ["steps", "tokens_seen", "heldout_loss_before", "heldout_loss_after", "ppl_before",
                        "ppl_after", "minutes"])

@@ -223,8 +223,6 @@ NOT_REGENERATED: dict[str, tuple[str, tuple[str, ...]]] = {
                                 ("columns", "change_references", "stamps")),
     "quality_benchmark.csv": ("python3 -m benchmarks.quality", ("columns", "stamps")),
     "search_heldout.csv": ("python3 -m benchmarks.search_heldout", ("columns", "stamps")),
-    "thorough_profile.csv": ("the steps of benchmarks/thorough_profile.py's docstring",
-                             ("columns", "change_references", "stamps")),
 }
 
 
