@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     if not steps or min(steps) < 1:
         raise SystemExit(f"--steps must be positive step counts, e.g. 16,64,256 (got '{args.steps}')")
     pruned, _ = load_pruned(args.name, device="cpu", dtype="float32")
-    bench = RecoveryBench(args.model, args.text_source, args.n_prompts, args.seed)
+    bench = RecoveryBench(D, args.model, args.text_source, args.n_prompts, args.seed)
     known = read_checkpoint_meta(args.name)["extra"]
-    config = lambda n: recovery_config(n, args.lr, args.loss, args.seed)  # noqa: E731
+    config = lambda n: recovery_config(D, n, args.lr, args.loss, args.seed)  # noqa: E731
     # a budget beyond one epoch of the training text fails here, before any training (saying how many fit)
     bench.windows(args.data)(max(steps) * config(max(steps)).batch_size)
     rows: list[dict] = []

@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=D["SEED"])
     ap.add_argument("--out", default=str(paths.ablation_dir() / "recovery_sources.csv"))
     args = ap.parse_args()
-    bench = RecoveryBench(args.model, args.text_source, args.n_prompts, args.seed)
+    bench = RecoveryBench(D, args.model, args.text_source, args.n_prompts, args.seed)
     rows = []
 
     def measure(model, name: str, loss: str, source: str, stats: dict | None, known: dict | None = None) -> None:
@@ -58,7 +58,7 @@ def main() -> None:
         measure(pruned, name, "none", "none", None, known=read_checkpoint_meta(name)["extra"])
         for pair in args.configs.split(","):
             loss, source = pair.split(":")
-            cfg = recovery_config(args.steps, args.lr, loss, args.seed)
+            cfg = recovery_config(D, args.steps, args.lr, loss, args.seed)
             train = bench.windows(source)(args.steps * cfg.batch_size)
             merged, stats = lora.recover(copy.deepcopy(pruned), bench.tok, train, cfg,
                                          teacher=None if loss == "lm" else bench.base, heldout_windows=bench.heldout)

@@ -9,7 +9,7 @@ on, `benchmarks/recovery_budget.py` how long it trains (`budget_curve`).
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import pandas as pd
 import torch
@@ -19,16 +19,14 @@ from pruning_utils.data import sources
 from pruning_utils.data.heldout import heldout_chunks
 from pruning_utils.measure import evaluation
 from pruning_utils.measure.variants import measure_variant
-from pruning_utils.pipeline import profiles
 from pruning_utils.recovery import lora, training_data
 
-D = profiles.DEFAULTS
 
-
-def recovery_config(steps: int, lr: float, loss: str, seed: int) -> lora.RecoveryConfig:
-    """Return notebook 04's LoRA settings (the default profile's) for `steps` optimizer steps at rate `lr`."""
-    return lora.RecoveryConfig(r=D["LORA_R"], alpha=D["LORA_ALPHA"], lr=lr, max_steps=steps,
-                               batch_size=D["RECOVERY_BATCH"], seq_len=D["RECOVERY_SEQ_LEN"], loss=loss, seed=seed)
+def recovery_config(params: Mapping[str, Any], steps: int, lr: float, loss: str, seed: int) -> lora.RecoveryConfig:
+    """Return notebook 04's LoRA settings under a profile's `params` for `steps` optimizer steps at rate `lr`."""
+    return lora.RecoveryConfig(r=params["LORA_R"], alpha=params["LORA_ALPHA"], lr=lr, max_steps=steps,
+                               batch_size=params["RECOVERY_BATCH"], seq_len=params["RECOVERY_SEQ_LEN"], loss=loss,
+                               seed=seed)
 
 
 def budget_curve(pruned, teacher, windows: Callable[[int], torch.Tensor], steps: list[int],
@@ -51,12 +49,13 @@ def budget_curve(pruned, teacher, windows: Callable[[int], torch.Tensor], steps:
 
 
 class RecoveryBench:
-    """The unpruned model and everything a recovered model is measured against, built once (default profile)."""
+    """The unpruned model and everything a recovered model is measured against, built once under a profile's
+    `params` (`pipeline.profiles.DEFAULTS` for the default one)."""
 
-    def __init__(self, model: str = D["MODEL"], text_source: str = D["TEXT_SOURCE"], n_prompts: int = D["N_PROMPTS"],
-                 seed: int = D["SEED"]):
+    def __init__(self, params: Mapping[str, Any], model: str, text_source: str, n_prompts: int, seed: int):
         from pruning_utils.model.loading import load_model
 
+        self.params = D = params  # the profile's names, as the notebooks spell them
         self.seed, self.text_source = seed, text_source
         self.selfgen_kw = dict(temperature=D["SELFGEN_TEMPERATURE"], top_p=D["SELFGEN_TOP_P"])
         self.base, self.tok = load_model(model, device="cpu", dtype="float32")
@@ -91,8 +90,8 @@ class RecoveryBench:
         row = measure_variant(model, self.chunks, variant=name, source_model=self.model_name, reference=self.baseline,
                               fidelity_chunks=self.fidelity, heldout_chunks=self.prose, reference_model=self.base,
                               known=known)
-        answers = evaluation.generate_answers(model, self.tok, self.prompts, max_new_tokens=D["MAX_NEW_TOKENS"],
-                                              cache=True)
+        answers = evaluation.generate_answers(model, self.tok, self.prompts,
+                                              max_new_tokens=self.params["MAX_NEW_TOKENS"], cache=True)
         kept = evaluation.semantic_retention(self.reference, answers, self.judge)
         overlap = evaluation.answer_overlap(self.reference, answers)
         return dict(ppl=row["ppl"], fidelity_ppl=row["fidelity_ppl"], heldout_ppl=row["heldout_ppl"],
