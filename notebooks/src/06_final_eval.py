@@ -13,7 +13,6 @@ from pruning_utils.data import heldout, sources
 from pruning_utils.measure import evaluation, final_eval
 from pruning_utils.model.checkpoint import load_pruned, read_checkpoint_meta
 from pruning_utils.model.loading import load_model
-from pruning_utils.paths import models_dir
 from pruning_utils.pipeline import plots, results
 from pruning_utils.pipeline.stages import as_list
 
@@ -86,5 +85,5 @@ evaluation.retention_table(prompts, answers["baseline"], answers[last], n=5)
 
 # %%
 if GGUF_EXPORT:
-    exported = pd.DataFrame(gguf_export.export_variants(GGUF_EXPORT, MODEL, models_dir() / "gguf"))
+    exported = pd.DataFrame(gguf_export.export_variants(GGUF_EXPORT, MODEL))
     display(Markdown(exported.to_markdown(index=False)))

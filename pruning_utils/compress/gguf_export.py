@@ -307,14 +307,16 @@ def parse_exports(spec: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def export_variants(spec: str, baseline, out_dir) -> list[dict]:
-    """Export the variants of `spec` (`parse_exports`) to `out_dir`/<variant>-<type>.gguf and return a row per
-    variant: its file and size, or in `refused` why GGUF cannot hold it (a non-uniform plan, an INT8 model, a family
-    GGUF's llama / qwen2 architectures do not cover). `baseline` (a model spec or folder) is what 'baseline' names;
-    any other name is a checkpoint under models/ (a missing one raises, naming the stage that writes it)."""
-    rows = []
+def export_variants(spec: str, baseline, out_dir=None) -> list[dict]:
+    """Export the variants of `spec` (`parse_exports`) as <variant>-<type>.gguf in `out_dir` (default: models/gguf)
+    and return a row per variant: its file and size, or in `refused` why GGUF cannot hold it (a non-uniform plan, an
+    INT8 model, a family GGUF's llama / qwen2 architectures do not cover). `baseline` (a model spec or folder) is
+    what 'baseline' names; any other name is a checkpoint under models/ (a missing one raises)."""
+    from pruning_utils.paths import models_dir
+
+    rows, folder = [], Path(out_dir) if out_dir is not None else models_dir() / "gguf"
     for name, out_type in parse_exports(spec):
-        path = Path(out_dir) / f"{name}-{out_type}.gguf"
+        path = folder / f"{name}-{out_type}.gguf"
         try:
             export_gguf(baseline if name == "baseline" else name, path, out_type)
         except GGUFExportError as err:
