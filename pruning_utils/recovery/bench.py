@@ -33,9 +33,9 @@ def budget_curve(pruned, teacher, windows: Callable[[int], torch.Tensor], steps:
                  config: Callable[[int], lora.RecoveryConfig], measure: Callable[[Any, dict | None], dict],
                  heldout_windows: torch.Tensor | None = None, progress: bool = True) -> list[dict]:
     """Return one row per budget of `steps`: `measure(model, stats)` of `pruned` recovered for that many steps
-    (a fresh copy each time, `config(n)`'s settings, the first `windows(n)` training windows), after a row for
-    `pruned` itself (`stats` None, 0 steps). Each budget is its own run with its own schedule, as a user choosing
-    that budget would train; `pruned` is left unchanged."""
+    (a fresh copy each time, `config(n)`'s settings, `windows(k)` for its k = steps x batch x accumulation training
+    windows), after a row for `pruned` itself (`stats` None, 0 steps). Each budget is its own run with its own
+    schedule, as a user choosing that budget would train; `pruned` is left unchanged."""
     rows = [measure(pruned, None)]
     for n in steps:
         cfg = config(n)
@@ -74,16 +74,11 @@ class RecoveryBench:
                                                      max_new_tokens=D["MAX_NEW_TOKENS"], cache=True)
         self.baseline = pd.read_csv(paths.ablation_dir() / "baseline.csv").iloc[0].to_dict()
 
-    def text_windows(self, n: int) -> torch.Tensor:
-        """Return `n` calibration windows of notebook 04 (another seed than calibration's)."""
-        return sources.calibration_windows(self.tok, self.text_source, n_samples=n, seq_len=self.seq_len,
-                                           seed=self.seed + 1, model=self.base, selfgen_kw=self.selfgen_kw,
-                                           selfgen_seed=self.seed)
-
     def windows(self, data: str) -> Callable[[int], torch.Tensor]:
-        """Return `n -> n` training windows of recovery `data` (text | selfdistill | selfdistill+text)."""
-        return lambda n: training_data.recovery_windows(data, self.tok, n, self.seq_len, self.base,
-                                                        self.text_windows, seed=self.seed)
+        """Return `n -> n` training windows of recovery `data` (text | selfdistill | selfdistill+text), drawn as
+        notebook 04 draws them (`training_data.training_windows`)."""
+        return lambda n: training_data.training_windows(data, self.tok, self.text_source, n, self.seq_len, self.base,
+                                                        seed=self.seed, selfgen_kw=self.selfgen_kw)
 
     def measure(self, model, name: str, stats: dict | None, known: dict | None = None) -> dict:
         """Return the measurements of `model` (recovered with `stats`, or not recovered when None)."""
