@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     steps = [int(s) for s in args.steps.split(",")]
     if not steps or min(steps) < 1:
-        raise SystemExit(f"--steps must be positive step counts, e.g. 16,64,256 (got '{args.steps}')")
+        raise SystemExit(f"--steps must be positive step counts, e.g. 16,32,64,120 (got '{args.steps}')")
     pruned, _ = load_pruned(args.name, device="cpu", dtype="float32")
     bench = RecoveryBench(D, args.model, args.text_source, args.n_prompts, args.seed)
     known = read_checkpoint_meta(args.name)["extra"]
