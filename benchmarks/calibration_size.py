@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
                                  fisher_s=round(fisher_s, 1) if name == "obs_fisher" else float("nan"),
                                  refit_s=round(refit_s, 1),
                                  selfgen_and_windows_s=round(windows_s, 1),
-                                 params_non_embedding=metrics.count_params(pruned)["non_embedding"], commit=commit))
+                                 params_non_embedding=metrics.count_params(pruned)["non_embedding"],
+                                 load_avg=metrics.load_avg(), commit=commit))
                 # after every row: a stopped run keeps what it measured
                 results.write_csv(results.merge_rows(pd.DataFrame(rows), args.out, KEY), args.out)
                 print(f"{shape} {n * args.seq_len:>8} tokens  ridge {ridge:g}  {name:12s} {order:10s} ppl {ppl:7.3f}  "

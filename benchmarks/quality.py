@@ -61,7 +61,7 @@ CRITERIA = ["random", "magnitude", "activation", "fluctuation", "taylor", "tfidf
             "semantic_refit", "mix", "obs"]
 COLUMNS = ["shape", "criterion", "reconstruction", "allocation", "order", "ridge_ratio", "role", "screen",
            "eval_tokens", "ppl", "fidelity_ppl", "kl_heldout", "params_non_embedding", "reduction_pct", "target_ppl",
-           "build_s", "eval_s", "prefill_ms", "decode_tokens_per_s", "calibration_source"]
+           "build_s", "eval_s", "prefill_ms", "decode_tokens_per_s", "calibration_source", "load_avg"]
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,8 @@ class Bench:
                    eval_tokens=tokens, ppl=math.exp(nll_sum / tokens), fidelity_ppl=fidelity, kl_heldout=nan,
                    params_non_embedding=params, reduction_pct=100 * (1 - params / self.base_params),
                    target_ppl=TARGETS.get(r.shape, nan), build_s=round(build_s, 1), eval_s=round(eval_s, 1),
-                   prefill_ms=nan, decode_tokens_per_s=nan, calibration_source=self.source)
+                   prefill_ms=nan, decode_tokens_per_s=nan, calibration_source=self.source,
+                   load_avg=metrics.load_avg())
         if not screen:
             row.update(self.extra.get(r.key(), {}))
         self.rows.append(row)

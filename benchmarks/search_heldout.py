@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
                              neurons_removed=" ".join(map(str, counts.neurons)) if counts else "",
                              calibration_source=args.source, calib_tokens=args.n_calib * args.seq_len,
                              ridge_ratio=args.ridge, iterations=args.iterations if allocation == "search" else 0,
-                             commit=commit))
+                             load_avg=metrics.load_avg(), commit=commit))
             print({k: v for k, v in rows[-1].items() if k not in ("heads_removed_per_group", "neurons_removed")},
                   flush=True)
             results.write_csv(results.merge_rows(pd.DataFrame(rows), args.out, KEY), args.out)
