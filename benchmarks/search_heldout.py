@@ -2,8 +2,8 @@
 source) and how many there are.
 
 `benchmarks/quality.py` scores the search (`pruning_utils.prune.search`) by KL to the dense model on 4 held-out windows
-of the calibration mixture (75% embedded text): at S3 it took in-domain PPL from 19.04 (uniform obs) to 15.30 but the
-fidelity PPL (held-out self-generated text) only from 42.43 to 41.80. This reruns the same search (obs scores,
+of the calibration mixture (75% embedded text; its S3 rows in quality_benchmark.csv, allocation `search` beside the
+uniform obs start, show what that does to in-domain and fidelity perplexity). This reruns the same search (obs scores,
 one-shot lstsq refit from the default calibration Grams, same seed and iterations) for each run of `--runs` —
 a shape, a number of KL windows and their source: text windows of another seed, or self-generated windows of another
 seed of the calibration stream (never the fidelity stream) — and measures in-domain and fidelity perplexity of each
@@ -35,7 +35,9 @@ from pruning_utils.prune import obs, reconstruction
 from pruning_utils.prune.search import counts_of, search_budget
 
 MIX = DEFAULTS["TEXT_SOURCE"]
-RUNS = (f"S3 4 selfgen; S3 4 {MIX}; S3 16 embedded:0.5+selfgen:0.5; S1 4 {MIX}; S2 4 {MIX}")
+# the profile's search (SEARCH_WINDOWS 16, every part of TEXT_SOURCE alike) and self-generated KL windows at S3, the
+# quality benchmark's 4 mixture windows at S1 / S2 (its own S3 search is quality_benchmark.csv's `search` row)
+RUNS = f"S3 16 embedded:0.5+selfgen:0.5; S3 4 selfgen; S1 4 {MIX}; S2 4 {MIX}"
 KEY = ["shape", "calibration_source", "calib_tokens", "ridge_ratio", "allocation", "kl_windows", "n_kl_windows",
        "trade", "order"]
 ORDERS = ("one-shot", "sequential")
