@@ -356,6 +356,21 @@ def test_write_csv_stamps_commit_and_device_and_keeps_those_rows_carry(tmp_path)
     assert list(pd.read_csv(results.write_csv([{"a": 1}], tmp_path / "n.csv", stamp=False)).columns) == ["a"]
 
 
+def test_rows_merged_one_by_one_are_each_stamped(tmp_path):
+    # a benchmark writes after every row: the second write merges the first row, which carries the stamp columns
+    path = tmp_path / "merged.csv"
+    rows = []
+    for i in range(3):
+        rows.append({"k": i, "v": 10 * i})
+        results.write_csv(results.merge_rows(pd.DataFrame(rows), path, ["k"]), path, device="cpu-x")
+    back = pd.read_csv(path)
+    assert results.check_stamps(back) == [] and back["device"].notna().all() and back["commit"].notna().all()
+    old = pd.DataFrame([{"k": 9, "v": 0, "commit": "old1234", "device": "gpu"}])
+    old.to_csv(path, index=False)
+    merged = results.merge_rows(pd.DataFrame([{"k": 1, "v": 1}]), path, ["k"])
+    assert merged.set_index("k").loc[9, "commit"] == "old1234" and merged.set_index("k").loc[1, "commit"] != "old1234"
+
+
 def test_unique_rows_keeps_the_first_of_a_configuration_measured_twice(capsys):
     rows = [dict(variant="heads-x-0.2", criterion="x", eval_tokens=64),
             dict(variant="heads-x-0.2-none", criterion="x", eval_tokens=64),

@@ -66,9 +66,11 @@ def unique_rows(df_or_rows: pd.DataFrame | Iterable[dict], key: Iterable[str]) -
 
 
 def merge_rows(new: pd.DataFrame, path: str | Path, key: list[str]) -> pd.DataFrame:
-    """Return the new rows plus the rows of the CSV at `path` whose `key` the new rows do not hold, sorted by `key`
-    (a benchmark re-run of some configurations keeps the rows of the others, older rows without a key column too)."""
+    """Return the new rows, `stamped` (this checkout's commit and device where they carry none), plus the rows of the
+    CSV at `path` whose `key` the new rows do not hold, sorted by `key` (a benchmark re-run of some configurations
+    keeps the rows of the others, older rows without a key column too, each with the stamp it was written with)."""
     path = Path(path)
+    new = stamped(new)  # after the merge the stamp columns exist, and `write_csv` would leave the new rows' empty
     if not path.exists():
         return new
     old = pd.read_csv(path)
