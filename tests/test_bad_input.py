@@ -209,7 +209,7 @@ ALLOWED_WRITES = {
     "paths:write_manifest": "the manifest goes into atomic_folder's temporary folder, last",
     "model.checkpoint:*": "save_pruned hands these functions atomic_folder's temporary folder",
     "model.tiny:save_pretrained": "writes into the folder it is given: a checkpoint's temporary folder",
-    "measure.metrics:_reset_peak_rss": "a kernel control file (/proc/self/clear_refs), no result",
+    "measure.metrics:_clear_peak_rss": "a kernel control file (/proc/self/clear_refs), no result",
     "recovery.launch:main": "--save-state-dict: a per-rank debugging dump its caller asked for",
     "recovery.launch:recover_data_parallel": "the launch's inputs, written before the processes that read them start",
     "serialization:to_json": "a leaf module that may import nothing of the package; no pipeline result goes through it",

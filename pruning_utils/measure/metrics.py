@@ -368,14 +368,34 @@ def _max_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark of this process (Linux 4+); return whether it worked."""
+# the highest VmHWM read before a reset: `track_peak_memory` resets the mark per measured block, and the peak of the
+# whole process (`process_peak_rss_bytes`, e.g. a rehearsed stage's) must not lose what came before a reset
+_PEAK_BEFORE_RESETS = 0
+
+
+def _clear_peak_rss() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # 5: reset the peak resident set size (see proc(5))
         return True
     except OSError:
         return False
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux 4+), keeping the mark it had in
+    `_PEAK_BEFORE_RESETS`; return whether it worked."""
+    global _PEAK_BEFORE_RESETS
+    _PEAK_BEFORE_RESETS = max(_PEAK_BEFORE_RESETS, _peak_rss_bytes() or 0)
+    return _clear_peak_rss()
+
+
+def restart_process_peak() -> bool:
+    """Forget this process's peak resident memory so far (`process_peak_rss_bytes` then counts from now on, e.g.
+    from a stage's start); return whether the kernel's mark could be reset."""
+    global _PEAK_BEFORE_RESETS
+    _PEAK_BEFORE_RESETS = 0
+    return _clear_peak_rss()
 
 
 def _peak_rss_bytes() -> int | None:
@@ -387,6 +407,13 @@ def _peak_rss_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def process_peak_rss_bytes() -> int | None:
+    """Return the peak resident memory of this whole process so far (VmHWM, across the resets of
+    `track_peak_memory`), or None where /proc cannot be read."""
+    mark = _peak_rss_bytes()
+    return None if mark is None else max(mark, _PEAK_BEFORE_RESETS)
 
 
 @contextmanager

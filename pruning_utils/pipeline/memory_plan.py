@@ -619,6 +619,10 @@ def config_of(spec) -> dict:
     spec = str(spec)
     if spec in TINY_MODELS:
         return tiny_config(spec.split("-", 1)[1]).to_dict()
+    if spec.startswith("shape:"):
+        from pruning_utils.model.shapes import shape_config
+
+        return shape_config(spec.split(":", 1)[1]).to_dict()
     for folder in ([embedded_model_dir()] if spec == EMBEDDED_MODEL else []) + [Path(spec), models_dir() / spec]:
         if (folder / "config.json").is_file():
             return json.loads((folder / "config.json").read_text())
@@ -762,8 +766,12 @@ def choose(model_or_config, stage: str, params: dict, **names) -> StageSettings:
             switched.append(f"offload mode: the model on the host, one decoder layer at a time on {device.type} "
                             "(OFFLOAD='auto')")
         switched = [f"{need}; so " + switched[0]] + switched[1:] if switched else []
-    return StageSettings(stage, off, "cpu" if off else str(device), str(device) if off else None,
-                         grams, build or "copy", plan, switched)
+    settings = StageSettings(stage, off, "cpu" if off else str(device), str(device) if off else None,
+                             grams, build or "copy", plan, switched)
+    from pruning_utils.pipeline import stage_memory
+
+    stage_memory.record(settings)  # only under $PRUNING_MEMORY_LOG (benchmarks/kaggle_rehearsal.py)
+    return settings
 
 
 def describe_stage(model_or_config, stage: str, params: dict, **overrides) -> str:

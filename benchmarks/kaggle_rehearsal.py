@@ -1,0 +1,160 @@
+"""Kaggle rehearsal: the real notebooks, stage by stage, on a model of a real shape, with each stage's measured peak
+host memory next to its memory plan (issue 32).
+
+The hub and a GPU are out of reach here, model shapes are not: `shape:qwen2.5-3b` is Qwen2.5-3B's config with
+seeded random weights (`pruning_utils/model/shapes.py`). Every stage runs through `run_all.sh`'s runner (papermill,
+the notebook as a user runs it) in a fresh process, with a Kaggle profile's settings and its token counts cut down
+(`CUTS`: fewer windows, steps, prompts and repeats; the window lengths, batches, criteria that set the peak, Gram
+mode and recovery settings stay the profile's), into scratch results / models folders. Under `PRUNING_MEMORY_LOG`
+the stage's first cell (`memory_plan.choose`) records the plan it runs with and the kernel's resident memory, and
+the kernel's peak resident memory is sampled until it exits (`pruning_utils/pipeline/stage_memory.py`); the row
+compares what the stage added (peak - start) with the plan of the same device and dtype without its reserve, and
+names the plan of the same stage on a Kaggle T4 in fp16 with the profile's real settings beside it.
+
+Writes results/benchmarks/kaggle_rehearsal.csv, one row per (model, dtype, stage), merged with the rows of other
+models. Usage:
+    python3 -m benchmarks.kaggle_rehearsal --model shape:qwen2.5-1.5b [--dtype bfloat16] [--stages 00,02,03,04,05,06]
+    python3 -m benchmarks.kaggle_rehearsal --model shape:qwen2.5-3b --profile kaggle-qwen2.5-3b
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from pruning_utils.measure import metrics
+from pruning_utils.paths import PROJECT_ROOT
+from pruning_utils.pipeline import memory_plan, results, stage_memory
+from pruning_utils.pipeline.profiles import PROFILES
+
+OUT = PROJECT_ROOT / "results" / "benchmarks" / "kaggle_rehearsal.csv"
+STAGES = ("00", "02", "03", "04", "05", "06")
+# what the rehearsal changes of the profile: token counts and repeats (time), the text (the hub's is out of reach;
+# the embedded text alone: self-generated text from random weights would only cost time), semantic dropped from
+# the criteria (its exact ablations cost hours at 3B on a CPU; its peak is an importance forward, as activation's),
+# 03b's variants and the hub's zero-shot tasks left out. Window lengths, batches, Gram mode, LoRA settings and the
+# rates stay the profile's: they set the peaks.
+CUTS = dict(TEXT_SOURCE="embedded", N_CALIB=4, EVAL_MAX_TOKENS=None, SWEEP_EVAL_MAX_TOKENS=None,
+            FIDELITY_TOKENS=512, HELDOUT_TOKENS=512, LATENCY_REPEATS=1, DECODE_TOKENS=4, PEAK_MEMORY=False,
+            SEMANTIC_MAX_WINDOWS=1, RECOVERY_STEPS=2, N_PROMPTS=2, MAX_NEW_TOKENS=4, ZERO_SHOT=False,
+            EXTRA_VARIANTS="", GGUF_EXPORT="", ADAPTIVE_N_PROMPTS=5, ADAPTIVE_NEW_TOKENS=4, ADAPTIVE_EPOCHS=2,
+            ADAPTIVE_DQN_EPOCHS=2, ADAPTIVE_LIVE_EVAL=False, TFIDF_TOPICS=2)
+KEY = ["model", "dtype", "stage"]
+COLUMNS = ["model", "profile", "stage", "dtype", "measured_gb", "plan_gb", "ratio", "plan_reserve_gb",
+           "plan_peak_operation", "grams", "offload", "start_gb", "peak_gb", "t4_plan_gb", "t4_fits", "minutes",
+           "load_avg", "device", "torch", "commit"]
+
+
+def cuts(profile: dict, skip_criteria: tuple[str, ...] = ("semantic", "semantic_refit")) -> dict:
+    """Return the parameter overrides of a rehearsal of `profile`: `CUTS`, evaluation token counts of two windows
+    of the profile's EVAL_SEQ_LEN (one for the sweeps), and the profile's criteria without `skip_criteria`."""
+    eval_len = int(profile["EVAL_SEQ_LEN"])
+    criteria = [c for c in str(profile["CRITERIA"]).split(",") if c and c not in skip_criteria]
+    return dict(CUTS, EVAL_MAX_TOKENS=2 * eval_len, SWEEP_EVAL_MAX_TOKENS=eval_len, CRITERIA=",".join(criteria))
+
+
+def stage_command(profile: str, stage: str, model: str, dtype: str, overrides: dict) -> list[str]:
+    """Return the runner's command line of one stage of the rehearsal."""
+    cmd = [sys.executable, "-m", "pruning_utils.pipeline.stages", "--profile", profile, "--only", stage, "--force",
+           "-p", "MODEL", model, "-p", "DEVICE", "cpu", "-p", "DTYPE", dtype]
+    for name, value in overrides.items():
+        text = "None" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        cmd += ["-p", name, text]
+    return cmd
+
+
+def row_of(record: dict, model: str, profile: str, dtype: str, minutes: float, t4: dict | None) -> dict:
+    """Return the CSV row of one stage from its memory record (`stage_memory.snapshot`)."""
+    planned = record["plan_gb"] - record["plan_reserve_gb"]
+    return dict(model=model, profile=profile, stage=record["stage"], dtype=dtype,
+                measured_gb=round(record["measured_gb"], 3), plan_gb=round(planned, 3),
+                ratio=round(record["measured_gb"] / planned, 3) if planned > 0 else float("nan"),
+                plan_reserve_gb=round(record["plan_reserve_gb"], 3), plan_peak_operation=record["plan_peak_operation"],
+                grams=record["grams"], offload=record["offload"], start_gb=round(record["start_gb"], 3),
+                peak_gb=round(record["peak_gb"], 3),
+                t4_plan_gb=round(t4["device_gb"], 2) if t4 else float("nan"),
+                t4_fits=bool(t4["fits"]) if t4 else None, minutes=round(minutes, 2), load_avg=metrics.load_avg(),
+                device=metrics.device_name("cpu"), torch=_torch_version(), commit=metrics.git_commit())
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def t4_plans(profile: str) -> dict[str, dict]:
+    """Return the T4 (fp16) plan row per stage of `profile` with its real settings, {} if it has no committed shape."""
+    try:
+        table = memory_plan.profile_plan_table(profile)
+    except ValueError:
+        return {}
+    return {r["stage"]: r for r in table.to_dict("records")}
+
+
+def run_stage(stage: str, cmd: list[str], work: Path, log: Path) -> tuple[dict, float]:
+    """Run one stage in a fresh process into `work`; return its memory record and wall minutes."""
+    memory_log = work / "memory" / f"{stage}.json"
+    memory_log.unlink(missing_ok=True)
+    env = dict(os.environ, PRUNING_RESULTS_DIR=str(work / "results"), PRUNING_MODELS_DIR=str(work / "models"),
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **{stage_memory.ENV: str(memory_log)})
+    env.pop("PRUNING_RUN_STARTED", None)
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        done = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    minutes = (time.perf_counter() - t0) / 60
+    if done.returncode != 0:
+        raise SystemExit(f"stage {stage} failed (exit {done.returncode}); its log: {log} (the executed notebook is "
+                         f"under {work / 'results' / 'notebooks'})")
+    if not memory_log.is_file():
+        raise SystemExit(f"stage {stage} ran but wrote no memory record ({memory_log}): its first cell must call "
+                         "memory_plan.choose")
+    return json.loads(memory_log.read_text()), minutes
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="model spec, e.g. shape:qwen2.5-1.5b (tests: tiny-llama)")
+    ap.add_argument("--profile", default="kaggle-qwen2.5-3b", choices=[p for p in PROFILES],
+                    help="profile whose settings are rehearsed")
+    ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, in order, of {', '.join(STAGES)}")
+    ap.add_argument("--work", default=None, help="scratch folder of the run (default: a temporary one, removed)")
+    ap.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                    help="another parameter override on top of the cuts (repeatable)")
+    ap.add_argument("--out", default=str(OUT))
+    args = ap.parse_args(argv)
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise SystemExit(f"unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
+    overrides = {**cuts(PROFILES[args.profile]), **dict(args.p)}
+    t4 = t4_plans(args.profile)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="kaggle-rehearsal-"))
+    (work / "memory").mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        for stage in stages:
+            cmd = stage_command(args.profile, stage, args.model, args.dtype, overrides)
+            print(f"stage {stage}: {' '.join(cmd[1:])}", flush=True)
+            record, minutes = run_stage(stage, cmd, work, work / "memory" / f"{stage}.log")
+            rows.append(row_of(record, args.model, args.profile, args.dtype, minutes, t4.get(stage)))
+            print({k: rows[-1][k] for k in ("stage", "measured_gb", "plan_gb", "ratio", "minutes")}, flush=True)
+            # after every stage: a stopped rehearsal keeps what it measured
+            results.write_csv(results.merge_rows(pd.DataFrame(rows)[COLUMNS], args.out, KEY), args.out)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    print(pd.DataFrame(rows)[COLUMNS].to_markdown(index=False))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""A stage's peak host memory as the Kaggle rehearsal records it (pruning_utils/pipeline/stage_memory.py,
+benchmarks/kaggle_rehearsal.py): the peak survives the per-block resets of `track_peak_memory`, `choose` records
+only under PRUNING_MEMORY_LOG, and the rehearsal's rows and command lines say what was compared."""
+import json
+
+import pytest
+import torch
+
+from benchmarks import kaggle_rehearsal
+from pruning_utils.measure import metrics
+from pruning_utils.pipeline import memory_plan, stage_memory
+from pruning_utils.pipeline.profiles import PROFILES
+
+MB = 2 ** 20
+pytestmark = pytest.mark.skipif(metrics.rss_bytes() is None, reason="needs Linux /proc to read resident memory")
+
+
+@pytest.fixture
+def fresh_recorder(monkeypatch):
+    monkeypatch.setattr(stage_memory, "_recording", {})
+    monkeypatch.setattr(stage_memory, "INTERVAL_S", 0.05)
+    yield
+
+
+def _touch(n_bytes: int) -> torch.Tensor:
+    t = torch.empty(n_bytes // 4, dtype=torch.float32)
+    t.fill_(1.0)  # resident only once written
+    return t
+
+
+def test_process_peak_keeps_what_came_before_a_reset():
+    before = metrics.process_peak_rss_bytes()
+    big = _touch(256 * MB)
+    del big
+    with metrics.track_peak_memory("cpu"):  # resets VmHWM: the 256 MiB peak is no longer the kernel's mark
+        pass
+    assert metrics._peak_rss_bytes() < metrics.process_peak_rss_bytes()  # the reset took the kernel's mark down
+    assert metrics.process_peak_rss_bytes() >= max(before, metrics.rss_bytes() + 200 * MB)
+
+
+def test_choose_records_nothing_without_the_variable(tmp_path, monkeypatch, fresh_recorder):
+    monkeypatch.delenv(stage_memory.ENV, raising=False)
+    memory_plan.choose("tiny-llama", "00", dict(PROFILES["smoke"], DEVICE="cpu"))
+    assert stage_memory._recording == {} and list(tmp_path.iterdir()) == []
+
+
+def test_choose_records_the_plan_and_what_the_stage_adds(tmp_path, monkeypatch, fresh_recorder):
+    log = tmp_path / "00.json"
+    monkeypatch.setenv(stage_memory.ENV, str(log))
+    run = memory_plan.choose("tiny-llama", "00", dict(PROFILES["smoke"], DEVICE="cpu"))
+    first = json.loads(log.read_text())
+    assert first["stage"] == "00" and first["plan_gb"] == pytest.approx(run.plan.total_gb)
+    assert first["plan_device"] == "cpu" and first["parts"] and first["measured_gb"] < 0.05
+    held = _touch(300 * MB)
+    with metrics.track_peak_memory("cpu"):
+        pass
+    del held
+    memory_plan.choose("tiny-llama", "02", dict(PROFILES["smoke"], DEVICE="cpu"))  # later calls do not restart it
+    stage_memory._recording["path"] = log
+    record = stage_memory.snapshot(stage_memory._recording["start"], stage_memory.plan_fields(run))
+    assert record["stage"] == "00" and record["measured_gb"] >= 280 * MB / 2 ** 30
+    assert record["peak_gb"] == pytest.approx(record["start_gb"] + record["measured_gb"])
+
+
+def test_rehearsal_cuts_keep_the_profile_shapes_and_drop_the_slow_criteria():
+    profile = PROFILES["kaggle-qwen2.5-3b"]
+    cut = kaggle_rehearsal.cuts(profile)
+    assert "semantic" not in cut["CRITERIA"].split(",") and "fluctuation" in cut["CRITERIA"].split(",")
+    assert cut["EVAL_MAX_TOKENS"] == 2 * profile["EVAL_SEQ_LEN"] and cut["SWEEP_EVAL_MAX_TOKENS"] == profile["EVAL_SEQ_LEN"]
+    assert not {"EVAL_SEQ_LEN", "CALIB_SEQ_LEN", "RECOVERY_BATCH", "RECOVERY_SEQ_LEN", "GRAMS", "LATENCY_SEQ_LEN",
+                "GRAD_CHECKPOINTING", "HEAD_RATE", "MLP_RATE"} & set(cut)
+    cmd = kaggle_rehearsal.stage_command("kaggle-qwen2.5-3b", "04", "shape:qwen2.5-3b", "bfloat16", cut)
+    pairs = dict(zip(cmd[cmd.index("-p") + 1::3], cmd[cmd.index("-p") + 2::3]))
+    assert pairs["MODEL"] == "shape:qwen2.5-3b" and pairs["DEVICE"] == "cpu" and pairs["DTYPE"] == "bfloat16"
+    assert pairs["PEAK_MEMORY"] == "false" and pairs["ZERO_SHOT"] == "false"  # the runner's spelling of booleans
+    assert cmd[cmd.index("--only") + 1] == "04" and "--force" in cmd
+
+
+def test_rehearsal_row_compares_the_plan_without_its_reserve():
+    record = dict(stage="04", plan_gb=11.0, plan_reserve_gb=1.0, plan_peak_operation="lora_step", grams="all",
+                  offload=False, start_gb=0.5, peak_gb=10.9, measured_gb=10.4)
+    row = kaggle_rehearsal.row_of(record, "shape:qwen2.5-3b", "kaggle-qwen2.5-3b", "bfloat16", 3.0,
+                                  {"device_gb": 13.2, "fits": True})
+    assert row["plan_gb"] == 10.0 and row["ratio"] == pytest.approx(1.04)
+    assert row["t4_plan_gb"] == 13.2 and row["t4_fits"] is True and row["commit"] and row["device"]
+    assert set(row) == set(kaggle_rehearsal.COLUMNS)
+
+
+def test_shape_specs_plan_without_weights():
+    config = memory_plan.config_of("shape:qwen2.5-3b")
+    assert config["hidden_size"] == 2048 and config["num_hidden_layers"] == 36 and config["vocab_size"] == 151936
+    with pytest.raises(ValueError, match="unknown shape"):
+        memory_plan.config_of("shape:qwen9-1t")
