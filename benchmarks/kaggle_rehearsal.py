@@ -38,26 +38,30 @@ from pruning_utils.pipeline.profiles import PROFILES
 OUT = PROJECT_ROOT / "results" / "benchmarks" / "kaggle_rehearsal.csv"
 STAGES = ("00", "02", "03", "04", "05", "06")
 # what the rehearsal changes of the profile: token counts and repeats (time), the text (the hub's is out of reach;
-# the embedded text alone: self-generated text from random weights would only cost time), semantic dropped from
-# the criteria (its exact ablations cost hours at 3B on a CPU; its peak is an importance forward, as activation's),
-# 03b's variants and the hub's zero-shot tasks left out. Window lengths, batches, Gram mode, LoRA settings and the
-# rates stay the profile's: they set the peaks.
-CUTS = dict(TEXT_SOURCE="embedded", N_CALIB=4, EVAL_MAX_TOKENS=None, SWEEP_EVAL_MAX_TOKENS=None,
-            FIDELITY_TOKENS=512, HELDOUT_TOKENS=512, LATENCY_REPEATS=1, DECODE_TOKENS=4, PEAK_MEMORY=False,
-            SEMANTIC_MAX_WINDOWS=1, RECOVERY_STEPS=2, N_PROMPTS=2, MAX_NEW_TOKENS=4, ZERO_SHOT=False,
-            EXTRA_VARIANTS="", GGUF_EXPORT="", ADAPTIVE_N_PROMPTS=5, ADAPTIVE_NEW_TOKENS=4, ADAPTIVE_EPOCHS=2,
-            ADAPTIVE_DQN_EPOCHS=2, ADAPTIVE_LIVE_EVAL=False, TFIDF_TOPICS=2)
+# the embedded text alone: self-generated text from random weights would only cost time), the criteria cut to those
+# that set stage 00's peak or that later stages read (`criteria`: every other one adds sweep variants, hours at 3B
+# on a CPU, with the same peak), notebook 03's extra screen rows, 03b's variants and the hub's zero-shot tasks left
+# out. Window lengths, batches, Gram mode, LoRA settings and the rates stay the profile's: they set the peaks.
+CUTS = dict(TEXT_SOURCE="embedded", N_CALIB=4, FIDELITY_TOKENS=512, HELDOUT_TOKENS=512, LATENCY_REPEATS=1,
+            DECODE_TOKENS=4, PEAK_MEMORY=False, SEMANTIC_MAX_WINDOWS=1, RECOVERY_STEPS=2, N_PROMPTS=2,
+            MAX_NEW_TOKENS=4, ZERO_SHOT=False, EXTRA_VARIANTS="", GGUF_EXPORT="", MLP_PRUNING_LAST="",
+            LM_HEAD_RATE="", ADAPTIVE_N_PROMPTS=5, ADAPTIVE_NEW_TOKENS=4, ADAPTIVE_EPOCHS=2, ADAPTIVE_DQN_EPOCHS=2,
+            ADAPTIVE_LIVE_EVAL=False, TFIDF_TOPICS=2)
+# gradient criteria set their own peak (a backward pass) and stay when the profile has them
+PEAK_CRITERIA = ("fluctuation", "taylor", "mix")
 KEY = ["model", "dtype", "stage"]
 COLUMNS = ["model", "profile", "stage", "dtype", "measured_gb", "plan_gb", "ratio", "plan_reserve_gb",
            "plan_peak_operation", "grams", "offload", "start_gb", "peak_gb", "t4_plan_gb", "t4_fits", "minutes",
            "load_avg", "device", "torch", "commit"]
 
 
-def cuts(profile: dict, skip_criteria: tuple[str, ...] = ("semantic", "semantic_refit")) -> dict:
+def cuts(profile: dict) -> dict:
     """Return the parameter overrides of a rehearsal of `profile`: `CUTS`, evaluation token counts of two windows
-    of the profile's EVAL_SEQ_LEN (one for the sweeps), and the profile's criteria without `skip_criteria`."""
+    of the profile's EVAL_SEQ_LEN (one for the sweeps), and of the profile's criteria those in `PEAK_CRITERIA` and
+    those its later stages read (main head / MLP criteria, the adaptive runtime's)."""
     eval_len = int(profile["EVAL_SEQ_LEN"])
-    criteria = [c for c in str(profile["CRITERIA"]).split(",") if c and c not in skip_criteria]
+    read = {profile[k] for k in ("MAIN_HEAD_CRITERION", "MAIN_MLP_CRITERION", "ADAPTIVE_CRITERION")}
+    criteria = [c for c in str(profile["CRITERIA"]).split(",") if c in read or c in PEAK_CRITERIA]
     return dict(CUTS, EVAL_MAX_TOKENS=2 * eval_len, SWEEP_EVAL_MAX_TOKENS=eval_len, CRITERIA=",".join(criteria))
 
 

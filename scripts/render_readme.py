@@ -409,6 +409,20 @@ def llamacpp_speed() -> str:
     return _md(_present(pd.read_csv(path), cols), 3)
 
 
+def kaggle_rehearsal() -> str:
+    """Return `benchmarks/kaggle_rehearsal.py`'s table: per shape model and stage, the peak host memory the stage
+    added on this CPU next to its plan for the same dtype, and the plan of the same stage on a T4 in fp16."""
+    path = results_dir() / "benchmarks" / "kaggle_rehearsal.csv"
+    if not path.exists():
+        return ("_No `kaggle_rehearsal.csv` yet: `python3 -m benchmarks.kaggle_rehearsal --model shape:qwen2.5-3b` "
+                "writes it._\n")
+    df = pd.read_csv(path).sort_values(["model", "stage"], kind="stable")
+    df["stage"] = df["stage"].map(lambda v: f"{int(v):02d}" if str(v).isdigit() else v)
+    cols = ["model", "profile", "stage", "dtype", "measured_gb", "plan_gb", "ratio", "plan_peak_operation",
+            "t4_plan_gb", "t4_fits", "minutes"]
+    return _md(_present(df, cols), 2)
+
+
 # ---- benchmark stamps: what a result file says about where it was measured, and whether its code moved on since
 
 # benchmark module (benchmarks/NAME.py) -> the result files it writes, relative to results/
@@ -427,6 +441,7 @@ BENCHMARK_FILES: dict[str, tuple[str, ...]] = {
     "encoder_int8_speed": ("benchmarks/encoder_int8_speed.json",),
     "memory_scale": ("benchmarks/memory_scale.json",),
     "llamacpp_speed": ("benchmarks/llamacpp_speed.csv",),
+    "kaggle_rehearsal": ("benchmarks/kaggle_rehearsal.csv",),
 }
 VERSION_KEYS = ("torch", "transformers", "peft", "python")
 
@@ -684,7 +699,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "adaptive_levels": adaptive_levels, "encoder_glue": encoder_glue, "calibration_size": calibration_size,
     "int8_smoothing": int8_smoothing, "search_heldout": search_heldout,
     "thorough_profile": thorough_profile, "final_short": final_short, "profiles": profiles,
-    "kaggle_plans": kaggle_plans,
+    "kaggle_plans": kaggle_plans, "kaggle_rehearsal": kaggle_rehearsal,
     "prefill_speedup": prefill_speedup, "importance_cost": importance_cost, "encoder_int8_speed": encoder_int8_speed,
     "llamacpp_speed": llamacpp_speed,
     **{f"stamp-{name}": (lambda name=name: stamp_table(name)) for name in BENCHMARK_FILES},

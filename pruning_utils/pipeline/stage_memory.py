@@ -4,9 +4,9 @@ When the environment variable `PRUNING_MEMORY_LOG` names a file, the first `memo
 stage's first cell) calls `record`: it writes the kernel's resident memory at that moment (imports done, no model
 loaded yet) and the plan the stage runs with, then rewrites the file every `INTERVAL_S` seconds and at exit with the
 process's peak resident memory since that moment (`metrics.process_peak_rss_bytes`: VmHWM, reset when recording
-starts and kept across the resets of `metrics.track_peak_memory`). `measured_gb` = peak - start: what the stage added, the figure its plan estimates
-(the plan counts weights, statistics, activations and optimizer states, not the interpreter and its imports).
-Without the variable nothing is recorded and nothing runs in the background.
+starts and kept across the resets of `metrics.track_peak_memory`). `measured_gb` = peak - start: what the stage
+added, the figure its plan estimates (the plan counts weights, statistics, activations and optimizer states, not
+the interpreter and its imports). Without the variable nothing is recorded and nothing runs in the background.
 """
 from __future__ import annotations
 
