@@ -409,6 +409,21 @@ def llamacpp_speed() -> str:
     return _md(_present(pd.read_csv(path), cols), 3)
 
 
+def kaggle_plan_settings() -> str:
+    """Return, per kaggle-* profile and stage, the settings `memory_plan.choose` runs it with on Kaggle's T4 machine
+    (offload mode, where the Grams live, how variants are built), its peak operation and GiB on the GPU / the host."""
+    from pruning_utils.pipeline.memory_plan import profile_plan_table
+
+    rows = []
+    for name in (n for n in PROFILES if n.startswith("kaggle-")):
+        for r in profile_plan_table(name).itertuples():
+            rows.append({"profile": name, "stage": r.stage, "offload": "yes" if r.offload else "no", "Grams": r.grams,
+                         "variants": r.build, "peak": r.peak, "GiB on the T4": r.device_gb,
+                         "GiB on the host": r.host_gb,
+                         "fits": "yes" if r.fits else "no" + (f" ({r.blocked})" if r.blocked else "")})
+    return _md(pd.DataFrame(rows), 1)
+
+
 def kaggle_rehearsal() -> str:
     """Return `benchmarks/kaggle_rehearsal.py`'s table: per shape model and stage, the peak host memory the stage
     added on this CPU next to its plan for the same dtype, and the plan of the same stage on a T4 in fp16."""
@@ -699,7 +714,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "adaptive_levels": adaptive_levels, "encoder_glue": encoder_glue, "calibration_size": calibration_size,
     "int8_smoothing": int8_smoothing, "search_heldout": search_heldout,
     "thorough_profile": thorough_profile, "final_short": final_short, "profiles": profiles,
-    "kaggle_plans": kaggle_plans, "kaggle_rehearsal": kaggle_rehearsal,
+    "kaggle_plans": kaggle_plans, "kaggle_rehearsal": kaggle_rehearsal, "kaggle_plan_settings": kaggle_plan_settings,
     "prefill_speedup": prefill_speedup, "importance_cost": importance_cost, "encoder_int8_speed": encoder_int8_speed,
     "llamacpp_speed": llamacpp_speed,
     **{f"stamp-{name}": (lambda name=name: stamp_table(name)) for name in BENCHMARK_FILES},
