@@ -221,7 +221,6 @@ NOT_REGENERATED: dict[str, tuple[str, tuple[str, ...]]] = {
     "calibration_size.csv": ("python3 -m benchmarks.calibration_size", ("columns", "stamps")),
     "calibration_sources.csv": ("python3 -m benchmarks.calibration_sources",
                                 ("columns", "change_references", "stamps")),
-    "quality_benchmark.csv": ("python3 -m benchmarks.quality", ("columns", "stamps")),
     "search_heldout.csv": ("python3 -m benchmarks.search_heldout", ("columns", "stamps")),
 }
 
