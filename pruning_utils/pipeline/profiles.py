@@ -181,7 +181,8 @@ PARAMS: dict[str, Param] = {
     "RECONSTRUCTION": Param("lstsq", str, "none | bias | lstsq: refit o_proj / down_proj on calibration activations"),
     "RECON_OPTIONS": Param("none,lstsq", str, "reconstructions compared for the main criterion, comma-separated"),
     "RECON_SEQUENTIAL": Param(False, bool, "True: calibrate each layer on the already-pruned earlier layers (slower)"),
-    # the knee at 64 windows; more windows pay a smaller ridge: calibration_size.csv (benchmarks/calibration_size.py)
+    # quality against calibration tokens and ridge: calibration_size.csv (benchmarks/calibration_size.py; its
+    # --sizes / --ridges measure other counts and ridges)
     "RIDGE_RATIO": Param(1e-2, float, "ridge of the lstsq refit and of obs selection: ratio x mean diagonal of "
                          "the Gram"),
     "MLP_PRUNING_LAST": Param("15", str, "NeuronRank's pruning_last: screen rows of notebook 03 that remove MLP_RATE "
@@ -488,9 +489,10 @@ PROFILES: dict[str, dict] = {
                                 LORA_LR=1e-3, ZERO_SHOT=True, EXTRA_VARIANTS=_OFFLOAD_EXTRA,
                                 COMPRESS_INT8_BASES="", **_BOTH_RECOVERED),
 }
-# the best quality at equal size of search_heldout.csv (benchmarks/search_heldout.py), at the cost of obs scores and
-# a search per saved model (thorough_profile.csv has the minutes): obs heads and neurons, per-layer counts searched
-# by KL; and 448 calibration windows with the ridge they need (calibration_size.csv)
+# obs heads and neurons, per-layer counts searched by KL (benchmarks/search_heldout.py), 448 calibration windows and
+# a smaller ridge (benchmarks/calibration_size.py --sizes 114688 --ridges 1e-4,1e-2 measures that pair), at the cost
+# of obs scores and a search per saved model: its saved models beside the default's, with the minutes, are
+# thorough_profile.csv
 PROFILES["thorough"] = dict(DEFAULTS, MAIN_HEAD_CRITERION="obs", MAIN_MLP_CRITERION="obs", ALLOCATION="search",
                             N_CALIB=448, RIDGE_RATIO=1e-4)
 # a demonstration of the whole chain on the embedded model in minutes: fewer windows, prompts, criteria and variants.
