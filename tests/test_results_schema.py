@@ -220,7 +220,6 @@ _CHECKS = {
 NOT_REGENERATED: dict[str, tuple[str, tuple[str, ...]]] = {
     "calibration_sources.csv": ("python3 -m benchmarks.calibration_sources",
                                 ("columns", "change_references", "stamps")),
-    "search_heldout.csv": ("python3 -m benchmarks.search_heldout", ("columns", "stamps")),
 }
 
 
