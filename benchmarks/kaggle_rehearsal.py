@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from pruning_utils.measure import metrics
 from pruning_utils.paths import PROJECT_ROOT
@@ -86,13 +87,7 @@ def row_of(record: dict, model: str, profile: str, dtype: str, minutes: float, t
                 peak_gb=round(record["peak_gb"], 3),
                 t4_plan_gb=round(t4["device_gb"], 2) if t4 else float("nan"),
                 t4_fits=bool(t4["fits"]) if t4 else None, minutes=round(minutes, 2), load_avg=metrics.load_avg(),
-                device=metrics.device_name("cpu"), torch=_torch_version(), commit=metrics.git_commit())
-
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__
+                device=metrics.device_name("cpu"), torch=torch.__version__, commit=metrics.git_commit())
 
 
 def t4_plans(profile: str) -> dict[str, dict]:

@@ -56,7 +56,6 @@ def test_choose_records_the_plan_and_what_the_stage_adds(tmp_path, monkeypatch, 
         pass
     del held
     memory_plan.choose("tiny-llama", "02", dict(PROFILES["smoke"], DEVICE="cpu"))  # later calls do not restart it
-    stage_memory._recording["path"] = log
     record = stage_memory.snapshot(stage_memory._recording["start"], stage_memory.plan_fields(run))
     assert record["stage"] == "00" and record["measured_gb"] >= 280 * MB / 2 ** 30
     assert record["peak_gb"] == pytest.approx(record["start_gb"] + record["measured_gb"])

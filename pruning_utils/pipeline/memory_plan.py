@@ -56,6 +56,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from pruning_utils.pipeline import stage_memory
+
 GB = 2 ** 30
 STAGES = ("00", "02", "03", "04", "05", "06")
 OPERATIONS = ("load", "perplexity", "prefill", "generate", "importance_forward", "taylor", "semantic", "grams",
@@ -768,8 +770,6 @@ def choose(model_or_config, stage: str, params: dict, **names) -> StageSettings:
         switched = [f"{need}; so " + switched[0]] + switched[1:] if switched else []
     settings = StageSettings(stage, off, "cpu" if off else str(device), str(device) if off else None,
                              grams, build or "copy", plan, switched)
-    from pruning_utils.pipeline import stage_memory
-
     stage_memory.record(settings)  # only under $PRUNING_MEMORY_LOG (benchmarks/kaggle_rehearsal.py)
     return settings
 
