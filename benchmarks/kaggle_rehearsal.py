@@ -9,7 +9,7 @@ mode and recovery settings stay the profile's), into scratch results / models fo
 the stage's first cell (`memory_plan.choose`) records the plan it runs with and the kernel's resident memory, and
 the kernel's peak resident memory is sampled until it exits (`pruning_utils/pipeline/stage_memory.py`); the row
 compares what the stage added (peak - start) with the plan of the same device and dtype without its reserve, and
-names the plan of the same stage on a Kaggle T4 in fp16 with the profile's real settings beside it.
+names the plan of the same model and stage on a Kaggle T4 in fp16 with the profile's real settings beside it.
 
 Writes results/benchmarks/kaggle_rehearsal.csv, one row per (model, dtype, stage), merged with the rows of other
 models. Usage:
@@ -90,13 +90,15 @@ def row_of(record: dict, model: str, profile: str, dtype: str, minutes: float, t
                 device=metrics.device_name("cpu"), torch=torch.__version__, commit=metrics.git_commit())
 
 
-def t4_plans(profile: str) -> dict[str, dict]:
-    """Return the T4 (fp16) plan row per stage of `profile` with its real settings, {} if it has no committed shape."""
-    try:
-        table = memory_plan.profile_plan_table(profile)
-    except ValueError:
-        return {}
-    return {r["stage"]: r for r in table.to_dict("records")}
+def t4_plans(model: str, profile: str) -> dict[str, dict]:
+    """Return, per stage, the plan of `model` on Kaggle's T4 (fp16) with `profile`'s real settings: `device_gb` and
+    `fits`."""
+    config = memory_plan.config_of(model)
+    plans = {}
+    for stage in STAGES:
+        plan = memory_plan.choose(config, stage, dict(PROFILES[profile], _plan=dict(memory_plan.KAGGLE_T4))).plan
+        plans[stage] = dict(device_gb=plan.total_gb, fits=plan.fits)
+    return plans
 
 
 def run_stage(stage: str, cmd: list[str], work: Path, log: Path) -> tuple[dict, float]:
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
     overrides = {**cuts(PROFILES[args.profile]), **dict(args.p)}
-    t4 = t4_plans(args.profile)
+    t4 = t4_plans(args.model, args.profile)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="kaggle-rehearsal-"))
     (work / "memory").mkdir(parents=True, exist_ok=True)
     rows = []

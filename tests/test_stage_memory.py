@@ -96,3 +96,9 @@ def test_shape_specs_plan_without_weights():
     assert config["hidden_size"] == 2048 and config["num_hidden_layers"] == 36 and config["vocab_size"] == 151936
     with pytest.raises(ValueError, match="unknown shape"):
         memory_plan.config_of("shape:qwen9-1t")
+
+
+def test_rehearsal_t4_plans_are_the_rehearsed_models():
+    small, large = (kaggle_rehearsal.t4_plans(f"shape:qwen2.5-{n}", "kaggle-qwen2.5-3b") for n in ("1.5b", "3b"))
+    assert set(small) == set(kaggle_rehearsal.STAGES)
+    assert all(small[s]["device_gb"] < large[s]["device_gb"] for s in kaggle_rehearsal.STAGES)
