@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row_of(record, args.model, args.profile, args.dtype, minutes, t4.get(stage)))
             print({k: rows[-1][k] for k in ("stage", "measured_gb", "plan_gb", "ratio", "minutes")}, flush=True)
             # after every stage: a stopped rehearsal keeps what it measured
-            results.write_csv(results.merge_rows(pd.DataFrame(rows)[COLUMNS], args.out, KEY), args.out)
+            results.write_csv(results.merge_rows(pd.DataFrame(rows)[COLUMNS], args.out, KEY, dtype={"stage": str}),
+                              args.out)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

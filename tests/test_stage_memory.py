@@ -4,12 +4,13 @@ only under PRUNING_MEMORY_LOG, and the rehearsal's rows and command lines say wh
 import gc
 import json
 
+import pandas as pd
 import pytest
 import torch
 
 from benchmarks import kaggle_rehearsal
 from pruning_utils.measure import metrics
-from pruning_utils.pipeline import memory_plan, stage_memory
+from pruning_utils.pipeline import memory_plan, results, stage_memory
 from pruning_utils.pipeline.profiles import PROFILES
 
 MB = 2 ** 20
@@ -102,3 +103,14 @@ def test_rehearsal_t4_plans_are_the_rehearsed_models():
     small, large = (kaggle_rehearsal.t4_plans(f"shape:qwen2.5-{n}", "kaggle-qwen2.5-3b") for n in ("1.5b", "3b"))
     assert set(small) == set(kaggle_rehearsal.STAGES)
     assert all(small[s]["device_gb"] < large[s]["device_gb"] for s in kaggle_rehearsal.STAGES)
+
+
+def test_rehearsal_rows_of_stage_00_merge_by_their_key(tmp_path):
+    out = tmp_path / "r.csv"
+    for measured in (1.0, 2.0):  # the same stage measured twice: one row, the later one
+        row = {c: "" for c in kaggle_rehearsal.COLUMNS} | dict(model="m", dtype="bfloat16", stage="00",
+                                                              measured_gb=measured)
+        merged = results.merge_rows(pd.DataFrame([row]), out, kaggle_rehearsal.KEY, dtype={"stage": str})
+        results.write_csv(merged, out)
+    back = pd.read_csv(out, dtype={"stage": str})
+    assert back["stage"].tolist() == ["00"] and back["measured_gb"].tolist() == [2.0]

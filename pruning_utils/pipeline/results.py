@@ -65,15 +65,16 @@ def unique_rows(df_or_rows: pd.DataFrame | Iterable[dict], key: Iterable[str]) -
     return frame[~repeated].reset_index(drop=True)
 
 
-def merge_rows(new: pd.DataFrame, path: str | Path, key: list[str]) -> pd.DataFrame:
+def merge_rows(new: pd.DataFrame, path: str | Path, key: list[str], dtype: dict | None = None) -> pd.DataFrame:
     """Return the new rows, `stamped` (this checkout's commit and device where they carry none), plus the rows of the
     CSV at `path` whose `key` the new rows do not hold, sorted by `key` (a benchmark re-run of some configurations
-    keeps the rows of the others, older rows without a key column too, each with the stamp it was written with)."""
+    keeps the rows of the others, older rows without a key column too, each with the stamp it was written with).
+    `dtype` reads columns of the CSV as given (e.g. {"stage": str}: "00" must not come back as 0 and miss its key)."""
     path = Path(path)
     new = stamped(new)  # after the merge the stamp columns exist, and `write_csv` would leave the new rows' empty
     if not path.exists():
         return new
-    old = pd.read_csv(path)
+    old = pd.read_csv(path, dtype=dtype)
     for col in set(key) - set(old.columns):  # rows written before a key column existed: kept, never matched
         old[col] = pd.NA
     measured = set(map(tuple, new[key].astype(str).values))
