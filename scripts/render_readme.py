@@ -431,8 +431,7 @@ def kaggle_rehearsal() -> str:
     if not path.exists():
         return ("_No `kaggle_rehearsal.csv` yet: `python3 -m benchmarks.kaggle_rehearsal --model shape:qwen2.5-3b` "
                 "writes it._\n")
-    df = pd.read_csv(path).sort_values(["model", "stage"], kind="stable")
-    df["stage"] = df["stage"].map(lambda v: f"{int(v):02d}" if str(v).isdigit() else v)
+    df = pd.read_csv(path, dtype={"stage": str}).sort_values(["model", "stage"], kind="stable")  # "00", not 0
     cols = ["model", "profile", "stage", "dtype", "measured_gb", "plan_gb", "ratio", "plan_peak_operation",
             "t4_plan_gb", "t4_fits", "minutes"]
     return _md(_present(df, cols), 2)
