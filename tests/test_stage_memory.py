@@ -14,6 +14,7 @@ from pruning_utils.pipeline import memory_plan, results, stage_memory
 from pruning_utils.pipeline.profiles import PROFILES
 
 MB = 2 ** 20
+SLACK = 8 * MB  # the kernel's RSS counters are per-CPU sums read without flushing: marks and RSS differ by pages
 pytestmark = pytest.mark.skipif(metrics.rss_bytes() is None, reason="needs Linux /proc to read resident memory")
 
 
@@ -33,11 +34,12 @@ def _touch(n_bytes: int) -> torch.Tensor:
 def test_process_peak_keeps_what_came_before_a_reset():
     before = metrics.process_peak_rss_bytes()
     big = _touch(256 * MB)
+    held = metrics.rss_bytes()  # resident with the 256 MiB (other memory may come and go around it)
     del big
     with metrics.track_peak_memory("cpu"):  # resets VmHWM: the 256 MiB peak is no longer the kernel's mark
         pass
     assert metrics._peak_rss_bytes() < metrics.process_peak_rss_bytes()  # the reset took the kernel's mark down
-    assert metrics.process_peak_rss_bytes() >= max(before, metrics.rss_bytes() + 200 * MB)
+    assert metrics.process_peak_rss_bytes() >= max(before, held - SLACK)
 
 
 def test_choose_records_nothing_without_the_variable(tmp_path, monkeypatch, fresh_recorder):
@@ -54,15 +56,16 @@ def test_choose_records_the_plan_and_what_the_stage_adds(tmp_path, monkeypatch, 
     first = json.loads(log.read_text())
     assert first["stage"] == "00" and first["plan_gb"] == pytest.approx(run.plan.total_gb)
     assert first["plan_device"] == "cpu" and first["parts"] and first["measured_gb"] < 0.05
-    before = metrics.rss_bytes()
     held = _touch(300 * MB)
+    resident = metrics.rss_bytes()  # with the 300 MiB held, just before the reset
     with metrics.track_peak_memory("cpu"):
         pass
     del held
     memory_plan.choose("tiny-llama", "02", dict(PROFILES["smoke"], DEVICE="cpu"))  # later calls do not restart it
     record = stage_memory.snapshot(stage_memory._recording["start"], stage_memory.plan_fields(run))
-    # the 300 MiB held before the reset count (RSS may also have dropped since the start: compare with `before`)
-    assert record["stage"] == "00" and record["peak_gb"] * 2 ** 30 >= before + 280 * MB
+    # what was resident before the reset counts (other memory may have come and gone since the start: RSS, not the
+    # size of the allocation, is the reference; a CI run saw garbage of earlier tests freed during the allocation)
+    assert record["stage"] == "00" and record["peak_gb"] * 2 ** 30 >= resident - SLACK
     assert record["peak_gb"] == pytest.approx(record["start_gb"] + record["measured_gb"])
 
 
