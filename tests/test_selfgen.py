@@ -108,3 +108,20 @@ def test_fidelity_and_kl_separate_the_model_from_a_damaged_copy(models_dir):
     # a known row with the same token counts is reused, not measured again
     again = measure_variant(damaged, chunks, variant="damaged", fidelity_chunks=held, reference_model=model, known=hurt)
     assert again["fidelity_ppl"] == hurt["fidelity_ppl"] and again["kl_to_baseline"] == hurt["kl_to_baseline"]
+
+
+def test_fingerprint_checksums_are_exact_and_never_up_cast_a_whole_tensor():
+    from pruning_utils.measure import metrics
+
+    g = torch.Generator().manual_seed(0)
+    small = torch.randn(1000, 37, generator=g).to(torch.bfloat16)
+    total, magnitude = selfgen._checksums(small)
+    assert total == pytest.approx(small.double().sum().item(), rel=1e-12, abs=1e-9)
+    assert magnitude == pytest.approx(small.double().abs().sum().item(), rel=1e-12)
+    if metrics.rss_bytes() is None:
+        return
+    big = torch.ones(96 * 2 ** 20, dtype=torch.float32)  # 384 MiB: a whole fp64 copy would add 768 MiB
+    with metrics.track_peak_memory("cpu") as stats:
+        total, magnitude = selfgen._checksums(big)
+    assert total == magnitude == big.numel()
+    assert stats["delta_mb"] < 200  # blocks of FINGERPRINT_BLOCK elements (32 MiB of fp64) at a time

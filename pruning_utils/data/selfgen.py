@@ -29,8 +29,24 @@ def model_fingerprint(model) -> str:
         for name, p in model.named_parameters():
             if type(p) not in (torch.Tensor, torch.nn.Parameter):  # an INT8 (torchao) weight: checksum its values
                 p = p.dequantize()
-            h.update(f"{name}{tuple(p.shape)}:{p.double().sum().item():.10e}:{p.double().abs().sum().item():.10e}".encode())
+            total, magnitude = _checksums(p)
+            h.update(f"{name}{tuple(p.shape)}:{total:.10e}:{magnitude:.10e}".encode())
     return h.hexdigest()[:16]
+
+
+FINGERPRINT_BLOCK = 1 << 22  # elements up-cast at a time: 32 MiB of fp64, whatever the tensor's size
+
+
+def _checksums(p: torch.Tensor) -> tuple[float, float]:
+    """Return the fp64 sum and absolute sum of a tensor, up-cast `FINGERPRINT_BLOCK` elements at a time (a whole
+    fp64 copy of a 150k-vocabulary embedding, and its absolute value, would take 3.5 GiB at 1.5B)."""
+    flat = p.detach().reshape(-1)
+    total = magnitude = 0.0
+    for block in flat.split(FINGERPRINT_BLOCK):
+        block = block.double()
+        total += block.sum().item()
+        magnitude += block.abs_().sum().item()
+    return total, magnitude
 
 
 def sample_settings(model, seq_len: int, seed: int, temperature: float, top_p: float, prompts: tuple[str, ...],
