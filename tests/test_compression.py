@@ -350,3 +350,26 @@ def test_hybrid_model_corrects_the_sparsity_residual(family, tokens, windows):
     model = tiny_model(family)
     hybrid_model(model, windows, sparsity="2:4", rank=0)
     assert torch.isfinite(_logits(model, tokens)).all()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_copy_built_layer_by_layer_equals_the_whole_copy_and_leaves_the_model(tokens, tied, dtype):
+    from pruning_utils.compress.quantize import quantize_int8_by_layer
+
+    model = tiny_model("qwen2", tie_word_embeddings=tied).to(dtype)
+    if tied:
+        model.tie_weights()
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    whole = quantize_int8(model, embedding=False, keep_fp32=("down_proj",))  # a deep copy, up-cast, then quantized
+    whole.set_input_embeddings(model.get_input_embeddings())  # the lookup table in the model's dtype, as shared
+    by_layer = quantize_int8_by_layer(model, keep_fp32=("down_proj",))
+    assert torch.equal(_logits(by_layer, tokens), _logits(whole, tokens))
+    assert by_layer.get_input_embeddings() is model.get_input_embeddings()  # shared, not copied
+    assert all(p.dtype == dtype and torch.equal(p, before[n]) for n, p in model.named_parameters())
+    layer = decoder_layers(by_layer)[0]
+    assert linears.is_int8_tensor(proj(layer, "q_proj").weight) and not linears.is_int8_tensor(
+        proj(layer, "down_proj").weight)
+    assert by_layer.get_output_embeddings().weight.dtype == torch.float32  # CPU kernels take fp32 activations
+    assert by_layer.int8 and by_layer.int8_keep_fp32 == ("down_proj",) and not by_layer.int8_embedding

@@ -327,3 +327,13 @@ def test_one_parameter_chooses_the_saved_recipes_criterion():
     assert default["CRITERIA"] == stages.PROFILES["default"]["CRITERIA"]  # already there: unchanged
     thorough = stages.resolve_parameters("thorough", {}, environ={})
     assert "obs" not in stages.as_list(thorough["CRITERIA"])  # obs comes from the Grams of 02 / 03
+
+
+def test_notebook_05_owes_its_live_table_only_when_the_live_evaluation_runs():
+    stage = next(s for s in STAGES if s.key == "05")
+    live = [o for o in stage.outputs if o.endswith(stages.LIVE_TABLE)]
+    assert len(live) == 1
+    assert live[0] in stage.expected(resolve_parameters("default", {}))
+    for override in ({"ADAPTIVE_LIVE_EVAL": "false"}, {"ADAPTIVE_LOAD": "live"}):
+        expected = stage.expected(resolve_parameters("default", override))
+        assert live[0] not in expected and set(expected) == set(stage.outputs) - set(live)

@@ -210,19 +210,27 @@ class NestedModel:
 
     @torch.no_grad()
     def _build_int8(self, int8_kw: dict):
-        """Return the INT8 copy of the unpruned model, its MLP neurons in the nested order (the same function)."""
-        import copy
+        """Return the INT8 copy of the unpruned model, its MLP neurons in the nested order (the same function); the
+        lookup table stays the fp32 model's (shared), so only the linears are quantized. Built one layer at a time
+        (`quantize_int8_by_layer`) unless smoothing runs the whole copy on calibration windows."""
+        from pruning_utils.compress.quantize import quantize_int8, quantize_int8_by_layer
 
-        from pruning_utils.compress.quantize import quantize_int8
-
-        m8 = copy.deepcopy(self.model)
-        for layer, order in zip(decoder_layers(m8), self.neuron_order):
+        def reorder(li: int, layer) -> None:
+            order = self.neuron_order[li]
             for name, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
                 lin = proj(layer, name)
                 lin.weight.data = lin.weight.data.index_select(dim, order)
                 if dim == 0 and lin.bias is not None:
                     lin.bias.data = lin.bias.data.index_select(0, order)
-        # the lookup table stays the fp32 model's (shared below), so only the linears are quantized
+
+        if int8_kw.get("smooth_windows") is None:
+            return quantize_int8_by_layer(self.model, int8_kw.get("mode", "weight_only"),
+                                          int8_kw.get("keep_fp32", ()), prepare=reorder)
+        import copy
+
+        m8 = copy.deepcopy(self.model)
+        for li, layer in enumerate(decoder_layers(m8)):
+            reorder(li, layer)
         m8 = quantize_int8(m8, inplace=True, **{"embedding": False, **int8_kw})  # mode / smoothing / fp32 projections
         m8.set_input_embeddings(self.model.get_input_embeddings())  # shared, not copied
         return m8

@@ -71,6 +71,62 @@ def quantize_int8(model, inplace: bool = False, mode: str = INT8_MODE, smooth_wi
     return model
 
 
+
+def quantize_int8_by_layer(model, mode: str = INT8_MODE, keep_fp32: tuple[str, ...] | list[str] = (),
+                           prepare=None):
+    """Return an INT8 copy of `model` built one decoder layer at a time: the same modules as
+    `quantize_int8(model, embedding=False, mode=, keep_fp32=)` with `model`'s own input embedding set in, while
+    `model` is left as it is.
+
+    `quantize_int8` copies the whole model (and on CPU up-casts the copy to fp32) before quantizing: twice the
+    model, three times in bf16 on a CPU. Here each decoder layer is copied, passed to `prepare(index, layer)` (if
+    given, e.g. to reorder its neurons), up-cast on CPU and quantized before the next; the input embedding is
+    shared with `model`; on CUDA (activations in the model's dtype) the final norm and the LM head are shared too,
+    on CPU they get fp32 copies (its INT8 kernels take fp32 activations). Peak: the model, its INT8 copy and one
+    layer. No smoothing (it runs the whole copy on calibration windows: `quantize_int8`).
+    """
+    from pruning_utils.model.arch import decoder_layers
+
+    keep_fp32 = tuple(keep_fp32)
+    unknown = [k for k in keep_fp32 if k not in PROJECTIONS + ("lm_head",)]
+    if unknown:
+        raise ValueError(f"keep_fp32: unknown projection(s) {unknown}; known: {', '.join(PROJECTIONS + ('lm_head',))}")
+    if mode not in INT8_MODES:
+        raise ValueError(f"unknown INT8 mode '{mode}'; known: {', '.join(INT8_MODES)}")
+    device = next(model.parameters()).device
+    check_int8_device(device)
+    cpu = device.type == "cpu"
+    originals = decoder_layers(model)
+    layers = torch.nn.ModuleList()
+    for i, layer in enumerate(originals):
+        fresh = copy.deepcopy(layer)
+        if prepare is not None:
+            prepare(i, fresh)
+        layers.append(quantize_linears((fresh.float() if cpu else fresh).eval(), mode, keep_fp32))
+    # the structure around the layers: every parameter still the model's own (the memo maps each to itself)
+    memo = {id(p): p for p in model.parameters()}
+    memo[id(originals)] = layers
+    memo[id(model.get_input_embeddings())] = model.get_input_embeddings()  # the module itself shared
+    out = copy.deepcopy(model, memo).eval()
+    if cpu:  # fp32 copies of what is not the embedding or a layer (the final norm, an untied or tied LM head)
+        embedding, inside = model.get_input_embeddings().weight, {id(m) for m in layers.modules()}
+        for module in out.modules():
+            if id(module) in inside:
+                continue
+            for name, param in list(module.named_parameters(recurse=False)):
+                if param is not embedding or module is out.get_output_embeddings():
+                    setattr(module, name, torch.nn.Parameter(param.detach().float().clone(), requires_grad=False))
+            for name, buf in list(module.named_buffers(recurse=False)):
+                if buf is not None and buf.is_floating_point():
+                    module._buffers[name] = buf.float()
+    plan = getattr(model, "pruning_plan", None)
+    if plan is not None:
+        out.pruning_plan = plan
+    out.int8, out.int8_mode, out.int8_embedding = True, mode, False
+    out.int8_smoothing, out.int8_keep_fp32 = None, keep_fp32
+    return out
+
+
 # SmoothQuant-style smoothing (Xiao et al., 2023): dynamic INT8 quantizes each activation row with one scale, so a
 # few channels of huge magnitude (SmolLM2's down_proj inputs: benchmarks/int8_smoothing.py prints them) flatten every
 # other channel to a handful of levels. Dividing those input channels by s and multiplying the matching weight

@@ -84,6 +84,7 @@ PARAMS: dict[str, object] = {
     "kl": True,  # perplexity also scores the KL to the unpruned model (its logits beside the variant's; not stage 00)
     "logits_rows": None,  # LM head applied this many token rows at a time (None: whole batches; see LARGE_VOCAB)
     "copies": None,  # model copies held at once (None: the stage's own count, see _COPIES)
+    "int8_level": False,  # stage 05: ADAPTIVE_LEVELS has the INT8 level (its copy is held next to the model)
     "offload": False,  # the model on the host, one decoder layer at a time on the device
     "available_gb": None, "host_available_gb": None,  # None: measured on this machine
     "reserve": 0.1,
@@ -390,7 +391,22 @@ def _op_parts(s: _Shape, op: str, p: dict, b: int, targets: tuple[str, ...], cud
     raise ValueError(f"unknown operation '{op}'; known: {', '.join(OPERATIONS)}")
 
 
-def _held(s: _Shape, p: dict, b: int, targets: tuple[str, ...], copies: int, teacher: bool) -> list[Part]:
+def _int8_copy(s: _Shape, b: int, cpu: bool) -> float:
+    """Bytes of the adaptive runtime's INT8 level (`quantize.quantize_int8_by_layer`): int8 projections with an fp32
+    scale per output row; on CPU fp32 copies of the norms and the LM head (its kernels take fp32 activations), on
+    CUDA those are shared with the model; the input embedding is always shared."""
+    total = 0.0
+    for nh, nkv, i in s.layers:
+        q, kv = nh * s.head_dim, nkv * s.head_dim
+        rows = q + 2 * kv + s.hidden + 2 * i + s.hidden  # output rows of q, k, v, o, gate, up, down
+        total += _layer_params(s, nh, nkv, i) + 4 * rows
+    if cpu:
+        total += 4 * (s.vocab * s.hidden + (2 * len(s.layers) + 1) * s.hidden)
+    return total
+
+
+def _held(s: _Shape, p: dict, b: int, targets: tuple[str, ...], copies: int, teacher: bool, cpu: bool = False
+          ) -> list[Part]:
     weights = _n_params(s) * b
     home = "host" if p["offload"] else "device"
     parts = [Part(f"weights x {copies}" if copies > 1 else "weights", "weights", copies * weights, home)]
@@ -399,6 +415,8 @@ def _held(s: _Shape, p: dict, b: int, targets: tuple[str, ...], copies: int, tea
                           max(_layer_params(s, *layer) for layer in s.layers) * b))
     if teacher:
         parts.append(Part("teacher weights (the unpruned model)", "weights", weights, home))
+    if p["int8_level"]:
+        parts.append(Part("INT8 level's copy (built one layer at a time)", "weights", _int8_copy(s, b, cpu), home))
     if targets and p["grams"] in ("all", "layerwise"):
         total = sum(_gram_bytes(s, targets, layer) for layer in s.layers)
         where = "device" if p["grams"] == "all" and not p["offload"] else "host"
@@ -472,7 +490,7 @@ def _plan(model_or_config, name: str, ops: tuple[str, ...], targets: tuple[str, 
                          "DEVICE=cuda (or 'auto' on a machine with a GPU); on a CPU use OFFLOAD='off'")
     dtype = _dtype(p["dtype"], device)
     b = torch.empty(0, dtype=dtype).element_size()
-    held = _held(s, p, b, targets, copies, teacher)
+    held = _held(s, p, b, targets, copies, teacher, device.type == "cpu")
     options = {op: _op_parts(s, op, p, b, targets, device.type == "cuda") for op in ops}
     blocked = ""
     if p["offload"]:
@@ -535,6 +553,7 @@ def plan_stage(config, stage: str, **params) -> MemoryPlan:
         ops += ("taylor",) * ("taylor" in crit or refit) + ("semantic",) * ("semantic" in crit or refit)
         if refit:  # its Grams go to the host layer by layer (`Passes.grams`)
             ops, targets, p = ops + ("grams",), ("o_proj", "down_proj"), dict(p, grams="layerwise")
+    p["int8_level"] = p["int8_level"] and stage == "05"
     copies = p["copies"] if p["copies"] is not None else _COPIES[stage]
     return _plan(config, stage, ops, targets, copies, stage == "04" and p["teacher"], p)
 
@@ -691,6 +710,8 @@ def _choice(params: dict, name: str, known) -> str:
 
 def _notebook_plan_params(params: dict) -> dict:
     p = {plan_name: params[nb] for nb, plan_name in _NOTEBOOK_NAMES.items() if nb in params}
+    if "ADAPTIVE_LEVELS" in params:
+        p["int8_level"] = "int8" in [lv.strip() for lv in str(params["ADAPTIVE_LEVELS"]).split(",")]
     if "RECOVERY_LOSS" in params:
         p["distill"] = params["RECOVERY_LOSS"] != "lm"
     return p
