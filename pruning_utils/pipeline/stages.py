@@ -46,7 +46,6 @@ from pruning_utils.pipeline.profiles import (
 )
 from pruning_utils.progress import LOOPS_ENV
 
-
 LIVE_TABLE = "adaptive_runtime_live.csv"  # notebook 05's second evaluation, under the machine's live load
 
 
