@@ -35,6 +35,19 @@ from pruning_utils.model.linears import INT8_MODES, check_int8_device, quantize_
 INT8_MODE = "weight_only"  # the default: quality first (results/int8_torchao.csv compares the modes)
 
 
+def _checked(model, mode: str, keep_fp32) -> tuple[tuple[str, ...], torch.device]:
+    """Return `keep_fp32` as a tuple and the model's device, after checking the names, the mode and the device."""
+    keep_fp32 = tuple(keep_fp32)
+    unknown = [k for k in keep_fp32 if k not in PROJECTIONS + ("lm_head",)]
+    if unknown:
+        raise ValueError(f"keep_fp32: unknown projection(s) {unknown}; known: {', '.join(PROJECTIONS + ('lm_head',))}")
+    if mode not in INT8_MODES:
+        raise ValueError(f"unknown INT8 mode '{mode}'; known: {', '.join(INT8_MODES)}")
+    device = next(model.parameters()).device
+    check_int8_device(device)
+    return keep_fp32, device
+
+
 def quantize_int8(model, inplace: bool = False, mode: str = INT8_MODE, smooth_windows: torch.Tensor | None = None,
                   smooth_alpha: float | None = None, keep_fp32: tuple[str, ...] | list[str] = (),
                   embedding: bool = True, progress: bool = True):
@@ -46,14 +59,7 @@ def quantize_int8(model, inplace: bool = False, mode: str = INT8_MODE, smooth_wi
     moves activation outlier ranges into the weights with `smooth_for_int8` at `smooth_alpha` (default
     `SMOOTH_ALPHA`); `keep_fp32`: projection names (e.g. `down_proj`) left in fp32 everywhere.
     """
-    keep_fp32 = tuple(keep_fp32)
-    unknown = [k for k in keep_fp32 if k not in PROJECTIONS + ("lm_head",)]
-    if unknown:
-        raise ValueError(f"keep_fp32: unknown projection(s) {unknown}; known: {', '.join(PROJECTIONS + ('lm_head',))}")
-    if mode not in INT8_MODES:
-        raise ValueError(f"unknown INT8 mode '{mode}'; known: {', '.join(INT8_MODES)}")
-    device = next(model.parameters()).device
-    check_int8_device(device)
+    keep_fp32, device = _checked(model, mode, keep_fp32)
     plan = getattr(model, "pruning_plan", None)
     if not inplace:
         model = copy.deepcopy(model)
@@ -87,14 +93,7 @@ def quantize_int8_by_layer(model, mode: str = INT8_MODE, keep_fp32: tuple[str, .
     """
     from pruning_utils.model.arch import decoder_layers
 
-    keep_fp32 = tuple(keep_fp32)
-    unknown = [k for k in keep_fp32 if k not in PROJECTIONS + ("lm_head",)]
-    if unknown:
-        raise ValueError(f"keep_fp32: unknown projection(s) {unknown}; known: {', '.join(PROJECTIONS + ('lm_head',))}")
-    if mode not in INT8_MODES:
-        raise ValueError(f"unknown INT8 mode '{mode}'; known: {', '.join(INT8_MODES)}")
-    device = next(model.parameters()).device
-    check_int8_device(device)
+    keep_fp32, device = _checked(model, mode, keep_fp32)
     cpu = device.type == "cpu"
     originals = decoder_layers(model)
     layers = torch.nn.ModuleList()
