@@ -57,13 +57,16 @@ COLUMNS = ["model", "profile", "stage", "dtype", "measured_gb", "plan_gb", "rati
 
 
 def cuts(profile: dict) -> dict:
-    """Return the parameter overrides of a rehearsal of `profile`: `CUTS`, evaluation token counts of two windows
-    of the profile's EVAL_SEQ_LEN (one for the sweeps), and of the profile's criteria those in `PEAK_CRITERIA` and
-    those its later stages read (main head / MLP criteria, the adaptive runtime's)."""
+    """Return the parameter overrides of a rehearsal of `profile`: `CUTS`, evaluation token counts of one
+    perplexity batch of the profile's EVAL_SEQ_LEN windows (one window for the sweeps), and of the profile's
+    criteria those in `PEAK_CRITERIA` and those its later stages read (main head / MLP criteria, the adaptive
+    runtime's)."""
     eval_len = int(profile["EVAL_SEQ_LEN"])
     read = {profile[k] for k in ("MAIN_HEAD_CRITERION", "MAIN_MLP_CRITERION", "ADAPTIVE_CRITERION")}
     criteria = [c for c in str(profile["CRITERIA"]).split(",") if c in read or c in PEAK_CRITERIA]
-    return dict(CUTS, EVAL_MAX_TOKENS=2 * eval_len, SWEEP_EVAL_MAX_TOKENS=eval_len, CRITERIA=",".join(criteria))
+    # one full perplexity batch of windows: fewer would never reach the logits peak the plan sizes for a batch
+    batch = int(memory_plan.PARAMS["eval_batch"])
+    return dict(CUTS, EVAL_MAX_TOKENS=batch * eval_len, SWEEP_EVAL_MAX_TOKENS=eval_len, CRITERIA=",".join(criteria))
 
 
 def stage_command(profile: str, stage: str, model: str, dtype: str, overrides: dict) -> list[str]:

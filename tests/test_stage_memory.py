@@ -74,7 +74,8 @@ def test_rehearsal_cuts_keep_the_profile_shapes_and_the_criteria_that_set_peaks(
     cut = kaggle_rehearsal.cuts(profile)
     assert cut["CRITERIA"] == "fluctuation"  # the main criteria; semantic's ablations only cost time
     assert "taylor" in kaggle_rehearsal.cuts(PROFILES["default"])["CRITERIA"].split(",")  # a backward's own peak
-    assert cut["EVAL_MAX_TOKENS"] == 2 * profile["EVAL_SEQ_LEN"]
+    # a full batch of evaluation windows: the perplexity peak the plan sizes
+    assert cut["EVAL_MAX_TOKENS"] == memory_plan.PARAMS["eval_batch"] * profile["EVAL_SEQ_LEN"]
     assert cut["SWEEP_EVAL_MAX_TOKENS"] == profile["EVAL_SEQ_LEN"]
     assert not {"EVAL_SEQ_LEN", "CALIB_SEQ_LEN", "RECOVERY_BATCH", "RECOVERY_SEQ_LEN", "GRAMS", "LATENCY_SEQ_LEN",
                 "GRAD_CHECKPOINTING", "HEAD_RATE", "MLP_RATE"} & set(cut)
