@@ -95,3 +95,16 @@ def test_measuring_the_unpruned_model_keeps_its_outputs_for_the_variants(pair, t
     kl = metrics.perplexity(variant, chunks, batch_size=2, reference=outputs, progress=False)["kl"]
     assert not calls, "a variant's KL then needs no forward of the unpruned model"
     assert kl == _kl_by_full_forwards(variant, copy.deepcopy(base), chunks, batch_size=2)
+
+
+def test_the_unpruned_model_measured_as_its_own_reference_holds_one_logits_tensor(models_dir):
+    if metrics.rss_bytes() is None:
+        pytest.skip("needs Linux /proc to read resident memory")
+    model = tiny_model("llama", vocab_size=32000)  # a batch's logits: 4 x 128 x 32000 fp32 = 62.5 MiB
+    chunks = torch.randint(3, 32000, (4, 128), generator=torch.Generator().manual_seed(2))
+    with metrics.track_peak_memory("cpu") as plain:
+        metrics.perplexity(model, chunks, batch_size=4, progress=False)
+    with metrics.track_peak_memory("cpu") as itself:  # its outputs kept for the variants' KL
+        metrics.perplexity(model, chunks, batch_size=4, reference=model, progress=False)
+    assert reference_outputs(model, chunks, 4).exact
+    assert itself["delta_mb"] < plain["delta_mb"] + 30  # a second logits tensor: + 62.5 MiB

@@ -5,8 +5,8 @@ several variants against the same unpruned model on the same chunks, so its full
 each. The LM head's *input* (the final hidden states, `[tokens, hidden]`: 576 floats a token for SmolLM2-135M, not
 a vocabulary's 49k) is kept instead, in memory and under `models/_cache/reference/`; the logits are then the LM head
 applied to it — the same module on the same tensor in the same batch shapes, so the same numbers bit for bit, at
-the cost of the LM head alone. The first batch checks that claim (a family whose logits are post-processed after
-the head, e.g. soft-capped, falls back to full forwards).
+the cost of the LM head alone. The first tokens of the first batch check that claim (a family whose logits are
+post-processed after the head, e.g. soft-capped, falls back to full forwards).
 """
 from __future__ import annotations
 
@@ -61,25 +61,33 @@ class ReferenceOutputs:
                 torch.save({"digest": self.digest, "hidden": self.hidden}, tmp)
 
     def logits(self, start: int, ids: torch.Tensor) -> torch.Tensor:
-        """Return the reference logits `[len(ids), seq, vocab]` of rows `start:start + len(ids)` of the chunks."""
-        if start in self.hidden and self.exact:
-            with torch.inference_mode():
-                return self.head(self.hidden[start].to(self.device))
-        captured = {}
-
-        def keep_input(_module, args, _output) -> None:  # returns None: the head's output stays as it is
-            captured["x"] = args[0]
-
-        handle = self.head.register_forward_hook(keep_input)
-        try:
-            logits = self.model(input_ids=ids.to(self.device), use_cache=False).logits
-        finally:
-            handle.remove()
+        """Return the reference logits `[len(ids), seq, vocab]` of rows `start:start + len(ids)` of the chunks: the LM
+        head on the (cached) head input, one logits tensor at a time; full forwards where the family changes the
+        logits after the head."""
         if self.exact is None:
-            self.exact = bool(torch.equal(self.head(captured["x"]), logits))
+            self.exact = self._head_gives_the_logits(ids)
         if self.exact:
-            self._keep(start, captured["x"])
-        return logits
+            hidden = self.head_input(start, ids)
+            with torch.inference_mode():
+                return self.head(hidden)
+        with torch.inference_mode():
+            return self.model(input_ids=ids.to(self.device), use_cache=False).logits
+
+    def _head_gives_the_logits(self, ids: torch.Tensor) -> bool:
+        """Return whether the model's logits are its LM head applied to its decoder body's output, bit for bit, on
+        the first tokens of `ids` (not, e.g., soft-capped after the head): then the cached head input reproduces
+        them. A few tokens decide it: a whole batch's second logits tensor would double the peak of a
+        150k-vocabulary model."""
+        from pruning_utils.model.arch import base_model
+
+        few = ids[:1, :CHECK_TOKENS].to(self.device)
+        with torch.inference_mode():
+            logits = self.model(input_ids=few, use_cache=False).logits
+            body = base_model(self.model)(input_ids=few, use_cache=False).last_hidden_state
+            return bool(torch.equal(self.head(body), logits))
+
+
+CHECK_TOKENS = 16  # tokens of the first row that `_head_gives_the_logits` compares
 
 
 _OPEN: dict[str, ReferenceOutputs] = {}
