@@ -35,6 +35,7 @@ from pruning_utils.measure import metrics
 from pruning_utils.paths import PROJECT_ROOT
 from pruning_utils.pipeline import memory_plan, results, stage_memory
 from pruning_utils.pipeline.profiles import PROFILES
+from pruning_utils.pipeline.stages import STAGES as RUNNER_STAGES
 
 OUT = PROJECT_ROOT / "results" / "benchmarks" / "kaggle_rehearsal.csv"
 STAGES = ("00", "02", "03", "04", "05", "06")
@@ -91,6 +92,26 @@ def row_of(record: dict, model: str, profile: str, dtype: str, minutes: float, t
                 t4_plan_gb=round(t4["device_gb"], 2) if t4 else float("nan"),
                 t4_fits=bool(t4["fits"]) if t4 else None, minutes=round(minutes, 2), load_avg=metrics.load_avg(),
                 device=metrics.device_name("cpu"), torch=torch.__version__, commit=metrics.git_commit())
+
+
+def peak_cell(notebook: Path, peak_at: float | None) -> str:
+    """Return the first code line of the executed notebook's cell that ran when the peak was first seen (papermill
+    stamps each cell's start and end), or '' where that cannot be told."""
+    from datetime import datetime
+
+    if peak_at is None or not notebook.is_file():
+        return ""
+    for cell in json.loads(notebook.read_text()).get("cells", []):
+        times = cell.get("metadata", {}).get("papermill", {})
+        if cell.get("cell_type") != "code" or not times.get("start_time") or not times.get("end_time"):
+            continue
+        start, end = (datetime.fromisoformat(times[k].replace("Z", "+00:00")).timestamp()
+                      for k in ("start_time", "end_time"))
+        if start <= peak_at <= end + stage_memory.INTERVAL_S:
+            code = [line for line in "".join(cell.get("source", "")).splitlines()
+                    if line.strip() and not line.lstrip().startswith("#")]
+            return code[0][:100] if code else ""
+    return ""
 
 
 def t4_plans(model: str, profile: str) -> dict[str, dict]:
@@ -151,7 +172,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"stage {stage}: {' '.join(cmd[1:])}", flush=True)
             record, minutes = run_stage(stage, cmd, work, work / "memory" / f"{stage}.log")
             rows.append(row_of(record, args.model, args.profile, args.dtype, minutes, t4.get(stage)))
-            print({k: rows[-1][k] for k in ("stage", "measured_gb", "plan_gb", "ratio", "minutes")}, flush=True)
+            executed = work / "results" / "notebooks" / next(x.notebook for x in RUNNER_STAGES if x.key == stage)
+            print({**{k: rows[-1][k] for k in ("stage", "measured_gb", "plan_gb", "ratio", "minutes")},
+                   "peak_cell": peak_cell(executed, record.get("peak_at"))}, flush=True)
             # after every stage: a stopped rehearsal keeps what it measured
             results.write_csv(results.merge_rows(pd.DataFrame(rows)[COLUMNS], args.out, KEY, dtype={"stage": str}),
                               args.out)

@@ -118,3 +118,28 @@ def test_rehearsal_rows_of_stage_00_merge_by_their_key(tmp_path):
         results.write_csv(merged, out)
     back = pd.read_csv(out, dtype={"stage": str})
     assert back["stage"].tolist() == ["00"] and back["measured_gb"].tolist() == [2.0]
+
+
+def test_the_peak_is_placed_in_the_cell_that_ran_when_it_was_first_seen(tmp_path):
+    def cell(source, start, end):
+        return {"cell_type": "code", "source": source,
+                "metadata": {"papermill": {"start_time": start, "end_time": end}}}
+
+    nb = tmp_path / "03.ipynb"
+    nb.write_text(json.dumps({"cells": [
+        {"cell_type": "markdown", "source": "# text", "metadata": {}},
+        cell("# load\nmodel = load_model(MODEL)\n", "2026-12-05T10:00:00.000000Z", "2026-12-05T10:00:10.000000Z"),
+        cell("row = measure_variant(model, chunks)", "2026-12-05T10:00:10.100000Z", "2026-12-05T10:01:00.000000Z"),
+    ]}))
+    at = pd.Timestamp("2026-12-05T10:00:30Z").timestamp()
+    assert kaggle_rehearsal.peak_cell(nb, at) == "row = measure_variant(model, chunks)"
+    assert kaggle_rehearsal.peak_cell(nb, at - 25) == "model = load_model(MODEL)"  # comments skipped
+    assert kaggle_rehearsal.peak_cell(nb, at + 3600) == "" and kaggle_rehearsal.peak_cell(nb, None) == ""
+
+
+def test_the_record_says_when_the_peak_was_first_seen(tmp_path, monkeypatch, fresh_recorder):
+    log = tmp_path / "00.json"
+    monkeypatch.setenv(stage_memory.ENV, str(log))
+    memory_plan.choose("tiny-llama", "00", dict(PROFILES["smoke"], DEVICE="cpu"))
+    first = json.loads(log.read_text())
+    assert first["peak_at"] is not None and first["peak_at"] <= first["written_at"]

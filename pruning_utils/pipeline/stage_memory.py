@@ -4,7 +4,8 @@ When the environment variable `PRUNING_MEMORY_LOG` names a file, the first `memo
 stage's first cell) calls `record`: it writes the kernel's resident memory at that moment (imports done, no model
 loaded yet) and the plan the stage runs with, then rewrites the file every `INTERVAL_S` seconds and at exit with the
 process's peak resident memory since that moment (`metrics.process_peak_rss_bytes`: VmHWM, reset when recording
-starts and kept across the resets of `metrics.track_peak_memory`). `measured_gb` = peak - start: what the stage
+starts and kept across the resets of `metrics.track_peak_memory`) and `peak_at`, the time of the first sample that
+saw it (within `INTERVAL_S`: which cell set the peak). `measured_gb` = peak - start: what the stage
 added, the figure its plan estimates (the plan counts weights, statistics, activations and optimizer states, not
 the interpreter and its imports). Without the variable nothing is recorded and nothing runs in the background.
 """
@@ -63,8 +64,13 @@ def record(settings, path: str | os.PathLike | None = None) -> Path | None:
     fields = plan_fields(settings)
     _recording.update(path=path, start=start)
 
+    seen = {"peak_gb": 0.0, "peak_at": None}
+
     def write() -> None:
-        write_text_atomic(path, json.dumps(snapshot(start, fields), indent=1, default=str))
+        now = snapshot(start, fields)
+        if now["peak_gb"] > seen["peak_gb"] + 1 / 1024:  # the peak rose since the last sample (by > 1 MiB)
+            seen.update(peak_gb=now["peak_gb"], peak_at=now["written_at"])
+        write_text_atomic(path, json.dumps(dict(now, peak_at=seen["peak_at"]), indent=1, default=str))
 
     def loop(stop: threading.Event) -> None:
         while not stop.wait(INTERVAL_S):
