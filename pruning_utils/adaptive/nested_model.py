@@ -213,7 +213,7 @@ class NestedModel:
         """Return the INT8 copy of the unpruned model, its MLP neurons in the nested order (the same function); the
         lookup table stays the fp32 model's (shared), so only the linears are quantized. Built one layer at a time
         (`quantize_int8_by_layer`) unless smoothing runs the whole copy on calibration windows."""
-        from pruning_utils.compress.quantize import quantize_int8, quantize_int8_by_layer
+        from pruning_utils.compress.quantize import INT8_MODE, quantize_int8, quantize_int8_by_layer
 
         def reorder(li: int, layer) -> None:
             order = self.neuron_order[li]
@@ -224,7 +224,7 @@ class NestedModel:
                     lin.bias.data = lin.bias.data.index_select(0, order)
 
         if int8_kw.get("smooth_windows") is None:
-            return quantize_int8_by_layer(self.model, int8_kw.get("mode", "weight_only"),
+            return quantize_int8_by_layer(self.model, int8_kw.get("mode", INT8_MODE),
                                           int8_kw.get("keep_fp32", ()), prepare=reorder)
         import copy
 
