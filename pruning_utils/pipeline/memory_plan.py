@@ -391,7 +391,7 @@ def _op_parts(s: _Shape, op: str, p: dict, b: int, targets: tuple[str, ...], cud
     raise ValueError(f"unknown operation '{op}'; known: {', '.join(OPERATIONS)}")
 
 
-def _int8_copy(s: _Shape, b: int, cpu: bool) -> float:
+def _int8_copy(s: _Shape, cpu: bool) -> float:
     """Bytes of the adaptive runtime's INT8 level (`quantize.quantize_int8_by_layer`): int8 projections with an fp32
     scale per output row; on CPU fp32 copies of the norms and the LM head (its kernels take fp32 activations), on
     CUDA those are shared with the model; the input embedding is always shared."""
@@ -416,7 +416,7 @@ def _held(s: _Shape, p: dict, b: int, targets: tuple[str, ...], copies: int, tea
     if teacher:
         parts.append(Part("teacher weights (the unpruned model)", "weights", weights, home))
     if p["int8_level"]:
-        parts.append(Part("INT8 level's copy (built one layer at a time)", "weights", _int8_copy(s, b, cpu), home))
+        parts.append(Part("INT8 level's copy (built one layer at a time)", "weights", _int8_copy(s, cpu), home))
     if targets and p["grams"] in ("all", "layerwise"):
         total = sum(_gram_bytes(s, targets, layer) for layer in s.layers)
         where = "device" if p["grams"] == "all" and not p["offload"] else "host"
