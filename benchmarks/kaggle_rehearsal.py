@@ -120,7 +120,8 @@ def t4_plans(model: str, profile: str) -> dict[str, dict]:
     config = memory_plan.config_of(model)
     plans = {}
     for stage in STAGES:
-        plan = memory_plan.choose(config, stage, dict(PROFILES[profile], _plan=dict(memory_plan.KAGGLE_T4))).plan
+        plan = memory_plan.choose(config, stage, dict(PROFILES[profile], _plan=dict(memory_plan.KAGGLE_T4,
+                                                                                 rows_known=False))).plan
         plans[stage] = dict(device_gb=plan.total_gb, fits=plan.fits)
     return plans
 

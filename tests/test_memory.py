@@ -188,3 +188,45 @@ def test_memory_benchmark_smoke():
     assert line["bytes_per_param"] == pytest.approx(4.0 * 2 ** 20 / 1e6)
     assert (set(memory_scale.extrapolate(line, "perplexity", memory_scale.plan_params(2, 64)))
             == set(memory_scale.TARGETS))
+
+
+def test_stage_06_plans_no_full_perplexity_pass_when_every_row_is_reused(models_dir, tmp_path, monkeypatch):
+    """Notebook 06 reuses each variant's perplexity and KL from its stage's row on the same chunks: `choose` reads
+    the rows, and the plan then scores only the side texts' 256-token windows, without the reference's logits. A
+    missing row, a row of other chunks or one without its KL keeps the full pass in the plan."""
+    import pandas as pd
+
+    from pruning_utils import paths
+    from pruning_utils.model.checkpoint import save_pruned
+    from pruning_utils.model.tiny import TinyTokenizer
+
+    monkeypatch.setattr(paths, "RESULTS_DIR", tmp_path / "results")
+    seq, max_tokens = 512, 1024
+    row = dict(ppl=12.0, eval_tokens=max_tokens // seq * (seq - 1), kl_to_baseline=0.1)
+    pd.DataFrame([dict(row, kl_to_baseline=float("nan"))]).to_csv(paths.ablation_dir() / "baseline.csv", index=False)
+    model = tiny_model("qwen2")
+    save_pruned(model, TinyTokenizer(), models_dir / "head_pruned", extra=row)
+    params = dict(VARIANTS="baseline,head_pruned", EVAL_SEQ_LEN=seq, EVAL_MAX_TOKENS=max_tokens, DEVICE="cpu",
+                  DTYPE="float32")
+    known = memory_plan.choose(model, "06", params).plan
+    assert known.settings["rows_known"] and known.settings["eval_seq_len"] == memory_plan.SIDE_SEQ_LEN
+    assert not known.settings["kl"]
+    measured = memory_plan.choose(model, "06", dict(params, EVAL_MAX_TOKENS=2048)).plan  # other chunks: 06 measures
+    assert not measured.settings["rows_known"] and measured.settings["kl"]
+    assert measured.total_gb > known.total_gb
+    assert not memory_plan.choose(model, "06", dict(params, VARIANTS="baseline,head_pruned,gone")).plan.settings[
+        "rows_known"]
+    save_pruned(model, TinyTokenizer(), models_dir / "head_pruned", extra=dict(row, kl_to_baseline=float("nan")))
+    assert not memory_plan.choose(model, "06", params).plan.settings["rows_known"]  # no KL recorded: measured
+    # a profile's plan table is the plan before any run: the full pass
+    at_3b = memory_plan.plan_stage(QWEN25_3B, "06", eval_seq_len=1024, **T4)
+    assert memory_plan.plan_stage(QWEN25_3B, "06", eval_seq_len=1024, rows_known=True, **T4).total_gb < at_3b.total_gb
+
+
+def test_side_windows_of_the_plan_are_the_measured_ones():
+    import inspect
+
+    from pruning_utils.data import heldout, sources
+
+    for fn in (sources.fidelity_chunks, heldout.heldout_chunks):
+        assert inspect.signature(fn).parameters["seq_len"].default == memory_plan.SIDE_SEQ_LEN

@@ -104,6 +104,39 @@ def test_token_scores_equal_the_whole_batch_cross_entropy_and_kl(monkeypatch, ro
     assert metrics.token_scores(logits, targets, logits)[1] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_token_scores_kl_of_a_model_that_cannot_emit_some_tokens(monkeypatch):
+    """-inf logits (a pruned LM head): infinite KL where the reference puts mass on a removed token, none where it
+    puts none there either; the NLL of emittable targets is untouched. Found whichever row step the -inf sit in."""
+    monkeypatch.setattr(metrics, "SCORE_ROWS", 2)
+    g = torch.Generator().manual_seed(3)
+    logits, ref = torch.randn(2, 5, 20, generator=g), torch.randn(2, 5, 20, generator=g)
+    targets = torch.randint(0, 10, (2, 5), generator=g)
+    pruned = logits.clone()
+    pruned[..., 15:] = float("-inf")  # tokens 15.. removed; the targets are all below 10
+    nll, kl = metrics.token_scores(pruned, targets, ref)
+    assert math.isfinite(nll) and kl == math.inf
+    blind = ref.clone()
+    blind[..., 15:] = float("-inf")  # the reference cannot emit them either: p log(p / 0) with p = 0 counts 0
+    kl_blind = metrics.token_scores(pruned, targets, blind)[1]
+    expect = metrics.token_scores(pruned[..., :15], targets, blind[..., :15])[1]
+    assert math.isfinite(kl_blind) and kl_blind == pytest.approx(expect, rel=1e-6)
+
+
+def test_token_scores_never_holds_a_whole_batch_mask():
+    """The check for tokens a model cannot emit runs step by step: a [batch, seq, vocab] bool mask of the whole
+    batch (what the check once built) is 62.5 MiB here, the row steps' working set ~20 MiB."""
+    if metrics.rss_bytes() is None:
+        pytest.skip("needs Linux /proc to read resident memory")
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 512, 32000, generator=g).to(torch.bfloat16)
+    ref = torch.randn(4, 512, 32000, generator=g).to(torch.bfloat16)
+    targets = torch.randint(0, 32000, (4, 512), generator=g)
+    metrics.token_scores(logits[:, :64], targets[:, :64], ref[:, :64])  # warm the allocator's small blocks
+    with metrics.track_peak_memory("cpu") as stats:
+        metrics.token_scores(logits, targets, ref)
+    assert stats["delta_mb"] < 45
+
+
 def test_latency_on_tiny_model_gives_positive_medians():
     out = metrics.latency(tiny_model("llama"), seq_len=16, new_tokens=3, warmup=1, repeats=3)
     assert out["prefill_ms_median"] > 0 and out["decode_tok_s_median"] > 0

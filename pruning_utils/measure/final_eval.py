@@ -7,10 +7,32 @@ import torch
 
 from pruning_utils.measure import evaluation
 from pruning_utils.measure.metrics import checkpoint_size_mb, nonzero_params_non_embedding
-from pruning_utils.measure.variants import PROVENANCE_COLUMNS, measure_variant
+from pruning_utils.measure.variants import PROVENANCE_COLUMNS, measure_variant, reuses_perplexity
 from pruning_utils.model.checkpoint import read_checkpoint_meta, resolve_checkpoint_dir
 
 BASELINE = "baseline"  # the variant every other one is compared with: the unpruned model, first in the table
+
+
+def rows_reusable(names: Sequence[str], eval_seq_len: int, eval_max_tokens: int | None) -> bool:
+    """Return whether notebook 06 reuses the perplexity and KL of every variant in `names` from the row its stage
+    recorded (`final_row`: baseline.csv for the baseline, the checkpoint's metadata otherwise), as it does when each
+    row was scored on a full set of `eval_seq_len` windows within `eval_max_tokens`. Its memory plan then has no
+    full perplexity pass to hold (`memory_plan`'s `rows_known`). False when a row is missing, or was measured on
+    other chunks or on a text too short to fill `eval_max_tokens` (06 then measures, and the plan counts it)."""
+    import pandas as pd
+
+    from pruning_utils.paths import ablation_dir
+
+    if not eval_max_tokens or eval_seq_len < 2:
+        return False
+    predicted = int(eval_max_tokens) // int(eval_seq_len) * (int(eval_seq_len) - 1)
+    try:
+        rows = [pd.read_csv(ablation_dir() / "baseline.csv").iloc[0].to_dict() if name == BASELINE
+                else read_checkpoint_meta(name)["extra"] for name in names]
+    except (OSError, KeyError, IndexError, ValueError):
+        return False
+    return bool(rows) and all(reuses_perplexity(row, predicted, needs_kl=name != BASELINE)
+                              for name, row in zip(names, rows))
 
 
 def final_row(name: str, model, tokenizer, chunks: torch.Tensor, *, source_model: str, recorded_baseline: dict,

@@ -142,11 +142,10 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
     params = count_params(model)
     flops = flops_per_token(model, flops_seq_len)
     predicted = chunks.shape[0] * (chunks.shape[1] - 1)
-    same = known is not None and known.get("eval_tokens") == predicted and known.get("ppl") is not None
     if compute_device is not None:
         reference_model = None  # offload mode holds one model: no second one to compare with
     is_reference = reference_model is None or reference_model is model
-    if same and (is_reference or _finite(known.get("kl_to_baseline"))):
+    if reuses_perplexity(known, predicted, needs_kl=not is_reference):
         ppl = {"ppl": float(known["ppl"]), "tokens": predicted, "kl": known.get("kl_to_baseline")}
     else:
         ppl = perplexity(model, chunks, batch_size=batch_size, desc=f"ppl {variant}", device=compute_device,
@@ -204,6 +203,13 @@ def first_windows(chunks: torch.Tensor, max_tokens: int) -> torch.Tensor:
 def provenance(row: dict) -> dict:
     """Return how a variant was made (`PROVENANCE_COLUMNS` that `row` has): what a variant derived from it copies."""
     return {k: row[k] for k in PROVENANCE_COLUMNS if k in row}
+
+
+def reuses_perplexity(known: dict | None, predicted: int, needs_kl: bool) -> bool:
+    """Return whether `measure_variant` reuses the perplexity (and KL, when `needs_kl`) of row `known`, measured
+    earlier on `predicted` scored tokens, instead of another pass."""
+    return (known is not None and known.get("eval_tokens") == predicted and known.get("ppl") is not None
+            and (not needs_kl or _finite(known.get("kl_to_baseline"))))
 
 
 def _side_perplexity(model, chunks: torch.Tensor | None, kind: str, *, known: dict | None, variant: str,

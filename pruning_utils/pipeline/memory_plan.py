@@ -85,10 +85,13 @@ PARAMS: dict[str, object] = {
     "logits_rows": None,  # LM head applied this many token rows at a time (None: whole batches; see LARGE_VOCAB)
     "copies": None,  # model copies held at once (None: the stage's own count, see _COPIES)
     "int8_level": False,  # stage 05: ADAPTIVE_LEVELS has the INT8 level (its copy is held next to the model)
+    "rows_known": False,  # stage 06: every variant's perplexity and KL are reused from the row its stage recorded
+    # (`final_eval.rows_reusable`, what `choose` reads from the checkpoints): only the side texts' windows are scored
     "offload": False,  # the model on the host, one decoder layer at a time on the device
     "available_gb": None, "host_available_gb": None,  # None: measured on this machine
     "reserve": 0.1,
 }
+SIDE_SEQ_LEN = 256  # the fidelity and held-out windows (sources.fidelity_chunks, heldout.heldout_chunks), no KL
 LARGE_VOCAB = 100_000  # from this vocabulary size on a GPU, `choose` applies the LM heads in row blocks
 _ROWS_STAGES = ("00", "02", "03", "04", "06")  # the notebooks that pass RUN.logits_rows to measure_variant
 # model copies a stage holds at once: 02/03 keep the model while a (deep-copied, then sliced) variant is made and
@@ -554,6 +557,8 @@ def plan_stage(config, stage: str, **params) -> MemoryPlan:
         if refit:  # its Grams go to the host layer by layer (`Passes.grams`)
             ops, targets, p = ops + ("grams",), ("o_proj", "down_proj"), dict(p, grams="layerwise")
     p["int8_level"] = p["int8_level"] and stage == "05"
+    if stage == "06" and p["rows_known"]:  # perplexity and KL come from the rows: the side texts' windows remain
+        p = dict(p, eval_seq_len=min(p["eval_seq_len"], SIDE_SEQ_LEN), kl=False)
     copies = p["copies"] if p["copies"] is not None else _COPIES[stage]
     return _plan(config, stage, ops, targets, copies, stage == "04" and p["teacher"], p)
 
@@ -740,6 +745,13 @@ def choose(model_or_config, stage: str, params: dict, **names) -> StageSettings:
         from pruning_utils.measure.metrics import HEAD_ROWS
 
         base["logits_rows"] = HEAD_ROWS  # a [batch, seq, vocab] of 150k is 1.2 GiB in fp16 per model at 4 x 1024
+    if stage == "06" and "rows_known" not in base and "VARIANTS" in params:  # what notebook 06 will reuse
+        from pruning_utils.measure.final_eval import rows_reusable
+        from pruning_utils.pipeline.stages import as_list
+
+        names = as_list(params["VARIANTS"]) + as_list(params.get("EXTRA_VARIANTS") or "")
+        base["rows_known"] = rows_reusable(names, int(params.get("EVAL_SEQ_LEN", PARAMS["eval_seq_len"])),
+                                           params.get("EVAL_MAX_TOKENS"))
     if offload == "on" and device.type == "cpu":
         raise ValueError("OFFLOAD='on' keeps the model on the host and moves one layer at a time to a GPU, but the "
                          "device is the CPU: set DEVICE=cuda on a machine with a GPU, or OFFLOAD='off'")
@@ -836,7 +848,8 @@ def profile_plan_table(profile: str, machine: dict | None = None):
     config = shape_config(profile_shape(profile))
     rows = []
     for stage in STAGES:
-        run = choose(config, stage, dict(PROFILES[profile], _plan=dict(machine or KAGGLE_T4)))
+        # a profile's plan before any run: notebook 06 measures what no checkpoint row gives it yet
+        run = choose(config, stage, dict(PROFILES[profile], _plan=dict(machine or KAGGLE_T4, rows_known=False)))
         plan = run.plan
         rows.append(dict(stage=stage, device_gb=round(plan.total_gb, 2), available_gb=plan.available_gb,
                          host_gb=round(plan.host_gb, 2), host_available_gb=plan.host_available_gb,
