@@ -18,6 +18,10 @@ How the figures are made (b = bytes per element of the model dtype; B x S = batc
   `LARGE_VOCAB` tokens on a GPU) runs the decoder body and applies the LM heads that many rows at a time
   (`metrics.perplexity(logits_rows=)`), so no [B, S, vocab] tensor exists. Generation keeps the last position's
   logits only.
+- Stage 06 reuses each variant's perplexity and KL from the row its stage recorded on the same chunks
+  (`final_eval.rows_reusable`, which `choose` reads from the checkpoints: `rows_known`); its perplexity pass then
+  scores only the `SIDE_SEQ_LEN` fidelity / held-out windows, without the reference's logits. A profile's plan before
+  any run (`profile_plan_table`) keeps the full pass.
 - Backward keeps every layer's saved activations until the gradient reaches it, so it grows with depth x B x S;
   Taylor also keeps a gradient (model dtype) for every parameter a head or neuron owns (`arch.owned_parameters`),
   accumulated over batches: from the second batch on they sit next to the saved activations, while in a single
