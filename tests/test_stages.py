@@ -337,3 +337,50 @@ def test_notebook_05_owes_its_live_table_only_when_the_live_evaluation_runs():
     for override in ({"ADAPTIVE_LIVE_EVAL": "false"}, {"ADAPTIVE_LOAD": "live"}):
         expected = stage.expected(resolve_parameters("default", override))
         assert live[0] not in expected and set(expected) == set(stage.outputs) - set(live)
+
+
+def test_run_refuses_stages_whose_memory_plans_do_not_fit_before_running_any(tmp_path, monkeypatch):
+    import papermill
+
+    from pruning_utils.pipeline import memory_plan
+
+    root = _fake_project(tmp_path)
+    calls = []
+
+    def fake_execute(src, *a, **k):
+        stage = next(s for s in STAGES if src.endswith(s.notebook))
+        calls.append(stage.key)
+        for out in stage.outputs:
+            (root / out).parent.mkdir(parents=True, exist_ok=True)
+            (root / out).write_text("x")
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
+    params = resolve_parameters("smoke")
+    real = memory_plan.preflight(params, ["00", "02"])
+    assert all(r["fits"] for r in real) and real[0]["need_gb"] != real[1]["need_gb"]  # room for the tiny model
+    # a machine with 1 MiB free: every stage's plan (the tiny model's weights alone) is over it
+    monkeypatch.setattr(memory_plan, "_host_available", lambda: 2 ** -10)
+    with pytest.raises(stages.StageFailed) as err:
+        run(params, root=root, only=["00", "02"], log=lambda *_: None)
+    text = str(err.value)
+    assert "stages 00, 02 of this run do not fit" in text and "Nothing was run" in text
+    assert "--ignore-memory-plan" in text and "What to do:" in text  # check_plan's advice comes along
+    assert not calls and not list((root / "results").glob("stages/*.json"))
+    # only one of them over: the advice names the stages that fit
+    monkeypatch.setattr(memory_plan, "_host_available", lambda: (real[0]["need_gb"] + real[1]["need_gb"]) / 2)
+    with pytest.raises(stages.StageFailed, match="--only 0"):
+        run(params, root=root, only=["00", "02"], log=lambda *_: None)
+    # and the user may run anyway
+    monkeypatch.setattr(memory_plan, "_host_available", lambda: 2 ** -10)
+    assert [r["status"] for r in run(params, root=root, only=["00"], log=lambda *_: None,
+                                     check_memory=False)][0] == "ran"
+    assert calls == ["00"]
+
+
+def test_the_memory_check_is_skipped_with_a_note_when_no_plan_can_be_made(tmp_path, monkeypatch):
+    lines = []
+    stages.memory_preflight(dict(resolve_parameters("smoke"), MODEL="no/such-model-here"), ["00"], log=lines.append)
+    assert lines and lines[0].startswith("memory check skipped")
+    ok = []
+    stages.memory_preflight(resolve_parameters("smoke"), ["00", "03b", "07"], log=ok.append)
+    assert ok[0].startswith("memory check: 00 ") and "03b" not in ok[0]

@@ -726,13 +726,14 @@ def _notebook_plan_params(params: dict) -> dict:
     return p
 
 
-def choose(model_or_config, stage: str, params: dict, **names) -> StageSettings:
+def choose(model_or_config, stage: str, params: dict, record: bool = True, **names) -> StageSettings:
     """Return the `StageSettings` of a stage for a model (spec, config or model) and the notebook's parameters.
 
     `params` (`globals()` will do) and `names` are notebook parameters (`profiles.PARAMS`); `overrides` of plan
     parameters go in as `_plan=dict(...)`. OFFLOAD / GRAMS / VARIANT_BUILD fix a setting; 'auto' lets it change,
     cheapest change first (Grams on the host, streamed Grams, in-place variants, offload), until the plan fits.
     None of these changes alters a result: the same statistics, refits and weights (tested).
+    `record=False`: never the stage's memory record (`stage_memory`), e.g. for the runner's check before a run.
     """
     from pruning_utils.model.devices import resolve_device
 
@@ -807,8 +808,28 @@ def choose(model_or_config, stage: str, params: dict, **names) -> StageSettings:
         switched = [f"{need}; so " + switched[0]] + switched[1:] if switched else []
     settings = StageSettings(stage, off, "cpu" if off else str(device), str(device) if off else None,
                              grams, build or "copy", plan, switched)
-    stage_memory.record(settings)  # only under $PRUNING_MEMORY_LOG (benchmarks/kaggle_rehearsal.py)
+    if record:
+        stage_memory.record(settings)  # only under $PRUNING_MEMORY_LOG (benchmarks/kaggle_rehearsal.py)
     return settings
+
+
+def preflight(params: dict, stages) -> list[dict]:
+    """Return, per pipeline stage in `stages` (others are left out), whether it fits this machine by the plan its
+    first cell will choose from the run's notebook parameters `params` (MODEL, DEVICE, ...): `fits`, `device`,
+    `need_gb` / `available_gb` on the device and on the host, and `why` (check_plan's message and advice) when not.
+    Stage 06 is planned with its full perplexity pass, as before any checkpoint row exists."""
+    rows = []
+    for stage in [s for s in stages if s in STAGES]:
+        plan = choose(params["MODEL"], stage, dict(params, _plan=dict(rows_known=False)), record=False).plan
+        try:
+            check_plan(plan)
+            why = ""
+        except MemoryPlanError as err:
+            why = str(err)
+        rows.append(dict(stage=stage, fits=plan.fits, device=plan.device, need_gb=plan.total_gb,
+                         available_gb=plan.available_gb, host_gb=plan.host_gb,
+                         host_available_gb=plan.host_available_gb, why=why))
+    return rows
 
 
 def describe_stage(model_or_config, stage: str, params: dict, **overrides) -> str:
@@ -868,7 +889,16 @@ if __name__ == "__main__":  # python -m pruning_utils.pipeline.memory_plan --pro
 
     ap = argparse.ArgumentParser(description="Print the memory plan per stage of profiles on Kaggle's T4 machine.")
     ap.add_argument("--profile", action="append", help="profile name (repeatable; default: every kaggle-* one)")
+    ap.add_argument("--preflight", metavar="STAGES", help="read a run's notebook parameters (JSON) from stdin and "
+                    "print `preflight`'s rows for these comma-separated stages as JSON (the runner's check, in a "
+                    "process of its own so that its CUDA context is gone before the notebooks start)")
     args = ap.parse_args()
+    if args.preflight is not None:
+        import json
+        import sys
+
+        print(json.dumps(preflight(json.load(sys.stdin), args.preflight.split(","))))
+        raise SystemExit(0)
     from pruning_utils.pipeline.profiles import PROFILES
 
     for name in args.profile or [n for n in PROFILES if n.startswith("kaggle-")]:

@@ -370,9 +370,52 @@ def check_kernel_can_import(root: Path) -> None:
                          f"SKIP_INSTALL=1)")
 
 
+def memory_preflight(params: dict, stages: list[str], log=print) -> None:
+    """Raise StageFailed, before any stage runs, when one of `stages` does not fit this machine by the memory plan
+    its first cell will choose (`memory_plan.preflight`): a run that cannot finish says so at its start, not hours
+    in. With a GPU visible the plans are made in a child process (the free GPU memory needs a CUDA context, which
+    would otherwise stay in this process for the whole run). A plan that cannot be made (e.g. a hub model's config
+    out of reach) is logged and skipped: each stage's first cell prints its plan all the same."""
+    import torch
+
+    from pruning_utils.pipeline import memory_plan
+
+    try:
+        if torch.cuda.is_available():
+            done = subprocess.run([sys.executable, "-m", "pruning_utils.pipeline.memory_plan", "--preflight",
+                                   ",".join(stages)], input=json.dumps(params, default=str), capture_output=True,
+                                  text=True, timeout=600)
+            if done.returncode != 0:
+                raise RuntimeError(done.stderr.strip()[-300:])
+            rows = json.loads(done.stdout.strip().splitlines()[-1])
+        else:
+            rows = memory_plan.preflight(params, stages)
+    except Exception as err:  # noqa: BLE001 - a check that cannot be made must not stop the run
+        log(f"memory check skipped ({err.__class__.__name__}: {str(err)[:300]}); each stage's first cell still "
+            "prints its plan")
+        return
+    unfit = [r for r in rows if not r["fits"]]
+    if unfit:
+        needs = "; ".join(f"{r['stage']}: ~{r['need_gb']:.1f} GiB on {r['device']} ({r['available_gb']:.1f} free)"
+                          + (f", ~{r['host_gb']:.1f} GiB on the host ({r['host_available_gb']:.1f} free)"
+                             if r["device"] != "cpu" else "") for r in unfit)
+        fitting = [r["stage"] for r in rows if r["fits"]]
+        raise StageFailed(
+            f"by their memory plans, stage{'s' * (len(unfit) > 1)} {', '.join(r['stage'] for r in unfit)} of this "
+            f"run do{'es' * (len(unfit) == 1)} not fit this machine ({needs}). Stage {unfit[0]['stage']}: "
+            f"{unfit[0]['why']}\nNothing was run. "
+            + (f"Run the stages that fit with --only {','.join(fitting)}, c" if fitting else "C")
+            + "hange the settings named above, or pass --ignore-memory-plan to run anyway (the plans include a "
+            f"{memory_plan.PARAMS['reserve']:.0%} reserve).")
+    log("memory check: " + ", ".join(f"{r['stage']} {r['need_gb']:.1f}/{r['available_gb']:.0f} GiB" for r in rows)
+        + f" on {rows[0]['device']}" if rows else "memory check: no pipeline stage selected")
+
+
 def run(params: dict, root: Path | None = None, only: list[str] | None = None, force: bool = False,
-        log=print) -> list[dict]:
-    """Execute the stages in order in `root` (default: this checkout); returns one record per stage."""
+        log=print, check_memory: bool = True) -> list[dict]:
+    """Execute the stages in order in `root` (default: this checkout); returns one record per stage.
+    `check_memory`: refuse, before anything runs, selected stages whose memory plans do not fit (`memory_preflight`).
+    """
     import papermill as pm
 
     root = Path(root or project_root())
@@ -420,6 +463,8 @@ def run(params: dict, root: Path | None = None, only: list[str] | None = None, f
     planned = timing.estimate(recorded, recorded_speed, speed, selected)
     log(timing.estimate_text(planned, speed, recorded_speed) + " (stages finished with the same parameters are "
         "skipped and take no time)")
+    if check_memory:
+        memory_preflight(params, selected, log)
     with _kernel_env(kernel_environment(root)), private_kernel() as kernel_name:
         for stage, digest in zip(STAGES, digests):
             stage_params = {n: params[n] for n in stage.params}
@@ -520,6 +565,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="override a parameter, e.g. -p MODEL Qwen/Qwen2.5-0.5B (repeatable; beats PRUNE_<NAME>)")
     ap.add_argument("--list-params", action="store_true", help="print every parameter and exit")
+    ap.add_argument("--ignore-memory-plan", action="store_true",
+                    help="run even the selected stages whose memory plans do not fit this machine")
     ap.add_argument("--check", action="store_true",
                     help="only check the command line and PRUNE_* variables (run_all.sh does, before installing)")
     return ap
@@ -548,7 +595,7 @@ def main(argv: list[str] | None = None, root: Path | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "0")
     t0 = time.time()
     try:
-        records = run(params, root=root, only=only, force=args.force)
+        records = run(params, root=root, only=only, force=args.force, check_memory=not args.ignore_memory_plan)
     except StageFailed as err:
         print(f"ERROR: {err}", file=sys.stderr)
         return 1
