@@ -305,9 +305,14 @@ def _refit_workspace(s: _Shape, targets: tuple[str, ...]) -> float:
 def _criteria(p: dict) -> set[str]:
     from pruning_utils.pipeline.profiles import DEFAULTS
 
-    crit = p["criteria"] if p["criteria"] is not None else DEFAULTS["CRITERIA"]
-    names = {c.strip() for c in (crit.split(",") if isinstance(crit, str) else crit) if c.strip()}
+    names = set(_names(p["criteria"] if p["criteria"] is not None else DEFAULTS["CRITERIA"]))
     return names | ({"activation", "taylor"} if "mix" in names else set())
+
+
+def _names(value) -> list[str]:
+    """Return a notebook list parameter ('a,b' or a list; None or '' for none) as stripped names."""
+    items = value.split(",") if isinstance(value, str) else list(value or [])
+    return [str(v).strip() for v in items if str(v).strip()]
 
 
 def _op_parts(s: _Shape, op: str, p: dict, b: int, targets: tuple[str, ...], cuda: bool) -> list[Part]:
@@ -752,9 +757,8 @@ def choose(model_or_config, stage: str, params: dict, record: bool = True, **nam
         base["logits_rows"] = HEAD_ROWS  # a [batch, seq, vocab] of 150k is 1.2 GiB in fp16 per model at 4 x 1024
     if stage == "06" and "rows_known" not in base and "VARIANTS" in params:  # what notebook 06 will reuse
         from pruning_utils.measure.final_eval import rows_reusable
-        from pruning_utils.pipeline.stages import as_list
 
-        names = as_list(params["VARIANTS"]) + as_list(params.get("EXTRA_VARIANTS") or "")
+        names = _names(params["VARIANTS"]) + _names(params.get("EXTRA_VARIANTS"))
         base["rows_known"] = rows_reusable(names, int(params.get("EVAL_SEQ_LEN", PARAMS["eval_seq_len"])),
                                            params.get("EVAL_MAX_TOKENS"))
     if offload == "on" and device.type == "cpu":
