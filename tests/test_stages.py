@@ -264,21 +264,24 @@ def test_a_failed_stage_leaves_nothing_half_written_and_removes_nothing(tmp_path
     assert not (root / "results" / "stages" / "03.json").exists()
 
 
-def test_encoder_stage_runs_by_profile(tmp_path, monkeypatch):
-    import papermill
-
-    calls = []
-
-    def fake_execute(src, dst, parameters, cwd, **kw):
+def _writes_outputs(root, calls: list):
+    """Return a stand-in for papermill.execute_notebook that records the stage key and writes its outputs."""
+    def execute(src, *args, **kwargs):
         stage = next(s for s in STAGES if src.endswith(s.notebook))
         calls.append(stage.key)
         for out in stage.outputs:
             (root / out).parent.mkdir(parents=True, exist_ok=True)
             (root / out).write_text("x")
+    return execute
 
-    monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
+
+def test_encoder_stage_runs_by_profile(tmp_path, monkeypatch):
+    import papermill
+
+    calls = []
     for profile, want in (("encoder", ["07"]), ("default", [s.key for s in STAGES if not s.encoder])):
         root, lines = _fake_project(tmp_path / profile), []
+        monkeypatch.setattr(papermill, "execute_notebook", _writes_outputs(root, calls))
         calls.clear()
         run(resolve_parameters(profile), root=root, log=lines.append)
         assert calls == want
@@ -346,15 +349,7 @@ def test_run_refuses_stages_whose_memory_plans_do_not_fit_before_running_any(tmp
 
     root = _fake_project(tmp_path)
     calls = []
-
-    def fake_execute(src, *a, **k):
-        stage = next(s for s in STAGES if src.endswith(s.notebook))
-        calls.append(stage.key)
-        for out in stage.outputs:
-            (root / out).parent.mkdir(parents=True, exist_ok=True)
-            (root / out).write_text("x")
-
-    monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
+    monkeypatch.setattr(papermill, "execute_notebook", _writes_outputs(root, calls))
     params = resolve_parameters("smoke")
     real = memory_plan.preflight(params, ["00", "02"])
     assert all(r["fits"] for r in real) and real[0]["need_gb"] != real[1]["need_gb"]  # room for the tiny model
