@@ -195,9 +195,12 @@ class NestedModel:
                       for g in range(shape.n_kv_heads)]
             self.head_order.append([ranked[g][r] for r in range(group) for g in range(shape.n_kv_heads)])
             self.neuron_order.append(torch.argsort(-scores.neurons[li].float(), stable=True))
+        from pruning_utils.measure.metrics import trim_heap
+
         self.int8_model = self._build_int8(int8_kw or {}) if any(lv.int8 for lv in self.levels.values()) else None
         for layer, shape, heads, neurons in zip(self.layers, self.shapes, self.head_order, self.neuron_order):
             self._install(layer, shape, heads, neurons)
+        trim_heap()  # the INT8 copy's per-layer up-casts and the reordered weights leave freed heap resident
         if self.int8_model is not None:
             self._share_fp32()
         if layer_scores is not None and len(layer_scores) != len(self.layers):
