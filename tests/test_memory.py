@@ -231,12 +231,3 @@ def test_side_windows_of_the_plan_are_the_measured_ones():
     for fn in (sources.fidelity_chunks, heldout.heldout_chunks):
         assert inspect.signature(fn).parameters["seq_len"].default == memory_plan.SIDE_SEQ_LEN
 
-
-def test_stage_05_plans_the_sweep_text_it_scores():
-    """Notebook 05 scores SWEEP_EVAL_MAX_TOKENS of text: a batch of at most that many windows, not a full one."""
-    params = dict(DEVICE="cpu", DTYPE="bfloat16", EVAL_SEQ_LEN=1024, ADAPTIVE_LEVELS="none")
-    one = memory_plan.choose(QWEN25_3B, "05", dict(params, SWEEP_EVAL_MAX_TOKENS=1024), record=False).plan
-    full = memory_plan.choose(QWEN25_3B, "05", dict(params, SWEEP_EVAL_MAX_TOKENS=32768), record=False).plan
-    assert one.settings["eval_batch"] == 1 and full.settings["eval_batch"] == memory_plan.PARAMS["eval_batch"]
-    logits = 3 * 1024 * 151936 * 2 / GB  # three [1024, vocab] bf16 logits fewer
-    assert full.total_gb - one.total_gb == pytest.approx(1.1 * logits, rel=0.02)

@@ -755,9 +755,6 @@ def choose(model_or_config, stage: str, params: dict, record: bool = True, **nam
         from pruning_utils.measure.metrics import HEAD_ROWS
 
         base["logits_rows"] = HEAD_ROWS  # a [batch, seq, vocab] of 150k is 1.2 GiB in fp16 per model at 4 x 1024
-    sweep, seq = params.get("SWEEP_EVAL_MAX_TOKENS"), params.get("EVAL_SEQ_LEN")
-    if stage == "05" and "eval_batch" not in base and sweep and seq:  # notebook 05 scores the short sweep text:
-        base["eval_batch"] = max(1, min(PARAMS["eval_batch"], int(sweep) // int(seq)))  # its windows, at most a batch
     if stage == "06" and "rows_known" not in base and "VARIANTS" in params:  # what notebook 06 will reuse
         from pruning_utils.measure.final_eval import rows_reusable
 
