@@ -758,8 +758,8 @@ def choose(model_or_config, stage: str, params: dict, record: bool = True, **nam
     if stage == "06" and "rows_known" not in base and "VARIANTS" in params:  # what notebook 06 will reuse
         from pruning_utils.measure.final_eval import rows_reusable
 
-        names = _names(params["VARIANTS"]) + _names(params.get("EXTRA_VARIANTS"))
-        base["rows_known"] = rows_reusable(names, int(params.get("EVAL_SEQ_LEN", PARAMS["eval_seq_len"])),
+        variants = _names(params["VARIANTS"]) + _names(params.get("EXTRA_VARIANTS"))
+        base["rows_known"] = rows_reusable(variants, int(params.get("EVAL_SEQ_LEN", PARAMS["eval_seq_len"])),
                                            params.get("EVAL_MAX_TOKENS"))
     if offload == "on" and device.type == "cpu":
         raise ValueError("OFFLOAD='on' keeps the model on the host and moves one layer at a time to a GPU, but the "
