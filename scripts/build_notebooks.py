@@ -41,7 +41,8 @@ SHARED = {
 # The memory plan's stage is the notebook's first two characters (03b plans as 03); these are the memory parameters
 # its call names, so the notebook visibly reads them (profiles.NOTEBOOK_PARAMS lists them too).
 MEMORY_NAMES = {"00": ("DEVICE", "DTYPE", "OFFLOAD"), "02": ("DEVICE", "DTYPE", "OFFLOAD", "GRAMS", "VARIANT_BUILD"),
-                "03": ("DEVICE", "DTYPE", "OFFLOAD", "GRAMS", "VARIANT_BUILD")}
+                "03": ("DEVICE", "DTYPE", "OFFLOAD", "GRAMS", "VARIANT_BUILD"), "04": ("DEVICE", "DTYPE", "OFFLOAD"),
+                "06": ("DEVICE", "DTYPE", "OFFLOAD")}
 STAGE_PLACEHOLDER = '"STAGE", globals()'  # in shared_memory_plan.py
 
 

@@ -98,7 +98,9 @@ def test_perplexity_in_fp16_agrees_with_fp32():
     b = perplexity(fp16, chunks, progress=False, reference=fp32)
     assert a["tokens"] == b["tokens"]
     assert abs(b["ppl"] / a["ppl"] - 1) < 1e-3  # log-probabilities are taken in fp32 from fp16 logits
-    assert 0 <= b["kl"] < 1e-4  # fp16 rounding is all that separates the two
+    # fp16 rounding is all that separates the two; a KL this close to 0 is summed in fp32 rounding, which may leave it
+    # a hair below 0 (-7e-10 on some CPUs' kernels)
+    assert -1e-8 < b["kl"] < 1e-4
 
 
 def test_lora_on_fp16_base_weights_trains_like_fp32_and_a_second_precision_runs_in_the_same_process():

@@ -189,7 +189,7 @@ class TestEmbedded:
 def test_offloaded_perplexity_equals_the_plain_forward(monkeypatch, moves):
     from pruning_utils.measure import metrics
 
-    monkeypatch.setattr(metrics, "OFFLOAD_WINDOWS", 3)  # two layer walks over 5 chunks
+    monkeypatch.setattr(calibration, "OFFLOAD_WINDOWS", 4)  # two layer walks over 5 chunks (4 + 1)
     model = tiny_model("qwen2", tie_word_embeddings=True)
     chunks = _windows(5, 12)
     plain = metrics.perplexity(model, chunks, batch_size=2, progress=False)

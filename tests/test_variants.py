@@ -178,6 +178,34 @@ def test_final_row_reuses_the_recorded_perplexity_and_adds_provenance_size_and_r
     assert row["semantic_cosine"] == evaluation.semantic_retention(base_answers, answers, _Judge())["cosine_mean"]
 
 
+
+def test_final_row_of_a_host_held_baseline_takes_its_cost_from_the_record(setup, models_dir, monkeypatch):
+    """An 8B baseline kept on the host beside a T4 (StageSettings.reference_host): its latency, memory and zero-shot
+    would be the CPU's, so its cost columns are baseline.csv's and nothing is timed there."""
+    from pruning_utils.measure import evaluation
+    from pruning_utils.measure import variants as variants_module
+    from pruning_utils.measure.final_eval import final_row
+    from pruning_utils.model.tiny import TinyTokenizer
+
+    model, _, chunks, _ = setup
+    recorded = dict(measure_variant(model, chunks, variant="baseline", source_model="tiny-llama"), prefill_ms=12.5,
+                    decode_tok_s=34.0, peak_memory_mb=56.0, device="Tesla T4")
+    for module, name in ((evaluation, "zero_shot"), (variants_module, "latency"),
+                         (variants_module, "variant_peak_memory_mb")):
+        monkeypatch.setattr(module, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} ran on the host"))
+    row, _ = final_row("baseline", model, TinyTokenizer(), chunks, source_model="tiny-llama",
+                       recorded_baseline=recorded, reference=None, prompts=["abc"], judge=_Judge(), max_new_tokens=3,
+                       latency_kw=dict(seq_len=8), memory_kw=dict(seq_len=8), zero_shot_tasks=["arc_easy"],
+                       reference_model=model, reference_device="cpu", cost_from_record=True)
+    assert (row["prefill_ms"], row["decode_tok_s"], row["peak_memory_mb"], row["device"]) == (12.5, 34.0, 56.0,
+                                                                                              "Tesla T4")
+    assert row["kl_to_baseline"] == 0.0 and row["ppl"] == recorded["ppl"]
+    assert not any(k.startswith("zs_") for k in row)
+    measured, _ = final_row("baseline", model, TinyTokenizer(), chunks, source_model="tiny-llama",
+                            recorded_baseline=recorded, reference=None, prompts=["abc"], judge=_Judge(),
+                            max_new_tokens=3, reference_model=model)
+    assert measured["device"] != "Tesla T4"  # without the flag the row is measured where the model is
+
 def test_mix_variant_keeps_the_head_pruned_heads_one_shot_or_rescored(setup, models_dir):
     from pruning_utils.measure.mix import mix_variant
     from pruning_utils.measure.variants import Unpruned, prune_in_place

@@ -17,8 +17,11 @@ from pruning_utils.pipeline.stages import as_list
 from pruning_utils.recovery import launch, lora, report, training_data
 
 baseline = pd.read_csv(OUT / "baseline.csv").iloc[0].to_dict()
-base_model, tok = load_model(MODEL, device=DEVICE, dtype=DTYPE)
+# the unpruned model: on the host where it does not fit beside a student (RUN.reference_host, an 8B on a T4); its
+# outputs for the KL are then walked layer by layer on the device now, before any student is there
+base_model, tok = load_model(MODEL, device=RUN.reference_device, dtype=RUN.dtype)
 chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
+RUN.prepare_reference(base_model, chunks)
 cfg = lora.RecoveryConfig(r=LORA_R, alpha=LORA_ALPHA, lr=LORA_LR, max_steps=RECOVERY_STEPS, batch_size=RECOVERY_BATCH,
                           grad_accum=GRAD_ACCUM, seq_len=RECOVERY_SEQ_LEN, loss=RECOVERY_LOSS,
                           grad_checkpointing=GRAD_CHECKPOINTING, seed=SEED)
@@ -58,7 +61,7 @@ for name in as_list(RECOVERY_MODELS):
                                      heldout_windows=held_windows)
     after = variants.measure_variant(merged, chunks, variant=f"{name}_lora", source_model=MODEL, reference=baseline,
                                      fidelity_chunks=fidelity, heldout_chunks=prose, reference_model=base_model,
-                                     logits_rows=RUN.logits_rows, **variants.provenance(before))
+                                     **RUN.measure_kw, **variants.provenance(before))
     kept_after = evaluation.answer_retention(merged, tok, prompts, **RETENTION)
     report.warn_if_retention_fell(name, kept_before, kept_after, RECOVERY_DATA, RECOVERY_LOSS)
     save_pruned(merged, tok, f"{name}_lora", extra=after)

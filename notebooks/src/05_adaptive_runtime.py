@@ -8,7 +8,8 @@
 # fixed extremes. Reward = 0.6 x tokens/s (normalised to a speed target) -
 # 0.4 x perplexity / 10 - w x (1 - semantic retention), where w is the smallest weight whose trained policy keeps
 # `ADAPTIVE_MIN_RETENTION` of the unpruned answers' meaning on the training prompts (w = 0: the issue's reward;
-# `pruning_utils/adaptive/controller.py`). Everything is measured on the held-out 20%.
+# `pruning_utils/adaptive/controller.py`). Everything is measured on the held-out 20%. With `ADAPTIVE_MODEL` a pruned
+# checkpoint (e.g. `mix_pruned`) takes the unpruned model's place: every level, and "unpruned" below, is relative to it.
 
 # %%
 import time
@@ -19,15 +20,16 @@ from IPython.display import Markdown, display
 from pruning_utils.adaptive import controller, experiment
 from pruning_utils.data import sources
 from pruning_utils.measure import evaluation, metrics
-from pruning_utils.model.loading import load_model
 from pruning_utils.pipeline import plots, results
 from pruning_utils.pipeline.stages import as_list
 from pruning_utils.prune.scores import load_scores
 
-model, tok = load_model(MODEL, device=DEVICE, dtype=DTYPE)
+scores = load_scores(paths.results_dir() / "importance")[ADAPTIVE_CRITERION]  # of MODEL (notebook 00)
+# ADAPTIVE_MODEL: a pruned checkpoint is the full level, its scores restricted to its plan (an 8B model's unpruned
+# weights do not fit a T4)
+model, tok, scores = experiment.full_level(MODEL, ADAPTIVE_MODEL, scores, device=DEVICE, dtype=DTYPE)
 chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=SWEEP_EVAL_MAX_TOKENS)
 base_ppl = metrics.perplexity(model, chunks)["ppl"]
-scores = load_scores(paths.results_dir() / "importance")[ADAPTIVE_CRITERION]
 nested = experiment.build_nested(model, tok, scores, ADAPTIVE_LEVELS, text_source=TEXT_SOURCE, n_calib=N_CALIB,
                                  seq_len=CALIB_SEQ_LEN, seed=SEED, refit=ADAPTIVE_REFIT, int8_mode=ADAPTIVE_INT8_MODE,
                                  int8_keep_fp32=as_list(ADAPTIVE_INT8_KEEP_FP32), int8_alpha=ADAPTIVE_INT8_ALPHA)

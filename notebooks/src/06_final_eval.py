@@ -24,8 +24,11 @@ if ZERO_SHOT:
     evaluation.require_lm_eval()  # fails early with the install command when lm-eval is missing
 prompts = evaluation.load_instructions()[:N_PROMPTS]
 judge = evaluation.SemanticJudge()
-base_model, tok = load_model(MODEL, device=DEVICE, dtype=DTYPE)
+# the unpruned model: on the host where it does not fit beside a variant (RUN.reference_host: its cost row is then
+# baseline.csv's); a KL measured here is walked layer by layer on the device first, before any variant is there
+base_model, tok = load_model(MODEL, device=RUN.reference_device, dtype=RUN.dtype)
 chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
+RUN.prepare_reference(base_model, chunks)
 fidelity = sources.fidelity_chunks(base_model, tok, n_tokens=FIDELITY_TOKENS, seed=SEED, selfgen_kw=SELFGEN)
 prose = heldout.heldout_chunks(tok, n_tokens=HELDOUT_TOKENS)  # general English prose (pruning_utils/data/heldout.py)
 assert names[0] == "baseline", "VARIANTS must start with 'baseline' (the reference of every comparison)"
@@ -39,11 +42,10 @@ for name in names:
         name, model, t, chunks, source_model=MODEL, recorded_baseline=recorded_baseline,
         reference=rows[0] if rows else None, prompts=prompts, judge=judge, reference_answers=answers.get("baseline"),
         max_new_tokens=MAX_NEW_TOKENS, memory_kw=MEMORY, latency_kw=LATENCY, fidelity_chunks=fidelity,
-        heldout_chunks=prose, reference_model=base_model, logits_rows=RUN.logits_rows,
+        heldout_chunks=prose, reference_model=base_model, cost_from_record=RUN.reference_host, **RUN.measure_kw,
         zero_shot_tasks=as_list(ZERO_SHOT_TASKS) if ZERO_SHOT else None, zero_shot_limit=ZERO_SHOT_LIMIT)
     rows.append(row)
-    if name != "baseline":
-        del model
+    del model  # a variant's weights go; the baseline's name only (base_model keeps it)
 final = pd.DataFrame(rows)
 results.write_csv(final, OUT / "final_eval.csv")
 cols = ["variant", "params_non_embedding", "reduction_pct", "head_frac_removed", "mlp_frac_removed",

@@ -1,6 +1,6 @@
-"""The steps of notebook 05 that are more than a call: the nested model its parameters describe, the featurized
-prompt split, the table of levels, the policies (the bandit with the retention weight, the DQN) and the summary of
-the controllers."""
+"""The steps of notebook 05 that are more than a call: the full level (the unpruned model or a pruned checkpoint) and
+the nested model its parameters describe, the featurized prompt split, the table of levels, the policies (the bandit
+with the retention weight, the DQN) and the summary of the controllers."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +12,55 @@ from pruning_utils.adaptive import controller
 from pruning_utils.adaptive.dqn import DQNController, train_dqn
 from pruning_utils.adaptive.nested_model import NestedModel, parse_levels
 from pruning_utils.adaptive.telemetry import SimulatedLoad, read_telemetry
-from pruning_utils.prune.scores import Scores
+from pruning_utils.prune.scores import Scores, restrict_scores
+
+
+def full_level(model_spec: str, adaptive_model: str, scores: Scores, device: str | None = None, dtype=None
+               ) -> tuple[torch.nn.Module, object, Scores]:
+    """Return `(model, tokenizer, scores)` of the full level every other level slices: the unpruned `model_spec` and
+    its `scores`, or (`adaptive_model` set) that pruned checkpoint under models/ with `scores` restricted to its plan
+    (`scores.restrict_scores`), saying so in one printed line. A missing, INT8 or factorised checkpoint (levels slice
+    the rows and columns of plain projections) and scores of another model raise ValueError before the weights load."""
+    from pruning_utils.atomic import recover_folder
+    from pruning_utils.model.checkpoint import (
+        PLAN_FILE,
+        is_pruned_checkpoint,
+        load_pruned,
+        read_json,
+        resolve_checkpoint_dir,
+    )
+    from pruning_utils.model.loading import load_model
+    from pruning_utils.model.plan import PruningPlan
+
+    if not adaptive_model:
+        return (*load_model(model_spec, device=device, dtype=dtype), scores)
+    folder = resolve_checkpoint_dir(adaptive_model)
+    recover_folder(folder)  # a copy an interrupted save left is put back first, as load_pruned would
+    if not is_pruned_checkpoint(folder):
+        raise ValueError(f"ADAPTIVE_MODEL '{adaptive_model}': no pruned checkpoint at {folder} (no {PLAN_FILE}); run "
+                         "the stage that writes it first (see run_all.sh), or give '' for the unpruned MODEL")
+    meta = read_json(folder / PLAN_FILE)  # checked before the weights load, which verifies the whole folder
+    if meta.get("weights", "fp32") == "int8":
+        raise ValueError(f"ADAPTIVE_MODEL '{adaptive_model}' is an INT8 checkpoint, and levels slice floating-point "
+                         "weights: give the checkpoint it was quantized from (e.g. mix_pruned for mix_pruned_int8); "
+                         "the int8 level of ADAPTIVE_LEVELS quantizes that one")
+    if meta.get("modules"):
+        raise ValueError(f"ADAPTIVE_MODEL '{adaptive_model}' stores factorised projections "
+                         f"({', '.join(sorted(meta['modules'])[:3])}, ...), and levels slice plain ones: give a "
+                         "width-pruned checkpoint (head_pruned, mlp_pruned, mix_pruned or one recovered from them), "
+                         "or '' for the unpruned MODEL")
+    plan = PruningPlan.from_dict(meta["plan"])
+    restricted = restrict_scores(scores, plan)
+    model, tok = load_pruned(folder, device=device, dtype=dtype)
+    if tok is None:
+        raise ValueError(f"ADAPTIVE_MODEL '{adaptive_model}' was saved without a tokenizer; re-save it with one "
+                         "(checkpoint.save_pruned(model, tokenizer, ...))")
+    layers = sorted(plan.kept_layers())
+    print(f"full level: checkpoint {adaptive_model} of {plan.source_model or model_spec} ({len(layers)} of "
+          f"{plan.base_layers} layers, {sum(len(plan.kept_heads(i)) for i in layers)} of {sum(plan.base_heads)} "
+          f"query heads, {sum(len(plan.kept_neurons(i)) for i in layers)} of {sum(plan.base_intermediate)} MLP "
+          "neurons); every level, 'none' included, is relative to it, not to the unpruned model")
+    return model, tok, restricted
 
 
 def build_nested(model, tokenizer, scores: Scores, levels: str, *, text_source: str, n_calib: int, seq_len: int,

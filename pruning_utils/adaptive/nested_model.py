@@ -55,7 +55,7 @@ from pruning_utils.model.arch import (
     set_query_heads,
 )
 from pruning_utils.model.linears import is_int8_tensor
-from pruning_utils.prune.scores import Scores
+from pruning_utils.prune.scores import Scores, shape_mismatch
 
 KV_SINK_TOKENS = 4  # first tokens every window keeps: attention mass piles up on them (StreamingLLM)
 LEVEL_KINDS = ("none", "kv", "heads", "ffn", "layers", "int8")
@@ -172,7 +172,8 @@ def _swap_heads(x: Tensor, groups: tuple[int, int], to_rank_major: bool) -> Tens
 class NestedModel:
     """A model whose heads and neurons were reordered by importance so that each `Level` is a prefix slice.
 
-    `scores` (one criterion, higher = more important) orders heads within each KV group and neurons within each
+    `scores` (one criterion, higher = more important; of this model's own heads and neurons, so a pruned checkpoint's
+    are `scores.restrict_scores` of its source model's) orders heads within each KV group and neurons within each
     layer; `layer_scores` (one value per layer, higher = more important) chooses the layers a `layers:` level skips
     (never the first or the last). The model is changed in place; `unnest()` undoes it.
     """
@@ -187,6 +188,11 @@ class NestedModel:
         self._config = {k: getattr(cfg, k, None) for k in ("num_attention_heads", "intermediate_size",
                                                            "num_hidden_layers", "layer_types", "max_window_layers")}
         self.shapes = [layer_shape(layer, self.hd) for layer in self.layers]
+        problem = shape_mismatch(scores, [s.n_heads for s in self.shapes], [s.intermediate for s in self.shapes])
+        if problem:
+            raise ValueError(f"scores '{scores.criterion}' do not fit the model ({problem}); for a pruned checkpoint, "
+                             "restrict the scores of the model it was pruned from with "
+                             "scores.restrict_scores(scores, model.pruning_plan)")
         self.head_order, self.neuron_order = [], []
         for li, shape in enumerate(self.shapes):
             group = shape.n_heads // shape.n_kv_heads

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator
@@ -122,7 +122,6 @@ def checkpoint_size_mb(folder: str | Path) -> float:
 # ---------------------------------------------------------------------------------------------- quality
 
 
-OFFLOAD_WINDOWS = 32  # windows per layer walk of an offloaded perplexity: bounds the hidden states on the device
 SCORE_ROWS = 32  # token rows per log-softmax: [rows, vocab] of a 49k vocabulary stays in cache (3x faster than a batch)
 HEAD_ROWS = 512  # token rows per LM-head product in perplexity(logits_rows=): [512, 152k] fp16 is 0.15 GiB
 
@@ -159,7 +158,8 @@ def token_scores(logits: torch.Tensor, targets: torch.Tensor, ref_logits: torch.
 
 def perplexity(model, chunks: torch.Tensor, batch_size: int = 4, desc: str = "perplexity",
                progress: bool = True, device: torch.device | str | None = None, reference=None,
-               logits_rows: int | None = None) -> dict[str, float]:
+               logits_rows: int | None = None, reference_device: torch.device | str | None = None
+               ) -> dict[str, float]:
     """Return `ppl`, mean `nll` and `tokens` scored over token chunks [n, seq_len], each chunk scored on its own;
     with a `reference` model also `kl`, the mean per-token KL(reference || model) on the same tokens; `reference` may
     also be the `reference.ReferenceOutputs` of the unpruned model on these chunks in these batches (the same KL
@@ -167,11 +167,15 @@ def perplexity(model, chunks: torch.Tensor, batch_size: int = 4, desc: str = "pe
     (`models/_cache/reference/`) for the KL of every variant measured later on the same chunks.
 
     `device` (offload mode): the model stays where it is and each decoder layer runs on `device` in turn, over
-    `OFFLOAD_WINDOWS` chunks at a time; the same figures as a plain forward (no `reference` then).
+    `calibration.OFFLOAD_WINDOWS` chunks at a time; the same figures as a plain forward (no `reference` then).
 
     `logits_rows` (off by default): the decoder body runs once per batch and the LM head (the reference's too) is
     applied `logits_rows` token rows at a time, so no [batch, seq, vocab] tensor exists; the same figures up to the
     rounding of a smaller matrix product (what a 150k vocabulary needs on a 15 GiB GPU, see memory_plan).
+
+    `reference_device`: the `reference` model stays where it is (the host) and its outputs come from a layer walk on
+    this device (`reference.ReferenceOutputs(compute_device=)`): the KL of a student on the GPU to an unpruned model
+    that does not fit beside it.
     """
     from pruning_utils.progress import progress as bar
 
@@ -184,9 +188,10 @@ def perplexity(model, chunks: torch.Tensor, batch_size: int = 4, desc: str = "pe
     if reference is not None and not hasattr(reference, "logits"):
         from pruning_utils.measure.reference import reference_outputs
 
-        reference = reference_outputs(reference, chunks, batch_size)  # its forwards once per run, not per variant
+        # its forwards once per run, not per variant
+        reference = reference_outputs(reference, chunks, batch_size, compute_device=reference_device)
     total_nll, total_kl, total_tokens = 0.0, 0.0, 0
-    with torch.inference_mode():
+    with torch.inference_mode(), reference.scoring(model) if reference is not None else nullcontext():
         for start in bar(range(0, len(chunks), batch_size), desc=desc, disable=not progress, leave=False):
             ids = chunks[start:start + batch_size].to(device)
             if logits_rows:  # itself: the body's output is kept for the KL of the variants measured later
@@ -233,23 +238,20 @@ def _head_scores(model, ids: torch.Tensor, rows: int, hidden: torch.Tensor | Non
 
 
 def _perplexity_offloaded(model, chunks: torch.Tensor, batch_size: int, device, desc: str, progress: bool) -> dict:
-    from pruning_utils.model.arch import final_norm, lm_head
-    from pruning_utils.model.calibration import on_device, run_layer, walk_layers
+    from pruning_utils.model.arch import lm_head
+    from pruning_utils.model.calibration import last_hidden, offload_group, on_device
     from pruning_utils.progress import progress as bar
 
     total_nll, total_tokens = 0.0, 0
-    last = len(decoder_layers(model)) - 1
-    groups = range(0, len(chunks), OFFLOAD_WINDOWS)
+    step = offload_group(batch_size)
     with torch.inference_mode():
-        for start in bar(groups, desc=f"{desc} (offload)", disable=not progress, leave=False):
-            group = chunks[start:start + OFFLOAD_WINDOWS]
-            for li, layer, hidden, calls in walk_layers(model, group, batch_size, device=device):
-                if li == last:
-                    hidden = [run_layer(layer, h, call) for h, call in zip(hidden, calls)]
-            with on_device(final_norm(model), device) as norm, on_device(lm_head(model), device) as head:
+        for start in bar(range(0, len(chunks), step), desc=f"{desc} (offload)", disable=not progress, leave=False):
+            group = chunks[start:start + step]
+            hidden = last_hidden(model, group, batch_size, device=device)
+            with on_device(lm_head(model), device) as head:
                 for b, h in zip(range(0, len(group), batch_size), hidden):
                     ids = group[b:b + batch_size].to(device)
-                    total_nll += token_scores(head(norm(h))[:, :-1], ids[:, 1:])[0]
+                    total_nll += token_scores(head(h)[:, :-1], ids[:, 1:])[0]
                     total_tokens += ids[:, 1:].numel()
     mean = total_nll / total_tokens
     return {"ppl": _exp(mean), "nll": mean, "tokens": total_tokens}

@@ -124,7 +124,8 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
                     memory_kw: dict | None = None, batch_size: int = 4, flops_seq_len: int = 512,
                     known: dict | None = None, compute_device: str | None = None,
                     fidelity_chunks: torch.Tensor | None = None, reference_model=None,
-                    logits_rows: int | None = None, heldout_chunks: torch.Tensor | None = None) -> dict:
+                    logits_rows: int | None = None, heldout_chunks: torch.Tensor | None = None,
+                    reference_device: str | None = None) -> dict:
     """Return a variant row (columns in the module docstring): shapes, size and cost, perplexity on `chunks`,
     latency unless `latency_kw` is None, own peak memory unless `memory_kw` is None.
 
@@ -135,7 +136,9 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
     `compute_device` (offload mode): perplexity runs one decoder layer at a time there.
     `fidelity_chunks` (held-out samples of the unpruned model) give `fidelity_ppl`, `heldout_chunks` (general English,
     `data.heldout.heldout_chunks`) `heldout_ppl`; `reference_model` (the
-    unpruned model) gives `kl_to_baseline` on `chunks`, in the same pass as the perplexity (not in offload mode).
+    unpruned model) gives `kl_to_baseline` on `chunks`, in the same pass as the perplexity (not in offload mode);
+    `reference_device` (`StageSettings.reference_compute`): that model stays on the host and its outputs come from a
+    layer walk on this device.
     `logits_rows` (`StageSettings.logits_rows`): the LM heads run that many token rows at a time (`perplexity`).
     """
     shapes = layer_shapes(model)
@@ -149,7 +152,8 @@ def measure_variant(model, chunks: torch.Tensor, *, variant: str, source_model: 
         ppl = {"ppl": float(known["ppl"]), "tokens": predicted, "kl": known.get("kl_to_baseline")}
     else:
         ppl = perplexity(model, chunks, batch_size=batch_size, desc=f"ppl {variant}", device=compute_device,
-                         reference=reference_model, logits_rows=logits_rows)  # itself: outputs kept for its variants
+                         reference=reference_model, logits_rows=logits_rows,  # itself: outputs kept for its variants
+                         reference_device=None if is_reference else reference_device)
     kl = 0.0 if reference_model is model else ppl.get("kl", float("nan"))
     side = dict(known=known, batch_size=batch_size, device=compute_device, logits_rows=logits_rows, variant=variant)
     fidelity = _side_perplexity(model, fidelity_chunks, "fidelity", **side)

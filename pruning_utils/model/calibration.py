@@ -218,6 +218,28 @@ def walk_layers(model, windows: Tensor, batch_size: int = 4, last: int | None = 
                     hidden = [run_layer(layers[li], h, call) for h, call in zip(hidden, inputs.calls[li])]
 
 
+OFFLOAD_WINDOWS = 32  # windows per layer walk of an offloaded pass: bounds the hidden states on the device
+
+
+def offload_group(batch_size: int) -> int:
+    """Return the windows of one layer walk in offload mode: about `OFFLOAD_WINDOWS`, a whole number of batches (so
+    the walk's batches are the batches a plain pass makes)."""
+    return max(1, OFFLOAD_WINDOWS // batch_size) * batch_size
+
+def last_hidden(model, windows: Tensor, batch_size: int = 4, device: torch.device | str | None = None
+                ) -> list[Tensor]:
+    """Return, per batch of `windows`, the decoder body's output after the final norm (what the LM head reads), on
+    `device`: one decoder layer at a time there (offload mode), the model's own device by default."""
+    last = len(decoder_layers(model)) - 1
+    hidden: list[Tensor] = []
+    with torch.no_grad():
+        for li, layer, hidden, calls in walk_layers(model, windows, batch_size, device=device):
+            if li == last:  # the walk feeds each layer's outputs to the next one: the last layer's are made here
+                hidden = [run_layer(layer, h, call) for h, call in zip(hidden, calls)]
+        with on_device(final_norm(model), device) as norm:
+            return [norm(h) for h in hidden]
+
+
 def iter_layer_grams(model, windows: Tensor, wanted: Mapping[int, Mapping[Hashable, nn.Linear]], batch_size: int = 4,
                      device: torch.device | str | None = None
                      ) -> Iterator[tuple[int, nn.Module, dict[Hashable, GramStats]]]:

@@ -265,8 +265,20 @@ def read_plan(folder) -> PruningPlan:
     return PruningPlan.from_dict(read_checkpoint_meta(folder)["plan"])
 
 
-def build_structure(cfg: dict, meta: dict, dtype):
-    """Return a model of the recorded per-layer shapes and replaced modules (weights uninitialised: load them next)."""
+def build_structure(cfg: dict, meta: dict, dtype, empty: bool = True):
+    """Return a model of the recorded per-layer shapes and replaced modules. `empty`: its parameters on the meta device
+    (load them next with `load_state_dict(..., assign=True)`), so the unpruned model is never allocated and loading an
+    8B checkpoint pruned to 12 GiB costs 12 GiB of host memory, not 15 + 12; buffers (rotary frequencies) are real.
+    Otherwise allocated and random (the INT8 loader quantizes the structure before its weights are read)."""
+    from accelerate import init_empty_weights
+
+    if not empty:
+        return _build_structure(cfg, meta, dtype)
+    with init_empty_weights(include_buffers=False):
+        return _build_structure(cfg, meta, dtype)
+
+
+def _build_structure(cfg: dict, meta: dict, dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from pruning_utils.model.arch import proj, set_proj
@@ -323,7 +335,7 @@ def load_pruned(folder, device: str | None = None, dtype=None):
     else:
         model = build_structure(cfg, meta, dt)
         names = read_weights(folder)
-        missing, unexpected = model.load_state_dict(names, strict=False)
+        missing, unexpected = model.load_state_dict(names, strict=False, assign=True)  # the read tensors, no copy
         missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
         if model.config.tie_word_embeddings:
             model.tie_weights()
@@ -404,7 +416,7 @@ def _load_int8(folder: Path):
                               "older version of this project; re-run the INT8 stage (notebook 03b) to re-save it")
     cfg = read_json(folder / "config.json")
     check_layer_count(folder, cfg, meta["query_heads"])
-    structure = build_structure(cfg, meta, getattr(torch, meta.get("dtype", "float32")))
+    structure = build_structure(cfg, meta, getattr(torch, meta.get("dtype", "float32")), empty=False)
     if getattr(structure.config, "tie_word_embeddings", False):
         structure.tie_weights()
     keep_fp32, mode, embedding = tuple(meta.get("keep_fp32", ())), meta["mode"], bool(meta.get("embedding"))

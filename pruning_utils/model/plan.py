@@ -96,12 +96,13 @@ class PruningPlan(JsonMixin):
 
     def composed_with(self, earlier: "PruningPlan") -> "PruningPlan":
         """Return this plan (made on a model that `earlier` produced) expressed in the original model's indices."""
-        kept_layers = earlier.kept_layers()
+        # surgery keeps heads, neurons and layers in their original order, whatever order `earlier` lists them in
+        kept_layers = sorted(earlier.kept_layers())
         if len(kept_layers) != self.base_layers:
             raise PlanMismatchError("plans do not chain: layer counts differ")
         heads, neurons = {}, {}
         for new_idx, orig in enumerate(kept_layers):
-            eh, en = earlier.kept_heads(orig), earlier.kept_neurons(orig)
+            eh, en = sorted(earlier.kept_heads(orig)), sorted(earlier.kept_neurons(orig))
             h = [eh[i] for i in self.kept_heads(new_idx)]
             n = [en[i] for i in self.kept_neurons(new_idx)]
             if len(h) != earlier.base_heads[orig]:

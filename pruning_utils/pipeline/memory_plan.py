@@ -41,12 +41,22 @@ How the figures are made (b = bytes per element of the model dtype; B x S = batc
   ~0.9 GiB, so holding every layer's is the one figure that grows with depth x width² rather than params.
 - Offload mode (`offload=True`): the weights stay on the host; the device holds one decoder layer's weights, the
   calibration windows' hidden states and one layer's working set (`calibration.on_device`); perplexity walks
-  the layers the same way over `metrics.OFFLOAD_WINDOWS` windows at a time. Latency and generation run on the
+  the layers the same way over `calibration.OFFLOAD_WINDOWS` windows at a time. Latency and generation run on the
   host; the gradient passes (taylor, semantic) and LoRA need every layer at once and are refused
   (`MemoryPlan.blocked`).
+- Stages 04 / 05 / 06 hold a pruned checkpoint, not the unpruned model: the student of RECOVERY_MODELS, the full
+  level ADAPTIVE_MODEL, each variant. `held_bytes` is the largest one's bytes, read from the saved safetensors
+  headers (`checkpoint_bytes`) or, before a run, estimated from HEAD_RATE / MLP_RATE (`held_model_bytes`).
+- 04 and 06 also hold the unpruned model (the KL's reference, the reference answers, 06's baseline). Where it does not
+  fit beside the checkpoint (`reference_host`, OFFLOAD 'auto' or 'on' on a GPU) it stays on the host: its LM-head
+  inputs are walked layer by layer on the device before the checkpoint is loaded (`reference.prepare`, the
+  `reference_walk` operation, counted alone on the device), the variants' own LM head scores its rows (the same
+  weights), its answers are generated on the host and 06 takes the baseline's cost from baseline.csv. Distillation,
+  which needs the teacher's logits at every step, is refused then.
 - `choose` turns a notebook's parameters into `StageSettings`: it tries the configured settings, then (where the
-  parameters say 'auto') Grams on the host, streamed Grams, variants built in place from a reloaded checkpoint
-  and offload mode, in that order, and keeps the first plan that fits, saying what it switched and why.
+  parameters say 'auto') Grams on the host, streamed Grams, variants built in place from a reloaded checkpoint,
+  offload mode and the unpruned reference on the host, in that order, and keeps the first plan that fits, saying
+  what it switched and why.
 - A `reserve` fraction is added for allocator fragmentation and kernel workspaces the formulas do not see.
 What is not modelled: the CUDA context (outside `mem_get_info`'s free figure already), the sentence-embedding judge
 (on the CPU), lm-evaluation-harness internals. `benchmarks/memory_scale.py` measures these formulas against
@@ -55,6 +65,7 @@ peak RSS on CPU.
 from __future__ import annotations
 
 import difflib
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -65,7 +76,7 @@ from pruning_utils.pipeline import stage_memory
 GB = 2 ** 30
 STAGES = ("00", "02", "03", "04", "05", "06")
 OPERATIONS = ("load", "perplexity", "prefill", "generate", "importance_forward", "taylor", "semantic", "grams",
-              "prune_refit", "lora_step")
+              "prune_refit", "lora_step", "reference_walk")
 GRAM_MODES = ("all", "layerwise", "streamed", "sequential")
 OFFLOAD_MODES = ("auto", "off", "on")  # profiles.PARAMS["OFFLOAD"]
 GRAMS_CHOICES = {"auto": None, "device": "all", "host": "layerwise", "streamed": "streamed"}  # ... ["GRAMS"]
@@ -92,6 +103,13 @@ PARAMS: dict[str, object] = {
     "rows_known": False,  # stage 06: every variant's perplexity and KL are reused from the row its stage recorded
     # (`final_eval.rows_reusable`, what `choose` reads from the checkpoints): only the side texts' windows are scored
     "offload": False,  # the model on the host, one decoder layer at a time on the device
+    # 04 / 05 / 06: bytes of the model the stage holds (the largest student of RECOVERY_MODELS, ADAPTIVE_MODEL, the
+    # largest variant: `held_model_bytes`, what `choose` reads from the checkpoints); None: the whole model's
+    "held_bytes": None,
+    # 04 / 06: the unpruned model (reference for the KL and the answers, 06's baseline) stays on the host; its LM-head
+    # inputs come from a layer walk on the device (`reference.ReferenceOutputs(compute_device=)`)
+    "reference_host": False,
+    "eval_tokens": 32768,  # tokens of the evaluation chunks (EVAL_MAX_TOKENS): the host-held reference's cache
     "available_gb": None, "host_available_gb": None,  # None: measured on this machine
     "reserve": 0.1,
 }
@@ -99,20 +117,22 @@ SIDE_SEQ_LEN = 256  # the fidelity and held-out windows (sources.fidelity_chunks
 LARGE_VOCAB = 100_000  # from this vocabulary size on a GPU, `choose` applies the LM heads in row blocks
 _ROWS_STAGES = ("00", "02", "03", "04", "06")  # the notebooks that pass RUN.logits_rows to measure_variant
 # model copies a stage holds at once: 02/03 keep the model while a (deep-copied, then sliced) variant is made and
-# measured; 06 keeps the baseline next to each variant; 04 counts the teacher through `teacher`
-_COPIES = {"00": 1, "02": 2, "03": 2, "04": 1, "05": 1, "06": 2, "prune_refit": 2}
+# measured; 04 and 06 hold the unpruned model next to the student / each variant (`_REFERENCE_STAGES`)
+_COPIES = {"00": 1, "02": 2, "03": 2, "04": 1, "05": 1, "06": 1, "prune_refit": 2}
 _STAGE_OPS = {"00": ("perplexity", "prefill", "importance_forward"),
               "02": ("perplexity", "prefill", "grams", "prune_refit"),
               "03": ("perplexity", "prefill", "grams", "prune_refit"), "04": ("lora_step", "perplexity", "prefill"),
               "05": ("perplexity", "prefill", "generate"), "06": ("perplexity", "prefill", "generate")}
 _STAGE_TARGETS = {"02": ("o_proj",), "03": ("o_proj", "down_proj")}
+_REFERENCE_STAGES = ("04", "06")  # the unpruned model next to what the stage measures (its KL, answers, baseline)
+_HELD_STAGES = ("04", "05", "06")  # stages whose model may be a pruned checkpoint (`held_bytes`)
 # notebook parameter (profiles.PARAMS) -> plan parameter; choose / describe_stage read only these
 _NOTEBOOK_NAMES = {"DEVICE": "device", "DTYPE": "dtype", "N_CALIB": "n_calib", "CALIB_SEQ_LEN": "calib_seq_len",
                    "EVAL_SEQ_LEN": "eval_seq_len", "LATENCY_BATCH": "latency_batch",
                    "LATENCY_SEQ_LEN": "latency_seq_len", "DECODE_TOKENS": "decode_tokens", "CRITERIA": "criteria",
                    "SEMANTIC_SEQ_LEN": "semantic_seq_len", "RECOVERY_BATCH": "lora_batch",
                    "RECOVERY_SEQ_LEN": "lora_seq_len", "LORA_R": "lora_r", "GRAD_CHECKPOINTING": "grad_checkpointing",
-                   "MAX_NEW_TOKENS": "new_tokens"}
+                   "MAX_NEW_TOKENS": "new_tokens", "EVAL_MAX_TOKENS": "eval_tokens"}
 
 
 class MemoryPlanError(RuntimeError):
@@ -324,7 +344,7 @@ def _op_parts(s: _Shape, op: str, p: dict, b: int, targets: tuple[str, ...], cud
     if op == "perplexity":
         B, S = p["eval_batch"], p["eval_seq_len"]
         if p["offload"]:  # metrics.perplexity(device=): a layer walk over OFFLOAD_WINDOWS windows, then the LM head
-            from pruning_utils.measure.metrics import OFFLOAD_WINDOWS
+            from pruning_utils.model.calibration import OFFLOAD_WINDOWS
 
             return [Part(f"hidden states of {OFFLOAD_WINDOWS} windows (in + out)", "activations",
                          2 * OFFLOAD_WINDOWS * S * h * b),
@@ -334,19 +354,37 @@ def _op_parts(s: _Shape, op: str, p: dict, b: int, targets: tuple[str, ...], cud
                              _layer_transient(s, B, S, b)))]
         what = (f"LM heads on {p['logits_rows']} rows at a time" if p["logits_rows"] else "logits") + \
             (" (model + reference for the KL)" if p["kl"] else "")
-        return [Part("hidden states" + (" (model + reference)" if p["kl"] and p["logits_rows"] else ""),
-                     "activations", B * S * h * b * (1 + bool(p["kl"] and p["logits_rows"]))),
-                Part(f"{what}, row-stepped scores (or one layer, if larger)", "activations",
-                     max(_logits_eval(s, B, S, b, p), _layer_transient(s, B, S, b)))]
+        parts = [Part("hidden states" + (" (model + reference)" if p["kl"] and p["logits_rows"] else ""),
+                      "activations", B * S * h * b * (1 + bool(p["kl"] and p["logits_rows"]))),
+                 Part(f"{what}, row-stepped scores (or one layer, if larger)", "activations",
+                      max(_logits_eval(s, B, S, b, p), _layer_transient(s, B, S, b)))]
+        # a host-held reference scores with the variant's own LM head (`ReferenceOutputs.scoring`: every saved variant
+        # keeps the unpruned one); a variant with another head would bring the reference's (vocab x hidden) over
+        return parts
     if op == "prefill":
         B, S = p["latency_batch"], p["latency_seq_len"]
         return [Part("KV cache", "activations", _kv_cache(s, B, S + p["decode_tokens"], b)),
                 Part("one layer", "activations", _layer_transient(s, B, S, b))]
     if op == "generate":
         B, S = p["gen_batch"], p["gen_prompt_len"]
-        return [Part("KV cache", "activations", _kv_cache(s, B, S + p["new_tokens"], b)),
+        parts = [Part("KV cache", "activations", _kv_cache(s, B, S + p["new_tokens"], b)),
+                 Part("one layer", "activations", _layer_transient(s, B, S, b)),
+                 Part("last position's logits (fp32)", "activations", B * s.vocab * 4)]
+        if p["reference_host"]:  # the reference answers (cached for later stages) are generated where it lives
+            parts += [Part(f"{x.name} (the unpruned model's answers, on the host)", x.kind, x.bytes, "host")
+                      for x in parts]
+        return parts
+    if op == "reference_walk":  # ReferenceOutputs(compute_device=): the host-held unpruned model's LM-head inputs
+        from pruning_utils.model.calibration import OFFLOAD_WINDOWS
+
+        B, S = p["eval_batch"], p["eval_seq_len"]
+        return [Part("one decoder layer of the unpruned model", "weights",
+                     max(_layer_params(s, *layer) for layer in s.layers) * b),
+                Part(f"hidden states of {OFFLOAD_WINDOWS} windows (in + out)", "activations",
+                     2 * OFFLOAD_WINDOWS * S * h * b),
                 Part("one layer", "activations", _layer_transient(s, B, S, b)),
-                Part("last position's logits (fp32)", "activations", B * s.vocab * 4)]
+                Part("the unpruned model's LM-head inputs (kept for every variant's KL)", "activations",
+                     (p["eval_tokens"] or 2 ** 20) * h * b, "host")]
     B, S = p["calib_batch"], p["calib_seq_len"]
     if op == "importance_forward":
         docs = 2 * p["n_calib"] if {"tfidf", "tfidf_topic"} & _criteria(p) else 0
@@ -417,18 +455,22 @@ def _int8_copy(s: _Shape, cpu: bool) -> float:
     return total
 
 
-def _held(s: _Shape, p: dict, b: int, targets: tuple[str, ...], copies: int, teacher: bool, cpu: bool = False
+def _held(s: _Shape, p: dict, b: int, targets: tuple[str, ...], copies: int, reference: str, cpu: bool = False
           ) -> list[Part]:
     weights = _n_params(s) * b
+    held = weights if p["held_bytes"] is None else float(p["held_bytes"])
     home = "host" if p["offload"] else "device"
-    parts = [Part(f"weights x {copies}" if copies > 1 else "weights", "weights", copies * weights, home)]
+    name = "weights" if p["held_bytes"] is None else "weights of the checkpoint held (the largest one measured)"
+    parts = [Part(f"{name} x {copies}" if copies > 1 else name, "weights", copies * held, home)]
     if p["offload"]:
         parts.append(Part("one decoder layer's weights (offload mode)", "weights",
                           max(_layer_params(s, *layer) for layer in s.layers) * b))
-    if teacher:
-        parts.append(Part("teacher weights (the unpruned model)", "weights", weights, home))
-    if p["int8_level"]:
-        parts.append(Part("INT8 level's copy (built one layer at a time)", "weights", _int8_copy(s, cpu), home))
+    if reference:
+        where = "host" if p["offload"] or p["reference_host"] else "device"
+        parts.append(Part(f"the unpruned model ({reference})", "weights", weights, where))
+    if p["int8_level"]:  # its projections follow the held model's: scaled by its size when that is a checkpoint
+        parts.append(Part("INT8 level's copy (built one layer at a time)", "weights",
+                          _int8_copy(s, cpu) * held / weights, home))
     if targets and p["grams"] in ("all", "layerwise"):
         total = sum(_gram_bytes(s, targets, layer) for layer in s.layers)
         where = "device" if p["grams"] == "all" and not p["offload"] else "host"
@@ -491,7 +533,7 @@ _WHOLE_MODEL_OPS = {"taylor": "taylor (CRITERIA: taylor, mix, semantic_refit)",
                     "lora_step": "LoRA recovery (stage 04)"}
 
 
-def _plan(model_or_config, name: str, ops: tuple[str, ...], targets: tuple[str, ...], copies: int, teacher: bool,
+def _plan(model_or_config, name: str, ops: tuple[str, ...], targets: tuple[str, ...], copies: int, reference: str,
           p: dict) -> MemoryPlan:
     from pruning_utils.model.devices import resolve_device
 
@@ -502,7 +544,7 @@ def _plan(model_or_config, name: str, ops: tuple[str, ...], targets: tuple[str, 
                          "DEVICE=cuda (or 'auto' on a machine with a GPU); on a CPU use OFFLOAD='off'")
     dtype = _dtype(p["dtype"], device)
     b = torch.empty(0, dtype=dtype).element_size()
-    held = _held(s, p, b, targets, copies, teacher, device.type == "cpu")
+    held = _held(s, p, b, targets, copies, reference, device.type == "cpu")
     options = {op: _op_parts(s, op, p, b, targets, device.type == "cuda") for op in ops}
     blocked = ""
     if p["offload"]:
@@ -515,12 +557,20 @@ def _plan(model_or_config, name: str, ops: tuple[str, ...], targets: tuple[str, 
             blocked = (f"offload mode cannot run {' or '.join(whole)}: they need every layer on the device at once. "
                        "Drop taylor, semantic and mix from CRITERIA, or use OFFLOAD='off' on a device "
                        "that holds the model")
+    if p["reference_host"] and p["distill"] and "lora_step" in ops:
+        blocked = ("distillation (RECOVERY_LOSS distill / mix) needs the teacher's logits at every step, but the "
+                   "unpruned model stays on the host (it does not fit beside the student): use RECOVERY_LOSS='lm', "
+                   "or a device that holds both")
     on_device = lambda parts: sum(x.bytes for x in parts if x.on == "device" or device.type == "cpu")  # noqa: E731
-    peak = max(ops, key=lambda op: on_device(options[op]))
+    # a host-held reference's outputs are computed before the stage's own model is loaded (`reference.prepare`)
+    alone = ("reference_walk",) if p["reference_host"] else ()
+    held_for = lambda op: [x for x in held if x.on == "host"] if op in alone else held  # noqa: E731
+    peak = max(ops, key=lambda op: on_device(held_for(op) + options[op]))
     working = [Part(f"{peak}: {x.name}", x.kind, x.bytes, x.on) for x in options[peak]]
-    parts = held + working
+    parts = held_for(peak) + working
     if device.type != "cpu":  # load_model reads the weights on the host before moving them
-        parts.append(Part("loading: one copy of the weights passes through", "weights", _n_params(s) * b, "host"))
+        moved = _n_params(s) * b if p["held_bytes"] is None else float(p["held_bytes"])
+        parts.append(Part("loading: one copy of the weights passes through", "weights", moved, "host"))
     dev = [x for x in parts if x.on == "device" or device.type == "cpu"]
     sums = {k: sum(x.bytes for x in dev if x.kind == k) / GB for k in KINDS}
     reserve = p["reserve"] * sum(sums.values())
@@ -530,7 +580,10 @@ def _plan(model_or_config, name: str, ops: tuple[str, ...], targets: tuple[str, 
     if device.type != "cpu":  # the operation that needs the most on the host, which need not be the device's peak
         host += max(sum(x.bytes for x in options[op] if x.on == "host") for op in ops)
     loading = [x.bytes for x in parts if x.name.startswith("loading")]
-    host = max([host] + loading) / GB  # loading happens before the Grams
+    if p["reference_host"]:  # notebooks 04 / 06 load the unpruned model on the host first, then the models they move
+        host = (host + max(loading)) / GB
+    else:
+        host = max([host] + loading) / GB  # loading happens before the Grams
     avail = p["available_gb"] if p["available_gb"] is not None else available_gb(device)
     host_avail = (math.nan if device.type == "cpu" else
                   p["host_available_gb"] if p["host_available_gb"] is not None else _host_available())
@@ -566,10 +619,18 @@ def plan_stage(config, stage: str, **params) -> MemoryPlan:
         if refit:  # its Grams go to the host layer by layer (`Passes.grams`)
             ops, targets, p = ops + ("grams",), ("o_proj", "down_proj"), dict(p, grams="layerwise")
     p["int8_level"] = p["int8_level"] and stage == "05"
+    if stage not in _HELD_STAGES:
+        p["held_bytes"] = None
+    reference = {"04": "teacher, reference for the KL and the answers", "06": "the baseline"}.get(stage, "")
+    if stage == "04" and not p["teacher"]:
+        reference = ""
+    p["reference_host"] = bool(p["reference_host"] and reference)
     if stage == "06" and p["rows_known"]:  # perplexity and KL come from the rows: the side texts' windows remain
         p = dict(p, eval_seq_len=min(p["eval_seq_len"], SIDE_SEQ_LEN), kl=False)
+    if p["reference_host"] and p["kl"]:
+        ops += ("reference_walk",)
     copies = p["copies"] if p["copies"] is not None else _COPIES[stage]
-    return _plan(config, stage, ops, targets, copies, stage == "04" and p["teacher"], p)
+    return _plan(config, stage, ops, targets, copies, reference, p)
 
 
 def plan_operation(config, op: str, targets: tuple[str, ...] = ("o_proj", "down_proj"), **params) -> MemoryPlan:
@@ -578,7 +639,7 @@ def plan_operation(config, op: str, targets: tuple[str, ...] = ("o_proj", "down_
         raise ValueError(f"unknown operation '{op}'; known: {', '.join(OPERATIONS)}")
     p = _params(params)
     copies = p["copies"] if p["copies"] is not None else _COPIES.get(op, 1)
-    return _plan(config, op, (op,), targets if op in ("grams", "prune_refit") else (), copies, False, p)
+    return _plan(config, op, (op,), targets if op in ("grams", "prune_refit") else (), copies, "", p)
 
 
 def _advice(plan: MemoryPlan, largest: list[dict]) -> list[str]:
@@ -666,6 +727,72 @@ def config_of(spec) -> dict:
     return AutoConfig.from_pretrained(spec).to_dict()  # a hub id: config.json only
 
 
+_RATES = {"head_pruned": (1, 0), "mlp_pruned": (0, 1), "mix_pruned": (1, 1)}  # which of HEAD_RATE / MLP_RATE
+
+
+def _held_names(stage: str, params: dict) -> list[str]:
+    """Return the checkpoints stage 04 trains (RECOVERY_MODELS), 05 nests (ADAPTIVE_MODEL) or 06 measures."""
+    if stage == "04":
+        return _names(params.get("RECOVERY_MODELS"))
+    if stage == "05":
+        return _names(params.get("ADAPTIVE_MODEL"))
+    names = _names(params.get("VARIANTS")) + _names(params.get("EXTRA_VARIANTS"))
+    return [n for n in names if n != "baseline"]
+
+
+def checkpoint_bytes(folder, dtype_bytes: int) -> float:
+    """Return the bytes a saved checkpoint's weights take once loaded in a float dtype of `dtype_bytes` bytes, from
+    its safetensors headers (no tensor read): float tensors at that size, int8 ones and the like at their own."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    total = 0.0
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                part = f.get_slice(key)
+                size = dtype_bytes if part.get_dtype() in ("F64", "F32", "F16", "BF16") else \
+                    torch.empty(0, dtype=getattr(torch, _SAFETENSORS_DTYPES[part.get_dtype()])).element_size()
+                total += math.prod(part.get_shape()) * size
+    return total
+
+
+_SAFETENSORS_DTYPES = {"I8": "int8", "U8": "uint8", "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool",
+                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def _pruned_bytes(s: _Shape, head_rate: float, mlp_rate: float, b: int) -> float:
+    """Return the bytes of a model cut uniformly at these rates: query heads per KV group, MLP channels per layer."""
+    layers = []
+    for nh, nkv, i in s.layers:
+        group = nh // nkv
+        layers.append((nkv * (group - round(group * head_rate)), nkv, i - round(i * mlp_rate)))
+    return _n_params(_Shape(**{**asdict(s), "layers": tuple(layers)})) * b
+
+
+def held_model_bytes(names: list[str], params: dict, config, dtype_bytes: int) -> float | None:
+    """Return the bytes of the largest of checkpoints `names` loaded in a dtype of `dtype_bytes` bytes: read from
+    each one's safetensors headers where it is saved under models/ (`checkpoint_bytes`), else estimated from the rates
+    that make it (HEAD_RATE / MLP_RATE for head_pruned, mlp_pruned, mix_pruned and their `_lora`); None when no name
+    is given or one is neither (the whole model's bytes are planned then)."""
+    from pruning_utils.paths import models_dir
+    from pruning_utils.pipeline.profiles import DEFAULTS
+
+    sizes = []
+    for name in names:
+        folder = models_dir() / name
+        if (folder / "config.json").is_file():
+            sizes.append(checkpoint_bytes(folder, dtype_bytes))
+            continue
+        rates = _RATES.get(name.removesuffix("_lora"))
+        if rates is None:
+            return None
+        head, mlp = (float(params.get(k, DEFAULTS[k])) * on for k, on in zip(("HEAD_RATE", "MLP_RATE"), rates))
+        sizes.append(_pruned_bytes(_shape(config), head, mlp, dtype_bytes))
+    return max(sizes) if sizes else None
+
+
 @dataclass
 class StageSettings:
     """How a stage runs, chosen from its memory plan (`choose`): where the model lives and computes, where the Gram
@@ -679,6 +806,35 @@ class StageSettings:
     build: str  # "copy" | "reload" (variants.Unpruned)
     plan: MemoryPlan
     switched: list[str] = field(default_factory=list)
+    reference_host: bool = False  # 04 / 06: the unpruned model on the host, its outputs by a layer walk
+
+    @property
+    def reference_device(self) -> str:
+        """Return where notebooks 04 / 06 load the unpruned model: the host when it does not fit beside the rest."""
+        return "cpu" if self.reference_host else self.load_device
+
+    @property
+    def reference_compute(self) -> str | None:
+        """Return `measure_variant`'s `reference_device`: where the host-held unpruned model's layers run (None: it
+        is on the device already)."""
+        return self.plan.device if self.reference_host else None
+
+    @property
+    def measure_kw(self) -> dict:
+        """Return what `measure_variant` / `final_row` take from these settings: the LM heads' rows at a time and where
+        a host-held reference's layers run."""
+        return dict(logits_rows=self.logits_rows, reference_device=self.reference_compute)
+
+    def prepare_reference(self, model, chunks, batch_size: int = 4):
+        """Walk the host-held unpruned `model`'s outputs on `chunks` now, before the stage loads anything onto the
+        device (`reference.prepare`), where the stage will measure a KL; otherwise do nothing (on the device, the
+        first KL computes them; stage 06 reusing every variant's row needs none). Returns the `ReferenceOutputs` or
+        None."""
+        from pruning_utils.measure import reference
+
+        if not self.reference_host or self.plan.settings.get("rows_known"):
+            return None
+        return reference.prepare(model, chunks, batch_size, compute_device=self.reference_compute)
 
     @property
     def dtype(self) -> str:
@@ -761,10 +917,15 @@ def choose(model_or_config, stage: str, params: dict, record: bool = True, **nam
         variants = _names(params["VARIANTS"]) + _names(params.get("EXTRA_VARIANTS"))
         base["rows_known"] = rows_reusable(variants, int(params.get("EVAL_SEQ_LEN", PARAMS["eval_seq_len"])),
                                            params.get("EVAL_MAX_TOKENS"))
-    if offload == "on" and device.type == "cpu":
+    if stage in _HELD_STAGES and "held_bytes" not in base:  # the student / variants / full level, as saved
+        b = torch.empty(0, dtype=_dtype(base.get("dtype", "auto"), device)).element_size()
+        base["held_bytes"] = held_model_bytes(_held_names(stage, params), params, config, b)
+    if offload == "on" and device.type == "cpu" and stage in _OFFLOAD_STAGES:
         raise ValueError("OFFLOAD='on' keeps the model on the host and moves one layer at a time to a GPU, but the "
                          "device is the CPU: set DEVICE=cuda on a machine with a GPU, or OFFLOAD='off'")
     offloads = {"off": [False], "on": [True], "auto": [False] + [True] * (device.type == "cuda")}[offload]
+    # 04 / 06: the unpruned model on the host when it does not fit beside the student / variants ('on': always)
+    references = offloads if stage in _REFERENCE_STAGES and device.type == "cuda" else [False]
     if stage not in _OFFLOAD_STAGES:
         offloads = [False]
     if stage not in _STAGE_TARGETS:
@@ -774,24 +935,19 @@ def choose(model_or_config, stage: str, params: dict, record: bool = True, **nam
     else:
         grams_options = [grams_choice] if grams_choice else ["all", "layerwise", "streamed"]
     builds = ([build_choice] if build_choice != "auto" else ["copy", "reload"]) if stage in ("02", "03") else [None]
-    tried: list[tuple[bool, str, str | None, MemoryPlan]] = []
-    for off in offloads:
-        for build in builds:
-            for grams in grams_options:
-                if off and grams == "all" and "layerwise" in grams_options:
-                    continue  # offloaded Grams go to the host: 'all' is 'layerwise' there
-                kw = dict(base, grams=grams, offload=off, **({"copies": 1, "kl": False} if build == "reload" else {}))
-                tried.append((off, grams, build, plan_stage(config, stage, **kw)))
-                if tried[-1][3].fits:
-                    break
-            if tried[-1][3].fits:
-                break
-        if tried[-1][3].fits:
+    tried: list[tuple[bool, bool, str, str | None, MemoryPlan]] = []
+    for off, ref, build, grams in itertools.product(offloads, references, builds, grams_options):
+        if off and grams == "all" and "layerwise" in grams_options:
+            continue  # offloaded Grams go to the host: 'all' is 'layerwise' there
+        kw = dict(base, grams=grams, offload=off, reference_host=ref,
+                  **({"copies": 1, "kl": False} if build == "reload" else {}))
+        tried.append((off, ref, grams, build, plan_stage(config, stage, **kw)))
+        if tried[-1][-1].fits:
             break
-    if not tried[-1][3].fits and tried[-1][3].blocked:  # nothing fits: show the last plan that could at least run
-        tried = [t for t in tried if not t[3].blocked] or tried
-    off, grams, build, plan = tried[-1]
-    first = tried[0][3]
+    if not tried[-1][-1].fits and tried[-1][-1].blocked:  # nothing fits: show the last plan that could at least run
+        tried = [t for t in tried if not t[-1].blocked] or tried
+    off, ref, grams, build, plan = tried[-1]
+    first = tried[0][-1]
     switched = []
     if len(tried) > 1:
         need = (f"the configured settings need ~{first.total_gb:.1f} GiB on {first.device} "
@@ -799,19 +955,22 @@ def choose(model_or_config, stage: str, params: dict, record: bool = True, **nam
         if first.total_gb <= first.available_gb and first.device != "cpu":
             need = (f"the configured settings need ~{first.host_gb:.1f} GiB on the host "
                     f"({first.host_available_gb:.1f} free)")
-        if grams != tried[0][1]:
+        if grams != tried[0][2]:
             grams_where = dict(all="held on the device", layerwise="held on the host",
                                streamed="streamed one layer at a time per refit", sequential="sequential")[grams]
             switched.append(f"Grams {grams_where} (GRAMS='auto')")
-        if build != tried[0][2]:
+        if build != tried[0][3]:
             switched.append("variants built in place from a reloaded checkpoint, one model in memory "
                             "(VARIANT_BUILD='auto')")
         if off and not tried[0][0]:
             switched.append(f"offload mode: the model on the host, one decoder layer at a time on {device.type} "
                             "(OFFLOAD='auto')")
+        if ref and not tried[0][1]:
+            switched.append(f"the unpruned model on the host, its outputs for the KL by a layer walk on "
+                            f"{device.type} (OFFLOAD='auto')")
         switched = [f"{need}; so " + switched[0]] + switched[1:] if switched else []
     settings = StageSettings(stage, off, "cpu" if off else str(device), str(device) if off else None,
-                             grams, build or "copy", plan, switched)
+                             grams, build or "copy", plan, switched, ref)
     if record:
         stage_memory.record(settings)  # only under $PRUNING_MEMORY_LOG (benchmarks/kaggle_rehearsal.py)
     return settings

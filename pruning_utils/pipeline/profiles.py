@@ -140,7 +140,8 @@ PARAMS: dict[str, Param] = {
     "SEED": Param(0, int, "seed of the calibration sampling, random scores and LoRA init"),
     # memory (pruning_utils/pipeline/memory_plan.py chooses 'auto' settings from the stage's memory plan;
     # results do not change)
-    "OFFLOAD": Param("auto", str, "auto | off | on: model on the host, one layer at a time on the GPU (00-03)"),
+    "OFFLOAD": Param("auto", str, "auto | off | on: model on the host, one layer at a time on the GPU (00-03; 04 / 06: "
+                     "the unpruned reference on the host, its outputs walked layer by layer on the GPU)"),
     "GRAMS": Param("auto", str, "auto | device | host | streamed: where the refits' Gram statistics are kept"),
     "VARIANT_BUILD": Param("auto", str, "auto | copy | reload: variants as deep copies or in place from a reload"),
     "KEEP_CHECKPOINTS": Param("all", str, "all | needed: delete each checkpoint after the last stage that reads it"),
@@ -234,7 +235,11 @@ PARAMS: dict[str, Param] = {
                                      "('': quantize every nn.Linear)"),
     "COMPRESS_INT8_BASES": Param("baseline,head_pruned,mlp_pruned,mix_pruned", str,
                                  "models quantized to INT8 (torchao, CPU or CUDA), comma-separated"),
-    # adaptive runtime (notebook 05): nested levels of the unpruned model, chosen per prompt
+    # adaptive runtime (notebook 05): nested levels of one model (the unpruned one, or a pruned checkpoint where the
+    # unpruned weights do not fit the device, e.g. an 8B model on a 15 GiB T4), chosen per prompt
+    "ADAPTIVE_MODEL": Param("", str, "the full level: '' the unpruned MODEL; else a checkpoint under models/ (e.g. "
+                            "mix_pruned, mix_pruned_lora) whose weights every level slices, so levels are relative "
+                            "to it (notebook 00's scores restricted to its plan)"),
     "ADAPTIVE_PROMPTS": Param("", str, "prompt CSV with a `prompt` column ('': the packaged prompts, written to "
                               "results/ablation_studies/adaptive_prompts.csv); seeded 80/20 train/test split"),
     "ADAPTIVE_N_PROMPTS": Param(100, int, "prompts drawn from the CSV (seeded) before the 80/20 split"),
@@ -242,7 +247,7 @@ PARAMS: dict[str, Param] = {
     # would take memory past the memory aim, so the refit is opt-in
     "ADAPTIVE_LEVELS": Param("none,kv:16,ffn:0.25,heads:0.25+layers:0.1,int8", str,
                              "levels, least to most pruned, 'none' first: kv:WINDOW, heads:/ffn:/layers: removed "
-                             "fraction, joined with +; int8: the INT8 unpruned model (torchao, "
+                             "fraction, joined with +; int8: the full level in INT8 (torchao, "
                              "ADAPTIVE_INT8_MODE; dropped where torchao cannot run)"),
     "ADAPTIVE_REFIT": Param(False, bool, "lstsq refit of o_proj / down_proj for every level width (one-shot Grams of "
                             "N_CALIB calibration windows; one [out, width] copy per layer and width, in memory())"),
@@ -420,13 +425,13 @@ NOTEBOOK_PARAMS: dict[str, tuple[str, ...]] = {
                                     if n not in ("N_CALIB", "CALIB_SEQ_LEN", "SWEEP_EVAL_MAX_TOKENS"))
     + ("RECOVERY_MODELS", "RECOVERY_STEPS", "RECOVERY_LOSS", "RECOVERY_DATA", "RECOVERY_BATCH", "RECOVERY_SEQ_LEN",
        "GRAD_ACCUM", "LORA_R", "LORA_ALPHA", "LORA_LR", "GRAD_CHECKPOINTING", "INSTRUCTION_JSONL", "N_PROMPTS",
-       "MAX_NEW_TOKENS"),
+       "MAX_NEW_TOKENS", "OFFLOAD"),
     "05_adaptive_runtime.ipynb": ("PROFILE", "MODEL", "TEXT_SOURCE", "DEVICE", "DTYPE", "SEED", "N_CALIB",
                                   "CALIB_SEQ_LEN", "EVAL_SEQ_LEN", "SWEEP_EVAL_MAX_TOKENS")
     + tuple(n for n in PARAMS if n.startswith("ADAPTIVE_")),
     "06_final_eval.ipynb": tuple(n for n in _COMMON if n not in ("N_CALIB", "CALIB_SEQ_LEN", "SWEEP_EVAL_MAX_TOKENS"))
     + ("VARIANTS", "EXTRA_VARIANTS", "N_PROMPTS", "MAX_NEW_TOKENS", "ZERO_SHOT", "ZERO_SHOT_TASKS", "ZERO_SHOT_LIMIT",
-       "GGUF_EXPORT"),
+       "GGUF_EXPORT", "OFFLOAD"),
     "07_encoder_glue.ipynb": ("PROFILE", "SEED")
     + tuple(n for n in PARAMS if n.startswith("ENCODER_") and n != "ENCODER_STAGE"),
 }
@@ -434,8 +439,6 @@ NOTEBOOK_PARAMS: dict[str, tuple[str, ...]] = {
 _SMOKE_CRITERIA = "random,magnitude,activation,fluctuation,taylor,tfidf,semantic,semantic_refit,mix"
 
 _GPU_EXTRA = "baseline_int8,mix_pruned_int8,depth_pruned,lowrank_pruned,hybrid_pruned"  # torchao INT8 runs on CUDA
-# an offloaded 8B model has no device copy to quantize, and an fp32 host copy would not fit Kaggle's RAM: no INT8 rows
-_OFFLOAD_EXTRA = "depth_pruned,lowrank_pruned,hybrid_pruned"
 _BOTH_RECOVERED = dict(RECOVERY_MODELS="head_pruned,mix_pruned",
                        VARIANTS="baseline,head_pruned,mlp_pruned,mix_pruned,head_pruned_lora,mix_pruned_lora")
 
@@ -486,8 +489,13 @@ PROFILES: dict[str, dict] = {
                                 MLP_SWEEP="0.25", LATENCY_SEQ_LEN=1024, LATENCY_REPEATS=3, DECODE_TOKENS=32,
                                 OFFLOAD="on", GRAMS="streamed", VARIANT_BUILD="reload", RECOVERY_STEPS=100,
                                 RECOVERY_LOSS="lm", GRAD_CHECKPOINTING=True, RECOVERY_BATCH=1, GRAD_ACCUM=4,
-                                LORA_LR=1e-3, ZERO_SHOT=True, EXTRA_VARIANTS=_OFFLOAD_EXTRA,
-                                COMPRESS_INT8_BASES="", **_BOTH_RECOVERED),
+                                LORA_LR=1e-3, ZERO_SHOT=True, COMPRESS_INT8_BASES="",
+                                # on the T4 the 16 GiB unpruned model stays on the host (04 / 06) and the device holds
+                                # what fits beside working memory: mix_pruned (~11.8 GiB) is recovered, nested (05,
+                                # no INT8 copy beside it) and evaluated; head_pruned (~14.5 GiB) is not
+                                RECOVERY_MODELS="mix_pruned", VARIANTS="baseline,mlp_pruned,mix_pruned,mix_pruned_lora",
+                                EXTRA_VARIANTS="", ADAPTIVE_MODEL="mix_pruned",
+                                ADAPTIVE_LEVELS="none,kv:16,ffn:0.25,heads:0.25+layers:0.1"),
 }
 # obs heads and neurons, per-layer counts searched by KL (benchmarks/search_heldout.py), 448 calibration windows and
 # a smaller ridge (benchmarks/calibration_size.py --sizes 114688 --ridges 1e-4,1e-2 measures that pair), at the cost

@@ -111,7 +111,8 @@ def checkpoints_read(key: str, params: dict) -> set[str]:
     if key == "04":
         return set(as_list(params["RECOVERY_MODELS"]))
     if key == "05":
-        return set()  # the unpruned model, nested in memory, and notebook 00's importance scores
+        # the full level (ADAPTIVE_MODEL; '': the unpruned model, nested in memory) and notebook 00's importance scores
+        return {params["ADAPTIVE_MODEL"]} if params.get("ADAPTIVE_MODEL") else set()
     if key == "06":
         return set(as_list(params["VARIANTS"]) + as_list(params["EXTRA_VARIANTS"])) - {"baseline"}
     return set()

@@ -1,4 +1,5 @@
-"""Importance scores: the `Scores` record every criterion returns, and its storage as safetensors + a summary CSV."""
+"""Importance scores: the `Scores` record every criterion returns, its restriction to a model a plan pruned, and its
+storage as safetensors + a summary CSV."""
 from __future__ import annotations
 
 import json
@@ -6,9 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from pruning_utils.atomic import atomic_file
+from pruning_utils.model.plan import PruningPlan
 
 SCORES_FILE = "importance.safetensors"
 SUMMARY_FILE = "importance_summary.csv"
@@ -23,6 +26,39 @@ class Scores:
     neurons: list[Tensor]
     criterion: str = ""
     provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def shape_mismatch(scores: Scores, heads: list[int], widths: list[int]) -> str | None:
+    """Return where `scores` do not cover a model of `heads` query heads and `widths` MLP neurons per layer (the first
+    layer that differs, in words), or None when they do."""
+    have = [(h.numel(), n.numel()) for h, n in zip(scores.heads, scores.neurons)]
+    want = list(zip(heads, widths))
+    if have == want:
+        return None
+    li = next(i for i, (a, b) in enumerate(zip(have + [None], want + [None])) if a != b)
+    model, scored = (f"{t[li][0]} query heads and {t[li][1]} MLP neurons" if li < len(t) else "no such layer"
+                     for t in (want, have))
+    return f"{len(want)} layers, {len(have)} scored; layer {li}: the model {model}, the scores {scored}"
+
+
+def restrict_scores(scores: Scores, plan: PruningPlan) -> Scores:
+    """Return the scores of the model `plan` produced from the scored one: its kept layers, and in each the kept
+    heads' and neurons' scores in the order surgery leaves them in the weights (ascending original index); raises
+    ValueError when `scores` are not of the plan's base model (other per-layer shapes)."""
+    plan.validate()
+    problem = shape_mismatch(scores, plan.base_heads, plan.base_intermediate)
+    if problem:
+        raise ValueError(f"scores '{scores.criterion}' are not of the model the plan was made for ({problem}): they "
+                         "are scores of another model (e.g. of the pruned checkpoint itself); compute them (notebook "
+                         f"00) on the model the checkpoint was pruned from ({plan.source_model or 'its source model'})")
+
+    def kept(t: Tensor, idx: list[int]) -> Tensor:
+        return t.index_select(0, torch.tensor(sorted(idx), dtype=torch.long))
+
+    layers = sorted(plan.kept_layers())  # surgery keeps layers, like heads and neurons, in their original order
+    return Scores([kept(scores.heads[li], plan.kept_heads(li)) for li in layers],
+                  [kept(scores.neurons[li], plan.kept_neurons(li)) for li in layers], scores.criterion,
+                  dict(scores.provenance))
 
 
 def save_scores(scores: dict[str, Scores], folder: str | Path) -> Path:
