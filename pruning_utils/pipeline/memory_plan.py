@@ -460,7 +460,7 @@ def _held(s: _Shape, p: dict, b: int, targets: tuple[str, ...], copies: int, ref
     weights = _n_params(s) * b
     held = weights if p["held_bytes"] is None else float(p["held_bytes"])
     home = "host" if p["offload"] else "device"
-    name = "weights" if p["held_bytes"] is None else "weights of the checkpoint held (the largest one measured)"
+    name = "weights" if p["held_bytes"] is None else "weights of the checkpoint held (the largest the stage loads)"
     parts = [Part(f"{name} x {copies}" if copies > 1 else name, "weights", copies * held, home)]
     if p["offload"]:
         parts.append(Part("one decoder layer's weights (offload mode)", "weights",
