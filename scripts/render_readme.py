@@ -364,14 +364,16 @@ def profiles() -> str:
 
 def kaggle_plans() -> str:
     """Return the memory plan per stage of each kaggle-* profile on Kaggle's T4 machine (GiB on the GPU / the host,
-    `memory_plan.profile_plan_table` from the committed shape configs; 'no': it does not fit)."""
+    `memory_plan.profile_plan_table` from the committed shape configs; 'no': it does not fit; 'host reference': the
+    unpruned model stays on the host, its outputs walked layer by layer on the GPU)."""
     from pruning_utils.pipeline.memory_plan import profile_plan_table
 
     columns = {}
     for name in (n for n in PROFILES if n.startswith("kaggle-")):
         table = profile_plan_table(name)
-        columns[name] = [f"{r.device_gb:.1f} / {r.host_gb:.1f}" + ("" if r.fits else " (no)") + (" offload" if r.offload
-                         else "") for r in table.itertuples()]
+        columns[name] = [f"{r.device_gb:.1f} / {r.host_gb:.1f}" + ("" if r.fits else " (no)")
+                         + (" offload" if r.offload else " host reference" if r.reference_host else "")
+                         for r in table.itertuples()]
     frame = pd.DataFrame(columns, index=pd.Index(list(table["stage"]), name="stage"))
     return frame.to_markdown() + "\n"
 
@@ -417,7 +419,8 @@ def kaggle_plan_settings() -> str:
     rows = []
     for name in (n for n in PROFILES if n.startswith("kaggle-")):
         for r in profile_plan_table(name).itertuples():
-            rows.append({"profile": name, "stage": r.stage, "offload": "yes" if r.offload else "no", "Grams": r.grams,
+            rows.append({"profile": name, "stage": r.stage, "offload": "yes" if r.offload else "no",
+                         "reference on the host": "yes" if r.reference_host else "", "Grams": r.grams,
                          "variants": r.build, "peak": r.peak, "GiB on the T4": r.device_gb,
                          "GiB on the host": r.host_gb,
                          "fits": "yes" if r.fits else "no" + (f" ({r.blocked})" if r.blocked else "")})

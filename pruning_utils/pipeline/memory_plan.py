@@ -1026,7 +1026,8 @@ def profile_shape(profile: str) -> str:
 
 def profile_plan_table(profile: str, machine: dict | None = None):
     """Return a pandas DataFrame, one row per stage of `profile` on `machine` (plan parameters; `KAGGLE_T4`): the
-    settings `choose` runs it with (offload, Grams, build, LM-head rows), the peak operation, GiB on the device
+    settings `choose` runs it with (offload, the unpruned reference on the host, Grams, build, LM-head rows), the peak
+    operation, GiB on the device
     and the host, and whether it fits (`blocked`: an operation those settings cannot run)."""
     import pandas as pd
 
@@ -1041,7 +1042,8 @@ def profile_plan_table(profile: str, machine: dict | None = None):
         plan = run.plan
         rows.append(dict(stage=stage, device_gb=round(plan.total_gb, 2), available_gb=plan.available_gb,
                          host_gb=round(plan.host_gb, 2), host_available_gb=plan.host_available_gb,
-                         peak=plan.peak_operation, offload=run.offload, grams=run.grams if stage in _STAGE_TARGETS
+                         peak=plan.peak_operation, offload=run.offload, reference_host=run.reference_host,
+                         grams=run.grams if stage in _STAGE_TARGETS
                          else "", build=run.build if stage in ("02", "03") else "", logits_rows=run.logits_rows,
                          fits=plan.fits, blocked=plan.blocked))
     return pd.DataFrame(rows)
