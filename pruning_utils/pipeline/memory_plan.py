@@ -753,7 +753,7 @@ def checkpoint_bytes(folder, dtype_bytes: int) -> float:
             for key in f.keys():
                 part = f.get_slice(key)
                 size = dtype_bytes if part.get_dtype() in ("F64", "F32", "F16", "BF16") else \
-                    torch.empty(0, dtype=getattr(torch, _SAFETENSORS_DTYPES[part.get_dtype()])).element_size()
+                    getattr(torch, _SAFETENSORS_DTYPES[part.get_dtype()]).itemsize
                 total += math.prod(part.get_shape()) * size
     return total
 
