@@ -343,6 +343,8 @@ def train_lora(model, train_windows: torch.Tensor, cfg: RecoveryConfig, teacher=
                 optimizer.zero_grad()
             micro.append(mean_loss)
             tokens += batch.numel() * accelerator.num_processes
+            del loss
+            release_step_memory(accelerator.device)
             if not accelerator.sync_gradients:
                 continue
             lr = scheduler.get_last_lr()[0]
@@ -359,6 +361,7 @@ def train_lora(model, train_windows: torch.Tensor, cfg: RecoveryConfig, teacher=
             if step >= total:
                 break
         end = time.perf_counter()  # training speed excludes the held-out evaluation
+        release_step_memory(accelerator.device)
         if heldout_windows is not None:
             heldout["after"] = heldout_loss(unwrapped, heldout_windows, cfg, teacher=teacher)
     finally:
@@ -398,6 +401,17 @@ def recover(model, tokenizer, train_windows: torch.Tensor | None, cfg: RecoveryC
     merged = merge_lora(peft_model, stats)
     release_training_memory(merged)
     return merged, stats
+
+
+def release_step_memory(device: torch.device) -> None:
+    """On CPU, hand the heap a training step freed back to the OS. glibc keeps a step's freed activations (many
+    tensors of a few MiB) resident and fragmented: the next step's forward then comes on top of them (a 0.5B model's
+    second step peaked 1.3 GiB above its first), and so did the held-out loss after training (5.7 GiB above its
+    figure before training). CUDA's caching allocator reuses its blocks: nothing to do there."""
+    if torch.device(device).type == "cpu":
+        from pruning_utils.measure.metrics import trim_heap
+
+        trim_heap()
 
 
 def release_training_memory(model) -> None:
