@@ -457,13 +457,14 @@ def test_experiment_steps_split_tabulate_train_and_summarize(tiny_run, monkeypat
     assert experiment.verdict(both, 0.0).splitlines()[1].startswith("live load: learned")
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_stage_05_plan_counts_the_int8_copy_the_runtime_builds(family):
+@pytest.mark.parametrize("family,dtype", [("llama", "float32"), ("qwen2", "float32"), ("qwen2", "bfloat16")])
+def test_stage_05_plan_counts_the_int8_copy_the_runtime_builds(family, dtype):
+    """In fp32 the INT8 level shares the model's norms and LM head; in bf16 it holds fp32 copies of them."""
     from pruning_utils.pipeline import memory_plan
 
-    model = tiny_model(family, intermediate_size=256, hidden_size=128)
+    model = tiny_model(family, intermediate_size=256, hidden_size=128).to(getattr(torch, dtype))
     nested = nested_model.NestedModel(model, _scores(model), "none,ffn:0.5,int8")
-    settings = memory_plan.choose(model.config, "05", dict(DEVICE="cpu", DTYPE="float32",
+    settings = memory_plan.choose(model.config, "05", dict(DEVICE="cpu", DTYPE=dtype,
                                                            ADAPTIVE_LEVELS="none,ffn:0.5,int8"))
     part = [x for x in settings.plan.parts if x["name"].startswith("INT8 level")]
     assert len(part) == 1 and part[0]["bytes"] == pytest.approx(nested.memory()["int8_bytes"], rel=0.05)

@@ -372,4 +372,9 @@ def test_int8_copy_built_layer_by_layer_equals_the_whole_copy_and_leaves_the_mod
     assert linears.is_int8_tensor(proj(layer, "q_proj").weight) and not linears.is_int8_tensor(
         proj(layer, "down_proj").weight)
     assert by_layer.get_output_embeddings().weight.dtype == torch.float32  # CPU kernels take fp32 activations
+    # an fp32 model's LM head and final norm are shared, not copied; a bf16 model's are fp32 copies
+    shared = {p.data_ptr() for p in model.parameters()}
+    outside = [p for n, p in by_layer.named_parameters() if ".layers." not in n]
+    assert all((p.data_ptr() in shared) == (dtype == torch.float32) for p in outside if p.dtype == torch.float32
+               and p is not model.get_input_embeddings().weight)
     assert by_layer.int8 and by_layer.int8_keep_fp32 == ("down_proj",) and not by_layer.int8_embedding

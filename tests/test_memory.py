@@ -231,3 +231,22 @@ def test_side_windows_of_the_plan_are_the_measured_ones():
     for fn in (sources.fidelity_chunks, heldout.heldout_chunks):
         assert inspect.signature(fn).parameters["seq_len"].default == memory_plan.SIDE_SEQ_LEN
 
+
+
+def test_a_perplexity_batch_is_planned_for_the_windows_there_are():
+    """`metrics.perplexity` batches at most the windows its chunks hold: stage 05 scores the sweeps' chunks only
+    (SWEEP_EVAL_MAX_TOKENS), the others the evaluation chunks (EVAL_MAX_TOKENS); fewer tokens than a batch of windows
+    plan a smaller logits tensor (a 0.5B rehearsal's stage 05 on one window planned four: measured / plan 0.78)."""
+    config = memory_plan.config_of("shape:qwen2.5-0.5b")  # a 152k vocabulary: perplexity's logits set the peak
+
+    def logits(stage, **kw):
+        plan = memory_plan.plan_stage(config, stage, device="cpu", dtype="float32", eval_seq_len=1024, **kw)
+        parts = [x["bytes"] for x in plan.parts if x["name"].startswith("perplexity: logits")]
+        assert len(parts) == 1, plan.parts
+        return parts[0]
+
+    four, one = logits("05", sweep_tokens=4 * 1024), logits("05", sweep_tokens=1024)
+    assert one < four / 2 and one == logits("05", sweep_tokens=10) == logits("05", sweep_tokens=1024,
+                                                                             eval_tokens=1024 * 99)
+    assert four == logits("05", sweep_tokens=1024 * 99)  # never above the batch
+    assert logits("02", eval_tokens=1024) < logits("02", eval_tokens=4 * 1024) == logits("02", eval_tokens=None)

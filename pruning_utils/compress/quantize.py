@@ -110,12 +110,15 @@ def quantize_int8_by_layer(model, mode: str = INT8_MODE, keep_fp32: tuple[str, .
     memo[id(originals)] = layers
     memo[id(model.get_input_embeddings())] = model.get_input_embeddings()  # the module itself shared
     out = copy.deepcopy(model, memo).eval()
-    if cpu:  # fp32 copies of what is not the embedding or a layer (the final norm, an untied or tied LM head)
+    if cpu:  # fp32 copies of what is not the embedding or a layer (the final norm, an untied or tied LM head) unless
+        # already fp32: those stay shared (a 0.5B model's tied LM head: 0.5 GiB not copied)
         embedding, inside = model.get_input_embeddings().weight, {id(m) for m in layers.modules()}
         for module in out.modules():
             if id(module) in inside:
                 continue
             for name, param in list(module.named_parameters(recurse=False)):
+                if param.dtype == torch.float32:
+                    continue
                 if param is not embedding or module is out.get_output_embeddings():
                     # one copy: .float().clone() of a bf16 matrix held two (a 152k-row LM head: +0.9 GiB at 1.5B)
                     setattr(module, name, torch.nn.Parameter(param.detach().to(torch.float32, copy=True),

@@ -110,6 +110,7 @@ PARAMS: dict[str, object] = {
     # inputs come from a layer walk on the device (`reference.ReferenceOutputs(compute_device=)`)
     "reference_host": False,
     "eval_tokens": 32768,  # tokens of the evaluation chunks (EVAL_MAX_TOKENS): the host-held reference's cache
+    "sweep_tokens": 2048,  # tokens of the sweeps' chunks (SWEEP_EVAL_MAX_TOKENS): all that stage 05 evaluates
     "available_gb": None, "host_available_gb": None,  # None: measured on this machine
     "reserve": 0.1,
 }
@@ -132,7 +133,8 @@ _NOTEBOOK_NAMES = {"DEVICE": "device", "DTYPE": "dtype", "N_CALIB": "n_calib", "
                    "LATENCY_SEQ_LEN": "latency_seq_len", "DECODE_TOKENS": "decode_tokens", "CRITERIA": "criteria",
                    "SEMANTIC_SEQ_LEN": "semantic_seq_len", "RECOVERY_BATCH": "lora_batch",
                    "RECOVERY_SEQ_LEN": "lora_seq_len", "LORA_R": "lora_r", "GRAD_CHECKPOINTING": "grad_checkpointing",
-                   "MAX_NEW_TOKENS": "new_tokens", "EVAL_MAX_TOKENS": "eval_tokens"}
+                   "MAX_NEW_TOKENS": "new_tokens", "EVAL_MAX_TOKENS": "eval_tokens",
+                   "SWEEP_EVAL_MAX_TOKENS": "sweep_tokens"}
 
 
 class MemoryPlanError(RuntimeError):
@@ -441,16 +443,16 @@ def _op_parts(s: _Shape, op: str, p: dict, b: int, targets: tuple[str, ...], cud
     raise ValueError(f"unknown operation '{op}'; known: {', '.join(OPERATIONS)}")
 
 
-def _int8_copy(s: _Shape, cpu: bool) -> float:
+def _int8_copy(s: _Shape, cpu: bool, b: int) -> float:
     """Bytes of the adaptive runtime's INT8 level (`quantize.quantize_int8_by_layer`): int8 projections with an fp32
-    scale per output row; on CPU fp32 copies of the norms and the LM head (its kernels take fp32 activations), on
-    CUDA those are shared with the model; the input embedding is always shared."""
+    scale per output row; on CPU fp32 copies of the norms and the LM head of a half-precision model (its kernels take
+    fp32 activations), on CUDA or in fp32 those are shared with the model; the input embedding is always shared."""
     total = 0.0
     for nh, nkv, i in s.layers:
         q, kv = nh * s.head_dim, nkv * s.head_dim
         rows = q + 2 * kv + s.hidden + 2 * i + s.hidden  # output rows of q, k, v, o, gate, up, down
         total += _layer_params(s, nh, nkv, i) + 4 * rows
-    if cpu:
+    if cpu and b != 4:
         total += 4 * (s.vocab * s.hidden + (2 * len(s.layers) + 1) * s.hidden)
     return total
 
@@ -470,7 +472,7 @@ def _held(s: _Shape, p: dict, b: int, targets: tuple[str, ...], copies: int, ref
         parts.append(Part(f"the unpruned model ({reference})", "weights", weights, where))
     if p["int8_level"]:  # its projections follow the held model's: scaled by its size when that is a checkpoint
         parts.append(Part("INT8 level's copy (built one layer at a time)", "weights",
-                          _int8_copy(s, cpu) * held / weights, home))
+                          _int8_copy(s, cpu, b) * held / weights, home))
     if targets and p["grams"] in ("all", "layerwise"):
         total = sum(_gram_bytes(s, targets, layer) for layer in s.layers)
         where = "device" if p["grams"] == "all" and not p["offload"] else "host"
@@ -627,6 +629,10 @@ def plan_stage(config, stage: str, **params) -> MemoryPlan:
     p["reference_host"] = bool(p["reference_host"] and reference)
     if stage == "06" and p["rows_known"]:  # perplexity and KL come from the rows: the side texts' windows remain
         p = dict(p, eval_seq_len=min(p["eval_seq_len"], SIDE_SEQ_LEN), kl=False)
+    elif p["sweep_tokens" if stage == "05" else "eval_tokens"]:
+        # a perplexity batch holds at most the windows there are (05 scores the sweeps' chunks only)
+        windows = math.ceil(int(p["sweep_tokens" if stage == "05" else "eval_tokens"]) / p["eval_seq_len"])
+        p["eval_batch"] = max(1, min(p["eval_batch"], windows))
     if p["reference_host"] and p["kl"]:
         ops += ("reference_walk",)
     copies = p["copies"] if p["copies"] is not None else _COPIES[stage]
