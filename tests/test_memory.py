@@ -1,6 +1,7 @@
 """Memory plans: exact weight bytes per family, Grams that do not grow with depth when held off the device,
 a Qwen2.5-3B plan on a T4, refusal of the impossible, and a smoke run of the memory benchmark."""
 import json
+import os
 
 import pytest
 
@@ -250,3 +251,26 @@ def test_a_perplexity_batch_is_planned_for_the_windows_there_are():
                                                                              eval_tokens=1024 * 99)
     assert four == logits("05", sweep_tokens=1024 * 99)  # never above the batch
     assert logits("02", eval_tokens=1024) < logits("02", eval_tokens=4 * 1024) == logits("02", eval_tokens=None)
+
+
+def test_the_judge_the_plans_of_stages_04_to_06_count_is_what_loading_it_costs():
+    """`JUDGE_BYTES` (the semantic judge, held by notebooks 04-06 on the host) against a fresh process that has done
+    what those notebooks do before it (imports, a model built and run), then loads the judge: its resident memory
+    grows by that much (within a third), and only stages 04-06 plan it."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom pruning_utils.measure import evaluation, metrics\n"
+            "from pruning_utils.model.tiny import tiny_model\nmodel = tiny_model('qwen2')\n"
+            "model(torch.ones(1, 8, dtype=torch.long))\nmetrics.trim_heap()\nbefore = metrics.rss_bytes()\n"
+            "judge = evaluation.SemanticJudge()\njudge.similarity(['a plan'], ['a measurement'])\n"
+            "print(metrics.rss_bytes() - before)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    grown = float(done.stdout.strip().splitlines()[-1])
+    assert memory_plan.JUDGE_BYTES / 1.33 < grown < memory_plan.JUDGE_BYTES * 1.33, grown / 2 ** 30
+    config = tiny_model("qwen2").config
+    for stage in memory_plan.STAGES:
+        plan = memory_plan.plan_stage(config, stage, device="cpu", dtype="float32")
+        judged = [x for x in plan.parts if x["name"].startswith("the semantic judge")]
+        assert len(judged) == (stage in memory_plan.JUDGE_STAGES)

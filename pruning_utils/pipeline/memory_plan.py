@@ -127,6 +127,11 @@ _STAGE_OPS = {"00": ("perplexity", "prefill", "importance_forward"),
 _STAGE_TARGETS = {"02": ("o_proj",), "03": ("o_proj", "down_proj")}
 _REFERENCE_STAGES = ("04", "06")  # the unpruned model next to what the stage measures (its KL, answers, baseline)
 _HELD_STAGES = ("04", "05", "06")  # stages whose model may be a pruned checkpoint (`held_bytes`)
+# notebooks 04-06 score answers with `evaluation.SemanticJudge` (all-MiniLM-L6-v2, always on the host): what
+# loading it adds to a process's resident memory, its 23M fp32 weights and sentence-transformers' imports together
+# (0.20-0.25 GiB measured on CPU; tests/test_memory.py measures it again in a fresh process)
+JUDGE_STAGES = ("04", "05", "06")
+JUDGE_BYTES = 0.25 * 2 ** 30
 # notebook parameter (profiles.PARAMS) -> plan parameter; choose / describe_stage read only these
 _NOTEBOOK_NAMES = {"DEVICE": "device", "DTYPE": "dtype", "N_CALIB": "n_calib", "CALIB_SEQ_LEN": "calib_seq_len",
                    "EVAL_SEQ_LEN": "eval_seq_len", "LATENCY_BATCH": "latency_batch",
@@ -457,8 +462,8 @@ def _int8_copy(s: _Shape, cpu: bool, b: int) -> float:
     return total
 
 
-def _held(s: _Shape, p: dict, b: int, targets: tuple[str, ...], copies: int, reference: str, cpu: bool = False
-          ) -> list[Part]:
+def _held(s: _Shape, p: dict, b: int, targets: tuple[str, ...], copies: int, reference: str, cpu: bool = False,
+          judge: bool = False) -> list[Part]:
     weights = _n_params(s) * b
     held = weights if p["held_bytes"] is None else float(p["held_bytes"])
     home = "host" if p["offload"] else "device"
@@ -470,6 +475,8 @@ def _held(s: _Shape, p: dict, b: int, targets: tuple[str, ...], copies: int, ref
     if reference:
         where = "host" if p["offload"] or p["reference_host"] else "device"
         parts.append(Part(f"the unpruned model ({reference})", "weights", weights, where))
+    if judge:
+        parts.append(Part("the semantic judge (all-MiniLM-L6-v2 and its libraries)", "weights", JUDGE_BYTES, "host"))
     if p["int8_level"]:  # its projections follow the held model's: scaled by its size when that is a checkpoint
         parts.append(Part("INT8 level's copy (built one layer at a time)", "weights",
                           _int8_copy(s, cpu, b) * held / weights, home))
@@ -546,7 +553,7 @@ def _plan(model_or_config, name: str, ops: tuple[str, ...], targets: tuple[str, 
                          "DEVICE=cuda (or 'auto' on a machine with a GPU); on a CPU use OFFLOAD='off'")
     dtype = _dtype(p["dtype"], device)
     b = torch.empty(0, dtype=dtype).element_size()
-    held = _held(s, p, b, targets, copies, reference, device.type == "cpu")
+    held = _held(s, p, b, targets, copies, reference, device.type == "cpu", name in JUDGE_STAGES)
     options = {op: _op_parts(s, op, p, b, targets, device.type == "cuda") for op in ops}
     blocked = ""
     if p["offload"]:
