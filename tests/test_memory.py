@@ -233,7 +233,6 @@ def test_side_windows_of_the_plan_are_the_measured_ones():
         assert inspect.signature(fn).parameters["seq_len"].default == memory_plan.SIDE_SEQ_LEN
 
 
-
 def test_a_perplexity_batch_is_planned_for_the_windows_there_are():
     """`metrics.perplexity` batches at most the windows its chunks hold: stage 05 scores the sweeps' chunks only
     (SWEEP_EVAL_MAX_TOKENS), the others the evaluation chunks (EVAL_MAX_TOKENS); fewer tokens than a batch of windows

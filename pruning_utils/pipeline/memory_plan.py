@@ -636,10 +636,9 @@ def plan_stage(config, stage: str, **params) -> MemoryPlan:
     p["reference_host"] = bool(p["reference_host"] and reference)
     if stage == "06" and p["rows_known"]:  # perplexity and KL come from the rows: the side texts' windows remain
         p = dict(p, eval_seq_len=min(p["eval_seq_len"], SIDE_SEQ_LEN), kl=False)
-    elif p["sweep_tokens" if stage == "05" else "eval_tokens"]:
+    elif tokens := p["sweep_tokens" if stage == "05" else "eval_tokens"]:
         # a perplexity batch holds at most the windows there are (05 scores the sweeps' chunks only)
-        windows = math.ceil(int(p["sweep_tokens" if stage == "05" else "eval_tokens"]) / p["eval_seq_len"])
-        p["eval_batch"] = max(1, min(p["eval_batch"], windows))
+        p["eval_batch"] = max(1, min(p["eval_batch"], math.ceil(int(tokens) / p["eval_seq_len"])))
     if p["reference_host"] and p["kl"]:
         ops += ("reference_walk",)
     copies = p["copies"] if p["copies"] is not None else _COPIES[stage]
