@@ -24,6 +24,7 @@ from typing import Callable
 
 import pandas as pd
 
+from benchmarks.semantic_refit import EARLIER_RECIPE
 from pruning_utils.paths import PROJECT_ROOT, ablation_dir, results_dir
 from pruning_utils.pipeline.profiles import DEFAULTS, PROFILES
 from pruning_utils.pipeline.stages import STAGES
@@ -175,15 +176,16 @@ _NO_SEMANTIC_REFIT = "_No `semantic_refit.csv` yet: `python3 -m benchmarks.seman
 
 
 def semantic_refit() -> str:
-    """Return `benchmarks/semantic_refit.py`: per head (S1: neuron) criterion and shape, in-domain / fidelity /
-    held-out English perplexity after the default refit."""
+    """Return `benchmarks/semantic_refit.py`: per head (S1: neuron) criterion, calibration source and shape,
+    in-domain / fidelity / held-out English perplexity after the default refit."""
     if not (ablation_dir() / "semantic_refit.csv").exists():
         return _NO_SEMANTIC_REFIT
     df = _csv("semantic_refit")
-    table = df.pivot_table(index="criterion", columns="shape", values=["ppl", "fidelity_ppl", "heldout_ppl"],
-                           sort=False)
+    df = df[df["shape"] != "baseline"]
+    table = df.pivot_table(index=["criterion", "calibration_source"], columns="shape",
+                           values=["ppl", "fidelity_ppl", "heldout_ppl"], sort=False)
     table.columns = [f"{shape} {metric}" for metric, shape in table.columns]
-    order = [f"{s} {m}" for s in ("baseline", "S1", "S2", "S3") for m in ("ppl", "fidelity_ppl", "heldout_ppl")]
+    order = [f"{s} {m}" for s in ("S1", "S2", "S3") for m in ("ppl", "fidelity_ppl", "heldout_ppl")]
     return _md(table[[c for c in order if c in table.columns]].reset_index(), 3)
 
 
@@ -636,26 +638,30 @@ def _heldout_reading(df, b) -> str:
 
 
 def semantic_refit_readings() -> str:
-    """Return whether `semantic_refit` is at least as good as the default head criterion in-domain AND on fidelity at
-    S2 and S3 (issue 34's rule for making it the saved recipe's), from semantic_refit.csv."""
+    """Return whether the saved recipe's heads (MAIN_HEAD_CRITERION scored and refit on TEXT_SOURCE) are at least as
+    good as the earlier recipe's (fluctuation on 'embedded:0.75+selfgen:0.25') in-domain AND on fidelity at S2 and S3
+    (issue 34's rule), from semantic_refit.csv."""
     if not (ablation_dir() / "semantic_refit.csv").exists():
         return _NO_SEMANTIC_REFIT
     df = _csv("semantic_refit")
-    default = DEFAULTS["MAIN_HEAD_CRITERION"]
+    recipes = {"saved": (DEFAULTS["MAIN_HEAD_CRITERION"], DEFAULTS["TEXT_SOURCE"]), "earlier": EARLIER_RECIPE}
     lines, wins = [], True
     for shape in ("S2", "S3"):
         rows = df[df["shape"] == shape].set_index("variant")
-        new, old = rows.loc[f"{shape}-semantic_refit"], rows.loc[f"{shape}-{default}"]
+        found = {k: f"{shape}-{c}@{src}" for k, (c, src) in recipes.items()}
+        if not all(v in rows.index for v in found.values()):
+            missing = [v for v in found.values() if v not in rows.index]
+            return f"_Rows {', '.join(missing)} missing: `python3 -m benchmarks.semantic_refit --source SOURCE`._\n"
+        new, old = rows.loc[found["saved"]], rows.loc[found["earlier"]]
         ok = new["ppl"] <= old["ppl"] and new["fidelity_ppl"] <= old["fidelity_ppl"]
         wins = wins and ok
-        lines.append(f"- {shape}: `semantic_refit` in-domain {new['ppl']:.2f}, fidelity {new['fidelity_ppl']:.2f}, "
-                     f"held-out English {new['heldout_ppl']:.2f}; `{default}` {old['ppl']:.2f}, "
-                     f"{old['fidelity_ppl']:.2f}, {old['heldout_ppl']:.2f}: "
-                     + ("at least as good on both." if ok else "not at least as good on both."))
-    verdict = (f"`semantic_refit` meets the rule: it should be the saved recipe's head criterion (MAIN_HEAD_CRITERION "
-               f"is `{default}`)." if wins else
-               f"`semantic_refit` does not meet the rule at both shapes, so the saved recipe keeps `{default}` "
-               "(MAIN_HEAD_CRITERION).")
+        lines.append(f"- {shape}: `{recipes['saved'][0]}` on `{recipes['saved'][1]}` in-domain {new['ppl']:.2f}, "
+                     f"fidelity {new['fidelity_ppl']:.2f}, held-out English {new['heldout_ppl']:.2f}; "
+                     f"`{EARLIER_RECIPE[0]}` on `{EARLIER_RECIPE[1]}` {old['ppl']:.2f}, {old['fidelity_ppl']:.2f}, "
+                     f"{old['heldout_ppl']:.2f}: "
+                     + ("at least as good on both." if ok else "NOT at least as good on both."))
+    verdict = ("The saved recipe's heads meet the rule against the earlier recipe's." if wins else
+               "The saved recipe's heads do NOT meet the rule against the earlier recipe's: revisit the defaults.")
     return "\n".join(lines) + f"\n\n{verdict} (Rows of `results/ablation_studies/semantic_refit.csv`.)\n"
 
 

@@ -75,9 +75,10 @@ SCHEMAS: dict[str, TableSchema] = {
         {"variant": "text", **_t("method:text base:text form:text saved:bool nonzero_params_non_embedding:int "
                                  "applicable:bool note:text?"), **_variants()},
         ("variant", "eval_tokens"), _LATENCY, variants=True),
-    # benchmarks/semantic_refit.py: the main head criterion against semantic_refit, per shape
+    # benchmarks/semantic_refit.py: fluctuation against semantic_refit, per shape and calibration source
     "semantic_refit.csv": TableSchema(_variants(heldout_ppl="float", kl_to_baseline="float", shape="text",
-                                                build_s="float"), ("variant",), ("build_s",), variants=True),
+                                                calibration_source="text", build_s="float"), ("variant",),
+                                      ("build_s",), variants=True, merges_runs=True),  # a run per source
     "calibration_sources.csv": TableSchema(
         _variants(calibration_source="text?", shape="text", build_s="float"), ("variant",),
         _LATENCY + ("build_s",), variants=True),

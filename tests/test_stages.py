@@ -324,10 +324,12 @@ def test_an_encoder_run_times_itself_apart_from_the_default_run(tmp_path, monkey
 
 
 def test_one_parameter_chooses_the_saved_recipes_criterion():
-    params = stages.resolve_parameters("default", {"MAIN_HEAD_CRITERION": "semantic_refit"}, environ={})
-    assert stages.as_list(params["CRITERIA"])[-1] == "semantic_refit"  # notebook 00 computes it
+    assert "semantic_refit" not in stages.as_list(stages.PROFILES["default"]["CRITERIA"])
     default = stages.resolve_parameters("default", {}, environ={})
-    assert default["CRITERIA"] == stages.PROFILES["default"]["CRITERIA"]  # already there: unchanged
+    assert stages.PROFILES["default"]["MAIN_HEAD_CRITERION"] == "semantic_refit"
+    assert stages.as_list(default["CRITERIA"])[-1] == "semantic_refit"  # notebook 00 computes it
+    params = stages.resolve_parameters("default", {"MAIN_HEAD_CRITERION": "fluctuation"}, environ={})
+    assert params["CRITERIA"] == stages.PROFILES["default"]["CRITERIA"]  # already there: unchanged
     thorough = stages.resolve_parameters("thorough", {}, environ={})
     assert "obs" not in stages.as_list(thorough["CRITERIA"])  # obs comes from the Grams of 02 / 03
 

@@ -115,16 +115,18 @@ class Limit:
         return "out of range" if below or above else None
 
 
-# semantic_refit is left out of the default run: its exact ablations cost more than a stage of their own on the
-# CPU, and its scores serve only the refit (the sweeps remove plainly); benchmarks/semantic_refit.py compares it
+# semantic_refit, the saved recipe's head criterion, joins CRITERIA through MAIN_HEAD_CRITERION
+# (stages.with_main_criteria); benchmarks/semantic_refit.py compares it with fluctuation
 _CRITERIA = "random,magnitude,activation,fluctuation,taylor,tfidf,tfidf_topic,semantic,mix"
 
 PARAMS: dict[str, Param] = {
     "PROFILE": Param("default", str, "name of the profile these values come from (set by --profile, informational)"),
     # model, data, device
     "MODEL": Param("smollm2-135m", str, "embedded default; or a hub id such as Qwen/Qwen2.5-0.5B, or a local folder"),
-    # the mixture with the best fidelity per in-domain cost: calibration_sources.csv (benchmarks/calibration_sources.py)
-    "TEXT_SOURCE": Param("embedded:0.75+selfgen:0.25", str,
+    # with semantic_refit heads, the mixture better than the earlier recipe (fluctuation, 0.75 / 0.25) in-domain AND
+    # on fidelity at S2 and S3: semantic_refit.csv (benchmarks/semantic_refit.py; calibration_sources.csv for
+    # fluctuation alone)
+    "TEXT_SOURCE": Param("embedded:0.5+selfgen:0.5", str,
                          "embedded | wikitext2 | file.txt|.csv|.jsonl, mixed with selfgen: "
                          "'embedded:0.5+selfgen:0.5' (calibration mix; evaluation uses the text parts)"),
     "SELFGEN_TEMPERATURE": Param(1.0, float, "sampling temperature of the self-generated text (selfgen, fidelity)"),
@@ -177,7 +179,8 @@ PARAMS: dict[str, Param] = {
     "SEARCH_ITERATIONS": Param(80, int, "search allocation: candidates tried (benchmarks/search_heldout.py)"),
     "SEARCH_WINDOWS": Param(16, int, "search allocation: held-out KL windows, every part of TEXT_SOURCE alike"),
     "SEARCH_GROUP": Param(32, int, "search allocation: MLP neurons moved per step (kept widths stay multiples)"),
-    "MAIN_HEAD_CRITERION": Param("fluctuation", str, "best with the lstsq refit (benchmarks/quality.py)"),
+    "MAIN_HEAD_CRITERION": Param("semantic_refit", str, "KL of the predictions after removing a head and refitting "
+                                                       "o_proj (benchmarks/semantic_refit.py)"),
     "MAIN_MLP_CRITERION": Param("fluctuation", str, "criterion of the saved MLP-pruned models"),
     "RECONSTRUCTION": Param("lstsq", str, "none | bias | lstsq: refit o_proj / down_proj on calibration activations"),
     "RECON_OPTIONS": Param("none,lstsq", str, "reconstructions compared for the main criterion, comma-separated"),
@@ -459,8 +462,11 @@ PROFILES: dict[str, dict] = {
                   # the thorough recipe's path (obs heads, searched counts, non-uniform checkpoints downstream)
                   MAIN_HEAD_CRITERION="obs", ALLOCATION="search", SEARCH_ITERATIONS=6, SEARCH_WINDOWS=2, SEARCH_GROUP=8,
                   **_BOTH_RECOVERED),
-    # Kaggle/Colab T4 or P100 (fp16), hub models, WikiText-2; LORA_LR 1e-3 is the rate these profiles were run with
+    # Kaggle/Colab T4 or P100 (fp16), hub models, WikiText-2; LORA_LR 1e-3 is the rate these profiles were run with;
+    # heads by fluctuation, the criterion their memory plans and rehearsals cover (semantic_refit's exact ablations,
+    # heads x windows forwards, are neither planned nor rehearsed at that scale)
     "kaggle-qwen2.5-0.5b": dict(DEFAULTS, MODEL="Qwen/Qwen2.5-0.5B", TEXT_SOURCE="wikitext2:0.75+selfgen:0.25",
+                                MAIN_HEAD_CRITERION="fluctuation",
                                 N_CALIB=128,
                                 CALIB_SEQ_LEN=512, EVAL_SEQ_LEN=1024, EVAL_MAX_TOKENS=None, SWEEP_EVAL_MAX_TOKENS=65536,
                                 CRITERIA=_SMOKE_CRITERIA, HEAD_SWEEP="0.2,0.4", MLP_SWEEP="0.125,0.25,0.5",
@@ -473,6 +479,7 @@ PROFILES: dict[str, dict] = {
     # per micro-batch (the fp32 logits of the LM loss grow with it) and the plain LM loss (distillation would add
     # the teacher's logits)
     "kaggle-qwen2.5-3b": dict(DEFAULTS, MODEL="Qwen/Qwen2.5-3B-Instruct", TEXT_SOURCE="wikitext2:0.75+selfgen:0.25",
+                              MAIN_HEAD_CRITERION="fluctuation",
                               CALIB_SEQ_LEN=512,
                               EVAL_SEQ_LEN=1024, EVAL_MAX_TOKENS=131072, SWEEP_EVAL_MAX_TOKENS=32768,
                               CRITERIA="random,magnitude,activation,fluctuation,semantic", HEAD_RATE=0.25,
@@ -483,7 +490,8 @@ PROFILES: dict[str, dict] = {
     # stages 00-03 in offload mode (16 GiB of fp16 weights stay on the host, one layer at a time on the T4), so no
     # gradient criteria; see tests/test_kaggle_plans.py for what 04 / 06 need
     "kaggle-llama-3.1-8b": dict(DEFAULTS, MODEL="meta-llama/Llama-3.1-8B-Instruct",
-                                TEXT_SOURCE="wikitext2:0.75+selfgen:0.25", CALIB_SEQ_LEN=512, EVAL_SEQ_LEN=1024,
+                                TEXT_SOURCE="wikitext2:0.75+selfgen:0.25", MAIN_HEAD_CRITERION="fluctuation",
+                                CALIB_SEQ_LEN=512, EVAL_SEQ_LEN=1024,
                                 EVAL_MAX_TOKENS=65536, SWEEP_EVAL_MAX_TOKENS=16384,
                                 CRITERIA="random,magnitude,activation,fluctuation", HEAD_RATE=0.25, HEAD_SWEEP="0.25",
                                 MLP_SWEEP="0.25", LATENCY_SEQ_LEN=1024, LATENCY_REPEATS=3, DECODE_TOKENS=32,
@@ -506,7 +514,9 @@ PROFILES["thorough"] = dict(DEFAULTS, MAIN_HEAD_CRITERION="obs", MAIN_MLP_CRITER
 # a demonstration of the whole chain on the embedded model in minutes: fewer windows, prompts, criteria and variants.
 # Its numbers are not the reference ones: it writes to results/quick/ and models/quick/ (DEMONSTRATIONS), never over
 # the committed results.
-PROFILES["quick"] = dict(DEFAULTS, TEXT_SOURCE="embedded", N_CALIB=16, CALIB_SEQ_LEN=128, EVAL_SEQ_LEN=256,
+# Heads by fluctuation: semantic_refit's exact ablations would be the longest step of its stage 00 on a CPU.
+PROFILES["quick"] = dict(DEFAULTS, TEXT_SOURCE="embedded", MAIN_HEAD_CRITERION="fluctuation", N_CALIB=16,
+                         CALIB_SEQ_LEN=128, EVAL_SEQ_LEN=256,
                          EVAL_MAX_TOKENS=4096, RECOVERY_SEQ_LEN=128, RECOVERY_BATCH=2,
                          SWEEP_EVAL_MAX_TOKENS=1024, FIDELITY_TOKENS=1024, HELDOUT_TOKENS=1024, SELFGEN_BATCH=4,
                          PEAK_MEMORY=False,
