@@ -15,7 +15,7 @@ At most one epoch: the embedded text's calibration split holds 350 windows of 25
 budget beyond what the data holds is refused before any training.
 Writes results/ablation_studies/recovery_budget.csv (merged by budget: a stopped sweep keeps what it measured)
 and its curve, results/benchmarks/recovery_budget.png.
-Usage: python3 -m benchmarks.recovery_budget [--name mix_pruned] [--steps 16,32,64,120] [--lr 2e-3]
+Usage: python3 -m benchmarks.recovery_budget [--name mix_pruned] [--steps 16,32,64,120] [--lr 2e-3] [--temperature 1]
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from pruning_utils.recovery.bench import RecoveryBench, budget_curve, recovery_c
 
 D = profiles.DEFAULTS
 PLOT = "recovery_budget.png"
-KEY = ["model", "loss", "data", "lr", "steps"]  # rows merged by these: a run of other budgets keeps the measured ones
+KEY = ["model", "loss", "data", "lr", "temperature", "steps"]  # rows merged by these: a run of other budgets keeps the measured ones
 
 
 def save_curve(table: pd.DataFrame) -> Path:
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", default="16,32,64,120", help="optimizer-step budgets, comma-separated")
     ap.add_argument("--lr", type=float, default=D["LORA_LR"])
     ap.add_argument("--loss", default=D["RECOVERY_LOSS"])
+    ap.add_argument("--temperature", type=float, default=D["RECOVERY_TEMPERATURE"], help="of the distillation KL")
     ap.add_argument("--data", default=D["RECOVERY_DATA"])
     ap.add_argument("--model", default=D["MODEL"])
     ap.add_argument("--text-source", default=D["TEXT_SOURCE"])
@@ -63,13 +64,14 @@ def main(argv: list[str] | None = None) -> None:
     pruned, _ = load_pruned(args.name, device="cpu", dtype="float32")
     bench = RecoveryBench(D, args.model, args.text_source, args.n_prompts, args.seed)
     known = read_checkpoint_meta(args.name)["extra"]
-    config = lambda n: recovery_config(D, n, args.lr, args.loss, args.seed)  # noqa: E731
+    params = dict(D, RECOVERY_TEMPERATURE=args.temperature)
+    config = lambda n: recovery_config(params, n, args.lr, args.loss, args.seed)  # noqa: E731
     # a budget beyond one epoch of the training text fails here, before any training (saying how many fit)
     bench.windows(args.data)(max(steps) * config(max(steps)).batch_size)
     rows: list[dict] = []
 
     def measure(model, stats: dict | None) -> dict:
-        row = dict(model=args.name, loss=args.loss, data=args.data, lr=args.lr,
+        row = dict(model=args.name, loss=args.loss, data=args.data, lr=args.lr, temperature=args.temperature,
                    **bench.measure(model, args.name, stats, known=None if stats else known))
         rows.append(row)
         print(pd.DataFrame([row]).round(3).to_string(index=False), flush=True)

@@ -150,11 +150,13 @@ SCHEMAS: dict[str, TableSchema] = {
         "ppl_after:float damage_recovered_pct:float minutes:float train_tokens_per_s:float device:text dtype:text "
         "load_avg:float commit:text"), ("model",), ("minutes", "train_tokens_per_s")),
     "recovery_budget.csv": TableSchema(_t(
-        "model:text loss:text data:text lr:float ppl:float fidelity_ppl:float heldout_ppl:float kl_to_baseline:float "
+        "model:text loss:text data:text lr:float temperature:float? ppl:float fidelity_ppl:float "
+        "heldout_ppl:float kl_to_baseline:float "
         "semantic_cosine:float semantic_ci_low:float semantic_ci_high:float first_sentence_match:float "
         "rouge_l_f1:float bertscore_f1_minilm_l6:float n_prompts:int steps:int tokens_seen:int "
         "heldout_loss_before:float? heldout_loss_after:float? train_minutes:float load_avg:float device:text "
-        "commit:text"), ("model", "loss", "data", "lr", "steps"), ("train_minutes",), merges_runs=True),
+        "commit:text"), ("model", "loss", "data", "lr", "temperature", "steps"), ("train_minutes",),
+        merges_runs=True),  # rows before the temperature column: distilled at 2
     "recovery_mix_pruned_loss.csv": TableSchema(_t("step:int loss:float lr:float device:text commit:text"), ("step",)),
     "recovery_sources.csv": TableSchema(_t(
         "model:text loss:text data:text ppl:float fidelity_ppl:float heldout_ppl:float kl_to_baseline:float "

@@ -324,12 +324,10 @@ def test_an_encoder_run_times_itself_apart_from_the_default_run(tmp_path, monkey
 
 
 def test_one_parameter_chooses_the_saved_recipes_criterion():
-    assert "semantic_refit" not in stages.as_list(stages.PROFILES["default"]["CRITERIA"])
+    params = stages.resolve_parameters("default", {"CRITERIA": "magnitude,fluctuation"}, environ={})
+    assert stages.as_list(params["CRITERIA"]) == ["magnitude", "fluctuation", "semantic_refit"]  # 00 computes it
     default = stages.resolve_parameters("default", {}, environ={})
-    assert stages.PROFILES["default"]["MAIN_HEAD_CRITERION"] == "semantic_refit"
-    assert stages.as_list(default["CRITERIA"])[-1] == "semantic_refit"  # notebook 00 computes it
-    params = stages.resolve_parameters("default", {"MAIN_HEAD_CRITERION": "fluctuation"}, environ={})
-    assert params["CRITERIA"] == stages.PROFILES["default"]["CRITERIA"]  # already there: unchanged
+    assert default["CRITERIA"] == stages.PROFILES["default"]["CRITERIA"]  # already there: unchanged
     thorough = stages.resolve_parameters("thorough", {}, environ={})
     assert "obs" not in stages.as_list(thorough["CRITERIA"])  # obs comes from the Grams of 02 / 03
 

@@ -24,7 +24,7 @@ chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=
 RUN.prepare_reference(base_model, chunks)
 cfg = lora.RecoveryConfig(r=LORA_R, alpha=LORA_ALPHA, lr=LORA_LR, max_steps=RECOVERY_STEPS, batch_size=RECOVERY_BATCH,
                           grad_accum=GRAD_ACCUM, seq_len=RECOVERY_SEQ_LEN, loss=RECOVERY_LOSS,
-                          grad_checkpointing=GRAD_CHECKPOINTING, seed=SEED)
+                          temperature=RECOVERY_TEMPERATURE, grad_checkpointing=GRAD_CHECKPOINTING, seed=SEED)
 n_windows = RECOVERY_STEPS * RECOVERY_BATCH * GRAD_ACCUM
 # other windows of the calibration split (seed + 1); self-generated parts reuse notebook 00's cached samples
 train = training_data.training_windows(RECOVERY_DATA, tok, TEXT_SOURCE, n_windows, RECOVERY_SEQ_LEN, base_model,

@@ -115,9 +115,8 @@ class Limit:
         return "out of range" if below or above else None
 
 
-# semantic_refit, the saved recipe's head criterion, joins CRITERIA through MAIN_HEAD_CRITERION
-# (stages.with_main_criteria); benchmarks/semantic_refit.py compares it with fluctuation
-_CRITERIA = "random,magnitude,activation,fluctuation,taylor,tfidf,tfidf_topic,semantic,mix"
+# semantic_refit: the saved recipe's head criterion (benchmarks/semantic_refit.py compares it with fluctuation)
+_CRITERIA = "random,magnitude,activation,fluctuation,taylor,tfidf,tfidf_topic,semantic,semantic_refit,mix"
 
 PARAMS: dict[str, Param] = {
     "PROFILE": Param("default", str, "name of the profile these values come from (set by --profile, informational)"),
@@ -209,6 +208,8 @@ PARAMS: dict[str, Param] = {
     "RECOVERY_BATCH": Param(4, int, "windows per optimizer micro-batch"),
     "RECOVERY_SEQ_LEN": Param(256, int, "tokens per training window"),
     "GRAD_ACCUM": Param(1, int, "micro-batches per optimizer step"),
+    "RECOVERY_TEMPERATURE": Param(1.0, float, "softmax temperature of the distillation KL (distill, mix): 1 matches "
+                                              "the distribution the model samples from (issue 34's recovery runs)"),
     "LORA_R": Param(8, int, "LoRA rank"),
     "LORA_ALPHA": Param(16, int, "LoRA scaling: the update is multiplied by alpha / r"),
     "LORA_LR": Param(2e-3, float, "LoRA learning rate (benchmarks/recovery_budget.py)"),
@@ -378,7 +379,7 @@ LIMITS: dict[str, Limit] = {
     "RECON_OPTIONS": Limit(choices=("none", "bias", "lstsq"), each=True, nonempty=True), "RIDGE_RATIO": Limit(0),
     "RECOVERY_STEPS": COUNT, "RECOVERY_LOSS": Limit(choices=("lm", "distill", "mix")),
     "RECOVERY_DATA": Limit(choices=("text", "selfdistill", "selfdistill+text")), "RECOVERY_BATCH": COUNT,
-    "RECOVERY_SEQ_LEN": Limit(2), "GRAD_ACCUM": COUNT, "LORA_R": COUNT, "LORA_ALPHA": COUNT, "LORA_LR": POSITIVE,
+    "RECOVERY_SEQ_LEN": Limit(2), "RECOVERY_TEMPERATURE": POSITIVE, "GRAD_ACCUM": COUNT, "LORA_R": COUNT, "LORA_ALPHA": COUNT, "LORA_LR": POSITIVE,
     "COMPRESS_TARGET_FROM": TEXT, "COMPRESS_CALIB_WINDOWS": COUNT,
     "COMPRESS_DEPTH_CRITERIA": Limit(choices=("block_influence", "angular", "semantic"), each=True),
     "COMPRESS_DEPTH_SEMANTIC_WINDOWS": COUNT,
@@ -427,6 +428,7 @@ NOTEBOOK_PARAMS: dict[str, tuple[str, ...]] = {
     "04_recovery_lora.ipynb": tuple(n for n in _COMMON
                                     if n not in ("N_CALIB", "CALIB_SEQ_LEN", "SWEEP_EVAL_MAX_TOKENS"))
     + ("RECOVERY_MODELS", "RECOVERY_STEPS", "RECOVERY_LOSS", "RECOVERY_DATA", "RECOVERY_BATCH", "RECOVERY_SEQ_LEN",
+       "RECOVERY_TEMPERATURE",
        "GRAD_ACCUM", "LORA_R", "LORA_ALPHA", "LORA_LR", "GRAD_CHECKPOINTING", "INSTRUCTION_JSONL", "N_PROMPTS",
        "MAX_NEW_TOKENS", "OFFLOAD"),
     "05_adaptive_runtime.ipynb": ("PROFILE", "MODEL", "TEXT_SOURCE", "DEVICE", "DTYPE", "SEED", "N_CALIB",

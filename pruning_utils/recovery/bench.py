@@ -26,7 +26,7 @@ def recovery_config(params: Mapping[str, Any], steps: int, lr: float, loss: str,
     """Return notebook 04's LoRA settings under a profile's `params` for `steps` optimizer steps at rate `lr`."""
     return lora.RecoveryConfig(r=params["LORA_R"], alpha=params["LORA_ALPHA"], lr=lr, max_steps=steps,
                                batch_size=params["RECOVERY_BATCH"], seq_len=params["RECOVERY_SEQ_LEN"], loss=loss,
-                               seed=seed)
+                               temperature=params["RECOVERY_TEMPERATURE"], seed=seed)
 
 
 def budget_curve(pruned, teacher, windows: Callable[[int], torch.Tensor], steps: list[int],
