@@ -31,7 +31,8 @@ from pruning_utils.recovery.bench import RecoveryBench, budget_curve, recovery_c
 
 D = profiles.DEFAULTS
 PLOT = "recovery_budget.png"
-KEY = ["model", "loss", "data", "lr", "temperature", "steps"]  # rows merged by these: a run of other budgets keeps the measured ones
+# rows merged by these: a run of other budgets keeps the measured ones
+KEY = ["model", "loss", "data", "lr", "temperature", "steps"]
 
 
 def save_curve(table: pd.DataFrame) -> Path:
