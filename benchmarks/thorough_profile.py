@@ -17,7 +17,8 @@ This reads head_pruned / mlp_pruned / mix_pruned from each folder's head_pruning
 minutes of stages 02 and 03 from its run_time.csv and the calibration tokens and ridge from its stage stamps
 (`results/stages/*.json`; where a folder has none, the profile's declared values), and writes
 results/ablation_studies/thorough_profile.csv.
-Usage: python3 -m benchmarks.thorough_profile --thorough DIR [--default results] [--out CSV]
+After a new default run alone, `python3 -m benchmarks.thorough_profile` reads its rows again beside the kept
+thorough ones. Usage: python3 -m benchmarks.thorough_profile [--thorough DIR] [--default results] [--out CSV]
 """
 from __future__ import annotations
 
@@ -76,12 +77,19 @@ def profile_rows(folder: Path, profile: str) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--thorough", required=True, help="results folder of the thorough run of notebooks 02/03")
+    ap.add_argument("--thorough", help="results folder of the thorough run of notebooks 02/03; without it the "
+                                       "thorough rows of --out are kept and only the default rows are read again")
     ap.add_argument("--default", default=str(PROJECT_ROOT / "results"), help="results folder of the default run")
     ap.add_argument("--out", default=str(paths.ablation_dir() / "thorough_profile.csv"))
     args = ap.parse_args(argv)
-    table = pd.concat([profile_rows(Path(args.default), "default"), profile_rows(Path(args.thorough), "thorough")],
-                      ignore_index=True)
+    if args.thorough:
+        thorough = profile_rows(Path(args.thorough), "thorough")
+    else:
+        kept = pd.read_csv(args.out) if Path(args.out).exists() else pd.DataFrame(columns=["profile"])
+        thorough = kept[kept["profile"] == "thorough"]
+        if thorough.empty:
+            raise SystemExit(f"{args.out} holds no thorough rows to keep: give --thorough DIR (see the docstring)")
+    table = pd.concat([profile_rows(Path(args.default), "default"), thorough], ignore_index=True)
     results.write_csv(table, args.out)
     print(table.drop(columns=["query_heads", "intermediate"]).to_markdown(index=False, floatfmt=".3f"))
 

@@ -53,3 +53,16 @@ def test_unfinished_folders_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="run notebooks 02 and 03"):
         thorough_profile.main(["--thorough", str(tmp_path / "empty"), "--default", str(default), "--out", str(out)])
     assert not out.exists()
+
+
+def test_a_new_default_run_alone_keeps_the_thorough_rows(tmp_path):
+    thorough = _folder(tmp_path / "thorough", 8.0, stamp=dict(N_CALIB=448, CALIB_SEQ_LEN=256, RIDGE_RATIO=1e-4))
+    out = tmp_path / "thorough_profile.csv"
+    with pytest.raises(SystemExit, match="no thorough rows"):
+        thorough_profile.main(["--default", str(_folder(tmp_path / "d1", 10.0)), "--out", str(out)])
+    thorough_profile.main(["--thorough", str(thorough), "--default", str(tmp_path / "d1"), "--out", str(out)])
+    thorough_profile.main(["--default", str(_folder(tmp_path / "d2", 20.0)), "--out", str(out)])
+    table = pd.read_csv(out)
+    assert list(table["profile"]) == ["default"] * 3 + ["thorough"] * 3
+    assert list(table["ppl"]) == [20.0, 21.0, 22.0, 8.0, 9.0, 10.0]  # the new default rows, the kept thorough ones
+    assert list(table["calib_tokens"][3:]) == [114688] * 3
