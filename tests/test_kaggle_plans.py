@@ -101,6 +101,10 @@ def test_held_bytes_come_from_saved_checkpoints_and_uniform_estimates(models_dir
     assert saved == sum(p.numel() for p in model.parameters()) * 4  # mix_pruned_lora: rates 0 -> the whole model
     assert memory_plan.held_model_bytes(["mix_pruned"], {}, config, 4) == memory_plan.checkpoint_bytes(folder, 4)
     assert memory_plan.held_model_bytes(["depth_pruned"], {}, config, 2) is None
+    # the saved checkpoint is of another model than the planned one (a wider hidden size): the rates' estimate
+    other = dict(config, hidden_size=2 * config["hidden_size"])
+    assert memory_plan.held_model_bytes(["mix_pruned"], rates, other, 2) != memory_plan.checkpoint_bytes(folder, 2)
+    assert memory_plan.held_model_bytes(["mix_pruned"], rates, other, 2) > estimate
 
 
 def test_profile_plan_table_has_a_row_per_stage():

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import json
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -785,16 +786,19 @@ def _pruned_bytes(s: _Shape, head_rate: float, mlp_rate: float, b: int) -> float
 
 def held_model_bytes(names: list[str], params: dict, config, dtype_bytes: int) -> float | None:
     """Return the bytes of the largest of checkpoints `names` loaded in a dtype of `dtype_bytes` bytes: read from
-    each one's safetensors headers where it is saved under models/ (`checkpoint_bytes`), else estimated from the rates
-    that make it (HEAD_RATE / MLP_RATE for head_pruned, mlp_pruned, mix_pruned and their `_lora`); None when no name
-    is given or one is neither (the whole model's bytes are planned then)."""
+    each one's safetensors headers where it is saved under models/ from the planned model (`checkpoint_bytes`; a
+    checkpoint of another model, e.g. the embedded one's while a Kaggle profile is planned, is not read), else
+    estimated from the rates that make it (HEAD_RATE / MLP_RATE for head_pruned, mlp_pruned, mix_pruned and their
+    `_lora`); None when no name is given or one is neither (the whole model's bytes are planned then)."""
     from pruning_utils.paths import models_dir
     from pruning_utils.pipeline.profiles import DEFAULTS
 
+    planned = _config_dict(config)
     sizes = []
     for name in names:
         folder = models_dir() / name
-        if (folder / "config.json").is_file():
+        if (folder / "config.json").is_file() and _same_model(json.loads((folder / "config.json").read_text()),
+                                                              planned):
             sizes.append(checkpoint_bytes(folder, dtype_bytes))
             continue
         rates = _RATES.get(name.removesuffix("_lora"))
@@ -803,6 +807,13 @@ def held_model_bytes(names: list[str], params: dict, config, dtype_bytes: int) -
         head, mlp = (float(params.get(k, DEFAULTS[k])) * on for k, on in zip(("HEAD_RATE", "MLP_RATE"), rates))
         sizes.append(_pruned_bytes(_shape(config), head, mlp, dtype_bytes))
     return max(sizes) if sizes else None
+
+
+def _same_model(saved: dict, planned: dict) -> bool:
+    """Whether a saved checkpoint's config can be a pruned copy of the planned model: pruning keeps the model type,
+    the hidden size and the vocabulary (heads, neurons and layers may differ)."""
+    keys = ("model_type", "hidden_size", "vocab_size")
+    return all(saved.get(k) == planned.get(k) for k in keys)
 
 
 @dataclass
