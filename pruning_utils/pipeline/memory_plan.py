@@ -716,7 +716,6 @@ def check_plan(plan: MemoryPlan) -> MemoryPlan:
 
 def config_of(spec) -> dict:
     """Return the config dict of a model spec (as `loading.load_model` takes), a config, or a model, without weights."""
-    import json
     from pathlib import Path
 
     if not isinstance(spec, (str, Path)):
@@ -1082,7 +1081,6 @@ if __name__ == "__main__":  # python -m pruning_utils.pipeline.memory_plan --pro
                     "process of its own so that its CUDA context is gone before the notebooks start)")
     args = ap.parse_args()
     if args.preflight is not None:
-        import json
         import sys
 
         print(json.dumps(preflight(json.load(sys.stdin), args.preflight.split(","))))
