@@ -70,12 +70,12 @@ def main(argv: list[str] | None = None) -> None:
     sets = dict(fidelity_chunks=sources.fidelity_chunks(model, tok, n_tokens=d["FIDELITY_TOKENS"], seed=d["SEED"]),
                 heldout_chunks=heldout.heldout_chunks(tok, n_tokens=d["HELDOUT_TOKENS"]), reference_model=model)
     criteria = args.criteria.split(",")
-    try:
-        scores = {c: s for c, s in load_scores(args.scores).items() if c in criteria + [d["MAIN_MLP_CRITERION"]]}
-    except FileNotFoundError:
-        scores = {}
-    if args.source != d["TEXT_SOURCE"]:
-        scores = {}
+    scores = {}
+    if args.source == d["TEXT_SOURCE"]:  # notebook 00's scores are the default source's
+        try:
+            scores = {c: s for c, s in load_scores(args.scores).items() if c in criteria + [d["MAIN_MLP_CRITERION"]]}
+        except FileNotFoundError:
+            pass
     missing = list(dict.fromkeys(c for c in criteria + [d["MAIN_MLP_CRITERION"]] if c not in scores))
     if missing:
         print(f"computing {missing} (not in {args.scores})", flush=True)

@@ -649,8 +649,8 @@ def semantic_refit_readings() -> str:
     for shape in ("S2", "S3"):
         rows = df[df["shape"] == shape].set_index("variant")
         found = {k: f"{shape}-{c}@{src}" for k, (c, src) in recipes.items()}
-        if not all(v in rows.index for v in found.values()):
-            missing = [v for v in found.values() if v not in rows.index]
+        missing = [v for v in found.values() if v not in rows.index]
+        if missing:
             return f"_Rows {', '.join(missing)} missing: `python3 -m benchmarks.semantic_refit --source SOURCE`._\n"
         new, old = rows.loc[found["saved"]], rows.loc[found["earlier"]]
         ok = new["ppl"] <= old["ppl"] and new["fidelity_ppl"] <= old["fidelity_ppl"]
