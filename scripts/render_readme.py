@@ -231,8 +231,8 @@ def quality_benchmark() -> str:
 def recovery_budget() -> str:
     """Return `benchmarks/recovery_budget.py`'s curve: quality against training steps (timings stay in the CSV)."""
     df = _csv("recovery_budget")
-    cols = ["model", "data", "lr", "steps", "tokens_seen", "ppl", "fidelity_ppl", "heldout_ppl", "kl_to_baseline",
-            "semantic_cosine", "rouge_l_f1", "bertscore_f1_minilm_l6"]
+    cols = ["model", "data", "lr", "temperature", "steps", "tokens_seen", "ppl", "fidelity_ppl", "heldout_ppl",
+            "kl_to_baseline", "semantic_cosine", "rouge_l_f1", "bertscore_f1_minilm_l6"]
     return _md(_present(df, cols), 3)
 
 
@@ -681,7 +681,12 @@ def recovery_budget_readings() -> str:
     if len(default):
         parts.append(f"at the default budget (RECOVERY_STEPS, {int(default.iloc[0]['steps'])} steps) "
                      f"{figures(default.iloc[0])}")
-    parts.append(f"after the longest budget measured ({int(df.iloc[-1]['steps'])} steps) {figures(df.iloc[-1])}")
+    thorough = df[df["steps"] == PROFILES["thorough"]["RECOVERY_STEPS"]]
+    if len(thorough) and thorough.index[0] != df.index[-1]:
+        parts.append(f"at the thorough profile's budget ({int(thorough.iloc[0]['steps'])} steps) "
+                     f"{figures(thorough.iloc[0])}")
+    last = "the thorough profile's" if len(thorough) and thorough.index[0] == df.index[-1] else "the longest"
+    parts.append(f"after {last} budget measured ({int(df.iloc[-1]['steps'])} steps) {figures(df.iloc[-1])}")
     return (f"{df.iloc[0]['model']}: " + "; ".join(parts) + f". The unpruned model: in-domain {b['ppl']:.2f}, "
             f"fidelity {b['fidelity_ppl']:.2f}, held-out English {b['heldout_ppl']:.2f}. (Rows of "
             "`results/ablation_studies/recovery_budget.csv` and `baseline.csv`.)\n")

@@ -511,9 +511,10 @@ PROFILES: dict[str, dict] = {
 # obs heads and neurons, per-layer counts searched by KL (benchmarks/search_heldout.py), 448 calibration windows and
 # a smaller ridge (benchmarks/calibration_size.py --sizes 114688 --ridges 1e-4,1e-2 measures that pair), at the cost
 # of obs scores and a search per saved model: its saved models beside the default's, with the minutes, are
-# thorough_profile.csv
+# thorough_profile.csv. Its recovery trains 120 steps (the longest budget of recovery_budget.csv: minutes on a GPU,
+# about 20 on a 2-core CPU).
 PROFILES["thorough"] = dict(DEFAULTS, MAIN_HEAD_CRITERION="obs", MAIN_MLP_CRITERION="obs", ALLOCATION="search",
-                            N_CALIB=448, RIDGE_RATIO=1e-4)
+                            N_CALIB=448, RIDGE_RATIO=1e-4, RECOVERY_STEPS=120)
 # a demonstration of the whole chain on the embedded model in minutes: fewer windows, prompts, criteria and variants.
 # Its numbers are not the reference ones: it writes to results/quick/ and models/quick/ (DEMONSTRATIONS), never over
 # the committed results.
