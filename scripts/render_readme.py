@@ -681,14 +681,18 @@ def recovery_budget_readings() -> str:
     if len(default):
         parts.append(f"at the default budget (RECOVERY_STEPS, {int(default.iloc[0]['steps'])} steps) "
                      f"{figures(default.iloc[0])}")
-    thorough = df[df["steps"] == PROFILES["thorough"]["RECOVERY_STEPS"]]
-    if len(thorough) and thorough.index[0] != df.index[-1]:
-        parts.append(f"at the thorough profile's budget ({int(thorough.iloc[0]['steps'])} steps) "
-                     f"{figures(thorough.iloc[0])}")
-    last = "the thorough profile's" if len(thorough) and thorough.index[0] == df.index[-1] else "the longest"
-    parts.append(f"after {last} budget measured ({int(df.iloc[-1]['steps'])} steps) {figures(df.iloc[-1])}")
+    thorough = int(PROFILES["thorough"]["RECOVERY_STEPS"])
+    if thorough in set(df["steps"]) and thorough != df.iloc[-1]["steps"]:
+        parts.append(f"at the thorough profile's budget ({thorough} steps) "
+                     f"{figures(df[df['steps'] == thorough].iloc[0])}")
+    last = int(df.iloc[-1]["steps"])
+    whose = ", the thorough profile's" if last == thorough else ""
+    parts.append(f"after the longest budget measured ({last} steps{whose}) {figures(df.iloc[-1])}")
+    under = df[df["heldout_ppl"] <= 2 * b["heldout_ppl"]]
+    held = (f" Held-out English is first within 2x the unpruned model's at {int(under.iloc[0]['steps'])} steps."
+            if len(under) else " No budget measured brings held-out English within 2x the unpruned model's.")
     return (f"{df.iloc[0]['model']}: " + "; ".join(parts) + f". The unpruned model: in-domain {b['ppl']:.2f}, "
-            f"fidelity {b['fidelity_ppl']:.2f}, held-out English {b['heldout_ppl']:.2f}. (Rows of "
+            f"fidelity {b['fidelity_ppl']:.2f}, held-out English {b['heldout_ppl']:.2f}.{held} (Rows of "
             "`results/ablation_studies/recovery_budget.csv` and `baseline.csv`.)\n")
 
 

@@ -102,3 +102,23 @@ def test_staleness_on_a_real_git_repo(tmp_path, monkeypatch):
     (tmp_path / "pruning_utils" / "m.py").write_text("x = 2\n")  # an imported module changes after the measurement
     git("commit", "-qam", "three")
     assert report.staleness([measured[:7]], report.last_commit(sources)).startswith("**stale**")
+
+
+def test_recovery_readings_follow_the_curve(tmp_path, monkeypatch):
+    """The readings name the first budget within 2x the baseline's held-out perplexity, from the rows, not by hand."""
+    base = pd.read_csv(report.ablation_dir() / "baseline.csv")
+    base.to_csv(tmp_path / "baseline.csv", index=False)
+    h = float(base["heldout_ppl"].iloc[0])
+    thorough = report.PROFILES["thorough"]["RECOVERY_STEPS"]
+    steps = [0, report.DEFAULTS["RECOVERY_STEPS"], 2 * thorough]
+    rows = pd.DataFrame(dict(model="m", steps=steps, ppl=[20.0, 18.0, 15.0], fidelity_ppl=[40.0, 38.0, 30.0],
+                             heldout_ppl=[3 * h, 1.5 * h, 1.2 * h], semantic_cosine=[0.5, 0.6, 0.7]))
+    rows.to_csv(tmp_path / "recovery_budget.csv", index=False)
+    monkeypatch.setattr(report, "ablation_dir", lambda: tmp_path)
+    text = report.recovery_budget_readings()
+    assert f"within 2x the unpruned model's at {steps[1]} steps" in text
+    assert "thorough profile's budget" not in text  # no row at its budget
+    rows.loc[2, "steps"] = thorough
+    rows.assign(heldout_ppl=3 * h).to_csv(tmp_path / "recovery_budget.csv", index=False)
+    text = report.recovery_budget_readings()
+    assert f"({thorough} steps, the thorough profile's)" in text and "No budget measured" in text
