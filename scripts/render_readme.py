@@ -27,6 +27,7 @@ import pandas as pd
 from benchmarks.semantic_refit import EARLIER_RECIPE
 from pruning_utils.paths import PROJECT_ROOT, ablation_dir, results_dir
 from pruning_utils.pipeline.profiles import DEFAULTS, PROFILES
+from pruning_utils.pipeline.results import STAMP_DTYPE
 from pruning_utils.pipeline.stages import STAGES
 
 MARKER = re.compile(r"(?P<open><!-- (?P<kind>table|text):(?P<name>[\w-]+) -->\n)(?P<body>.*?)"
@@ -46,7 +47,7 @@ def _csv(name: str) -> pd.DataFrame:
     path = ablation_dir() / f"{name}.csv"
     if not path.exists():
         raise FileNotFoundError(f"`{_shown(path)}` is missing: run `bash run_all.sh` (or the benchmark that writes it)")
-    return pd.read_csv(path)
+    return pd.read_csv(path, dtype=STAMP_DTYPE)
 
 
 def _json(path: Path) -> dict:
@@ -436,7 +437,8 @@ def kaggle_rehearsal() -> str:
     if not path.exists():
         return ("_No `kaggle_rehearsal.csv` yet: `python3 -m benchmarks.kaggle_rehearsal --model shape:qwen2.5-3b` "
                 "writes it._\n")
-    df = pd.read_csv(path, dtype={"stage": str}).sort_values(["model", "stage"], kind="stable")  # "00", not 0
+    df = pd.read_csv(path, dtype={"stage": str, **STAMP_DTYPE})  # "00", not 0
+    df = df.sort_values(["model", "stage"], kind="stable")
     cols = ["model", "profile", "stage", "dtype", "measured_gb", "plan_gb", "ratio", "plan_peak_operation",
             "t4_plan_gb", "t4_fits", "minutes"]
     return _md(_present(df, cols), 2)
@@ -488,7 +490,7 @@ def read_stamp(rel: str) -> Stamp:
     if not path.exists():
         return Stamp(rel, [], "", "", missing=True)
     if path.suffix == ".csv":
-        df = pd.read_csv(path)
+        df = pd.read_csv(path, dtype=STAMP_DTYPE)
         col = lambda *names: next((_distinct(df[n]) for n in names if n in df.columns), [])  # noqa: E731
         versions = [f"{k} {', '.join(col(k))}" for k in VERSION_KEYS if col(k)]
         return Stamp(rel, col("commit", "git_commit"), ", ".join(col("device_name", "device")), "; ".join(versions))

@@ -98,3 +98,16 @@ def test_merge_rows_replaces_measured_keys_and_keeps_older_rows(tmp_path):
     write_csv(merged, path)
     again = merge_rows(pd.DataFrame([dict(shape="S1", ridge=1e-4, ppl=12.8)]), path, ["shape", "ridge"])
     assert sorted(again["ppl"]) == [12.8, 13.0, 19.0]
+
+
+def test_a_numeric_looking_commit_stays_a_commit(tmp_path, monkeypatch):
+    """'0479e15' is 4.79e17 to pandas: merged rows and the docs' stamps keep it as the hash it is."""
+    from scripts import render_readme
+
+    path = tmp_path / "ablation_studies" / "bench.csv"
+    path.parent.mkdir()
+    results.write_csv(pd.DataFrame([dict(k=1, v=1.0, commit="0479e15", device="cpu")]), path)
+    merged = results.merge_rows(pd.DataFrame([dict(k=2, v=2.0, commit="1234567", device="cpu")]), path, ["k"])
+    assert sorted(merged["commit"]) == ["0479e15", "1234567"]
+    monkeypatch.setattr(render_readme, "results_dir", lambda: tmp_path)
+    assert render_readme.read_stamp("ablation_studies/bench.csv").commits == ["0479e15"]

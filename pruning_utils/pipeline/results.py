@@ -18,6 +18,8 @@ from pruning_utils.atomic import atomic_file, write_text_atomic
 
 # every row says where it was measured: the repository's commit and the device (rows that were timed: load_avg too)
 STAMP_COLUMNS = ("commit", "device")
+# a short hash such as "0479e15" or "1234567" is a number to pandas: stamps are read as text
+STAMP_DTYPE = {"commit": str, "git_commit": str}
 
 
 def _frame(df_or_rows) -> pd.DataFrame:
@@ -74,7 +76,7 @@ def merge_rows(new: pd.DataFrame, path: str | Path, key: list[str], dtype: dict 
     new = stamped(new)  # after the merge the stamp columns exist, and `write_csv` would leave the new rows' empty
     if not path.exists():
         return new
-    old = pd.read_csv(path, dtype=dtype)
+    old = pd.read_csv(path, dtype={**STAMP_DTYPE, **(dtype or {})})
     for col in set(key) - set(old.columns):  # rows written before a key column existed: kept, never matched
         old[col] = pd.NA
     measured = set(map(tuple, new[key].astype(str).values))
