@@ -11,8 +11,9 @@ the judge's prompts (all-MiniLM-L6-v2 cosine with its 95% bootstrap interval, RO
 A run is reproducible from `--seed` (the windows, the LoRA initialisation and the order are seeded).
 
 At most one epoch: the embedded text's calibration split holds 350 windows of 256 tokens, so the default data
-(44 self-distillation windows + text windows, 75% of them embedded) caps a budget near 120 steps of batch 4; a
-budget beyond what the data holds is refused before any training.
+(44 self-distillation windows + text windows, TEXT_SOURCE's share of them embedded) caps a budget: near 120 steps of
+batch 4 at a 75%-embedded mixture, more at the half-embedded default; a budget beyond what the data holds is refused
+before any training.
 Writes results/ablation_studies/recovery_budget.csv (merged by budget: a stopped sweep keeps what it measured)
 and its curve, results/benchmarks/recovery_budget.png.
 Usage: python3 -m benchmarks.recovery_budget [--name mix_pruned] [--steps 16,32,64,120] [--lr 2e-3] [--temperature 1]
