@@ -61,7 +61,7 @@ def profile_rows(folder: Path, profile: str) -> pd.DataFrame:
     times = pd.read_csv(table / "run_time.csv").set_index("stage")
     rows = []
     for variant, (csv, stage) in VARIANTS.items():
-        df = pd.read_csv(table / csv)
+        df = pd.read_csv(table / csv, dtype=results.STAMP_DTYPE)
         hit = df[df["variant"] == variant]
         if hit.empty:
             raise SystemExit(f"{table / csv} has no '{variant}' row: stage {stage} did not finish")
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.thorough:
         thorough = profile_rows(Path(args.thorough), "thorough")
     else:
-        kept = pd.read_csv(args.out) if Path(args.out).exists() else pd.DataFrame(columns=["profile"])
+        kept = (pd.read_csv(args.out, dtype=results.STAMP_DTYPE) if Path(args.out).exists()
+                else pd.DataFrame(columns=["profile"]))
         thorough = kept[kept["profile"] == "thorough"]
         if thorough.empty:
             raise SystemExit(f"{args.out} holds no thorough rows to keep: give --thorough DIR (see the docstring)")

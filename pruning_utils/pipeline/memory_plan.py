@@ -796,8 +796,7 @@ def held_model_bytes(names: list[str], params: dict, config, dtype_bytes: int) -
     sizes = []
     for name in names:
         folder = models_dir() / name
-        if (folder / "config.json").is_file() and _same_model(json.loads((folder / "config.json").read_text()),
-                                                              planned):
+        if (folder / "config.json").is_file() and _same_model(config_of(folder), planned):
             sizes.append(checkpoint_bytes(folder, dtype_bytes))
             continue
         rates = _RATES.get(name.removesuffix("_lora"))
