@@ -44,9 +44,9 @@ STAGES = ("00", "02", "03", "04", "05", "06")
 # that set stage 00's peak or that later stages read (`criteria`: every other one adds sweep variants, hours at 3B
 # on a CPU, with the same peak), notebook 03's extra screen rows, 03b's variants and the hub's zero-shot tasks left
 # out. Window lengths, batches, Gram mode, LoRA settings and the rates stay the profile's: they set the peaks.
-CUTS = dict(TEXT_SOURCE="embedded", N_CALIB=4, FIDELITY_TOKENS=512, HELDOUT_TOKENS=512, LATENCY_REPEATS=1,
-            DECODE_TOKENS=4, PEAK_MEMORY=False, SEMANTIC_MAX_WINDOWS=1, RECOVERY_STEPS=2, N_PROMPTS=2,
-            MAX_NEW_TOKENS=4, ZERO_SHOT=False, EXTRA_VARIANTS="", GGUF_EXPORT="", MLP_PRUNING_LAST="",
+CUTS = dict(TEXT_SOURCE="embedded", N_CALIB=4, REFIT_CALIB=4, FIDELITY_TOKENS=512, HELDOUT_TOKENS=512,
+            LATENCY_REPEATS=1, DECODE_TOKENS=4, PEAK_MEMORY=False, SEMANTIC_MAX_WINDOWS=1, RECOVERY_STEPS=2,
+            N_PROMPTS=2, MAX_NEW_TOKENS=4, ZERO_SHOT=False, EXTRA_VARIANTS="", GGUF_EXPORT="", MLP_PRUNING_LAST="",
             LM_HEAD_RATE="", ADAPTIVE_N_PROMPTS=5, ADAPTIVE_NEW_TOKENS=4, ADAPTIVE_EPOCHS=2, ADAPTIVE_DQN_EPOCHS=2,
             ADAPTIVE_LIVE_EVAL=False, TFIDF_TOPICS=2)
 # gradient criteria set their own peak (a backward pass) and stay when the profile has them

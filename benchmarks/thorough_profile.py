@@ -49,6 +49,12 @@ def _stage_params(folder: Path, stage: str, profile: str) -> dict:
     return PROFILES[profile]
 
 
+def _refit_windows(params: dict) -> int:
+    """Return the calibration windows of a stage's refits: REFIT_CALIB, or N_CALIB in stamps written before 02 / 03
+    had their own count."""
+    return int(params.get("REFIT_CALIB", params["N_CALIB"]))
+
+
 def profile_rows(folder: Path, profile: str) -> pd.DataFrame:
     """Return one row per saved model of `folder` (a results folder of a run of notebooks 02 and 03)."""
     if profile not in PROFILES:
@@ -69,7 +75,7 @@ def profile_rows(folder: Path, profile: str) -> pd.DataFrame:
             raise SystemExit(f"{table / 'run_time.csv'} has no stage {stage}")
         params = _stage_params(folder, stage, profile)
         row = hit.iloc[-1].to_dict()
-        rows.append({**row, "profile": profile, "calib_tokens": int(params["N_CALIB"]) * int(params["CALIB_SEQ_LEN"]),
+        rows.append({**row, "profile": profile, "calib_tokens": _refit_windows(params) * int(params["CALIB_SEQ_LEN"]),
                      "ridge_ratio": float(params["RIDGE_RATIO"]), "stage_minutes": float(times.loc[stage, "minutes"]),
                      "commit": times.loc[stage, "commit"]})
     return pd.DataFrame(rows)[COLUMNS]

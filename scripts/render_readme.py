@@ -183,7 +183,7 @@ def semantic_refit() -> str:
         return _NO_SEMANTIC_REFIT
     df = _csv("semantic_refit")
     df = df[df["shape"] != "baseline"]
-    table = df.pivot_table(index=["criterion", "calibration_source"], columns="shape",
+    table = df.pivot_table(index=["criterion", "calibration_source", "n_calib", "ridge_ratio"], columns="shape",
                            values=["ppl", "fidelity_ppl", "heldout_ppl"], sort=False)
     table.columns = [f"{shape} {metric}" for metric, shape in table.columns]
     order = [f"{s} {m}" for s in ("S1", "S2", "S3") for m in ("ppl", "fidelity_ppl", "heldout_ppl")]
@@ -639,28 +639,36 @@ def _heldout_reading(df, b) -> str:
             + (f"; after recovery {', '.join(parts)}." if parts else "."))
 
 
+def _recipe_row(df: pd.DataFrame, shape: str, recipe: tuple) -> pd.Series | None:
+    """Return the semantic_refit.csv row of `shape` cut by `recipe` (head criterion, calibration source, refit
+    windows, ridge), or None."""
+    crit, source, n_calib, ridge = recipe
+    hit = df[(df["shape"] == shape) & (df["criterion"].str.split("+").str[0] == crit)
+             & (df["calibration_source"] == source) & (df["n_calib"] == n_calib)
+             & ((df["ridge_ratio"] - ridge).abs() <= 1e-9 * ridge)]
+    return None if hit.empty else hit.iloc[-1]
+
+
 def semantic_refit_readings() -> str:
-    """Return whether the saved recipe's heads (MAIN_HEAD_CRITERION scored and refit on TEXT_SOURCE) are at least as
-    good as the earlier recipe's (fluctuation on 'embedded:0.75+selfgen:0.25') in-domain AND on fidelity at S2 and S3
+    """Return whether the saved recipe's heads (MAIN_HEAD_CRITERION scored on TEXT_SOURCE, refit from REFIT_CALIB
+    windows) are at least as good as the earlier recipe's (`EARLIER_RECIPE`) in-domain AND on fidelity at S2 and S3
     (issue 34's rule), from semantic_refit.csv."""
     if not (ablation_dir() / "semantic_refit.csv").exists():
         return _NO_SEMANTIC_REFIT
     df = _csv("semantic_refit")
-    recipes = {"saved": (DEFAULTS["MAIN_HEAD_CRITERION"], DEFAULTS["TEXT_SOURCE"]), "earlier": EARLIER_RECIPE}
+    saved = (DEFAULTS["MAIN_HEAD_CRITERION"], DEFAULTS["TEXT_SOURCE"], DEFAULTS["REFIT_CALIB"], DEFAULTS["RIDGE_RATIO"])
     lines, wins = [], True
     for shape in ("S2", "S3"):
-        rows = df[df["shape"] == shape].set_index("variant")
-        found = {k: f"{shape}-{c}@{src}" for k, (c, src) in recipes.items()}
-        missing = [v for v in found.values() if v not in rows.index]
-        if missing:
-            return f"_Rows {', '.join(missing)} missing: `python3 -m benchmarks.semantic_refit --source SOURCE`._\n"
-        new, old = rows.loc[found["saved"]], rows.loc[found["earlier"]]
+        new, old = _recipe_row(df, shape, saved), _recipe_row(df, shape, EARLIER_RECIPE)
+        if new is None or old is None:
+            return (f"_Rows of {shape} missing: `python3 -m benchmarks.semantic_refit` (the saved recipe) and "
+                    f"`--source {EARLIER_RECIPE[1]} --n-calib {EARLIER_RECIPE[2]}` (the earlier one)._\n")
         ok = new["ppl"] <= old["ppl"] and new["fidelity_ppl"] <= old["fidelity_ppl"]
         wins = wins and ok
-        lines.append(f"- {shape}: `{recipes['saved'][0]}` on `{recipes['saved'][1]}` in-domain {new['ppl']:.2f}, "
+        lines.append(f"- {shape}: `{saved[0]}` on `{saved[1]}`, {saved[2]} windows: in-domain {new['ppl']:.2f}, "
                      f"fidelity {new['fidelity_ppl']:.2f}, held-out English {new['heldout_ppl']:.2f}; "
-                     f"`{EARLIER_RECIPE[0]}` on `{EARLIER_RECIPE[1]}` {old['ppl']:.2f}, {old['fidelity_ppl']:.2f}, "
-                     f"{old['heldout_ppl']:.2f}: "
+                     f"`{EARLIER_RECIPE[0]}` on `{EARLIER_RECIPE[1]}`, {EARLIER_RECIPE[2]} windows: {old['ppl']:.2f}, "
+                     f"{old['fidelity_ppl']:.2f}, {old['heldout_ppl']:.2f}: "
                      + ("at least as good on both." if ok else "NOT at least as good on both."))
     verdict = ("The saved recipe's heads meet the rule against the earlier recipe's." if wins else
                "The saved recipe's heads do NOT meet the rule against the earlier recipe's: revisit the defaults.")

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from benchmarks import thorough_profile
+from pruning_utils.pipeline.profiles import DEFAULTS
 
 
 def _folder(root, ppl: float, stamp: dict | None = None, variants=("head_pruned", "mlp_pruned", "mix_pruned")):
@@ -38,10 +39,21 @@ def test_rows_of_both_profiles_with_their_calibration(tmp_path):
     assert list(table["profile"]) == ["default"] * 3 + ["thorough"] * 3
     assert list(table["variant"]) == ["head_pruned", "mlp_pruned", "mix_pruned"] * 2
     assert list(table["ppl"]) == [10.0, 11.0, 12.0, 8.0, 9.0, 10.0]  # the saved rows, not the sweep's
-    # no stamps: the default profile's declared values; stamps: what the stages ran with
-    assert list(table["calib_tokens"]) == [16384] * 3 + [114688] * 3
+    # no stamps: the default profile's declared values; stamps: what the stages ran with (a stamp written before
+    # REFIT_CALIB existed: its N_CALIB windows were the refits' too)
+    declared = DEFAULTS["REFIT_CALIB"] * DEFAULTS["CALIB_SEQ_LEN"]
+    assert list(table["calib_tokens"]) == [declared] * 3 + [114688] * 3
     assert list(table["ridge_ratio"]) == [1e-2] * 3 + [1e-4] * 3
     assert list(table["stage_minutes"]) == [2.0, 3.0, 3.0] * 2 and list(table["commit"][:2]) == ["c02", "c03"]
+
+
+def test_the_refits_windows_are_refit_calib_not_n_calib(tmp_path):
+    default = _folder(tmp_path / "default", 10.0)
+    thorough = _folder(tmp_path / "thorough", 8.0,
+                       stamp=dict(N_CALIB=448, REFIT_CALIB=128, CALIB_SEQ_LEN=256, RIDGE_RATIO=1e-4))
+    out = tmp_path / "thorough_profile.csv"
+    thorough_profile.main(["--thorough", str(thorough), "--default", str(default), "--out", str(out)])
+    assert list(pd.read_csv(out)["calib_tokens"][3:]) == [128 * 256] * 3
 
 
 def test_unfinished_folders_are_refused(tmp_path):

@@ -13,8 +13,9 @@ source = Unpruned(MODEL, device=RUN.load_device, dtype=RUN.dtype, build=RUN.buil
 tok = source.tokenizer
 scores = load_scores(paths.results_dir() / "importance")
 baseline = pd.read_csv(OUT / "baseline.csv").iloc[0].to_dict()
-windows = sources.calibration_windows(tok, TEXT_SOURCE, n_samples=N_CALIB, seq_len=CALIB_SEQ_LEN, seed=SEED,
-                                      model=source.model, selfgen_kw=SELFGEN)  # self-generated parts: cached by 00
+# the refits' windows (REFIT_CALIB); their self-generated part is cached on disk
+windows = sources.calibration_windows(tok, TEXT_SOURCE, n_samples=REFIT_CALIB, seq_len=CALIB_SEQ_LEN, seed=SEED,
+                                      model=source.model, selfgen_kw=SELFGEN)
 chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=EVAL_MAX_TOKENS)
 sweep_chunks = sources.eval_chunks(tok, TEXT_SOURCE, seq_len=EVAL_SEQ_LEN, max_tokens=SWEEP_EVAL_MAX_TOKENS)
 fidelity = sources.fidelity_chunks(source.model, tok, n_tokens=FIDELITY_TOKENS, seed=SEED, selfgen_kw=SELFGEN)

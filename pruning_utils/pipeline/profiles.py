@@ -146,7 +146,12 @@ PARAMS: dict[str, Param] = {
     "GRAMS": Param("auto", str, "auto | device | host | streamed: where the refits' Gram statistics are kept"),
     "VARIANT_BUILD": Param("auto", str, "auto | copy | reload: variants as deep copies or in place from a reload"),
     "KEEP_CHECKPOINTS": Param("all", str, "all | needed: delete each checkpoint after the last stage that reads it"),
-    "N_CALIB": Param(64, int, "calibration windows"),
+    "N_CALIB": Param(64, int, "calibration windows"),  # of 00's scores and 05's nested model (02 / 03: REFIT_CALIB)
+    # the refit sees its Grams, sums over tokens: 448 windows instead of 64 cost one forward pass each (about 4 CPU
+    # minutes per stage with the embedded model) and give S3 a lower in-domain, fidelity AND held-out perplexity
+    # (semantic_refit.csv, column n_calib)
+    "REFIT_CALIB": Param(448, int, "calibration windows of notebooks 02 / 03: the Gram statistics of every refit "
+                                   "(saved models and screens) and the obs scores"),
     "CALIB_SEQ_LEN": Param(256, int, "tokens per calibration window"),
     "EVAL_SEQ_LEN": Param(512, int, "perplexity windows (non-overlapping)"),
     "EVAL_MAX_TOKENS": Param(32768, int, "evaluation tokens of the full measurements (None: the whole split)", True),
@@ -365,7 +370,8 @@ LIMITS: dict[str, Limit] = {
     "GRAMS": Limit(choices=("auto", "device", "host", "streamed")),
     "VARIANT_BUILD": Limit(choices=("auto", "copy", "reload")),
     "KEEP_CHECKPOINTS": Limit(choices=("all", "needed")),
-    "N_CALIB": COUNT, "CALIB_SEQ_LEN": Limit(2), "EVAL_SEQ_LEN": Limit(2, hint="perplexity predicts the next token"),
+    "N_CALIB": COUNT, "REFIT_CALIB": COUNT, "CALIB_SEQ_LEN": Limit(2),
+    "EVAL_SEQ_LEN": Limit(2, hint="perplexity predicts the next token"),
     "EVAL_MAX_TOKENS": COUNT, "SWEEP_EVAL_MAX_TOKENS": COUNT, "LATENCY_BATCH": COUNT, "LATENCY_SEQ_LEN": COUNT,
     "LATENCY_REPEATS": COUNT, "DECODE_TOKENS": COUNT, "CRITERIA": TEXT, "SEMANTIC_MAX_WINDOWS": COUNT,
     "SEMANTIC_REFIT_WINDOWS": COUNT, "TFIDF_ALPHA": Limit(0), "TFIDF_BETA": Limit(0), "TFIDF_GAMMA": Limit(0),
@@ -413,6 +419,7 @@ _COMMON = ("PROFILE", "MODEL", "TEXT_SOURCE", "SELFGEN_TEMPERATURE", "SELFGEN_TO
            "DECODE_TOKENS", "PEAK_MEMORY")
 _SWEEP = ("ALLOCATION", "SEARCH_ITERATIONS", "SEARCH_WINDOWS", "SEARCH_GROUP", "RECONSTRUCTION", "RECON_OPTIONS",
           "RECON_SEQUENTIAL", "RIDGE_RATIO", "OFFLOAD", "GRAMS", "VARIANT_BUILD")
+_REFIT_COMMON = tuple("REFIT_CALIB" if n == "N_CALIB" else n for n in _COMMON)  # 02 / 03: their own windows
 
 # What each notebook reads (tests/test_notebooks.py checks these against the notebooks' code): the runner passes
 # only these, and a stage's digest hashes only these, so e.g. a new ZERO_SHOT_LIMIT re-runs notebook 06 alone.
@@ -420,8 +427,8 @@ NOTEBOOK_PARAMS: dict[str, tuple[str, ...]] = {
     "00-setup-01-baseline-and-importance.ipynb": tuple(n for n in _COMMON if n != "SWEEP_EVAL_MAX_TOKENS") + (
         "CRITERIA", "SEMANTIC_MAX_WINDOWS", "SEMANTIC_REFIT_WINDOWS", "SEMANTIC_SEQ_LEN", "RIDGE_RATIO", "OFFLOAD",
         "TFIDF_ALPHA", "TFIDF_BETA", "TFIDF_GAMMA", "TFIDF_TOPICS"),
-    "02_head_pruning.ipynb": _COMMON + ("CRITERIA", "HEAD_RATE", "HEAD_SWEEP", "MAIN_HEAD_CRITERION") + _SWEEP,
-    "03_mlp_pruning.ipynb": _COMMON + ("CRITERIA", "MLP_RATE", "MLP_SWEEP", "MAIN_MLP_CRITERION") + _SWEEP + (
+    "02_head_pruning.ipynb": _REFIT_COMMON + ("CRITERIA", "HEAD_RATE", "HEAD_SWEEP", "MAIN_HEAD_CRITERION") + _SWEEP,
+    "03_mlp_pruning.ipynb": _REFIT_COMMON + ("CRITERIA", "MLP_RATE", "MLP_SWEEP", "MAIN_MLP_CRITERION") + _SWEEP + (
         "MIX_RESCORE", "MLP_PRUNING_LAST", "LM_HEAD_RATE"),
     "03b_compression_methods.ipynb": tuple(n for n in _COMMON if n not in ("N_CALIB", "FIDELITY_TOKENS",
                                                                           "HELDOUT_TOKENS"))
@@ -452,7 +459,8 @@ _BOTH_RECOVERED = dict(RECOVERY_MODELS="head_pruned,mix_pruned",
 PROFILES: dict[str, dict] = {
     "default": dict(DEFAULTS),
     # tiny random model: exercises every stage in a few minutes (used by the tests)
-    "smoke": dict(DEFAULTS, MODEL="tiny-llama", N_CALIB=8, CALIB_SEQ_LEN=32, EVAL_SEQ_LEN=64, EVAL_MAX_TOKENS=1024,
+    "smoke": dict(DEFAULTS, MODEL="tiny-llama", N_CALIB=8, REFIT_CALIB=8, CALIB_SEQ_LEN=32, EVAL_SEQ_LEN=64,
+                  EVAL_MAX_TOKENS=1024,
                   SWEEP_EVAL_MAX_TOKENS=512, CRITERIA=_SMOKE_CRITERIA, HEAD_RATE=0.25, HEAD_SWEEP="0.25,0.5",
                   SEMANTIC_SEQ_LEN=16, LATENCY_SEQ_LEN=32, LATENCY_REPEATS=2, DECODE_TOKENS=4, RECOVERY_STEPS=4,
                   N_PROMPTS=4, FIDELITY_TOKENS=256, HELDOUT_TOKENS=256, COMPRESS_CALIB_WINDOWS=4,
@@ -470,7 +478,7 @@ PROFILES: dict[str, dict] = {
     # heads x windows forwards, are neither planned nor rehearsed at that scale)
     "kaggle-qwen2.5-0.5b": dict(DEFAULTS, MODEL="Qwen/Qwen2.5-0.5B", TEXT_SOURCE="wikitext2:0.75+selfgen:0.25",
                                 MAIN_HEAD_CRITERION="fluctuation",
-                                N_CALIB=128,
+                                N_CALIB=128, REFIT_CALIB=128,
                                 CALIB_SEQ_LEN=512, EVAL_SEQ_LEN=1024, EVAL_MAX_TOKENS=None, SWEEP_EVAL_MAX_TOKENS=65536,
                                 CRITERIA=_SMOKE_CRITERIA, HEAD_SWEEP="0.2,0.4", MLP_SWEEP="0.125,0.25,0.5",
                                 SEMANTIC_MAX_WINDOWS=16, LATENCY_SEQ_LEN=1024, LATENCY_REPEATS=10, DECODE_TOKENS=64,
@@ -482,7 +490,7 @@ PROFILES: dict[str, dict] = {
     # per micro-batch (the fp32 logits of the LM loss grow with it) and the plain LM loss (distillation would add
     # the teacher's logits)
     "kaggle-qwen2.5-3b": dict(DEFAULTS, MODEL="Qwen/Qwen2.5-3B-Instruct", TEXT_SOURCE="wikitext2:0.75+selfgen:0.25",
-                              MAIN_HEAD_CRITERION="fluctuation",
+                              MAIN_HEAD_CRITERION="fluctuation", REFIT_CALIB=64,
                               CALIB_SEQ_LEN=512,
                               EVAL_SEQ_LEN=1024, EVAL_MAX_TOKENS=131072, SWEEP_EVAL_MAX_TOKENS=32768,
                               CRITERIA="random,magnitude,activation,fluctuation,semantic", HEAD_RATE=0.25,
@@ -494,7 +502,7 @@ PROFILES: dict[str, dict] = {
     # gradient criteria; see tests/test_kaggle_plans.py for what 04 / 06 need
     "kaggle-llama-3.1-8b": dict(DEFAULTS, MODEL="meta-llama/Llama-3.1-8B-Instruct",
                                 TEXT_SOURCE="wikitext2:0.75+selfgen:0.25", MAIN_HEAD_CRITERION="fluctuation",
-                                CALIB_SEQ_LEN=512, EVAL_SEQ_LEN=1024,
+                                REFIT_CALIB=64, CALIB_SEQ_LEN=512, EVAL_SEQ_LEN=1024,
                                 EVAL_MAX_TOKENS=65536, SWEEP_EVAL_MAX_TOKENS=16384,
                                 CRITERIA="random,magnitude,activation,fluctuation", HEAD_RATE=0.25, HEAD_SWEEP="0.25",
                                 MLP_SWEEP="0.25", LATENCY_SEQ_LEN=1024, LATENCY_REPEATS=3, DECODE_TOKENS=32,
@@ -520,6 +528,7 @@ PROFILES["thorough"] = dict(DEFAULTS, MAIN_HEAD_CRITERION="obs", MAIN_MLP_CRITER
 # the committed results.
 # Heads by fluctuation: semantic_refit's exact ablations would be the longest step of its stage 00 on a CPU.
 PROFILES["quick"] = dict(DEFAULTS, TEXT_SOURCE="embedded", MAIN_HEAD_CRITERION="fluctuation", N_CALIB=16,
+                         REFIT_CALIB=16,
                          CALIB_SEQ_LEN=128, EVAL_SEQ_LEN=256,
                          EVAL_MAX_TOKENS=4096, RECOVERY_SEQ_LEN=128, RECOVERY_BATCH=2,
                          SWEEP_EVAL_MAX_TOKENS=1024, FIDELITY_TOKENS=1024, HELDOUT_TOKENS=1024, SELFGEN_BATCH=4,
