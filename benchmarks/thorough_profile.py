@@ -52,7 +52,7 @@ def _stage_params(folder: Path, stage: str, profile: str) -> dict:
 def _refit_windows(params: dict) -> int:
     """Return the calibration windows of a stage's refits: REFIT_CALIB, or N_CALIB in stamps written before 02 / 03
     had their own count."""
-    return int(params.get("REFIT_CALIB", params["N_CALIB"]))
+    return int(params["REFIT_CALIB"] if "REFIT_CALIB" in params else params["N_CALIB"])
 
 
 def profile_rows(folder: Path, profile: str) -> pd.DataFrame:

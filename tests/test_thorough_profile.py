@@ -50,7 +50,7 @@ def test_rows_of_both_profiles_with_their_calibration(tmp_path):
 def test_the_refits_windows_are_refit_calib_not_n_calib(tmp_path):
     default = _folder(tmp_path / "default", 10.0)
     thorough = _folder(tmp_path / "thorough", 8.0,
-                       stamp=dict(N_CALIB=448, REFIT_CALIB=128, CALIB_SEQ_LEN=256, RIDGE_RATIO=1e-4))
+                       stamp=dict(REFIT_CALIB=128, CALIB_SEQ_LEN=256, RIDGE_RATIO=1e-4))  # 02 / 03 read no N_CALIB
     out = tmp_path / "thorough_profile.csv"
     thorough_profile.main(["--thorough", str(thorough), "--default", str(default), "--out", str(out)])
     assert list(pd.read_csv(out)["calib_tokens"][3:]) == [128 * 256] * 3
