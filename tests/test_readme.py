@@ -122,3 +122,29 @@ def test_recovery_readings_follow_the_curve(tmp_path, monkeypatch):
     rows.assign(heldout_ppl=3 * h).to_csv(tmp_path / "recovery_budget.csv", index=False)
     text = report.recovery_budget_readings()
     assert f"({thorough} steps, the thorough profile's)" in text and "No budget measured" in text
+
+
+def test_semantic_refit_readings_compare_recipes_by_their_windows(tmp_path, monkeypatch):
+    """The rule's verdict reads the saved recipe's row at REFIT_CALIB windows, not a row of the same criterion and
+    source refit from another count, and says so when the earlier recipe's row is better."""
+    d, (e_crit, e_src, e_n, e_ridge) = report.DEFAULTS, report.EARLIER_RECIPE
+    saved = dict(criterion=d["MAIN_HEAD_CRITERION"], calibration_source=d["TEXT_SOURCE"], ridge_ratio=d["RIDGE_RATIO"])
+    rows = []
+    for shape in ("S2", "S3"):
+        suffix = "" if shape == "S2" else f"+{d['MAIN_MLP_CRITERION']}"
+        rows += [dict(saved, shape=shape, criterion=saved["criterion"] + suffix, n_calib=d["REFIT_CALIB"], ppl=10.0,
+                      fidelity_ppl=20.0, heldout_ppl=30.0),
+                 dict(saved, shape=shape, criterion=saved["criterion"] + suffix, n_calib=d["REFIT_CALIB"] + 1,
+                      ppl=99.0, fidelity_ppl=99.0, heldout_ppl=99.0),
+                 dict(shape=shape, criterion=e_crit + suffix, calibration_source=e_src, n_calib=e_n,
+                      ridge_ratio=e_ridge, ppl=11.0, fidelity_ppl=21.0, heldout_ppl=31.0)]
+    pd.DataFrame(rows).to_csv(tmp_path / "semantic_refit.csv", index=False)
+    monkeypatch.setattr(report, "ablation_dir", lambda: tmp_path)
+    text = report.semantic_refit_readings()
+    assert text.count("at least as good on both.") == 2 and "meet the rule" in text and "99.00" not in text
+    df = pd.DataFrame(rows)
+    df.loc[(df["n_calib"] == d["REFIT_CALIB"]) & (df["shape"] == "S3"), "fidelity_ppl"] = 22.0
+    df.to_csv(tmp_path / "semantic_refit.csv", index=False)
+    assert "do NOT meet the rule" in report.semantic_refit_readings()
+    df[df["n_calib"] != d["REFIT_CALIB"]].to_csv(tmp_path / "semantic_refit.csv", index=False)
+    assert "missing" in report.semantic_refit_readings()
