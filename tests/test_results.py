@@ -100,6 +100,19 @@ def test_merge_rows_replaces_measured_keys_and_keeps_older_rows(tmp_path):
     assert sorted(again["ppl"]) == [12.8, 13.0, 19.0]
 
 
+def test_a_row_with_an_empty_key_cell_is_replaced_not_repeated(tmp_path):
+    """A baseline row has no criterion or window count: re-measured, it replaces the written one (its "" comes back
+    from the CSV as NaN, and NaN never equals NaN), and an int key read back from a column with empty cells
+    (448 -> 448.0) still matches."""
+    path = tmp_path / "bench.csv"
+    key = ["shape", "criterion", "n_calib"]
+    rows = [dict(shape="baseline", criterion="", ppl=10.0), dict(shape="S3", criterion="c", n_calib=448, ppl=17.0)]
+    for _ in range(3):  # a benchmark writes after every row, its baseline among them each time
+        results.write_csv(results.merge_rows(pd.DataFrame(rows), path, key), path)
+    table = pd.read_csv(path)
+    assert sorted(table["shape"]) == ["S3", "baseline"] and list(table["ppl"].sort_values()) == [10.0, 17.0]
+
+
 def test_a_numeric_looking_commit_stays_a_commit(tmp_path, monkeypatch):
     """'0479e15' is 4.79e17 to pandas: merged rows and the docs' stamps keep it as the hash it is."""
     from scripts import render_readme

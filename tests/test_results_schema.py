@@ -77,7 +77,8 @@ SCHEMAS: dict[str, TableSchema] = {
         ("variant", "eval_tokens"), _LATENCY, variants=True),
     # benchmarks/semantic_refit.py: fluctuation against semantic_refit, per shape and calibration source
     "semantic_refit.csv": TableSchema(_variants(heldout_ppl="float", kl_to_baseline="float", shape="text",
-                                                calibration_source="text", build_s="float"), ("variant",),
+                                                calibration_source="text", n_calib="int?", ridge_ratio="float?",
+                                                build_s="float"), ("variant",),
                                       ("build_s",), variants=True, merges_runs=True),  # a run per source
     "calibration_sources.csv": TableSchema(
         _variants(calibration_source="text?", shape="text", build_s="float"), ("variant",),

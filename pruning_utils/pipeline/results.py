@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -67,6 +68,20 @@ def unique_rows(df_or_rows: pd.DataFrame | Iterable[dict], key: Iterable[str]) -
     return frame[~repeated].reset_index(drop=True)
 
 
+def _key_text(value) -> str:
+    """Return a key cell as text that matches across a CSV round trip: empty for a missing value (NaN never equals
+    NaN), a number as its float (an int column with an empty cell comes back from the CSV as float: 448 is 448.0)."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return ""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return repr(float(value))
+    return str(value)
+
+
+def _key_texts(df: pd.DataFrame, key: list[str]) -> list[tuple[str, ...]]:
+    return [tuple(_key_text(v) for v in row) for row in df[key].itertuples(index=False, name=None)]
+
+
 def merge_rows(new: pd.DataFrame, path: str | Path, key: list[str], dtype: dict | None = None) -> pd.DataFrame:
     """Return the new rows, `stamped` (this checkout's commit and device where they carry none), plus the rows of the
     CSV at `path` whose `key` the new rows do not hold, sorted by `key` (a benchmark re-run of some configurations
@@ -79,8 +94,8 @@ def merge_rows(new: pd.DataFrame, path: str | Path, key: list[str], dtype: dict 
     old = pd.read_csv(path, dtype={**STAMP_DTYPE, **(dtype or {})})
     for col in set(key) - set(old.columns):  # rows written before a key column existed: kept, never matched
         old[col] = pd.NA
-    measured = set(map(tuple, new[key].astype(str).values))
-    kept = old[[tuple(k) not in measured for k in old[key].astype(str).values]]
+    measured = set(_key_texts(new, key))
+    kept = old[[k not in measured for k in _key_texts(old, key)]]
     return pd.concat([kept, new], ignore_index=True).sort_values(key, kind="stable", ignore_index=True)
 
 
