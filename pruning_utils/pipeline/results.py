@@ -92,10 +92,11 @@ def merge_rows(new: pd.DataFrame, path: str | Path, key: list[str], dtype: dict 
     if not path.exists():
         return new
     old = pd.read_csv(path, dtype={**STAMP_DTYPE, **(dtype or {})})
-    for col in set(key) - set(old.columns):  # rows written before a key column existed: kept, never matched
+    absent = set(key) - set(old.columns)
+    for col in absent:  # rows written before a key column existed: kept, never matched (not even an empty cell)
         old[col] = pd.NA
     measured = set(_key_texts(new, key))
-    kept = old[[k not in measured for k in _key_texts(old, key)]]
+    kept = old if absent else old[[k not in measured for k in _key_texts(old, key)]]
     return pd.concat([kept, new], ignore_index=True).sort_values(key, kind="stable", ignore_index=True)
 
 
