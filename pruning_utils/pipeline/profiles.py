@@ -203,8 +203,9 @@ PARAMS: dict[str, Param] = {
     # recovery (notebook 04)
     # the default run recovers the S3 model only: each recovered model adds a distillation (stage_steps.csv, stage 04)
     "RECOVERY_MODELS": Param("mix_pruned", str, "checkpoints under models/ to recover, comma-separated"),
-    # steps and rate: recovery_budget.csv (benchmarks/recovery_budget.py)
-    "RECOVERY_STEPS": Param(16, int, "optimizer steps (capped at one epoch of the training windows)"),
+    # steps and rate: recovery_budget.csv (benchmarks/recovery_budget.py); 64 is the smallest budget of its curve
+    # whose fidelity reaches issue 34's target for S3 (about 11 minutes of training on a 2-core CPU)
+    "RECOVERY_STEPS": Param(64, int, "optimizer steps (capped at one epoch of the training windows)"),
     "RECOVERY_LOSS": Param("distill", str, "lm | distill (KL to the unpruned model) | mix"),
     # selfdistill+text is the one recovery that raises semantic retention (benchmarks/recovery_sources.py)
     "RECOVERY_DATA": Param("selfdistill+text", str,

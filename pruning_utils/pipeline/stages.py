@@ -2,8 +2,9 @@
 
 `python -m pruning_utils.pipeline.stages --profile default` is what `run_all.sh` calls. Every parameter is declared once
 in `pruning_utils/pipeline/profiles.py`; each notebook receives only the ones it reads. A stage is skipped when its
-stamp (a hash of its parameters, its notebook and the stamps of the stages before it) matches and all its outputs exist;
-`--force` re-runs. Bad usage (unknown stage, parameter or profile; a value of the wrong type or out of its range in
+stamp (a hash of its parameters, its notebook and the stamps of the stages before it) matches, the stages before it
+have not run again since (the stamp records their digests as it found them) and all its outputs exist; `--force`
+re-runs. Bad usage (unknown stage, parameter or profile; a value of the wrong type or out of its range in
 `profiles.LIMITS`; `--only` naming a stage the profile leaves out) exits with code 2 before anything runs; a failed
 stage stops the run with exit code 1, naming the stage and its executed notebook, and the half-written checkpoint
 folders it left (`models/.tmp-*`) are removed (a checkpoint whose only complete copy is among them is put back
@@ -279,6 +280,13 @@ def _digest(params: dict, upstream: list[str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def upstream_stages(stage: Stage) -> list[Stage]:
+    """The stages `stage` builds on: every decoder stage before it (an encoder stage builds on none)."""
+    if stage.encoder:
+        return []
+    return [s for s in STAGES[:STAGES.index(stage)] if not s.encoder]
+
+
 def stage_digests(params: dict, root: Path) -> Iterator[str]:
     """Yield each stage's digest: its own parameters, its notebook's bytes and the digests of the stages before it."""
     digests: list[str] = []
@@ -436,11 +444,22 @@ def run(params: dict, root: Path | None = None, only: list[str] | None = None, f
         top, _, rest = output.partition("/")
         return _resolve(output, dirs).exists() or (top == "models" and rest.split("/")[0] in removed)
 
-    def finished(stage: Stage, digest: str) -> bool:
-        record = stamps.setdefault(stage.key, read_record(_stamp_path(dirs["results"], stage), log) or {})
-        return record.get("digest") == digest and all(present(o) for o in stage.expected(params))
+    def stamp_of(stage: Stage) -> dict:  # read once per stage (an unreadable one warns once), then kept current
+        return stamps.setdefault(stage.key, read_record(_stamp_path(dirs["results"], stage), log) or {})
 
-    stamps: dict[str, dict] = {}  # read once per stage: an unreadable one warns once
+    def seen(stage: Stage) -> dict[str, str | None]:
+        """The digests the stages before `stage` have on disk now: what a run of `stage` would build on."""
+        return {s.key: stamp_of(s).get("digest") for s in upstream_stages(stage)}
+
+    def finished(stage: Stage, digest: str) -> bool:
+        record = stamp_of(stage)
+        # a stage whose upstream stages ran (or were re-run) after it is not finished, even when the digests the
+        # parameters call for match: `--only 02,06` then `--only 03b,06` must re-run 06 on the new 03b
+        built_on = record.get("upstream_seen")  # absent in stamps of older versions: they count as current
+        return (record.get("digest") == digest and (built_on is None or built_on == seen(stage))
+                and all(present(o) for o in stage.expected(params)))
+
+    stamps: dict[str, dict] = {}
 
     def wanted(stage: Stage, done: bool) -> bool:
         return (only is None or stage.key in only) and (force or not done) and not profile_skips(stage, params)
@@ -484,6 +503,7 @@ def run(params: dict, root: Path | None = None, only: list[str] | None = None, f
             log(f"[{stage.key}] running {stage.notebook} -> {executed}")
             t0 = time.time()
             stamp.unlink(missing_ok=True)
+            stamps[stage.key] = {}
             loops = dirs["results"] / "stages" / f"{stage.key}.loops.jsonl"
             loops.parent.mkdir(parents=True, exist_ok=True)
             loops.unlink(missing_ok=True)
@@ -509,9 +529,9 @@ def run(params: dict, root: Path | None = None, only: list[str] | None = None, f
             seconds = time.time() - t0
             commit = _git_commit(root)
             load = timing.load_avg()
-            write_text_atomic(stamp, json.dumps({"digest": digest, "seconds": round(seconds, 1), "speed_s": speed,
-                                                 "load_avg": load, "params": stage_params, "commit": commit},
-                                                default=str))
+            stamps[stage.key] = {"digest": digest, "upstream_seen": seen(stage), "seconds": round(seconds, 1),
+                                 "speed_s": speed, "load_avg": load, "params": stage_params, "commit": commit}
+            write_text_atomic(stamp, json.dumps(stamps[stage.key], default=str))
             timing.write_stage_steps(dirs["results"] / "ablation_studies" / timing.STEPS_FILE, stage.key,
                                      timing.step_rows(stage.key, executed, loops, commit, load, machine))
             loops.unlink(missing_ok=True)
