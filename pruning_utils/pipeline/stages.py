@@ -289,14 +289,13 @@ def upstream_stages(stage: Stage) -> list[Stage]:
 
 def stage_digests(params: dict, root: Path) -> Iterator[str]:
     """Yield each stage's digest: its own parameters, its notebook's bytes and the digests of the stages before it."""
-    digests: list[str] = []
+    digests: dict[str, str] = {}
     for stage in STAGES:  # lazily: a run that stops at stage 00 never reads the later notebooks
         notebook_hash = hashlib.sha256((root / "notebooks" / stage.notebook).read_bytes()).hexdigest()[:16]
         # upstream digests: a stage re-runs when anything it builds on changed, even a parameter it does not read
-        # an encoder stage builds on no decoder stage: its own parameters and notebook only
-        upstream = [] if stage.encoder else [d for s, d in zip(STAGES, digests) if not s.encoder]
-        digests.append(_digest({n: params[n] for n in stage.params}, upstream + [notebook_hash]))
-        yield digests[-1]
+        upstream = [digests[s.key] for s in upstream_stages(stage)]
+        digests[stage.key] = _digest({n: params[n] for n in stage.params}, upstream + [notebook_hash])
+        yield digests[stage.key]
 
 
 def output_dirs(root: Path) -> dict[str, Path]:
