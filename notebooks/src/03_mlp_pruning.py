@@ -14,7 +14,7 @@ from pruning_utils.measure.variants import (
 )
 from pruning_utils.model.checkpoint import read_checkpoint_meta, save_pruned
 from pruning_utils.pipeline import plots, results
-from pruning_utils.prune import reconstruction
+from pruning_utils.prune import local_refit, reconstruction
 from pruning_utils.prune.search import main_plan
 
 # %% [markdown]
@@ -61,10 +61,15 @@ pd.DataFrame(neuronrank).reindex(columns=[
 # ## MLP pruning alone → `models/mlp_pruned/`
 
 # %%
+# `LOCAL_REFIT_STEPS` > 0: then Adam steps per pruned MLP on its own output error, gate/up rows with the down columns
+# (held-out windows guard each layer); its bar ends with the layers' mean relative error before and after.
+LOCAL = dict(steps=LOCAL_REFIT_STEPS, lr=LOCAL_REFIT_LR, seed=SEED, device=RUN.compute_device)
+RECON_LABEL = local_refit.reconstruction_label(RECONSTRUCTION, LOCAL_REFIT_STEPS)
 mlp_model = pruned_copy(source, plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL,
                         ridge_ratio=RIDGE_RATIO, stats=grams, device=RUN.compute_device)
+local_refit.refit_mlps(mlp_model, source.model, windows, **LOCAL)
 row = measure_variant(mlp_model, chunks, variant="mlp_pruned", source_model=MODEL, reference=baseline,
-                      criterion=MAIN_MLP_CRITERION, allocation=ALLOCATION, reconstruction=RECONSTRUCTION,
+                      criterion=MAIN_MLP_CRITERION, allocation=ALLOCATION, reconstruction=RECON_LABEL,
                       mlp_rate_requested=MLP_RATE, compute_device=RUN.compute_device, **SAVED)
 save_pruned(mlp_model, tok, "mlp_pruned", extra=row)
 rows.append(row)
@@ -83,10 +88,10 @@ del mlp_model
 head_row = read_checkpoint_meta("head_pruned")["extra"]
 mix = mix_variant(source, scores, plan, windows, head_row=head_row, mlp_criterion=MAIN_MLP_CRITERION, mlp_rate=MLP_RATE,
                   plan_kw=PLAN, rescore=MIX_RESCORE, grams=grams, reconstruction=RECONSTRUCTION,
-                  sequential=RECON_SEQUENTIAL, ridge_ratio=RIDGE_RATIO, device=RUN.compute_device)
+                  sequential=RECON_SEQUENTIAL, ridge_ratio=RIDGE_RATIO, device=RUN.compute_device, local=LOCAL)
 row = measure_variant(mix, chunks, variant="mix_pruned", source_model=MODEL, reference=baseline,
                       criterion=f"{head_row['criterion']}+{MAIN_MLP_CRITERION}", allocation=ALLOCATION,
-                      reconstruction=RECONSTRUCTION, head_rate_requested=head_row["head_rate_requested"],
+                      reconstruction=RECON_LABEL, head_rate_requested=head_row["head_rate_requested"],
                       mlp_rate_requested=MLP_RATE, compute_device=RUN.compute_device, **SAVED)
 save_pruned(mix, tok, "mix_pruned", extra=row)
 rows.append(row)

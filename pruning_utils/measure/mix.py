@@ -13,7 +13,7 @@ from pruning_utils.prune.scores import Scores
 def mix_variant(source: Unpruned, scores: dict[str, Scores], mlp_plan: PruningPlan, windows: torch.Tensor, *,
                 head_row: dict, mlp_criterion: str, mlp_rate: float, plan_kw: dict, rescore: bool = False,
                 grams=None, head_variant: str = "head_pruned", reconstruction: str = "none", sequential: bool = False,
-                ridge_ratio: float = 1e-2, device=None):
+                ridge_ratio: float = 1e-2, device=None, local: dict | None = None):
     """Return the mix model: the heads checkpoint `head_variant` removed (`head_row`, its metadata row) and
     `mlp_rate` of the MLP neurons by `mlp_criterion`, refit by `reconstruction` on `windows`.
 
@@ -21,7 +21,20 @@ def mix_variant(source: Unpruned, scores: dict[str, Scores], mlp_plan: PruningPl
     unpruned model at the joint budget. `rescore`: the neurons scored on the head-pruned model itself and refit
     there (allocation and seed from `plan_kw`). Otherwise `mlp_plan` (neurons planned on the unpruned model) combined
     with the head-pruned plan, refit one-shot from `grams`, so the attention is exactly the head-pruned model's.
-    `device` is the compute device (offload mode)."""
+    `device` is the compute device (offload mode). `local`: keywords of `local_refit.refit_mlps` (steps, lr, seed,
+    device), run on the mix model against the unpruned one after the refit."""
+    model = _build(source, scores, mlp_plan, windows, head_row, mlp_criterion, mlp_rate, plan_kw, rescore, grams,
+                   head_variant, reconstruction, sequential, ridge_ratio, device)
+    if local and local.get("steps", 0) > 0:
+        from pruning_utils.prune import local_refit
+
+        local_refit.refit_mlps(model, source.model, windows, **local)
+    return model
+
+
+def _build(source: Unpruned, scores, mlp_plan, windows, head_row, mlp_criterion, mlp_rate, plan_kw, rescore, grams,
+           head_variant, reconstruction, sequential, ridge_ratio, device):
+    """Return the mix model before any local refit (the three ways of `mix_variant`)."""
     recon_kw = dict(reconstruction=reconstruction, sequential=sequential, ridge_ratio=ridge_ratio)
     if plan_kw["allocation_name"] == "search":
         from pruning_utils.prune.search import main_plan

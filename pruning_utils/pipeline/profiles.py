@@ -189,6 +189,10 @@ PARAMS: dict[str, Param] = {
     "RECONSTRUCTION": Param("lstsq", str, "none | bias | lstsq: refit o_proj / down_proj on calibration activations"),
     "RECON_OPTIONS": Param("none,lstsq", str, "reconstructions compared for the main criterion, comma-separated"),
     "RECON_SEQUENTIAL": Param(False, bool, "True: calibrate each layer on the already-pruned earlier layers (slower)"),
+    # the local refit's gain and cost on S1: benchmarks/thorough_profile.py (the thorough profile runs it)
+    "LOCAL_REFIT_STEPS": Param(0, int, "after the refit, Adam steps per pruned MLP on its own output error (gate/up "
+                               "rows and down columns together, pruning_utils.prune.local_refit; 0: off)"),
+    "LOCAL_REFIT_LR": Param(2e-3, float, "learning rate of the local MLP refit (cosine-decayed over its steps)"),
     # quality against calibration tokens and ridge: calibration_size.csv (benchmarks/calibration_size.py; its
     # --sizes / --ridges measure other counts and ridges)
     "RIDGE_RATIO": Param(1e-2, float, "ridge of the lstsq refit and of obs selection: ratio x mean diagonal of "
@@ -384,6 +388,7 @@ LIMITS: dict[str, Limit] = {
     "SEARCH_ITERATIONS": Limit(0), "SEARCH_WINDOWS": COUNT, "SEARCH_GROUP": COUNT,
     "RECONSTRUCTION": Limit(choices=("none", "bias", "lstsq")),
     "RECON_OPTIONS": Limit(choices=("none", "bias", "lstsq"), each=True, nonempty=True), "RIDGE_RATIO": Limit(0),
+    "LOCAL_REFIT_STEPS": Limit(0), "LOCAL_REFIT_LR": Limit(0, low_open=True),
     "RECOVERY_STEPS": COUNT, "RECOVERY_LOSS": Limit(choices=("lm", "distill", "mix")),
     "RECOVERY_DATA": Limit(choices=("text", "selfdistill", "selfdistill+text")), "RECOVERY_BATCH": COUNT,
     "RECOVERY_SEQ_LEN": Limit(2), "RECOVERY_TEMPERATURE": POSITIVE, "GRAD_ACCUM": COUNT, "LORA_R": COUNT,
@@ -430,7 +435,7 @@ NOTEBOOK_PARAMS: dict[str, tuple[str, ...]] = {
         "TFIDF_ALPHA", "TFIDF_BETA", "TFIDF_GAMMA", "TFIDF_TOPICS"),
     "02_head_pruning.ipynb": _REFIT_COMMON + ("CRITERIA", "HEAD_RATE", "HEAD_SWEEP", "MAIN_HEAD_CRITERION") + _SWEEP,
     "03_mlp_pruning.ipynb": _REFIT_COMMON + ("CRITERIA", "MLP_RATE", "MLP_SWEEP", "MAIN_MLP_CRITERION") + _SWEEP + (
-        "MIX_RESCORE", "MLP_PRUNING_LAST", "LM_HEAD_RATE"),
+        "MIX_RESCORE", "MLP_PRUNING_LAST", "LM_HEAD_RATE", "LOCAL_REFIT_STEPS", "LOCAL_REFIT_LR"),
     "03b_compression_methods.ipynb": tuple(n for n in _COMMON if n not in ("N_CALIB", "FIDELITY_TOKENS",
                                                                           "HELDOUT_TOKENS"))
     + ("OFFLOAD", "GRAMS", "VARIANT_BUILD") + tuple(n for n in PARAMS if n.startswith("COMPRESS_")),
@@ -520,10 +525,11 @@ PROFILES: dict[str, dict] = {
 # obs heads and neurons, per-layer counts searched by KL (benchmarks/search_heldout.py), 448 calibration windows and
 # a smaller ridge (benchmarks/calibration_size.py --sizes 114688 --ridges 1e-4,1e-2 measures that pair), at the cost
 # of obs scores and a search per saved model: its saved models beside the default's, with the minutes, are
-# thorough_profile.csv. Its recovery trains 120 steps (the longest budget of recovery_budget.csv: minutes on a GPU,
-# about 20 on a 2-core CPU).
+# thorough_profile.csv. Its saved MLP-pruned models also get 60 local refit steps per pruned MLP (gate/up rows with
+# the down columns, `prune.local_refit`). Its recovery trains 120 steps (the longest budget of recovery_budget.csv:
+# minutes on a GPU, about 20 on a 2-core CPU).
 PROFILES["thorough"] = dict(DEFAULTS, MAIN_HEAD_CRITERION="obs", MAIN_MLP_CRITERION="obs", ALLOCATION="search",
-                            N_CALIB=448, RIDGE_RATIO=1e-4, RECOVERY_STEPS=120)
+                            N_CALIB=448, RIDGE_RATIO=1e-4, LOCAL_REFIT_STEPS=60, RECOVERY_STEPS=120)
 # a demonstration of the whole chain on the embedded model in minutes: fewer windows, prompts, criteria and variants.
 # Its numbers are not the reference ones: it writes to results/quick/ and models/quick/ (DEMONSTRATIONS), never over
 # the committed results.
