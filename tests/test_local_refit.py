@@ -98,3 +98,19 @@ def test_unpruned_layers_are_left_alone_and_bad_settings_refused(setup):
         local_refit.refit_mlps(_pruned(dense, windows), dense, windows[:1], progress=False)
     assert local_refit.reconstruction_label("lstsq", 60) == "lstsq+local"
     assert local_refit.reconstruction_label("lstsq", 0) == "lstsq"
+
+
+def test_budget_benchmark_rows_measure_refit_copies(setup):
+    from benchmarks.local_refit import measure_budgets
+    from pruning_utils.measure import metrics
+
+    dense, windows, start = setup
+    before = [p.clone() for p in start.parameters()]
+    sets = {"ppl": windows[-HOLD:], "fidelity_ppl": windows[:4], "heldout_ppl": windows[4:8]}
+    rows = measure_budgets("tiny", start, dense, windows, sets, [0, 100], lr=3e-3, seed=0, progress=False)
+    assert [r["steps"] for r in rows] == [0, 100]
+    assert rows[0]["ppl"] == pytest.approx(metrics.perplexity(start, sets["ppl"], progress=False)["ppl"])
+    assert rows[0]["layers_refit"] == 0 and rows[1]["layers_kept"] == 3
+    assert rows[1]["error_after"] < rows[1]["error_before"]
+    assert rows[1]["kl_to_baseline"] < rows[0]["kl_to_baseline"]  # a lower layer error moves toward the dense model
+    assert all(torch.equal(a, b) for a, b in zip(start.parameters(), before))  # copies were refit, not the input

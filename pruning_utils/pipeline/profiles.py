@@ -189,7 +189,7 @@ PARAMS: dict[str, Param] = {
     "RECONSTRUCTION": Param("lstsq", str, "none | bias | lstsq: refit o_proj / down_proj on calibration activations"),
     "RECON_OPTIONS": Param("none,lstsq", str, "reconstructions compared for the main criterion, comma-separated"),
     "RECON_SEQUENTIAL": Param(False, bool, "True: calibrate each layer on the already-pruned earlier layers (slower)"),
-    # the local refit's gain and cost on S1: benchmarks/thorough_profile.py (the thorough profile runs it)
+    # what the local refit buys on a saved model, per step budget: python3 -m benchmarks.local_refit
     "LOCAL_REFIT_STEPS": Param(0, int, "after the refit, Adam steps per pruned MLP on its own output error (gate/up "
                                "rows and down columns together, pruning_utils.prune.local_refit; 0: off)"),
     "LOCAL_REFIT_LR": Param(2e-3, float, "learning rate of the local MLP refit (cosine-decayed over its steps)"),
