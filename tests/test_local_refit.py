@@ -114,3 +114,20 @@ def test_budget_benchmark_rows_measure_refit_copies(setup):
     assert rows[1]["error_after"] < rows[1]["error_before"]
     assert rows[1]["kl_to_baseline"] < rows[0]["kl_to_baseline"]  # a lower layer error moves toward the dense model
     assert all(torch.equal(a, b) for a, b in zip(start.parameters(), before))  # copies were refit, not the input
+
+
+def test_variant_refit_reaches_the_unpruned_model_only_with_steps(setup):
+    from pruning_utils.measure.mix import refit_locally
+    from pruning_utils.measure.variants import Unpruned
+
+    class Untouchable:  # a 'reload' source: reaching .model would load the unpruned model again
+        @property
+        def model(self):
+            raise AssertionError("the unpruned model was reached for a refit of 0 steps")
+
+    dense, windows, start = setup
+    model = copy.deepcopy(start)
+    assert refit_locally(model, Untouchable(), windows, dict(steps=0, lr=3e-3)) is model
+    assert refit_locally(model, Untouchable(), windows, None) is model
+    refit_locally(model, Unpruned(model=dense), windows, dict(steps=100, lr=3e-3, seed=0, device=None))
+    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), start.parameters()))

@@ -4,7 +4,7 @@
 # pruning alone → `models/mlp_pruned/`) and the head-pruned model (cumulative attention + MLP → `models/mix_pruned/`).
 
 # %%
-from pruning_utils.measure.mix import mix_variant
+from pruning_utils.measure.mix import mix_variant, refit_locally
 from pruning_utils.measure.variants import (
     SWEEP_KEY,
     measure_variant,
@@ -67,7 +67,7 @@ LOCAL = dict(steps=LOCAL_REFIT_STEPS, lr=LOCAL_REFIT_LR, seed=SEED, device=RUN.c
 RECON_LABEL = local_refit.reconstruction_label(RECONSTRUCTION, LOCAL_REFIT_STEPS)
 mlp_model = pruned_copy(source, plan, windows, reconstruction=RECONSTRUCTION, sequential=RECON_SEQUENTIAL,
                         ridge_ratio=RIDGE_RATIO, stats=grams, device=RUN.compute_device)
-local_refit.refit_mlps(mlp_model, source.model, windows, **LOCAL)
+refit_locally(mlp_model, source, windows, LOCAL)
 row = measure_variant(mlp_model, chunks, variant="mlp_pruned", source_model=MODEL, reference=baseline,
                       criterion=MAIN_MLP_CRITERION, allocation=ALLOCATION, reconstruction=RECON_LABEL,
                       mlp_rate_requested=MLP_RATE, compute_device=RUN.compute_device, **SAVED)

@@ -25,10 +25,18 @@ def mix_variant(source: Unpruned, scores: dict[str, Scores], mlp_plan: PruningPl
     device), run on the mix model against the unpruned one after the refit."""
     model = _build(source, scores, mlp_plan, windows, head_row, mlp_criterion, mlp_rate, plan_kw, rescore, grams,
                    head_variant, reconstruction, sequential, ridge_ratio, device)
-    if local and local.get("steps", 0) > 0:
-        from pruning_utils.prune import local_refit
+    return refit_locally(model, source, windows, local)
 
-        local_refit.refit_mlps(model, source.model, windows, **local)
+
+def refit_locally(model, source: Unpruned, windows: torch.Tensor, local: dict | None):
+    """Return `model` (a variant cut from `source`) after its local MLP refit (`local`: keywords of
+    `local_refit.refit_mlps`). Without steps the unpruned model is not touched: in 'reload' mode reaching it
+    would load it again beside the variant."""
+    if not local or local.get("steps", 0) <= 0:
+        return model
+    from pruning_utils.prune import local_refit
+
+    local_refit.refit_mlps(model, source.model, windows, **local)
     return model
 
 
