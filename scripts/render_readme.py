@@ -237,6 +237,14 @@ def recovery_budget() -> str:
     return _md(_present(df, cols), 3)
 
 
+def local_refit() -> str:
+    """Return `benchmarks/local_refit.py`'s sweep: a saved MLP-pruned model's quality per local refit step budget."""
+    df = _csv("local_refit").sort_values(["model", "lr", "steps"])
+    return _md(_present(df, ["model", "steps", "lr", "ppl", "fidelity_ppl", "heldout_ppl", "kl_to_baseline",
+                             "layers_refit", "layers_kept", "error_before", "error_after", "refit_minutes",
+                             "commit"]), 4)
+
+
 def _memory_json() -> dict:
     return _json(results_dir() / "benchmarks" / "memory_scale.json")
 
@@ -456,6 +464,7 @@ BENCHMARK_FILES: dict[str, tuple[str, ...]] = {
     "calibration_sources": ("ablation_studies/calibration_sources.csv",),
     "recovery_sources": ("ablation_studies/recovery_sources.csv",),
     "recovery_budget": ("ablation_studies/recovery_budget.csv",),
+    "local_refit": ("ablation_studies/local_refit.csv",),
     "semantic_refit": ("ablation_studies/semantic_refit.csv",),
     "prefill_speedup": ("benchmarks/prefill_speedup.json",),
     "importance_cost": ("benchmarks/importance_cost.json",),
@@ -675,6 +684,33 @@ def semantic_refit_readings() -> str:
     return "\n".join(lines) + f"\n\n{verdict} (Rows of `results/ablation_studies/semantic_refit.csv`.)\n"
 
 
+S1_TARGET = 12.8  # issue 34: in-domain perplexity of S1 (MLP-only -18.7%)
+
+
+def local_refit_readings() -> str:
+    """Return what local_refit.csv says of each step budget against the saved model (steps 0), per model and lr."""
+    if not (ablation_dir() / "local_refit.csv").exists():
+        return "Not measured yet: run `python3 -m benchmarks.local_refit`.\n"
+    df = _csv("local_refit").sort_values(["model", "lr", "steps"])
+    lines = []
+    for model, rows in df.groupby("model", sort=False):
+        saved = rows[rows["steps"] == 0]
+        if not len(saved):
+            continue
+        s = saved.iloc[0]
+        for _, r in rows[rows["steps"] > 0].iterrows():
+            lines.append(f"- `{model}`, {int(r['steps'])} steps at lr {r['lr']:g}: in-domain {s['ppl']:.2f} -> "
+                         f"{r['ppl']:.2f}, fidelity {s['fidelity_ppl']:.2f} -> {r['fidelity_ppl']:.2f}, held-out "
+                         f"English {s['heldout_ppl']:.2f} -> {r['heldout_ppl']:.2f}; {int(r['layers_kept'])} of "
+                         f"{int(r['layers_refit'])} layers kept their steps, in {r['refit_minutes']:.1f} min "
+                         f"({r['device']}).")
+    target = S1_TARGET
+    best = df["ppl"].min()
+    verdict = (f"Issue 34's S1 target (in-domain <= {target}) is {'met' if best <= target else 'not met'} by these "
+               f"rows (best {best:.2f}).")
+    return "\n".join(lines) + f"\n\n{verdict} (Rows of `results/ablation_studies/local_refit.csv`.)\n"
+
+
 def recovery_budget_readings() -> str:
     """Return what recovery_budget.csv says of the default budget against no recovery and the longest budget."""
     if not (ablation_dir() / "recovery_budget.csv").exists():
@@ -733,7 +769,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "mlp_pruning": mlp_pruning, "neuronrank": neuronrank, "recovery": recovery, "final_eval": final_eval,
     "final_cost": final_cost,
     "run_time": run_time, "stage_steps": stage_steps, "quality_benchmark": quality_benchmark,
-    "recovery_budget": recovery_budget,
+    "recovery_budget": recovery_budget, "local_refit": local_refit,
     "memory_scale": memory_scale, "memory_extrapolation": memory_extrapolation,
     "calibration_sources": calibration_sources, "recovery_sources": recovery_sources,
     "semantic_refit": semantic_refit,
@@ -750,6 +786,7 @@ TEXTS: dict[str, Callable[[], str]] = {
     "run_time_summary": run_time_summary, "final_readings": final_readings,
     "head_sweep_readings": head_sweep_readings, "mlp_sweep_readings": mlp_sweep_readings,
     "semantic_refit_readings": semantic_refit_readings, "recovery_budget_readings": recovery_budget_readings,
+    "local_refit_readings": local_refit_readings,
 }
 
 

@@ -135,6 +135,11 @@ SCHEMAS: dict[str, TableSchema] = {
         "prefill_ms:float build_s:float "
         "eval_tokens:int load_avg:float latency_noisy:bool torch:text ppl_change_pct:float ppl_reference:text "
         "speedup:float device:text commit:text"), ("option",), ("decode_tok_s", "prefill_ms", "build_s")),
+    "local_refit.csv": TableSchema(_t(
+        "model:text steps:int lr:float ppl:float fidelity_ppl:float heldout_ppl:float kl_to_baseline:float "
+        "layers_refit:int layers_kept:int error_before:float? error_after:float? refit_minutes:float load_avg:float "
+        "device:text commit:text"), ("model", "steps", "lr"), ("refit_minutes",),
+        merges_runs=True),  # steps 0 (the saved model) has no layer errors
     "quality_benchmark.csv": TableSchema(_t(
         "shape:text criterion:text reconstruction:text allocation:text order:text? ridge_ratio:float? role:text "
         "screen:bool eval_tokens:int ppl:float fidelity_ppl:float? kl_heldout:float? params_non_embedding:int "
