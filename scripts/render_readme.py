@@ -704,10 +704,9 @@ def local_refit_readings() -> str:
                          f"English {s['heldout_ppl']:.2f} -> {r['heldout_ppl']:.2f}; {int(r['layers_kept'])} of "
                          f"{int(r['layers_refit'])} layers kept their steps, in {r['refit_minutes']:.1f} min "
                          f"({r['device']}).")
-    target = S1_TARGET
     best = df["ppl"].min()
-    verdict = (f"Issue 34's S1 target (in-domain <= {target}) is {'met' if best <= target else 'not met'} by these "
-               f"rows (best {best:.2f}).")
+    verdict = (f"Issue 34's S1 target (in-domain <= {S1_TARGET}) is {'met' if best <= S1_TARGET else 'not met'} "
+               f"by these rows (best {best:.2f}).")
     return "\n".join(lines) + f"\n\n{verdict} (Rows of `results/ablation_studies/local_refit.csv`.)\n"
 
 
