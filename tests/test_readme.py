@@ -153,7 +153,7 @@ def test_semantic_refit_readings_compare_recipes_by_their_windows(tmp_path, monk
 def test_local_refit_readings_compare_each_budget_with_the_saved_model(tmp_path, monkeypatch):
     """Each budget is read against the same model's steps-0 row, and the S1 verdict follows the best row."""
     target = report.S1_TARGET
-    rows = pd.DataFrame(dict(model="m", steps=[60, 0], lr=2e-3, ppl=[target + 0.5, target + 1.0],
+    rows = pd.DataFrame(dict(model=report.S1_CHECKPOINT, steps=[60, 0], lr=2e-3, ppl=[target + 0.5, target + 1.0],
                              fidelity_ppl=[30.0, 31.0], heldout_ppl=[50.0, 52.0], layers_refit=[30, 0],
                              layers_kept=[29, 0], refit_minutes=[16.0, 0.0], device="cpu"))
     rows.to_csv(tmp_path / "local_refit.csv", index=False)
@@ -161,5 +161,8 @@ def test_local_refit_readings_compare_each_budget_with_the_saved_model(tmp_path,
     text = report.local_refit_readings()
     assert f"in-domain {target + 1.0:.2f} -> {target + 0.5:.2f}" in text and "29 of 30 layers" in text
     assert "is not met" in text
+    other = rows.assign(model="mix_pruned", ppl=[target - 0.2, target - 0.1])  # another shape: not S1's verdict
+    pd.concat([rows, other]).to_csv(tmp_path / "local_refit.csv", index=False)
+    assert "is not met" in report.local_refit_readings()
     rows.assign(ppl=[target - 0.1, target + 1.0]).to_csv(tmp_path / "local_refit.csv", index=False)
     assert "is met" in report.local_refit_readings()
