@@ -8,8 +8,12 @@ for each budget of `--steps` and measures every copy like every variant: in-doma
 training ever sees) and KL to the unpruned model; steps 0 is the saved model itself. The layers' mean relative
 output error on the refit's held-out windows, before and after, and the minutes the steps took are kept beside.
 The calibration windows, evaluation sets and seed are the default profile's (`profiles.DEFAULTS`).
-Writes results/ablation_studies/local_refit.csv (merged by model, steps and lr: a stopped sweep keeps what it
-measured). Usage: python3 -m benchmarks.local_refit [--name mlp_pruned] [--steps 0,60] [--lr 2e-3]
+`--criterion C` measures another S1 instead of a saved checkpoint: built here by the default recipe (MLP_RATE of
+every layer's neurons, uniform, one-shot RECONSTRUCTION from the Grams of REFIT_CALIB windows, as notebook 03
+builds `mlp_pruned`) with its neurons chosen by criterion C of notebook 00's scores (results/importance); its rows
+are model `S1:C`. Writes results/ablation_studies/local_refit.csv (merged by model, steps and lr: a stopped sweep
+keeps what it measured). Usage:
+python3 -m benchmarks.local_refit [--name mlp_pruned | --criterion semantic_refit] [--steps 0,60] [--lr 2e-3]
 """
 from __future__ import annotations
 
@@ -27,9 +31,24 @@ from pruning_utils.model.checkpoint import load_pruned
 from pruning_utils.model.loading import load_model
 from pruning_utils.pipeline import results
 from pruning_utils.pipeline.profiles import DEFAULTS as D
-from pruning_utils.prune import local_refit
+from pruning_utils.prune import allocation, local_refit
+from pruning_utils.prune.scores import load_scores
 
 KEY = ["model", "steps", "lr"]
+S1_PREFIX = "S1:"  # the model column of an S1 built here by a criterion (`--criterion`)
+
+
+def build_s1(dense, windows: torch.Tensor, criterion: str, scores_dir) -> torch.nn.Module:
+    """Return the default recipe's S1 (MLP_RATE of every layer's neurons, uniform, one-shot RECONSTRUCTION at
+    RIDGE_RATIO from the Grams of `windows`) with its neurons chosen by `criterion` of the scores in `scores_dir`."""
+    from pruning_utils.measure.variants import pruned_copy
+
+    scores = load_scores(scores_dir)
+    if criterion not in scores:
+        raise SystemExit(f"no '{criterion}' scores in {scores_dir} (it holds {', '.join(sorted(scores))}); run "
+                         "notebook 00 with that criterion in CRITERIA first")
+    plan = allocation.plan_neurons(dense, scores[criterion], D["MLP_RATE"], allocation="uniform")
+    return pruned_copy(dense, plan, windows, reconstruction=D["RECONSTRUCTION"], ridge_ratio=D["RIDGE_RATIO"])
 
 
 def measure_budgets(name: str, pruned, dense, windows: torch.Tensor, sets: dict[str, torch.Tensor],
@@ -63,6 +82,10 @@ def measure_budgets(name: str, pruned, dense, windows: torch.Tensor, sets: dict[
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python3 -m benchmarks.local_refit", description=__doc__.split("\n")[0])
     ap.add_argument("--name", default="mlp_pruned", help="pruned checkpoint of the default run under models/")
+    ap.add_argument("--criterion", default=None,
+                    help="instead of --name: build the default recipe's S1 with neurons by this criterion")
+    ap.add_argument("--scores", default=str(paths.results_dir() / "importance"),
+                    help="notebook 00's scores (--criterion)")
     ap.add_argument("--steps", default="0,60", help="local steps per pruned MLP, comma-separated (0: as saved)")
     ap.add_argument("--lr", type=float, default=D["LOCAL_REFIT_LR"])
     ap.add_argument("--seed", type=int, default=D["SEED"])
@@ -72,17 +95,22 @@ def main(argv: list[str] | None = None) -> None:
     if not steps or min(steps) < 0:
         raise SystemExit(f"--steps must be step counts >= 0, e.g. 0,60 (got '{args.steps}')")
     dense, tok = load_model(D["MODEL"], device="cpu", dtype="float32")
-    pruned, _ = load_pruned(args.name, device="cpu", dtype="float32")
+    if args.criterion is None:
+        pruned, _ = load_pruned(args.name, device="cpu", dtype="float32")
     selfgen_kw = dict(temperature=D["SELFGEN_TEMPERATURE"], top_p=D["SELFGEN_TOP_P"], batch_size=D["SELFGEN_BATCH"])
     windows = sources.calibration_windows(tok, D["TEXT_SOURCE"], n_samples=D["REFIT_CALIB"],
                                           seq_len=D["CALIB_SEQ_LEN"], seed=args.seed, model=dense,
                                           selfgen_kw=selfgen_kw)
+    name = args.name
+    if args.criterion is not None:
+        torch.manual_seed(args.seed)
+        pruned, name = build_s1(dense, windows, args.criterion, args.scores), S1_PREFIX + args.criterion
     sets = {"ppl": sources.eval_chunks(tok, D["TEXT_SOURCE"], seq_len=D["EVAL_SEQ_LEN"],
                                        max_tokens=D["EVAL_MAX_TOKENS"]),
             "fidelity_ppl": sources.fidelity_chunks(dense, tok, n_tokens=D["FIDELITY_TOKENS"], seed=args.seed,
                                                     selfgen_kw=selfgen_kw),
             "heldout_ppl": heldout.heldout_chunks(tok, n_tokens=D["HELDOUT_TOKENS"])}
-    rows = measure_budgets(args.name, pruned, dense, windows, sets, steps, args.lr, args.seed)
+    rows = measure_budgets(name, pruned, dense, windows, sets, steps, args.lr, args.seed)
     table = results.merge_rows(pd.DataFrame(rows), args.out, KEY)
     results.write_csv(table, args.out)
     print(table.round(4).to_markdown(index=False))
