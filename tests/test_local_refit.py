@@ -131,3 +131,25 @@ def test_variant_refit_reaches_the_unpruned_model_only_with_steps(setup):
     assert refit_locally(model, Untouchable(), windows, None) is model
     refit_locally(model, Unpruned(model=dense), windows, dict(steps=100, lr=3e-3, seed=0, device=None))
     assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), start.parameters()))
+
+
+def test_benchmark_builds_the_default_s1_by_another_criterion(setup, tmp_path):
+    from benchmarks.local_refit import build_s1
+    from pruning_utils.pipeline.profiles import DEFAULTS
+    from pruning_utils.prune.scores import Scores, save_scores
+
+    dense, windows, _ = setup
+    g = torch.Generator().manual_seed(5)
+    shapes = layer_shapes(dense)
+    neurons = [torch.rand(s.intermediate, generator=g) for s in shapes]
+    save_scores({"mine": Scores([torch.rand(s.n_heads, generator=g) for s in shapes], neurons, "mine", {})}, tmp_path)
+    s1 = build_s1(dense, windows, "mine", tmp_path)
+    for li, (layer, ref) in enumerate(zip(decoder_layers(s1), decoder_layers(dense))):
+        n_keep = round(shapes[li].intermediate * (1 - DEFAULTS["MLP_RATE"]))
+        top = torch.sort(torch.topk(neurons[li], n_keep).indices).values
+        # the criterion's top neurons stay (gate rows untouched by the refit), in their order
+        assert torch.equal(proj(layer, "gate_proj").weight, proj(ref, "gate_proj").weight[top])
+        assert not torch.equal(proj(layer, "down_proj").weight, proj(ref, "down_proj").weight[:, top])  # refit
+    assert layer_shapes(dense)[0].intermediate == 96  # the unpruned model was copied, not cut
+    with pytest.raises(SystemExit, match="no 'other' scores"):
+        build_s1(dense, windows, "other", tmp_path)

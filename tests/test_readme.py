@@ -166,3 +166,7 @@ def test_local_refit_readings_compare_each_budget_with_the_saved_model(tmp_path,
     assert "is not met" in report.local_refit_readings()
     rows.assign(ppl=[target - 0.1, target + 1.0]).to_csv(tmp_path / "local_refit.csv", index=False)
     assert "is met" in report.local_refit_readings()
+    built = rows.assign(model=report.S1_BUILT + "semantic_refit", ppl=[target - 0.2, target + 0.9])  # S1 too
+    pd.concat([rows, built]).to_csv(tmp_path / "local_refit.csv", index=False)
+    text = report.local_refit_readings()
+    assert "is met" in text and f"best {target - 0.2:.2f}: `{report.S1_BUILT}semantic_refit`, 60 steps" in text
