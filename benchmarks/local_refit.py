@@ -1,11 +1,12 @@
-"""What the local MLP refit buys on a saved model of the default run, per step budget (issue 34).
+"""What the local MLP refit buys on an S1 model (saved by the default run, or built by a criterion), per step budget
+(issue 34).
 
 `pruning_utils.prune.local_refit` moves each pruned MLP's kept gate/up rows with its down columns by Adam steps on
 that layer's own output error (one-shot: the unpruned model's MLP inputs and outputs on the calibration windows).
 This applies it to a fresh copy of `models/<name>/` (S1, `mlp_pruned`, by default: lstsq-refit, no local steps)
 for each budget of `--steps` and measures every copy like every variant: in-domain perplexity, fidelity perplexity
 (held-out samples of the unpruned model), held-out perplexity (general English prose that no calibration, search or
-training ever sees) and KL to the unpruned model; steps 0 is the saved model itself. The layers' mean relative
+training ever sees) and KL to the unpruned model; steps 0 is the model as loaded (or built). The layers' mean relative
 output error on the refit's held-out windows, before and after, and the minutes the steps took are kept beside.
 The calibration windows, evaluation sets and seed are the default profile's (`profiles.DEFAULTS`).
 `--criterion C` measures another S1 instead of a saved checkpoint: built here by the default recipe (MLP_RATE of

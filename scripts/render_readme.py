@@ -24,6 +24,7 @@ from typing import Callable
 
 import pandas as pd
 
+from benchmarks.local_refit import S1_PREFIX as S1_BUILT  # an S1 built by a criterion: model 'S1:<criterion>'
 from benchmarks.semantic_refit import EARLIER_RECIPE
 from pruning_utils.paths import PROJECT_ROOT, ablation_dir, results_dir
 from pruning_utils.pipeline.profiles import DEFAULTS, PROFILES
@@ -686,7 +687,6 @@ def semantic_refit_readings() -> str:
 
 S1_TARGET = 12.8  # issue 34: in-domain perplexity of S1 (MLP-only -18.7%)
 S1_CHECKPOINT = "mlp_pruned"  # the saved model of that shape
-S1_BUILT = "S1:"  # benchmarks/local_refit.py's S1 built by another criterion (--criterion): model 'S1:<criterion>'
 
 
 def local_refit_readings() -> str:
