@@ -475,7 +475,7 @@ PROFILES: dict[str, dict] = {
                   EXTRA_VARIANTS=DEFAULTS["EXTRA_VARIANTS"], ADAPTIVE_N_PROMPTS=10, ADAPTIVE_NEW_TOKENS=4,
                   ADAPTIVE_LEVELS="none,kv:4,heads:0.5+ffn:0.5+layers:0.34,int8", ADAPTIVE_REFIT=True,
                   ADAPTIVE_EPOCHS=5, MLP_PRUNING_LAST="1", LM_HEAD_RATE="0.25", TFIDF_TOPICS=2,
-                  GGUF_EXPORT="baseline:q8_0,mix_pruned",  # a uniform export and a refused (searched) plan
+                  GGUF_EXPORT="baseline:q8_0,mix_pruned",  # a uniform export; the searched plan, refused unless uniform
                   # the thorough recipe's path (obs heads, searched counts, non-uniform checkpoints downstream)
                   MAIN_HEAD_CRITERION="obs", ALLOCATION="search", SEARCH_ITERATIONS=6, SEARCH_WINDOWS=2, SEARCH_GROUP=8,
                   **_BOTH_RECOVERED),
