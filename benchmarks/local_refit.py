@@ -39,16 +39,21 @@ KEY = ["model", "steps", "lr"]
 S1_PREFIX = "S1:"  # the model column of an S1 built here by a criterion (`--criterion`)
 
 
-def build_s1(dense, windows: torch.Tensor, criterion: str, scores_dir) -> torch.nn.Module:
-    """Return the default recipe's S1 (MLP_RATE of every layer's neurons, uniform, one-shot RECONSTRUCTION at
-    RIDGE_RATIO from the Grams of `windows`) with its neurons chosen by `criterion` of the scores in `scores_dir`."""
-    from pruning_utils.measure.variants import pruned_copy
-
+def criterion_scores(scores_dir, criterion: str):
+    """Return notebook 00's scores of `criterion` from `scores_dir`; exit naming the stored criteria if absent."""
     scores = load_scores(scores_dir)
     if criterion not in scores:
         raise SystemExit(f"no '{criterion}' scores in {scores_dir} (it holds {', '.join(sorted(scores))}); run "
                          "notebook 00 with that criterion in CRITERIA first")
-    plan = allocation.plan_neurons(dense, scores[criterion], D["MLP_RATE"], allocation="uniform")
+    return scores[criterion]
+
+
+def build_s1(dense, windows: torch.Tensor, scores) -> torch.nn.Module:
+    """Return the default recipe's S1 (MLP_RATE of every layer's neurons, uniform, one-shot RECONSTRUCTION at
+    RIDGE_RATIO from the Grams of `windows`) with its neurons chosen by `scores`."""
+    from pruning_utils.measure.variants import pruned_copy
+
+    plan = allocation.plan_neurons(dense, scores, D["MLP_RATE"], allocation="uniform")
     return pruned_copy(dense, plan, windows, reconstruction=D["RECONSTRUCTION"], ridge_ratio=D["RIDGE_RATIO"])
 
 
@@ -96,16 +101,17 @@ def main(argv: list[str] | None = None) -> None:
     if not steps or min(steps) < 0:
         raise SystemExit(f"--steps must be step counts >= 0, e.g. 0,60 (got '{args.steps}')")
     dense, tok = load_model(D["MODEL"], device="cpu", dtype="float32")
+    # before the calibration windows (minutes of sampling): a missing checkpoint or criterion fails at once
     if args.criterion is None:
-        pruned, _ = load_pruned(args.name, device="cpu", dtype="float32")
+        pruned, name = load_pruned(args.name, device="cpu", dtype="float32")[0], args.name
+    else:
+        scores, name = criterion_scores(args.scores, args.criterion), S1_PREFIX + args.criterion
     selfgen_kw = dict(temperature=D["SELFGEN_TEMPERATURE"], top_p=D["SELFGEN_TOP_P"], batch_size=D["SELFGEN_BATCH"])
     windows = sources.calibration_windows(tok, D["TEXT_SOURCE"], n_samples=D["REFIT_CALIB"],
                                           seq_len=D["CALIB_SEQ_LEN"], seed=args.seed, model=dense,
                                           selfgen_kw=selfgen_kw)
-    name = args.name
     if args.criterion is not None:
-        torch.manual_seed(args.seed)
-        pruned, name = build_s1(dense, windows, args.criterion, args.scores), S1_PREFIX + args.criterion
+        pruned = build_s1(dense, windows, scores)
     sets = {"ppl": sources.eval_chunks(tok, D["TEXT_SOURCE"], seq_len=D["EVAL_SEQ_LEN"],
                                        max_tokens=D["EVAL_MAX_TOKENS"]),
             "fidelity_ppl": sources.fidelity_chunks(dense, tok, n_tokens=D["FIDELITY_TOKENS"], seed=args.seed,

@@ -134,7 +134,7 @@ def test_variant_refit_reaches_the_unpruned_model_only_with_steps(setup):
 
 
 def test_benchmark_builds_the_default_s1_by_another_criterion(setup, tmp_path):
-    from benchmarks.local_refit import build_s1
+    from benchmarks.local_refit import build_s1, criterion_scores
     from pruning_utils.pipeline.profiles import DEFAULTS
     from pruning_utils.prune.scores import Scores, save_scores
 
@@ -143,7 +143,7 @@ def test_benchmark_builds_the_default_s1_by_another_criterion(setup, tmp_path):
     shapes = layer_shapes(dense)
     neurons = [torch.rand(s.intermediate, generator=g) for s in shapes]
     save_scores({"mine": Scores([torch.rand(s.n_heads, generator=g) for s in shapes], neurons, "mine", {})}, tmp_path)
-    s1 = build_s1(dense, windows, "mine", tmp_path)
+    s1 = build_s1(dense, windows, criterion_scores(tmp_path, "mine"))
     for li, (layer, ref) in enumerate(zip(decoder_layers(s1), decoder_layers(dense))):
         n_keep = round(shapes[li].intermediate * (1 - DEFAULTS["MLP_RATE"]))
         top = torch.sort(torch.topk(neurons[li], n_keep).indices).values
@@ -152,4 +152,4 @@ def test_benchmark_builds_the_default_s1_by_another_criterion(setup, tmp_path):
         assert not torch.equal(proj(layer, "down_proj").weight, proj(ref, "down_proj").weight[:, top])  # refit
     assert layer_shapes(dense)[0].intermediate == 96  # the unpruned model was copied, not cut
     with pytest.raises(SystemExit, match="no 'other' scores"):
-        build_s1(dense, windows, "other", tmp_path)
+        criterion_scores(tmp_path, "other")
