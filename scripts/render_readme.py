@@ -232,7 +232,7 @@ def quality_benchmark() -> str:
 
 def recovery_budget() -> str:
     """Return `benchmarks/recovery_budget.py`'s curve: quality against training steps (timings stay in the CSV)."""
-    df = _csv("recovery_budget")
+    df = _csv("recovery_budget").sort_values(["model", "steps"], kind="stable")  # the default's rows, then others'
     cols = ["model", "data", "lr", "temperature", "steps", "tokens_seen", "ppl", "fidelity_ppl", "heldout_ppl",
             "kl_to_baseline", "semantic_cosine", "rouge_l_f1", "bertscore_f1_minilm_l6"]
     return _md(_present(df, cols), 3)
@@ -721,12 +721,23 @@ def recovery_budget_readings() -> str:
     """Return what recovery_budget.csv says of the default budget against no recovery and the longest budget."""
     if not (ablation_dir() / "recovery_budget.csv").exists():
         return "Not measured yet: run `python3 -m benchmarks.recovery_budget`.\n"
-    df = _csv("recovery_budget").sort_values("steps")
+    every = _csv("recovery_budget").sort_values("steps", kind="stable")
+    # rows of another profile's checkpoint are labelled 'profile:name' (benchmarks/recovery_budget.py --profile)
+    other = every["model"].astype(str).str.contains(":", regex=False)
+    df = every[~other]
     b = _csv("baseline").iloc[0]
 
     def figures(r) -> str:
         return (f"in-domain {r['ppl']:.2f}, fidelity {r['fidelity_ppl']:.2f}, held-out English {r['heldout_ppl']:.2f}, "
                 f"semantic cosine {r['semantic_cosine']:.2f}")
+
+    profile_runs = ""
+    for model, rows in every[other].groupby("model", sort=True):
+        profile = str(model).split(":", 1)[0]
+        first, last = rows.iloc[0], rows.iloc[-1]
+        before = f"before recovery {figures(first)}; " if int(first["steps"]) == 0 else ""
+        profile_runs += (f" The {profile} profile's own checkpoint ({model}): {before}after {int(last['steps'])} "
+                         f"steps {figures(last)}.")
 
     default = df[df["steps"] == DEFAULTS["RECOVERY_STEPS"]]
     parts = [f"before recovery {figures(df.iloc[0])}"]
@@ -744,7 +755,7 @@ def recovery_budget_readings() -> str:
     held = (f" Held-out English is first within 2x the unpruned model's at {int(under.iloc[0]['steps'])} steps."
             if len(under) else " No budget measured brings held-out English within 2x the unpruned model's.")
     return (f"{df.iloc[0]['model']}: " + "; ".join(parts) + f". The unpruned model: in-domain {b['ppl']:.2f}, "
-            f"fidelity {b['fidelity_ppl']:.2f}, held-out English {b['heldout_ppl']:.2f}.{held} (Rows of "
+            f"fidelity {b['fidelity_ppl']:.2f}, held-out English {b['heldout_ppl']:.2f}.{held}{profile_runs} (Rows of "
             "`results/ablation_studies/recovery_budget.csv` and `baseline.csv`.)\n")
 
 

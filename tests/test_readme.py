@@ -122,6 +122,16 @@ def test_recovery_readings_follow_the_curve(tmp_path, monkeypatch):
     rows.assign(heldout_ppl=3 * h).to_csv(tmp_path / "recovery_budget.csv", index=False)
     text = report.recovery_budget_readings()
     assert f"({thorough} steps, the thorough profile's)" in text and "No budget measured" in text
+    # the thorough profile's own checkpoint, labelled by the benchmark's --profile: its own sentence, and the default
+    # checkpoint's readings stay those of its rows (its 0-step row is still the 'before recovery' one)
+    own = pd.DataFrame(dict(model="thorough:m", steps=[0, thorough], ppl=[16.0, 14.0], fidelity_ppl=[35.0, 26.5],
+                            heldout_ppl=[2.5 * h, 1.1 * h], semantic_cosine=[0.55, 0.75]))
+    pd.concat([own, rows.assign(heldout_ppl=3 * h)]).to_csv(tmp_path / "recovery_budget.csv", index=False)
+    both = report.recovery_budget_readings()
+    assert both.startswith("m: before recovery in-domain 20.00, fidelity 40.00")
+    assert ("The thorough profile's own checkpoint (thorough:m): before recovery in-domain 16.00, fidelity 35.00"
+            in both) and f"after {thorough} steps in-domain 14.00, fidelity 26.50" in both
+    assert "No budget measured" in both  # the thorough rows' held-out English does not count for the default's
 
 
 def test_semantic_refit_readings_compare_recipes_by_their_windows(tmp_path, monkeypatch):

@@ -420,3 +420,19 @@ def test_budget_curve_rows_reproduce_with_the_seed_and_leave_the_pruned_model_al
     assert first[0] == other[0] and first[1:] != other[1:]  # the seed reaches the runs, not the unrecovered row
     assert first[2]["loss"] != first[1]["loss"]  # each budget is its own run
     assert all(torch.equal(v, state[k]) for k, v in pruned.state_dict().items())
+
+
+def test_recovery_budget_labels_another_profile_and_refuses_a_missing_checkpoint(tmp_path):
+    """Rows of another profile's checkpoint are labelled by it (the default's keep the bare name), and a --models
+    folder without the checkpoint stops before anything loads, saying how to make it."""
+    import pandas as pd
+
+    from benchmarks import recovery_budget as rb
+
+    assert rb.label("mix_pruned", "default") == "mix_pruned"
+    assert rb.label("mix_pruned", "thorough") == "thorough:mix_pruned"
+    with pytest.raises(SystemExit, match="no checkpoint 'mix_pruned' under .*stages 02-03"):
+        rb.main(["--profile", "thorough", "--models", str(tmp_path), "--steps", "4"])
+    table = pd.DataFrame(dict(model=["thorough:mix_pruned"], steps=[0]))
+    with pytest.raises(SystemExit, match="no rows of 'mix_pruned'.*thorough:mix_pruned"):
+        rb.save_curve(table)
