@@ -77,6 +77,26 @@ def test_nonuniform_plan_roundtrips_through_project_loader(family, tokens, model
 
 
 
+def test_nonuniform_checkpoint_loads_its_transformers_tokenizer(tokens, models_dir):
+    """A non-uniform checkpoint saved with a transformers tokenizer loads it back: AutoTokenizer reads config.json
+    for the model type, and transformers refuses a config whose per_layer_config varies the head count."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<eos>", "the", "pruned", "model", "loads"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
+    model = tiny_model("llama")
+    apply_plan(model, _nonuniform_plan(model))
+    folder = save_pruned(model, tok, "nonuniform")
+    assert json.loads((folder / "config.json").read_text())["per_layer_config"]["0"]["num_attention_heads"] == 4
+    loaded, back = load_pruned(folder)
+    assert back("the pruned model loads")["input_ids"] == tok("the pruned model loads")["input_ids"] == [2, 3, 4, 5]
+    assert back.pad_token == "<eos>"  # no pad token saved: the loader pads with the end token
+    assert (_logits(model, tokens) - _logits(loaded, tokens)).abs().max() == 0
+
+
 def test_project_loader_never_allocates_the_unpruned_model(tokens, models_dir, monkeypatch):
     """The per-layer structure is cut on the meta device and the read tensors are assigned: an 8B checkpoint pruned
     to 12 GiB loads in 12 GiB of host memory (beside a 15 GiB unpruned reference on Kaggle's 29 GiB), not 27."""

@@ -278,8 +278,17 @@ def build_structure(cfg: dict, meta: dict, dtype, empty: bool = True):
         return _build_structure(cfg, meta, dtype)
 
 
+def template_config(cfg: dict):
+    """Return the transformers config of a config.json dict without its `per_layer_config`: the template every layer
+    fits in (transformers 5.25 refuses to read a config whose `per_layer_config` varies the head count)."""
+    from transformers import AutoConfig
+
+    cfg = {k: v for k, v in cfg.items() if k not in ("transformers_version", "per_layer_config")}
+    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
 def _build_structure(cfg: dict, meta: dict, dtype):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from pruning_utils.model.arch import proj, set_proj
     from pruning_utils.model.surgery import (  # lazily: surgery is only needed for per-layer shapes
@@ -287,9 +296,7 @@ def _build_structure(cfg: dict, meta: dict, dtype):
         prune_neurons,
     )
 
-    cfg = {k: v for k, v in cfg.items() if k not in ("transformers_version", "per_layer_config")}
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(template_config(cfg), dtype=dtype)
     # reuse surgery to shape each layer (which rows are kept does not matter: the weights are overwritten)
     hd = head_dim(model)
     for li, layer in enumerate(decoder_layers(model)):
@@ -357,7 +364,10 @@ def load_tokenizer(folder: Path):
         return TinyTokenizer(**json.loads((folder / "tiny_tokenizer.json").read_text()))
     if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None  # saved without a tokenizer
-    tok = AutoTokenizer.from_pretrained(folder)
+    cfg = read_json(folder / "config.json") if (folder / "config.json").exists() else {}
+    # a non-uniform checkpoint's config.json is refused by AutoConfig, which AutoTokenizer reads for the model type
+    kw = {"config": template_config(cfg)} if cfg.get("per_layer_config") is not None else {}
+    tok = AutoTokenizer.from_pretrained(folder, **kw)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
