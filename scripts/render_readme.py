@@ -232,7 +232,9 @@ def quality_benchmark() -> str:
 
 def recovery_budget() -> str:
     """Return `benchmarks/recovery_budget.py`'s curve: quality against training steps (timings stay in the CSV)."""
-    df = _csv("recovery_budget").sort_values(["model", "steps"], kind="stable")  # the default's rows, then others'
+    df = _csv("recovery_budget")
+    other = df["model"].astype(str).str.contains(":", regex=False)  # another profile's checkpoint ('profile:name')
+    df = df.assign(_other=other).sort_values(["_other", "model", "steps"], kind="stable")  # the default's rows first
     cols = ["model", "data", "lr", "temperature", "steps", "tokens_seen", "ppl", "fidelity_ppl", "heldout_ppl",
             "kl_to_baseline", "semantic_cosine", "rouge_l_f1", "bertscore_f1_minilm_l6"]
     return _md(_present(df, cols), 3)
